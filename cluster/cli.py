@@ -1,0 +1,55 @@
+"""The ``threadweaver`` command line.
+
+Each subcommand lives in the package that owns its work, as a module with a
+``HELP`` line, ``add_arguments(parser)`` and ``run(args) -> int``. Only the
+chosen subcommand's module is imported, so ``threadweaver check`` does not pay
+for importing vLLM or Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+#: subcommand -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "init-model": ("rollout.tiny", "write the tiny Qwen3-architecture model, tokenizer and chat template"),
+    "make-data": ("rollout.task", "generate the synthetic arithmetic dataset (train/validation/test JSONL)"),
+    "check": ("rollout.check", "check the format of responses in a JSONL file and print latency measures"),
+    "demo": ("cluster.demo", "the embedded default job: tiny model, data, vLLM decoding, statistics"),
+}
+
+
+def _usage() -> str:
+    width = max(len(c) for c in COMMANDS)
+    lines = ["usage: threadweaver COMMAND [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run 'threadweaver COMMAND --help' for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(name, COMMANDS, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        print(f"threadweaver: unknown command '{name}'{hint}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, help_ = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"threadweaver {name}", description=module.__doc__ or help_,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""The synthetic task: sums of products, worked out digit by digit.
+
+A problem is ``a1*b1 + a2*b2 + ... + an*bn`` with an exact integer answer. Each
+product is an independent sub-computation: in the *parallel* reference response
+every product is one thread of a block, under terse outlines that name the
+product without its result; after the join, a running sum adds the products.
+The *sequential* reference response does the same work line after line.
+
+A thread multiplies ``a`` by each digit of ``b`` (times its power of ten) and
+adds the partial products up; every number in a thread is zero-padded to the
+width of the largest possible product, and every number of the running sum to
+the width of the largest possible answer, so digits line up for a small model.
+
+Splits are disjoint by construction: a problem's split is a hash of its text,
+so the same problem can never land in two splits, whatever the seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rollout.format import (
+    OUTLINE_CLOSE, OUTLINE_OPEN, OUTLINES_CLOSE, OUTLINES_OPEN, PARALLEL_CLOSE, PARALLEL_OPEN,
+    THINK_CLOSE, THINK_OPEN, THREAD_CLOSE, THREAD_OPEN,
+)
+
+SPLITS = ("train", "validation", "test")
+FILE_NAMES = {"train": "train.jsonl", "validation": "validation.jsonl", "test": "test.jsonl"}
+
+
+@dataclass
+class TaskConfig:
+    """Difficulty knobs of the synthetic task."""
+
+    min_threads: int = field(default=2, metadata={"help": "fewest products per block (count)"})
+    max_threads: int = field(default=4, metadata={"help": "most products per block (count)"})
+    blocks: int = field(default=1, metadata={"help": "parallel blocks per problem (count)"})
+    a_digits: int = field(default=1, metadata={"help": "digits of each product's first factor"})
+    b_digits: int = field(default=3, metadata={"help": "digits of each product's second factor (one step each)"})
+    validation_share: float = field(default=0.1, metadata={"help": "share of the problem space hashed to validation"})
+    test_share: float = field(default=0.1, metadata={"help": "share of the problem space hashed to test"})
+
+    def check(self) -> None:
+        if not 1 <= self.min_threads <= self.max_threads:
+            raise ValueError(f"need 1 <= min_threads <= max_threads, got {self.min_threads}, {self.max_threads}")
+        if self.blocks < 1 or self.a_digits < 1 or self.b_digits < 1:
+            raise ValueError("blocks, a_digits and b_digits must be at least 1")
+        if not (0 < self.validation_share and 0 < self.test_share and self.validation_share + self.test_share < 1):
+            raise ValueError("validation_share and test_share must be positive and sum to less than 1")
+
+
+@dataclass
+class Problem:
+    """Products grouped by block: ``groups[i]`` lists the (a, b) pairs of block i."""
+
+    groups: list[list[tuple[int, int]]]
+
+    @property
+    def terms(self) -> list[tuple[int, int]]:
+        return [t for g in self.groups for t in g]
+
+    @property
+    def answer(self) -> int:
+        return sum(a * b for a, b in self.terms)
+
+    @property
+    def prompt(self) -> str:
+        return "Compute " + " + ".join(f"{a}*{b}" for a, b in self.terms) + "."
+
+
+def sample_problem(rng: random.Random, cfg: TaskConfig) -> Problem:
+    def number(digits: int) -> int:
+        return rng.randint(10 ** (digits - 1) if digits > 1 else 2, 10**digits - 1)
+
+    return Problem([
+        [(number(cfg.a_digits), number(cfg.b_digits)) for _ in range(rng.randint(cfg.min_threads, cfg.max_threads))]
+        for _ in range(cfg.blocks)
+    ])
+
+
+def _pad(n: int, width: int) -> str:
+    return str(n).zfill(width)
+
+
+def product_steps(a: int, b: int, width: int) -> str:
+    """``a*b: a*d0=.., a*d1 0=.., p0+p1=.., ..`` with every number padded to ``width``."""
+    partials = []
+    for power, digit in enumerate(reversed(str(b))):
+        if digit != "0":
+            partials.append((int(digit) * 10**power, a * int(digit) * 10**power))
+    steps = [f"{a}*{factor}={_pad(p, width)}" for factor, p in partials]
+    running = partials[0][1] if partials else 0
+    for _, p in partials[1:]:
+        steps.append(f"{_pad(running, width)}+{_pad(p, width)}={_pad(running + p, width)}")
+        running += p
+    return f"{a}*{b}: " + ", ".join(steps)
+
+
+def _widths(problem: Problem, cfg: TaskConfig) -> tuple[int, int]:
+    product_width = cfg.a_digits + cfg.b_digits
+    max_terms = cfg.max_threads * cfg.blocks
+    return product_width, len(str(max_terms * (10**cfg.a_digits - 1) * (10**cfg.b_digits - 1)))
+
+
+def _sum_lines(values: list[int], start: int | None, width: int) -> tuple[list[str], int]:
+    lines = []
+    total = start
+    for v in values:
+        if total is None:
+            total = v
+            continue
+        lines.append(f"{_pad(total, width)}+{_pad(v, width)}={_pad(total + v, width)}")
+        total += v
+    return lines, total
+
+
+def _answer_text(answer: int) -> str:
+    return f"{THINK_CLOSE}\n\n\\boxed{{{answer}}}"
+
+
+def sequential_response(problem: Problem, cfg: TaskConfig) -> str:
+    pw, sw = _widths(problem, cfg)
+    lines = [THINK_OPEN]
+    total = None
+    for group in problem.groups:
+        lines += [product_steps(a, b, pw) for a, b in group]
+        sums, total = _sum_lines([a * b for a, b in group], total, sw)
+        lines += sums
+    return "\n".join(lines) + "\n" + _answer_text(problem.answer)
+
+
+def parallel_response(problem: Problem, cfg: TaskConfig) -> str:
+    pw, sw = _widths(problem, cfg)
+    out = [THINK_OPEN + "\n"]
+    total = None
+    for group in problem.groups:
+        out.append(f"{PARALLEL_OPEN}\n{OUTLINES_OPEN}\n")
+        out += [f"{OUTLINE_OPEN}{i}: {a}*{b}{OUTLINE_CLOSE}\n" for i, (a, b) in enumerate(group, start=1)]
+        out.append(OUTLINES_CLOSE)
+        out += [f"\n{THREAD_OPEN}\n{i}: {product_steps(a, b, pw)}\n{THREAD_CLOSE}" for i, (a, b) in
+                enumerate(group, start=1)]
+        out.append(f"\n{PARALLEL_CLOSE}\n")
+        sums, total = _sum_lines([a * b for a, b in group], total, sw)
+        out += [line + "\n" for line in sums]
+    return "".join(out) + _answer_text(problem.answer)
+
+
+def split_of(prompt: str, cfg: TaskConfig) -> str:
+    """The split a problem belongs to, from a hash of its text alone."""
+    u = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "big") / 2**64
+    if u < cfg.test_share:
+        return "test"
+    if u < cfg.test_share + cfg.validation_share:
+        return "validation"
+    return "train"
+
+
+def record(problem: Problem, cfg: TaskConfig, split: str, index: int) -> dict:
+    return {
+        "id": f"{split}-{index}",
+        "prompt": problem.prompt,
+        "answer": str(problem.answer),
+        "response_parallel": parallel_response(problem, cfg),
+        "response_sequential": sequential_response(problem, cfg),
+        "terms": [list(g) for g in problem.groups],
+    }
+
+
+def make_dataset(cfg: TaskConfig, sizes: dict[str, int], seed: int = 0,
+                 max_tries_per_item: int = 200) -> dict[str, list[dict]]:
+    """``sizes[split]`` distinct problems per split, deterministic for ``seed``.
+
+    Raises ValueError when the problem space is too small for the sizes asked.
+    """
+    cfg.check()
+    unknown = set(sizes) - set(SPLITS)
+    if unknown:
+        raise ValueError(f"unknown split(s) {sorted(unknown)}; splits are {SPLITS}")
+    rng = random.Random(seed)
+    out: dict[str, list[dict]] = {s: [] for s in sizes}
+    seen: set[str] = set()
+    budget = max_tries_per_item * max(1, sum(sizes.values()))
+    while any(len(out[s]) < n for s, n in sizes.items()):
+        budget -= 1
+        if budget < 0:
+            got = {s: len(v) for s, v in out.items()}
+            raise ValueError(f"problem space too small for {sizes} with {cfg}: got {got}; "
+                             "raise the digit or term counts")
+        problem = sample_problem(rng, cfg)
+        prompt = problem.prompt
+        split = split_of(prompt, cfg)
+        if prompt in seen or split not in out or len(out[split]) >= sizes[split]:
+            continue
+        seen.add(prompt)
+        out[split].append(record(problem, cfg, split, len(out[split])))
+    return out
+
+
+def write_dataset(data: dict[str, list[dict]], out_dir: str | Path) -> dict[str, Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split, records in data.items():
+        path = out_dir / FILE_NAMES[split]
+        with open(path, "w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+        paths[split] = path
+    return paths
+
+
+# ---------------------------------------------------------------- CLI: make-data
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out_dir", help="folder for train.jsonl, validation.jsonl, test.jsonl")
+    g = p.add_argument_group("sizes")
+    g.add_argument("--train", type=int, default=2000, help="training problems (count, default 2000)")
+    g.add_argument("--validation", type=int, default=200, help="validation problems (count, default 200)")
+    g.add_argument("--test", type=int, default=200, help="test problems (count, default 200)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    g = p.add_argument_group("difficulty")
+    for f in TaskConfig.__dataclass_fields__.values():
+        g.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
+                       help=f"{f.metadata['help']} (default {f.default})")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = TaskConfig(**{k: getattr(args, k) for k in TaskConfig.__dataclass_fields__})
+    try:
+        data = make_dataset(cfg, {"train": args.train, "validation": args.validation, "test": args.test},
+                            seed=args.seed)
+    except ValueError as e:
+        print(f"threadweaver make-data: {e}", file=sys.stderr)
+        return 2
+    paths = write_dataset(data, args.out_dir)
+    (Path(args.out_dir) / "task.json").write_text(json.dumps({"seed": args.seed, **asdict(cfg)}, indent=2))
+    for split, path in paths.items():
+        print(f"{split:<10} {len(data[split]):>6} problems -> {path}")
+    return 0

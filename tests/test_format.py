@@ -1,0 +1,174 @@
+"""Format module: parse/serialize round trips and a reason for every malformation."""
+
+import re
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from rollout.format import (
+    ALL_TAGS, Block, FormatError, Response, canonicalize, flatten, parse, serialize, validate,
+)
+from rollout.task import TaskConfig, make_dataset
+
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+_plain = st.text(alphabet="abcxyz0123456789 +-*=:.,()\n<>/", min_size=0, max_size=30)
+_gap = st.sampled_from(["", "\n", " ", "\n\n", " \n "])
+
+
+def _clean(text: str) -> bool:
+    return not any(tag in text for tag in ALL_TAGS) and not re.search(r"(?i)thread", text)
+
+
+@st.composite
+def blocks(draw, max_threads=6):
+    k = draw(st.integers(1, max_threads))
+    outlines = [f"{i}:" + draw(_plain.filter(lambda t: t.strip() and _clean(t))) for i in range(1, k + 1)]
+    threads = [draw(st.sampled_from(["", "\n"])) + f"{i}:" + draw(_plain.filter(lambda t: t.strip() and _clean(t)))
+               for i in range(1, k + 1)]
+    gaps = [draw(_gap) for _ in range(3 + 2 * k)]
+    return Block(outlines, threads, gaps)
+
+
+@st.composite
+def responses(draw):
+    parts = []
+    for _ in range(draw(st.integers(0, 3))):
+        parts.append(draw(_plain.filter(_clean)))
+        parts.append(draw(blocks()))
+    answer = draw(_plain.filter(_clean))
+    text = "<think>\n" + serialize(Response(parts)) + "\n</think>\n\n" + answer
+    return text
+
+
+@SETTINGS
+@given(responses())
+def test_round_trip_and_valid(text):
+    assert serialize(parse(text)) == text
+    assert validate(text) == []
+
+
+@SETTINGS
+@given(responses())
+def test_canonical_form_is_stable_and_valid(text):
+    canonical = serialize(canonicalize(parse(text)))
+    assert serialize(canonicalize(parse(canonical))) == canonical
+    assert validate(canonical) == []
+
+
+def test_side_by_side_threads_parse():
+    text = ("<Parallel><Outlines><Outline>1: a</Outline><Outline>2: b</Outline></Outlines>"
+            "<Thread>1: x</Thread><Thread>2: y</Thread></Parallel>")
+    assert validate(text) == []
+    assert serialize(parse(text)) == text
+    assert parse(text).blocks[0].thread_numbers == [1, 2]
+
+
+def test_sequential_response_is_valid():
+    assert validate("<think>\njust thinking\n</think>\n\n\\boxed{3}") == []
+    assert validate("") == []
+
+
+def test_synthetic_task_responses_valid_and_flatten_to_sequential():
+    data = make_dataset(TaskConfig(blocks=2), {"train": 20}, seed=3)
+    for r in data["train"]:
+        assert validate(r["response_parallel"]) == []
+        assert validate(r["response_sequential"]) == []
+        assert flatten(parse(r["response_parallel"])) == r["response_sequential"]
+
+
+# ---------------------------------------------------------------- malformed responses
+
+GOOD = ("<think>\nstart\n<Parallel>\n<Outlines>\n<Outline>1: do a</Outline>\n<Outline>2: do b</Outline>\n"
+        "</Outlines>\n<Thread>\n1: work a\n</Thread>\n<Thread>\n2: work b\n</Thread>\n</Parallel>\nend\n"
+        "</think>\n\n\\boxed{1}")
+
+
+def _reasons(text):
+    reasons = validate(text)
+    assert reasons, f"no reason for malformed text {text!r}"
+    assert all(isinstance(r, str) and r for r in reasons)
+    return " | ".join(reasons)
+
+
+@pytest.mark.parametrize("mutation, expected", [
+    (lambda t: t.replace("</Parallel>", "", 1), "expected <Thread> or </Parallel>"),
+    (lambda t: t[:t.index("</Parallel>")], "truncated"),
+    (lambda t: t.replace("<Parallel>", "", 1), "outside"),
+    (lambda t: t.replace("</Thread>", "", 1), "<Thread> inside <Thread>"),
+    (lambda t: t.replace("1: work a", "1: <Parallel>"), "cannot nest"),
+    (lambda t: t.replace("<Outline>2:", "<Outline>3:").replace("\n2: work", "\n3: work"), "numbered 1,3"),
+    (lambda t: t.replace("<Outline>2:", "<Outline>1:").replace("\n2: work", "\n1: work"), "numbered 1,1"),
+    (lambda t: t.replace("<Thread>\n2: work b\n</Thread>\n", ""), "2 outlines but 1 threads"),
+    (lambda t: t.replace("2: work b", "2: "), "thread 2 is empty"),
+    (lambda t: t.replace("</Thread>\n<Thread>", "</Thread>\nhello\n<Thread>"), "unexpected text"),
+    (lambda t: t.replace("<Outline>1: do a", "<Outline>do a"), "does not start with 'N:'"),
+    (lambda t: t.replace("2: work b", "2: use the result of thread 1"), "refers to thread 1"),
+    (lambda t: t.replace("<Outlines>\n<Outline>1: do a</Outline>\n<Outline>2: do b</Outline>\n</Outlines>",
+                         "<Outlines></Outlines>"), "no outlines"),
+    (lambda t: t.replace("</think>", ""), "never closed"),
+    (lambda t: t + "<Parallel><Outlines><Outline>1: a</Outline></Outlines><Thread>1: b</Thread></Parallel>",
+     "after </think>"),
+])
+def test_each_rule_has_a_reason(mutation, expected):
+    assert validate(GOOD) == []
+    text = mutation(GOOD)
+    assert expected in _reasons(text)
+
+
+_TOKEN_RE = re.compile("|".join(re.escape(t) for t in ALL_TAGS) + r"|[\s\S]")
+
+
+def test_truncation_at_every_token_position():
+    """Tags are single tokens and other characters single byte tokens in the tiny
+    tokenizer: cut after every token. Inside the reasoning every cut is reported."""
+    data = make_dataset(TaskConfig(blocks=2), {"train": 2}, seed=0)
+    for text in [GOOD] + [r["response_parallel"] for r in data["train"]]:
+        tokens = _TOKEN_RE.findall(text)
+        assert "".join(tokens) == text
+        reasoning_end = tokens.index("</think>")
+        for cut in range(1, len(tokens)):
+            prefix = "".join(tokens[:cut])
+            reasons = validate(prefix)
+            if cut <= reasoning_end:
+                assert reasons, f"truncation after token {cut} has no reason: {prefix!r}"
+
+
+def test_thousands_of_outlines():
+    n = 3000
+    outlines = "".join(f"<Outline>{i}: o</Outline>" for i in range(1, n + 1))
+    threads = "".join(f"<Thread>{i}: t</Thread>" for i in range(1, n + 1))
+    text = f"<Parallel><Outlines>{outlines}</Outlines>{threads}</Parallel>"
+    assert "more than the limit" in _reasons(text)
+    assert validate(text, max_threads=None) == []
+
+
+def test_deep_nesting_does_not_recurse():
+    _reasons("<Parallel>" * 10000 + "</Parallel>" * 10000)
+    _reasons("<Thread>" * 10000)
+
+
+@SETTINGS
+@given(st.lists(st.sampled_from(list(ALL_TAGS) + ["1:", "2:", " ", "\n", "x"]), max_size=60).map("".join))
+def test_random_tag_soup_never_raises(text):
+    reasons = validate(text)
+    assert isinstance(reasons, list)
+    try:
+        response = parse(text)
+    except FormatError:
+        assert reasons
+        return
+    assert serialize(response) == text
+
+
+@SETTINGS
+@given(responses(), st.data())
+def test_dropping_any_block_tag_is_reported(text, data):
+    tags = [m for m in re.finditer("|".join(re.escape(t) for t in ALL_TAGS[:8]), text)]
+    assume(tags)
+    m = data.draw(st.sampled_from(tags))
+    broken = text[:m.start()] + text[m.end():]
+    if m.group() in ("<Outline>", "</Outline>") and broken.count("<Outline>") == broken.count("</Outline>"):
+        return  # cannot happen: removing one side always unbalances the pair
+    _reasons(broken)
