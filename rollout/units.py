@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Protocol, Sequence
 
 from rollout.format import (
-    JOIN_SUFFIX, THREAD_CLOSE, Block, FormatError, canonicalize, leading_number, parse, thread_seed,
+    JOIN_SUFFIX, PARALLEL_CLOSE, THREAD_CLOSE, Block, FormatError, canonicalize, leading_number, parse, thread_seed,
 )
 
 SEQ, THREAD = "seq", "thread"
@@ -87,7 +87,7 @@ def replay(
         head = encode(tokenizer, pending + part.head_text())
         units.append(Unit(list(context), head, role=SEQ, n_inserted=n_inserted))
         context += head
-        pending = ""
+        pending = PARALLEL_CLOSE  # the model writes it after the join
         joined = _replay_threads(units, context, part, block_index, tokenizer)
         join_suffix = encode(tokenizer, JOIN_SUFFIX)
         context = context + joined + join_suffix

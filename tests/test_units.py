@@ -1,0 +1,97 @@
+"""Replay into units and the latency measures (DESIGN sections 3 and 5)."""
+
+import pytest
+
+from rollout.format import FormatError, canonicalize, parse, serialize
+from rollout.task import TaskConfig, make_dataset
+from rollout.tiny import build_tokenizer
+from rollout.units import SEQ, THREAD, Unit, chat_prompt_ids, encode, full_sequence, latency, replay
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def records():
+    return make_dataset(TaskConfig(blocks=2, min_threads=2, max_threads=4), {"train": 30}, seed=7)["train"]
+
+
+def _blocks(units):
+    out = {}
+    for u in units:
+        if u.role == THREAD:
+            out.setdefault(u.block, []).append(u)
+    return out
+
+
+def test_replay_structure_of_parallel_traces(tok, records):
+    for r in records:
+        prompt = chat_prompt_ids(tok, r["prompt"])
+        units = replay(prompt, r["response_parallel"], tok, tok.eos_token_id)
+        seq_units = [u for u in units if u.role == SEQ]
+        blocks = _blocks(units)
+        assert len(blocks) == 2 and len(seq_units) == 3
+        for b, threads in blocks.items():
+            head = seq_units[b - 1]
+            pre_block = head.context_ids + head.completion_ids
+            assert tok.decode(head.completion_ids).endswith("</Outlines>")
+            join_context = seq_units[b].context_ids
+            # all threads share the pre-block context, then their own seed
+            for t in threads:
+                assert t.context_ids[:len(pre_block)] == pre_block
+                seed = t.context_ids[len(pre_block):]
+                assert tok.decode(seed) == f"\n<Thread>\n{t.thread}:" and t.n_inserted == len(seed)
+                assert tok.decode(t.completion_ids).endswith("</Thread>")
+            # thread 1's request is an exact prefix of the joined context
+            first = threads[0]
+            assert join_context[:len(first.context_ids) + len(first.completion_ids)] == \
+                first.context_ids + first.completion_ids
+            # joined context = pre-block + every seed and thread in order + newline
+            rebuilt = pre_block + [x for t in threads for x in t.context_ids[len(pre_block):] + t.completion_ids]
+            assert join_context == rebuilt + encode(tok, "\n")
+        # reassembling the units gives back the full token sequence
+        assert full_sequence(units) == prompt + encode(tok, r["response_parallel"]) + [tok.eos_token_id]
+
+
+def test_sequential_trace_is_one_unit(tok, records):
+    r = records[0]
+    prompt = chat_prompt_ids(tok, r["prompt"])
+    units = replay(prompt, r["response_sequential"], tok, tok.eos_token_id)
+    assert len(units) == 1 and units[0].context_ids == prompt
+    lat = latency(units)
+    assert lat.L_total == lat.L_crit == len(units[0].completion_ids)
+    assert lat.eta == 0.0 and lat.n_blocks == 0 and lat.speedup == 1.0
+
+
+def test_latency_by_hand():
+    units = [
+        Unit([1, 2], [3, 4, 5]),                                       # 3 sequential
+        Unit([1, 2, 3, 4, 5, 9], [6] * 10, role=THREAD, block=1, thread=1, n_inserted=1),
+        Unit([1, 2, 3, 4, 5, 9], [7] * 4, role=THREAD, block=1, thread=2, n_inserted=1),
+        Unit([0] * 20, [8] * 6, n_inserted=1),                         # 6 sequential after the join
+    ]
+    lat = latency(units)
+    assert (lat.L_total, lat.L_crit) == (23, 19)
+    assert lat.eta == pytest.approx(1 - 19 / 23) and lat.speedup == pytest.approx(23 / 19)
+    assert lat.threads_per_block == [2]
+    inserted = latency(units, count_inserted=True)
+    assert (inserted.L_total, inserted.L_crit) == (26, 21)
+    with_prompt = latency(units, count_prompt=True)
+    assert (with_prompt.L_total, with_prompt.L_crit) == (25, 21)
+
+
+def test_noncanonical_whitespace_replays_like_the_orchestrator(tok):
+    squeezed = ("<think>\n<Parallel><Outlines><Outline>1: a</Outline><Outline>2: b</Outline></Outlines>"
+                "<Thread>1: x</Thread><Thread>  2: y</Thread></Parallel>\nend\n</think>\n\n\\boxed{1}")
+    canonical = serialize(canonicalize(parse(squeezed)))
+    assert "</Outlines>\n<Thread>\n1: x</Thread>\n<Thread>\n2: y</Thread>\n</Parallel>" in canonical
+    assert replay([5], squeezed, tok, 0) == replay([5], canonical, tok, 0)
+
+
+def test_unparseable_response_raises_format_error(tok):
+    with pytest.raises(FormatError):
+        replay([], "<Parallel><Outlines>", tok)
+    with pytest.raises(FormatError, match="no number"):
+        replay([], "<Parallel><Outlines><Outline>1: a</Outline></Outlines><Thread>x</Thread></Parallel>", tok)
