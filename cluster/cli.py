@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "init-model": ("rollout.tiny", "write the tiny Qwen3-architecture model, tokenizer and chat template"),
     "make-data": ("rollout.task", "generate the synthetic arithmetic dataset (train/validation/test JSONL)"),
     "check": ("rollout.check", "check the format of responses in a JSONL file and print latency measures"),
+    "score": ("rewards.cli", "score responses in a JSONL file: correctness, parallelism measures, reward"),
     "demo": ("cluster.demo", "the embedded default job: tiny model, data, vLLM decoding, statistics"),
 }
 

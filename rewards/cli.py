@@ -1,0 +1,177 @@
+"""Score the responses of a JSONL file: correctness, parallelism measures and reward.
+
+Each record needs ``response`` (the assistant text) and ``answer`` (the
+reference; a JSON number is read as its text). Token measures (``L_total``,
+``L_crit``, ``eta``) and so ``R_accel`` need units: either the record carries
+``units`` (a list of unit dicts, as ``rollout.units.Unit.to_dict`` writes them),
+or ``--tokenizer DIR`` replays the response into units over the chat-templated
+``prompt`` field (an empty prompt when the record has none). Without either, the
+measures print as ``-`` and ``R_accel`` is 0.
+
+Answers are checked in this process with one math-verify server (no Ray).
+Prints one row per record and a line of means, or with ``--json`` one JSON
+object per record and a final ``{"summary": ...}`` object.
+
+Exit status: 0 on success, 2 on bad input (unreadable file, a line that is not
+JSON, a missing or mistyped field, an unknown preset).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rewards.config import PRESETS, RewardConfig
+from rewards.score import RewardItem, ScoreRecord, score
+from rollout.format import FormatError
+from rollout.units import Unit
+
+
+class InputError(Exception):
+    """Bad input; the message is one line for the user."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("input")
+    g.add_argument("file", help="JSONL file, one record per line with 'response' and 'answer'")
+    g.add_argument("--tokenizer", default=None,
+                   help="tokenizer folder; replays responses into units for the token measures "
+                        "(records that carry 'units' use those)")
+    g = p.add_argument_group("reward")
+    g.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="published reward setting (default: the RewardConfig defaults, same as 'paper')")
+    g.add_argument("--timeout", type=float, default=RewardConfig.timeout_s,
+                   help="hard limit on checking one answer (seconds, default %(default)s)")
+    g.add_argument("--whole-response", action="store_true",
+                   help="take the last \\boxed{} anywhere, not only after </think>")
+    g = p.add_argument_group("output")
+    g.add_argument("--json", action="store_true", help="one JSON object per record, then a summary object")
+
+
+def read_records(path: str) -> list[tuple[int, dict]]:
+    """``(line number, record)`` for every non-blank line of a JSONL file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read {path}: {e}") from None
+    records = []
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise InputError(f"{path}:{i}: expected a JSON object, got {type(rec).__name__}")
+        records.append((i, rec))
+    if not records:
+        raise InputError(f"{path}: no records")
+    return records
+
+
+def to_item(line: int, rec: dict, tokenizer) -> RewardItem:
+    """The :class:`RewardItem` of one record; raises InputError naming the field."""
+    response = rec.get("response")
+    if not isinstance(response, str):
+        raise InputError(f"line {line}: no string field 'response' (fields: {', '.join(sorted(rec)) or 'none'})")
+    answer = rec.get("answer")
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        answer = str(answer)
+    if not isinstance(answer, str):
+        raise InputError(f"line {line}: no string or number field 'answer' (fields: {', '.join(sorted(rec))})")
+    units = None
+    if rec.get("units") is not None:
+        try:
+            units = [Unit.from_dict(u) for u in rec["units"]]
+        except (TypeError, AttributeError) as e:
+            raise InputError(f"line {line}: field 'units' is not a list of unit objects ({e})") from None
+    elif tokenizer is not None:
+        from rollout.units import chat_prompt_ids, replay
+
+        prompt = rec.get("prompt")
+        prompt_ids = chat_prompt_ids(tokenizer, prompt) if isinstance(prompt, str) else []
+        try:
+            units = replay(prompt_ids, response, tokenizer, tokenizer.eos_token_id)
+        except FormatError:
+            units = None  # not parseable into blocks: no units, no measures (and not format-valid)
+    return RewardItem(response, answer, units)
+
+
+def summarize(records: list[ScoreRecord]) -> dict:
+    """Means of every numeric component (over the records where it is measured) and counts."""
+    keys = ["reward", "R_correct", "R_accel", "format_penalty", "correct", "timed_out", "format_valid",
+            "parallel", "L_total", "L_crit", "eta", "speedup"]
+    out: dict = {"records": len(records)}
+    for key in keys:
+        values = [float(getattr(r, key)) for r in records if getattr(r, key) is not None]
+        out[f"mean_{key}"] = sum(values) / len(values) if values else None
+    out["measured"] = sum(r.accel_measured for r in records)
+    return out
+
+
+def _fmt(v, width: int) -> str:
+    if v is None:
+        text = "-"
+    elif isinstance(v, bool):
+        text = "yes" if v else "no"
+    elif isinstance(v, float):
+        text = f"{v:.3f}"
+    else:
+        text = str(v)
+    return f"{text:>{width}}"
+
+
+_COLUMNS = [("correct", 7), ("timed_out", 9), ("format_valid", 12), ("R_correct", 9), ("R_accel", 7),
+            ("format_penalty", 14), ("reward", 7), ("L_total", 7), ("L_crit", 6), ("eta", 6), ("parallel", 8)]
+
+
+def _clip(text: str | None, n: int = 24) -> str:
+    if text is None:
+        return "-"
+    text = text.replace("\n", " ")
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def print_table(lines: list[int], records: list[ScoreRecord], summary: dict) -> None:
+    print(f"{'line':>6} " + " ".join(f"{name:>{w}}" for name, w in _COLUMNS) + "  answer (check)")
+    for line, r in zip(lines, records):
+        cells = " ".join(_fmt(getattr(r, name), w) for name, w in _COLUMNS)
+        how = r.check_method if r.extraction == "ok" else r.extraction
+        print(f"{line:>6} {cells}  {_clip(r.extracted_answer)} ({how})")
+    means = " ".join(_fmt(summary[f"mean_{name}"], w) for name, w in _COLUMNS)
+    print(f"{'mean':>6} {means}")
+    if summary["measured"] < summary["records"]:
+        print(f"token measures for {summary['measured']}/{summary['records']} records "
+              "(others have no units; pass --tokenizer or give 'units')")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg = RewardConfig(preset=args.preset, timeout_s=args.timeout,
+                           answer_region="whole" if args.whole_response else "after_think")
+        rows = read_records(args.file)
+        tokenizer = None
+        if args.tokenizer is not None:
+            from rollout.tiny import load_tokenizer
+
+            tokenizer = load_tokenizer(args.tokenizer)
+        items = [to_item(line, rec, tokenizer) for line, rec in rows]
+    except (InputError, OSError, ValueError) as e:
+        print(f"threadweaver score: {e}", file=sys.stderr)
+        return 2
+    from rewards.checker import AnswerChecker
+
+    with AnswerChecker(cfg.timeout_s, cfg.memory_limit_mb) as checker:
+        records = [score(item, cfg, checker) for item in items]
+    summary = summarize(records)
+    lines = [line for line, _ in rows]
+    if args.json:
+        for line, r in zip(lines, records):
+            print(json.dumps({"line": line, **r.to_dict()}))
+        print(json.dumps({"summary": summary}))
+    else:
+        print_table(lines, records, summary)
+    return 0

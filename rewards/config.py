@@ -1,0 +1,94 @@
+"""Reward configuration (DESIGN section 4) and the two published presets.
+
+``r = R_correct + R_accel - format_penalty``:
+
+* ``R_correct`` is ``correct_reward`` when the final answer matches the
+  reference, else ``incorrect_reward``;
+* ``R_accel`` is paid only to a correct, format-valid response:
+  ``min(rho * eta, clip)`` (``accel_form = "scale_then_clip"``) or
+  ``rho * min(eta, clip)`` (``"clip_then_scale"``);
+* ``format_penalty`` is subtracted from a response that is not format-valid.
+
+A *preset* fixes ``rho``, ``clip``, ``incorrect_reward`` and ``accel_form`` so a
+run compares with published numbers:
+
+* ``paper``: ``min(rho * eta, clip)``, an incorrect answer scores 0;
+* ``official-code``: ``rho * min(eta, clip)``, an incorrect answer scores -1;
+
+both with rho 0.5 and clip 0.2. Setting one of those four fields to a value other
+than its default *and* other than the preset's is an error (set ``preset: null``
+to choose them yourself).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Literal
+
+AccelForm = Literal["scale_then_clip", "clip_then_scale"]
+AnswerRegion = Literal["after_think", "whole"]
+
+#: preset name -> the fields it fixes
+PRESETS: dict[str, dict[str, object]] = {
+    "paper": {"rho": 0.5, "clip": 0.2, "incorrect_reward": 0.0, "accel_form": "scale_then_clip"},
+    "official-code": {"rho": 0.5, "clip": 0.2, "incorrect_reward": -1.0, "accel_form": "clip_then_scale"},
+}
+
+
+@dataclass
+class RewardConfig:
+    """Weights of the reward, how answers are checked, and the reward service's shape."""
+
+    preset: Literal["paper", "official-code"] | None = field(default=None, metadata={
+        "help": "fix rho, clip, incorrect_reward and accel_form to a published setting "
+                "('paper' or 'official-code'); null: use the fields as given"})
+    rho: float = field(default=0.5, metadata={"help": "weight of the acceleration ratio eta in R_accel (reward/eta)"})
+    clip: float = field(default=0.2, metadata={
+        "help": "cap of R_accel ('scale_then_clip') or of eta ('clip_then_scale') (reward or ratio)"})
+    accel_form: AccelForm = field(default="scale_then_clip", metadata={
+        "help": "'scale_then_clip': R_accel = min(rho*eta, clip); 'clip_then_scale': rho*min(eta, clip)"})
+    correct_reward: float = field(default=1.0, metadata={"help": "R_correct of a correct answer (reward)"})
+    incorrect_reward: float = field(default=0.0, metadata={
+        "help": "R_correct of an incorrect, missing or timed-out answer (reward)"})
+    format_penalty: float = field(default=0.0, metadata={
+        "help": "subtracted from the reward of a response that is not format-valid (reward, >= 0)"})
+    answer_region: AnswerRegion = field(default="after_think", metadata={
+        "help": "where the final \\boxed{} answer is taken from: 'after_think' (text after </think>; "
+                "none without </think>) or 'whole' (the last \\boxed{} anywhere in the response)"})
+    count_inserted: bool = field(default=False, metadata={
+        "help": "count orchestrator-inserted tokens (thread seeds, join newline) in L_total and L_crit"})
+    count_prompt: bool = field(default=False, metadata={"help": "count the prompt tokens in L_total and L_crit"})
+    timeout_s: float = field(default=5.0, metadata={
+        "help": "hard limit on checking one answer with math-verify (seconds); past it the item is "
+                "incorrect and flagged timed_out"})
+    memory_limit_mb: int = field(default=4096, metadata={
+        "help": "address-space limit of the math-verify worker process (MiB); 0 disables it"})
+    num_actors: int = field(default=2, metadata={"help": "reward service: Ray actors in the pool (count)"})
+    actor_cpus: float = field(default=1.0, metadata={"help": "reward service: CPUs reserved per actor (Ray CPUs)"})
+    chunk_size: int = field(default=32, metadata={"help": "reward service: items per actor call (count)"})
+    max_attempts: int = field(default=3, metadata={
+        "help": "reward service: tries of one chunk on fresh actors before the batch fails (count)"})
+
+    def __post_init__(self) -> None:
+        if self.preset is not None:
+            if self.preset not in PRESETS:
+                raise ValueError(f"unknown reward preset {self.preset!r}; presets are {sorted(PRESETS)}")
+            defaults = {f.name: f.default for f in fields(self)}
+            for name, value in PRESETS[self.preset].items():
+                current = getattr(self, name)
+                if current != defaults[name] and current != value:
+                    raise ValueError(f"reward preset {self.preset!r} fixes {name}={value!r} but {name}={current!r} "
+                                     f"was given; drop one of them (preset: null to set {name} yourself)")
+                setattr(self, name, value)
+        if self.accel_form not in ("scale_then_clip", "clip_then_scale"):
+            raise ValueError(f"accel_form must be 'scale_then_clip' or 'clip_then_scale', got {self.accel_form!r}")
+        if self.answer_region not in ("after_think", "whole"):
+            raise ValueError(f"answer_region must be 'after_think' or 'whole', got {self.answer_region!r}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
+        if self.format_penalty < 0:
+            raise ValueError(f"format_penalty is subtracted and must be >= 0, got {self.format_penalty}")
+        if self.num_actors < 1 or self.chunk_size < 1 or self.max_attempts < 1:
+            raise ValueError("num_actors, chunk_size and max_attempts must be at least 1")
+        if self.memory_limit_mb < 0:
+            raise ValueError(f"memory_limit_mb must be >= 0, got {self.memory_limit_mb}")

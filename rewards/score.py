@@ -1,0 +1,163 @@
+"""Score one trajectory: correctness, parallelism measures and the reward (DESIGN sections 3 and 4).
+
+``r = R_correct + R_accel - format_penalty`` (weights in :class:`RewardConfig`):
+
+* ``R_correct``: ``correct_reward`` if the final ``\\boxed{}`` answer matches the
+  reference (:mod:`rewards.answer` finds it, :class:`rewards.checker.AnswerChecker`
+  decides under a hard time limit), else ``incorrect_reward``. A timed-out check
+  is incorrect and flagged ``timed_out``.
+* ``R_accel``: ``min(rho*eta, clip)`` or ``rho*min(eta, clip)`` (``accel_form``),
+  only for a correct answer of a format-valid response (``rollout.format.validate``)
+  whose token measures are known; otherwise 0.
+* ``format_penalty``: subtracted when the response is not format-valid.
+
+``eta``, ``L_total`` and ``L_crit`` come from the trajectory's units through
+``rollout.units.latency`` (model-generated tokens unless ``count_inserted`` /
+``count_prompt``). Without units they are None, ``R_accel`` is 0 and the record
+says ``accel_measured=False``.
+
+Each reward component is a pure function returning ``(value, metrics)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Protocol, Sequence
+
+from rewards.answer import extract_answer
+from rewards.checker import Verdict
+from rewards.config import RewardConfig
+from rollout.format import PARALLEL_OPEN, validate
+from rollout.units import Latency, Unit, latency
+
+
+class Checker(Protocol):
+    def check(self, pred: str, gold: str) -> Verdict: ...
+
+
+@dataclass
+class RewardItem:
+    """One trajectory to score: its response text, the reference answer and, optionally, its units."""
+
+    response: str
+    answer: str
+    units: list[Unit] | None = None
+
+
+@dataclass
+class ScoreRecord:
+    """Every component of one trajectory's reward.
+
+    ``extraction``: ``ok``, ``no_think_close``, ``no_boxed`` or ``unclosed_boxed``;
+    ``check_method``: how correctness was decided (see :class:`Verdict`), ``none``
+    when there was no answer to check; ``parallel``: the response contains a
+    ``<Parallel>`` block; ``n_blocks``: blocks in the units.
+    """
+
+    reward: float
+    R_correct: float
+    R_accel: float
+    format_penalty: float
+    correct: bool
+    timed_out: bool
+    format_valid: bool
+    format_error: str | None
+    extracted_answer: str | None
+    extraction: str
+    check_method: str
+    check_error: str | None
+    check_seconds: float
+    parallel: bool
+    accel_measured: bool
+    L_total: int | None = None
+    L_crit: int | None = None
+    eta: float | None = None
+    speedup: float | None = None
+    n_blocks: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def metrics(self) -> dict[str, float]:
+        """The numeric components, booleans as 0/1, unmeasured ones left out (for logging)."""
+        out = {}
+        for key, value in asdict(self).items():
+            if isinstance(value, bool):
+                out[key] = float(value)
+            elif isinstance(value, (int, float)):
+                out[key] = float(value)
+        return out
+
+
+# ---------------------------------------------------------------------------- reward components
+
+
+def correctness_reward(correct: bool, cfg: RewardConfig) -> tuple[float, dict]:
+    """``correct_reward`` or ``incorrect_reward``."""
+    value = cfg.correct_reward if correct else cfg.incorrect_reward
+    return value, {"R_correct": value, "correct": float(correct)}
+
+
+def acceleration_reward(eta: float | None, correct: bool, format_valid: bool,
+                        cfg: RewardConfig) -> tuple[float, dict]:
+    """``min(rho*eta, clip)`` or ``rho*min(eta, clip)``; 0 unless correct, format-valid and measured."""
+    if eta is None or not correct or not format_valid:
+        value = 0.0
+    elif cfg.accel_form == "scale_then_clip":
+        value = min(cfg.rho * eta, cfg.clip)
+    else:
+        value = cfg.rho * min(eta, cfg.clip)
+    return value, {"R_accel": value}
+
+
+def format_reward(format_valid: bool, cfg: RewardConfig) -> tuple[float, dict]:
+    """``-format_penalty`` for a response that is not format-valid, else 0."""
+    penalty = 0.0 if format_valid else cfg.format_penalty
+    return -penalty, {"format_penalty": penalty, "format_valid": float(format_valid)}
+
+
+def total_reward(correct: bool, format_valid: bool, eta: float | None, cfg: RewardConfig) -> tuple[float, dict]:
+    """``R_correct + R_accel - format_penalty`` and the metrics of every component."""
+    r_correct, m_correct = correctness_reward(correct, cfg)
+    r_accel, m_accel = acceleration_reward(eta, correct, format_valid, cfg)
+    r_format, m_format = format_reward(format_valid, cfg)
+    reward = r_correct + r_accel + r_format
+    return reward, {"reward": reward, **m_correct, **m_accel, **m_format}
+
+
+# ---------------------------------------------------------------------------- one trajectory
+
+
+def measure(units: Sequence[Unit] | None, cfg: RewardConfig) -> Latency | None:
+    """Latency measures of ``units`` with the config's counting switches; None without units."""
+    if units is None:
+        return None
+    return latency(units, count_inserted=cfg.count_inserted, count_prompt=cfg.count_prompt)
+
+
+def score(item: RewardItem, cfg: RewardConfig, checker: Checker) -> ScoreRecord:
+    """The :class:`ScoreRecord` of one trajectory."""
+    reasons = validate(item.response)
+    format_valid = not reasons
+    extraction = extract_answer(item.response, cfg.answer_region)
+    if extraction.answer is None:
+        verdict = Verdict(False, False, "none", 0.0)
+    else:
+        verdict = checker.check(extraction.answer, item.answer)
+    lat = measure(item.units, cfg)
+    eta = lat.eta if lat is not None else None
+    reward, parts = total_reward(verdict.correct, format_valid, eta, cfg)
+    return ScoreRecord(
+        reward=reward, R_correct=parts["R_correct"], R_accel=parts["R_accel"],
+        format_penalty=parts["format_penalty"], correct=verdict.correct, timed_out=verdict.timed_out,
+        format_valid=format_valid, format_error=reasons[0] if reasons else None,
+        extracted_answer=extraction.answer, extraction=extraction.status, check_method=verdict.method,
+        check_error=verdict.error, check_seconds=verdict.seconds, parallel=PARALLEL_OPEN in item.response,
+        accel_measured=lat is not None,
+        L_total=lat.L_total if lat else None, L_crit=lat.L_crit if lat else None, eta=eta,
+        speedup=lat.speedup if lat else None, n_blocks=lat.n_blocks if lat else None,
+    )
+
+
+def score_many(items: Sequence[RewardItem], cfg: RewardConfig, checker: Checker) -> list[ScoreRecord]:
+    return [score(item, cfg, checker) for item in items]
