@@ -39,6 +39,8 @@ PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = (PAD, IM_START, IM_END)
 #: Embedding tables are padded to a multiple of this many rows.
 VOCAB_MULTIPLE = 64
+#: Head sizes that vLLM 0.32's CPU attention backend supports (``CPUAttentionBackend.get_supported_head_sizes``).
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 #: Qwen's chat format: one ``<|im_start|>role\\n...<|im_end|>\\n`` block per message.
 CHAT_TEMPLATE = (
@@ -92,6 +94,11 @@ def model_config(tokenizer: PreTrainedTokenizerFast, hidden_size: int = 128, num
                  num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 384,
                  max_position_embeddings: int = 4096) -> Qwen3Config:
     """The Qwen3 configuration of the tiny model for ``tokenizer``."""
+    sizes = dict(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                 intermediate_size=intermediate_size, max_position_embeddings=max_position_embeddings)
+    bad = [f"{k}={v}" for k, v in sizes.items() if not (isinstance(v, int) and v > 0)]
+    if bad:
+        raise ValueError(f"model sizes must be positive integers, got {', '.join(bad)}")
     if hidden_size % num_heads:
         raise ValueError(f"hidden_size {hidden_size} is not a multiple of num_heads {num_heads}")
     if num_heads % num_kv_heads:
@@ -119,8 +126,8 @@ def init_model(out_dir: str | Path, seed: int = 0, hidden_size: int = 128, num_l
     """Write a freshly initialised tiny model, its tokenizer and chat template to ``out_dir``.
 
     The weights depend only on ``seed`` and the sizes. ``head_dim`` is
-    ``hidden_size // num_heads``; vLLM's CPU backend needs it to be one of 32,
-    64, 80, 96, 112, 128, 160, 192, 224, 256 or 512. Refuses a non-empty
+    ``hidden_size // num_heads``; vLLM's CPU backend needs it to be one of
+    :data:`VLLM_CPU_HEAD_SIZES` (transformers takes any size). Refuses a non-empty
     ``out_dir`` unless ``force`` (then files of the same name are overwritten
     and other files are left alone). Returns ``out_dir``.
     """
@@ -220,4 +227,9 @@ def run(args: argparse.Namespace) -> int:
     for path in sorted(out.iterdir()):
         print(f"  {path.name} ({path.stat().st_size:,} bytes)")
     print(f"parameters: {count_parameters(out):,}")
+    head_dim = args.hidden_size // args.num_heads
+    if head_dim not in VLLM_CPU_HEAD_SIZES:
+        print(f"note: head size {head_dim} is not one vLLM's CPU backend supports "
+              f"({', '.join(map(str, VLLM_CPU_HEAD_SIZES))}); this model will not load in vLLM on CPU",
+              file=sys.stderr)
     return 0

@@ -127,6 +127,8 @@ def test_init_model_sizes_and_bad_sizes(tmp_path):
     assert (config.hidden_size, config.num_hidden_layers, config.head_dim) == (64, 1, 32)
     with pytest.raises(ValueError, match="not a multiple of num_heads"):
         init_model(tmp_path / "x", hidden_size=100, num_heads=3)
+    with pytest.raises(ValueError, match="positive integers, got num_layers=0"):
+        init_model(tmp_path / "x", num_layers=0)
 
 
 def test_init_model_refuses_a_non_empty_directory(tmp_path):
@@ -156,6 +158,9 @@ def test_cli_init_model(tmp_path, capsys):
     assert cli_main(["init-model", str(out)]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
     assert cli_main(["init-model", str(out), "--force"]) == 0
+    assert "note:" not in capsys.readouterr().err
+    assert cli_main(["init-model", str(tmp_path / "h16"), "--hidden-size", "64", "--num-heads", "4"]) == 0
+    assert "head size 16 is not one vLLM's CPU backend supports" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- add_tags
