@@ -209,7 +209,7 @@ def _coerce(value: Any, tp: Any, path: tuple[str, ...], ctx: _Context) -> Any:
         for member in members:
             try:
                 return _coerce(value, member, path, ctx)
-            except ConfigError as e:
+            except ConfigError:
                 if len(members) == 1 and (dataclasses.is_dataclass(member) or typing.get_origin(member)):
                     raise  # a structured value: the inner message says which part is wrong
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_show(value)}")
@@ -289,7 +289,8 @@ def to_dict(cfg: Any, flat: bool = False) -> dict[str, Any]:
     """The config as plain Python data (tuples become lists, Paths strings).
 
     ``flat=True`` gives one level of dotted keys (``{"rl.lr": 1e-5}``), the
-    shape experiment trackers such as MLflow take as parameters.
+    shape experiment trackers such as MLflow take as parameters; lists and
+    empty mappings stay values.
     """
     if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
         raise TypeError(f"to_dict needs a dataclass instance, got {cfg!r}")
