@@ -126,7 +126,7 @@ def as_integer(s: str) -> int | None:
 
 def as_text(s: str) -> str | None:
     """Lower-case, single-spaced words if ``s`` is a word answer (see module doc), else None."""
-    s = _unwrap(s).rstrip(".").strip()
+    s = _unwrap(s.strip().rstrip(".")).rstrip(".").strip()
     if len(s) > 200 or not _WORDS_RE.fullmatch(s) or not _LONG_WORD_RE.search(s):
         return None
     return " ".join(s.lower().split())

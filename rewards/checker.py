@@ -10,7 +10,8 @@ in plain ones. Calls from several threads are serialised by a lock.
 
 If the server itself stops answering (``timeout_s`` plus a grace of
 ``SERVER_GRACE_S`` seconds, which only a bug or an overloaded machine can
-cause), it is killed and restarted and the item is reported timed out.
+cause), it is killed and restarted and the item is reported timed out. If it
+died (killed from outside), it is restarted and the item sent once more.
 """
 
 from __future__ import annotations
@@ -152,20 +153,26 @@ class AnswerChecker:
         if quick is not None:
             return Verdict(quick[0], False, quick[1], time.monotonic() - t0)
         with self._lock:
-            self._wait_ready()
-            t1 = time.monotonic()
-            try:
-                self._conn.send(("check", pred, gold, self.timeout_s))
-                reply = self._conn.recv() if self._conn.poll(self.timeout_s + SERVER_GRACE_S) else None
-            except (EOFError, OSError) as e:
-                code = self._proc.poll()
-                self._restart()
-                return Verdict(False, False, "error", time.monotonic() - t0,
-                               f"math-verify server died (exit code {code}): {type(e).__name__}")
-            if reply is None:
-                self._restart()
-                return Verdict(False, True, "timeout", time.monotonic() - t0,
-                               f"math-verify server did not answer within {self.timeout_s + SERVER_GRACE_S:.1f} s")
+            for attempt in (1, 2):
+                self._wait_ready()
+                t1 = time.monotonic()
+                try:
+                    self._conn.send(("check", pred, gold, self.timeout_s))
+                    reply = self._conn.recv() if self._conn.poll(self.timeout_s + SERVER_GRACE_S) else None
+                except (EOFError, OSError) as e:
+                    # the server died (killed from outside: it runs no math itself); restart, try once more
+                    code = self._proc.poll()
+                    self._restart()
+                    if attempt == 2:
+                        return Verdict(False, False, "error", time.monotonic() - t0,
+                                       f"math-verify server died twice (exit code {code}): {type(e).__name__}")
+                    continue
+                if reply is None:
+                    self._restart()
+                    return Verdict(False, True, "timeout", time.monotonic() - t0,
+                                   f"math-verify server did not answer within "
+                                   f"{self.timeout_s + SERVER_GRACE_S:.1f} s")
+                break
         seconds = time.monotonic() - t1
         if reply[0] == "ok":
             return Verdict(bool(reply[1]), False, "math_verify", seconds)

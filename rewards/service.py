@@ -49,6 +49,10 @@ class RewardWorker:
         self.checker.wait_ready()
         return os.getpid()
 
+    def pids(self) -> tuple[int, int | None]:
+        """This actor's process id and its math-verify server's."""
+        return os.getpid(), self.checker.server_pid
+
     def score_batch(self, items: Sequence[RewardItem]) -> list[ScoreRecord]:
         return score_many(items, self.cfg, self.checker)
 

@@ -1,0 +1,225 @@
+"""Rewards: answer extraction, answer checking, reward components and presets, token measures."""
+
+import math
+
+import pytest
+
+from rewards.answer import extract_answer, quick_verdict
+from rewards.checker import AnswerChecker, Verdict
+from rewards.config import RewardConfig
+from rewards.score import (
+    RewardItem, acceleration_reward, correctness_reward, format_reward, score, total_reward,
+)
+from rollout.task import TaskConfig, make_dataset
+from rollout.tiny import build_tokenizer
+from rollout.units import chat_prompt_ids, latency, replay
+
+
+@pytest.fixture(scope="module")
+def checker():
+    with AnswerChecker(timeout_s=2.0) as c:
+        c.wait_ready()
+        yield c
+
+
+def final(answer: str) -> str:
+    return f"<think>\nsome reasoning\n</think>\n\nThe answer is \\boxed{{{answer}}}."
+
+
+# ---------------------------------------------------------------------------- correctness
+
+EQUAL = [
+    ("1/2", "0.5"), ("\\frac{1}{2}", "0.5"), ("0.75", "\\frac{3}{4}"), ("\\frac{3}{4}", "\\dfrac34"),
+    ("1000", "1,000"), ("1234567", "1,234,567"), ("1,000", "1000"),
+    ("2\\sqrt{2}", "\\sqrt{8}"), ("\\frac{\\sqrt{2}}{2}", "\\sqrt{2}/2"),
+    ("[1,2)", "[1, 2)"), ("(-\\infty, 3]", "(-\\infty,3]"), ("(0,1)\\cup(2,3)", "(0, 1) \\cup (2, 3)"),
+    ("\\{1,2\\}", "\\{2,1\\}"), ("\\{1,2,3\\}", "\\{3, 1, 2\\}"),
+    ("Paris", "\\text{Paris}"), ("yes", "Yes"), ("\\text{(B)}", "B"),
+    ("-3", "-3"), ("-\\frac{1}{2}", "-0.5"), ("-1000", "-1,000"), ("x^2+1", "1+x^2"), ("10\\%", "0.1"),
+]
+
+UNEQUAL = [
+    ("1/2", "0.6"), ("\\frac{1}{3}", "0.3"), ("1000", "1,001"), ("2\\sqrt{2}", "\\sqrt{6}"),
+    ("[1,2)", "(1,2]"), ("\\{1,2\\}", "\\{1,3\\}"), ("Paris", "London"),
+    ("Paris", "Sirap"),  # math-verify alone calls these equal (both read as the product a*i*p*r*s)
+    ("-3", "3"), ("-\\frac{1}{2}", "0.5"), ("x^2+1", "x^2-1"),
+]
+
+
+@pytest.mark.parametrize("gold, pred", EQUAL)
+def test_equal_answers_in_other_forms_are_correct(checker, gold, pred):
+    rec = score(RewardItem(final(pred), gold), RewardConfig(), checker)
+    assert rec.extraction == "ok" and rec.extracted_answer == pred
+    assert rec.correct and not rec.timed_out, rec
+    assert rec.R_correct == 1.0
+
+
+@pytest.mark.parametrize("gold, pred", UNEQUAL)
+def test_unequal_answers_are_incorrect(checker, gold, pred):
+    rec = score(RewardItem(final(pred), gold), RewardConfig(), checker)
+    assert not rec.correct and not rec.timed_out and rec.check_error is None, rec
+    assert rec.R_correct == 0.0 and rec.reward == 0.0
+
+
+def test_math_verify_decides_what_the_fast_rules_cannot(checker):
+    assert quick_verdict("0.5", "1/2") is None
+    assert checker.check("0.5", "1/2") == Verdict(True, False, "math_verify", pytest.approx(0, abs=2))
+    assert checker.check("\\sqrt{6}", "2\\sqrt{2}").method == "math_verify"
+
+
+def test_fast_rules():
+    assert quick_verdict("1,234", "1234") == (True, "integer")
+    assert quick_verdict("-12", "12") == (False, "integer")
+    assert quick_verdict("\\text{ Paris }.", "Paris") == (True, "text")
+    assert quick_verdict("Sirap", "Paris") == (False, "text")
+    assert quick_verdict("\\left[ 1, 2 \\right)", "[1,2)") == (True, "same_text")
+    assert quick_verdict("0.5", "\\frac{1}{2}") is None  # different text: math-verify's call
+
+
+def test_the_last_of_several_boxed_answers_counts(checker):
+    response = "<think>\ntry \\boxed{3}\n</think>\nFirst \\boxed{3}, no wait: \\boxed{5}"
+    assert score(RewardItem(response, "5"), RewardConfig(), checker).correct
+    rec = score(RewardItem(response, "3"), RewardConfig(), checker)
+    assert not rec.correct and rec.extracted_answer == "5"
+
+
+PARALLEL_WITH_BOXED_THREAD = (
+    "<think>\n<Parallel>\n<Outlines>\n<Outline>1: first</Outline>\n<Outline>2: second</Outline>\n</Outlines>\n"
+    "<Thread>\n1: so it is \\boxed{42}\n</Thread>\n<Thread>\n2: and 40+2\n</Thread>\n</Parallel>\ndone\n"
+    "</think>\n\nThe answer is 42."
+)
+
+
+def test_a_boxed_answer_only_inside_a_thread_does_not_count(checker):
+    rec = score(RewardItem(PARALLEL_WITH_BOXED_THREAD, "42"), RewardConfig(), checker)
+    assert rec.format_valid and rec.parallel
+    assert rec.extraction == "no_boxed" and rec.extracted_answer is None
+    assert not rec.correct and rec.check_method == "none" and rec.reward == 0.0
+    whole = score(RewardItem(PARALLEL_WITH_BOXED_THREAD, "42"), RewardConfig(answer_region="whole"), checker)
+    assert whole.correct and whole.extracted_answer == "42"
+
+
+def test_no_boxed_answer_or_no_end_of_thinking(checker):
+    rec = score(RewardItem("<think>\nhmm\n</think>\nIt is 7.", "7"), RewardConfig(), checker)
+    assert (rec.correct, rec.extraction, rec.timed_out) == (False, "no_boxed", False)
+    rec = score(RewardItem("<think>\nit is \\boxed{7}", "7"), RewardConfig(), checker)
+    assert (rec.correct, rec.extraction) == (False, "no_think_close")
+
+
+@pytest.mark.parametrize("text, answer, status", [
+    ("</think> \\boxed{\\frac{1}{\\sqrt{2}}}", "\\frac{1}{\\sqrt{2}}", "ok"),
+    ("</think> \\boxed{\\{1, 2\\}}", "\\{1, 2\\}", "ok"),        # escaped braces are not delimiters
+    ("</think> \\boxed {12}", "12", "ok"),
+    ("</think> \\boxed{\\boxed{3}}", "3", "ok"),                    # the innermost is the last one
+    ("</think> \\boxed{3} and \\boxedfoo", "3", "ok"),
+    ("</think> \\boxed{3} then \\boxed{4", None, "unclosed_boxed"),  # no fallback to an earlier answer
+    ("</think> 3", None, "no_boxed"),
+    ("\\boxed{3}", None, "no_think_close"),
+])
+def test_extraction(text, answer, status):
+    got = extract_answer(text)
+    assert (got.answer, got.status) == (answer, status)
+
+
+# ---------------------------------------------------------------------------- reward and presets
+
+
+def test_reward_components_of_the_paper_preset():
+    cfg = RewardConfig(preset="paper")
+    assert total_reward(True, True, 0.3, cfg)[0] == pytest.approx(1.0 + 0.15)
+    assert total_reward(True, True, 0.6, cfg)[0] == pytest.approx(1.0 + 0.2)   # min(0.3, 0.2)
+    assert total_reward(False, True, 0.6, cfg)[0] == 0.0
+    assert total_reward(True, False, 0.6, cfg)[0] == 1.0                      # malformed: no bonus
+    assert total_reward(True, True, None, cfg)[0] == 1.0                      # unmeasured: no bonus
+
+
+def test_reward_components_of_the_official_code_preset():
+    cfg = RewardConfig(preset="official-code")
+    assert (cfg.rho, cfg.clip, cfg.incorrect_reward, cfg.accel_form) == (0.5, 0.2, -1.0, "clip_then_scale")
+    assert total_reward(True, True, 0.1, cfg)[0] == pytest.approx(1.05)      # 0.5 * min(0.1, 0.2)
+    assert total_reward(True, True, 0.3, cfg)[0] == pytest.approx(1.10)      # 0.5 * min(0.3, 0.2)
+    assert total_reward(False, True, 0.3, cfg)[0] == -1.0
+
+
+def test_components_return_their_metrics():
+    cfg = RewardConfig(rho=1.0, clip=0.5, format_penalty=0.25, incorrect_reward=-0.5)
+    assert correctness_reward(False, cfg) == (-0.5, {"R_correct": -0.5, "correct": 0.0})
+    assert acceleration_reward(0.3, True, True, cfg) == (pytest.approx(0.3), {"R_accel": pytest.approx(0.3)})
+    assert acceleration_reward(0.3, False, True, cfg)[0] == 0.0
+    assert format_reward(False, cfg) == (-0.25, {"format_penalty": 0.25, "format_valid": 0.0})
+    reward, metrics = total_reward(True, False, 0.3, cfg)
+    assert reward == pytest.approx(0.75) and metrics["reward"] == reward and metrics["R_accel"] == 0.0
+
+
+def test_preset_conflicts_and_bad_values_are_errors():
+    with pytest.raises(ValueError, match="fixes rho"):
+        RewardConfig(preset="paper", rho=0.7)
+    with pytest.raises(ValueError, match="unknown reward preset"):
+        RewardConfig(preset="papr")
+    with pytest.raises(ValueError, match="timeout_s"):
+        RewardConfig(timeout_s=0)
+    assert RewardConfig(preset="official-code", incorrect_reward=-1.0).incorrect_reward == -1.0
+    assert RewardConfig(rho=0.7).rho == 0.7
+
+
+def test_config_loads_from_yaml_with_overrides(tmp_path):
+    from cluster.config import ConfigError, load_config
+
+    path = tmp_path / "r.yaml"
+    path.write_text("preset: official-code\ntimeout_s: 3\n")
+    cfg = load_config(RewardConfig, path, ["format_penalty=0.5"])
+    assert (cfg.incorrect_reward, cfg.timeout_s, cfg.format_penalty) == (-1.0, 3.0, 0.5)
+    with pytest.raises(ConfigError, match="clip"):
+        load_config(RewardConfig, None, ["clp=0.1"])
+
+
+# ---------------------------------------------------------------------------- token measures
+
+
+@pytest.fixture(scope="module")
+def traces():
+    tok = build_tokenizer()
+    rec = make_dataset(TaskConfig(min_threads=3, max_threads=3), {"train": 1}, seed=3)["train"][0]
+    prompt = chat_prompt_ids(tok, rec["prompt"])
+    return rec, {kind: replay(prompt, rec[f"response_{kind}"], tok, tok.eos_token_id)
+                 for kind in ("parallel", "sequential")}
+
+
+def test_token_measures_come_from_the_units(checker, traces):
+    rec, units = traces
+    cfg = RewardConfig()
+    par = score(RewardItem(rec["response_parallel"], rec["answer"], units["parallel"]), cfg, checker)
+    lat = latency(units["parallel"])
+    assert (par.L_total, par.L_crit, par.eta, par.n_blocks) == (lat.L_total, lat.L_crit, lat.eta, 1)
+    assert par.correct and par.format_valid and par.parallel and par.accel_measured
+    assert 0 < par.eta < 1 and par.L_crit < par.L_total
+    assert par.R_accel == pytest.approx(min(0.5 * par.eta, 0.2)) and par.reward == pytest.approx(1 + par.R_accel)
+    seq = score(RewardItem(rec["response_sequential"], rec["answer"], units["sequential"]), cfg, checker)
+    assert (seq.eta, seq.R_accel, seq.reward, seq.parallel, seq.n_blocks) == (0.0, 0.0, 1.0, False, 0)
+    wrong = score(RewardItem(rec["response_parallel"], str(int(rec["answer"]) + 1), units["parallel"]), cfg, checker)
+    assert (wrong.correct, wrong.R_accel, wrong.reward) == (False, 0.0, 0.0) and wrong.eta == par.eta
+
+
+def test_counting_switches_add_inserted_and_prompt_tokens(checker, traces):
+    rec, units = traces
+    item = RewardItem(rec["response_parallel"], rec["answer"], units["parallel"])
+    base = score(item, RewardConfig(), checker)
+    inserted = score(item, RewardConfig(count_inserted=True), checker)
+    prompt = score(item, RewardConfig(count_prompt=True), checker)
+    n_prompt = len(units["parallel"][0].context_ids)
+    assert inserted.L_total > base.L_total and inserted.L_crit > base.L_crit
+    assert (prompt.L_total, prompt.L_crit) == (base.L_total + n_prompt, base.L_crit + n_prompt)
+    assert prompt.eta < base.eta
+
+
+def test_without_units_there_is_no_acceleration_reward(checker, traces):
+    rec, _ = traces
+    r = score(RewardItem(rec["response_parallel"], rec["answer"]), RewardConfig(), checker)
+    assert r.correct and not r.accel_measured and r.eta is None and r.R_accel == 0.0 and r.reward == 1.0
+
+
+def test_format_penalty_applies_to_malformed_responses(checker):
+    malformed = "<think>\n<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n</Outlines>\n</think>\n\\boxed{4}"
+    rec = score(RewardItem(malformed, "4"), RewardConfig(format_penalty=0.5), checker)
+    assert not rec.format_valid and rec.format_error and rec.correct
+    assert (rec.R_correct, rec.format_penalty, rec.reward) == (1.0, 0.5, 0.5)

@@ -1,0 +1,109 @@
+"""Rewards under hostile input: hard time limit in any thread, adversarial responses, dead servers."""
+
+import asyncio
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from rewards.checker import AnswerChecker
+from rewards.config import RewardConfig
+from rewards.score import RewardItem, score
+
+TIMEOUT_S = 1.5
+
+#: answers that keep sympy busy far longer than the limit (measured: over 20 s each without it)
+PATHOLOGICAL = ["2^{2^{2^{2^{30}}}}", "(x+1)^{100000}", "\\frac{" * 3000 + "1" + "}" * 3000, "1+" * 20000 + "1"]
+
+
+@pytest.fixture(scope="module")
+def checker():
+    with AnswerChecker(timeout_s=TIMEOUT_S) as c:
+        c.wait_ready()
+        yield c
+
+
+def timed_score(response: str, answer: str, checker, cfg=None):
+    t0 = time.monotonic()
+    rec = score(RewardItem(response, answer), cfg or RewardConfig(timeout_s=TIMEOUT_S), checker)
+    return rec, time.monotonic() - t0
+
+
+def boxed(answer: str) -> str:
+    return f"<think>\nwork\n</think>\n\\boxed{{{answer}}}"
+
+
+@pytest.mark.parametrize("answer", PATHOLOGICAL, ids=["tower", "power", "nested-frac", "long-sum"])
+def test_pathological_latex_times_out_and_is_flagged(checker, answer):
+    rec, seconds = timed_score(boxed(answer), "1", checker)
+    assert rec.timed_out and not rec.correct and rec.check_method == "timeout"
+    assert rec.reward == 0.0
+    assert seconds < TIMEOUT_S + 1.0
+    after, _ = timed_score(boxed("\\frac{1}{2}"), "0.5", checker)  # the replacement worker is ready at once
+    assert after.correct and after.check_method == "math_verify"
+
+
+#: name -> (response, whether its answer "7" is correct; None: either is acceptable)
+ADVERSARIAL = {
+    "1MB-response": ("<think>\n" + "let me think again. " * 52_000 + "\n</think>\n\\boxed{7}", True),
+    "1MB-answer": ("<think>\nx\n</think>\n\\boxed{" + "12+" * 350_000 + "1}", False),
+    "1MB-of-tags": ("<think>\n" + "<Parallel><Thread>" * 60_000 + "\n</think>\n\\boxed{7}", True),
+    "10k-nested-braces": ("<think>\nx\n</think>\n\\boxed{" + "{" * 10_000 + "8" + "}" * 10_000 + "}", False),
+    "10k-unclosed-braces": ("<think>\nx\n</think>\n\\boxed{" + "{" * 10_000 + "7", False),
+    "10k-boxed": ("<think>\nx\n</think>\n" + "\\boxed{" * 10_000, False),
+    "invalid-characters": ("<think>\n\x00\ud800\uffff\x1b[31m\n</think>\n\\boxed{\x00\ud800 7 \udfff}", None),
+    "nested-sqrt": ("<think>\nx\n</think>\n\\boxed{" + "\\sqrt{" * 2000 + "2" + "}" * 2000 + "}", False),
+    "unbalanced-latex": ("<think>\nx\n</think>\n\\boxed{\\frac{1}{\\left( \\right. \\begin{matrix} 1 & }", False),
+    "huge-integer": ("<think>\nx\n</think>\n\\boxed{" + "9" * 100_000 + "}", False),
+}
+
+
+@pytest.mark.parametrize("name", list(ADVERSARIAL))
+def test_adversarial_responses_return_within_the_limit(checker, name):
+    response, expected = ADVERSARIAL[name]
+    rec, seconds = timed_score(response, "7", checker)
+    assert seconds < TIMEOUT_S + 1.0, (name, seconds, rec.check_method)
+    if expected is not None:
+        assert rec.correct == expected, rec
+
+
+def test_the_limit_holds_in_threads_and_event_loops(checker):
+    """math-verify's own timeout uses signal.alarm, which raises outside the main thread; ours does not."""
+    results = []
+
+    def in_thread():
+        results.append(timed_score(boxed(PATHOLOGICAL[0]), "1", checker))
+        results.append(timed_score(boxed("0.25"), "\\frac14", checker))
+
+    threads = [threading.Thread(target=in_thread) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=4 * (TIMEOUT_S + 1) + 10)
+    assert not any(t.is_alive() for t in threads)
+    slow = [r for r, _ in results if r.timed_out]
+    fast = [r for r, _ in results if not r.timed_out]
+    assert len(slow) == 2 and len(fast) == 2 and all(r.correct for r in fast)
+
+    async def in_loop():
+        return await asyncio.to_thread(timed_score, boxed(PATHOLOGICAL[1]), "1", checker)
+
+    rec, seconds = asyncio.run(in_loop())
+    assert rec.timed_out and seconds < TIMEOUT_S + 1.0
+
+
+def test_a_killed_server_is_restarted_and_closing_ends_it():
+    c = AnswerChecker(timeout_s=TIMEOUT_S)
+    c.wait_ready()
+    first = c.server_pid
+    os.kill(first, signal.SIGKILL)
+    verdict = c.check("0.5", "\\frac{1}{2}")  # the item is sent again to a fresh server
+    assert verdict.correct and verdict.method == "math_verify"
+    assert c.restarts == 1 and c.server_pid != first
+    second = c.server_pid
+    c.close()
+    for pid in (first, second):
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
