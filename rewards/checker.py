@@ -55,12 +55,13 @@ class CheckerError(RuntimeError):
 class AnswerChecker:
     """Owns one math-verify server process; see the module docstring.
 
-    The server starts in the background at construction; the first call that
-    needs it waits for it (at most ``start_timeout_s``). Use as a context manager
-    or call :meth:`close`.
+    The server starts in the background at construction (``eager``) or when
+    the first answer needs math-verify; the first call that needs it waits for it
+    (at most ``start_timeout_s``). Use as a context manager or call :meth:`close`.
     """
 
-    def __init__(self, timeout_s: float = 5.0, memory_limit_mb: int = 4096, start_timeout_s: float = 120.0):
+    def __init__(self, timeout_s: float = 5.0, memory_limit_mb: int = 4096, start_timeout_s: float = 120.0,
+                 eager: bool = True):
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
         self.timeout_s = timeout_s
@@ -71,7 +72,8 @@ class AnswerChecker:
         self._proc: subprocess.Popen | None = None
         self._conn: Connection | None = None
         self._ready = False
-        self._launch()
+        if eager:
+            self._launch()
 
     # ------------------------------------------------------------------ server process
 

@@ -8,7 +8,8 @@ or ``--tokenizer DIR`` replays the response into units over the chat-templated
 ``prompt`` field (an empty prompt when the record has none). Without either, the
 measures print as ``-`` and ``R_accel`` is 0.
 
-Answers are checked in this process with one math-verify server (no Ray).
+Answers are checked in this process; a math-verify server starts only if an
+answer needs it (no Ray).
 Prints one row per record and a line of means, or with ``--json`` one JSON
 object per record and a final ``{"summary": ...}`` object.
 
@@ -164,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from rewards.checker import AnswerChecker
 
-    with AnswerChecker(cfg.timeout_s, cfg.memory_limit_mb) as checker:
+    with AnswerChecker(cfg.timeout_s, cfg.memory_limit_mb, eager=False) as checker:
         records = [score(item, cfg, checker) for item in items]
     summary = summarize(records)
     lines = [line for line, _ in rows]

@@ -64,7 +64,9 @@ class RewardConfig:
     memory_limit_mb: int = field(default=4096, metadata={
         "help": "address-space limit of the math-verify worker process (MiB); 0 disables it"})
     num_actors: int = field(default=2, metadata={"help": "reward service: Ray actors in the pool (count)"})
-    actor_cpus: float = field(default=1.0, metadata={"help": "reward service: CPUs reserved per actor (Ray CPUs)"})
+    actor_cpus: float = field(default=0.25, metadata={
+        "help": "reward service: CPUs reserved per actor (Ray CPUs); scoring is bursty (between rollout and "
+                "learning), so a fraction leaves room for the other actors on a small machine"})
     chunk_size: int = field(default=32, metadata={"help": "reward service: items per actor call (count)"})
     max_attempts: int = field(default=3, metadata={
         "help": "reward service: tries of one chunk on fresh actors before the batch fails (count)"})

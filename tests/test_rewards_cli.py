@@ -51,13 +51,13 @@ def test_json_output_has_every_component(capsys, data):
     assert summary["mean_reward"] == pytest.approx(sum(r["reward"] for r in rows) / 4)
 
 
-def test_presets_change_the_reward(capsys, data):
+def test_preset_and_records_without_units(capsys, data):
     _, path = data
-    _, paper, _ = run_json(capsys, path)
-    _, official, _ = run_json(capsys, path, "--preset", "official-code")
-    assert paper[1]["reward"] == 0.0 and official[1]["reward"] == -1.0
-    assert paper[0]["accel_measured"] is False and paper[0]["R_accel"] == 0.0  # no tokenizer, no units
-    assert official[2]["R_accel"] == pytest.approx(0.5 * min(official[2]["eta"], 0.2))
+    code, rows, summary = run_json(capsys, path, "--preset", "official-code")
+    assert code == 0 and rows[1]["reward"] == -1.0                      # incorrect scores -1 in this preset
+    assert rows[0]["accel_measured"] is False and rows[0]["R_accel"] == 0.0 and rows[0]["eta"] is None
+    assert rows[2]["R_accel"] == pytest.approx(0.5 * min(rows[2]["eta"], 0.2))  # units given in the record
+    assert summary["measured"] == 1
 
 
 def test_table_output(capsys, data):

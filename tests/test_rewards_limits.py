@@ -12,7 +12,7 @@ from rewards.checker import AnswerChecker
 from rewards.config import RewardConfig
 from rewards.score import RewardItem, score
 
-TIMEOUT_S = 1.5
+TIMEOUT_S = 1.0
 
 #: answers that keep sympy busy far longer than the limit (measured: over 20 s each without it)
 PATHOLOGICAL = ["2^{2^{2^{2^{30}}}}", "(x+1)^{100000}", "\\frac{" * 3000 + "1" + "}" * 3000, "1+" * 20000 + "1"]
