@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("rollout.check", "check the format of responses in a JSONL file and print latency measures"),
     "score": ("rewards.cli", "score responses in a JSONL file: correctness, parallelism measures, reward"),
     "demo": ("cluster.demo", "the embedded default job: tiny model, data, vLLM decoding, statistics"),
+    "bench": ("rl.bench", "benchmarks printed as side-by-side tables (bench trie: trie vs expanded vs padded rows)"),
 }
 
 

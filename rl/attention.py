@@ -1,0 +1,103 @@
+"""Tree attention for trie-packed rows, behind one interface (DESIGN section 5).
+
+Token ``q`` of a packed row may attend to token ``k`` iff ``k`` is ``q`` or
+one of its ancestors: ``k <= q <= tout[k]`` (the flat index is the entry time
+of the depth-first walk, see :mod:`rl.trie`). Three backends build that mask
+in the form their transformers attention implementation expects and pass it
+to the model as a prepared 4D mask, which transformers uses as is:
+
+* ``"eager"`` -- an additive float mask ``[1, 1, L, L]`` (0 or the dtype's
+  minimum); the reference, slowest.
+* ``"sdpa"`` -- a boolean mask ``[1, 1, L, L]`` (True = attend) for
+  ``torch.nn.functional.scaled_dot_product_attention``; forward and backward
+  on CPU and GPU. The mask, and sdpa's math kernel on CPU, take memory that
+  grows as L squared, so rows must stay within a configured length
+  (:data:`DENSE_MAX_TOKENS` by default).
+* ``"flex"`` -- a block-sparse ``BlockMask`` built from ``tout`` for torch's
+  flex attention; memory grows linearly with L. For GPUs: torch 2.13 runs it
+  on CPU forward only (compiled), without a backward.
+
+The model must have been loaded (or switched with
+``model.set_attn_implementation``) to the matching implementation; see
+:data:`IMPLEMENTATION`. One row is one forward pass (batch size 1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rl.trie import PackedRow
+
+BACKENDS = ("eager", "sdpa", "flex")
+#: transformers' ``attn_implementation`` for each backend.
+IMPLEMENTATION = {"eager": "eager", "sdpa": "sdpa", "flex": "flex_attention"}
+#: Default row-length cap for the dense-mask backends (tokens).
+DENSE_MAX_TOKENS = 8192
+
+
+def ancestor_mask(tout: torch.Tensor) -> torch.Tensor:
+    """Boolean ``[L, L]``: entry ``[q, k]`` is True iff ``k`` is ``q`` or an ancestor of ``q``."""
+    idx = torch.arange(tout.shape[0], device=tout.device)
+    q, k = idx[:, None], idx[None, :]
+    return (k <= q) & (q <= tout[None, :])
+
+
+def tree_block_mask(tout: torch.Tensor, block_size: int = 128):
+    """Flex attention ``BlockMask`` for the ancestor relation (blocks of ``block_size`` tokens)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (q_idx <= tout[kv_idx])
+
+    n = tout.shape[0]
+    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n, device=tout.device,
+                             BLOCK_SIZE=block_size)
+
+
+def tree_attention_mask(row: PackedRow, backend: str, dtype: torch.dtype = torch.float32,
+                        device: torch.device | str | None = None, max_dense_tokens: int = DENSE_MAX_TOKENS):
+    """The mask object ``backend`` passes to the model for ``row``.
+
+    Raises ValueError for an unknown backend, or a row longer than
+    ``max_dense_tokens`` for the dense backends.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend '{backend}'; choose one of {BACKENDS}")
+    tout = row.tout.to(device) if device is not None else row.tout
+    if backend == "flex":
+        return tree_block_mask(tout)
+    if len(row) > max_dense_tokens:
+        raise ValueError(f"row of {len(row)} tokens is longer than max_dense_tokens={max_dense_tokens} for the "
+                         f"dense '{backend}' backend (memory grows as L^2); pack shorter rows or use 'flex'")
+    allowed = ancestor_mask(tout)[None, None]
+    if backend == "sdpa":
+        return allowed
+    zero = torch.zeros((), dtype=dtype, device=tout.device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)
+
+
+def tree_forward(model: torch.nn.Module, row: PackedRow, backend: str,
+                 max_dense_tokens: int = DENSE_MAX_TOKENS) -> torch.Tensor:
+    """Logits ``[L, vocab]`` of one packed row under the tree mask.
+
+    The model's ``config._attn_implementation`` must be
+    ``IMPLEMENTATION[backend]``; a mismatch raises ValueError rather than
+    switching the model behind the caller's back.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend '{backend}'; choose one of {BACKENDS}")
+    have = model.config._attn_implementation
+    if have != IMPLEMENTATION[backend]:
+        raise ValueError(f"backend '{backend}' needs the model's attn_implementation to be "
+                         f"'{IMPLEMENTATION[backend]}', it is '{have}'; load the model with "
+                         f"attn_implementation='{IMPLEMENTATION[backend]}' or call model.set_attn_implementation")
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    mask = tree_attention_mask(row, backend, dtype=dtype, device=device, max_dense_tokens=max_dense_tokens)
+    out = model(
+        input_ids=row.input_ids.to(device)[None],
+        position_ids=row.position_ids.to(device)[None],
+        attention_mask=mask,
+        use_cache=False,
+    )
+    return out.logits[0]
