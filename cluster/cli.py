@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "score": ("rewards.cli", "score responses in a JSONL file: correctness, parallelism measures, reward"),
     "demo": ("cluster.demo", "the embedded default job: tiny model, data, vLLM decoding, statistics"),
     "bench": ("rl.bench", "benchmarks printed as side-by-side tables (bench trie: trie vs expanded vs padded rows)"),
+    "datagen": ("rollout.datagen.cli", "parallel training data: stage1 rewrites traces, stage2 self-trains"),
 }
 
 
