@@ -13,8 +13,13 @@ answer, not a reason to fall back to an earlier one. ``\\fbox`` and unbraced
 
 Fast decisions (``quick_verdict``), tried in order, each final:
 
-* *integers*: both sides are plain integers (sign and ``1,234`` thousands
-  separators allowed) -> equal iff the same integer;
+* *numbers*: both sides are plain numbers -- integers (``1,234`` thousands
+  separators allowed), decimals, ``a/b`` or ``\\frac{a}{b}`` with integer ``a``,
+  ``b``, each with an optional sign -- read as exact fractions: the same value
+  -> correct; two different integers, or values apart by more than ``1e-4``
+  (absolute) and ``1e-4`` relative -> incorrect. Closer values (``0.333333`` for ``1/3``) go to
+  math-verify, which rounds floats to 6 decimals, so this rule never disagrees
+  with it;
 * *text*: the reference is a word answer (letters, spaces, ``'`` and ``-`` only,
   with a word of 3+ letters, optionally in ``\\text{}``/``\\textbf{}``/
   ``\\mathrm{}``) -> equal iff the normalised texts match, case-insensitively.
@@ -31,11 +36,21 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 
 from rollout.format import THINK_CLOSE
 
 _BOXED = "\\boxed"
-_INT_RE = re.compile(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)")
+_INT = r"(?:\d{1,3}(?:,\d{3})+|\d+)"
+_NUMBER_RES = [
+    re.compile(rf"(?P<sign>[+-]?)(?P<int>{_INT})(?:\.(?P<dec>\d+))?"),
+    re.compile(rf"(?P<sign>[+-]?)\.(?P<dec>\d+)"),
+    re.compile(r"(?P<sign>[+-]?)(?P<num>\d+)\s*/\s*(?P<den>\d+)"),
+    re.compile(r"(?P<sign>[+-]?)\\[dt]?frac\s*\{\s*(?P<num>\d+)\s*\}\s*\{\s*(?P<den>\d+)\s*\}"),
+]
+_INTEGER_RE = re.compile(rf"[+-]?{_INT}")
+#: a quick "incorrect" needs the values this far apart, absolutely and relatively
+NUMBER_TOLERANCE = 1e-4
 _WRAPPER_RE = re.compile(r"^\\(?:text|textbf|mathrm|textrm|mbox)\s*\{(.*)\}$", re.S)
 _WORDS_RE = re.compile(r"[A-Za-z][A-Za-z '\-]*")
 _LONG_WORD_RE = re.compile(r"[A-Za-z]{3,}")
@@ -116,12 +131,26 @@ def _unwrap(s: str) -> str:
     return s
 
 
-def as_integer(s: str) -> int | None:
-    """The integer ``s`` spells (``-1,234`` included), else None."""
+def as_number(s: str) -> Fraction | None:
+    """The exact value of a plain number (see module doc), else None."""
     s = _unwrap(s)
-    if len(s) > 64 or not _INT_RE.fullmatch(s):
+    if len(s) > 64:
         return None
-    return int(s.replace(",", ""))
+    for pattern in _NUMBER_RES:
+        m = pattern.fullmatch(s)
+        if m is None:
+            continue
+        groups = m.groupdict()
+        if groups.get("den") is not None:
+            if int(groups["den"]) == 0:
+                return None
+            value = Fraction(int(groups["num"]), int(groups["den"]))
+        else:
+            whole = int((groups.get("int") or "0").replace(",", ""))
+            dec = groups.get("dec") or ""
+            value = whole + (Fraction(int(dec), 10 ** len(dec)) if dec else 0)
+        return -value if groups["sign"] == "-" else value
+    return None
 
 
 def as_text(s: str) -> str | None:
@@ -140,11 +169,18 @@ def squeeze(s: str) -> str:
 
 def quick_verdict(pred: str, gold: str) -> tuple[bool, str] | None:
     """``(correct, method)`` when no math-verify is needed, else None (see module doc)."""
-    gold_int = as_integer(gold)
-    if gold_int is not None:
-        pred_int = as_integer(pred)
-        if pred_int is not None:
-            return pred_int == gold_int, "integer"
+    gold_value = as_number(gold)
+    if gold_value is not None:
+        pred_value = as_number(pred)
+        if pred_value is not None:
+            if pred_value == gold_value:
+                return True, "number"
+            if _INTEGER_RE.fullmatch(_unwrap(pred)) and _INTEGER_RE.fullmatch(_unwrap(gold)):
+                return False, "number"  # math-verify compares two integers exactly too
+            gap = abs(pred_value - gold_value)
+            if gap > NUMBER_TOLERANCE and gap > NUMBER_TOLERANCE * max(abs(pred_value), abs(gold_value)):
+                return False, "number"
+            return None
     gold_text = as_text(gold)
     if gold_text is not None:
         pred_text = as_text(pred)

@@ -4,7 +4,10 @@
 (plain integers, word answers, identical text). Everything else goes to
 math-verify in a separate process (:mod:`rewards.mv_server`), whose worker is
 killed and replaced when one item takes longer than ``timeout_s``; the item then
-counts as incorrect with ``timed_out=True``. No signal is used in the calling
+counts as incorrect with ``timed_out=True``. math-verify's verdicts (not its
+timeouts or errors) are remembered for the last ``cache_size`` (answer,
+reference) pairs: the samples of one GRPO group often end in the same answer,
+and math-verify is deterministic. No signal is used in the calling
 process, so the limit holds in any thread, in threaded or async Ray actors, and
 in plain ones. Calls from several threads are serialised by a lock.
 
@@ -22,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
@@ -35,10 +39,11 @@ SERVER_GRACE_S = 2.0
 class Verdict:
     """Outcome of checking one answer.
 
-    ``method`` is how it was decided: ``"integer"``, ``"text"``, ``"same_text"``
+    ``method`` is how it was decided: ``"number"``, ``"text"``, ``"same_text"``
     (the fast rules), ``"math_verify"``, ``"timeout"`` or ``"error"`` (math-verify
     raised, its worker died, or the reference could not be parsed; ``error``
-    says which). ``seconds`` is the wall time spent on this answer.
+    says which). ``seconds`` is the wall time spent on this answer; ``cached``
+    marks a math-verify verdict reused for a pair checked before.
     """
 
     correct: bool
@@ -46,6 +51,7 @@ class Verdict:
     method: str
     seconds: float
     error: str | None = None
+    cached: bool = False
 
 
 class CheckerError(RuntimeError):
@@ -61,13 +67,15 @@ class AnswerChecker:
     """
 
     def __init__(self, timeout_s: float = 5.0, memory_limit_mb: int = 4096, start_timeout_s: float = 120.0,
-                 eager: bool = True):
+                 eager: bool = True, cache_size: int = 4096):
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
         self.timeout_s = timeout_s
         self.memory_limit_mb = memory_limit_mb
         self.start_timeout_s = start_timeout_s
         self.restarts = 0  # server restarts after it stopped answering or died
+        self.cache_size = cache_size
+        self._cache: OrderedDict[tuple[str, str], bool] = OrderedDict()
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
         self._conn: Connection | None = None
@@ -155,32 +163,48 @@ class AnswerChecker:
         if quick is not None:
             return Verdict(quick[0], False, quick[1], time.monotonic() - t0)
         with self._lock:
-            for attempt in (1, 2):
-                self._wait_ready()
-                t1 = time.monotonic()
-                try:
-                    self._conn.send(("check", pred, gold, self.timeout_s))
-                    reply = self._conn.recv() if self._conn.poll(self.timeout_s + SERVER_GRACE_S) else None
-                except (EOFError, OSError) as e:
-                    # the server died (killed from outside: it runs no math itself); restart, try once more
-                    code = self._proc.poll()
-                    self._restart()
-                    if attempt == 2:
-                        return Verdict(False, False, "error", time.monotonic() - t0,
-                                       f"math-verify server died twice (exit code {code}): {type(e).__name__}")
-                    continue
-                if reply is None:
-                    self._restart()
-                    return Verdict(False, True, "timeout", time.monotonic() - t0,
-                                   f"math-verify server did not answer within "
-                                   f"{self.timeout_s + SERVER_GRACE_S:.1f} s")
-                break
-        seconds = time.monotonic() - t1
-        if reply[0] == "ok":
-            return Verdict(bool(reply[1]), False, "math_verify", seconds)
-        if reply[0] == "timeout":
-            return Verdict(False, True, "timeout", seconds)
-        return Verdict(False, False, "error", seconds, reply[1])
+            known = self._cache.get((pred, gold))
+            if known is not None:
+                self._cache.move_to_end((pred, gold))
+                return Verdict(known, False, "math_verify", time.monotonic() - t0, cached=True)
+            verdict = self._ask_server(pred, gold)
+            if verdict.method == "math_verify":
+                self._remember(pred, gold, verdict.correct)
+            return verdict
+
+    def _ask_server(self, pred: str, gold: str) -> Verdict:
+        for attempt in (1, 2):
+            self._wait_ready()
+            t0 = time.monotonic()
+            try:
+                self._conn.send(("check", pred, gold, self.timeout_s))
+                reply = self._conn.recv() if self._conn.poll(self.timeout_s + SERVER_GRACE_S) else None
+            except (EOFError, OSError) as e:
+                # the server died (killed from outside: it runs no math itself); restart, try once more
+                code = self._proc.poll()
+                self._restart()
+                if attempt == 2:
+                    return Verdict(False, False, "error", time.monotonic() - t0,
+                                   f"math-verify server died twice (exit code {code}): {type(e).__name__}")
+                continue
+            seconds = time.monotonic() - t0
+            if reply is None:
+                self._restart()
+                return Verdict(False, True, "timeout", seconds, f"math-verify server did not answer within "
+                                                                f"{self.timeout_s + SERVER_GRACE_S:.1f} s")
+            if reply[0] == "ok":
+                return Verdict(bool(reply[1]), False, "math_verify", seconds)
+            if reply[0] == "timeout":
+                return Verdict(False, True, "timeout", seconds)
+            return Verdict(False, False, "error", seconds, reply[1])
+        raise AssertionError("unreachable")
+
+    def _remember(self, pred: str, gold: str, correct: bool) -> None:
+        if self.cache_size <= 0:
+            return
+        self._cache[pred, gold] = correct
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
 
     def _restart(self) -> None:
         self._kill()

@@ -165,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from rewards.checker import AnswerChecker
 
-    with AnswerChecker(cfg.timeout_s, cfg.memory_limit_mb, eager=False) as checker:
+    with AnswerChecker(cfg.timeout_s, cfg.memory_limit_mb, eager=False, cache_size=cfg.verdict_cache) as checker:
         records = [score(item, cfg, checker) for item in items]
     summary = summarize(records)
     lines = [line for line, _ in rows]

@@ -61,6 +61,8 @@ class RewardConfig:
     timeout_s: float = field(default=5.0, metadata={
         "help": "hard limit on checking one answer with math-verify (seconds); past it the item is "
                 "incorrect and flagged timed_out"})
+    verdict_cache: int = field(default=4096, metadata={
+        "help": "math-verify verdicts remembered per checker, by (answer, reference) text (count); 0 disables"})
     memory_limit_mb: int = field(default=4096, metadata={
         "help": "address-space limit of the math-verify worker process (MiB); 0 disables it"})
     num_actors: int = field(default=2, metadata={"help": "reward service: Ray actors in the pool (count)"})
@@ -92,5 +94,7 @@ class RewardConfig:
             raise ValueError(f"format_penalty is subtracted and must be >= 0, got {self.format_penalty}")
         if self.num_actors < 1 or self.chunk_size < 1 or self.max_attempts < 1:
             raise ValueError("num_actors, chunk_size and max_attempts must be at least 1")
+        if self.verdict_cache < 0:
+            raise ValueError(f"verdict_cache must be >= 0, got {self.verdict_cache}")
         if self.memory_limit_mb < 0:
             raise ValueError(f"memory_limit_mb must be >= 0, got {self.memory_limit_mb}")

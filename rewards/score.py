@@ -50,7 +50,8 @@ class ScoreRecord:
 
     ``extraction``: ``ok``, ``no_think_close``, ``no_boxed`` or ``unclosed_boxed``;
     ``check_method``: how correctness was decided (see :class:`Verdict`), ``none``
-    when there was no answer to check; ``parallel``: the response contains a
+    when there was no answer to check; ``check_cached``: a remembered math-verify
+    verdict; ``parallel``: the response contains a
     ``<Parallel>`` block; ``n_blocks``: blocks in the units.
     """
 
@@ -67,6 +68,7 @@ class ScoreRecord:
     check_method: str
     check_error: str | None
     check_seconds: float
+    check_cached: bool
     parallel: bool
     accel_measured: bool
     L_total: int | None = None
@@ -152,7 +154,8 @@ def score(item: RewardItem, cfg: RewardConfig, checker: Checker) -> ScoreRecord:
         format_penalty=parts["format_penalty"], correct=verdict.correct, timed_out=verdict.timed_out,
         format_valid=format_valid, format_error=reasons[0] if reasons else None,
         extracted_answer=extraction.answer, extraction=extraction.status, check_method=verdict.method,
-        check_error=verdict.error, check_seconds=verdict.seconds, parallel=PARALLEL_OPEN in item.response,
+        check_error=verdict.error, check_seconds=verdict.seconds,
+        check_cached=verdict.cached, parallel=PARALLEL_OPEN in item.response,
         accel_measured=lat is not None,
         L_total=lat.L_total if lat else None, L_crit=lat.L_crit if lat else None, eta=eta,
         speedup=lat.speedup if lat else None, n_blocks=lat.n_blocks if lat else None,

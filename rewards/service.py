@@ -42,7 +42,7 @@ class RewardWorker:
 
     def __init__(self, cfg: RewardConfig):
         self.cfg = cfg
-        self.checker = AnswerChecker(cfg.timeout_s, cfg.memory_limit_mb)
+        self.checker = AnswerChecker(cfg.timeout_s, cfg.memory_limit_mb, cache_size=cfg.verdict_cache)
 
     def ready(self) -> int:
         """Wait for the math-verify server; return this actor's process id."""

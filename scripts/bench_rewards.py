@@ -1,17 +1,18 @@
 """Benchmark: rewards per second for realistic responses, in-process and on 1 and 2 Ray actors.
 
 The batch imitates one P-GRPO step: ``--problems`` prompts x ``--group`` sampled
-responses each (default 128 x 8 = 1024). Three quarters of the prompts are the
-synthetic arithmetic task (``rollout.task``; parallel and sequential layouts,
-replayed into units with the tiny tokenizer), one quarter MATH-style problems
-with LaTeX answers (fractions, roots, intervals, sets, expressions, words).
+responses each (default 128 x 8 = 1024). By default three quarters of the
+prompts are the synthetic arithmetic task (``rollout.task``; parallel and
+sequential layouts, replayed into units with the tiny tokenizer), one quarter
+(``--latex-share``) MATH-style problems with LaTeX answers (fractions, roots,
+intervals, sets, expressions, words), most of which need math-verify.
 Within a group, responses vary the way a policy's samples do: the reference
 answer in another form (``0.6`` for ``\\frac{3}{5}``, ``1,000`` for ``1000``),
 a wrong answer, a missing ``\\boxed{}``, a malformed block. All three setups
 score the same batch, side by side in one run; the table gives rewards per
 second, the ratio to one actor, and how answers were decided.
 
-    python scripts/bench_rewards.py [--problems 128] [--group 8] [--repeats 2]
+    python scripts/bench_rewards.py [--problems 128] [--group 8] [--repeats 2] [--latex-share 0.25]
 """
 
 from __future__ import annotations
@@ -28,21 +29,43 @@ from rewards.config import RewardConfig
 from rewards.score import RewardItem, score_many
 from rollout.task import TaskConfig, make_dataset
 
-#: (reference, forms a correct sample may write, wrong answers a sample may write)
-LATEX = [
-    ("\\frac{3}{5}", ["0.6", "\\frac{3}{5}", "\\dfrac{6}{10}", "3/5"], ["\\frac{2}{5}", "0.65"]),
-    ("2\\sqrt{3}", ["\\sqrt{12}", "2\\sqrt{3}", "2 \\sqrt 3"], ["3\\sqrt{2}", "\\sqrt{6}"]),
-    ("[2, 5)", ["[2,5)", "[2, 5)", "\\left[2, 5\\right)"], ["(2, 5]", "[2, 5]"]),
-    ("(-\\infty, -1] \\cup [3, \\infty)", ["(-\\infty,-1]\\cup[3,\\infty)"], ["(-\\infty, -1) \\cup (3, \\infty)"]),
-    ("\\{1, 2, 4\\}", ["\\{4, 2, 1\\}", "\\{1,2,4\\}"], ["\\{1, 2\\}", "\\{1, 2, 3\\}"]),
-    ("x^2 - 4x + 4", ["(x-2)^2", "x^2-4x+4"], ["(x+2)^2", "x^2 - 4"]),
-    ("\\frac{\\pi}{6}", ["\\pi/6", "\\frac{\\pi}{6}"], ["\\frac{\\pi}{3}", "30"]),
-    ("-\\frac{7}{2}", ["-3.5", "-\\frac72"], ["\\frac{7}{2}", "-3"]),
-    ("1000", ["1,000", "1000", "10^3"], ["100", "1,001"]),
-    ("\\text{Tuesday}", ["Tuesday", "\\text{tuesday}"], ["Monday"]),
-    ("(3, -2)", ["(3,-2)", "\\left(3, -2\\right)"], ["(-2, 3)", "(3, 2)"]),
-    ("12\\%", ["12\\%", "0.12"], ["1.2", "21\\%"]),
-]
+WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+
+
+def latex_problem(rng: random.Random) -> tuple[str, list[str], list[str]]:
+    """A random MATH-style reference, forms a correct sample may write, and wrong answers."""
+    kind = rng.randrange(10)
+    a, b, c = rng.randint(2, 40), rng.randint(2, 40), rng.randint(2, 9)
+    if kind == 0:  # a fraction
+        q, r = (a, b) if a != b else (a, b + 1)
+        right = [f"\\frac{{{q}}}{{{r}}}", f"\\dfrac{{{q * c}}}{{{r * c}}}", f"{q}/{r}", f"{q / r:.6g}"]
+        return f"\\frac{{{q}}}{{{r}}}", right, [f"\\frac{{{q + 1}}}{{{r}}}", f"\\frac{{{r}}}{{{q}}}"]
+    if kind == 1:  # a root
+        n = rng.choice([2, 3, 5, 6, 7])
+        return (f"{c}\\sqrt{{{n}}}", [f"\\sqrt{{{c * c * n}}}", f"{c}\\sqrt{{{n}}}", f"{c} \\sqrt {n}"],
+                [f"{c + 1}\\sqrt{{{n}}}", f"\\sqrt{{{c * n}}}"])
+    if kind == 2:  # an interval
+        lo, hi = sorted((a, b + 41))
+        return (f"[{lo}, {hi})", [f"[{lo},{hi})", f"\\left[{lo}, {hi}\\right)"], [f"({lo}, {hi}]", f"[{lo}, {hi}]"])
+    if kind == 3:  # a union of rays
+        return (f"(-\\infty, -{a}] \\cup [{b}, \\infty)", [f"(-\\infty,-{a}]\\cup[{b},\\infty)"],
+                [f"(-\\infty, -{a}) \\cup ({b}, \\infty)", f"[-{a}, {b}]"])
+    if kind == 4:  # a set
+        xs = rng.sample(range(1, 30), 3)
+        perm = rng.sample(xs, 3)
+        return ("\\{" + ", ".join(map(str, xs)) + "\\}", ["\\{" + ",".join(map(str, perm)) + "\\}"],
+                ["\\{" + ", ".join(map(str, xs[:2])) + "\\}", "\\{" + ", ".join(map(str, xs[:2] + [31])) + "\\}"])
+    if kind == 5:  # a polynomial
+        return (f"x^2 - {2 * c}x + {c * c}", [f"(x-{c})^2", f"x^2-{2 * c}x+{c * c}"], [f"(x+{c})^2", f"x^2 - {c * c}"])
+    if kind == 6:  # a multiple of pi
+        return (f"\\frac{{{c}\\pi}}{{{a + c}}}", [f"{c}\\pi/{a + c}"], [f"\\frac{{\\pi}}{{{a + c}}}", f"{c}"])
+    if kind == 7:  # a large integer
+        n = rng.randint(1000, 999_999)
+        return str(n), [f"{n:,}", str(n)], [f"{n + 9:,}", str(n // 10)]
+    if kind == 8:  # a word
+        day, other = rng.sample(WEEKDAYS, 2)
+        return f"\\text{{{day}}}", [day, f"\\text{{{day.lower()}}}"], [other]
+    return f"({a}, -{b})", [f"({a},-{b})", f"\\left({a}, -{b}\\right)"], [f"(-{b}, {a})", f"({a}, {b})"]
 
 
 def _think(rng: random.Random) -> str:
@@ -53,7 +76,7 @@ def _think(rng: random.Random) -> str:
 
 
 def latex_group(rng: random.Random, group: int) -> list[RewardItem]:
-    gold, right, wrong = rng.choice(LATEX)
+    gold, right, wrong = latex_problem(rng)
     items = []
     for _ in range(group):
         u = rng.random()
@@ -63,13 +86,15 @@ def latex_group(rng: random.Random, group: int) -> list[RewardItem]:
     return items
 
 
-def arithmetic_groups(rng: random.Random, n: int, group: int, tokenizer) -> list[RewardItem]:
+def arithmetic_groups(rng: random.Random, n: int, group: int, tokenizer, seed: int) -> list[list[RewardItem]]:
     from rollout.units import chat_prompt_ids, replay
 
-    records = make_dataset(TaskConfig(min_threads=2, max_threads=4, b_digits=3), {"train": n}, seed=11)["train"]
-    items = []
+    records = make_dataset(TaskConfig(min_threads=2, max_threads=4, b_digits=3), {"train": n}, seed=seed)["train"]
+    groups = []
     for rec in records:
         prompt = chat_prompt_ids(tokenizer, rec["prompt"])
+        items = []
+        groups.append(items)
         for _ in range(group):
             response = rec["response_parallel" if rng.random() < 0.6 else "response_sequential"]
             u = rng.random()
@@ -86,85 +111,94 @@ def arithmetic_groups(rng: random.Random, n: int, group: int, tokenizer) -> list
             except ValueError:
                 units = None
             items.append(RewardItem(response, rec["answer"], units))
-    return items
+    return groups
 
 
-def make_batch(problems: int, group: int, seed: int = 0) -> list[RewardItem]:
+def make_batch(problems: int, group: int, latex_share: float = 0.25, seed: int = 0) -> list[RewardItem]:
     from rollout.tiny import build_tokenizer
 
     rng = random.Random(seed)
-    n_latex = problems // 4
-    items = arithmetic_groups(rng, problems - n_latex, group, build_tokenizer())
-    for _ in range(n_latex):
-        items += latex_group(rng, group)
-    rng.shuffle(items)
-    return items
+    n_latex = round(problems * latex_share)
+    groups = arithmetic_groups(rng, problems - n_latex, group, build_tokenizer(), seed)
+    groups += [latex_group(rng, group) for _ in range(n_latex)]
+    rng.shuffle(groups)  # prompts in random order, each group's samples together, as a GRPO batch
+    return [item for g in groups for item in g]
 
 
-def bench_local(items, cfg, repeats):
-    with AnswerChecker(cfg.timeout_s, cfg.memory_limit_mb) as checker:
+def bench_local(batches, cfg):
+    with AnswerChecker(cfg.timeout_s, cfg.memory_limit_mb, cache_size=cfg.verdict_cache) as checker:
         checker.wait_ready()
-        times = []
-        for _ in range(repeats):
+        out = []
+        for items in batches:
             t0 = time.perf_counter()
             records = score_many(items, cfg, checker)
-            times.append(time.perf_counter() - t0)
-    return records, times
+            out.append((records, time.perf_counter() - t0))
+    return out
 
 
-def bench_pool(items, cfg, actors, repeats):
+def bench_pool(batches, cfg, actors):
     from rewards.service import RewardPool
 
     with RewardPool(cfg, num_actors=actors) as pool:
         pool.wait_ready()
-        times = []
-        for _ in range(repeats):
+        out = []
+        for items in batches:
             t0 = time.perf_counter()
             records = pool.score_batch(items)
-            times.append(time.perf_counter() - t0)
-    return records, times
+            out.append((records, time.perf_counter() - t0))
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--problems", type=int, default=128, help="prompts in the batch (count)")
+    p.add_argument("--problems", type=int, default=128, help="prompts in a batch (count)")
     p.add_argument("--group", type=int, default=8, help="responses per prompt (count)")
-    p.add_argument("--repeats", type=int, default=2, help="timed passes over the batch per setup (count)")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="batches, each with new prompts, scored by every setup (count)")
+    p.add_argument("--latex-share", type=float, default=0.25,
+                   help="share of prompts with MATH-style LaTeX answers, the rest arithmetic (0..1)")
     p.add_argument("--chunk-size", type=int, default=32, help="items per actor call (count)")
     args = p.parse_args()
 
-    items = make_batch(args.problems, args.group)
-    n = len(items)
+    batches = [make_batch(args.problems, args.group, args.latex_share, seed=i) for i in range(args.repeats)]
+    n = len(batches[0])
     cfg = RewardConfig(chunk_size=args.chunk_size, actor_cpus=1.0)
-    print(f"batch: {n} responses ({args.problems} prompts x {args.group}), "
-          f"mean {statistics.mean(len(i.response) for i in items):.0f} chars, "
-          f"{sum(i.units is not None for i in items)} with units; "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (other work slows every row alike)")
+    print(f"{args.repeats} batches of {n} responses ({args.problems} prompts x {args.group}), "
+          f"{args.latex_share:.0%} LaTeX prompts, mean {statistics.mean(len(i.response) for i in batches[0]):.0f} "
+          f"chars, {sum(i.units is not None for i in batches[0])} with units; {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f}")
 
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        rows = [("in-process checker (no Ray)", *bench_local(items, cfg, args.repeats))]
-        rows.append(("pool, 1 actor", *bench_pool(items, cfg, 1, args.repeats)))
-        rows.append(("pool, 2 actors", *bench_pool(items, cfg, 2, args.repeats)))
+        rows = [("in-process checker (no Ray)", bench_local(batches, cfg))]
+        rows.append(("pool, 1 actor", bench_pool(batches, cfg, 1)))
+        rows.append(("pool, 2 actors", bench_pool(batches, cfg, 2)))
     finally:
         ray.shutdown()
+    print(f"load average after: {os.getloadavg()[0]:.1f} (Ray actors run at nice 15: other work on the "
+          "machine slows them more than the in-process row)")
 
-    base = n / min(rows[1][2])
-    print(f"\n{'setup':<30} {'best s':>7} {'rewards/s':>10} {'vs 1 actor':>10}")
-    for name, _, times in rows:
-        rate = n / min(times)
-        print(f"{name:<30} {min(times):>7.2f} {rate:>10.0f} {rate / base:>9.2f}x")
-    records = rows[-1][1]
-    assert [r.reward for r in records] == [r.reward for r in rows[0][1]], "pool and in-process rewards differ"
-    methods = collections.Counter(r.check_method for r in records)
-    mv = [r.check_seconds for r in records if r.check_method == "math_verify"]
-    print(f"\nanswers decided by: {dict(methods.most_common())}")
+    def rate(runs):
+        return len(runs) * n / sum(seconds for _, seconds in runs)
+
+    base = rate(rows[1][1])
+    print(f"\n{'setup':<30} {'seconds/batch':>14} {'rewards/s':>10} {'vs 1 actor':>10}")
+    for name, runs in rows:
+        per_batch = " ".join(f"{seconds:.2f}" for _, seconds in runs)
+        print(f"{name:<30} {per_batch:>14} {rate(runs):>10.0f} {rate(runs) / base:>9.2f}x")
+    for (records, _), (local, _) in zip(rows[-1][1], rows[0][1]):
+        assert [r.reward for r in records] == [r.reward for r in local], "pool and in-process rewards differ"
+    records = [r for recs, _ in rows[-1][1] for r in recs]
+    methods = collections.Counter(r.check_method + (" (cached)" if r.check_cached else "") for r in records)
+    mv = [r.check_seconds for r in records if r.check_method == "math_verify" and not r.check_cached]
+    print(f"\nanswers decided by (2-actor pool, all batches): {dict(methods.most_common())}")
     if mv:
-        print(f"math-verify: {len(mv)} items, median {1000 * statistics.median(mv):.1f} ms, "
+        print(f"math-verify calls: {len(mv)}, median {1000 * statistics.median(mv):.1f} ms, "
               f"max {1000 * max(mv):.1f} ms")
-    print(f"correct {sum(r.correct for r in records)}/{n}, format-valid {sum(r.format_valid for r in records)}/{n}, "
+    print(f"correct {sum(r.correct for r in records)}/{len(records)}, "
+          f"format-valid {sum(r.format_valid for r in records)}/{len(records)}, "
           f"timed out {sum(r.timed_out for r in records)}, "
           f"mean reward {statistics.mean(r.reward for r in records):.3f}")
 

@@ -1,6 +1,7 @@
 """Rewards: answer extraction, answer checking, reward components and presets, token measures."""
 
-import math
+import random
+from fractions import Fraction
 
 import pytest
 
@@ -62,18 +63,35 @@ def test_unequal_answers_are_incorrect(checker, gold, pred):
 
 
 def test_math_verify_decides_what_the_fast_rules_cannot(checker):
-    assert quick_verdict("0.5", "1/2") is None
-    assert checker.check("0.5", "1/2") == Verdict(True, False, "math_verify", pytest.approx(0, abs=2))
+    assert quick_verdict("\\sqrt{18}", "3\\sqrt{2}") is None
+    assert checker.check("\\sqrt{18}", "3\\sqrt{2}") == Verdict(True, False, "math_verify", pytest.approx(0, abs=2))
+    assert quick_verdict("0.3333333", "1/3") is None  # too close to call without math-verify's rounding
+    assert checker.check("0.3333333", "1/3").method == "math_verify"
     assert checker.check("\\sqrt{6}", "2\\sqrt{2}").method == "math_verify"
 
 
+def test_math_verify_verdicts_are_remembered_per_pair():
+    pair = ("\\sqrt{20}", "2\\sqrt{5}")
+    with AnswerChecker(timeout_s=2.0, eager=False, cache_size=2) as c:
+        first, second = c.check(*pair), c.check(*pair)
+        assert (first.correct, first.cached, second.correct, second.cached) == (True, False, True, True)
+        c.check("\\sqrt{21}", pair[1])
+        c.check("\\sqrt{22}", pair[1])  # the cache holds 2 pairs: the first one is dropped
+        assert not c.check(*pair).cached
+    with AnswerChecker(timeout_s=2.0, eager=False, cache_size=0) as c:
+        assert not c.check(*pair).cached and not c.check(*pair).cached
+
+
 def test_fast_rules():
-    assert quick_verdict("1,234", "1234") == (True, "integer")
-    assert quick_verdict("-12", "12") == (False, "integer")
+    assert quick_verdict("1,234", "1234") == (True, "number")
+    assert quick_verdict("-12", "12") == (False, "number")
+    assert quick_verdict("0.75", "\\frac{3}{4}") == (True, "number")
+    assert quick_verdict("100001", "100000") == (False, "number")
+    assert quick_verdict("100001.0", "100000") is None  # a float: math-verify's rounding rules
     assert quick_verdict("\\text{ Paris }.", "Paris") == (True, "text")
     assert quick_verdict("Sirap", "Paris") == (False, "text")
     assert quick_verdict("\\left[ 1, 2 \\right)", "[1,2)") == (True, "same_text")
-    assert quick_verdict("0.5", "\\frac{1}{2}") is None  # different text: math-verify's call
+    assert quick_verdict("\\sqrt{8}", "2\\sqrt{2}") is None  # different text: math-verify's call
 
 
 def test_the_last_of_several_boxed_answers_counts(checker):
@@ -119,6 +137,36 @@ def test_no_boxed_answer_or_no_end_of_thinking(checker):
 def test_extraction(text, answer, status):
     got = extract_answer(text)
     assert (got.answer, got.status) == (answer, status)
+
+
+def _number_pairs(n: int = 240) -> list[tuple[str, str]]:
+    """Numbers in every plain form, paired with equal, near and far values in other forms."""
+    rng = random.Random(0)
+    pairs = []
+    for _ in range(n):
+        num, den = rng.randint(-999, 999), rng.choice([1, 2, 3, 4, 7, 8, 25, 1000])
+        value = Fraction(num, den)
+        delta = Fraction(rng.choice([0, 0, 1, -1]), rng.choice([1, 10**3, 10**5, 10**7, 10**9]))
+        other = value + delta
+        forms = [f"{value.numerator}/{value.denominator}", f"\\frac{{{value.numerator}}}{{{value.denominator}}}",
+                 f"{float(value):.{rng.randint(0, 9)}f}", f"{value.numerator:,}" if den == 1 else f"{float(value)}"]
+        other_forms = [f"{float(other):.{rng.randint(1, 9)}f}", f"{other.numerator}/{other.denominator}",
+                       f"{other.numerator}" if other.denominator == 1 else f"{float(other):.12g}"]
+        pairs.append((rng.choice(other_forms), rng.choice(forms)))
+    return pairs
+
+
+def test_the_number_rule_agrees_with_math_verify():
+    from rewards.mv_server import check_pair
+
+    decided = 0
+    for pred, gold in _number_pairs():
+        quick = quick_verdict(pred, gold)
+        if quick is None:
+            continue
+        decided += 1
+        assert quick[0] == check_pair(pred, gold, {})[0], (pred, gold, quick)
+    assert decided > 100
 
 
 # ---------------------------------------------------------------------------- reward and presets

@@ -21,7 +21,7 @@ def data(tmp_path_factory):
         {"prompt": rec["prompt"], "response": rec["response_parallel"], "answer": rec["answer"]},
         {"prompt": rec["prompt"], "response": rec["response_sequential"], "answer": int(rec["answer"]) + 1},
         {"response": rec["response_parallel"], "answer": rec["answer"], "units": [u.to_dict() for u in units]},
-        {"response": "<think>\nhalf\n</think>\n\\boxed{\\frac{1}{2}}", "answer": "0.5"},
+        {"response": "<think>\nroot\n</think>\n\\boxed{\\sqrt{8}}", "answer": "2\\sqrt{2}"},
     ]
     path = root / "in.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -66,7 +66,7 @@ def test_table_output(capsys, data):
     out = capsys.readouterr().out.splitlines()
     assert out[0].split()[:4] == ["line", "correct", "timed_out", "format_valid"]
     assert len(out) == 6 and out[-1].split()[0] == "mean"
-    assert "(math_verify)" in out[4] and "(integer)" in out[1]
+    assert "(math_verify)" in out[4] and "(number)" in out[1]
 
 
 @pytest.mark.parametrize("content, message", [

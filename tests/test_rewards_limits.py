@@ -35,14 +35,16 @@ def boxed(answer: str) -> str:
     return f"<think>\nwork\n</think>\n\\boxed{{{answer}}}"
 
 
-@pytest.mark.parametrize("answer", PATHOLOGICAL, ids=["tower", "power", "nested-frac", "long-sum"])
-def test_pathological_latex_times_out_and_is_flagged(checker, answer):
+@pytest.mark.parametrize("k, answer", list(enumerate(PATHOLOGICAL)), ids=["tower", "power", "nested-frac", "long-sum"])
+def test_pathological_latex_times_out_and_is_flagged(checker, k, answer):
     rec, seconds = timed_score(boxed(answer), "1", checker)
     assert rec.timed_out and not rec.correct and rec.check_method == "timeout"
     assert rec.reward == 0.0
     assert seconds < TIMEOUT_S + 1.0
-    after, _ = timed_score(boxed("\\frac{1}{2}"), "0.5", checker)  # the replacement worker is ready at once
-    assert after.correct and after.check_method == "math_verify"
+    again, _ = timed_score(boxed(answer), "1", checker)  # timeouts are not remembered: it is tried again
+    assert again.timed_out and not again.check_cached
+    after, _ = timed_score(boxed(f"\\sqrt{{{2 * (k + 2) ** 2}}}"), f"{k + 2}\\sqrt{{2}}", checker)  # a new pair
+    assert after.correct and after.check_method == "math_verify" and not after.check_cached
 
 
 #: name -> (response, whether its answer "7" is correct; None: either is acceptable)
@@ -75,7 +77,8 @@ def test_the_limit_holds_in_threads_and_event_loops(checker):
 
     def in_thread():
         results.append(timed_score(boxed(PATHOLOGICAL[0]), "1", checker))
-        results.append(timed_score(boxed("0.25"), "\\frac14", checker))
+        m = 10 + len(results)  # a pair not checked before
+        results.append(timed_score(boxed(f"\\sqrt{{{3 * m * m}}}"), f"{m}\\sqrt{{3}}", checker))
 
     threads = [threading.Thread(target=in_thread) for _ in range(2)]
     for t in threads:
@@ -99,7 +102,7 @@ def test_a_killed_server_is_restarted_and_closing_ends_it():
     c.wait_ready()
     first = c.server_pid
     os.kill(first, signal.SIGKILL)
-    verdict = c.check("0.5", "\\frac{1}{2}")  # the item is sent again to a fresh server
+    verdict = c.check("\\sqrt{8}", "2\\sqrt{2}")  # the item is sent again to a fresh server
     assert verdict.correct and verdict.method == "math_verify"
     assert c.restarts == 1 and c.server_pid != first
     second = c.server_pid

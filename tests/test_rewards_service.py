@@ -47,7 +47,7 @@ def mixed_items(n: int, slow_every: int = 0) -> tuple[list[RewardItem], list[boo
             items.append(item(SLOW, "1"))
             expected.append(False)
         elif i % 3 == 0:
-            items.append(item(f"\\frac{{{2 * i}}}{{4}}", f"{i / 2}"))
+            items.append(item(f"\\sqrt{{{2 * (i + 1) ** 2}}}", f"{i + 1}\\sqrt{{2}}"))  # needs math-verify
             expected.append(True)
         elif i % 3 == 1:
             items.append(item(str(i), str(i + 1)))
