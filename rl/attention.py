@@ -24,6 +24,9 @@ The model must have been loaded (or switched with
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Literal
+
 import torch
 
 from rl.trie import PackedRow
@@ -35,6 +38,17 @@ IMPLEMENTATION = {"eager": "eager", "sdpa": "sdpa", "flex": "flex_attention"}
 DENSE_MAX_TOKENS = 8192
 
 
+@dataclass
+class PackingConfig:
+    """How training batches are packed into rows and attended."""
+
+    backend: Literal["eager", "sdpa", "flex"] = field(default="sdpa", metadata={
+        "help": "tree attention backend: eager (reference), sdpa (dense boolean mask, CPU and GPU, memory grows "
+                "as row_tokens^2), flex (block-sparse, GPU training; forward only on CPU)"})
+    row_tokens: int = field(default=4096, metadata={
+        "help": "token budget of one packed row; larger groups are split into tries of whole trajectories (tokens)"})
+
+
 def ancestor_mask(tout: torch.Tensor) -> torch.Tensor:
     """Boolean ``[L, L]``: entry ``[q, k]`` is True iff ``k`` is ``q`` or an ancestor of ``q``."""
     idx = torch.arange(tout.shape[0], device=tout.device)
@@ -42,16 +56,51 @@ def ancestor_mask(tout: torch.Tensor) -> torch.Tensor:
     return (k <= q) & (q <= tout[None, :])
 
 
-def tree_block_mask(tout: torch.Tensor, block_size: int = 128):
-    """Flex attention ``BlockMask`` for the ancestor relation (blocks of ``block_size`` tokens)."""
-    from torch.nn.attention.flex_attention import create_block_mask
+def tree_mask_mod(tout: torch.Tensor):
+    """Flex attention ``mask_mod`` for the ancestor relation of a row with exit times ``tout``."""
 
     def mask_mod(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) & (q_idx <= tout[kv_idx])
 
-    n = tout.shape[0]
-    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n, device=tout.device,
-                             BLOCK_SIZE=block_size)
+    return mask_mod
+
+
+def tree_block_mask(tout: torch.Tensor, block_size: int = 128):
+    """Flex attention ``BlockMask`` for the ancestor relation, built from ``tout`` block by block.
+
+    torch's ``create_block_mask`` evaluates the mask on all L x L pairs; this
+    computes, for every (query block, key block) tile, whether some pair may
+    attend (a key ``k`` of the tile with ``k <= q1`` and ``tout[k] >= q0``,
+    from a running maximum of ``tout`` inside each key block) and whether all
+    pairs may (``max k <= q0`` and ``min tout >= q1``, complete tiles only),
+    in memory that grows with the number of tiles, (L / block_size)^2.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    n, bs = int(tout.shape[0]), block_size
+    nb = -(-n // bs)
+    device = tout.device
+    tiles = torch.arange(nb, device=device)
+    start = tiles * bs
+    q0, q1 = start, torch.clamp(start + bs - 1, max=n - 1)
+    padded = torch.nn.functional.pad(tout, (0, nb * bs - n), value=-1).view(nb, bs)
+    running_max = padded.cummax(dim=1).values  # [key block, offset]: max tout of the block's first keys
+    last = q1[:, None] - start[None, :]  # [q block, key block]: offset of the last key <= q1
+    some = (last >= 0) & (running_max[tiles[None, :], last.clamp(0, bs - 1)] >= q0[:, None])
+    complete = start + bs <= n
+    min_tout = padded.min(dim=1).values
+    full = ((start + bs - 1)[None, :] <= q0[:, None]) & (min_tout[None, :] >= q1[:, None])
+    full &= complete[None, :] & complete[:, None]
+    partial = some & ~full
+
+    def ordered(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dense = dense.to(torch.int32)[None, None]
+        return dense.sum(-1).to(torch.int32), torch.argsort(dense, dim=-1, descending=True, stable=True).to(torch.int32)
+
+    kv_num, kv_idx = ordered(partial)
+    full_num, full_idx = ordered(full)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=bs,
+                                    mask_mod=tree_mask_mod(tout), seq_lengths=(n, n))
 
 
 def tree_attention_mask(row: PackedRow, backend: str, dtype: torch.dtype = torch.float32,

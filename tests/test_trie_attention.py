@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-from rl.attention import IMPLEMENTATION, tree_attention_mask, tree_forward
+from rl.attention import IMPLEMENTATION, tree_attention_mask, tree_block_mask, tree_forward, tree_mask_mod
 from rl.bench_trie import noisy_response, tiny_model as _tiny_model
 from rl.logprobs import sequence_logprobs, token_logprobs, weighted_loss
 from rl.trie import group_trie, make_row
@@ -105,6 +105,21 @@ def test_flex_forward_equals_per_unit_causal_passes(packed, reference):
             pytest.skip(f"flex attention does not run on this machine: {type(e).__name__}: {e}")
         lp = token_logprobs(logits, row)
     assert (lp[pos] - ref).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("block_size", [16, 128])
+def test_block_mask_from_exit_times_equals_torch_dense_construction(packed, block_size):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    _, _, row = packed
+    for n in (len(row), 1000, 256):  # a pre-order prefix of the row is itself a forest
+        tout = row.tout[:n].clamp(max=n - 1)
+        ours = tree_block_mask(tout, block_size)
+        ref = create_block_mask(tree_mask_mod(tout), None, None, n, n, device="cpu", BLOCK_SIZE=block_size)
+        assert torch.equal(ours.kv_num_blocks, ref.kv_num_blocks)
+        assert torch.equal(ours.full_kv_num_blocks, ref.full_kv_num_blocks)
+        assert torch.equal(ours.to_dense(), ref.to_dense())
+        assert ours.full_kv_num_blocks.sum() > 0 and ours.kv_num_blocks.sum() > 0
 
 
 def test_sdpa_gradients_equal_per_unit_reference(packed):
