@@ -189,7 +189,9 @@ def test_cli_config_errors_and_keys(tmp_path, capsys):
     assert "concurrency: 2" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("name", ["datagen_stage1_rule.yaml", "datagen_stage1_teacher.yaml"])
+@pytest.mark.parametrize("name", ["datagen_stage1_rule.yaml", "datagen_stage1_teacher.yaml", "datagen_stage2_tiny.yaml"])
 def test_experiment_configs_load(name):
-    cfg = load_config(Stage1Config, ROOT / "experiments" / name)
-    assert cfg.input and cfg.out
+    from rollout.datagen.stage2 import Stage2Config
+
+    cfg = load_config(Stage2Config if "stage2" in name else Stage1Config, ROOT / "experiments" / name)
+    assert cfg.out and (cfg.input if "stage1" in name else cfg.prompts and cfg.model)

@@ -194,10 +194,14 @@ def run_stage1(cfg: Stage1Config, rewriter: Rewriter, checker: Checker, *,
     workers = cfg.teacher.concurrency if rewriter.name == "teacher" else 1
     outcomes: list[Outcome | None] = [None] * len(records)
     with tqdm(total=len(records), desc="stage 1", unit="trace", disable=not cfg.progress) as bar:
+        kept = 0
+
         def done(o: Outcome) -> None:
+            nonlocal kept
             outcomes[o.index] = o
+            kept += o.response is not None
             bar.update(1)
-            bar.set_postfix(kept=sum(x is not None and x.response is not None for x in outcomes), refresh=False)
+            bar.set_postfix(kept=kept, refresh=False)
 
         if workers == 1:
             for i, rec in enumerate(records):
