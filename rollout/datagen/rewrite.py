@@ -233,8 +233,12 @@ def numbered(steps: list[str]) -> str:
 
 
 def parse_json_object(content: str, step: str, finish_reason: str | None) -> dict:
-    """The JSON object in a reply (code fences and text around it allowed); raises Reject if there is none."""
-    text = content.strip()
+    """The JSON object in a reply; raises Reject if there is none.
+
+    A leading ``<think>...</think>`` (reasoning teachers), code fences and text
+    around the object are allowed.
+    """
+    text = re.sub(r"^\s*<think>.*?</think>", "", content, flags=re.S).strip()
     if text.startswith("```"):
         text = re.sub(r"^```[a-zA-Z]*\s*|\s*```$", "", text)
     try:
