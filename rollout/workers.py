@@ -1,0 +1,184 @@
+"""Ray rollout workers: each owns one vLLM engine and runs many spawn/join state machines on it.
+
+:class:`RolloutPool` starts ``config.workers`` :class:`RolloutWorker` actors,
+each reserving ``cpus_per_worker`` CPUs and ``gpus_per_worker`` GPUs (on a GPU
+cluster set ``gpus_per_worker = tensor_parallel_size``; with
+``tensor_parallel_size > 1`` vLLM starts its own shard workers as Ray actors,
+which then need a placement group with that many GPUs per engine - not
+exercised on the CPU test machine). ``generate`` spreads the prompts over the
+workers round-robin, a prompt's ``n`` samples staying together on one worker
+so they share its prefix cache, and returns every trajectory in prompt-major
+order. ``update_weights`` sends a state dict in buckets (``rollout.weights``),
+each bucket put once in Ray's object store and fetched by every worker, and
+returns the measured times.
+
+The workers catch nothing themselves: model output cannot make the
+orchestrator raise (a trajectory ends with a finish reason instead), so an
+exception from a worker is an infrastructure failure (engine crash, bad
+configuration) and reaches the caller as such.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+from rollout.config import RolloutConfig
+from rollout.orchestrator import Trajectory
+
+#: Environment variables copied from the driver into every worker (vLLM, tokenizers, torch threads).
+FORWARDED_ENV_PREFIXES = ("VLLM_", "TOKENIZERS_", "OMP_", "HF_")
+
+
+def assign_prompts(num_prompts: int, num_workers: int) -> list[list[int]]:
+    """Prompt indices of each worker: round-robin, so counts differ by at most one."""
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    return [list(range(w, num_prompts, num_workers)) for w in range(num_workers)]
+
+
+@dataclass
+class WeightUpdate:
+    """Times of one weight update, in seconds, and its size."""
+
+    seconds: float  # wall clock of the whole update, serialisation to the last worker's cache reset
+    serialize_s: float  # cutting the state dict into safetensors buckets
+    load_s: float  # slowest worker: fetch buckets, write them, reload in place, reset the prefix cache
+    n_buckets: int
+    n_bytes: int
+
+
+class RolloutWorker:
+    """One engine and the orchestrator on it; wrapped by ``ray.remote`` in :class:`RolloutPool`."""
+
+    def __init__(self, model_dir: str, config: RolloutConfig, env: Mapping[str, str] | None = None):
+        os.environ.update(env or {})
+        from rollout.engine import VLLMEngine, make_llm
+        from rollout.tiny import load_tokenizer
+
+        self.config = config
+        self.tokenizer = load_tokenizer(model_dir)
+        self.llm = make_llm(model_dir, max_model_len=config.max_context, seed=config.seed or 0,
+                            dtype=config.dtype, tensor_parallel_size=config.tensor_parallel_size,
+                            enforce_eager=config.enforce_eager)
+        self.engine = VLLMEngine(self.llm)
+        self.weights_dir: Path | None = None
+
+    def ready(self) -> bool:
+        return True
+
+    def generate(self, prompts: list[list[int]], prompt_indices: list[int], config: RolloutConfig,
+                 counter=None) -> list[Trajectory]:
+        """Run the orchestrator on this worker's prompts; ``counter.add`` is told of each finished trajectory."""
+        from rollout.orchestrator import generate
+
+        on_finish = (lambda _t: counter.add.remote(1)) if counter is not None else None
+        return generate(self.engine, self.tokenizer, prompts, config, prompt_indices=prompt_indices,
+                        on_finish=on_finish)
+
+    def load_weights(self, bucket_refs: list) -> float:
+        """Fetch the buckets, write them to a fresh directory, reload in place; returns seconds."""
+        import ray
+
+        from rollout.weights import reload_in_place, write_buckets
+
+        start = time.perf_counter()
+        new_dir = Path(tempfile.mkdtemp(prefix="threadweaver-weights-"))
+        write_buckets([ray.get(ref) for ref in bucket_refs], new_dir)
+        reload_in_place(self.llm, new_dir)
+        if self.weights_dir is not None:
+            shutil.rmtree(self.weights_dir, ignore_errors=True)
+        self.weights_dir = new_dir
+        return time.perf_counter() - start
+
+    def shutdown(self) -> None:
+        from rollout.engine import shutdown_llm
+
+        shutdown_llm(self.llm)
+        if self.weights_dir is not None:
+            shutil.rmtree(self.weights_dir, ignore_errors=True)
+
+
+class _Counter:
+    """Finished-trajectory count shared by the workers (for progress bars)."""
+
+    def __init__(self):
+        self.n = 0
+
+    def add(self, k: int) -> None:
+        self.n += k
+
+    def get(self) -> int:
+        return self.n
+
+
+class RolloutPool:
+    """``config.workers`` rollout workers on the model in ``model_dir`` (Ray must be initialised)."""
+
+    def __init__(self, model_dir: str | Path, config: RolloutConfig, env: Mapping[str, str] | None = None):
+        import ray
+
+        self.config = config
+        forwarded = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+        forwarded.update(env or {})
+        actor = ray.remote(num_cpus=config.cpus_per_worker, num_gpus=config.gpus_per_worker)(RolloutWorker)
+        self.workers = [actor.remote(str(model_dir), config, forwarded) for _ in range(config.workers)]
+        ray.get([w.ready.remote() for w in self.workers])
+
+    def generate(self, prompts: Sequence[Sequence[int]], *, n: int | None = None, sequential: bool | None = None,
+                 config: RolloutConfig | None = None,
+                 progress: Callable[[int], None] | None = None) -> list[Trajectory]:
+        """``n`` trajectories per prompt (token ids), prompt-major.
+
+        ``n`` and ``sequential`` override the pool's config for this call;
+        ``config`` replaces it (its engine fields are ignored: the engines
+        are already running). ``progress(k)`` is called with the number of
+        trajectories finished so far, about twice a second.
+        """
+        import ray
+
+        cfg = config or self.config
+        cfg = replace(cfg, n=cfg.n if n is None else n, sequential=cfg.sequential if sequential is None else sequential)
+        counter = ray.remote(num_cpus=0)(_Counter).remote() if progress is not None else None
+        refs = []
+        for worker, indices in zip(self.workers, assign_prompts(len(prompts), len(self.workers))):
+            if indices:
+                refs.append(worker.generate.remote([list(prompts[i]) for i in indices], indices, cfg, counter))
+        waiting = list(refs)
+        while waiting:
+            _, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=0.5)
+            if counter is not None:
+                progress(ray.get(counter.get.remote()))
+        trajectories = [t for part in ray.get(refs) for t in part]
+        if counter is not None:
+            ray.kill(counter)
+        return sorted(trajectories, key=lambda t: (t.prompt_index, t.sample_index))
+
+    def update_weights(self, state_dict: Mapping) -> WeightUpdate:
+        """Load ``state_dict`` (name -> tensor, Hugging Face names) into every worker's engine."""
+        import ray
+
+        from rollout.weights import to_buckets
+
+        start = time.perf_counter()
+        buckets = to_buckets(state_dict, int(self.config.weight_bucket_mb * 2**20))
+        serialize_s = time.perf_counter() - start
+        refs = [ray.put(b) for b in buckets]
+        load_s = max(ray.get([w.load_weights.remote(refs) for w in self.workers]))
+        return WeightUpdate(seconds=time.perf_counter() - start, serialize_s=serialize_s, load_s=load_s,
+                            n_buckets=len(buckets), n_bytes=sum(len(b) for b in buckets))
+
+    def shutdown(self) -> None:
+        import ray
+
+        try:
+            ray.get([w.shutdown.remote() for w in self.workers], timeout=60)
+        finally:
+            for w in self.workers:
+                ray.kill(w)
+            self.workers = []

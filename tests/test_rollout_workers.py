@@ -1,0 +1,117 @@
+"""Ray rollout workers: a pool of one worker on a model taught one parallel response by rote.
+
+The worker's engine starts on the *taught* model, so it writes a real block:
+its trajectories are checked against ``replay`` of their own text. Then the
+pool's weights are replaced by the random tiny model's, and greedy outputs
+must equal those of the session's ``llm``, an engine started on exactly those
+weights. (Fast tests of the pieces come first and need neither Ray nor vLLM.)
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rollout.config import RolloutConfig
+from rollout.units import SEQ, THREAD, chat_prompt_ids
+from rollout.weights import to_buckets, write_buckets
+from rollout.workers import assign_prompts
+from tests.test_rollout_orchestrator import assert_units_equal_replay
+
+TAUGHT_PROMPT = "Add 2+3+4."
+TAUGHT_RESPONSE = ("<think>\n<Parallel>\n<Outlines>\n<Outline>1: two</Outline>\n<Outline>2: three</Outline>\n"
+                   "<Outline>3: four</Outline>\n</Outlines>\n<Thread>\n1: 2</Thread>\n<Thread>\n2: 3</Thread>\n"
+                   "<Thread>\n3: 4</Thread>\n</Parallel>\n9</think>\\boxed{9}")
+
+
+def test_assign_prompts_round_robin():
+    assert assign_prompts(5, 2) == [[0, 2, 4], [1, 3]]
+    assert assign_prompts(1, 3) == [[0], [], []]
+    with pytest.raises(ValueError):
+        assign_prompts(3, 0)
+
+
+def test_buckets_hold_every_tensor_once(tmp_path):
+    from safetensors.torch import load_file
+
+    emb = torch.randn(64, 32)
+    state = {"a": emb, "tied": emb, "b": torch.randn(1000), "c": torch.arange(10)}
+    buckets = to_buckets(state, bucket_bytes=64 * 32 * 4)
+    assert len(buckets) == 3  # a | tied | b + c
+    d = write_buckets(buckets, tmp_path / "w")
+    loaded = {}
+    for f in sorted(d.iterdir()):
+        loaded.update(load_file(f))
+    assert set(loaded) == set(state) and all(torch.equal(loaded[k], state[k]) for k in state)
+    with pytest.raises(FileExistsError):
+        write_buckets(buckets, d)
+
+
+# ------------------------------------------------------------------------------- Ray + vLLM
+
+
+@pytest.fixture(scope="module")
+def taught_dir(tiny_model_dir, tokenizer, tmp_path_factory):
+    from rollout.rote import teach
+
+    out = tmp_path_factory.mktemp("taught") / "model"
+    examples = [(chat_prompt_ids(tokenizer, TAUGHT_PROMPT), TAUGHT_RESPONSE)]
+    loss = teach(tiny_model_dir, out, examples, tokenizer, lr=1e-2, max_steps=400, target_loss=1e-3)
+    assert loss < 1e-2, f"the tiny model did not learn the response by rote (loss {loss})"
+    return out
+
+
+@pytest.fixture(scope="module")
+def pool(taught_dir):
+    import ray
+
+    from rollout.workers import RolloutPool
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    config = RolloutConfig(workers=1, cpus_per_worker=1, max_context=1024, max_tokens=200, max_thread_tokens=32,
+                           temperature=0.0, weight_bucket_mb=0.5)
+    try:
+        pool = RolloutPool(taught_dir, config)
+        yield pool
+        pool.shutdown()
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.integration
+def test_pool_trajectories_equal_replay_of_their_text(pool, tokenizer):
+    prompts = [chat_prompt_ids(tokenizer, TAUGHT_PROMPT), chat_prompt_ids(tokenizer, "Something else?")]
+    ticks = []
+    trajectories = pool.generate(prompts, n=2, progress=ticks.append)
+    assert [(t.prompt_index, t.sample_index) for t in trajectories] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert ticks and ticks[-1] <= 4
+    for t in trajectories[:2]:
+        assert t.finish_reason == "eos", t.finish_detail
+        assert t.text == TAUGHT_RESPONSE
+        assert_units_equal_replay(t.units, prompts[0], t.text, tokenizer)
+        assert [u.role for u in t.units] == [SEQ, THREAD, THREAD, THREAD, SEQ]
+        assert (t.n_blocks, t.threads_per_block, t.closed_threads) == (1, [3], [])
+        assert 0 < t.eta < 1 and t.latency_s > 0
+        assert all(lp > -0.5 for u in t.units for lp in u.completion_logprobs)
+    (seq,) = pool.generate(prompts[:1], n=1, sequential=True)
+    assert seq.finish_reason == "eos" and seq.text == TAUGHT_RESPONSE
+    assert [u.role for u in seq.units] == [SEQ] and seq.eta == 0.0
+
+
+@pytest.mark.integration
+def test_weight_update_equals_a_fresh_engine(pool, llm, tiny_model_dir, tokenizer):
+    """Load the random tiny model's weights into the taught worker; ``llm`` was started on them."""
+    from transformers import AutoModelForCausalLM
+
+    from rollout.engine import VLLMEngine
+    from rollout.orchestrator import generate
+
+    state = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).state_dict()
+    update = pool.update_weights(state)  # the learner's names, tied lm_head included
+    assert update.n_buckets > 1 and update.seconds >= update.load_s > 0
+    prompts = [chat_prompt_ids(tokenizer, TAUGHT_PROMPT), chat_prompt_ids(tokenizer, "Something else?")]
+    config = RolloutConfig(max_context=1024, max_tokens=40, temperature=0.0, sequential=True)
+    updated = pool.generate(prompts, config=config)
+    fresh = generate(VLLMEngine(llm), tokenizer, prompts, config)
+    assert [t.units[0].completion_ids for t in updated] == [t.units[0].completion_ids for t in fresh]
+    assert updated[0].text != TAUGHT_RESPONSE
