@@ -44,7 +44,7 @@ _BOXED = "\\boxed"
 _INT = r"(?:\d{1,3}(?:,\d{3})+|\d+)"
 _NUMBER_RES = [
     re.compile(rf"(?P<sign>[+-]?)(?P<int>{_INT})(?:\.(?P<dec>\d+))?"),
-    re.compile(rf"(?P<sign>[+-]?)\.(?P<dec>\d+)"),
+    re.compile(r"(?P<sign>[+-]?)\.(?P<dec>\d+)"),
     re.compile(r"(?P<sign>[+-]?)(?P<num>\d+)\s*/\s*(?P<den>\d+)"),
     re.compile(r"(?P<sign>[+-]?)\\[dt]?frac\s*\{\s*(?P<num>\d+)\s*\}\s*\{\s*(?P<den>\d+)\s*\}"),
 ]

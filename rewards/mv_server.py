@@ -112,7 +112,8 @@ class _Worker:
     def _start(self) -> None:
         ctx = multiprocessing.get_context("fork")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child, self.conn, os.getpid(), self.memory_limit_mb), daemon=True)
+        self.proc = ctx.Process(target=_worker_main, daemon=True,
+                                args=(child, self.conn, os.getpid(), self.memory_limit_mb))
         self.proc.start()
         child.close()
 

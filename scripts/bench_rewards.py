@@ -10,7 +10,9 @@ Within a group, responses vary the way a policy's samples do: the reference
 answer in another form (``0.6`` for ``\\frac{3}{5}``, ``1,000`` for ``1000``),
 a wrong answer, a missing ``\\boxed{}``, a malformed block. All three setups
 score the same batch, side by side in one run; the table gives rewards per
-second, the ratio to one actor, and how answers were decided.
+second (wall clock), the ratio to one actor, the CPU seconds the scoring
+processes used (a measure that other load on the machine does not change), and
+how answers were decided.
 
     python scripts/bench_rewards.py [--problems 128] [--group 8] [--repeats 2] [--latex-share 0.25]
 """
@@ -125,28 +127,50 @@ def make_batch(problems: int, group: int, latex_share: float = 0.25, seed: int =
     return [item for g in groups for item in g]
 
 
-def bench_local(batches, cfg):
-    with AnswerChecker(cfg.timeout_s, cfg.memory_limit_mb, cache_size=cfg.verdict_cache) as checker:
-        checker.wait_ready()
-        out = []
-        for items in batches:
-            t0 = time.perf_counter()
-            records = score_many(items, cfg, checker)
-            out.append((records, time.perf_counter() - t0))
+def cpu_seconds(root_pids) -> dict[int, float]:
+    """User+system CPU seconds of each process in the trees under ``root_pids``."""
+    import psutil
+
+    out = {}
+    for pid in root_pids:
+        try:
+            root = psutil.Process(pid)
+            for proc in [root, *root.children(recursive=True)]:
+                t = proc.cpu_times()
+                out[proc.pid] = t.user + t.system
+        except psutil.NoSuchProcess:
+            continue
     return out
 
 
+def timed(score_fn, batches, pids):
+    """``(records, wall seconds, CPU seconds)`` per batch; CPU over the processes doing the scoring."""
+    out = []
+    for items in batches:
+        before = cpu_seconds(pids)
+        t0 = time.perf_counter()
+        records = score_fn(items)
+        wall = time.perf_counter() - t0
+        after = cpu_seconds(pids)
+        out.append((records, wall, sum(v - before.get(pid, 0.0) for pid, v in after.items())))
+    return out
+
+
+def bench_local(batches, cfg):
+    with AnswerChecker(cfg.timeout_s, cfg.memory_limit_mb, cache_size=cfg.verdict_cache) as checker:
+        checker.wait_ready()
+        return timed(lambda items: score_many(items, cfg, checker), batches, [os.getpid(), checker.server_pid])
+
+
 def bench_pool(batches, cfg, actors):
+    import ray
+
     from rewards.service import RewardPool
 
     with RewardPool(cfg, num_actors=actors) as pool:
         pool.wait_ready()
-        out = []
-        for items in batches:
-            t0 = time.perf_counter()
-            records = pool.score_batch(items)
-            out.append((records, time.perf_counter() - t0))
-    return out
+        pids = [pid for pair in ray.get([a.pids.remote() for a in pool.actors]) for pid in pair]
+        return timed(pool.score_batch, batches, [os.getpid(), *pids])
 
 
 def main() -> None:
@@ -181,16 +205,24 @@ def main() -> None:
           "machine slows them more than the in-process row)")
 
     def rate(runs):
-        return len(runs) * n / sum(seconds for _, seconds in runs)
+        return len(runs) * n / sum(wall for _, wall, _ in runs)
+
+    def cpu_rate(runs):
+        return len(runs) * n / sum(cpu for _, _, cpu in runs)
 
     base = rate(rows[1][1])
-    print(f"\n{'setup':<30} {'seconds/batch':>14} {'rewards/s':>10} {'vs 1 actor':>10}")
+    print(f"\n{'setup':<28} {'wall s/batch':>13} {'rewards/s':>10} {'vs 1 actor':>10} {'CPU s/batch':>12} "
+          f"{'rewards/CPU-s':>13}")
     for name, runs in rows:
-        per_batch = " ".join(f"{seconds:.2f}" for _, seconds in runs)
-        print(f"{name:<30} {per_batch:>14} {rate(runs):>10.0f} {rate(runs) / base:>9.2f}x")
-    for (records, _), (local, _) in zip(rows[-1][1], rows[0][1]):
+        walls = " ".join(f"{wall:.2f}" for _, wall, _ in runs)
+        cpus = " ".join(f"{cpu:.2f}" for _, _, cpu in runs)
+        print(f"{name:<28} {walls:>13} {rate(runs):>10.0f} {rate(runs) / base:>9.2f}x {cpus:>12} "
+              f"{cpu_rate(runs):>13.0f}")
+    print("CPU: the driver, actor, math-verify server and worker processes (Ray's own daemons excluded); "
+          "rewards/CPU-s does not depend on other load")
+    for (records, _, _), (local, _, _) in zip(rows[-1][1], rows[0][1]):
         assert [r.reward for r in records] == [r.reward for r in local], "pool and in-process rewards differ"
-    records = [r for recs, _ in rows[-1][1] for r in recs]
+    records = [r for recs, _, _ in rows[-1][1] for r in recs]
     methods = collections.Counter(r.check_method + (" (cached)" if r.check_cached else "") for r in records)
     mv = [r.check_seconds for r in records if r.check_method == "math_verify" and not r.check_cached]
     print(f"\nanswers decided by (2-actor pool, all batches): {dict(methods.most_common())}")
