@@ -1,7 +1,7 @@
 """Check an answer against its reference: fast rules first, then math-verify under a hard time limit.
 
 ``AnswerChecker.check(pred, gold)`` first tries :func:`rewards.answer.quick_verdict`
-(plain integers, word answers, identical text). Everything else goes to
+(plain numbers, word answers, identical text). Everything else goes to
 math-verify in a separate process (:mod:`rewards.mv_server`), whose worker is
 killed and replaced when one item takes longer than ``timeout_s``; the item then
 counts as incorrect with ``timed_out=True``. math-verify's verdicts (not its
