@@ -1,0 +1,253 @@
+"""P-GRPO: group-relative advantages and the policy-gradient loss on trie-packed rows (DESIGN section 6).
+
+The estimator: GRPO, but mean-centred (no division by the group's standard
+deviation unless ``advantage = "std"``), on-policy by default, no KL unless
+``kl_coef > 0``.
+
+* Advantage of trajectory ``i`` of a group of ``k`` samples of one prompt:
+  ``A_i = r_i - mean(r)`` (:func:`group_advantages`); with ``"std"``,
+  ``A_i = (r_i - mean(r)) / max(std(r), std_floor)`` (population std).
+* ``A_i`` is broadcast to every completion token of every unit of trajectory
+  ``i``: it is the unit weight given to the trie (:func:`rl_tries`), which sums
+  the weights of every occurrence of a node (``weight``) and keeps the
+  positive and negative sums apart (``weight_pos``, ``weight_neg``).
+* Loss over a batch (:func:`pgrpo_loss`, registered as ``"pgrpo"`` in
+  :mod:`rl.losses`): ``-sum(A * logprob) / N`` with ``N`` the number of
+  completion tokens of the whole batch (every unit of every trajectory,
+  zero-advantage groups included), so row losses add up to the batch loss.
+* Several optimizer steps on one batch (``updates_per_batch > 1``) use the
+  PPO-clipped ratio ``rho = exp(logprob - behavior_logprob)`` against the
+  rollout engine's own log-probabilities (the policy that sampled the batch):
+  per node ``weight_pos * min(rho, 1 + eps) + weight_neg * max(rho, 1 - eps)``,
+  which is the sum over occurrences of ``min(rho * A, clip(rho) * A)``.
+  At ``rho = 1`` its gradient equals the on-policy loss's.
+* Optional KL to a reference model: ``kl_coef * sum(k3) / N`` with the
+  per-token estimator ``k3 = exp(ref - logprob) - (ref - logprob) - 1``
+  (non-negative, unbiased for KL(policy || reference)), counted once per
+  occurrence. The reference log-probabilities ride in :class:`RLRow` and are
+  computed by :class:`ReferenceModel` from the packed rows themselves.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+import torch
+
+from rl.logprobs import token_logprobs
+from rl.trie import PackedRow, Trie, group_tries
+from rollout.units import Unit
+
+ADVANTAGES = ("mean", "std")
+
+
+@dataclass
+class GRPOConfig:
+    """The P-GRPO objective: advantages, reuse of a batch, KL to a reference."""
+
+    advantage: Literal["mean", "std"] = field(default="mean", metadata={
+        "help": "'mean': A = r - mean(r) over the group (the default, DESIGN section 6); "
+                "'std': also divided by max(std(r), std_floor)"})
+    std_floor: float = field(default=0.01, metadata={
+        "help": "floor of the group's reward std when advantage='std' (reward units)"})
+    updates_per_batch: int = field(default=1, metadata={
+        "help": "optimizer steps on each rollout batch; 1 is on-policy, more use PPO-clipped ratios (count)"})
+    clip_eps: float = field(default=0.2, metadata={
+        "help": "PPO clip range of the ratio to the rollout policy, used when updates_per_batch > 1"})
+    kl_coef: float = field(default=0.0, metadata={
+        "help": "weight of the k3 KL estimate to the reference model (the starting checkpoint); 0: no KL, "
+                "no reference model"})
+    skip_zero_advantage: bool = field(default=True, metadata={
+        "help": "do not forward tries whose every weight is 0 (their loss and gradient are 0; they still "
+                "count in the token normaliser). Ignored when kl_coef > 0"})
+
+    def __post_init__(self) -> None:
+        if self.advantage not in ADVANTAGES:
+            raise ValueError(f"advantage must be one of {ADVANTAGES}, got {self.advantage!r}")
+        if not self.std_floor > 0:
+            raise ValueError(f"std_floor must be > 0, got {self.std_floor}")
+        if self.updates_per_batch < 1:
+            raise ValueError(f"updates_per_batch must be >= 1, got {self.updates_per_batch}")
+        if not 0 < self.clip_eps < 1:
+            raise ValueError(f"clip_eps must lie in (0, 1), got {self.clip_eps}")
+        if self.kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
+
+    def loss_options(self) -> dict:
+        """Keyword options of :func:`pgrpo_loss` for this config."""
+        return {"clip_eps": self.clip_eps if self.updates_per_batch > 1 else None, "kl_coef": self.kl_coef}
+
+
+# --------------------------------------------------------------------------- advantages
+
+
+def group_advantages(rewards: Sequence[float], advantage: str = "mean", std_floor: float = 0.01) -> list[float]:
+    """Advantages of one group: ``r - mean(r)``, divided by ``max(std(r), std_floor)`` for ``"std"``.
+
+    ``std`` is the population standard deviation (divides by ``k``).
+    """
+    if advantage not in ADVANTAGES:
+        raise ValueError(f"advantage must be one of {ADVANTAGES}, got {advantage!r}")
+    if not rewards:
+        raise ValueError("a group needs at least one reward")
+    values = [float(r) for r in rewards]
+    if not all(math.isfinite(r) for r in values):
+        raise ValueError(f"rewards must be finite, got {values}")
+    mean = sum(values) / len(values)
+    centred = [r - mean for r in values]
+    if advantage == "mean":
+        return centred
+    std = math.sqrt(sum(c * c for c in centred) / len(centred))
+    scale = max(std, std_floor)
+    return [c / scale for c in centred]
+
+
+def batch_advantages(rewards: Sequence[float], group_size: int, advantage: str = "mean",
+                     std_floor: float = 0.01) -> list[float]:
+    """Advantages of consecutive groups of ``group_size`` rewards (prompt-major order)."""
+    if group_size < 1 or len(rewards) % group_size:
+        raise ValueError(f"{len(rewards)} rewards do not split into groups of {group_size}")
+    out: list[float] = []
+    for start in range(0, len(rewards), group_size):
+        out += group_advantages(rewards[start:start + group_size], advantage, std_floor)
+    return out
+
+
+def completion_tokens(units: Sequence[Unit]) -> int:
+    """Completion tokens of one trajectory: its loss-normaliser contribution."""
+    return sum(len(u.completion_ids) for u in units)
+
+
+def rl_tries(groups: Sequence[Sequence[Sequence[Unit]]], advantages: Sequence[Sequence[float]],
+             max_tokens: int) -> list[Trie]:
+    """One trie per group (split into tries of whole trajectories above ``max_tokens``), weights = advantages.
+
+    ``groups[g][i]`` is the list of units of trajectory ``i`` of group ``g``.
+    """
+    if len(groups) != len(advantages):
+        raise ValueError(f"{len(groups)} groups but {len(advantages)} advantage lists")
+    tries: list[Trie] = []
+    for trajectories, adv in zip(groups, advantages):
+        tries += group_tries([list(t) for t in trajectories], list(adv), max_tokens=max_tokens)
+    return tries
+
+
+def has_weight(trie: Trie) -> bool:
+    """Whether some target of ``trie`` carries a non-zero weight (positive or negative)."""
+    return any(p != 0.0 or n != 0.0 for p, n in zip(trie.weight_pos, trie.weight_neg))
+
+
+# --------------------------------------------------------------------------- the loss
+
+
+@dataclass
+class RLRow(PackedRow):
+    """A packed row plus the reference model's log-probabilities (``[L]``, 0 at roots), for the KL term."""
+
+    ref_logprob: torch.Tensor | None = None
+
+
+def pgrpo_loss(logits: torch.Tensor, row: PackedRow, denominator: float, clip_eps: float | None = None,
+               kl_coef: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """The P-GRPO loss of one row (see module doc); row losses add up to the batch loss.
+
+    ``clip_eps=None``: on-policy, ``-sum(weight * logprob) / denominator``.
+    Otherwise the PPO-clipped surrogate against ``row.behavior_logprob``.
+    ``kl_coef > 0`` needs ``row.ref_logprob`` (an :class:`RLRow`).
+
+    Metrics (sums over the row's target occurrences): ``pg_sum`` and
+    ``kl_sum`` (unnormalised terms), ``lp_absdiff_sum`` and ``lp_count``
+    (``|learner - rollout|`` log-probability, where the rollout recorded one),
+    ``clipped`` (occurrences at nodes where a clip bound is active).
+    """
+    if denominator <= 0:
+        raise ValueError(f"loss denominator must be positive, got {denominator}")
+    device = logits.device
+    logprobs = token_logprobs(logits, row)
+    n_targets = row.n_targets.to(device)
+    target = n_targets > 0
+    behavior = row.behavior_logprob.to(device)
+    known = target & torch.isfinite(behavior)
+    old = torch.where(known, behavior, logprobs.detach())  # ratio 1 where the rollout gave no logprob
+    clipped = torch.zeros((), device=device)
+    if clip_eps is None:
+        surrogate = row.weight.to(device) * logprobs
+    else:
+        ratio = torch.exp(logprobs - old)
+        w_pos, w_neg = row.weight_pos.to(device), row.weight_neg.to(device)
+        surrogate = w_pos * torch.clamp(ratio, max=1.0 + clip_eps) + w_neg * torch.clamp(ratio, min=1.0 - clip_eps)
+        with torch.no_grad():
+            active = ((w_pos > 0) & (ratio > 1.0 + clip_eps)) | ((w_neg < 0) & (ratio < 1.0 - clip_eps))
+            clipped = (active * n_targets).sum()
+    pg = -surrogate.sum()
+    loss = pg / denominator
+    kl = torch.zeros((), device=device)
+    if kl_coef > 0:
+        ref = getattr(row, "ref_logprob", None)
+        if ref is None:
+            raise ValueError("kl_coef > 0 needs rows with reference log-probabilities (RLRow.ref_logprob)")
+        delta = torch.where(target, ref.to(device) - logprobs, torch.zeros_like(logprobs))
+        kl = ((torch.exp(delta) - delta - 1.0) * n_targets).sum()
+        loss = loss + kl_coef * kl / denominator
+    with torch.no_grad():
+        diff = torch.where(known, (logprobs - old).abs(), torch.zeros_like(logprobs))
+        metrics = {
+            "pg_sum": float(pg.detach()),
+            "kl_sum": float(kl.detach()),
+            "lp_absdiff_sum": float((diff * n_targets).sum()),
+            "lp_count": float((known * n_targets).sum()),
+            "clipped": float(clipped),
+        }
+    return loss, metrics
+
+
+# --------------------------------------------------------------------------- reference model
+
+
+class ReferenceModel:
+    """The frozen starting policy, computing per-token log-probabilities of packed rows (for the KL term).
+
+    Used as a Ray actor by the driver. ``threads`` sets torch's intra-op
+    threads; ``device`` is ``"cpu"`` or ``"cuda"``.
+    """
+
+    def __init__(self, model_dir: str, attention: str = "sdpa", threads: int = 1, device: str = "cpu",
+                 dtype: str = "fp32"):
+        from transformers import AutoModelForCausalLM
+
+        from rl.attention import IMPLEMENTATION
+
+        torch.set_num_threads(max(1, threads))
+        self.attention = attention
+        self.device = torch.device(device)
+        torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype,
+                                                          attn_implementation=IMPLEMENTATION[attention])
+        self.model.to(self.device).eval()
+
+    @torch.no_grad()
+    def logprobs(self, rows: list[PackedRow]) -> list[torch.Tensor]:
+        """``[L]`` log-probabilities of every row's tokens (0 at roots), on the CPU."""
+        from rl.attention import tree_forward
+
+        out = []
+        for row in rows:
+            logits = tree_forward(self.model, row, self.attention, max_dense_tokens=max(len(row), 1))
+            out.append(token_logprobs(logits, row).float().cpu())
+        return out
+
+
+def with_reference(rows: Sequence[PackedRow], ref_logprobs: Sequence[torch.Tensor]) -> list[RLRow]:
+    """``rows`` as :class:`RLRow` carrying ``ref_logprobs`` (same order and lengths)."""
+    if len(rows) != len(ref_logprobs):
+        raise ValueError(f"{len(rows)} rows but {len(ref_logprobs)} reference log-probability tensors")
+    out = []
+    for row, ref in zip(rows, ref_logprobs):
+        if ref.shape != row.input_ids.shape:
+            raise ValueError(f"reference log-probabilities of shape {tuple(ref.shape)} for a row of {len(row)}")
+        fields = {name: getattr(row, name) for name in row.__dataclass_fields__}
+        fields["ref_logprob"] = ref
+        out.append(RLRow(**fields))
+    return out
