@@ -177,5 +177,5 @@ def test_advantage_reaches_every_completion_token_of_every_unit(tiny_model_dir):
         for units, a in zip(trajectories, adv):
             for u in units:
                 lp = sequence_logprobs(model, u.context_ids + u.completion_ids, len(u.context_ids))
-                expected -= a * float(lp.sum())
+                expected -= a * float(lp.detach().sum())
     assert float(packed.detach()) == pytest.approx(expected / n, rel=1e-4, abs=1e-6)
