@@ -13,19 +13,23 @@ fp32, a randomly initialised tiny Qwen3) is then timed in three layouts, each
 in its own subprocess so that peak memory (``ru_maxrss`` growth over the state
 just before the first step) is measured separately:
 
-* ``trie``     -- one trie per group, tries packed into rows of ``row_tokens``;
-* ``expanded`` -- every unit its own sequence (context + completion), packed
-  side by side into rows of ``row_tokens`` with document masking (the token
-  count the published RL code trains on, without its padding);
-* ``padded``   -- every unit its own row, right-padded to the longest unit, in
-  micro-batches of ``row_tokens`` padded tokens, plain causal + padding mask
-  (the published RL layout).
+* ``trie``     -- one trie per group (split into tries of whole samples when
+  it exceeds ``row_tokens``, :func:`rl.trie.group_tries`), tries packed into
+  rows of at most ``row_tokens`` tokens, tree attention (``--backend``);
+* ``expanded`` -- every unit its own causal row (context + completion), one
+  row per forward, no padding: the token count the published RL code trains
+  on, without its padding;
+* ``padded``   -- every unit its own row, right-padded to the longest unit,
+  ``row_tokens // longest`` rows per forward, causal + padding mask (the
+  published RL layout).
 
-All three compute the same per-unit losses. A group whose trie exceeds ``row_tokens`` is
-split into tries of consecutive samples (:func:`rl.trie.group_tries`). Seconds
-are the median over ``repeats`` steps after one warm-up step; peak memory is
-the growth of the process's peak resident size from just before the warm-up
-step to the end (coarse: it includes the allocator's caching).
+All three compute the same loss (the last column checks it). The dense sdpa
+mask makes the trie's attention cost grow with the row length, so rows should
+be as short as the tries allow on CPU (flex attention skips masked tiles on
+GPUs). Seconds are the median over ``repeats`` steps after one warm-up step;
+peak memory is the growth of the process's peak resident size from just
+before the warm-up step to the end (coarse: it includes the allocator's
+caching).
 """
 
 from __future__ import annotations
@@ -122,21 +126,24 @@ def _advantages(k: int, rng: random.Random) -> list[float]:
     return [r - mean + 0.01 * (i - k / 2) for i, r in enumerate(rewards)]  # nonzero, mixed signs
 
 
-def _padded_step(model, units: list[Unit], weights: list[float], row_tokens: int, denom: float) -> torch.Tensor:
+def _rows_step(model, units: list[Unit], weights: list[float], per_batch: int, pad: bool,
+               denom: float) -> torch.Tensor:
+    """Every unit its own causal row, ``per_batch`` rows per forward; ``pad``: all rows as long as the longest."""
     longest = max(len(u.context_ids) + len(u.completion_ids) for u in units)
-    per_batch = max(1, row_tokens // longest)
     total = torch.zeros(())
     for s in range(0, len(units), per_batch):
         chunk, w = units[s:s + per_batch], weights[s:s + per_batch]
-        ids = torch.zeros(len(chunk), longest, dtype=torch.long)
-        attn = torch.zeros(len(chunk), longest, dtype=torch.long)
-        tw = torch.zeros(len(chunk), longest)
+        width = longest if pad else max(len(u.context_ids) + len(u.completion_ids) for u in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        attn = torch.zeros(len(chunk), width, dtype=torch.long)
+        tw = torch.zeros(len(chunk), width)
         for i, (u, wu) in enumerate(zip(chunk, w)):
             seq = list(u.context_ids) + list(u.completion_ids)
             ids[i, :len(seq)] = torch.tensor(seq)
             attn[i, :len(seq)] = 1
             tw[i, len(u.context_ids):len(seq)] = wu
-        logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits.float()
+        mask = None if bool(attn.all()) else attn  # no padding: plain causal attention
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
         lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
         loss = -(tw[:, 1:] * lp).sum() / denom
         loss.backward()
@@ -170,16 +177,16 @@ def run_layout(layout: str, args: argparse.Namespace) -> LayoutResult:
     if layout == "trie":
         tries = [t for g, adv in zip(groups, advantages) for t in group_tries(g, adv, args.row_tokens)]
         rows = pack_tries(tries, args.row_tokens)
-    elif layout == "expanded":
-        rows = pack_tries([build_trie([u], [w]) for u, w in zip(units, weights)], args.row_tokens)
-    if layout == "padded":
-        longest = max(len(u.context_ids) + len(u.completion_ids) for u in units)
-        per_batch = max(1, args.row_tokens // longest)
-        n_rows, tokens = -(-len(units) // per_batch), len(units) * longest
-        step = lambda: _padded_step(model, units, weights, args.row_tokens, denom)  # noqa: E731
-    else:
         n_rows, tokens = len(rows), sum(len(r) for r in rows)
         step = lambda: _packed_step(model, rows, args.backend, denom, args.row_tokens)  # noqa: E731
+    elif layout == "expanded":
+        n_rows, tokens = len(units), sum(len(u.context_ids) + len(u.completion_ids) for u in units)
+        step = lambda: _rows_step(model, units, weights, 1, False, denom)  # noqa: E731
+    else:
+        longest = max(len(u.context_ids) + len(u.completion_ids) for u in units)
+        per_batch = max(1, args.row_tokens // longest)
+        n_rows, tokens = len(units), len(units) * longest
+        step = lambda: _rows_step(model, units, weights, per_batch, True, denom)  # noqa: E731
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     step()  # warm-up
     model.zero_grad(set_to_none=True)
@@ -197,7 +204,7 @@ def run_layout(layout: str, args: argparse.Namespace) -> LayoutResult:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("groups")
-    g.add_argument("--groups", type=int, default=4, help="GRPO groups (prompts) in the batch (count, default 4)")
+    g.add_argument("--groups", type=int, default=2, help="GRPO groups (prompts) in the batch (count, default 2)")
     g.add_argument("--k", type=int, default=8, help="samples per group (count, default 8)")
     g.add_argument("--threads-per-block", type=int, default=4, help="threads in every block (count, default 4)")
     g.add_argument("--blocks", type=int, default=2, help="parallel blocks per response (count, default 2)")
@@ -208,9 +215,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     g = p.add_argument_group("step")
     g.add_argument("--backend", choices=[b for b in BACKENDS if b != "flex"], default="sdpa",
-                   help="tree attention backend for the trie and expanded layouts (default sdpa; flex has no "
-                        "backward on CPU)")
-    g.add_argument("--row-tokens", type=int, default=4096, help="token budget of one row / micro-batch (default 4096)")
+                   help="attention implementation of all layouts (default sdpa; flex has no backward on CPU)")
+    g.add_argument("--row-tokens", type=int, default=2048,
+                   help="token budget of one packed row / padded micro-batch (default 2048)")
     g.add_argument("--repeats", type=int, default=3, help="timed steps per layout after a warm-up (default 3)")
     g.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: on a shared machine OpenMP waits distort timings)")

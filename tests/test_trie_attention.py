@@ -170,3 +170,17 @@ def test_model_backend_mismatch_and_unknown_backend_are_errors(packed):
     with pytest.raises(ValueError, match="max_dense_tokens"):
         tree_attention_mask(row, "sdpa", max_dense_tokens=len(row) - 1)
     assert IMPLEMENTATION["flex"] == "flex_attention"
+
+
+def test_bench_layouts_compute_the_same_loss_on_fewer_trie_tokens():
+    import argparse
+
+    from rl.bench_trie import LAYOUTS, run_layout
+
+    args = argparse.Namespace(groups=1, k=3, threads_per_block=3, blocks=1, a_digits=1, b_digits=2, noise=0.05,
+                              seed=0, backend="sdpa", row_tokens=4096, repeats=1, threads=1)
+    results = {layout: run_layout(layout, args) for layout in LAYOUTS}
+    losses = [r.loss for r in results.values()]
+    assert max(losses) - min(losses) < 1e-5 and abs(losses[0]) > 1e-4
+    assert results["trie"].tokens < results["expanded"].tokens < results["padded"].tokens
+    assert results["trie"].rows == 1 and results["expanded"].rows == results["padded"].rows
