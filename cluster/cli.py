@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "make-data": ("rollout.task", "generate the synthetic arithmetic dataset (train/validation/test JSONL)"),
     "check": ("rollout.check", "check the format of responses in a JSONL file and print latency measures"),
     "score": ("rewards.cli", "score responses in a JSONL file: correctness, parallelism measures, reward"),
+    "rl": ("rl.driver", "P-GRPO training on Ray: rollouts, rewards, group advantages, learner, weight sync, MLflow"),
     "demo": ("cluster.demo", "the embedded default job: tiny model, data, vLLM decoding, statistics"),
     "bench": ("rl.bench", "benchmarks printed as side-by-side tables (bench trie: trie vs expanded vs padded rows)"),
     "datagen": ("rollout.datagen.cli", "parallel training data: stage1 rewrites traces, stage2 self-trains"),

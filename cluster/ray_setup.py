@@ -1,0 +1,119 @@
+"""Ray start-up and resource planning for the training roles (DESIGN section 7).
+
+Roles and what each actor reserves (all from the config):
+
+* rollout workers: ``rollout.workers`` actors of ``rollout.cpus_per_worker``
+  CPUs and ``rollout.gpus_per_worker`` GPUs, one vLLM engine each;
+* reward actors: ``reward.num_actors`` actors of ``reward.actor_cpus`` CPUs;
+* learner ranks: ``learner.ranks`` actors of ``learner.cpus_per_rank`` CPUs
+  and ``learner.gpus_per_rank`` GPUs;
+* the reference model (only with a KL term): one actor with a learner rank's
+  resources.
+
+Ray's default scheduler places each actor on any node that has its resources
+free (GPU actors only on GPU nodes); nothing is pinned. :func:`check_fits`
+refuses, before any actor starts, a plan that the cluster cannot hold at once
+(Ray would otherwise leave actors pending forever).
+
+:func:`init_ray` joins a cluster (``ray.address``, else ``RAY_ADDRESS``, which a
+Ray job's entrypoint has set) or starts a local instance. A local instance
+gets ``max(cpu count, CPUs the plan reserves)`` logical CPUs, since the roles
+take turns (rollout, then rewards, then learning) rather than all computing at
+once; its dashboard is off unless ``ray.dashboard`` is set, and then listens
+on ``ray.dashboard_host`` (127.0.0.1 by default).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RayConfig:
+    """Which Ray to use and how a local one is started."""
+
+    address: str | None = field(default=None, metadata={
+        "help": "Ray cluster to join ('auto' or host:port); null: RAY_ADDRESS if set (as inside a Ray job), "
+                "else start a local instance"})
+    num_cpus: int | None = field(default=None, metadata={
+        "help": "logical CPUs of a local instance (null: max(cpu count, CPUs the roles reserve))"})
+    num_gpus: int | None = field(default=None, metadata={"help": "GPUs of a local instance (null: Ray detects)"})
+    dashboard: bool = field(default=False, metadata={"help": "start the dashboard of a local instance"})
+    dashboard_host: str = field(default="127.0.0.1", metadata={
+        "help": "address a local instance's dashboard listens on (0.0.0.0: every interface)"})
+    dashboard_port: int = field(default=8265, metadata={"help": "port of a local instance's dashboard"})
+    log_to_driver: bool = field(default=False, metadata={"help": "stream the actors' logs to the driver's stdout"})
+
+
+@dataclass
+class Role:
+    """``count`` actors of one role, each reserving ``cpus`` CPUs and ``gpus`` GPUs."""
+
+    name: str
+    count: int
+    cpus: float
+    gpus: float = 0.0
+
+    @property
+    def total_cpus(self) -> float:
+        return self.count * self.cpus
+
+    @property
+    def total_gpus(self) -> float:
+        return self.count * self.gpus
+
+
+def plan_text(roles: list[Role]) -> str:
+    """One line per role, then the totals."""
+    lines = [f"  {r.name:<16} {r.count} x ({r.cpus:g} CPU, {r.gpus:g} GPU)" for r in roles]
+    cpus, gpus = sum(r.total_cpus for r in roles), sum(r.total_gpus for r in roles)
+    lines.append(f"  {'total':<16} {cpus:g} CPU, {gpus:g} GPU")
+    return "\n".join(lines)
+
+
+def check_fits(roles: list[Role], available: dict[str, float]) -> None:
+    """Raise RuntimeError when the roles together need more CPUs or GPUs than ``available`` holds.
+
+    A whole-cluster check: a plan can still be unplaceable when no single node
+    has one actor's share free (Ray then keeps that actor pending).
+    """
+    need = {"CPU": sum(r.total_cpus for r in roles), "GPU": sum(r.total_gpus for r in roles)}
+    short = {k: (v, available.get(k, 0.0)) for k, v in need.items() if v > available.get(k, 0.0) + 1e-9}
+    if short:
+        what = ", ".join(f"{v:g} {k} needed, {have:g} in the cluster" for k, (v, have) in short.items())
+        raise RuntimeError(f"the Ray cluster cannot hold every role at once ({what}):\n{plan_text(roles)}")
+    for r in roles:
+        if r.gpus > 0 and available.get("GPU", 0.0) < r.gpus:
+            raise RuntimeError(f"role {r.name} needs {r.gpus:g} GPU per actor; the cluster has "
+                               f"{available.get('GPU', 0.0):g}")
+
+
+def init_ray(cfg: RayConfig, roles: list[Role]) -> bool:
+    """Start or join Ray for ``roles`` and check that they fit; returns True when this call started Ray.
+
+    A Ray that is already initialised in this process is used as it is.
+    """
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        address = cfg.address or os.environ.get("RAY_ADDRESS") or None
+        if address is not None:
+            ray.init(address=address, log_to_driver=cfg.log_to_driver)
+        else:
+            need = math.ceil(sum(r.total_cpus for r in roles))
+            num_cpus = cfg.num_cpus if cfg.num_cpus is not None else max(os.cpu_count() or 1, need)
+            kwargs = {"dashboard_host": cfg.dashboard_host, "dashboard_port": cfg.dashboard_port} \
+                if cfg.dashboard else {}
+            ray.init(num_cpus=num_cpus, num_gpus=cfg.num_gpus, include_dashboard=cfg.dashboard,
+                     log_to_driver=cfg.log_to_driver, **kwargs)
+        started = True
+    try:
+        check_fits(roles, ray.cluster_resources())
+    except RuntimeError:
+        if started:
+            ray.shutdown()
+        raise
+    return started
