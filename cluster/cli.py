@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "init-model": ("rollout.tiny", "write the tiny Qwen3-architecture model, tokenizer and chat template"),
     "make-data": ("rollout.task", "generate the synthetic arithmetic dataset (train/validation/test JSONL)"),
     "check": ("rollout.check", "check the format of responses in a JSONL file and print latency measures"),
+    "generate": ("rollout.cli", "sample parallel trajectories for a JSONL of prompts with Ray rollout workers"),
     "score": ("rewards.cli", "score responses in a JSONL file: correctness, parallelism measures, reward"),
     "rl": ("rl.driver", "P-GRPO training on Ray: rollouts, rewards, group advantages, learner, weight sync, MLflow"),
     "demo": ("cluster.demo", "the embedded default job: tiny model, data, vLLM decoding, statistics"),

@@ -9,6 +9,8 @@ weights. (Fast tests of the pieces come first and need neither Ray nor vLLM.)
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -99,19 +101,35 @@ def test_pool_trajectories_equal_replay_of_their_text(pool, tokenizer):
 
 
 @pytest.mark.integration
-def test_weight_update_equals_a_fresh_engine(pool, llm, tiny_model_dir, tokenizer):
-    """Load the random tiny model's weights into the taught worker; ``llm`` was started on them."""
+def test_weight_updates_equal_fresh_engines(pool, llm, tiny_model_dir, taught_dir, tokenizer):
+    """Taught -> random -> taught again, each time compared with an engine started on those weights.
+
+    ``llm`` was started on the random tiny model; the pool's own engine was
+    started on the taught one (its greedy output is the taught response, as
+    the test above checks).
+    """
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     from rollout.engine import VLLMEngine
     from rollout.orchestrator import generate
 
-    state = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).state_dict()
-    update = pool.update_weights(state)  # the learner's names, tied lm_head included
-    assert update.n_buckets > 1 and update.seconds >= update.load_s > 0
     prompts = [chat_prompt_ids(tokenizer, TAUGHT_PROMPT), chat_prompt_ids(tokenizer, "Something else?")]
     config = RolloutConfig(max_context=1024, max_tokens=40, temperature=0.0, sequential=True)
-    updated = pool.generate(prompts, config=config)
     fresh = generate(VLLMEngine(llm), tokenizer, prompts, config)
+
+    # 1. the random model as saved on disk: the tied output head is not in the file
+    state = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert "lm_head.weight" not in state
+    update = pool.update_weights(state)
+    assert update.n_buckets > 1 and update.seconds >= update.load_s > 0
+    updated = pool.generate(prompts, config=config)
     assert [t.units[0].completion_ids for t in updated] == [t.units[0].completion_ids for t in fresh]
-    assert updated[0].text != TAUGHT_RESPONSE
+    assert updated[0].text != TAUGHT_RESPONSE[:40]
+
+    # 2. the taught model as a learner holds it: every name, the tied head included
+    state = AutoModelForCausalLM.from_pretrained(str(taught_dir), dtype=torch.float32).state_dict()
+    assert "lm_head.weight" in state
+    pool.update_weights(state)
+    (back,) = pool.generate(prompts[:1], n=1, sequential=True, config=replace(config, max_tokens=200))
+    assert back.text == TAUGHT_RESPONSE
