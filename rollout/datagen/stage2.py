@@ -19,7 +19,9 @@ drop reason:
 
 Outputs, next to ``out``: ``out`` (one kept record per line: the prompt
 record's fields except ``response*``, ``response`` = the trajectory's text,
-its latency measures, and ``provenance`` = model, seed, config hash, time);
+its latency measures, ``closed_threads`` (threads cut at
+``max_thread_tokens`` and closed by an inserted ``</Thread>``), and
+``provenance`` = model, seed, config hash, time);
 ``<stem>.rejected.jsonl`` (prompt and sample index, reason, detail);
 ``<stem>.stats.json`` (kept/total, drops per reason, the full config).
 """
@@ -142,7 +144,8 @@ def output_record(d: Decision, record: dict, provenance: dict) -> dict:
     rec["answer"] = str(record["answer"])
     rec["response"] = t.text
     rec.update(prompt_index=t.prompt_index, sample_index=t.sample_index, L_total=t.L_total, L_crit=t.L_crit,
-               eta=t.eta, n_blocks=t.n_blocks, threads_per_block=t.threads_per_block)
+               eta=t.eta, n_blocks=t.n_blocks, threads_per_block=t.threads_per_block,
+               closed_threads=[list(x) for x in t.closed_threads])
     rec["provenance"] = provenance
     return rec
 
