@@ -14,7 +14,8 @@ class RolloutConfig:
     max_tokens: int = field(default=2048, metadata={
         "help": "generated-token budget of one trajectory, threads included (tokens; L_total)"})
     max_context: int = field(default=4096, metadata={
-        "help": "per-request context limit: prompt plus completion of any one request (tokens)"})
+        "help": "per-request context limit: prompt plus completion of any one request; rollout workers "
+                "start their engines with this max_model_len (tokens)"})
     max_thread_tokens: int = field(default=512, metadata={
         "help": "length limit of one thread; a thread reaching it is closed with an inserted </Thread> (tokens)"})
     max_threads: int = field(default=8, metadata={"help": "most threads (outlines) in one block"})

@@ -296,10 +296,12 @@ class _Rollout:
 
     def _head_text(self) -> str:
         ctx = self.context
-        opens = [i for i in range(len(ctx) - 1, -1, -1) if ctx[i] == self.tags.parallel_open][:1]
-        if not opens or self.tags.parallel_close in ctx[opens[0]:]:
+        start = len(ctx) - 1
+        while start >= 0 and ctx[start] not in (self.tags.parallel_open, self.tags.parallel_close):
+            start -= 1
+        if start < 0 or ctx[start] != self.tags.parallel_open:
             raise BadOutlines(f"{OUTLINES_CLOSE} without an open {PARALLEL_OPEN}")
-        return self.tokenizer.decode(ctx[opens[0]:], skip_special_tokens=False)
+        return self.tokenizer.decode(ctx[start:], skip_special_tokens=False)
 
     def _on_head(self) -> list[Request]:
         self.blocks += 1

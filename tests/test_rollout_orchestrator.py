@@ -215,6 +215,12 @@ def test_malformed_heads_end_with_a_reason(tok, head, reason, detail):
     assert t.text == head
 
 
+def test_outlines_close_after_a_closed_block_is_bad(tok):
+    p = prompt(tok) + encode(tok, outlines(["1: a"]) + "\n<Thread>\n1: b</Thread>\n</Parallel>\n")
+    _, (t,) = run(tok, lambda text, request: "<Outline>2: c</Outline>\n</Outlines>", [p])
+    assert t.finish_reason == "bad_outlines" and "without an open <Parallel>" in t.finish_detail
+
+
 @pytest.mark.timeout(60)
 def test_thread_that_never_closes_is_closed_with_an_inserted_tag(tok):
     close = tok.convert_tokens_to_ids("</Thread>")
