@@ -28,7 +28,8 @@ class RolloutConfig:
     workers: int = field(default=1, metadata={"help": "Ray rollout workers, each owning one engine"})
     cpus_per_worker: float = field(default=1.0, metadata={"help": "Ray CPUs reserved by one worker"})
     gpus_per_worker: float = field(default=0.0, metadata={
-        "help": "Ray GPUs reserved by one worker (set it to tensor_parallel_size on a GPU cluster)"})
+        "help": "Ray GPUs reserved by one worker actor: 1 on a GPU cluster with tensor_parallel_size 1; 0 with "
+                "tensor_parallel_size > 1, whose shard workers vLLM places as Ray actors itself"})
     tensor_parallel_size: int = field(default=1, metadata={"help": "GPUs one engine is sharded over"})
     dtype: str = field(default="float32", metadata={"help": "engine weight dtype (float32 on CPU, bfloat16 on GPU)"})
     enforce_eager: bool = field(default=True, metadata={

@@ -10,12 +10,13 @@ through ``rollout.engine.ReloadExtension`` which also re-prepares a tied
 output head), then resets the prefix cache: cached KV blocks were computed
 with the old weights and must not be reused.
 
-This goes through local disk (tmpfs-speed for the tiny model; one copy of the
-weights per update). On a GPU cluster the same entry points would be replaced
-by vLLM's NCCL weight transfer (``vllm.distributed.weight_transfer``: the
-learner's rank 0 broadcasts packed buckets straight into the engines' GPU
-memory), which skips the disk and the host copies; the bucketing, the prefix
-cache reset and the timing stay the same.
+This goes through the worker's local disk (one copy of the weights per
+update, in a fresh temporary directory; the previous one is deleted). On a
+GPU cluster these entry points would be replaced by vLLM's NCCL weight
+transfer (``vllm.distributed.weight_transfer``: the learner's rank 0
+broadcasts packed buckets straight into the engines' GPU memory), which skips
+the disk and the host copies; the bucketing, the prefix cache reset and the
+timing stay the same. That path is not implemented here.
 """
 
 from __future__ import annotations

@@ -2,10 +2,10 @@
 
 :class:`RolloutPool` starts ``config.workers`` :class:`RolloutWorker` actors,
 each reserving ``cpus_per_worker`` CPUs and ``gpus_per_worker`` GPUs (on a GPU
-cluster set ``gpus_per_worker = tensor_parallel_size``; with
-``tensor_parallel_size > 1`` vLLM starts its own shard workers as Ray actors,
-which then need a placement group with that many GPUs per engine - not
-exercised on the CPU test machine). ``generate`` spreads the prompts over the
+cluster: 1 GPU per worker with ``tensor_parallel_size`` 1; with
+``tensor_parallel_size > 1`` vLLM's Ray executor starts the engine's shard
+workers as Ray actors and reserves their GPUs itself, so the worker actor
+holds none - this path is not exercised on the CPU test machine). ``generate`` spreads the prompts over the
 workers round-robin, a prompt's ``n`` samples staying together on one worker
 so they share its prefix cache, and returns every trajectory in prompt-major
 order. ``update_weights`` sends a state dict in buckets (``rollout.weights``),
