@@ -11,6 +11,14 @@ adds the partial products up; every number in a thread is zero-padded to the
 width of the largest possible product, and every number of the running sum to
 the width of the largest possible answer, so digits line up for a small model.
 
+``number_order="reversed"`` writes every one of those worked numbers (partial
+products, thread sums, the running sum) least-significant digit first: a
+small model then produces each digit of a sum from the two digits above it and
+the carry of the digit it has just written, instead of working out the whole
+carry chain before the first digit. The prompt, the factors named in the steps
+and the ``\boxed{}`` answer stay in ordinary order (``7*30=012`` reads
+"7 times 30 is 210").
+
 Splits are disjoint by construction: a problem's split is a hash of its text,
 so the same problem can never land in two splits, whatever the seed.
 """
@@ -31,6 +39,7 @@ from rollout.format import (
 )
 
 SPLITS = ("train", "validation", "test")
+NUMBER_ORDERS = ("normal", "reversed")
 FILE_NAMES = {"train": "train.jsonl", "validation": "validation.jsonl", "test": "test.jsonl"}
 
 
@@ -45,6 +54,8 @@ class TaskConfig:
     b_digits: int = field(default=3, metadata={"help": "digits of each product's second factor (one step each)"})
     validation_share: float = field(default=0.1, metadata={"help": "share of the problem space hashed to validation"})
     test_share: float = field(default=0.1, metadata={"help": "share of the problem space hashed to test"})
+    number_order: str = field(default="normal", metadata={
+        "help": "digit order of the worked numbers: normal, or reversed (least-significant digit first)"})
 
     def check(self) -> None:
         if not 1 <= self.min_threads <= self.max_threads:
@@ -53,6 +64,8 @@ class TaskConfig:
             raise ValueError("blocks, a_digits and b_digits must be at least 1")
         if not (0 < self.validation_share and 0 < self.test_share and self.validation_share + self.test_share < 1):
             raise ValueError("validation_share and test_share must be positive and sum to less than 1")
+        if self.number_order not in NUMBER_ORDERS:
+            raise ValueError(f"number_order must be one of {NUMBER_ORDERS}, got {self.number_order!r}")
 
 
 @dataclass
@@ -84,20 +97,22 @@ def sample_problem(rng: random.Random, cfg: TaskConfig) -> Problem:
     ])
 
 
-def _pad(n: int, width: int) -> str:
-    return str(n).zfill(width)
+def _pad(n: int, width: int, reverse: bool = False) -> str:
+    """``n`` zero-padded to ``width`` digits, least-significant digit first if ``reverse``."""
+    text = str(n).zfill(width)
+    return text[::-1] if reverse else text
 
 
-def product_steps(a: int, b: int, width: int) -> str:
-    """``a*b: a*d0=.., a*d1 0=.., p0+p1=.., ..`` with every number padded to ``width``."""
+def product_steps(a: int, b: int, width: int, reverse: bool = False) -> str:
+    """``a*b: a*d0=.., a*d1 0=.., p0+p1=.., ..`` with every result padded to ``width`` (reversed if ``reverse``)."""
     partials = []
     for power, digit in enumerate(reversed(str(b))):
         if digit != "0":
             partials.append((int(digit) * 10**power, a * int(digit) * 10**power))
-    steps = [f"{a}*{factor}={_pad(p, width)}" for factor, p in partials]
+    steps = [f"{a}*{factor}={_pad(p, width, reverse)}" for factor, p in partials]
     running = partials[0][1] if partials else 0
     for _, p in partials[1:]:
-        steps.append(f"{_pad(running, width)}+{_pad(p, width)}={_pad(running + p, width)}")
+        steps.append(f"{_pad(running, width, reverse)}+{_pad(p, width, reverse)}={_pad(running + p, width, reverse)}")
         running += p
     return f"{a}*{b}: " + ", ".join(steps)
 
@@ -108,14 +123,14 @@ def _widths(problem: Problem, cfg: TaskConfig) -> tuple[int, int]:
     return product_width, len(str(max_terms * (10**cfg.a_digits - 1) * (10**cfg.b_digits - 1)))
 
 
-def _sum_lines(values: list[int], start: int | None, width: int) -> tuple[list[str], int]:
+def _sum_lines(values: list[int], start: int | None, width: int, reverse: bool = False) -> tuple[list[str], int]:
     lines = []
     total = start
     for v in values:
         if total is None:
             total = v
             continue
-        lines.append(f"{_pad(total, width)}+{_pad(v, width)}={_pad(total + v, width)}")
+        lines.append(f"{_pad(total, width, reverse)}+{_pad(v, width, reverse)}={_pad(total + v, width, reverse)}")
         total += v
     return lines, total
 
@@ -126,27 +141,29 @@ def _answer_text(answer: int) -> str:
 
 def sequential_response(problem: Problem, cfg: TaskConfig) -> str:
     pw, sw = _widths(problem, cfg)
+    rev = cfg.number_order == "reversed"
     lines = [THINK_OPEN]
     total = None
     for group in problem.groups:
-        lines += [product_steps(a, b, pw) for a, b in group]
-        sums, total = _sum_lines([a * b for a, b in group], total, sw)
+        lines += [product_steps(a, b, pw, rev) for a, b in group]
+        sums, total = _sum_lines([a * b for a, b in group], total, sw, rev)
         lines += sums
     return "\n".join(lines) + "\n" + _answer_text(problem.answer)
 
 
 def parallel_response(problem: Problem, cfg: TaskConfig) -> str:
     pw, sw = _widths(problem, cfg)
+    rev = cfg.number_order == "reversed"
     out = [THINK_OPEN + "\n"]
     total = None
     for group in problem.groups:
         out.append(f"{PARALLEL_OPEN}\n{OUTLINES_OPEN}\n")
         out += [f"{OUTLINE_OPEN}{i}: {a}*{b}{OUTLINE_CLOSE}\n" for i, (a, b) in enumerate(group, start=1)]
         out.append(OUTLINES_CLOSE)
-        out += [f"\n{THREAD_OPEN}\n{i}: {product_steps(a, b, pw)}\n{THREAD_CLOSE}" for i, (a, b) in
+        out += [f"\n{THREAD_OPEN}\n{i}: {product_steps(a, b, pw, rev)}\n{THREAD_CLOSE}" for i, (a, b) in
                 enumerate(group, start=1)]
         out.append(f"\n{PARALLEL_CLOSE}\n")
-        sums, total = _sum_lines([a * b for a, b in group], total, sw)
+        sums, total = _sum_lines([a * b for a, b in group], total, sw, rev)
         out += [line + "\n" for line in sums]
     return "".join(out) + _answer_text(problem.answer)
 

@@ -1,0 +1,479 @@
+"""The learner: data-parallel DeepSpeed ranks as Ray actors (DESIGN section 7).
+
+Each rank is a :class:`Learner` Ray actor holding a full copy of the model (or
+its ZeRO partition) in a DeepSpeed engine: ZeRO stage 0-3 from the config,
+gloo on CPU and NCCL on GPU, torch's AdamW (DeepSpeed's fused Adam compiles
+for minutes on CPU), fp32 or bf16, gradient clipping, linear warm-up then
+constant or cosine learning rate (:mod:`rl.schedule`).
+
+:class:`LearnerGroup` is the driver-side handle. ``train_step(rows, loss)``
+takes ONE global batch of packed rows (:class:`rl.trie.PackedRow`, each at most
+``row_tokens`` long: one micro-batch), spreads the rows over the ranks
+balanced by tokens, and every rank accumulates gradients over its rows before
+one optimizer step. The global batch is therefore set by a token budget, not a
+fixed number of sequences. The row losses are normalised by the number of
+target occurrences of the whole global batch and scaled by the world size
+(DeepSpeed averages gradients over ranks), so the update does not depend on
+the number of ranks. Ranks that get fewer rows than others run zero-weight
+two-token dummy rows, so that every rank takes part in the same number of
+collective reductions (ZeRO-2/3 reduce at every backward).
+
+Losses are looked up by name in :mod:`rl.losses` (``"sft"`` is built in).
+
+Weights leave the learner in buckets (lists of ``(name, tensor)`` of at most
+``bucket_mb`` MB, gathered from ZeRO-3 partitions where needed) and as
+Hugging Face checkpoints that vLLM loads; :mod:`rl.checkpoint` adds the
+optimizer, scheduler, RNG and data position for exact resumption.
+
+Limits: ZeRO-3 first loads the full model on every rank, then partitions it
+(fine up to a model that fits a rank's memory); pipeline and tensor
+parallelism are not used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal, Sequence
+
+import torch
+
+from rl.trie import PackedRow, build_trie, make_row
+from rollout.units import Unit
+
+Bucket = list[tuple[str, torch.Tensor]]
+#: Key of the caller's state inside DeepSpeed's client state.
+CLIENT_KEY = "threadweaver"
+
+
+@dataclass
+class LearnerConfig:
+    """Data-parallel learner: ranks, precision, optimizer and schedule."""
+
+    ranks: int = field(default=1, metadata={"help": "data-parallel DeepSpeed ranks, one Ray actor each (count)"})
+    cpus_per_rank: float = field(default=1.0, metadata={"help": "Ray CPUs reserved by each rank (count)"})
+    gpus_per_rank: float = field(default=0.0, metadata={"help": "Ray GPUs per rank; > 0 trains on CUDA with NCCL, "
+                                                                 "0 on CPU with gloo (count)"})
+    threads_per_rank: int = field(default=0, metadata={"help": "torch intra-op threads per rank; 0 = cpus_per_rank "
+                                                               "rounded down, at least 1 (count)"})
+    zero_stage: int = field(default=0, metadata={"help": "DeepSpeed ZeRO stage, 0-3"})
+    dtype: Literal["fp32", "bf16"] = field(default="fp32", metadata={"help": "training precision (bf16 keeps fp32 "
+                                                                            "master weights)"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate of AdamW"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay, on matrices only"})
+    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
+    eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this (0 = off)"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up length (optimizer steps)"})
+    schedule: Literal["constant", "cosine"] = field(default="cosine", metadata={"help": "learning rate after "
+                                                                                       "warm-up"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine floor, as a fraction of lr"})
+    row_tokens: int = field(default=1024, metadata={"help": "longest packed row, one micro-batch (tokens)"})
+    attention: Literal["sdpa", "eager", "flex"] = field(default="sdpa", metadata={"help": "tree attention backend "
+                                                                                         "(rl.attention)"})
+    seed: int = field(default=0, metadata={"help": "seed of every rank's random generators"})
+
+    def __post_init__(self) -> None:
+        if self.ranks < 1:
+            raise ValueError(f"ranks must be at least 1, got {self.ranks}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.row_tokens < 2:
+            raise ValueError(f"row_tokens must be at least 2, got {self.row_tokens}")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0, got {self.grad_clip}")
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.gpus_per_rank > 0
+
+
+def deepspeed_config(cfg: LearnerConfig, world_size: int) -> dict:
+    """The DeepSpeed config dict for ``cfg``.
+
+    One micro-batch per engine step: the learner sets the accumulation
+    boundary itself (a rank's rows vary in number from step to step). With
+    ZeRO stage 0 in fp32 DeepSpeed keeps no gradient norm, so the learner
+    clips itself and clipping is off here.
+    """
+    clip_here = cfg.zero_stage == 0 and cfg.dtype == "fp32"
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": world_size,
+        "gradient_clipping": 0.0 if clip_here else cfg.grad_clip,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": cfg.dtype == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def dummy_row(pad_id: int) -> PackedRow:
+    """A two-token row whose only target weighs 0: a no-op micro-batch."""
+    return make_row([build_trie([Unit([pad_id], [pad_id])], weights=[0.0])])
+
+
+def strip_row(row: PackedRow) -> PackedRow:
+    """``row`` without its tries (not needed to train; spares pickling them to every rank)."""
+    return dataclasses.replace(row, tries=[])
+
+
+def split_rows(rows: Sequence[PackedRow], world_size: int) -> list[list[PackedRow]]:
+    """Rows per rank, longest first to the least loaded rank (by tokens); order kept within a rank."""
+    load = [0] * world_size
+    assigned: list[list[int]] = [[] for _ in range(world_size)]
+    for i in sorted(range(len(rows)), key=lambda i: -len(rows[i])):
+        r = min(range(world_size), key=lambda r: (load[r], len(assigned[r])))
+        assigned[r].append(i)
+        load[r] += len(rows[i])
+    return [[rows[i] for i in sorted(idx)] for idx in assigned]
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+        np.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+
+
+def rng_state() -> dict:
+    """Python, NumPy and torch (CPU and CUDA) random generator states."""
+    import numpy as np
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Learner:
+    """One data-parallel rank (use through :class:`LearnerGroup`, as a Ray actor).
+
+    Construction is light; :meth:`setup` joins the process group and builds
+    the engine (every rank must call it at the same time).
+    """
+
+    def __init__(self, cfg: LearnerConfig, rank: int, world_size: int):
+        self.cfg = cfg
+        self.rank = rank
+        self.world_size = world_size
+        self.engine = None
+
+    def address(self) -> tuple[str, int]:
+        """This node's IP and a free TCP port (asked of rank 0 for the rendezvous)."""
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def setup(self, model_dir: str, master_addr: str, master_port: int, total_steps: int) -> dict:
+        cfg = self.cfg
+        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",
+                          MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+        os.environ["DS_ACCELERATOR"] = "cuda" if cfg.on_gpu else "cpu"
+        threads = cfg.threads_per_rank or max(1, int(cfg.cpus_per_rank))
+        torch.set_num_threads(threads)
+        import deepspeed
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from rl.attention import IMPLEMENTATION
+        from rl.schedule import make_scheduler
+
+        _seed_all(cfg.seed)
+        deepspeed.init_distributed(dist_backend="nccl" if cfg.on_gpu else "gloo", auto_mpi_discovery=False,
+                                   verbose=False)
+        self.model_dir = str(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32,
+                                                     attn_implementation=IMPLEMENTATION[cfg.attention])
+        model.config.use_cache = False
+        self.pad_id = AutoTokenizer.from_pretrained(self.model_dir).pad_token_id or 0
+        decay = [p for p in model.parameters() if p.ndim >= 2]
+        no_decay = [p for p in model.parameters() if p.ndim < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+        scheduler = make_scheduler(optimizer, cfg.warmup_steps, total_steps, cfg.schedule, cfg.min_lr_ratio)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler,
+            config=deepspeed_config(cfg, self.world_size))
+        self.device = self.engine.device
+        self.dtype = next(self.engine.module.parameters()).dtype
+        self.dummy = dummy_row(self.pad_id)
+        return {"rank": self.rank, "threads": threads, "device": str(self.device), "dtype": str(self.dtype),
+                "parameters": sum(p.numel() for p in model.parameters())}
+
+    # ------------------------------------------------------------------ training
+
+    def train_step(self, rows: list[PackedRow], n_micro: int, loss: str, denominator: float,
+                   options: dict[str, Any]) -> dict[str, float]:
+        """Accumulate gradients over ``rows`` (padded with dummy rows to ``n_micro``), then one optimizer step.
+
+        Returns metrics summed over all ranks (identical on every rank).
+        """
+        import deepspeed.comm as dist
+
+        from rl import losses
+        from rl.attention import tree_attention_mask
+
+        if len(rows) > n_micro:
+            raise ValueError(f"rank {self.rank} got {len(rows)} rows for {n_micro} micro-steps")
+        fn = losses.get(loss)
+        engine = self.engine
+        start = time.perf_counter()
+        lr = self.scheduler.get_last_lr()[0]
+        sums: dict[str, float] = {"loss": 0.0, "tokens": 0.0, "targets": 0.0}
+        micro = list(rows) + [self.dummy] * (n_micro - len(rows))
+        for i, row in enumerate(micro):
+            engine.set_gradient_accumulation_boundary(i == len(micro) - 1)
+            mask = tree_attention_mask(row, self.cfg.attention, dtype=self.dtype, device=self.device,
+                                       max_dense_tokens=max(self.cfg.row_tokens, len(row)))
+            out = engine(input_ids=row.input_ids.to(self.device)[None],
+                         position_ids=row.position_ids.to(self.device)[None],
+                         attention_mask=mask, use_cache=False)
+            row_loss, metrics = fn(out.logits[0], row, denominator, **options)
+            engine.backward(row_loss * self.world_size)
+            if i < len(rows):
+                sums["loss"] += float(row_loss.detach())
+                sums["tokens"] += len(row)
+                sums["targets"] += float(row.n_targets.sum())
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+        grad_norm = None
+        if self.cfg.zero_stage == 0 and self.cfg.dtype == "fp32":
+            # DeepSpeed reduced the gradients in the boundary backward; clip them here (see deepspeed_config).
+            max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(engine.module.parameters(), max_norm))
+        engine.step()
+        if grad_norm is None:
+            norm = engine.get_global_grad_norm()
+            grad_norm = float(norm) if norm is not None else float("nan")
+        keys = sorted(sums)
+        total = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+        if self.world_size > 1:
+            total = total.to(self.device)
+            dist.all_reduce(total)
+        out = {k: float(v) for k, v in zip(keys, total.cpu().tolist())}
+        seconds = torch.tensor([time.perf_counter() - start], dtype=torch.float64).to(self.device)
+        if self.world_size > 1:
+            dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+        out.update(grad_norm=grad_norm, lr=lr, seconds=float(seconds.item()), step=float(engine.global_steps))
+        return out
+
+    # ------------------------------------------------------------------ weights out
+
+    def _named_tensors(self) -> list[tuple[str, torch.nn.Parameter | torch.Tensor]]:
+        """Parameters (shared ones once, under their first name) and persistent buffers."""
+        module = self.engine.module
+        named = list(module.named_parameters())
+        persistent = set(module.state_dict().keys())
+        named += [(n, b) for n, b in module.named_buffers() if n in persistent]
+        return named
+
+    def weight_buckets(self, bucket_mb: float) -> Iterator[Bucket]:
+        """Full weights in buckets of at most ``bucket_mb`` MB (a tensor larger than that is a bucket alone).
+
+        Every rank must run this at the same time under ZeRO-3 (parameters are
+        gathered bucket by bucket); only rank 0 yields, CPU copies.
+        """
+        import deepspeed
+
+        limit = bucket_mb * 2**20
+        stage3 = self.cfg.zero_stage == 3
+        chunk: list[tuple[str, torch.Tensor]] = []
+        size = 0
+
+        def nbytes(t: torch.Tensor) -> int:
+            return (t.ds_numel if hasattr(t, "ds_numel") else t.numel()) * t.element_size()
+
+        def emit(items):
+            params = [t for _, t in items if isinstance(t, torch.nn.Parameter)]
+            with deepspeed.zero.GatheredParameters(params, enabled=stage3 and bool(params)):
+                if self.rank == 0:
+                    return [(n, t.detach().to("cpu", copy=True)) for n, t in items]
+            return None
+
+        for name, tensor in self._named_tensors():
+            if chunk and size + nbytes(tensor) > limit:
+                bucket = emit(chunk)
+                if bucket is not None:
+                    yield bucket
+                chunk, size = [], 0
+            chunk.append((name, tensor))
+            size += nbytes(tensor)
+        if chunk:
+            bucket = emit(chunk)
+            if bucket is not None:
+                yield bucket
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The full weights (rank 0; empty elsewhere). Collective under ZeRO-3."""
+        return {n: t for bucket in self.weight_buckets(256) for n, t in bucket}
+
+    def save_hf(self, out_dir: str) -> None:
+        """Write the weights, config and tokenizer in Hugging Face format (rank 0 writes; collective)."""
+        from transformers import AutoTokenizer
+
+        weights = self.state_dict()
+        if self.rank != 0:
+            return
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        module = self.engine.module
+        module.save_pretrained(out, state_dict=weights)
+        AutoTokenizer.from_pretrained(self.model_dir).save_pretrained(out)
+        for extra in ("generation_config.json",):
+            if (Path(self.model_dir) / extra).exists() and not (out / extra).exists():
+                shutil.copy(Path(self.model_dir) / extra, out / extra)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_state(self, out_dir: str, client_state: dict) -> None:
+        """DeepSpeed checkpoint (weights, optimizer, scheduler) plus this rank's RNG states (collective)."""
+        out = Path(out_dir)
+        self.engine.save_checkpoint(str(out / "deepspeed"), tag="state",
+                                    client_state={CLIENT_KEY: client_state}, save_latest=False)
+        (out / "rng").mkdir(parents=True, exist_ok=True)
+        torch.save(rng_state(), out / "rng" / f"rank_{self.rank}.pt")
+
+    def load_state(self, in_dir: str) -> dict:
+        """Restore what :meth:`save_state` wrote; returns the client state (collective)."""
+        path = Path(in_dir)
+        rng_file = path / "rng" / f"rank_{self.rank}.pt"
+        if not rng_file.exists():
+            raise FileNotFoundError(f"{rng_file} missing: was the checkpoint written with {self.world_size} ranks?")
+        load_path, client_state = self.engine.load_checkpoint(str(path / "deepspeed"), tag="state",
+                                                              load_optimizer_states=True,
+                                                              load_lr_scheduler_states=True)
+        if load_path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {path / 'deepspeed'}")
+        set_rng_state(torch.load(rng_file, weights_only=False))
+        if CLIENT_KEY not in client_state:
+            raise ValueError(f"{path}: the DeepSpeed checkpoint holds no '{CLIENT_KEY}' client state")
+        return client_state[CLIENT_KEY]
+
+    def global_step(self) -> int:
+        return int(self.engine.global_steps)
+
+
+class LearnerGroup:
+    """Driver-side handle of ``cfg.ranks`` :class:`Learner` actors (Ray must be initialised).
+
+    ``total_steps`` sets the length of the learning-rate schedule.
+    """
+
+    def __init__(self, cfg: LearnerConfig, model_dir: str | Path, total_steps: int):
+        import ray
+
+        if not ray.is_initialized():
+            raise RuntimeError("LearnerGroup needs Ray: call ray.init(...) first")
+        self.cfg = cfg
+        self.model_dir = str(model_dir)
+        actor_cls = ray.remote(Learner)
+        self.actors = [
+            actor_cls.options(num_cpus=cfg.cpus_per_rank, num_gpus=cfg.gpus_per_rank,
+                              name=None).remote(cfg, rank, cfg.ranks)
+            for rank in range(cfg.ranks)
+        ]
+        try:
+            addr, port = ray.get(self.actors[0].address.remote())
+            self.info = ray.get([a.setup.remote(self.model_dir, addr, port, total_steps) for a in self.actors])
+        except Exception:
+            self.shutdown()
+            raise
+
+    def train_step(self, rows: Sequence[PackedRow], loss: str = "sft", denominator: float | None = None,
+                   **options) -> dict[str, float]:
+        """One optimizer step on the global batch ``rows``; metrics summed over ranks.
+
+        ``denominator`` defaults to the number of target occurrences in
+        ``rows``. Metrics: ``loss`` (the batch loss), ``tokens`` (row tokens),
+        ``targets``, the loss's own sums, ``grad_norm`` (before clipping),
+        ``lr`` (used by this step), ``seconds`` (slowest rank), ``tokens_per_s``.
+        """
+        import ray
+
+        if not rows:
+            raise ValueError("train_step needs at least one row")
+        too_long = [len(r) for r in rows if len(r) > self.cfg.row_tokens]
+        if too_long:
+            raise ValueError(f"rows of {too_long} tokens exceed row_tokens={self.cfg.row_tokens}")
+        if denominator is None:
+            denominator = float(sum(int(r.n_targets.sum()) for r in rows))
+        per_rank = split_rows([strip_row(r) for r in rows], len(self.actors))
+        n_micro = max(len(r) for r in per_rank)
+        out = ray.get([a.train_step.remote(r, n_micro, loss, float(denominator), options)
+                       for a, r in zip(self.actors, per_rank)])[0]
+        out["tokens_per_s"] = out["tokens"] / out["seconds"] if out["seconds"] > 0 else float("nan")
+        return out
+
+    def weight_buckets(self, bucket_mb: float = 64) -> Iterator[Bucket]:
+        """The full weights, one bucket (list of ``(name, tensor)``, at most ``bucket_mb`` MB) at a time."""
+        import ray
+
+        streams = [a.weight_buckets.remote(bucket_mb) for a in self.actors]
+        for ref in streams[0]:
+            yield ray.get(ref)
+        for stream in streams[1:]:  # other ranks only take part in ZeRO-3 gathers
+            for ref in stream:
+                ray.get(ref)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: t for bucket in self.weight_buckets() for n, t in bucket}
+
+    def save_hf(self, out_dir: str | Path) -> Path:
+        import ray
+
+        ray.get([a.save_hf.remote(str(out_dir)) for a in self.actors])
+        return Path(out_dir)
+
+    def save_state(self, out_dir: str | Path, client_state: dict) -> None:
+        import ray
+
+        ray.get([a.save_state.remote(str(out_dir), client_state) for a in self.actors])
+
+    def load_state(self, in_dir: str | Path) -> dict:
+        import ray
+
+        return ray.get([a.load_state.remote(str(in_dir)) for a in self.actors])[0]
+
+    def global_step(self) -> int:
+        import ray
+
+        return ray.get(self.actors[0].global_step.remote())
+
+    def shutdown(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+
+    def __enter__(self) -> "LearnerGroup":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

@@ -1,0 +1,354 @@
+"""``threadweaver sft``: supervised warm start on trie-packed units (DESIGN sections 5 and 7).
+
+What it really does:
+
+1. takes the model from ``model.path``, or writes a fresh tiny model into
+   ``RUN_DIR/init_model`` (``rollout.tiny.init_model``);
+2. reads the training and validation records (generating the synthetic task
+   into ``data.dir`` first when ``data.generate`` and the files are missing);
+3. replays every training response into units -- the orchestrator's exact
+   requests for the ``parallel`` layout, one flattened causal unit for the
+   ``sequential`` baseline -- and builds one trie per record
+   (:mod:`rl.sft_data`);
+4. for ``steps`` optimizer steps: takes tries in a seeded, per-epoch shuffled
+   order until ``tokens_per_step`` trie tokens are reached, packs them into
+   rows of at most ``learner.row_tokens`` tokens and trains the ``"sft"``
+   loss (mean NLL over every target token of the batch) on the DeepSpeed
+   learner ranks (:mod:`rl.learner`);
+5. every ``eval.every`` steps and at the end, decodes the validation prompts
+   greedily with the spawn/join orchestrator on vLLM (spawning off for the
+   sequential layout) and reports accuracy, format-valid and parallel rates,
+   ``L_total``, ``L_crit``, ``eta`` (:mod:`rl.sft_eval`);
+6. saves checkpoints every ``save_every`` steps and at the end
+   (:mod:`rl.checkpoint`): Hugging Face weights vLLM loads, plus optimizer,
+   scheduler, RNG and data position. ``resume=auto`` continues from the
+   newest one exactly where it stopped.
+
+The sequential baseline sees the same records, steps and token budget per
+step (so the same number of tokens); since its examples are shorter it sees
+more of them. ``train_s`` counts the training loop only (batching and
+optimizer steps), not data preparation, evaluation or checkpoint writing.
+
+Outputs in ``run_dir``: ``config.yaml``, ``metrics.jsonl`` (one line per step
+and per evaluation), ``eval/step_N.jsonl`` (every decoded validation
+response), ``checkpoints/``, ``summary.json``.
+
+Usage: ``threadweaver sft --config experiments/sft_tiny.yaml [key.sub=value ...]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+from rl.learner import LearnerConfig
+from rl.sft_eval import EvalConfig
+from rollout.task import TaskConfig
+
+
+@dataclass
+class ModelConfig:
+    """The model to fine-tune: a Hugging Face directory, or a fresh tiny model."""
+
+    path: str | None = field(default=None, metadata={"help": "model directory (HF format, tags as single tokens); "
+                                                             "null: write a fresh tiny model into RUN_DIR/init_model"})
+    hidden_size: int = field(default=128, metadata={"help": "tiny model: width of the residual stream"})
+    num_layers: int = field(default=3, metadata={"help": "tiny model: transformer layers"})
+    num_heads: int = field(default=4, metadata={"help": "tiny model: attention heads (head size hidden/heads)"})
+    num_kv_heads: int = field(default=2, metadata={"help": "tiny model: key/value heads"})
+    intermediate_size: int = field(default=384, metadata={"help": "tiny model: MLP width"})
+    seed: int = field(default=0, metadata={"help": "tiny model: seed of the initial weights"})
+
+
+@dataclass
+class DataConfig:
+    """Training and validation records, and how responses become units."""
+
+    dir: str = field(default="runs/data/tiny", metadata={"help": "folder holding the train/validation files"})
+    train_file: str = field(default="train.jsonl", metadata={"help": "training records in dir (.jsonl/.parquet)"})
+    validation_file: str = field(default="validation.jsonl", metadata={"help": "validation records in dir"})
+    prompt_field: str = field(default="prompt", metadata={"help": "record field holding the prompt text"})
+    response_field: str = field(default="response_parallel", metadata={
+        "help": "record field holding the reference response (parallel format; flattened for the sequential "
+                "layout)"})
+    answer_field: str = field(default="answer", metadata={"help": "record field holding the reference answer"})
+    layout: Literal["parallel", "sequential"] = field(default="parallel", metadata={
+        "help": "parallel: the orchestrator's units (trie-packed); sequential: blocks flattened, one causal unit"})
+    generate: bool = field(default=True, metadata={
+        "help": "write the synthetic task into dir when its files are missing"})
+    task: TaskConfig = field(default_factory=TaskConfig, metadata={"help": "synthetic task knobs (generate only)"})
+    train_size: int = field(default=20000, metadata={"help": "synthetic training problems (count)"})
+    validation_size: int = field(default=200, metadata={"help": "synthetic validation problems (count)"})
+    test_size: int = field(default=200, metadata={"help": "synthetic test problems (count)"})
+    seed: int = field(default=0, metadata={"help": "seed of the synthetic data"})
+
+
+@dataclass
+class SFTConfig:
+    """The SFT stage: model, data, learner, schedule length, evaluation, checkpoints."""
+
+    run_dir: str = field(default="runs/sft", metadata={"help": "output folder of this run"})
+    steps: int = field(default=1000, metadata={"help": "optimizer steps (also the learning-rate schedule length)"})
+    tokens_per_step: int = field(default=8192, metadata={"help": "trie tokens per optimizer step, the global "
+                                                                 "batch (tokens)"})
+    seed: int = field(default=0, metadata={"help": "seed of the data order"})
+    save_every: int = field(default=0, metadata={"help": "checkpoint every this many steps (0: only at the end)"})
+    keep_last: int = field(default=2, metadata={"help": "checkpoints kept on disk (0: all)"})
+    resume: str | None = field(default=None, metadata={
+        "help": "'auto': continue from RUN_DIR's newest checkpoint if any; a path: from that checkpoint; "
+                "null: start fresh (refused when RUN_DIR already has checkpoints)"})
+    ray_address: str | None = field(default=None, metadata={"help": "Ray cluster to join (null: a local one)"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "model"})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data"})
+    learner: LearnerConfig = field(default_factory=LearnerConfig, metadata={"help": "learner"})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "held-out evaluation"})
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.tokens_per_step < 1:
+            raise ValueError(f"steps and tokens_per_step must be positive, got {self.steps}, {self.tokens_per_step}")
+        if self.save_every < 0 or self.keep_last < 0:
+            raise ValueError("save_every and keep_last must be >= 0")
+
+
+class Stop(Exception):
+    """Raised by an ``on_step`` hook to end a run at once, as if the process were killed."""
+
+
+def prepare_model(cfg: ModelConfig, run_dir: Path) -> Path:
+    if cfg.path is not None:
+        path = Path(cfg.path)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"model.path {path} holds no config.json")
+        return path
+    from rollout.tiny import init_model
+
+    path = run_dir / "init_model"
+    if (path / "config.json").exists():
+        return path
+    return init_model(path, seed=cfg.seed, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
+                      num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+                      intermediate_size=cfg.intermediate_size)
+
+
+def prepare_data(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
+    from rl.sft_data import ensure_task_data, read_records
+
+    data_dir = Path(cfg.dir)
+    if cfg.generate:
+        ensure_task_data(data_dir, cfg.task, {"train": cfg.train_size, "validation": cfg.validation_size,
+                                              "test": cfg.test_size}, cfg.seed)
+    return read_records(data_dir / cfg.train_file), read_records(data_dir / cfg.validation_file)
+
+
+def _resume_path(cfg: SFTConfig, ckpt_root: Path) -> Path | None:
+    from rl import checkpoint
+
+    if cfg.resume is None:
+        if checkpoint.latest(ckpt_root) is not None:
+            raise ValueError(f"{ckpt_root} already holds checkpoints; pass resume=auto to continue that run "
+                             "or choose a new run_dir")
+        return None
+    if cfg.resume == "auto":
+        return checkpoint.latest(ckpt_root)
+    return Path(cfg.resume)
+
+
+def _init_ray(cfg: SFTConfig) -> bool:
+    """Start (or join) Ray; returns True when this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if cfg.ray_address is not None:
+        ray.init(address=cfg.ray_address)
+    else:
+        need = (cfg.learner.ranks * cfg.learner.cpus_per_rank
+                + cfg.eval.workers * cfg.eval.cpus_per_worker * (cfg.eval.every > 0 or cfg.eval.at_end))
+        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need)), include_dashboard=False,
+                 log_to_driver=False)
+    return True
+
+
+def _log(handle, record: dict) -> None:
+    handle.write(json.dumps(record) + "\n")
+    handle.flush()
+
+
+def train(cfg: SFTConfig, on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """Run the SFT stage (see module doc); returns the summary also written to ``summary.json``.
+
+    ``on_step(step, metrics)`` is called after every optimizer step (and
+    after that step's checkpoint); raising :class:`Stop` in it ends the run
+    on the spot, without a final checkpoint or evaluation.
+    """
+    import ray
+    import yaml
+
+    from cluster.config import to_dict
+    from rl import checkpoint
+    from rl.learner import LearnerGroup
+    from rl.sft_data import StreamState, TrieStream, timed_build
+    from rl.sft_eval import Evaluator, records_to_dicts
+    from rl.trie import pack_tries, tree_stats
+    from rollout.tiny import load_tokenizer
+
+    wall_start = time.perf_counter()
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_root = run_dir / "checkpoints"
+    resume = _resume_path(cfg, ckpt_root)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    model_dir = prepare_model(cfg.model, run_dir)
+    tokenizer = load_tokenizer(model_dir)
+    train_records, val_records = prepare_data(cfg.data)
+    tries, build_s = timed_build(train_records, tokenizer, cfg.data.layout, cfg.data.prompt_field,
+                                 cfg.data.response_field, "replay + tries", cfg.progress)
+    stats = tree_stats(tries)
+    too_long = max(len(t) for t in tries)
+    if too_long > cfg.learner.row_tokens:
+        raise ValueError(f"a training example takes {too_long} trie tokens, more than learner.row_tokens="
+                         f"{cfg.learner.row_tokens}")
+    data_info = {"train_records": len(train_records), "trie_tokens_per_record": stats.unique_tokens / len(tries),
+                 "expanded_tokens_per_record": stats.expanded_tokens / len(tries),
+                 "targets_per_record": stats.target_tokens / len(tries), "build_s": build_s}
+    print(f"sft: {len(tries)} training records ({cfg.data.layout} layout), "
+          f"{data_info['trie_tokens_per_record']:.1f} trie tokens each, built in {build_s:.1f} s", flush=True)
+
+    started_ray = _init_ray(cfg)
+    group = None
+    evaluator = None
+    try:
+        group = LearnerGroup(cfg.learner, model_dir, total_steps=cfg.steps)
+        step, train_s, eval_s, tokens_seen = 0, 0.0, 0.0, 0.0
+        stream_state = StreamState()
+        if resume is not None:
+            state = checkpoint.load(group, resume)
+            step, train_s, eval_s = state["step"], state["train_s"], state["eval_s"]
+            tokens_seen = state["tokens_seen"]
+            stream_state = StreamState(**state["data"])
+            print(f"sft: resumed from {resume} at step {step}", flush=True)
+        stream = TrieStream(tries, cfg.seed, stream_state)
+        if cfg.eval.every or cfg.eval.at_end:
+            evaluator = Evaluator(cfg.eval, model_dir, tokenizer, val_records,
+                                  sequential=cfg.data.layout == "sequential", prompt_field=cfg.data.prompt_field,
+                                  answer_field=cfg.data.answer_field)
+
+        def trainer_state() -> dict:
+            return {"train_s": train_s, "eval_s": eval_s, "tokens_seen": tokens_seen,
+                    "data": vars(stream.state).copy(), "layout": cfg.data.layout}
+
+        def run_eval() -> dict:
+            nonlocal eval_s
+            metrics, records = evaluator(group.state_dict())
+            eval_s += metrics["seconds"]
+            (run_dir / "eval").mkdir(exist_ok=True)
+            with open(run_dir / "eval" / f"step_{step:08d}.jsonl", "w") as f:
+                for r in records_to_dicts(records):
+                    f.write(json.dumps(r) + "\n")
+            return metrics
+
+        last_eval: dict = {}
+        last_saved = step if resume is not None else -1
+        bar = None
+        if cfg.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=step, desc=f"sft {cfg.data.layout}", unit="step")
+        with open(run_dir / "metrics.jsonl", "a") as log:
+            while step < cfg.steps:
+                t0 = time.perf_counter()
+                batch = stream.next_batch(cfg.tokens_per_step)
+                rows = pack_tries(batch, cfg.learner.row_tokens)
+                metrics = group.train_step(rows, loss="sft")
+                train_s += time.perf_counter() - t0
+                tokens_seen += metrics["tokens"]
+                step += 1
+                metrics.update(step=step, examples=len(batch), rows=len(rows), train_s=train_s,
+                               examples_seen=stream.state.served, tokens_seen=tokens_seen,
+                               token_accuracy=metrics.get("correct", 0.0) / max(1.0, metrics["targets"]))
+                _log(log, {"kind": "train", **metrics})
+                if cfg.save_every and step % cfg.save_every == 0:
+                    checkpoint.save(group, ckpt_root, step, trainer_state(), cfg.keep_last)
+                    last_saved = step
+                if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.steps:
+                    last_eval = run_eval()
+                    _log(log, {"kind": "eval", "step": step, "train_s": train_s, **last_eval})
+                if bar is not None:
+                    post = {"loss": f"{metrics['loss']:.3f}", "tok/s": f"{metrics['tokens_per_s']:.0f}"}
+                    if last_eval:
+                        post["acc"] = f"{last_eval['accuracy']:.2f}"
+                    bar.set_postfix(post, refresh=False)
+                    bar.update(1)
+                if on_step is not None:
+                    on_step(step, metrics)
+            if bar is not None:
+                bar.close()
+            if last_saved != step:
+                checkpoint.save(group, ckpt_root, step, trainer_state(), cfg.keep_last)
+            final_eval: dict = {}
+            if cfg.eval.at_end:
+                final_eval = run_eval()
+                _log(log, {"kind": "eval", "step": step, "train_s": train_s, **final_eval})
+        summary = {
+            "layout": cfg.data.layout, "steps": step, "train_s": train_s, "eval_s": eval_s,
+            "wall_s": time.perf_counter() - wall_start, "tokens_seen": tokens_seen,
+            "examples_seen": stream.state.served, "epochs": stream.state.served / len(tries),
+            "checkpoint": str(checkpoint.step_dir(ckpt_root, step) / "hf"), "data": data_info,
+            "eval": final_eval,
+        }
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+    finally:
+        if evaluator is not None:
+            evaluator.close()
+        if group is not None:
+            group.shutdown()
+        if started_ray:
+            ray.shutdown()
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", action="append", default=[], metavar="FILE",
+                        help="YAML config (repeat to merge several, later ones win)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help="dotted overrides of config keys, e.g. steps=200 learner.lr=3e-3")
+    parser.add_argument("--show-config", action="store_true", help="print every config key with its help and exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    from cluster.config import ConfigError, describe, load_config
+
+    if args.show_config:
+        print(describe(SFTConfig))
+        return 0
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        cfg = load_config(SFTConfig, args.config, args.overrides)
+    except ConfigError as e:
+        print(f"threadweaver sft: {e}", file=sys.stderr)
+        return 2
+    summary = train(cfg)
+    ev = summary["eval"]
+    print(f"sft done: {summary['steps']} steps, train {summary['train_s'] / 60:.1f} min, "
+          f"eval {summary['eval_s'] / 60:.1f} min, {summary['examples_seen']} examples "
+          f"({summary['epochs']:.2f} epochs), {summary['tokens_seen']:.0f} tokens")
+    if ev:
+        print(f"held-out ({ev['prompts']:.0f} prompts): accuracy {ev['accuracy']:.3f}, format-valid "
+              f"{ev['format_valid']:.3f}, parallel-valid {ev['parallel_valid']:.3f}, L_total {ev['L_total']:.1f}, "
+              f"L_crit {ev['L_crit']:.1f}, eta {ev['eta']:.3f}")
+    print(f"checkpoint (Hugging Face, loads in vLLM): {summary['checkpoint']}")
+    return 0

@@ -1,0 +1,180 @@
+"""SFT data: records of prompt and response, replayed into units, packed as tries, served by token budget.
+
+A record is a mapping with a prompt and a reference response (JSONL, one
+object a line, or parquet). The prompt becomes the chat-template prompt ids
+(``rollout.units.chat_prompt_ids``); the response becomes units:
+
+* ``"parallel"`` layout: ``rollout.units.replay`` -- the exact requests the
+  spawn/join orchestrator would make, each segment tokenized on its own;
+* ``"sequential"`` layout (the baseline): the response with every block
+  flattened into plain text (``rollout.format.flatten``), one unit, trained
+  causally.
+
+Each record's units form one trie (``rl.trie.build_trie``, SFT weight 1 per
+occurrence). :class:`TrieStream` serves the tries in a seeded order, reshuffled
+every epoch, in batches that fill a token budget; its position (epoch,
+offset) is saved in checkpoints so a resumed run sees the same batches.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from rl.trie import Trie, build_trie
+from rollout.format import FormatError, flatten, parse
+from rollout.task import FILE_NAMES, TaskConfig, make_dataset, write_dataset
+from rollout.units import Unit, chat_prompt_ids, encode, replay
+
+LAYOUTS = ("parallel", "sequential")
+TASK_FILE = "task.json"
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """Every record of a ``.jsonl`` or ``.parquet`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    if path.suffix not in (".jsonl", ".json"):
+        raise ValueError(f"{path}: expected a .jsonl or .parquet file")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{i}: expected a JSON object")
+            records.append(rec)
+    return records
+
+
+def ensure_task_data(data_dir: str | Path, task: TaskConfig, sizes: dict[str, int], seed: int) -> Path:
+    """Generate the synthetic task into ``data_dir`` unless it is already there with the same settings.
+
+    ``data_dir/task.json`` records the knobs, sizes and seed; a folder made
+    with other settings is an error (never silently reused or overwritten).
+    """
+    data_dir = Path(data_dir)
+    wanted = {"seed": seed, "sizes": sizes, **asdict(task)}
+    marker = data_dir / TASK_FILE
+    if marker.exists():
+        have = json.loads(marker.read_text())
+        if have != wanted:
+            diff = {k: (have.get(k), v) for k, v in wanted.items() if have.get(k) != v}
+            raise ValueError(f"{data_dir} holds the synthetic task made with other settings "
+                             f"(key: (on disk, wanted)) {diff}; delete it or choose another data.dir")
+        missing = [FILE_NAMES[s] for s in sizes if not (data_dir / FILE_NAMES[s]).exists()]
+        if missing:
+            raise FileNotFoundError(f"{data_dir} has {TASK_FILE} but lacks {missing}")
+        return data_dir
+    if data_dir.exists() and any((data_dir / FILE_NAMES[s]).exists() for s in sizes):
+        raise ValueError(f"{data_dir} holds data files but no {TASK_FILE}; it was not made by this stage "
+                         "(set data.generate=false to use it as is)")
+    write_dataset(make_dataset(task, sizes, seed=seed), data_dir)
+    marker.write_text(json.dumps(wanted, indent=2))
+    return data_dir
+
+
+def response_units(prompt_ids: Sequence[int], response: str, tokenizer, eos_token_id: int,
+                   layout: str) -> list[Unit]:
+    """The training units of one response in ``layout`` (see module doc); raises FormatError if unparseable."""
+    if layout == "parallel":
+        return replay(prompt_ids, response, tokenizer, eos_token_id)
+    if layout == "sequential":
+        return [Unit(list(prompt_ids), encode(tokenizer, flatten(parse(response))) + [eos_token_id])]
+    raise ValueError(f"unknown layout '{layout}'; choose one of {LAYOUTS}")
+
+
+def build_tries(records: Sequence[dict], tokenizer, layout: str, prompt_field: str = "prompt",
+                response_field: str = "response_parallel",
+                progress: Callable[[int], None] | None = None) -> list[Trie]:
+    """One trie per record; raises ValueError naming the record whose fields are missing or malformed."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token_id")
+    tries = []
+    for i, rec in enumerate(records):
+        prompt, response = rec.get(prompt_field), rec.get(response_field)
+        if not isinstance(prompt, str) or not isinstance(response, str):
+            raise ValueError(f"record {i}: needs string fields '{prompt_field}' and '{response_field}'")
+        try:
+            units = response_units(chat_prompt_ids(tokenizer, prompt), response, tokenizer, eos, layout)
+        except FormatError as e:
+            raise ValueError(f"record {i} ({rec.get('id', 'no id')}): response does not parse: {e}") from None
+        tries.append(build_trie(units))
+        if progress is not None:
+            progress(i + 1)
+    return tries
+
+
+@dataclass
+class StreamState:
+    """Where a :class:`TrieStream` stands: ``offset`` tries served in ``epoch``; ``served`` in all."""
+
+    epoch: int = 0
+    offset: int = 0
+    served: int = 0
+
+
+class TrieStream:
+    """Tries in a seeded order (a new permutation every epoch), batched by a token budget."""
+
+    def __init__(self, tries: Sequence[Trie], seed: int, state: StreamState | None = None):
+        if not tries:
+            raise ValueError("no training examples")
+        self.tries = list(tries)
+        self.seed = seed
+        self.state = StreamState(**asdict(state)) if state is not None else StreamState()
+        self._order = self._permutation(self.state.epoch)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        order = list(range(len(self.tries)))
+        random.Random(f"{self.seed}:{epoch}").shuffle(order)
+        return order
+
+    def next_batch(self, token_budget: int) -> list[Trie]:
+        """Tries in stream order while their tokens fit ``token_budget`` (always at least one)."""
+        batch: list[Trie] = []
+        total = 0
+        while True:
+            trie = self.tries[self._order[self.state.offset]]
+            if batch and total + len(trie) > token_budget:
+                return batch
+            batch.append(trie)
+            total += len(trie)
+            self.state.offset += 1
+            self.state.served += 1
+            if self.state.offset == len(self.tries):
+                self.state.epoch += 1
+                self.state.offset = 0
+                self._order = self._permutation(self.state.epoch)
+
+
+def timed_build(records: Sequence[dict], tokenizer, layout: str, prompt_field: str, response_field: str,
+                desc: str, show: bool) -> tuple[list[Trie], float]:
+    """:func:`build_tries` with an optional progress bar; returns the tries and the seconds taken."""
+    start = time.perf_counter()
+    bar = None
+    if show:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(records), desc=desc, unit="rec", leave=False)
+    try:
+        tries = build_tries(records, tokenizer, layout, prompt_field, response_field,
+                            progress=(lambda n: bar.update(1)) if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    return tries, time.perf_counter() - start

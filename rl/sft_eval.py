@@ -1,0 +1,167 @@
+"""Held-out evaluation of a model being trained: greedy spawn/join decoding of validation prompts.
+
+The prompts are decoded by the orchestrator (``rollout.orchestrator`` on Ray
+rollout workers, ``rollout.workers.RolloutPool``) at temperature 0: in
+parallel mode for a model trained on the parallel layout, with spawning off
+for the sequential baseline. The learner's current weights reach the engines
+in place, in buckets (``RolloutPool.update_weights``); the engines start on
+the first evaluation.
+
+Per trajectory: ``correct`` -- the last ``\\boxed{}`` after ``</think>``
+matches the reference answer (``rewards.answer`` finds it,
+``rewards.checker.AnswerChecker`` decides; plain integers never reach
+math-verify); ``format_valid`` -- the response ended with EOS and
+``rollout.format.validate`` finds no broken rule; ``parallel_valid`` --
+format-valid and holding at least one block. Reported means: ``accuracy``,
+``format_valid``, ``parallel_valid``, ``L_total``, ``L_crit``, ``eta`` and
+``speedup`` (model-generated tokens, ``rollout.units.latency``), plus the
+finish reasons.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from rollout.config import RolloutConfig
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation: how often, on how many prompts, with which decoding limits."""
+
+    every: int = field(default=0, metadata={"help": "evaluate every this many optimizer steps (0: only at the end)"})
+    at_end: bool = field(default=True, metadata={"help": "evaluate after the last step"})
+    prompts: int = field(default=200, metadata={"help": "validation prompts decoded per evaluation (count)"})
+    max_tokens: int = field(default=512, metadata={"help": "generated-token budget per trajectory (tokens)"})
+    max_context: int = field(default=1024, metadata={"help": "per-request context limit (tokens)"})
+    max_thread_tokens: int = field(default=256, metadata={"help": "length limit of one thread (tokens)"})
+    max_threads: int = field(default=8, metadata={"help": "most threads in one block"})
+    max_blocks: int = field(default=4, metadata={"help": "most parallel blocks in one trajectory"})
+    workers: int = field(default=1, metadata={"help": "Ray rollout workers, one vLLM engine each (count)"})
+    cpus_per_worker: float = field(default=1.0, metadata={"help": "Ray CPUs reserved per rollout worker"})
+    gpus_per_worker: float = field(default=0.0, metadata={"help": "Ray GPUs per rollout worker"})
+    dtype: str = field(default="float32", metadata={"help": "engine dtype (float32 on CPU, bfloat16 on GPU)"})
+    checker_timeout_s: float = field(default=5.0, metadata={"help": "math-verify time limit per answer (s)"})
+
+    def rollout_config(self, sequential: bool) -> RolloutConfig:
+        return RolloutConfig(
+            temperature=0.0, n=1, sequential=sequential, seed=0, max_tokens=self.max_tokens,
+            max_context=self.max_context, max_thread_tokens=self.max_thread_tokens, max_threads=self.max_threads,
+            max_blocks=self.max_blocks, workers=self.workers, cpus_per_worker=self.cpus_per_worker,
+            gpus_per_worker=self.gpus_per_worker, dtype=self.dtype, enforce_eager=self.gpus_per_worker == 0,
+        )
+
+
+@dataclass
+class EvalRecord:
+    """One decoded validation prompt."""
+
+    index: int
+    answer: str
+    predicted: str | None
+    correct: bool
+    format_valid: bool
+    parallel_valid: bool
+    finish_reason: str
+    L_total: int
+    L_crit: int
+    eta: float
+    speedup: float
+    n_blocks: int
+    text: str
+
+
+def judge(trajectory, answer: str, checker) -> EvalRecord:
+    """Score one trajectory against its reference ``answer``."""
+    from rewards.answer import extract_answer
+    from rollout.format import validate
+
+    extraction = extract_answer(trajectory.text)
+    correct = extraction.answer is not None and checker.check(extraction.answer, answer).correct
+    valid = trajectory.finish_reason == "eos" and not validate(trajectory.text)
+    return EvalRecord(
+        index=trajectory.prompt_index, answer=answer, predicted=extraction.answer, correct=bool(correct),
+        format_valid=valid, parallel_valid=valid and trajectory.n_blocks > 0,
+        finish_reason=trajectory.finish_reason, L_total=trajectory.L_total, L_crit=trajectory.L_crit,
+        eta=trajectory.eta, speedup=trajectory.speedup, n_blocks=trajectory.n_blocks, text=trajectory.text,
+    )
+
+
+def summarize(records: Sequence[EvalRecord]) -> dict[str, float]:
+    n = len(records)
+
+    def mean(key: str) -> float:
+        return sum(float(getattr(r, key)) for r in records) / n if n else float("nan")
+
+    out = {k: mean(k) for k in ("correct", "format_valid", "parallel_valid", "L_total", "L_crit", "eta",
+                                "speedup", "n_blocks")}
+    out["accuracy"] = out.pop("correct")
+    out["prompts"] = float(n)
+    for reason, count in Counter(r.finish_reason for r in records).items():
+        out[f"finish_{reason}"] = count / n
+    return out
+
+
+class Evaluator:
+    """Decodes the validation prompts with the orchestrator and scores them (see module doc).
+
+    Ray must be initialised. Call :meth:`close` to stop the engines.
+    """
+
+    def __init__(self, cfg: EvalConfig, model_dir: str | Path, tokenizer, records: Sequence[dict],
+                 sequential: bool, prompt_field: str = "prompt", answer_field: str = "answer"):
+        from rollout.units import chat_prompt_ids
+
+        self.cfg = cfg
+        self.model_dir = str(model_dir)
+        self.sequential = sequential
+        chosen = list(records)[:cfg.prompts]
+        if not chosen:
+            raise ValueError("no validation records to evaluate on")
+        missing = [i for i, r in enumerate(chosen) if not isinstance(r.get(prompt_field), str)
+                   or r.get(answer_field) is None]
+        if missing:
+            raise ValueError(f"validation records {missing[:5]} lack '{prompt_field}' or '{answer_field}'")
+        self.prompts = [chat_prompt_ids(tokenizer, r[prompt_field]) for r in chosen]
+        self.answers = [str(r[answer_field]) for r in chosen]
+        self.pool = None
+        self.checker = None
+
+    def __call__(self, weights: dict | None) -> tuple[dict[str, float], list[EvalRecord]]:
+        """Evaluate ``weights`` (a full state dict; None: the weights the engines hold)."""
+        from rewards.checker import AnswerChecker
+        from rollout.workers import RolloutPool
+
+        rollout_cfg = self.cfg.rollout_config(self.sequential)
+        start = time.perf_counter()
+        if self.pool is None:
+            self.pool = RolloutPool(self.model_dir, rollout_cfg)
+            self.checker = AnswerChecker(timeout_s=self.cfg.checker_timeout_s, eager=False)
+        started = time.perf_counter()
+        sync_s = 0.0
+        if weights is not None:
+            sync_s = self.pool.update_weights(weights).seconds
+        decode_start = time.perf_counter()
+        trajectories = self.pool.generate(self.prompts, config=rollout_cfg)
+        decode_s = time.perf_counter() - decode_start
+        records = [judge(t, self.answers[t.prompt_index], self.checker) for t in trajectories]
+        metrics = summarize(records)
+        metrics.update(engine_start_s=started - start, weight_sync_s=sync_s, decode_s=decode_s,
+                       seconds=time.perf_counter() - start)
+        return metrics, records
+
+    def close(self) -> None:
+        if self.checker is not None:
+            self.checker.close()
+            self.checker = None
+        if self.pool is not None:
+            self.pool.shutdown()
+            self.pool = None
+
+
+def records_to_dicts(records: Sequence[EvalRecord]) -> list[dict]:
+    return [asdict(r) for r in records]

@@ -1,0 +1,170 @@
+"""The SFT stage: data streaming, evaluation scoring, exact resumption, and a checkpoint vLLM loads."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from rl.sft_data import StreamState, TrieStream, build_tries, response_units
+from rl.sft_eval import judge, summarize
+from rl.trie import build_trie
+from rollout.task import TaskConfig, make_dataset
+from rollout.units import Unit, chat_prompt_ids, latency
+
+
+def _tries(sizes):
+    return [build_trie([Unit([1], [2] * (n - 1))]) for n in sizes]
+
+
+def test_stream_batches_fill_the_budget_and_resume_from_state():
+    tries = _tries([10, 20, 30, 40, 50, 60, 70])
+    a = TrieStream(tries, seed=3)
+    batches = [a.next_batch(100) for _ in range(6)]
+    for b in batches:
+        assert sum(len(t) for t in b) <= 100 or len(b) == 1
+    served = [id(t) for b in batches for t in b]
+    assert sorted(served[:7]) == sorted(id(t) for t in tries)  # one epoch is a permutation
+    assert a.state.epoch >= 1 and a.state.served == len(served)
+    b = TrieStream(tries, seed=3)
+    for _ in range(3):
+        b.next_batch(100)
+    c = TrieStream(tries, seed=3, state=StreamState(**vars(b.state)))
+    assert [[id(t) for t in c.next_batch(100)] for _ in range(3)] == [[id(t) for t in x] for x in batches[3:]]
+    assert [id(t) for t in TrieStream(tries, seed=4).next_batch(1000)] != [id(t) for t in
+                                                                            TrieStream(tries, seed=3).next_batch(1000)]
+
+
+def test_layouts_give_orchestrator_units_or_one_flattened_unit(tokenizer):
+    rec = make_dataset(TaskConfig(b_digits=2, min_threads=3, max_threads=3), {"train": 1}, seed=0)["train"][0]
+    prompt = chat_prompt_ids(tokenizer, rec["prompt"])
+    par = response_units(prompt, rec["response_parallel"], tokenizer, tokenizer.eos_token_id, "parallel")
+    seq = response_units(prompt, rec["response_parallel"], tokenizer, tokenizer.eos_token_id, "sequential")
+    assert [u.role for u in par] == ["seq", "thread", "thread", "thread", "seq"]
+    assert len(seq) == 1 and seq[0].context_ids == prompt
+    assert tokenizer.decode(seq[0].completion_ids[:-1]) == rec["response_sequential"]
+    assert seq[0].completion_ids[-1] == tokenizer.eos_token_id
+    assert latency(par).L_crit < latency(seq).L_total
+    with pytest.raises(ValueError, match="record 0"):
+        build_tries([{"prompt": "x", "response_parallel": "<Parallel><Thread>1: a</Parallel>"}], tokenizer,
+                    "parallel")
+
+
+def _trajectory(text, reason="eos", n_blocks=0):
+    return SimpleNamespace(prompt_index=0, text=text, finish_reason=reason, L_total=10, L_crit=6, eta=0.4,
+                           speedup=10 / 6, n_blocks=n_blocks)
+
+
+class _IntChecker:
+    def check(self, pred, gold):
+        return SimpleNamespace(correct=int(pred) == int(gold))
+
+
+def test_judge_scores_answer_format_and_parallelism():
+    parallel = ("<think>\n<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n<Outline>2: b</Outline>\n</Outlines>\n"
+                "<Thread>\n1: x\n</Thread>\n<Thread>\n2: y\n</Thread>\n</Parallel>\nz\n</think>\n\n\\boxed{12}")
+    good = judge(_trajectory(parallel, n_blocks=1), "12", _IntChecker())
+    assert good.correct and good.format_valid and good.parallel_valid
+    wrong = judge(_trajectory(parallel.replace("{12}", "{13}"), n_blocks=1), "12", _IntChecker())
+    assert not wrong.correct and wrong.parallel_valid
+    cut = judge(_trajectory(parallel, reason="budget", n_blocks=1), "12", _IntChecker())
+    assert not cut.format_valid and not cut.parallel_valid
+    broken = judge(_trajectory(parallel.replace("<Outline>2: b", "<Outline>3: b"), n_blocks=1), "12", _IntChecker())
+    assert not broken.format_valid
+    seq = judge(_trajectory("<think>\nz\n</think>\n\n\\boxed{12}"), "12", _IntChecker())
+    assert seq.correct and seq.format_valid and not seq.parallel_valid
+    none = judge(_trajectory("<think>\nz\n</think>\n\nno answer"), "12", _IntChecker())
+    assert not none.correct and none.predicted is None
+    s = summarize([good, wrong, cut, seq])
+    assert s["accuracy"] == 0.75 and s["parallel_valid"] == 0.5 and s["format_valid"] == 0.75
+    assert s["finish_eos"] == 0.75 and s["L_crit"] == 6 and s["prompts"] == 4
+
+
+# --------------------------------------------------------------------------- integration
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def _config(run_dir, data_dir, model_dir, **kw):
+    from cluster.config import load_config
+    from rl.sft import SFTConfig
+
+    overrides = [f"run_dir={run_dir}", f"model.path={model_dir}", f"data.dir={data_dir}", "data.train_size=40",
+                 "data.validation_size=4", "data.test_size=4", "data.task.b_digits=2", "data.task.max_threads=3",
+                 "steps=6", "tokens_per_step=900", "save_every=3", "keep_last=0", "progress=false",
+                 "eval.at_end=false", "learner.lr=3e-3", "learner.warmup_steps=2", "learner.row_tokens=600",
+                 "learner.cpus_per_rank=1", "learner.threads_per_rank=1"]
+    overrides += [f"{k}={v}" for k, v in kw.items()]
+    return load_config(SFTConfig, None, overrides)
+
+
+@pytest.mark.integration
+def test_killed_run_resumes_to_the_same_weights(ray_cluster, tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from rl.sft import Stop, train
+
+    data = tmp_path / "data"
+    full = train(_config(tmp_path / "full", data, tiny_model_dir))
+    assert full["steps"] == 6 and full["examples_seen"] > 40  # past one epoch: the reshuffle is covered
+
+    def kill_after_4(step, metrics):
+        if step == 4:
+            raise Stop()
+
+    with pytest.raises(Stop):  # checkpoint at step 3, then step 4 is lost with the "process"
+        train(_config(tmp_path / "cut", data, tiny_model_dir), on_step=kill_after_4)
+    with pytest.raises(ValueError, match="resume=auto"):
+        train(_config(tmp_path / "cut", data, tiny_model_dir))
+    resumed = train(_config(tmp_path / "cut", data, tiny_model_dir, resume="auto"))
+    assert resumed["steps"] == 6 and resumed["examples_seen"] == full["examples_seen"]
+
+    a = load_file(f"{full['checkpoint']}/model.safetensors")
+    b = load_file(f"{resumed['checkpoint']}/model.safetensors")
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    init = load_file(f"{tiny_model_dir}/model.safetensors")
+    assert max(float((a[k] - init[k]).abs().max()) for k in a) > 1e-3  # it trained
+
+    lines = [json.loads(x) for x in open(tmp_path / "cut" / "metrics.jsonl")]
+    losses_full = [json.loads(x)["loss"] for x in open(tmp_path / "full" / "metrics.jsonl")]
+    losses_cut = [x["loss"] for x in lines if x["step"] <= 3] + [x["loss"] for x in lines[4:]]
+    assert losses_cut == pytest.approx(losses_full, rel=1e-6)
+
+
+@pytest.mark.integration
+def test_sft_checkpoint_loads_in_vllm_with_the_learner_logprobs(ray_cluster, tiny_model_dir, tokenizer, llm,
+                                                                tmp_path):
+    from transformers import AutoModelForCausalLM
+    from vllm import SamplingParams, TokensPrompt
+
+    from rl.sft import train
+
+    summary = train(_config(tmp_path / "run", tmp_path / "data", tiny_model_dir, steps=3, save_every=0))
+    ckpt = summary["checkpoint"]
+    prompt = chat_prompt_ids(tokenizer, "Compute 3*41 + 7*12.")
+    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    try:
+        llm.collective_rpc("reload_weights", kwargs={"weights_path": ckpt})
+        llm.reset_prefix_cache()
+        out = llm.generate([TokensPrompt(prompt_token_ids=prompt)],
+                           SamplingParams(temperature=0, max_tokens=8, logprobs=0), use_tqdm=False)[0].outputs[0]
+    finally:
+        llm.collective_rpc("reload_weights", kwargs={"weights_path": str(tiny_model_dir)})
+        llm.reset_prefix_cache()
+    ids = torch.tensor([prompt + list(out.token_ids)])
+    with torch.no_grad():
+        logp = hf(input_ids=ids).logits[0].log_softmax(-1)
+    start = len(prompt)
+    expected = [float(logp[start - 1 + i, t]) for i, t in enumerate(out.token_ids)]
+    got = [lp[t].logprob for lp, t in zip(out.logprobs, out.token_ids)]
+    assert got == pytest.approx(expected, abs=1e-3)
+    assert list(out.token_ids) == [int(logp[start - 1 + i].argmax()) for i in range(len(out.token_ids))]
