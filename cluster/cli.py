@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("rollout.check", "check the format of responses in a JSONL file and print latency measures"),
     "generate": ("rollout.cli", "sample parallel trajectories for a JSONL of prompts with Ray rollout workers"),
     "score": ("rewards.cli", "score responses in a JSONL file: correctness, parallelism measures, reward"),
+    "sft": ("rl.sft", "SFT warm start on trie-packed units (or the sequential baseline), with held-out eval"),
     "rl": ("rl.driver", "P-GRPO training on Ray: rollouts, rewards, group advantages, learner, weight sync, MLflow"),
     "demo": ("cluster.demo", "the embedded default job: tiny model, data, vLLM decoding, statistics"),
     "bench": ("rl.bench", "benchmarks printed as side-by-side tables (bench trie: trie vs expanded vs padded rows)"),
