@@ -130,8 +130,8 @@ class RLConfig:
     max_rollout_restarts: int = field(default=3, metadata={
         "help": "rebuilds of the rollout pool allowed per step after a worker or engine died (count)"})
     data: RLDataConfig = field(default_factory=RLDataConfig, metadata={"help": "prompts"})
-    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(n=8), metadata={
-        "help": "sampling (n = k samples per prompt) and rollout workers"})
+    rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={
+        "help": "sampling (n = k samples per prompt, at least 2: set it) and rollout workers"})
     reward: RewardConfig = field(default_factory=RewardConfig, metadata={"help": "reward weights and service"})
     grpo: GRPOConfig = field(default_factory=GRPOConfig, metadata={"help": "advantages and loss"})
     learner: LearnerConfig = field(default_factory=LearnerConfig, metadata={"help": "DeepSpeed learner ranks"})

@@ -1,0 +1,211 @@
+"""The P-GRPO driver: prompt order, config checks, and end-to-end runs on Ray with the tiny model.
+
+The integration tests share one local Ray instance, one rollout pool (one vLLM
+engine) and one reward pool across runs (``train(..., services=...)``); each
+run starts its own DeepSpeed learner. The untrained tiny model never answers
+correctly, so the runs reward format validity instead (``format_penalty=1``;
+random output often contains a stray tag token): rewards then differ within
+groups, advantages are non-zero and the weights move.
+
+The three fault cases share their runs (each engine start costs about a
+minute here):
+
+* run "full" (3 steps) has its rollout worker killed in the middle of the
+  first rollout and its tracking server down (a closed 127.0.0.1 port): the
+  pool is rebuilt, the step completes and the run finishes;
+* run "cut" is killed after step 3 (checkpoint at step 2), then resumed: it
+  ends with the weights and step-3 metrics of "full" (so the rebuilt pool also
+  sampled exactly what an undisturbed one would have), in the MLflow run the
+  killed driver opened.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+
+from rl.driver import PromptState, PromptStream, RLConfig, roles, step_seed
+
+
+def test_prompt_stream_is_seeded_reshuffled_and_resumable():
+    a = PromptStream(5, seed=3)
+    first = a.take(4) + a.take(4)
+    assert sorted(first[:5]) == [0, 1, 2, 3, 4] and a.state == PromptState(epoch=1, offset=3, served=8)
+    b = PromptStream(5, seed=3, state=PromptState(epoch=1, offset=3, served=8))
+    assert a.take(6) == b.take(6)
+    assert PromptStream(50, seed=4).take(50) != PromptStream(50, seed=3).take(50)
+
+
+def test_step_seeds_differ_per_step_and_follow_the_base():
+    assert len({step_seed(0, s) for s in range(1, 100)}) == 99
+    assert step_seed(1, 1) != step_seed(0, 1) and step_seed(None, 3) is None
+
+
+def test_config_requires_groups_and_lists_roles():
+    from cluster.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="rollout.n"):
+        load_config(RLConfig, None, ["rollout.n=1"])
+    with pytest.raises(ConfigError, match="eval.modes"):
+        load_config(RLConfig, None, ["rollout.n=4", "eval.modes=[beam]"])
+    cfg = load_config(RLConfig, None, ["grpo.kl_coef=0.1", "rollout.n=4", "rollout.workers=2", "learner.ranks=2"])
+    assert [(r.name, r.count) for r in roles(cfg)] == [("rollout worker", 2), ("reward actor", 2),
+                                                      ("learner rank", 2), ("reference model", 1)]
+
+
+def test_experiment_configs_load():
+    from pathlib import Path
+
+    from cluster.config import load_config
+
+    files = sorted(Path("experiments").glob("rl_*.yaml"))
+    assert files, "no experiments/rl_*.yaml"
+    for f in files:
+        cfg = load_config(RLConfig, f)
+        assert cfg.rollout.n >= 2
+
+
+def test_ray_plan_refuses_what_the_cluster_cannot_hold():
+    from cluster.ray_setup import Role, check_fits
+
+    plan = [Role("rollout worker", 2, 1.0, 1.0), Role("learner rank", 2, 1.0, 1.0)]
+    check_fits(plan, {"CPU": 8.0, "GPU": 4.0})
+    with pytest.raises(RuntimeError, match="4 GPU needed, 2 in the cluster"):
+        check_fits(plan, {"CPU": 8.0, "GPU": 2.0})
+
+
+# --------------------------------------------------------------------------- integration
+
+
+def _config(tmp_path, run: str, model_dir, **kw) -> RLConfig:
+    from cluster.config import load_config
+
+    overrides = [
+        f"model={model_dir}", f"run_dir={tmp_path / run}", f"data.dir={tmp_path / 'data'}", "data.generate=true",
+        "data.train_size=40", "data.validation_size=4", "data.test_size=4", "steps=3", "prompts_per_step=2",
+        "save_every=2", "keep_last=0", "rollout.n=3", "rollout.max_tokens=48", "rollout.max_context=256",
+        "rollout.max_thread_tokens=16", "rollout.weight_bucket_mb=0.5", "reward.format_penalty=1.0",
+        "reward.num_actors=1", "learner.lr=3e-3", "learner.row_tokens=512", "learner.threads_per_rank=1",
+        "eval.at_start=false", "eval.every=0", "eval.at_end=false", "eval.prompts=2", "tracking.experiment=test",
+    ]
+    overrides += [f"{k}={v}" for k, v in kw.items()]
+    return load_config(RLConfig, None, overrides)
+
+
+@pytest.fixture(scope="module")
+def services(tiny_model_dir, tmp_path_factory):
+    import ray
+
+    from rl.driver import start_services, stop_services
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        svc = start_services(_config(tmp_path_factory.mktemp("svc"), "x", tiny_model_dir), tiny_model_dir)
+        yield svc
+        stop_services(svc)
+    finally:
+        ray.shutdown()
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(f"{path}/model.safetensors")
+
+
+def _lines(path) -> list[dict]:
+    return [json.loads(x) for x in open(path)]
+
+
+class _KillingPool:
+    """A rollout pool whose first rollout kills its worker once it is under way (some trajectories unfinished)."""
+
+    def __init__(self, pool):
+        self.pool = pool
+        self.killed = False
+
+    def __getattr__(self, name):
+        return getattr(self.pool, name)
+
+    def generate(self, prompts, **kw):
+        import ray
+
+        if self.killed:
+            return self.pool.generate(prompts, **kw)
+        total = len(prompts) * kw["config"].n
+
+        def progress(done: int) -> None:
+            if not self.killed and done < total:
+                self.killed = True
+                ray.kill(self.pool.workers[0])
+
+        return self.pool.generate(prompts, progress=progress, **kw)
+
+
+@pytest.mark.integration
+def test_faults_worker_killed_tracking_down_driver_killed_and_resumed(services, tiny_model_dir, tmp_path):
+    from mlflow import MlflowClient
+
+    from cluster.tracking import metric_table
+    from rl.driver import Stop, train
+
+    # --- "full": a rollout worker dies mid-rollout, MLflow is unreachable
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    killing = _KillingPool(services.rollout)
+    services.rollout = killing
+    full = train(_config(tmp_path, "full", tiny_model_dir, **{
+        "tracking.uri": f"http://127.0.0.1:{closed}", "tracking.request_timeout_s": 2}), services=services)
+    assert killing.killed and full["rollout_restarts"] == 1
+    assert services.rollout is not killing  # a rebuilt pool, which the fixture shuts down
+    assert full["steps"] == 3 and full["mlflow_run_id"] is None
+    full_steps = [x for x in _lines(tmp_path / "full" / "metrics.jsonl") if x["kind"] == "train"]
+    assert [x["rollout/restarts"] for x in full_steps] == [1, 1, 1]
+    assert any(x["adv/nonzero_share"] > 0 for x in full_steps)
+    assert all(x["logprob/rollout_learner_absdiff"] < 1e-3 for x in full_steps)  # vLLM and the learner agree
+
+    # --- "cut": the driver dies after step 3 (last checkpoint: step 2), then resumes
+    def kill_after_3(step, metrics):
+        if step == 3:  # computed and logged, but its checkpoint is never written
+            raise Stop()
+
+    with pytest.raises(Stop):
+        train(_config(tmp_path, "cut", tiny_model_dir), on_step=kill_after_3, services=services)
+    with pytest.raises(ValueError, match="--resume"):
+        train(_config(tmp_path, "cut", tiny_model_dir), services=services)
+    resumed = train(_config(tmp_path, "cut", tiny_model_dir, resume="auto", **{"eval.at_end": "true"}),
+                    services=services)
+    assert resumed["steps"] == 3
+
+    a, b = _weights(full["checkpoint"]), _weights(resumed["checkpoint"])
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    init = _weights(tiny_model_dir)
+    assert max(float((a[k] - init[k]).abs().max()) for k in a) > 1e-4  # it trained
+    cut_steps = [x for x in _lines(tmp_path / "cut" / "metrics.jsonl") if x["kind"] == "train"]
+    assert [x["step"] for x in cut_steps] == [1, 2, 3, 3]  # step 3 was lost with the driver and redone
+    for key in ("train/reward", "train/L_total", "loss/total", "learner/grad_norm", "data/prompts_seen"):
+        assert [x[key] for x in cut_steps[:2] + cut_steps[3:]] == pytest.approx([x[key] for x in full_steps],
+                                                                                 rel=1e-6), key
+
+    # --- MLflow: one run, reopened by the resumed driver, with params, per-step metrics and artifacts
+    state = json.loads((tmp_path / "cut" / "checkpoints" / "step_00000002" / "trainer_state.json").read_text())
+    assert resumed["mlflow_run_id"] == state["mlflow_run_id"] is not None
+    uri = resumed["tracking_uri"]
+    assert uri == f"sqlite:///{(tmp_path / 'cut').resolve()}/mlflow.db"
+    client = MlflowClient(uri)
+    assert len(client.search_runs([client.get_experiment_by_name("test").experiment_id])) == 1
+    run = client.get_run(resumed["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["reward.format_penalty"] == "1.0" and run.data.params["grpo.advantage"] == "mean"
+    table = metric_table(uri, run.info.run_id, ["train/reward", "time/rollout_s", "eval/parallel/accuracy",
+                                                "eval/sequential/L_total"])
+    assert [r["step"] for r in table] == [1, 2, 3] and all("time/rollout_s" in r for r in table)
+    assert "eval/parallel/accuracy" in table[-1] and "eval/sequential/L_total" in table[-1]
+    artifacts = {x.path for x in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "config_resume_step_2.yaml", "eval", "summary.json"} <= artifacts
+    evals = _lines(tmp_path / "cut" / "eval" / "step_00000003.jsonl")
+    assert sorted({(x["mode"], x["index"]) for x in evals}) == [("parallel", 0), ("parallel", 1),
+                                                                 ("sequential", 0), ("sequential", 1)]
