@@ -22,10 +22,10 @@ def token_logprobs(logits: torch.Tensor, row: PackedRow) -> torch.Tensor:
         raise ValueError(f"logits have {logits.shape[0]} positions, the row has {len(row)} tokens")
     parent = row.parent.to(logits.device)
     ids = row.input_ids.to(logits.device)
-    has_parent = parent >= 0
-    src = logits[parent.clamp(min=0)].float()
-    picked = src.gather(-1, ids[:, None])[:, 0] - torch.logsumexp(src, dim=-1)
-    return torch.where(has_parent, picked, torch.zeros_like(picked))
+    source = parent.clamp(min=0)
+    lse = torch.logsumexp(logits.float(), dim=-1)  # one normaliser per position, no [L, vocab] gather copy
+    picked = logits[source, ids].float() - lse[source]
+    return torch.where(parent >= 0, picked, torch.zeros_like(picked))
 
 
 def weighted_loss(logprobs: torch.Tensor, row: PackedRow, denominator: float | None = None) -> torch.Tensor:
