@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rl": ("rl.driver", "P-GRPO training on Ray: rollouts, rewards, group advantages, learner, weight sync, MLflow"),
     "demo": ("cluster.demo", "the embedded default job: tiny model, data, vLLM decoding, statistics"),
     "bench": ("rl.bench", "benchmarks printed as side-by-side tables (bench trie: trie vs expanded vs padded rows)"),
+    "view": ("cluster.viewer", "render trajectory JSONL as a static HTML page: threads side by side, critical path marked"),
     "datagen": ("rollout.datagen.cli", "parallel training data: stage1 rewrites traces, stage2 self-trains"),
 }
 

@@ -1,0 +1,203 @@
+"""The trajectory viewer: HTML content (fast) and what headless Chromium shows of it.
+
+Trajectories are built by hand: units come from ``rollout.units.replay`` over
+a byte tokenizer, so every thread's token count is its byte length (seed
+excluded) and the critical thread of each block is known in advance.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from cluster.viewer import critical_thread, read_jsonl, render, to_item
+from rollout.units import latency, replay
+
+CHROMIUM = "/usr/bin/chromium"
+
+# Block 1: thread 2 is the longest; block 2: thread 1 is. Thread 3 of block 1 carries markup that must stay text.
+RESPONSE = (
+    "<think>\nfirst & sequential <b>bold?</b>\n<Parallel>\n<Outlines>\n<Outline>1: short one</Outline>\n"
+    "<Outline>2: the long one</Outline>\n<Outline>3: markup</Outline>\n</Outlines>\n"
+    "<Thread>\n1: aa\n</Thread>\n<Thread>\n2: " + "b" * 50 + "\n</Thread>\n"
+    "<Thread>\n3: <script>window.__pwned = 1</script>\n</Thread>\n</Parallel>\nmiddle text\n"
+    "<Parallel>\n<Outlines>\n<Outline>1: left</Outline>\n<Outline>2: right</Outline>\n</Outlines>\n"
+    "<Thread>\n1: cccccccccccccccccccccccc\n</Thread>\n<Thread>\n2: dd\n</Thread>\n</Parallel>\n"
+    "done\n</think>\n\n\\boxed{42}"
+)
+
+
+def _tokens(body: str) -> int:
+    """A thread's completion under the byte tokenizer: what follows its "N:" seed, then </Thread>."""
+    return len(f" {body}\n</Thread>".encode())
+
+
+class ByteTokenizer:
+    def encode(self, text, add_special_tokens=False):
+        return list(text.encode())
+
+
+def _record(response: str = RESPONSE, **extra) -> dict:
+    units = replay([1, 2, 3], response, ByteTokenizer(), eos_token_id=0)
+    lat = latency(units)
+    rec = {"prompt": "Compute 6*7 <now>.", "answer": "42", "prompt_index": 3, "sample_index": 1,
+           "response": response, "units": [u.to_dict() for u in units], "finish_reason": "eos",
+           "L_total": lat.L_total, "L_crit": lat.L_crit, "eta": lat.eta, "n_blocks": lat.n_blocks,
+           "threads_per_block": lat.threads_per_block, "latency_s": 0.25}
+    rec.update(extra)
+    return rec
+
+
+def _score(**kw) -> dict:
+    out = {"reward": 1.2, "R_correct": 1.0, "R_accel": 0.2, "format_penalty": 0.0, "correct": True,
+           "format_valid": True, "extracted_answer": "42"}
+    out.update(kw)
+    return out
+
+
+def test_critical_thread_is_the_first_longest():
+    assert critical_thread([3, 9, 9, 1]) == 1
+    assert critical_thread([5]) == 0 and critical_thread([]) == -1
+
+
+def test_page_marks_the_critical_thread_by_tokens_and_escapes_text():
+    page = render([_record()], [_score()])
+    crit = re.findall(r'<div class="thread critical" data-block="(\d)" data-thread="(\d)" data-length="(\d+)" '
+                      r'data-unit="tokens"', page)
+    assert crit == [("1", "2", str(_tokens("b" * 50))), ("2", "1", str(_tokens("c" * 24)))]
+    assert "<script>" not in page and "&lt;script&gt;window.__pwned = 1&lt;/script&gt;" in page
+    assert "&lt;b&gt;bold?&lt;/b&gt;" in page and "first &amp; sequential" in page
+    assert "Compute 6*7 &lt;now&gt;." in page
+    assert 'data-key="R_accel">0.200<' in page and "reference 42" in page
+    assert page.count('class="block"') == 2 and page.count("critical path</span>") == 2
+    assert "sequential request:" in page and "3 units" not in page  # 3 seq + 5 thread units
+    assert "8 units (engine requests)" in page
+
+
+def test_records_without_units_compare_threads_by_characters():
+    rec = {"text": RESPONSE, "mode": "parallel", "index": 0, "step": 5, **_score(correct=False)}
+    page = render([rec])
+    assert re.search(r'class="thread critical" data-block="1" data-thread="2" data-length="\d+" data-unit="chars"',
+                     page)
+    assert "incorrect" in page and "prompt 0 · parallel · step 5" in page
+    assert "sequential request:" not in page
+
+
+def test_unparseable_response_is_shown_raw_under_the_parser_error():
+    page = render([{"text": "<think>\n<Parallel>\n<Outlines>\n<Outline>1: x", "finish_reason": "budget"}])
+    assert "does not parse into blocks" in page and "&lt;Outline&gt;1: x" in page
+    assert 'data-key="finish_reason">budget<' in page
+
+
+def test_bad_input_is_an_error_naming_the_record(tmp_path):
+    with pytest.raises(ValueError, match="record 1: no string field 'response' or 'text'"):
+        render([_record(), {"prompt": "x"}])
+    with pytest.raises(ValueError, match="2 scores for 1 trajectories"):
+        render([_record()], [None, None])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n[1]\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2: expected a JSON object"):
+        read_jsonl(bad)
+
+
+def test_trajectory_objects_render(tmp_path):
+    from rollout.orchestrator import Trajectory
+
+    rec = _record()
+    traj = Trajectory(prompt_index=0, sample_index=0, prompt_ids=[1, 2, 3],
+                      units=[__import__("rollout.units", fromlist=["Unit"]).Unit.from_dict(u) for u in rec["units"]],
+                      sequence_ids=[], text=RESPONSE, finish_reason="eos", finish_detail="", L_total=rec["L_total"],
+                      L_crit=rec["L_crit"], eta=rec["eta"], speedup=1.0, n_blocks=2, threads_per_block=[3, 2],
+                      latency_s=0.1)
+    item = to_item(traj)
+    assert item.measures["L_crit"] == rec["L_crit"] and item.units is not None
+    assert "critical path" in render([traj])
+
+
+def test_cli_writes_the_page(tmp_path):
+    from cluster.cli import main
+
+    src = tmp_path / "traj.jsonl"
+    src.write_text(json.dumps(_record()) + "\n" + json.dumps(_record(sample_index=2)) + "\n")
+    out = tmp_path / "page" / "view.html"
+    assert main(["view", str(src), "--out", str(out), "--limit", "1"]) == 0
+    assert out.read_text().count('<section class="trajectory"') == 1
+    assert main(["view", str(tmp_path / "missing.jsonl"), "--out", str(out)]) == 2
+
+
+# --------------------------------------------------------------------------- headless Chromium
+
+_PROBE = """
+<pre id="probe"></pre>
+<script>
+(() => {
+  const rect = el => el.getBoundingClientRect();
+  const blocks = [...document.querySelectorAll('.block')].map(b => {
+    const threads = [...b.querySelectorAll('.thread')];
+    return {
+      tops: threads.map(t => Math.round(rect(t).top)),
+      lefts: threads.map(t => Math.round(rect(t).left)),
+      rights: threads.map(t => Math.round(rect(t).right)),
+      visible: threads.map(t => rect(t).width > 50 && rect(t).height > 10),
+      outline_above: threads.map(t => rect(t.querySelector('.outline')).bottom
+                                      <= rect(t.querySelector('.thread-body')).top + 1),
+      critical: threads.map(t => t.classList.contains('critical')),
+      border: threads.map(t => getComputedStyle(t).borderTopColor),
+      texts: threads.map(t => t.innerText),
+    };
+  });
+  const out = {sections: document.querySelectorAll('section.trajectory').length, blocks,
+               text: document.body.innerText, scripts: document.scripts.length,
+               pwned: window.__pwned === undefined ? null : window.__pwned};
+  document.getElementById('probe').textContent = JSON.stringify(out);
+})();
+</script>
+"""
+
+
+def _shown(page: str, tmp_path: Path) -> dict:
+    """What Chromium lays out for ``page``: the probe's measurements (see ``_PROBE``)."""
+    probed = tmp_path / "probed.html"
+    probed.write_text(page.replace("</body>", _PROBE + "</body>"))
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+           f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,3000", "--dump-dom",
+           probed.as_uri()]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    m = re.search(r'<pre id="probe">(.*?)</pre>', done.stdout, re.S)
+    assert m and m.group(1), f"no probe output in Chromium's DOM; stderr: {done.stderr[-1000:]}"
+    import html
+
+    return json.loads(html.unescape(m.group(1)))
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                    reason=f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium)")
+def test_chromium_shows_threads_side_by_side_with_the_critical_path_marked(tmp_path):
+    seq_only = {"response": "<think>\nplain steps\n</think>\n\n\\boxed{7}", "finish_reason": "eos", "answer": "8",
+                **_score(correct=False, reward=0.0, R_correct=0.0, R_accel=0.0, extracted_answer="7")}
+    shown = _shown(render([_record(), seq_only], [_score(), None]), tmp_path)
+    assert shown["sections"] == 2
+    assert shown["scripts"] == 1 and shown["pwned"] is None  # only the probe ran; the thread's <script> is text
+    b1, b2 = shown["blocks"]
+    for block, k in ((b1, 3), (b2, 2)):
+        assert len(block["tops"]) == k and all(block["visible"])
+        assert len(set(block["tops"])) == 1  # one row
+        assert all(r <= l for r, l in zip(block["rights"], block["lefts"][1:]))  # left to right, no overlap
+        assert all(block["outline_above"])
+    assert b1["critical"] == [False, True, False] and b2["critical"] == [True, False]
+    assert b1["border"][1] == "rgb(192, 57, 43)" and b1["border"][0] != b1["border"][1]
+    assert "critical path" in b1["texts"][1] and "critical path" not in b1["texts"][0]
+    assert b1["texts"][0].startswith("1: short one") and "<script>window.__pwned = 1</script>" in b1["texts"][2]
+    assert b1["texts"][1].splitlines()[-1] == f"thread 2: {_tokens('b' * 50)} tokens critical path"
+    text = shown["text"]
+    assert "block 1 · 3 threads · critical path: thread 2" in text
+    assert "first & sequential <b>bold?</b>" in text and "Compute 6*7 <now>." in text
+    assert "R_accel" in text and "0.200" in text and "incorrect" in text and "correct" in text
+    assert "plain steps" in text and "2 trajectories" in text
