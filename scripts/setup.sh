@@ -14,6 +14,18 @@ EXTRAS=${EXTRAS:-cpu,dev}
 TORCH_INDEX_URL=${TORCH_INDEX_URL-https://download.pytorch.org/whl/cpu}
 stamp="$VENV/.threadweaver-$EXTRAS"
 
+# --- Chromium for the viewer test (tests/test_viewer.py opens a page in headless
+# Chromium; it skips, naming this package, when /usr/bin/chromium is missing).
+# Debian's package, installed only where apt-get exists and we are root.
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "[setup] installing chromium (Debian package) for the viewer test"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y --no-install-recommends chromium >/dev/null 2>&1 \
+        || { apt-get update >/dev/null 2>&1 && apt-get install -y --no-install-recommends chromium >/dev/null 2>&1; } \
+        || echo "[setup] could not install chromium; the viewer's browser test will be skipped" >&2
+fi
+# --- end Chromium
+
 if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then
     exit 0
 fi
