@@ -271,7 +271,7 @@ def block_reasons(block: Block, index: int, max_threads: int | None = DEFAULT_MA
         body = block.thread_body(i)
         if not body.strip():
             reasons.append(f"{where}: thread {n} is empty")
-        refs = sorted({int(r) for r in _THREAD_REF_RE.findall(body)} - {n})
+        refs = thread_references(body, n)
         if refs:
             reasons.append(f"{where}: thread {n} refers to thread {_numbers(refs)}")
     if None not in thread_numbers and None not in outline_numbers and thread_numbers != outline_numbers:
@@ -279,6 +279,11 @@ def block_reasons(block: Block, index: int, max_threads: int | None = DEFAULT_MA
             f"{where}: threads are numbered {_numbers(thread_numbers)}, outlines {_numbers(outline_numbers)}"
         )
     return reasons
+
+
+def thread_references(text: str, own: int | None = None) -> list[int]:
+    """Numbers of the threads that ``text`` names ("thread 2", "Thread #3"), ``own`` left out."""
+    return sorted({int(r) for r in _THREAD_REF_RE.findall(text)} - {own})
 
 
 def _numbers(ns: list) -> str:

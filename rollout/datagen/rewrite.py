@@ -40,10 +40,9 @@ from rollout.datagen.teacher import TeacherCallError, TeacherClient
 from rollout.datagen.trace import (
     BlockPlan, Reject, Rejection, StepUnit, Trace, assemble, separator, split_steps, thread_source,
 )
-from rollout.format import ALL_TAGS
+from rollout.format import ALL_TAGS, thread_references
 
 _NUMBER_RE = re.compile(r"\d+(?:\.\d+)?")
-_THREAD_REF_RE = re.compile(r"\b[Tt]hread\s*#?\s*(\d+)")
 
 
 @dataclass
@@ -152,7 +151,7 @@ def check_texts(texts, blocks: list[BlockPlan], steps: list[str], cfg: RewriteCo
                 raise Reject("decouple", "empty_thread", f"block {i}: thread {n} is empty")
             if tags := _tags_in(text):
                 raise Reject("decouple", "tags", f"block {i}: thread {n} holds control tags {', '.join(tags)}")
-            refs = sorted({int(r) for r in _THREAD_REF_RE.findall(text)} - {n})
+            refs = thread_references(text, n)
             if refs:
                 raise Reject("decouple", "cross_reference", f"block {i}: thread {n} still mentions thread "
                                                             f"{', '.join(map(str, refs))}")
