@@ -16,7 +16,8 @@ refuses, before any actor starts, a plan that the cluster cannot hold at once
 (Ray would otherwise leave actors pending forever).
 
 :func:`init_ray` joins a cluster (``ray.address``, else ``RAY_ADDRESS``, which a
-Ray job's entrypoint has set) or starts a local instance. A local instance
+Ray job's entrypoint has set) or starts a local instance (never attaching to
+a ``ray start`` cluster it happens to find on the machine). A local instance
 gets ``max(cpu count, CPUs the plan reserves)`` logical CPUs, since the roles
 take turns (rollout, then rewards, then learning) rather than all computing at
 once; its dashboard is off unless ``ray.dashboard`` is set, and then listens
@@ -107,7 +108,7 @@ def init_ray(cfg: RayConfig, roles: list[Role]) -> bool:
             num_cpus = cfg.num_cpus if cfg.num_cpus is not None else max(os.cpu_count() or 1, need)
             kwargs = {"dashboard_host": cfg.dashboard_host, "dashboard_port": cfg.dashboard_port} \
                 if cfg.dashboard else {}
-            ray.init(num_cpus=num_cpus, num_gpus=cfg.num_gpus, include_dashboard=cfg.dashboard,
+            ray.init(address="local", num_cpus=num_cpus, num_gpus=cfg.num_gpus, include_dashboard=cfg.dashboard,
                      log_to_driver=cfg.log_to_driver, **kwargs)
         started = True
     try:
