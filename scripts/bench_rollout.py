@@ -49,6 +49,7 @@ def parse_args() -> argparse.Namespace:
     g.add_argument("--cpus-per-worker", type=float, default=1.0, help="Ray CPUs per worker (default 1)")
     g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
     g.add_argument("--updates", type=int, default=3, help="weight updates to time (default 3)")
+    g.add_argument("--bucket-mb", type=float, default=1.0, help="weight-update bucket size (MiB, default 1)")
     return p.parse_args()
 
 
@@ -99,7 +100,8 @@ def main() -> None:
     ray.init(num_cpus=max(2, int(args.workers * args.cpus_per_worker)), include_dashboard=False,
              log_to_driver=False)
     config = RolloutConfig(n=args.n, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
-                           temperature=args.temperature, max_tokens=1024, max_context=2048, max_thread_tokens=256)
+                           temperature=args.temperature, max_tokens=1024, max_context=2048, max_thread_tokens=256,
+                           weight_bucket_mb=args.bucket_mb)
     pool = RolloutPool(model_dir, config)
     try:
         pool.generate(prompts[:1], n=1)  # warm-up
