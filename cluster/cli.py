@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("cluster.demo", "the embedded default job: tiny model, data, vLLM decoding, statistics"),
     "bench": ("rl.bench", "benchmarks printed as side-by-side tables (bench trie: trie vs expanded vs padded rows)"),
     "view": ("cluster.viewer", "render trajectory JSONL as a static HTML page: threads side by side, critical path marked"),
+    "eval": ("cluster.evaluate", "benchmark report: accuracy, L_crit, speedup vs the sequential baseline, wall clock"),
     "datagen": ("rollout.datagen.cli", "parallel training data: stage1 rewrites traces, stage2 self-trains"),
 }
 

@@ -1,0 +1,612 @@
+"""``threadweaver eval``: accuracy, token latency, speedup and wall-clock latency on JSONL benchmarks.
+
+What it really does, per benchmark file (one JSON object a line with a
+problem and an answer field; MATH500's ``problem``/``answer`` and AIME's
+``problem`` or ``question``/``answer`` layouts included):
+
+1. wraps each problem in ``prompt_template`` and the tokenizer's chat
+   template, and decodes ``k`` samples per problem with the spawn/join
+   orchestrator: the model in *parallel* mode, and the *sequential
+   baseline* (``baseline_model``, default the same model) with spawning off;
+2. scores every sample with the reward code (``rewards.score``: the last
+   ``\\boxed{}`` after ``</think>`` checked against the reference by the
+   fast rules, then math-verify under a time limit);
+3. reports per mode: accuracy averaged over the k samples of every problem
+   (avg@k), mean ``L_total`` and ``L_crit`` (model-generated tokens),
+   activation ratio (share of samples with at least one parallel block),
+   format validity, and the wall-clock latency per problem (the time until
+   the last of its k samples finished);
+4. per problem, the token-latency speedup of the parallel model over the
+   baseline: ``mean L_crit(sequential samples) / mean L_crit(parallel
+   samples)`` (a sequential sample's ``L_crit`` is its ``L_total``); once over
+   all samples and once over the correct samples only (problems with at
+   least one correct sample in both modes). The report gives the mean and
+   median over problems, and a histogram of their distribution.
+
+Wall-clock latency: with ``latency: isolated`` (the default) each problem's
+k samples are decoded alone, one problem after another, so a problem's time
+is its own; with ``batched`` every problem of a mode is decoded in one batch
+(fast) and a problem's time is the time from the batch start to its last
+sample's end, which includes waiting for the others: a throughput figure,
+labelled as such in the report.
+
+Outputs in ``out``: ``report.md`` (the main table in the layout of the
+paper's main table -- accuracy, latency, speedup per benchmark, one row per
+model -- then a detailed table), ``speedup_hist.png``, ``summary.json``,
+``NAME_{parallel,sequential}.jsonl`` (every sample with its score) and
+``NAME_{parallel,sequential}.html`` (``threadweaver view`` pages of the first
+``pages`` samples); metrics ``eval/NAME/...`` and these files go to one MLflow
+run (``cluster.tracking``), or to the tracker the caller passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+from cluster.tracking import TrackingConfig
+from rewards.config import RewardConfig
+
+MODES = ("parallel", "sequential")
+
+
+@dataclass
+class BenchEvalConfig:
+    """Benchmarks, models and decoding of ``threadweaver eval``."""
+
+    model: str | None = field(default=None, metadata={"help": "model folder decoded in parallel mode (required)"})
+    baseline_model: str | None = field(default=None, metadata={
+        "help": "sequential baseline model folder, decoded with spawning off (null: the same model)"})
+    data: list[str] = field(default_factory=list, metadata={
+        "help": "benchmark JSONL files; 'NAME=PATH' names one (default name: the file's stem)"})
+    problem_fields: list[str] = field(default_factory=lambda: ["problem", "question", "prompt"], metadata={
+        "help": "record fields holding the problem text, tried in order (the first string one is used)"})
+    answer_field: str = field(default="answer", metadata={"help": "record field holding the reference answer"})
+    prompt_template: str = field(default="{problem}", metadata={
+        "help": "user-turn text around the problem ('{problem}' is replaced), before the chat template"})
+    limit: int | None = field(default=None, metadata={"help": "first LIMIT problems of each benchmark (null: all)"})
+    k: int = field(default=1, metadata={"help": "samples per problem; accuracy is averaged over them (avg@k)"})
+    temperature: float | None = field(default=None, metadata={
+        "help": "sampling temperature (null: 0, greedy, when k is 1; else 1.0)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
+    seed: int = field(default=0, metadata={"help": "base sampling seed"})
+    max_tokens: int = field(default=1024, metadata={"help": "generated-token budget per sample (tokens)"})
+    max_context: int = field(default=2048, metadata={"help": "per-request context limit, engine length (tokens)"})
+    max_thread_tokens: int = field(default=512, metadata={"help": "length limit of one thread (tokens)"})
+    max_threads: int = field(default=8, metadata={"help": "most threads in one block"})
+    max_blocks: int = field(default=8, metadata={"help": "most parallel blocks per sample"})
+    dtype: str = field(default="float32", metadata={"help": "engine dtype (float32 on CPU, bfloat16 on GPU)"})
+    enforce_eager: bool = field(default=True, metadata={"help": "skip torch.compile/CUDA graphs (CPU: true)"})
+    latency: Literal["isolated", "batched"] = field(default="isolated", metadata={
+        "help": "isolated: decode each problem alone (true per-problem wall clock); batched: all at once (fast)"})
+    checker_timeout_s: float = field(default=5.0, metadata={"help": "math-verify time limit per answer (s)"})
+    pages: int = field(default=20, metadata={"help": "samples per mode shown on the HTML viewer pages (0: none)"})
+    out: str = field(default="runs/eval", metadata={"help": "output folder"})
+    tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata={"help": "MLflow"})
+
+    def __post_init__(self) -> None:
+        if self.k < 1 or self.max_tokens < 1 or self.max_context < 1 or (self.limit is not None and self.limit < 1):
+            raise ValueError("k, max_tokens, max_context and limit must be >= 1")
+        if not self.problem_fields:
+            raise ValueError("problem_fields must name at least one field")
+        if "{problem}" not in self.prompt_template:
+            raise ValueError(f"prompt_template must contain '{{problem}}', got {self.prompt_template!r}")
+        if self.latency not in ("isolated", "batched"):
+            raise ValueError(f"latency must be 'isolated' or 'batched', got {self.latency!r}")
+
+    def rollout_config(self, sequential: bool):
+        from rollout.config import RolloutConfig
+
+        temperature = self.temperature if self.temperature is not None else (0.0 if self.k == 1 else 1.0)
+        return RolloutConfig(temperature=temperature, top_p=self.top_p, max_tokens=self.max_tokens,
+                             max_context=self.max_context, max_thread_tokens=self.max_thread_tokens,
+                             max_threads=self.max_threads, max_blocks=self.max_blocks, n=self.k,
+                             sequential=sequential, seed=self.seed, dtype=self.dtype,
+                             enforce_eager=self.enforce_eager)
+
+
+# --------------------------------------------------------------------------- benchmarks
+
+
+@dataclass
+class Problem:
+    """One benchmark problem: its position, text and reference answer."""
+
+    index: int
+    problem: str
+    answer: str
+
+
+def parse_data_arg(item: str) -> tuple[str, Path]:
+    """``"NAME=PATH"`` or ``"PATH"`` -> (name, path); the default name is the file's stem."""
+    if "=" in item and not Path(item).exists():
+        name, path = item.split("=", 1)
+        return name, Path(path)
+    return Path(item).stem, Path(item)
+
+
+def read_benchmark(path: str | Path, problem_fields: Sequence[str] = ("problem", "question", "prompt"),
+                   answer_field: str = "answer", limit: int | None = None) -> list[Problem]:
+    """The problems of a JSONL file; ValueError naming the line and the fields it has for a bad record."""
+    problems = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{i}: expected a JSON object, got {type(rec).__name__}")
+            text = next((rec[k] for k in problem_fields if isinstance(rec.get(k), str)), None)
+            if text is None:
+                raise ValueError(f"{path}:{i}: none of the problem fields {list(problem_fields)} holds text "
+                                 f"(fields: {', '.join(sorted(rec))})")
+            answer = rec.get(answer_field)
+            if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+                raise ValueError(f"{path}:{i}: no string or number answer field '{answer_field}' "
+                                 f"(fields: {', '.join(sorted(rec))})")
+            problems.append(Problem(len(problems), text, str(answer)))
+            if limit is not None and len(problems) >= limit:
+                break
+    if not problems:
+        raise ValueError(f"{path}: no problems")
+    return problems
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+@dataclass
+class Sample:
+    """One scored sample."""
+
+    problem: int
+    sample: int
+    correct: bool
+    format_valid: bool
+    L_total: int
+    L_crit: int
+    n_blocks: int
+    latency_s: float
+    finish_reason: str
+
+
+@dataclass
+class ModeSummary:
+    """Means over all samples of one decoding mode (wall-clock: mean over problems)."""
+
+    mode: str
+    model: str
+    samples: int
+    problems: int
+    accuracy: float
+    L_total: float
+    L_crit: float
+    activation: float
+    format_valid: float
+    wall_s: float
+    self_speedup: float  # mean L_total / L_crit of the samples
+
+
+@dataclass
+class BenchmarkReport:
+    """Everything measured on one benchmark; ``speedups*`` hold one value per problem."""
+
+    name: str
+    k: int
+    latency: str
+    parallel: ModeSummary
+    sequential: ModeSummary
+    speedups: list[float]
+    speedups_correct: list[float]
+    speedup: float
+    speedup_median: float
+    speedup_correct: float | None
+    wall_speedup: float  # mean over problems of sequential wall time / parallel wall time
+    undefined: int  # problems left out of the speedups because a mean L_crit was 0
+
+    def metrics(self) -> dict[str, float]:
+        """Flat ``eval/NAME/...`` metrics for MLflow (None values left out)."""
+        out: dict[str, float] = {}
+        for s in (self.parallel, self.sequential):
+            for key in ("accuracy", "L_total", "L_crit", "activation", "format_valid", "wall_s", "self_speedup"):
+                out[f"eval/{self.name}/{s.mode}/{key}"] = getattr(s, key)
+        for key in ("speedup", "speedup_median", "speedup_correct", "wall_speedup"):
+            if getattr(self, key) is not None:
+                out[f"eval/{self.name}/{key}"] = getattr(self, key)
+        return out
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def to_samples(trajectories: Sequence[Any], scores: Sequence[Any]) -> list[Sample]:
+    """Pair trajectories with their ``ScoreRecord``s."""
+    if len(trajectories) != len(scores):
+        raise ValueError(f"{len(scores)} scores for {len(trajectories)} trajectories")
+    return [Sample(t.prompt_index, t.sample_index, bool(s.correct), bool(s.format_valid), t.L_total, t.L_crit,
+                   t.n_blocks, t.latency_s, t.finish_reason) for t, s in zip(trajectories, scores)]
+
+
+def summarize_mode(mode: str, model: str, samples: Sequence[Sample]) -> ModeSummary:
+    by_problem: dict[int, list[Sample]] = {}
+    for s in samples:
+        by_problem.setdefault(s.problem, []).append(s)
+    return ModeSummary(
+        mode=mode, model=model, samples=len(samples), problems=len(by_problem),
+        accuracy=_mean([float(s.correct) for s in samples]), L_total=_mean([s.L_total for s in samples]),
+        L_crit=_mean([s.L_crit for s in samples]), activation=_mean([float(s.n_blocks > 0) for s in samples]),
+        format_valid=_mean([float(s.format_valid) for s in samples]),
+        wall_s=_mean([max(s.latency_s for s in group) for group in by_problem.values()]),
+        self_speedup=_mean([s.L_total / s.L_crit for s in samples if s.L_crit > 0]),
+    )
+
+
+def problem_speedups(parallel: Sequence[Sample], sequential: Sequence[Sample], correct_only: bool
+                     ) -> tuple[dict[int, float], int]:
+    """Per problem ``mean L_crit(sequential) / mean L_crit(parallel)``; and how many problems had a zero mean.
+
+    With ``correct_only`` only correct samples count, and problems without a
+    correct sample in either mode are left out (not counted as undefined).
+    """
+    def group(samples: Sequence[Sample]) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {}
+        for s in samples:
+            if s.correct or not correct_only:
+                out.setdefault(s.problem, []).append(s.L_crit)
+        return out
+
+    par, seq = group(parallel), group(sequential)
+    ratios, undefined = {}, 0
+    for p in sorted(set(par) & set(seq)):
+        crit = _mean(par[p])
+        if crit <= 0:
+            undefined += 1
+            continue
+        ratios[p] = _mean(seq[p]) / crit
+    return ratios, undefined
+
+
+def evaluate(parallel: Sequence[Any], sequential: Sequence[Any], answers: Sequence[str], checker,
+             reward_cfg: RewardConfig | None = None, name: str = "benchmark", latency: str = "isolated",
+             models: tuple[str, str] = ("parallel", "sequential baseline")
+             ) -> tuple[BenchmarkReport, dict[str, list]]:
+    """Score both modes' trajectories against ``answers`` (by ``prompt_index``) and measure them.
+
+    ``checker`` has ``check(pred, gold) -> Verdict`` (``rewards.checker.AnswerChecker``).
+    Returns the report and the ``ScoreRecord``s of each mode, in trajectory order.
+    """
+    from rewards.score import RewardItem, score
+
+    cfg = reward_cfg or RewardConfig()
+    scores = {}
+    samples = {}
+    for mode, trajectories in (("parallel", parallel), ("sequential", sequential)):
+        if not trajectories:
+            raise ValueError(f"no {mode} trajectories")
+        scores[mode] = [score(RewardItem(t.text, answers[t.prompt_index], t.units), cfg, checker)
+                        for t in trajectories]
+        samples[mode] = to_samples(trajectories, scores[mode])
+    ks = {len([s for s in samples["parallel"] if s.problem == p]) for p in {s.problem for s in samples["parallel"]}}
+    ratios, undefined = problem_speedups(samples["parallel"], samples["sequential"], correct_only=False)
+    correct_ratios, _ = problem_speedups(samples["parallel"], samples["sequential"], correct_only=True)
+    par_summary = summarize_mode("parallel", models[0], samples["parallel"])
+    seq_summary = summarize_mode("sequential", models[1], samples["sequential"])
+    wall = {}
+    for mode in MODES:
+        for s in samples[mode]:
+            wall.setdefault(mode, {}).setdefault(s.problem, []).append(s.latency_s)
+    wall_ratios = [max(wall["sequential"][p]) / max(wall["parallel"][p]) for p in wall["parallel"]
+                   if p in wall["sequential"] and max(wall["parallel"][p]) > 0]
+    report = BenchmarkReport(
+        name=name, k=max(ks), latency=latency, parallel=par_summary, sequential=seq_summary,
+        speedups=[ratios[p] for p in sorted(ratios)], speedups_correct=[correct_ratios[p] for p in sorted(correct_ratios)],
+        speedup=_mean(list(ratios.values())),
+        speedup_median=statistics.median(ratios.values()) if ratios else float("nan"),
+        speedup_correct=_mean(list(correct_ratios.values())) if correct_ratios else None,
+        wall_speedup=_mean(wall_ratios), undefined=undefined,
+    )
+    return report, scores
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _pct(x: float) -> str:
+    return "-" if x is None or math.isnan(x) else f"{100 * x:.1f}%"
+
+
+def _num(x: float | None, digits: int = 1, suffix: str = "") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}{suffix}"
+
+
+def main_table(reports: Sequence[BenchmarkReport]) -> str:
+    """Markdown table in the layout of the paper's main table: one row per model, per benchmark the
+    accuracy (avg@k), token latency (mean L_crit) and speedup over the sequential baseline."""
+    head = "| model | " + " | ".join(f"{r.name} acc (avg@{r.k}) | {r.name} latency (L_crit tok) | {r.name} speedup"
+                                      for r in reports) + " |"
+    sep = "|---|" + "---:|---:|---:|" * len(reports)
+    seq_name = reports[0].sequential.model
+    par_name = reports[0].parallel.model
+    seq = f"| {seq_name} (sequential) | " + " | ".join(
+        f"{_pct(r.sequential.accuracy)} | {_num(r.sequential.L_crit)} | 1.00x" for r in reports) + " |"
+    par = f"| {par_name} (parallel) | " + " | ".join(
+        f"{_pct(r.parallel.accuracy)} | {_num(r.parallel.L_crit)} | {_num(r.speedup, 2, 'x')}" for r in reports) + " |"
+    return "\n".join([head, sep, seq, par])
+
+
+def detail_table(reports: Sequence[BenchmarkReport]) -> str:
+    """Every measure per benchmark and mode, as markdown."""
+    lines = ["| benchmark | mode | model | problems | samples | accuracy | L_total | L_crit | activation | "
+             "format-valid | wall s / problem | speedup mean (median) | speedup correct-only |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in reports:
+        for s in (r.sequential, r.parallel):
+            par = s.mode == "parallel"
+            speed = f"{_num(r.speedup, 2, 'x')} ({_num(r.speedup_median, 2, 'x')})" if par else "1.00x"
+            correct = (f"{_num(r.speedup_correct, 2, 'x')} ({len(r.speedups_correct)} problems)" if par else "1.00x")
+            lines.append(f"| {r.name} | {s.mode} | {s.model} | {s.problems} | {s.samples} | {_pct(s.accuracy)} | "
+                         f"{_num(s.L_total)} | {_num(s.L_crit)} | {_pct(s.activation)} | {_pct(s.format_valid)} | "
+                         f"{_num(s.wall_s, 3)} | {speed} | {correct} |")
+    return "\n".join(lines)
+
+
+def report_markdown(reports: Sequence[BenchmarkReport], title: str = "Evaluation") -> str:
+    regime = {r.latency for r in reports}
+    lines = [f"# {title}", "", main_table(reports), "",
+             "Accuracy: mean over the k samples of every problem. Latency: mean critical-path length L_crit in "
+             "model-generated tokens (a sequential answer's L_crit is its length). Speedup: mean over problems of "
+             "mean L_crit(sequential baseline) / mean L_crit(parallel).", "", "## Details", "",
+             detail_table(reports), "",
+             f"Wall-clock latency per problem ({', '.join(sorted(regime))} decoding): "
+             + ("each problem's samples decoded alone." if regime == {"isolated"} else
+                "problems decoded in one batch, so a problem's time includes waiting for the others "
+                "(a throughput figure, not a single-problem latency)."),
+             ""]
+    for r in reports:
+        lines.append(f"- {r.name}: wall-clock speedup {_num(r.wall_speedup, 2, 'x')}; "
+                     f"{len(r.speedups)} problems in the speedup"
+                     + (f", {r.undefined} left out (empty parallel answers)" if r.undefined else ""))
+    return "\n".join(lines) + "\n"
+
+
+def histogram(reports: Sequence[BenchmarkReport], path: str | Path) -> Path:
+    """PNG of the per-problem speedup distributions (all samples, correct-only), one panel per benchmark."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(reports), figsize=(5 * len(reports), 3.6), squeeze=False)
+    for ax, r in zip(axes[0], reports):
+        values = r.speedups + r.speedups_correct + [1.0]
+        lo, hi = 0.95 * min(values), 1.05 * max(values)
+        bins = [lo + (hi - lo) * i / 24 for i in range(25)]
+        ax.hist(r.speedups, bins=bins, histtype="stepfilled", alpha=0.45, label=f"all samples ({len(r.speedups)})")
+        if r.speedups_correct:
+            ax.hist(r.speedups_correct, bins=bins, histtype="step", linewidth=2,
+                    label=f"correct only ({len(r.speedups_correct)})")
+        ax.axvline(1.0, color="black", linestyle="--", linewidth=1)
+        ax.set_title(f"{r.name}: mean {_num(r.speedup, 2, 'x')}")
+        ax.set_xlabel("speedup per problem (sequential L_crit / parallel L_crit)")
+        ax.set_ylabel("problems")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def decode(engine, tokenizer, prompts: Sequence[Sequence[int]], rollout_cfg, isolated: bool) -> list:
+    """``rollout_cfg.n`` trajectories per prompt; ``isolated``: one problem at a time (own wall clock).
+
+    A short untimed warm-up request (the first prompt, 8 tokens) goes first, so
+    the first problem's time does not include the engine's first steps.
+    """
+    from rollout.orchestrator import generate
+
+    eos = tokenizer.eos_token_id
+    warm = replace(rollout_cfg, n=1, max_tokens=min(8, rollout_cfg.max_tokens))
+    generate(engine, tokenizer, [prompts[0]], warm, eos_token_id=eos)
+    if not isolated:
+        return generate(engine, tokenizer, prompts, rollout_cfg, eos_token_id=eos)
+    out = []
+    for i, p in enumerate(prompts):
+        out += generate(engine, tokenizer, [p], rollout_cfg, prompt_indices=[i], eos_token_id=eos)
+    return out
+
+
+def _write_records(path: Path, problems: Sequence[Problem], trajectories, scores) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for t, s in zip(trajectories, scores):
+            rec = {"problem": problems[t.prompt_index].problem, "answer": problems[t.prompt_index].answer}
+            rec.update(t.to_dict())
+            rec.update(s.to_dict())
+            rec["response"] = t.text
+            f.write(json.dumps(rec) + "\n")
+
+
+def run_benchmarks(cfg: BenchEvalConfig, tracker=None, models: tuple[str, str] | None = None
+                   ) -> list[BenchmarkReport]:
+    """Decode, score and report every benchmark of ``cfg`` (see module doc); returns the reports.
+
+    ``tracker`` (a ``cluster.tracking.Tracker`` already started) receives the
+    metrics and files; without one, a run is opened from ``cfg.tracking``.
+    ``models`` names the parallel model and the baseline in the tables.
+    """
+    from rewards.checker import AnswerChecker
+    from rollout.engine import VLLMEngine, make_llm, shutdown_llm
+    from rollout.tiny import load_tokenizer
+    from rollout.units import chat_prompt_ids
+
+    from cluster.viewer import write_page
+
+    if cfg.model is None:
+        raise ValueError("model is required")
+    if not cfg.data:
+        raise ValueError("no benchmark: give at least one data file")
+    benches = [parse_data_arg(item) for item in cfg.data]
+    names = [n for n, _ in benches]
+    if len(set(names)) != len(names):
+        raise ValueError(f"benchmark names repeat: {names}; name them NAME=PATH")
+    problems = {name: read_benchmark(path, cfg.problem_fields, cfg.answer_field, cfg.limit) for name, path in benches}
+    model_dirs = {"parallel": Path(cfg.model), "sequential": Path(cfg.baseline_model or cfg.model)}
+    for d in model_dirs.values():
+        if not (d / "config.json").is_file():
+            raise FileNotFoundError(f"{d} holds no config.json (not a model folder)")
+    models = models or (model_dirs["parallel"].name, model_dirs["sequential"].name)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    own_tracker = tracker is None
+    if own_tracker:
+        from cluster.config import to_dict
+        from cluster.tracking import Tracker
+
+        tracker = Tracker(cfg.tracking, out)
+        tracker.start(to_dict(cfg, flat=True), tags={"stage": "eval"})
+    status = "FAILED"
+    try:
+        trajectories: dict[str, dict[str, list]] = {name: {} for name in problems}
+        llm = None
+        for mode in MODES:
+            model_dir = model_dirs[mode]
+            if llm is None or model_dir != model_dirs["parallel"]:
+                if llm is not None:
+                    shutdown_llm(llm)
+                t0 = time.perf_counter()
+                llm = make_llm(model_dir, max_model_len=cfg.max_context, seed=cfg.seed, dtype=cfg.dtype,
+                               enforce_eager=cfg.enforce_eager)
+                print(f"eval: engine on {model_dir} ready in {time.perf_counter() - t0:.0f} s", flush=True)
+            tokenizer = load_tokenizer(model_dir)
+            engine = VLLMEngine(llm)
+            rc = cfg.rollout_config(sequential=mode == "sequential")
+            for name, probs in problems.items():
+                prompts = [chat_prompt_ids(tokenizer, cfg.prompt_template.replace("{problem}", p.problem))
+                           for p in probs]
+                t0 = time.perf_counter()
+                trajectories[name][mode] = decode(engine, tokenizer, prompts, rc, cfg.latency == "isolated")
+                print(f"eval: {name} {mode}: {len(trajectories[name][mode])} samples in "
+                      f"{time.perf_counter() - t0:.1f} s", flush=True)
+        shutdown_llm(llm)
+
+        reports = []
+        reward_cfg = RewardConfig(timeout_s=cfg.checker_timeout_s)
+        with AnswerChecker(cfg.checker_timeout_s, eager=False) as checker:
+            for name, probs in problems.items():
+                report, scores = evaluate(trajectories[name]["parallel"], trajectories[name]["sequential"],
+                                          [p.answer for p in probs], checker, reward_cfg, name, cfg.latency, models)
+                reports.append(report)
+                for mode in MODES:
+                    records = out / f"{name}_{mode}.jsonl"
+                    _write_records(records, probs, trajectories[name][mode], scores[mode])
+                    tracker.log_artifact(records, "eval")
+                    if cfg.pages:
+                        n = cfg.pages
+                        page = write_page(out / f"{name}_{mode}.html", trajectories[name][mode][:n],
+                                          scores[mode][:n], title=f"{name}: {mode} decoding ({models[mode == 'sequential']})")
+                        tracker.log_artifact(page, "pages")
+                tracker.log_metrics(report.metrics(), 0)
+        write_report(reports, out, tracker)
+        status = "FINISHED"
+        return reports
+    finally:
+        if own_tracker:
+            tracker.finish(status)
+
+
+def write_report(reports: Sequence[BenchmarkReport], out: str | Path, tracker=None,
+                 title: str = "Evaluation") -> Path:
+    """``report.md``, ``speedup_hist.png`` and ``summary.json`` in ``out`` (also logged to ``tracker``)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    md = out / "report.md"
+    md.write_text(report_markdown(reports, title))
+    png = histogram(reports, out / "speedup_hist.png")
+    summary = out / "summary.json"
+    summary.write_text(json.dumps([asdict(r) for r in reports], indent=1))
+    if tracker is not None:
+        for path in (md, png, summary):
+            tracker.log_artifact(path)
+    return md
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("models and benchmarks")
+    g.add_argument("--model", required=True, help="model folder, decoded in parallel (spawn/join) mode")
+    g.add_argument("--baseline-model", default=None,
+                   help="sequential baseline model, decoded with spawning off (default: the same model)")
+    g.add_argument("--data", action="append", required=True, metavar="[NAME=]FILE",
+                   help="benchmark JSONL (repeat for several); NAME defaults to the file's stem")
+    g.add_argument("--problem-field", action="append", default=None, metavar="FIELD",
+                   help="field holding the problem text; repeat to try several in order "
+                        "(default: problem, question, prompt)")
+    g.add_argument("--answer-field", default="answer", help="field holding the reference answer (default answer)")
+    g.add_argument("--prompt-template", default="{problem}",
+                   help="user-turn text; '{problem}' is replaced by the problem (default: the problem alone)")
+    g.add_argument("--limit", type=int, default=None, help="first LIMIT problems of each benchmark")
+    g.add_argument("--names", nargs=2, default=None, metavar=("MODEL", "BASELINE"),
+                   help="row names of the two models in the tables (default: their folder names)")
+    g = parser.add_argument_group("decoding")
+    g.add_argument("-k", type=int, default=1, help="samples per problem, accuracy averaged over them (default 1)")
+    g.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: 0 if k=1, else 1)")
+    g.add_argument("--max-tokens", type=int, default=1024, help="generated-token budget per sample (default 1024)")
+    g.add_argument("--max-context", type=int, default=2048, help="per-request context limit (tokens, default 2048)")
+    g.add_argument("--max-thread-tokens", type=int, default=512, help="length limit of a thread (tokens, default 512)")
+    g.add_argument("--batched", action="store_true",
+                   help="decode all problems of a mode at once (fast; wall-clock is then a throughput figure)")
+    g.add_argument("--gpu", action="store_true", help="bfloat16 weights and compiled engine (GPU machines)")
+    g = parser.add_argument_group("output")
+    g.add_argument("--out", default="runs/eval", help="output folder (default runs/eval)")
+    g.add_argument("--pages", type=int, default=20, help="samples per mode on the HTML pages (default 20)")
+    g.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: OUT/mlflow.db)")
+    g.add_argument("--experiment", default="threadweaver-eval", help="MLflow experiment (default threadweaver-eval)")
+    g.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+
+
+def config_from_args(args: argparse.Namespace) -> BenchEvalConfig:
+    return BenchEvalConfig(
+        model=args.model, baseline_model=args.baseline_model, data=list(args.data),
+        problem_fields=args.problem_field or ["problem", "question", "prompt"], answer_field=args.answer_field,
+        prompt_template=args.prompt_template, limit=args.limit, k=args.k, temperature=args.temperature,
+        max_tokens=args.max_tokens, max_context=args.max_context, max_thread_tokens=args.max_thread_tokens,
+        latency="batched" if args.batched else "isolated", dtype="bfloat16" if args.gpu else "float32",
+        enforce_eager=not args.gpu, pages=args.pages, out=args.out,
+        tracking=TrackingConfig(enabled=not args.no_mlflow, uri=args.tracking_uri, experiment=args.experiment))
+
+
+def run(args: argparse.Namespace) -> int:
+    for name, value in {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING",
+                        "TOKENIZERS_PARALLELISM": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}.items():
+        os.environ.setdefault(name, value)
+    try:
+        cfg = config_from_args(args)
+        for _, path in map(parse_data_arg, cfg.data):
+            read_benchmark(path, cfg.problem_fields, cfg.answer_field, cfg.limit)  # fail fast on bad input
+        reports = run_benchmarks(cfg, models=tuple(args.names) if args.names else None)
+    except (OSError, ValueError) as e:
+        print(f"threadweaver eval: {e}", file=sys.stderr)
+        return 2
+    print()
+    print(main_table(reports))
+    print(f"\nreport: {Path(cfg.out) / 'report.md'}, histogram: {Path(cfg.out) / 'speedup_hist.png'}")
+    return 0

@@ -1,0 +1,187 @@
+"""Benchmark evaluation: reading benchmark layouts, the measures (hand-computed), the report, and one real run.
+
+The fast tests build trajectories by hand: units come from ``rollout.units.replay``
+over a byte tokenizer, so every length is a byte count known in advance. The
+integration test teaches the tiny model two parallel answers by rote and runs
+``threadweaver eval`` on them end to end (vLLM, math-verify, MLflow).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cluster.evaluate import (
+    BenchEvalConfig, Sample, evaluate, histogram, main_table, parse_data_arg, problem_speedups, read_benchmark,
+    report_markdown,
+)
+from rewards.checker import Verdict
+from rollout.orchestrator import Trajectory
+from rollout.units import latency, replay
+
+FIXTURES = Path(__file__).parent / "fixtures" / "eval"
+
+
+class ByteTokenizer:
+    def encode(self, text, add_special_tokens=False):
+        return list(text.encode())
+
+
+class ExactChecker:
+    def check(self, pred: str, gold: str) -> Verdict:
+        return Verdict(pred == gold, False, "same_text", 0.0)
+
+
+def traj(problem: int, sample: int, response: str, latency_s: float = 1.0) -> Trajectory:
+    units = replay([0], response, ByteTokenizer())
+    lat = latency(units)
+    return Trajectory(problem, sample, [0], units, [], response, "eos", "", lat.L_total, lat.L_crit, lat.eta,
+                      lat.speedup, lat.n_blocks, lat.threads_per_block, latency_s)
+
+
+def par(answer: str, thread: str = "x" * 20) -> str:
+    return (f"<think>\n<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n<Outline>2: b</Outline>\n</Outlines>\n"
+            f"<Thread>\n1: {thread}\n</Thread>\n<Thread>\n2: y\n</Thread>\n</Parallel>\n</think>\n\\boxed{{{answer}}}")
+
+
+def seq(answer: str, body: str = "z" * 60) -> str:
+    return f"<think>\n{body}\n</think>\n\\boxed{{{answer}}}"
+
+
+def test_benchmark_layouts_math500_and_aime():
+    math = read_benchmark(FIXTURES / "math500_sample.jsonl")
+    assert [p.answer for p in math] == ["5", "\\frac{3}{4}", "42"] and math[0].problem == "What is $2+3$?"
+    aime = read_benchmark(FIXTURES / "aime_sample.jsonl", limit=1)
+    assert len(aime) == 1 and aime[0].answer == "24" and aime[0].problem.startswith("Find the remainder")
+    with pytest.raises(ValueError, match=r"aime_sample.jsonl:1: none of the problem fields \['problem'\].*question"):
+        read_benchmark(FIXTURES / "aime_sample.jsonl", problem_fields=["problem"])
+    with pytest.raises(ValueError, match="no string or number answer field 'solution'"):
+        read_benchmark(FIXTURES / "aime_sample.jsonl", answer_field="solution")
+    assert parse_data_arg("aime=/x/y.jsonl") == ("aime", Path("/x/y.jsonl"))
+    assert parse_data_arg(str(FIXTURES / "aime_sample.jsonl"))[0] == "aime_sample"
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="prompt_template"):
+        BenchEvalConfig(prompt_template="no placeholder")
+    assert BenchEvalConfig(k=1).rollout_config(True).temperature == 0.0
+    assert BenchEvalConfig(k=4).rollout_config(False).temperature == 1.0
+
+
+def test_speedups_per_problem_over_all_and_correct_samples():
+    s = lambda p, ok, crit: Sample(p, 0, ok, True, crit, crit, 0, 1.0, "eos")  # noqa: E731
+    parallel = [s(0, True, 10), s(0, False, 30), s(1, False, 50), s(2, True, 0)]
+    sequential = [s(0, True, 40), s(0, True, 80), s(1, True, 100), s(2, True, 9)]
+    ratios, undefined = problem_speedups(parallel, sequential, correct_only=False)
+    assert ratios == {0: pytest.approx(60 / 20), 1: pytest.approx(2.0)} and undefined == 1
+    correct, _ = problem_speedups(parallel, sequential, correct_only=True)
+    assert correct == {0: pytest.approx(60 / 10)}  # problem 1 has no correct parallel sample; 2 has L_crit 0
+    assert 2 not in correct
+
+
+def test_evaluate_measures_by_hand(tmp_path):
+    answers = ["5", "7"]
+    p = [traj(0, 0, par("5"), 0.5), traj(0, 1, par("4", "x" * 40), 0.7),  # one correct of two
+         traj(1, 0, seq("7", "q" * 10), 0.2), traj(1, 1, par("7"), 0.4)]
+    s = [traj(0, 0, seq("5"), 2.0), traj(0, 1, seq("5"), 1.0), traj(1, 0, seq("1"), 0.8), traj(1, 1, seq("7"), 0.6)]
+    report, scores = evaluate(p, s, answers, ExactChecker(), name="tiny", latency="isolated")
+    assert [x.correct for x in scores["parallel"]] == [True, False, True, True]
+    assert report.k == 2 and report.parallel.accuracy == pytest.approx(0.75)
+    assert report.sequential.accuracy == pytest.approx(0.75)
+    assert report.parallel.activation == pytest.approx(0.75)
+    assert report.parallel.L_total == pytest.approx(sum(t.L_total for t in p) / 4)
+    assert report.parallel.L_crit == pytest.approx(sum(t.L_crit for t in p) / 4)
+    # wall-clock per problem = slowest sample of the problem, averaged over problems
+    assert report.parallel.wall_s == pytest.approx((0.7 + 0.4) / 2)
+    assert report.sequential.wall_s == pytest.approx((2.0 + 0.8) / 2)
+    assert report.wall_speedup == pytest.approx((2.0 / 0.7 + 0.8 / 0.4) / 2)
+    seq_crit = [t.L_crit for t in s]
+    expected0 = ((seq_crit[0] + seq_crit[1]) / 2) / ((p[0].L_crit + p[1].L_crit) / 2)
+    expected1 = ((seq_crit[2] + seq_crit[3]) / 2) / ((p[2].L_crit + p[3].L_crit) / 2)
+    assert report.speedups == pytest.approx([expected0, expected1])
+    assert report.speedup == pytest.approx((expected0 + expected1) / 2)
+    # correct only: problem 0 -> both sequential samples vs parallel sample 0; problem 1 -> seq sample 1 vs both
+    c0 = ((seq_crit[0] + seq_crit[1]) / 2) / p[0].L_crit
+    c1 = seq_crit[3] / ((p[2].L_crit + p[3].L_crit) / 2)
+    assert report.speedups_correct == pytest.approx([c0, c1])
+    assert p[0].L_crit < p[0].L_total  # the parallel sample's critical path skips the shorter thread
+    metrics = report.metrics()
+    assert metrics["eval/tiny/parallel/accuracy"] == pytest.approx(0.75)
+    assert metrics["eval/tiny/speedup_correct"] == pytest.approx((c0 + c1) / 2)
+
+    table = main_table([report, report])
+    lines = table.splitlines()
+    assert lines[0].count("tiny acc (avg@2)") == 2 and len(lines) == 4
+    assert lines[2].startswith("| sequential baseline (sequential) | 75.0% |") and "1.00x" in lines[2]
+    assert lines[3].startswith("| parallel (parallel) | 75.0% |") and f"{report.speedup:.2f}x" in lines[3]
+    md = report_markdown([report])
+    assert "isolated decoding" in md and "| tiny | parallel |" in md
+    png = histogram([report], tmp_path / "h.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_evaluate_refuses_an_empty_mode():
+    with pytest.raises(ValueError, match="no sequential trajectories"):
+        evaluate([traj(0, 0, par("1"))], [], ["1"], ExactChecker())
+
+
+# --------------------------------------------------------------------------- end to end
+
+TAUGHT = [("Add 2+3+4.", "9", "<think>\n<Parallel>\n<Outlines>\n<Outline>1: two plus three</Outline>\n"
+           "<Outline>2: four</Outline>\n</Outlines>\n<Thread>\n1: 2+3=5, five, done here\n</Thread>\n"
+           "<Thread>\n2: 4\n</Thread>\n</Parallel>\n5+4=9\n</think>\n\n\\boxed{9}"),
+          ("Add 1+1+5.", "7", "<think>\n<Parallel>\n<Outlines>\n<Outline>1: one plus one</Outline>\n"
+           "<Outline>2: five</Outline>\n</Outlines>\n<Thread>\n1: 1+1=2, two, done here\n</Thread>\n"
+           "<Thread>\n2: 5\n</Thread>\n</Parallel>\n2+5=7\n</think>\n\n\\boxed{7}")]
+
+
+@pytest.fixture(scope="module")
+def taught_model(tiny_model_dir, tokenizer, tmp_path_factory):
+    from rollout.rote import teach
+    from rollout.units import chat_prompt_ids
+
+    out = tmp_path_factory.mktemp("eval_taught") / "model"
+    examples = [(chat_prompt_ids(tokenizer, q), r) for q, _, r in TAUGHT]
+    loss = teach(tiny_model_dir, out, examples, tokenizer, lr=1e-2, max_steps=400, target_loss=1e-3)
+    assert loss < 1e-2, f"the tiny model did not learn the answers by rote (loss {loss})"
+    return out
+
+
+@pytest.mark.integration
+def test_eval_cli_reports_parallel_and_sequential_side_by_side(taught_model, tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    from cluster.cli import main
+
+    bench = tmp_path / "taught.jsonl"
+    bench.write_text("".join(json.dumps({"question": q, "answer": int(a)}) + "\n" for q, a, _ in TAUGHT))
+    out = tmp_path / "eval"
+    rc = main(["eval", "--model", str(taught_model), "--data", f"rote={bench}", "--max-tokens", "160",
+               "--max-context", "512", "--max-thread-tokens", "48", "--out", str(out), "--pages", "2"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| rote acc (avg@1) |" in printed
+    summary = json.loads((out / "summary.json").read_text())[0]
+    par, seq = summary["parallel"], summary["sequential"]
+    assert par["accuracy"] == 1.0 and seq["accuracy"] == 1.0  # the rote answers, decoded both ways
+    assert par["activation"] == 1.0 and seq["activation"] == 0.0  # no spawning in sequential mode
+    # the same text decoded as one sequence: L_total equal up to the orchestrator's seeds; L_crit shorter
+    assert par["wall_s"] > 0 and seq["wall_s"] > 0
+    records = [json.loads(x) for x in (out / "rote_parallel.jsonl").read_text().splitlines()]
+    seq_records = [json.loads(x) for x in (out / "rote_sequential.jsonl").read_text().splitlines()]
+    assert [r["correct"] for r in records] == [True, True] and records[0]["extracted_answer"] == "9"
+    assert [r["n_blocks"] for r in seq_records] == [0, 0] and "<Parallel>" in seq_records[0]["response"]
+    # k = 1: a problem's speedup is the sequential sample's length over the parallel sample's critical path
+    assert summary["speedups"] == pytest.approx([s["L_total"] / p["L_crit"] for s, p in zip(seq_records, records)])
+    assert all(p["L_crit"] < p["L_total"] for p in records) and summary["speedup"] > 1.1
+    assert summary["speedup_correct"] == pytest.approx(summary["speedup"])
+    assert "critical path" in (out / "rote_parallel.html").read_text()
+    assert (out / "speedup_hist.png").stat().st_size > 5000
+    client = MlflowClient(f"sqlite:///{out.resolve()}/mlflow.db")
+    run = client.search_runs([client.get_experiment_by_name("threadweaver-eval").experiment_id])[0]
+    assert run.data.metrics["eval/rote/parallel/accuracy"] == 1.0
+    assert run.data.metrics["eval/rote/speedup"] == pytest.approx(summary["speedup"])
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"report.md", "speedup_hist.png", "pages", "eval"} <= artifacts
