@@ -1,0 +1,353 @@
+"""``threadweaver sweep``: a grid over the reward weights, one P-GRPO run per point, as Ray tasks.
+
+What it really does:
+
+1. resolves the RL stage's config (``rl_config`` files plus ``overrides``,
+   exactly as ``threadweaver rl`` would) and expands the grid
+   ``rho x clip x incorrect_reward`` into points; each point is that config
+   with ``reward.preset`` off, the three weights set, the base config's
+   ``accel_form`` kept, and its own ``run_dir`` (``RUN_DIR/NAME``);
+2. opens one parent MLflow run for the sweep, and runs every point as a Ray
+   task (``rl.driver.train``), at most ``max_concurrent`` at once; a point's
+   run is an MLflow child run of the sweep's (the tag ``mlflow.parentRunId``
+   is set when the point finishes, since the RL stage opens its own run);
+3. collects each point's final held-out evaluation (``eval.at_end`` must be
+   on; parallel decoding): accuracy, ``L_crit``, ``L_total``, activation,
+   ``eta``; and ends with ``sweep.md`` (a table), ``sweep.json`` and
+   ``sweep_plot.png`` (accuracy against ``L_crit``, one labelled point per
+   grid point), logged to the parent run.
+
+Each task reserves no CPU itself (it only drives): its rollout workers, reward
+actors and learner ranks reserve what the RL config says. With
+``share_rollout`` the points run one after another and share one rollout
+pool (one vLLM engine start instead of one per point); each point first loads
+its starting weights into that pool (the RL driver does so for any pool it
+did not start), and gets its own reward actors, since the reward weights
+are what the sweep varies. A point that fails is reported (its error in
+``sweep.json``) and the others go on; the command then exits with status 1.
+
+On a cluster, submit the whole sweep as a Ray job (``ray job submit
+--working-dir . -- threadweaver sweep --config ...``): Ray is joined through
+``RAY_ADDRESS`` and the points spread over the cluster's nodes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from cluster.ray_setup import RayConfig, Role
+from cluster.tracking import TrackingConfig
+
+#: the held-out metrics a point reports (from the RL stage's final evaluation, parallel mode)
+POINT_METRICS = ("accuracy", "L_crit", "L_total", "activation", "eta", "reward")
+
+
+@dataclass
+class SweepConfig:
+    """A grid over the reward weights of the RL stage."""
+
+    rl_config: list[str] = field(default_factory=list, metadata={
+        "help": "YAML config file(s) of the RL stage every point starts from (threadweaver rl --config)"})
+    overrides: list[str] = field(default_factory=list, metadata={
+        "help": "dotted RL-config overrides applied to every point, e.g. ['steps=5', 'eval.prompts=50']"})
+    rho: list[float] = field(default_factory=lambda: [0.5], metadata={"help": "values of reward.rho (reward/eta)"})
+    clip: list[float] = field(default_factory=lambda: [0.2], metadata={"help": "values of reward.clip"})
+    incorrect_reward: list[float] = field(default_factory=lambda: [0.0], metadata={
+        "help": "values of reward.incorrect_reward (R_correct of a wrong answer)"})
+    run_dir: str = field(default="runs/sweep", metadata={"help": "output folder; point runs go in RUN_DIR/NAME"})
+    max_concurrent: int = field(default=1, metadata={"help": "points running at once (Ray tasks)"})
+    share_rollout: bool = field(default=False, metadata={
+        "help": "one rollout pool for all points, which then run one at a time (saves an engine start per point)"})
+    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="threadweaver-sweep"),
+                                     metadata={"help": "MLflow: the sweep's parent run; points log child runs"})
+    ray: RayConfig = field(default_factory=RayConfig, metadata={"help": "Ray"})
+
+    def __post_init__(self) -> None:
+        if not self.rl_config:
+            raise ValueError("rl_config: name the RL stage's config file(s)")
+        if not (self.rho and self.clip and self.incorrect_reward):
+            raise ValueError("rho, clip and incorrect_reward each need at least one value")
+        if self.max_concurrent < 1:
+            raise ValueError(f"max_concurrent must be >= 1, got {self.max_concurrent}")
+        if self.share_rollout and self.max_concurrent != 1:
+            raise ValueError("share_rollout runs points one at a time: set max_concurrent to 1")
+
+
+@dataclass
+class Point:
+    """One grid point: its name, weights and the RL overrides that make it."""
+
+    index: int
+    name: str
+    rho: float
+    clip: float
+    incorrect_reward: float
+    overrides: list[str]
+
+
+@dataclass
+class PointResult:
+    """What a point's run produced (metrics None when it failed; ``error`` says why)."""
+
+    point: Point
+    metrics: dict[str, float] | None
+    mlflow_run_id: str | None
+    run_dir: str
+    wall_s: float
+    error: str | None = None
+
+
+def _num(x: float) -> str:
+    return f"{x:g}"
+
+
+def grid(cfg: SweepConfig, tracking_uri: str | None, base_accel_form: str) -> list[Point]:
+    """The points of the grid, in ``rho``-major order, each with its full list of RL overrides."""
+    points = []
+    for i, (rho, clip, bad) in enumerate(itertools.product(cfg.rho, cfg.clip, cfg.incorrect_reward)):
+        name = f"p{i:02d}_rho{_num(rho)}_clip{_num(clip)}_inc{_num(bad)}"
+        overrides = list(cfg.overrides) + [
+            "reward.preset=null", f"reward.rho={rho}", f"reward.clip={clip}", f"reward.incorrect_reward={bad}",
+            f"reward.accel_form={base_accel_form}", f"run_dir={Path(cfg.run_dir) / name}",
+            f"tracking.experiment={cfg.tracking.experiment}", f"tracking.run_name={name}",
+            f"tracking.enabled={'true' if cfg.tracking.enabled else 'false'}"]
+        if tracking_uri is not None:
+            overrides.append(f"tracking.uri={tracking_uri}")
+        points.append(Point(i, name, rho, clip, bad, overrides))
+    return points
+
+
+def point_config(cfg: SweepConfig, point: Point):
+    """The RL config of ``point`` (raises ConfigError for a bad override)."""
+    from cluster.config import load_config
+    from rl.driver import RLConfig
+
+    return load_config(RLConfig, cfg.rl_config, point.overrides)
+
+
+def _run_point(cfg: SweepConfig, point: Point, rollout_pool=None) -> dict:
+    """Body of one point's Ray task: the RL stage on the point's config; returns its summary."""
+    from rl.driver import Services, train
+
+    rl_cfg = point_config(cfg, point)
+    if rollout_pool is None:
+        return train(rl_cfg)
+    from rewards.service import RewardPool
+
+    rewards = RewardPool(rl_cfg.reward)
+    services = Services(rollout_pool, rewards)
+    try:
+        rewards.wait_ready()
+        return train(rl_cfg, services=services)
+    finally:
+        rewards.close()
+        if services.rollout is not rollout_pool:  # the driver rebuilt the pool after a worker died
+            services.rollout.shutdown()
+
+
+def point_metrics(summary: dict) -> dict[str, float]:
+    """The parallel-mode held-out metrics of a point's summary (KeyError if the final evaluation is missing)."""
+    ev = summary["eval"]
+    return {key: float(ev[f"eval/parallel/{key}"]) for key in POINT_METRICS}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def table(results: Sequence[PointResult]) -> str:
+    lines = ["| point | rho | clip | incorrect reward | accuracy | L_crit | L_total | activation | eta | minutes |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        p = r.point
+        if r.metrics is None:
+            cells = f"failed: {r.error} | | | | | "
+        else:
+            m = r.metrics
+            cells = (f"{100 * m['accuracy']:.1f}% | {m['L_crit']:.1f} | {m['L_total']:.1f} | "
+                     f"{100 * m['activation']:.1f}% | {m['eta']:.3f} | ")
+        lines.append(f"| {p.name} | {_num(p.rho)} | {_num(p.clip)} | {_num(p.incorrect_reward)} | {cells}"
+                     f"{r.wall_s / 60:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(results: Sequence[PointResult], path: str | Path) -> Path:
+    """PNG: held-out accuracy against mean ``L_crit``, one labelled marker per finished point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in results if r.metrics is not None]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for r in done:
+        x, y = r.metrics["L_crit"], 100 * r.metrics["accuracy"]
+        ax.scatter([x], [y], s=40)
+        ax.annotate(f"rho={_num(r.point.rho)} clip={_num(r.point.clip)} inc={_num(r.point.incorrect_reward)}",
+                    (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    ax.set_xlabel("mean critical path L_crit (tokens, held-out, parallel decoding)")
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_title(f"reward-weight sweep: {len(done)} of {len(results)} points")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- the sweep
+
+
+def sweep(cfg: SweepConfig) -> list[PointResult]:
+    """Run every point (see module doc); returns the results in grid order."""
+    import ray
+
+    from cluster.config import load_config, to_dict
+    from cluster.ray_setup import init_ray
+    from cluster.tracking import Tracker, resolve_uri
+    from rl.driver import RLConfig, roles
+    from rollout.workers import RolloutPool
+
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    uri = resolve_uri(cfg.tracking, run_dir) if cfg.tracking.enabled else None
+    base = load_config(RLConfig, cfg.rl_config, cfg.overrides)
+    if base.model is None or not (Path(base.model) / "config.json").is_file():
+        raise FileNotFoundError(f"the RL config's model {base.model} holds no config.json (train the SFT stage "
+                                "first, or set model=...)")
+    if not base.eval.at_end or "parallel" not in base.eval.modes:
+        raise ValueError("every point needs its final held-out evaluation in parallel mode: set eval.at_end=true "
+                         "and keep 'parallel' in eval.modes")
+    points = grid(cfg, uri, base.reward.accel_form)
+    configs = [point_config(cfg, p) for p in points]  # every point's config is checked before anything runs
+    per_point = roles(configs[0])
+    concurrency = 1 if cfg.share_rollout else min(cfg.max_concurrent, len(points))
+    plan = [Role(r.name, r.count * concurrency, r.cpus, r.gpus) for r in per_point]
+    started = init_ray(cfg.ray, plan)
+    tracker = Tracker(cfg.tracking, run_dir)
+    parent = tracker.start({**to_dict(cfg, flat=True), "points": len(points)}, tags={"stage": "sweep"})
+    status = "FAILED"
+    shared = None
+    results: list[PointResult | None] = [None] * len(points)
+    try:
+        if cfg.share_rollout:
+            # the points differ only in reward weights, so the first point's rollout settings hold for all
+            shared = RolloutPool(configs[0].model, configs[0].rollout)
+        task = ray.remote(num_cpus=0, max_retries=0)(_run_point)
+        pending: dict[Any, tuple[Point, float]] = {}
+        queue = list(points)
+        while queue or pending:
+            while queue and len(pending) < concurrency:
+                p = queue.pop(0)
+                print(f"sweep: starting {p.name} ({p.index + 1}/{len(points)})", flush=True)
+                ref = task.remote(cfg, p, shared)
+                pending[ref] = (p, time.perf_counter())
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                p, t0 = pending.pop(ref)
+                results[p.index] = _collect(ref, p, time.perf_counter() - t0, configs[p.index].run_dir, uri,
+                                            parent, tracker)
+        finished = [r for r in results if r is not None]
+        _write_outputs(finished, run_dir, tracker)
+        status = "FINISHED" if all(r.error is None for r in finished) else "FAILED"
+        return finished
+    finally:
+        if shared is not None:
+            shared.shutdown()
+        tracker.finish(status)
+        if started:
+            ray.shutdown()
+
+
+def _collect(ref, point: Point, wall_s: float, run_dir: str, uri: str | None, parent: str | None,
+             tracker) -> PointResult:
+    import ray
+
+    try:
+        summary = ray.get(ref)
+        metrics = point_metrics(summary)
+    except Exception as e:  # noqa: BLE001 - one failed point is reported; the sweep goes on
+        msg = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}"
+        print(f"sweep: {point.name} failed: {msg}", file=sys.stderr, flush=True)
+        return PointResult(point, None, None, run_dir, wall_s, msg)
+    run_id = summary.get("mlflow_run_id")
+    if run_id and parent and uri:
+        _tag_child(uri, run_id, parent)
+    tracker.log_metrics({f"sweep/{k}": v for k, v in metrics.items()}
+                        | {"sweep/rho": point.rho, "sweep/clip": point.clip,
+                           "sweep/incorrect_reward": point.incorrect_reward}, point.index)
+    print(f"sweep: {point.name} done in {wall_s / 60:.1f} min: accuracy {metrics['accuracy']:.3f}, "
+          f"L_crit {metrics['L_crit']:.1f}", flush=True)
+    return PointResult(point, metrics, run_id, run_dir, wall_s)
+
+
+def _tag_child(uri: str, run_id: str, parent: str) -> None:
+    """Make ``run_id`` a child of ``parent`` in MLflow's UI; a failure only warns (like all tracking)."""
+    try:
+        from mlflow import MlflowClient
+
+        MlflowClient(uri).set_tag(run_id, "mlflow.parentRunId", parent)
+    except Exception as e:  # noqa: BLE001 - tracking never stops the sweep
+        print(f"sweep: could not tag MLflow run {run_id} as a child of {parent}: {e}", file=sys.stderr)
+
+
+def _write_outputs(results: Sequence[PointResult], run_dir: Path, tracker) -> None:
+    md = run_dir / "sweep.md"
+    md.write_text("# Reward-weight sweep\n\nHeld-out metrics of each point's final evaluation (parallel "
+                  "decoding).\n\n" + table(results) + "\n")
+    js = run_dir / "sweep.json"
+    js.write_text(json.dumps([asdict(r) for r in results], indent=1))
+    png = plot(results, run_dir / "sweep_plot.png")
+    for path in (md, js, png):
+        tracker.log_artifact(path)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", action="append", default=[], metavar="FILE",
+                        help="sweep YAML (repeat to merge several, later ones win)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help="dotted overrides of sweep keys, e.g. 'rho=[0.25,0.5]' max_concurrent=2")
+    parser.add_argument("--show-config", action="store_true", help="print every sweep key with its help and exit")
+    parser.add_argument("--plan", action="store_true", help="print the grid points and their overrides and exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    from cluster.config import ConfigError, describe, load_config
+
+    if args.show_config:
+        print(describe(SweepConfig))
+        return 0
+    for name, value in {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING", "DS_ACCELERATOR": "cpu",
+                        "TOKENIZERS_PARALLELISM": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}.items():
+        os.environ.setdefault(name, value)
+    try:
+        cfg = load_config(SweepConfig, args.config, args.overrides)
+        if args.plan:
+            from cluster.config import load_config as load
+            from rl.driver import RLConfig
+
+            base = load(RLConfig, cfg.rl_config, cfg.overrides)
+            for p in grid(cfg, None, base.reward.accel_form):
+                point_config(cfg, p)
+                print(f"{p.name}: " + " ".join(p.overrides[len(cfg.overrides):]))
+            return 0
+        results = sweep(cfg)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"threadweaver sweep: {e}", file=sys.stderr)
+        return 2
+    print("\n" + table(results))
+    print(f"\nplot: {Path(cfg.run_dir) / 'sweep_plot.png'}")
+    failed = [r for r in results if r.error is not None]
+    return 1 if failed else 0

@@ -1,0 +1,106 @@
+"""Reward-weight sweeps: the grid and its overrides (fast), the plot, and a two-point sweep on Ray.
+
+The two-point sweep runs the real RL stage (vLLM rollout worker, reward actors,
+DeepSpeed learner) for one step per point on the untrained tiny model, which
+never answers correctly; like the driver's tests it rewards format validity
+(``format_penalty=1``) so the runs have something to learn. The points share
+one rollout pool (``share_rollout``), so the whole sweep starts one engine.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cluster.config import ConfigError, load_config
+from cluster.sweep import Point, PointResult, SweepConfig, grid, plot, point_config, table
+
+RL_TINY = "experiments/rl_tiny.yaml"
+
+
+def test_grid_sets_the_weights_turns_the_preset_off_and_keeps_the_accel_form(tmp_path):
+    cfg = load_config(SweepConfig, None, [f"rl_config=[{RL_TINY}]", "rho=[0.25,1]", "incorrect_reward=[0,-1]",
+                                          f"run_dir={tmp_path}", "overrides=[steps=2]"])
+    points = grid(cfg, "sqlite:///x.db", "clip_then_scale")
+    assert [(p.rho, p.clip, p.incorrect_reward) for p in points] == [(0.25, 0.2, 0.0), (0.25, 0.2, -1.0),
+                                                                     (1.0, 0.2, 0.0), (1.0, 0.2, -1.0)]
+    assert len({p.name for p in points}) == 4
+    rl = point_config(cfg, points[1])  # experiments/rl_tiny.yaml sets preset: paper
+    assert rl.reward.preset is None and rl.reward.rho == 0.25 and rl.reward.incorrect_reward == -1.0
+    assert rl.reward.accel_form == "clip_then_scale" and rl.steps == 2
+    assert rl.run_dir == str(tmp_path / points[1].name) and rl.tracking.uri == "sqlite:///x.db"
+    assert rl.tracking.run_name == points[1].name and rl.tracking.experiment == "threadweaver-sweep"
+
+
+def test_bad_sweeps_are_refused():
+    with pytest.raises(ConfigError, match="rl_config"):
+        load_config(SweepConfig, None, [])
+    with pytest.raises(ConfigError, match="share_rollout"):
+        load_config(SweepConfig, None, [f"rl_config=[{RL_TINY}]", "share_rollout=true", "max_concurrent=2"])
+    with pytest.raises(ConfigError, match="at least one value"):
+        load_config(SweepConfig, None, [f"rl_config=[{RL_TINY}]", "clip=[]"])
+    cfg = load_config(SweepConfig, None, [f"rl_config=[{RL_TINY}]", "overrides=[reward.rhoo=3]"])
+    with pytest.raises(ConfigError, match="did you mean 'reward.rho'"):
+        point_config(cfg, grid(cfg, None, "scale_then_clip")[0])
+
+
+def test_sweep_experiments_load():
+    files = sorted(Path("experiments").glob("sweep_*.yaml"))
+    assert files
+    for f in files:
+        cfg = load_config(SweepConfig, f)
+        for p in grid(cfg, None, "scale_then_clip"):
+            assert point_config(cfg, p).reward.rho == p.rho
+
+
+def test_table_and_plot(tmp_path):
+    ok = PointResult(Point(0, "a", 0.5, 0.2, 0.0, []), {"accuracy": 0.5, "L_crit": 120.0, "L_total": 150.0,
+                                                        "activation": 0.9, "eta": 0.2, "reward": 0.6}, "r", "d", 60.0)
+    bad = PointResult(Point(1, "b", 1.0, 0.2, 0.0, []), None, None, "d", 5.0, "RuntimeError: boom")
+    text = table([ok, bad])
+    assert "| a | 0.5 | 0.2 | 0 | 50.0% | 120.0 |" in text and "failed: RuntimeError: boom" in text
+    png = plot([ok, bad], tmp_path / "p.png")
+    assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 5000
+
+
+@pytest.mark.integration
+def test_two_point_sweep_runs_child_runs_and_plots(tiny_model_dir, tmp_path):
+    from mlflow import MlflowClient
+
+    from cluster.sweep import sweep
+
+    rl_overrides = [
+        f"model={tiny_model_dir}", f"data.dir={tmp_path / 'data'}", "data.generate=true", "data.train_size=40",
+        "data.validation_size=4", "data.test_size=4", "steps=1", "prompts_per_step=2", "save_every=0",
+        "rollout.n=2", "rollout.max_tokens=32", "rollout.max_context=256", "rollout.max_thread_tokens=16",
+        "rollout.weight_bucket_mb=0.5", "reward.format_penalty=1.0", "reward.num_actors=1", "learner.lr=3e-3",
+        "learner.row_tokens=512", "learner.threads_per_rank=1", "eval.at_start=false", "eval.every=0",
+        "eval.prompts=2", "eval.modes=[parallel]"]
+    cfg = load_config(SweepConfig, None, [
+        f"rl_config=[{RL_TINY}]", f"overrides={json.dumps(rl_overrides)}", "rho=[0.5,1.0]", "clip=[0.2]",
+        "incorrect_reward=[0.0]", f"run_dir={tmp_path / 'sweep'}", "share_rollout=true",
+        "tracking.experiment=sweep-test", "ray.num_cpus=3"])
+    results = sweep(cfg)
+    assert [r.error for r in results] == [None, None]
+    assert [r.point.rho for r in results] == [0.5, 1.0]
+    for r in results:
+        assert 0.0 <= r.metrics["accuracy"] <= 1.0 and r.metrics["L_crit"] > 0
+        assert (Path(r.run_dir) / "summary.json").is_file()
+
+    out = tmp_path / "sweep"
+    assert (out / "sweep_plot.png").stat().st_size > 5000
+    assert "p01_rho1_clip0.2_inc0" in (out / "sweep.md").read_text()
+    client = MlflowClient(f"sqlite:///{out.resolve()}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("sweep-test").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("stage") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("stage") == "rl"]
+    assert len(parents) == 1 and len(children) == 2 and parents[0].info.status == "FINISHED"
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    assert sorted(r.data.params["reward.rho"] for r in children) == ["0.5", "1.0"]
+    assert {r.data.params["reward.preset"] for r in children} == {"null"}
+    artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    assert {"sweep.md", "sweep.json", "sweep_plot.png"} <= artifacts
+    history = client.get_metric_history(parents[0].info.run_id, "sweep/L_crit")
+    assert sorted(m.step for m in history) == [0, 1]
