@@ -5,13 +5,16 @@ engine) and one reward pool across runs (``train(..., services=...)``); each
 run starts its own DeepSpeed learner. The untrained tiny model never answers
 correctly, so the runs reward format validity instead (``format_penalty=1``;
 random output often contains a stray tag token): rewards then differ within
-groups, advantages are non-zero and the weights move.
+groups, advantages are non-zero and the weights move. The runs take two
+clipped optimizer steps per batch with a KL term, so the reference-model
+actor and the clipped loss run too (the default on-policy loss is the same
+code with other options).
 
 The three fault cases share their runs (each engine start costs about a
 minute here):
 
-* run "full" (3 steps) has its rollout worker killed in the middle of the
-  first rollout and its tracking server down (a closed 127.0.0.1 port): the
+* run "full" (3 steps) has its rollout worker killed during step 1 (see
+  ``_KillingPool``) and its tracking server down (a closed 127.0.0.1 port): the
   pool is rebuilt, the step completes and the run finishes;
 * run "cut" is killed after step 3 (checkpoint at step 2), then resumed: it
   ends with the weights and step-3 metrics of "full" (so the rebuilt pool also
@@ -87,7 +90,8 @@ def _config(tmp_path, run: str, model_dir, **kw) -> RLConfig:
         "data.train_size=40", "data.validation_size=4", "data.test_size=4", "steps=3", "prompts_per_step=2",
         "save_every=2", "keep_last=0", "rollout.n=3", "rollout.max_tokens=48", "rollout.max_context=256",
         "rollout.max_thread_tokens=16", "rollout.weight_bucket_mb=0.5", "reward.format_penalty=1.0",
-        "reward.num_actors=1", "learner.lr=3e-3", "learner.row_tokens=512", "learner.threads_per_rank=1",
+        "reward.num_actors=1", "grpo.updates_per_batch=2", "grpo.kl_coef=0.05", "learner.lr=3e-3",
+        "learner.row_tokens=512", "learner.threads_per_rank=1",
         "eval.at_start=false", "eval.every=0", "eval.at_end=false", "eval.prompts=2", "tracking.experiment=test",
     ]
     overrides += [f"{k}={v}" for k, v in kw.items()]
@@ -120,7 +124,13 @@ def _lines(path) -> list[dict]:
 
 
 class _KillingPool:
-    """A rollout pool whose first rollout kills its worker once it is under way (some trajectories unfinished)."""
+    """A rollout pool whose worker is killed at the first progress tick of its first rollout.
+
+    The tick comes after half a second: the worker dies in the middle of that
+    rollout if it is still running (the usual case here), else right after it,
+    and the step's weight sync then finds it dead. Either way the driver must
+    rebuild the pool once and complete the step.
+    """
 
     def __init__(self, pool):
         self.pool = pool
@@ -134,10 +144,9 @@ class _KillingPool:
 
         if self.killed:
             return self.pool.generate(prompts, **kw)
-        total = len(prompts) * kw["config"].n
 
         def progress(done: int) -> None:
-            if not self.killed and done < total:
+            if not self.killed:
                 self.killed = True
                 ray.kill(self.pool.workers[0])
 
@@ -166,6 +175,7 @@ def test_faults_worker_killed_tracking_down_driver_killed_and_resumed(services, 
     assert [x["rollout/restarts"] for x in full_steps] == [1, 1, 1]
     assert any(x["adv/nonzero_share"] > 0 for x in full_steps)
     assert all(x["logprob/rollout_learner_absdiff"] < 1e-3 for x in full_steps)  # vLLM and the learner agree
+    assert any(x["loss/kl"] > 0 for x in full_steps)  # a second update leaves the reference (given a gradient)
 
     # --- "cut": the driver dies after step 3 (last checkpoint: step 2), then resumes
     def kill_after_3(step, metrics):

@@ -179,3 +179,20 @@ def test_advantage_reaches_every_completion_token_of_every_unit(tiny_model_dir):
                 lp = sequence_logprobs(model, u.context_ids + u.completion_ids, len(u.context_ids))
                 expected -= a * float(lp.detach().sum())
     assert float(packed.detach()) == pytest.approx(expected / n, rel=1e-4, abs=1e-6)
+
+
+def test_reference_model_gives_the_unpacked_logprobs_and_rows_keep_them_on_the_way(tiny_model_dir):
+    import pickle
+
+    from rl.grpo import ReferenceModel
+    from rl.learner import strip_row
+    from rl.logprobs import sequence_logprobs
+
+    ref = ReferenceModel(str(tiny_model_dir))
+    row, _ = _batch()
+    (lp,) = ref.logprobs([row])
+    unpacked = sequence_logprobs(ref.model, [1, 2, 3, 4], 1)
+    assert lp[[1, 2, 3]].tolist() == pytest.approx(unpacked.tolist(), abs=1e-5) and float(lp[0]) == 0.0
+    (rl_row,) = with_reference([row], [lp])
+    shipped = pickle.loads(pickle.dumps(strip_row(rl_row)))  # what the learner ranks receive
+    assert isinstance(shipped, RLRow) and torch.equal(shipped.ref_logprob, lp) and shipped.tries == []
