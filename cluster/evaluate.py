@@ -339,9 +339,9 @@ def main_table(reports: Sequence[BenchmarkReport]) -> str:
     sep = "|---|" + "---:|---:|---:|" * len(reports)
     seq_name = reports[0].sequential.model
     par_name = reports[0].parallel.model
-    seq = f"| {seq_name} (sequential) | " + " | ".join(
+    seq = f"| {seq_name} | " + " | ".join(
         f"{_pct(r.sequential.accuracy)} | {_num(r.sequential.L_crit)} | 1.00x" for r in reports) + " |"
-    par = f"| {par_name} (parallel) | " + " | ".join(
+    par = f"| {par_name} | " + " | ".join(
         f"{_pct(r.parallel.accuracy)} | {_num(r.parallel.L_crit)} | {_num(r.speedup, 2, 'x')}" for r in reports) + " |"
     return "\n".join([head, sep, seq, par])
 
@@ -432,6 +432,12 @@ def decode(engine, tokenizer, prompts: Sequence[Sequence[int]], rollout_cfg, iso
     return out
 
 
+def _model_name(path: Path) -> str:
+    """A model folder's name for tables: ``.../run/checkpoints/step_N/hf`` reads ``run/step_N``."""
+    parts = [p for p in path.resolve().parts if p not in ("hf", "checkpoints", "final")]
+    return "/".join(parts[-2:]) if len(parts) >= 2 else path.name
+
+
 def _write_records(path: Path, problems: Sequence[Problem], trajectories, scores) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for t, s in zip(trajectories, scores):
@@ -470,7 +476,8 @@ def run_benchmarks(cfg: BenchEvalConfig, tracker=None, models: tuple[str, str] |
     for d in model_dirs.values():
         if not (d / "config.json").is_file():
             raise FileNotFoundError(f"{d} holds no config.json (not a model folder)")
-    models = models or (model_dirs["parallel"].name, model_dirs["sequential"].name)
+    models = models or (f"{_model_name(model_dirs['parallel'])} (parallel decoding)",
+                        f"{_model_name(model_dirs['sequential'])} (sequential decoding)")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
 

@@ -114,8 +114,8 @@ def test_evaluate_measures_by_hand(tmp_path):
     table = main_table([report, report])
     lines = table.splitlines()
     assert lines[0].count("tiny acc (avg@2)") == 2 and len(lines) == 4
-    assert lines[2].startswith("| sequential baseline (sequential) | 75.0% |") and "1.00x" in lines[2]
-    assert lines[3].startswith("| parallel (parallel) | 75.0% |") and f"{report.speedup:.2f}x" in lines[3]
+    assert lines[2].startswith("| sequential baseline | 75.0% |") and "1.00x" in lines[2]
+    assert lines[3].startswith("| parallel | 75.0% |") and f"{report.speedup:.2f}x" in lines[3]
     md = report_markdown([report])
     assert "isolated decoding" in md and "| tiny | parallel |" in md
     png = histogram([report], tmp_path / "h.png")

@@ -1,0 +1,485 @@
+"""``threadweaver run FILE.yaml``: the whole method in one command, tracked as one MLflow run.
+
+Stages, in order, each an MLflow child run of the pipeline's parent run:
+
+1. ``data``: the synthetic task (``data``: knobs, split sizes, seed) written
+   to ``RUN_DIR/data`` (``rl.sft_data.ensure_task_data``); logs the reference
+   responses' mean ``L_total``/``L_crit``/``eta``;
+2. ``sft_parallel`` and ``sft_sequential``: the SFT stage (``rl.sft.train``)
+   twice from the same ``sft`` config, on the parallel layout (the
+   orchestrator's units, trie-packed) and on the sequential layout (the same
+   responses flattened; ``sft_sequential`` overrides on top) -- the
+   sequential baseline;
+3. ``selftrain`` (only when the section is present): stage 2 of data-gen
+   samples the parallel SFT model on the training prompts and keeps the
+   format-valid correct trajectories (``rollout.datagen``), then SFT goes on
+   from the parallel SFT checkpoint on those records (``selftrain_sft``
+   overrides on top of ``sft``);
+4. ``rl_parallel`` and ``rl_sequential`` (only when ``rl`` is present):
+   P-GRPO (``rl.driver.train``) from each SFT checkpoint; the baseline run
+   decodes with spawning off (``rl_sequential`` overrides, by default
+   ``rollout.sequential=true`` and ``eval.modes=[sequential]``);
+5. ``eval``: ``threadweaver eval`` (:mod:`cluster.evaluate`) of the last
+   parallel model against the last sequential baseline, on the task's test
+   split (and any benchmark files listed in ``eval.data``): the report
+   table, the speedup histogram, viewer pages.
+
+Each stage's config is the pipeline's section with the *wiring* set by the
+pipeline (run folders, model and data paths, tracking); the resolved config
+is written to ``RUN_DIR/STAGE/stage_config.yaml`` and loaded back through
+``cluster.config.load_config``, so it is checked like any command's config.
+Stages that keep no MLflow run themselves (data, SFT, self-training, eval)
+are logged by the pipeline: parameters, per-step metrics read back from the
+stage's ``metrics.jsonl``, summaries and viewer pages of the stage's last
+held-out decoding. The RL stage opens its own run in the pipeline's store;
+it is made a child run (``mlflow.parentRunId``) when it finishes.
+
+``RUN_DIR/pipeline.json`` records every finished stage and its outputs, and
+``RUN_DIR/report.md`` ends the run: the evaluation table and the stage times.
+A ``RUN_DIR`` that already holds a stage's folder is refused unless
+``reuse: true``, which takes the outputs of the stages recorded as finished
+in ``pipeline.json`` as they are (each reuse is printed) and runs the rest.
+Ray is started once for all stages (or joined: ``ray.address`` /
+``RAY_ADDRESS``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from cluster.evaluate import BenchEvalConfig
+from cluster.ray_setup import RayConfig
+from cluster.tracking import TrackingConfig
+from rl.driver import RLConfig
+from rl.sft import SFTConfig
+from rollout.datagen.stage2 import Stage2Config
+from rollout.task import TaskConfig
+
+STAGES = ("data", "sft_parallel", "sft_sequential", "selftrain", "rl_parallel", "rl_sequential", "eval")
+
+
+@dataclass
+class TaskDataConfig:
+    """The synthetic task the pipeline trains and tests on."""
+
+    task: TaskConfig = field(default_factory=TaskConfig, metadata={"help": "difficulty knobs"})
+    train_size: int = field(default=20000, metadata={"help": "training problems (count)"})
+    validation_size: int = field(default=200, metadata={"help": "validation problems (count)"})
+    test_size: int = field(default=200, metadata={"help": "test problems, the evaluation's benchmark (count)"})
+    seed: int = field(default=0, metadata={"help": "seed of the problems"})
+
+
+@dataclass
+class PipelineConfig:
+    """Every stage of the method, wired together (see the module doc for what the pipeline sets itself)."""
+
+    run_dir: str = field(default="runs/pipeline", metadata={"help": "output folder; one sub-folder per stage"})
+    reuse: bool = field(default=False, metadata={
+        "help": "take the outputs of stages already finished in RUN_DIR (pipeline.json) instead of refusing"})
+    data: TaskDataConfig = field(default_factory=TaskDataConfig, metadata={"help": "the synthetic task"})
+    sft: SFTConfig = field(default_factory=SFTConfig, metadata={
+        "help": "SFT stage (run twice: parallel layout and the sequential baseline)"})
+    sft_sequential: list[str] = field(default_factory=list, metadata={
+        "help": "dotted SFT overrides for the sequential baseline only, e.g. ['steps=200']"})
+    selftrain: Stage2Config | None = field(default=None, metadata={
+        "help": "self-training: stage 2 of data-gen on the parallel SFT model, then more SFT (null: skipped)"})
+    selftrain_sft: list[str] = field(default_factory=lambda: ["steps=50"], metadata={
+        "help": "dotted SFT overrides for the SFT round on the self-training records"})
+    rl: RLConfig | None = field(default=None, metadata={
+        "help": "P-GRPO stage, run from each SFT checkpoint (null: skipped; evaluation then uses the SFT models)"})
+    rl_sequential: list[str] = field(default_factory=lambda: ["rollout.sequential=true", "eval.modes=[sequential]"],
+                                     metadata={"help": "dotted RL overrides for the sequential baseline only"})
+    eval: BenchEvalConfig = field(default_factory=BenchEvalConfig, metadata={
+        "help": "final evaluation; model, baseline_model and out are set by the pipeline, and the task's test "
+                "split is added to data as 'tiny'"})
+    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="threadweaver-pipeline"),
+                                     metadata={"help": "MLflow: the parent run; every stage is a child run"})
+    ray: RayConfig = field(default_factory=RayConfig, metadata={"help": "Ray, shared by all stages"})
+
+
+# --------------------------------------------------------------------------- stage configs
+
+
+def stage_config(cls: type, base: Any, path: Path, overrides: list[str]):
+    """``base`` (a config dataclass) with dotted ``overrides``, via a YAML file at ``path`` and ``load_config``."""
+    import yaml
+
+    from cluster.config import load_config, to_dict
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(base), sort_keys=False))
+    return load_config(cls, path, overrides)
+
+
+def _rel_overrides(items: list[str], prefix: str) -> list[str]:
+    return [f"{prefix}{item}" for item in items]
+
+
+def check_config(cfg: PipelineConfig) -> None:
+    """Refuse what cannot work, before any stage runs; ConfigError/ValueError name the key."""
+    import tempfile
+
+    import yaml
+
+    from cluster.config import load_config, to_dict
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sft_file = Path(tmp) / "sft.yaml"
+        sft_file.write_text(yaml.safe_dump(to_dict(cfg.sft), sort_keys=False))
+        load_config(SFTConfig, sft_file, cfg.sft_sequential)
+        load_config(SFTConfig, sft_file, cfg.selftrain_sft)
+        if cfg.rl is not None:
+            rl_file = Path(tmp) / "rl.yaml"
+            rl_file.write_text(yaml.safe_dump(to_dict(cfg.rl), sort_keys=False))
+            load_config(RLConfig, rl_file, cfg.rl_sequential)
+    if cfg.sft.model.path is not None and not (Path(cfg.sft.model.path) / "config.json").is_file():
+        raise ValueError(f"sft.model.path {cfg.sft.model.path} holds no config.json")
+
+
+# --------------------------------------------------------------------------- tracking
+
+
+class Runs:
+    """The parent MLflow run and one child tracker per stage, all in one store."""
+
+    def __init__(self, cfg: PipelineConfig, run_dir: Path):
+        from cluster.config import to_dict
+        from cluster.tracking import Tracker, resolve_uri
+
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.uri = resolve_uri(cfg.tracking, run_dir) if cfg.tracking.enabled else None
+        self.parent = Tracker(self._tracking(cfg.tracking.run_name or run_dir.name), run_dir)
+        self.parent_id = self.parent.start(to_dict(cfg, flat=True), tags={"stage": "pipeline"})
+
+    def _tracking(self, run_name: str) -> TrackingConfig:
+        t = self.cfg.tracking
+        return TrackingConfig(enabled=t.enabled, uri=self.uri, experiment=t.experiment, run_name=run_name,
+                              request_timeout_s=t.request_timeout_s, request_retries=t.request_retries,
+                              retry_after_s=t.retry_after_s, max_buffered=t.max_buffered)
+
+    def child(self, stage: str, stage_dir: Path, params: dict):
+        from cluster.tracking import Tracker
+
+        tracker = Tracker(self._tracking(stage), stage_dir)
+        tags = {"stage": stage}
+        if self.parent_id:
+            tags["mlflow.parentRunId"] = self.parent_id
+        tracker.start(params, tags=tags)
+        return tracker
+
+    def adopt(self, run_id: str | None) -> None:
+        """Make a run that a stage opened itself a child of the parent run (only warns on failure)."""
+        if not (run_id and self.parent_id and self.uri):
+            return
+        try:
+            from mlflow import MlflowClient
+
+            MlflowClient(self.uri).set_tag(run_id, "mlflow.parentRunId", self.parent_id)
+        except Exception as e:  # noqa: BLE001 - tracking never stops the pipeline
+            print(f"pipeline: could not tag MLflow run {run_id} as a child: {e}", file=sys.stderr)
+
+
+def log_metrics_file(tracker, path: Path, prefix: str = "") -> int:
+    """Send every line of a stage's ``metrics.jsonl`` to ``tracker`` at its ``step``; returns the line count."""
+    if not path.is_file():
+        return 0
+    n = 0
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        kind = rec.get("kind", "train")
+        metrics = {f"{prefix}{kind}/{k}": v for k, v in rec.items() if k not in ("kind", "step")}
+        tracker.log_metrics(metrics, int(rec.get("step", 0)))
+        n += 1
+    return n
+
+
+def log_last_eval_page(tracker, stage_dir: Path, title: str) -> Path | None:
+    """Render the stage's newest ``eval/step_N.jsonl`` with the viewer and log the page; None if there is none."""
+    from cluster.viewer import read_jsonl, write_page
+
+    files = sorted((stage_dir / "eval").glob("step_*.jsonl"))
+    if not files:
+        return None
+    page = write_page(stage_dir / "eval" / (files[-1].stem + ".html"), read_jsonl(files[-1])[:40],
+                      title=f"{title}: {files[-1].stem}")
+    tracker.log_artifact(page, "pages")
+    return page
+
+
+# --------------------------------------------------------------------------- the stages
+
+
+def _reference_stats(data_dir: Path, limit: int = 200) -> dict[str, float]:
+    """Mean L_total, L_crit, eta of the validation split's reference responses, in the tiny tokenizer's tokens."""
+    from rollout.tiny import build_tokenizer
+    from rollout.units import latency, replay
+
+    tokenizer = build_tokenizer()
+    records = [json.loads(x) for x in (data_dir / "validation.jsonl").read_text().splitlines()[:limit]]
+    out = {}
+    for name in ("parallel", "sequential"):
+        lats = [latency(replay([], r[f"response_{name}"], tokenizer, tokenizer.eos_token_id)) for r in records]
+        for key in ("L_total", "L_crit", "eta"):
+            out[f"reference/{name}/{key}"] = sum(getattr(x, key) for x in lats) / len(lats)
+    return out
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict:
+    """Run every stage (see module doc); returns the record also written to ``pipeline.json``."""
+    from cluster.ray_setup import Role, init_ray
+    from rl.driver import roles as rl_roles
+
+    check_config(cfg)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record_file = run_dir / "pipeline.json"
+    record: dict = json.loads(record_file.read_text()) if record_file.exists() else {"stages": {}}
+    if record["stages"] and not cfg.reuse:
+        raise ValueError(f"{run_dir} already holds pipeline stages {sorted(record['stages'])}; set reuse=true to "
+                         "take their outputs, or choose another run_dir")
+    for stage in STAGES:
+        if (run_dir / stage).exists() and stage not in record["stages"]:
+            raise ValueError(f"{run_dir / stage} exists but did not finish (not in pipeline.json); delete it or "
+                             "choose another run_dir")
+
+    plan = [Role("SFT learner", cfg.sft.learner.ranks, cfg.sft.learner.cpus_per_rank),
+            Role("SFT eval worker", cfg.sft.eval.workers, cfg.sft.eval.cpus_per_worker)]
+    if cfg.rl is not None:
+        plan = max([plan, rl_roles(cfg.rl)], key=lambda roles: sum(r.total_cpus for r in roles))
+    started_ray = init_ray(cfg.ray, plan)
+    runs = Runs(cfg, run_dir)
+    if runs.parent_id:
+        print(f"pipeline: MLflow parent run {runs.parent_id} at {runs.uri}", flush=True)
+    status = "FAILED"
+    t_start = time.perf_counter()
+
+    def stage(name: str, body: Callable[[Path], dict]) -> dict:
+        if name in record["stages"]:
+            print(f"pipeline: reusing stage {name} from {run_dir / name}", flush=True)
+            return record["stages"][name]
+        print(f"\n=== pipeline: stage {name} ===", flush=True)
+        t0 = time.perf_counter()
+        out = body(run_dir / name)
+        out["wall_s"] = time.perf_counter() - t0
+        record["stages"][name] = out
+        record_file.write_text(json.dumps(record, indent=1))
+        runs.parent.log_metrics({f"time/{name}_s": out["wall_s"]}, 0)
+        print(f"pipeline: stage {name} done in {out['wall_s'] / 60:.1f} min", flush=True)
+        return out
+
+    try:
+        data = stage("data", lambda d: _stage_data(cfg, d, runs))
+        sft_par = stage("sft_parallel", lambda d: _stage_sft(cfg, d, runs, data["dir"], "parallel", []))
+        sft_seq = stage("sft_sequential", lambda d: _stage_sft(cfg, d, runs, data["dir"], "sequential",
+                                                                cfg.sft_sequential))
+        par_model, seq_model = sft_par["checkpoint"], sft_seq["checkpoint"]
+        if cfg.selftrain is not None:
+            st = stage("selftrain", lambda d: _stage_selftrain(cfg, d, runs, data["dir"], par_model))
+            par_model = st["checkpoint"]
+        if cfg.rl is not None:
+            rl_par = stage("rl_parallel", lambda d: _stage_rl(cfg, d, runs, data["dir"], par_model, []))
+            rl_seq = stage("rl_sequential", lambda d: _stage_rl(cfg, d, runs, data["dir"], seq_model,
+                                                                 cfg.rl_sequential))
+            par_model, seq_model = rl_par["checkpoint"], rl_seq["checkpoint"]
+        ev = stage("eval", lambda d: _stage_eval(cfg, d, runs, data["dir"], par_model, seq_model))
+        total = time.perf_counter() - t_start
+        report = _final_report(run_dir, record, ev, total)
+        runs.parent.log_artifact(report)
+        runs.parent.log_artifact(record_file)
+        runs.parent.log_metrics({k: v for k, v in ev["metrics"].items()} | {"time/total_s": total}, 0)
+        record["wall_s"] = total
+        record_file.write_text(json.dumps(record, indent=1))
+        status = "FINISHED"
+        return record
+    finally:
+        runs.parent.finish(status)
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+
+def _stage_data(cfg: PipelineConfig, stage_dir: Path, runs: Runs) -> dict:
+    from dataclasses import asdict
+
+    from rl.sft_data import ensure_task_data
+
+    d = cfg.data
+    sizes = {"train": d.train_size, "validation": d.validation_size, "test": d.test_size}
+    tracker = runs.child("data", stage_dir, {**{f"task.{k}": v for k, v in asdict(d.task).items()},
+                                             **{f"{k}_size": v for k, v in sizes.items()}, "seed": d.seed})
+    try:
+        data_dir = ensure_task_data(stage_dir, d.task, sizes, d.seed)
+        stats = _reference_stats(data_dir)
+        tracker.log_metrics(stats, 0)
+        print("pipeline: reference responses " + ", ".join(f"{k} {v:.2f}" for k, v in stats.items()), flush=True)
+        tracker.finish("FINISHED")
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    return {"dir": str(data_dir), "reference": stats}
+
+
+def _stage_sft(cfg: PipelineConfig, stage_dir: Path, runs: Runs, data_dir: str, layout: str,
+               extra: list[str], model_path: str | None = None, data_overrides: list[str] = ()) -> dict:
+    from cluster.config import to_dict
+    from rl.sft import train
+
+    wiring = [f"run_dir={stage_dir}", f"data.dir={data_dir}", "data.generate=false", f"data.layout={layout}"]
+    if model_path is not None:
+        wiring.append(f"model.path={model_path}")
+    sft_cfg = stage_config(SFTConfig, cfg.sft, stage_dir / "stage_config.yaml",
+                           list(extra) + wiring + list(data_overrides))
+    name = stage_dir.name
+    tracker = runs.child(name, stage_dir, to_dict(sft_cfg, flat=True))
+    try:
+        summary = train(sft_cfg)
+        log_metrics_file(tracker, stage_dir / "metrics.jsonl")
+        tracker.log_metrics({f"final/{k}": v for k, v in summary["eval"].items()}
+                            | {"train_s": summary["train_s"], "tokens_seen": summary["tokens_seen"]}, summary["steps"])
+        tracker.log_artifact(stage_dir / "summary.json")
+        log_last_eval_page(tracker, stage_dir, name)
+        tracker.finish("FINISHED")
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    return {"checkpoint": summary["checkpoint"], "eval": summary["eval"], "steps": summary["steps"]}
+
+
+def _stage_selftrain(cfg: PipelineConfig, stage_dir: Path, runs: Runs, data_dir: str, model: str) -> dict:
+    from cluster.config import to_dict
+    from rewards.checker import AnswerChecker
+    from rollout.datagen.stage2 import pool_sampler, run_stage2
+    from rollout.tiny import load_tokenizer
+
+    gen_dir = stage_dir / "data"
+    st_cfg = stage_config(Stage2Config, cfg.selftrain, stage_dir / "stage2_config.yaml",
+                          [f"model={model}", f"prompts={Path(data_dir) / 'train.jsonl'}",
+                           f"out={gen_dir / 'train.jsonl'}"])
+    tracker = runs.child("selftrain_stage2", stage_dir, to_dict(st_cfg, flat=True))
+    try:
+        sample, close = pool_sampler(st_cfg)
+        try:
+            with AnswerChecker(st_cfg.check_timeout_s, eager=False) as checker:
+                result = run_stage2(st_cfg, sample, load_tokenizer(model), checker)
+        finally:
+            close()
+        stats = result.stats
+        tracker.log_metrics({k: v for k, v in stats.items() if isinstance(v, (int, float))}, 0)
+        tracker.finish("FINISHED")
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    kept = sum(1 for line in (gen_dir / "train.jsonl").read_text().splitlines() if line.strip())
+    if kept == 0:
+        raise RuntimeError(f"self-training kept no trajectory (stats in {gen_dir}); the SFT model is too weak for "
+                           "stage 2, or its limits too tight; remove the selftrain section to skip it")
+    shutil.copy(Path(data_dir) / "validation.jsonl", gen_dir / "validation.jsonl")
+    sft = _stage_sft(cfg, stage_dir / "sft", runs, str(gen_dir), "parallel", cfg.selftrain_sft, model_path=model,
+                     data_overrides=["data.response_field=response"])
+    return {"checkpoint": sft["checkpoint"], "kept": kept, "eval": sft["eval"]}
+
+
+def _stage_rl(cfg: PipelineConfig, stage_dir: Path, runs: Runs, data_dir: str, model: str,
+              extra: list[str]) -> dict:
+    from rl.driver import train
+
+    wiring = [f"model={model}", f"run_dir={stage_dir}", f"data.dir={data_dir}", "data.generate=false",
+              f"tracking.enabled={'true' if cfg.tracking.enabled else 'false'}",
+              f"tracking.experiment={cfg.tracking.experiment}", f"tracking.run_name={stage_dir.name}"]
+    if runs.uri is not None:
+        wiring.append(f"tracking.uri={runs.uri}")
+    rl_cfg = stage_config(RLConfig, cfg.rl, stage_dir / "stage_config.yaml", list(extra) + wiring)
+    summary = train(rl_cfg)
+    runs.adopt(summary.get("mlflow_run_id"))
+    if summary.get("mlflow_run_id") and runs.uri:
+        from cluster.tracking import Tracker
+
+        reopened = Tracker(runs._tracking(stage_dir.name), stage_dir)
+        reopened.start({}, run_id=summary["mlflow_run_id"])
+        log_last_eval_page(reopened, stage_dir, stage_dir.name)
+        reopened.finish("FINISHED")
+    return {"checkpoint": summary["checkpoint"], "eval": summary["eval"], "steps": summary["steps"],
+            "mlflow_run_id": summary.get("mlflow_run_id")}
+
+
+def _stage_eval(cfg: PipelineConfig, stage_dir: Path, runs: Runs, data_dir: str, par_model: str,
+                seq_model: str) -> dict:
+    from dataclasses import replace
+
+    from cluster.config import to_dict
+    from cluster.evaluate import run_benchmarks
+
+    data = [f"tiny={Path(data_dir) / 'test.jsonl'}"] + list(cfg.eval.data)
+    ev_cfg = replace(cfg.eval, model=par_model, baseline_model=seq_model, data=data, out=str(stage_dir))
+    tracker = runs.child("eval", stage_dir, to_dict(ev_cfg, flat=True))
+    names = ("ThreadWeaver", "sequential baseline")
+    try:
+        reports = run_benchmarks(ev_cfg, tracker=tracker, models=names)
+        tracker.finish("FINISHED")
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    metrics = {}
+    for r in reports:
+        metrics.update(r.metrics())
+    return {"report": str(stage_dir / "report.md"), "metrics": metrics}
+
+
+def _final_report(run_dir: Path, record: dict, ev: dict, total_s: float) -> Path:
+    lines = [Path(ev["report"]).read_text().replace("# Evaluation", "# Pipeline report", 1), "", "## Stages", "",
+             "| stage | minutes | output |", "|---|---:|---|"]
+    for name in STAGES:
+        s = record["stages"].get(name)
+        if s is not None:
+            out = s.get("checkpoint") or s.get("dir") or s.get("report") or ""
+            lines.append(f"| {name} | {s['wall_s'] / 60:.1f} | {out} |")
+    lines += ["", f"Total: {total_s / 60:.1f} minutes."]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="*", metavar="FILE.yaml",
+                        help="pipeline YAML (several: merged in order, later ones win)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="key.sub=value",
+                        help="dotted override of a pipeline key (repeatable), e.g. --set sft.steps=50")
+    parser.add_argument("--show-config", action="store_true", help="print every pipeline key with its help and exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    from cluster.config import ConfigError, describe, load_config
+
+    if args.show_config:
+        print(describe(PipelineConfig))
+        return 0
+    if not args.config:
+        print("threadweaver run: name the pipeline YAML, e.g. threadweaver run experiments/pipeline_tiny.yaml",
+              file=sys.stderr)
+        return 2
+    for name, value in {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING", "DS_ACCELERATOR": "cpu",
+                        "TOKENIZERS_PARALLELISM": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}.items():
+        os.environ.setdefault(name, value)
+    try:
+        cfg = load_config(PipelineConfig, args.config, args.overrides)
+        check_config(cfg)
+        record = run_pipeline(cfg)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"threadweaver run: {e}", file=sys.stderr)
+        return 2
+    print("\n" + Path(cfg.run_dir, "report.md").read_text())
+    print(f"pipeline finished in {record['wall_s'] / 60:.1f} min; outputs in {cfg.run_dir}")
+    return 0

@@ -1,0 +1,80 @@
+"""The one-command pipeline: its config, the wiring of stage configs, refusals, and the per-stage logging helpers.
+
+A full run (every stage on the real engines) takes over ten minutes even at
+toy sizes on two cores, so it is not part of the suite: the README's main
+job (``threadweaver run experiments/pipeline_tiny.yaml``) is that check.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cluster.config import ConfigError, load_config
+from cluster.pipeline import PipelineConfig, check_config, log_metrics_file, run_pipeline, stage_config
+from rl.sft import SFTConfig
+
+
+def test_pipeline_experiments_load_and_check():
+    files = sorted(Path("experiments").glob("pipeline_*.yaml"))
+    assert files
+    for f in files:
+        cfg = load_config(PipelineConfig, f)
+        check_config(cfg)
+        assert cfg.rl is None or cfg.rl.rollout.n >= 2
+
+
+def test_stage_config_applies_the_wiring_last_and_keeps_the_section(tmp_path):
+    cfg = load_config(PipelineConfig, "experiments/pipeline_tiny.yaml")
+    sft = stage_config(SFTConfig, cfg.sft, tmp_path / "s" / "stage_config.yaml",
+                       ["steps=7", f"run_dir={tmp_path / 's'}", "data.layout=sequential"])
+    assert sft.steps == 7 and sft.data.layout == "sequential" and sft.run_dir == str(tmp_path / "s")
+    assert sft.learner.lr == cfg.sft.learner.lr and sft.tokens_per_step == cfg.sft.tokens_per_step
+    assert "layout: parallel" in (tmp_path / "s" / "stage_config.yaml").read_text()  # the section as given
+
+
+def test_bad_stage_overrides_are_refused_before_anything_runs():
+    with pytest.raises(ConfigError, match="did you mean 'steps'"):
+        check_config(load_config(PipelineConfig, "experiments/pipeline_tiny.yaml", ["sft_sequential=[stepz=3]"]))
+    with pytest.raises(ConfigError, match="rollout.n"):
+        check_config(load_config(PipelineConfig, "experiments/pipeline_tiny.yaml", ["rl_sequential=[rollout.n=1]"]))
+    with pytest.raises(ConfigError, match="unknown key 'sft.stepz'; did you mean 'sft.steps'"):
+        load_config(PipelineConfig, "experiments/pipeline_tiny.yaml", ["sft.stepz=3"])
+
+
+def test_a_used_run_dir_is_refused_unless_reuse(tmp_path):
+    (tmp_path / "pipeline.json").write_text(json.dumps({"stages": {"data": {"dir": "x", "wall_s": 1.0}}}))
+    cfg = load_config(PipelineConfig, "experiments/pipeline_tiny.yaml", [f"run_dir={tmp_path}"])
+    with pytest.raises(ValueError, match=r"already holds pipeline stages \['data'\]; set reuse=true"):
+        run_pipeline(cfg)
+    (tmp_path / "sft_parallel").mkdir()
+    cfg = load_config(PipelineConfig, "experiments/pipeline_tiny.yaml", [f"run_dir={tmp_path}", "reuse=true"])
+    with pytest.raises(ValueError, match="sft_parallel exists but did not finish"):
+        run_pipeline(cfg)
+
+
+class _Recorder:
+    def __init__(self):
+        self.logged = []
+
+    def log_metrics(self, metrics, step):
+        self.logged.append((step, dict(metrics)))
+
+
+def test_stage_metrics_file_is_replayed_step_by_step(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps({"kind": "train", "step": 1, "loss": 2.0}) + "\n"
+                    + json.dumps({"kind": "eval", "step": 2, "accuracy": 0.5}) + "\n")
+    rec = _Recorder()
+    assert log_metrics_file(rec, path) == 2
+    assert rec.logged == [(1, {"train/loss": 2.0}), (2, {"eval/accuracy": 0.5})]
+    assert log_metrics_file(rec, tmp_path / "missing.jsonl") == 0
+
+
+def test_cli_needs_a_file():
+    from cluster.cli import main
+
+    assert main(["run"]) == 2
+    assert main(["run", "--show-config"]) == 0
