@@ -77,7 +77,7 @@ class BenchEvalConfig:
     temperature: float | None = field(default=None, metadata={
         "help": "sampling temperature (null: 0, greedy, when k is 1; else 1.0)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
-    seed: int = field(default=0, metadata={"help": "base sampling seed"})
+    seed: int = field(default=0, metadata={"help": "base sampling seed (temperature > 0 only; greedy is unseeded)"})
     max_tokens: int = field(default=1024, metadata={"help": "generated-token budget per sample (tokens)"})
     max_context: int = field(default=2048, metadata={"help": "per-request context limit, engine length (tokens)"})
     max_thread_tokens: int = field(default=512, metadata={"help": "length limit of one thread (tokens)"})
@@ -106,10 +106,12 @@ class BenchEvalConfig:
         from rollout.config import RolloutConfig
 
         temperature = self.temperature if self.temperature is not None else (0.0 if self.k == 1 else 1.0)
+        # Greedy decoding needs no seed, and vLLM 0.32 on CPU crashes on a seeded request whose prefill
+        # is chunked ("CPU Generator does not use offset"), so greedy requests go unseeded.
         return RolloutConfig(temperature=temperature, top_p=self.top_p, max_tokens=self.max_tokens,
                              max_context=self.max_context, max_thread_tokens=self.max_thread_tokens,
                              max_threads=self.max_threads, max_blocks=self.max_blocks, n=self.k,
-                             sequential=sequential, seed=self.seed, dtype=self.dtype,
+                             sequential=sequential, seed=None if temperature == 0 else self.seed, dtype=self.dtype,
                              enforce_eager=self.enforce_eager)
 
 
