@@ -19,7 +19,10 @@ What one step really does:
    with the ``"pgrpo"`` loss, normalised by the number of completion tokens of
    the whole batch (one step: on-policy; more: PPO-clipped ratios against the
    rollout's log-probabilities); with ``grpo.kl_coef > 0`` a reference-model
-   actor adds the log-probabilities of the starting checkpoint;
+   actor adds the log-probabilities of the starting checkpoint. Groups whose
+   advantages are all 0 are not forwarded (``grpo.skip_zero_advantage``), and
+   a batch without any non-zero advantage takes no optimizer step and no
+   weight sync (``learner/skipped`` = 1);
 6. sends the new weights to every rollout worker in buckets
    (``RolloutPool.update_weights``) and times it;
 7. logs the step's metrics to ``RUN_DIR/metrics.jsonl`` and MLflow
@@ -339,6 +342,31 @@ def trajectory_metrics(trajectories, scores, prefix: str) -> dict[str, float]:
     return out
 
 
+def learner_metrics(learn: list[dict], n_tokens: int, learn_s: float) -> dict[str, float]:
+    """Loss terms, gradient and throughput of a step's optimizer steps (``learn``: one dict per update).
+
+    ``learner/skipped`` is 1 when the batch had no non-zero advantage and no
+    optimizer step was taken (the other values are then 0).
+    """
+    if not learn:
+        return {"learner/skipped": 1.0, "loss/total": 0.0, "loss/pg": 0.0, "loss/kl": 0.0, "loss/clip_frac": 0.0,
+                "learner/grad_norm": 0.0, "learner/tokens_per_s": 0.0}
+    first, last = learn[0], learn[-1]
+    return {
+        "learner/skipped": 0.0,
+        "loss/total": last["loss"],
+        "loss/pg": last["pg_sum"] / n_tokens,
+        "loss/kl": last["kl_sum"] / n_tokens,
+        "loss/clip_frac": (sum(m["clipped"] for m in learn) / max(sum(m["targets"] for m in learn), 1.0)
+                           if len(learn) > 1 else 0.0),
+        "learner/grad_norm": last["grad_norm"],
+        "learner/lr": last["lr"],
+        "learner/tokens_per_s": sum(m["tokens"] for m in learn) / max(learn_s, 1e-9),
+        # the first update runs on the weights that sampled the batch
+        "logprob/rollout_learner_absdiff": first["lp_absdiff_sum"] / max(first["lp_count"], 1.0),
+    }
+
+
 def _log(handle, record: dict) -> None:
     handle.write(json.dumps(record) + "\n")
     handle.flush()
@@ -541,17 +569,19 @@ def train(cfg: RLConfig, on_step: Callable[[int, dict], None] | None = None,
                 stats = tree_stats(tries)
                 train_tries = tries
                 if cfg.grpo.skip_zero_advantage and cfg.grpo.kl_coef == 0:
-                    train_tries = [t for t in tries if has_weight(t)] or [min(tries, key=len)]
-                rows = pack_tries(train_tries, cfg.learner.row_tokens)
-                if services.reference is not None:
-                    stripped = [strip_row(r) for r in rows]
-                    rows = with_reference(stripped, ray.get(services.reference.logprobs.remote(stripped)))
-                learn = [group.train_step(rows, loss="pgrpo", denominator=float(n_tokens), **options)
-                         for _ in range(updates)]
+                    train_tries = [t for t in tries if has_weight(t)]
+                rows, learn = [], []
+                if train_tries:  # else nothing to learn from: no optimizer step, the weights stay as they are
+                    rows = pack_tries(train_tries, cfg.learner.row_tokens)
+                    if services.reference is not None:
+                        stripped = [strip_row(r) for r in rows]
+                        rows = with_reference(stripped, ray.get(services.reference.logprobs.remote(stripped)))
+                    learn = [group.train_step(rows, loss="pgrpo", denominator=float(n_tokens), **options)
+                             for _ in range(updates)]
                 learn_s = time.perf_counter() - t0
 
                 t0 = time.perf_counter()
-                update = rollouts.update_weights(group.state_dict())
+                update = rollouts.update_weights(group.state_dict()) if learn else None
                 sync_s = time.perf_counter() - t0
                 step += 1
                 step_s = time.perf_counter() - t_step
@@ -561,19 +591,10 @@ def train(cfg: RLConfig, on_step: Callable[[int, dict], None] | None = None,
                     totals[key] += value
                 totals["generated_tokens"] += generated
 
-                first, last = learn[0], learn[-1]
                 nonzero = [a for a in adv if a != 0.0]
                 metrics = trajectory_metrics(trajectories, scores, "train/")
+                metrics.update(learner_metrics(learn, n_tokens, learn_s))
                 metrics.update({
-                    "loss/total": last["loss"],
-                    "loss/pg": last["pg_sum"] / n_tokens,
-                    "loss/kl": last["kl_sum"] / n_tokens,
-                    "loss/clip_frac": (sum(m["clipped"] for m in learn) / sum(m["targets"] for m in learn)
-                                       if updates > 1 else 0.0),
-                    "learner/grad_norm": last["grad_norm"],
-                    "learner/lr": last["lr"],
-                    "learner/tokens_per_s": sum(m["tokens"] for m in learn) / max(learn_s, 1e-9),
-                    "logprob/rollout_learner_absdiff": first["lp_absdiff_sum"] / max(first["lp_count"], 1.0),
                     "adv/mean_abs": _mean([abs(a) for a in adv]),
                     "adv/zero_groups": _mean([float(all(a == 0.0 for a in adv[i * k:(i + 1) * k]))
                                               for i in range(len(prompts))]),
@@ -585,7 +606,7 @@ def train(cfg: RLConfig, on_step: Callable[[int, dict], None] | None = None,
                     "batch/rows": float(len(rows)),
                     "time/rollout_s": rollout_s, "time/reward_s": reward_s, "time/learn_s": learn_s,
                     "time/sync_s": sync_s, "time/step_s": step_s,
-                    "time/sync_load_s": update.load_s,
+                    "time/sync_load_s": update.load_s if update is not None else 0.0,
                     "throughput/rollout_tokens_per_s": generated / max(rollout_s, 1e-9),
                     "throughput/step_tokens_per_s": generated / max(step_s, 1e-9),
                     "rollout/restarts": float(rollouts.restarts),

@@ -61,7 +61,8 @@ class GRPOConfig:
                 "no reference model"})
     skip_zero_advantage: bool = field(default=True, metadata={
         "help": "do not forward tries whose every weight is 0 (their loss and gradient are 0; they still "
-                "count in the token normaliser). Ignored when kl_coef > 0"})
+                "count in the token normaliser); a batch with none left takes no optimizer step, so Adam's "
+                "momentum does not move the weights without a signal. Ignored when kl_coef > 0"})
 
     def __post_init__(self) -> None:
         if self.advantage not in ADVANTAGES:
