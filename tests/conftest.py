@@ -12,9 +12,10 @@ once per test run):
   elsewhere.
 * ``tokenizer`` — its tokenizer (``rollout.tiny.load_tokenizer``).
 * ``llm`` — ONE ``vllm.LLM`` on that model, fp32 with prefix caching, shared
-  by every test that asks for it. A test that loads other weights into it
-  (``collective_rpc("reload_weights", ...)``) must load ``tiny_model_dir``
-  back and call ``reset_prefix_cache()`` before it ends.
+  by every test that asks for it, built by ``rollout.engine.make_llm``. A test
+  that loads other weights into it must use ``rollout.weights.reload_in_place``
+  (plain ``reload_weights`` leaves vLLM CPU's tied output head stale) and load
+  ``tiny_model_dir`` back before it ends.
 """
 
 from __future__ import annotations
@@ -59,16 +60,12 @@ def llm(tiny_model_dir: Path):
     process; do not set ``VLLM_ENABLE_V1_MULTIPROCESSING=0``. Teardown stops
     those processes.
     """
-    from vllm import LLM
+    from rollout.engine import make_llm
 
-    engine = LLM(
-        model=str(tiny_model_dir),
-        dtype="float32",
-        enable_prefix_caching=True,
-        max_model_len=4096,
-        seed=0,
-        enforce_eager=True,
-    )
+    # make_llm: fp32, prefix caching on, and the reload extension that
+    # rollout.weights.reload_in_place needs (vLLM's CPU backend otherwise keeps
+    # a stale tied output head after an in-place reload).
+    engine = make_llm(tiny_model_dir, max_model_len=4096, seed=0, dtype="float32", enforce_eager=True)
     try:
         yield engine
     finally:

@@ -99,7 +99,7 @@ def _config(run_dir, data_dir, model_dir, **kw):
 
     overrides = [f"run_dir={run_dir}", f"model.path={model_dir}", f"data.dir={data_dir}", "data.train_size=40",
                  "data.validation_size=4", "data.test_size=4", "data.task.b_digits=2", "data.task.max_threads=3",
-                 "steps=6", "tokens_per_step=900", "save_every=3", "keep_last=0", "progress=false",
+                 "steps=6", "tokens_per_step=2400", "save_every=3", "keep_last=0", "progress=false",
                  "eval.at_end=false", "learner.lr=3e-3", "learner.warmup_steps=2", "learner.row_tokens=600",
                  "learner.cpus_per_rank=1", "learner.threads_per_rank=1"]
     overrides += [f"{k}={v}" for k, v in kw.items()]
@@ -147,19 +147,18 @@ def test_sft_checkpoint_loads_in_vllm_with_the_learner_logprobs(ray_cluster, tin
     from vllm import SamplingParams, TokensPrompt
 
     from rl.sft import train
+    from rollout.weights import reload_in_place
 
     summary = train(_config(tmp_path / "run", tmp_path / "data", tiny_model_dir, steps=3, save_every=0))
     ckpt = summary["checkpoint"]
     prompt = chat_prompt_ids(tokenizer, "Compute 3*41 + 7*12.")
     hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
     try:
-        llm.collective_rpc("reload_weights", kwargs={"weights_path": ckpt})
-        llm.reset_prefix_cache()
+        reload_in_place(llm, ckpt)  # make_llm's reload: refreshes the tied head too
         out = llm.generate([TokensPrompt(prompt_token_ids=prompt)],
                            SamplingParams(temperature=0, max_tokens=8, logprobs=0), use_tqdm=False)[0].outputs[0]
     finally:
-        llm.collective_rpc("reload_weights", kwargs={"weights_path": str(tiny_model_dir)})
-        llm.reset_prefix_cache()
+        reload_in_place(llm, tiny_model_dir)
     ids = torch.tensor([prompt + list(out.token_ids)])
     with torch.no_grad():
         logp = hf(input_ids=ids).logits[0].log_softmax(-1)
