@@ -22,8 +22,10 @@ model-generated tokens (``len(completion_ids)``, the measure of ``L_crit``);
 the sequential request that ends a block's outlines is shown on the text
 before that block, and says so. Without units (e.g. the records of the RL
 driver's ``eval/step_N.jsonl``), threads are compared by characters, and the
-page says "chars". A response that does not parse into blocks is shown as raw
-text under the parser's error.
+page says "chars". A response cut off inside a block (by a budget or length
+limit) is shown with the missing closing tags added, under a note that says
+which; any other response that does not parse into blocks is shown as raw text
+under the parser's error.
 
 Input records are JSON objects, one a line, as ``threadweaver generate``
 writes them (the input fields, the trajectory of
@@ -38,12 +40,16 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import re
 import sys
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from rollout.format import Block, FormatError, parse
+from rollout.format import (
+    BLOCK_TAGS, OUTLINE_CLOSE, OUTLINE_OPEN, OUTLINES_CLOSE, OUTLINES_OPEN, PARALLEL_CLOSE, PARALLEL_OPEN,
+    THREAD_CLOSE, THREAD_OPEN, Block, FormatError, parse,
+)
 from rollout.units import SEQ, THREAD, Unit, latency
 
 #: score fields shown in the reward panel, in this order (those present in a record)
@@ -220,12 +226,41 @@ def _block_html(block: Block, b: int, thread_tokens: dict[tuple[int, int], int])
             f'threads · {crit_text}</div><div class="threads">{"".join(cols)}</div>{extra}</div>')
 
 
+_CLOSERS = {PARALLEL_OPEN: PARALLEL_CLOSE, OUTLINES_OPEN: OUTLINES_CLOSE, OUTLINE_OPEN: OUTLINE_CLOSE,
+            THREAD_OPEN: THREAD_CLOSE}
+_TAG_RE = re.compile("|".join(re.escape(t) for t in BLOCK_TAGS))
+
+
+def missing_closers(text: str) -> str | None:
+    """The closing tags a response cut off inside a block lacks (``""`` if none), or None when its tags
+    are out of order in a way no cut explains."""
+    stack: list[str] = []
+    for m in _TAG_RE.finditer(text):
+        tag = m.group()
+        if tag in _CLOSERS:
+            stack.append(tag)
+        elif stack and _CLOSERS[stack[-1]] == tag:
+            stack.pop()
+        else:
+            return None
+    return "".join(_CLOSERS[t] for t in reversed(stack))
+
+
 def _response_html(item: PageItem) -> str:
+    note = ""
     try:
         response = parse(item.text)
     except FormatError as e:
-        return (f'<div class="error">the response does not parse into blocks: {_e(e)}</div>'
-                f'<div class="seq raw"><pre>{_e(item.text)}</pre></div>')
+        closers = missing_closers(item.text)
+        try:
+            if not closers:
+                raise e
+            response = parse(item.text + closers)
+        except FormatError:
+            return (f'<div class="error">the response does not parse into blocks: {_e(e)}</div>'
+                    f'<div class="seq raw"><pre>{_e(item.text)}</pre></div>')
+        note = (f'<div class="error">the response ends inside a block (cut off); shown with '
+                f'{_e(closers)} added for display</div>')
     seq_tokens, thread_tokens = _unit_lengths(item.units)
     n_blocks = len(response.blocks)
     # Sequential request j ends at block j+1's </Outlines> (the last one at the end) when the units match.
@@ -249,7 +284,7 @@ def _response_html(item: PageItem) -> str:
         b += 1
         out.append(_block_html(part, b, thread_tokens))
     flush_seq(f'<div class="tokens">sequential request: {seq_tokens[-1]} tokens</div>' if seq_known else "")
-    return "".join(out)
+    return note + "".join(out)
 
 
 def _units_html(units: list[Unit] | None) -> str:

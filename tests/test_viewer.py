@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.viewer import critical_thread, read_jsonl, render, to_item
+from cluster.viewer import critical_thread, missing_closers, read_jsonl, render, to_item
 from rollout.units import latency, replay
 
 CHROMIUM = "/usr/bin/chromium"
@@ -88,10 +88,15 @@ def test_records_without_units_compare_threads_by_characters():
     assert "sequential request:" not in page
 
 
-def test_unparseable_response_is_shown_raw_under_the_parser_error():
-    page = render([{"text": "<think>\n<Parallel>\n<Outlines>\n<Outline>1: x", "finish_reason": "budget"}])
-    assert "does not parse into blocks" in page and "&lt;Outline&gt;1: x" in page
-    assert 'data-key="finish_reason">budget<' in page
+def test_a_cut_response_is_closed_for_display_and_a_broken_one_shown_raw():
+    assert missing_closers("<Parallel><Outlines><Outline>1: x") == "</Outline></Outlines></Parallel>"
+    assert missing_closers("a</Thread>") is None and missing_closers("plain") == ""
+    cut = "<think>\n<Parallel>\n<Outlines>\n<Outline>1: x</Outline>\n</Outlines>\n<Thread>\n1: par"
+    page = render([{"text": cut, "finish_reason": "budget"}])
+    assert "ends inside a block (cut off); shown with &lt;/Thread&gt;&lt;/Parallel&gt; added" in page
+    assert 'class="thread critical"' in page and 'data-key="finish_reason">budget<' in page
+    page = render([{"text": "<think>\n</Thread> oops <Parallel>", "finish_reason": "eos"}])
+    assert "does not parse into blocks" in page and "&lt;/Thread&gt; oops" in page
 
 
 def test_bad_input_is_an_error_naming_the_record(tmp_path):
