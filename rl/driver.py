@@ -315,7 +315,8 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def trajectory_metrics(trajectories, scores, prefix: str) -> dict[str, float]:
-    """Means over a batch: reward and its components, correctness, parallelism, format, finish reasons."""
+    """Means over a batch: reward and its components, correctness (also apart for trajectories with and
+    without a block; NaN when there are none), parallelism, format, finish reasons."""
     n = len(trajectories)
     blocks = [k for t in trajectories for k in t.threads_per_block]
     out = {
@@ -327,6 +328,9 @@ def trajectory_metrics(trajectories, scores, prefix: str) -> dict[str, float]:
         f"{prefix}check_timed_out": _mean([float(s.timed_out) for s in scores]),
         f"{prefix}format_error": _mean([float(not s.format_valid) for s in scores]),
         f"{prefix}activation": _mean([float(t.n_blocks > 0) for t in trajectories]),
+        f"{prefix}correct_with_block": _mean([float(s.correct) for t, s in zip(trajectories, scores) if t.n_blocks]),
+        f"{prefix}correct_without_block": _mean([float(s.correct) for t, s in zip(trajectories, scores)
+                                                 if not t.n_blocks]),
         f"{prefix}blocks": _mean([float(t.n_blocks) for t in trajectories]),
         f"{prefix}threads_per_block": _mean([float(k) for k in blocks]),
         f"{prefix}eta": _mean([t.eta for t in trajectories]),

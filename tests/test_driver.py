@@ -70,6 +70,40 @@ def test_experiment_configs_load():
         assert cfg.rollout.n >= 2
 
 
+def test_batch_metrics_by_hand():
+    from types import SimpleNamespace as T
+
+    from rl.driver import learner_metrics, trajectory_metrics
+
+    trajectories = [T(n_blocks=1, threads_per_block=[3], eta=0.4, L_crit=60, L_total=100, speedup=100 / 60,
+                      finish_reason="eos"),
+                    T(n_blocks=2, threads_per_block=[2, 4], eta=0.2, L_crit=80, L_total=100, speedup=1.25,
+                      finish_reason="budget"),
+                    T(n_blocks=0, threads_per_block=[], eta=0.0, L_crit=50, L_total=50, speedup=1.0,
+                      finish_reason="eos")]
+    scores = [T(reward=1.2, R_correct=1.0, R_accel=0.2, format_penalty=0.0, correct=True, timed_out=False,
+                format_valid=True),
+              T(reward=0.0, R_correct=0.0, R_accel=0.0, format_penalty=0.0, correct=False, timed_out=False,
+                format_valid=False),
+              T(reward=1.0, R_correct=1.0, R_accel=0.0, format_penalty=0.0, correct=True, timed_out=False,
+                format_valid=True)]
+    m = trajectory_metrics(trajectories, scores, "train/")
+    assert m["train/reward"] == pytest.approx(2.2 / 3) and m["train/R_accel"] == pytest.approx(0.2 / 3)
+    assert m["train/activation"] == pytest.approx(2 / 3) and m["train/threads_per_block"] == pytest.approx(3.0)
+    assert m["train/correct_with_block"] == 0.5 and m["train/correct_without_block"] == 1.0
+    assert m["train/L_crit"] == pytest.approx(190 / 3) and m["train/format_error"] == pytest.approx(1 / 3)
+    assert m["train/finish/eos"] == pytest.approx(2 / 3) and m["train/finish/budget"] == pytest.approx(1 / 3)
+    assert m["train/finish/error"] == 0.0
+    assert learner_metrics([], 10, 0.0)["learner/skipped"] == 1.0
+    two = learner_metrics([{"loss": 1.0, "pg_sum": 5.0, "kl_sum": 0.0, "clipped": 0.0, "targets": 10.0,
+                            "grad_norm": 1.0, "lr": 1e-3, "tokens": 20.0, "lp_absdiff_sum": 0.5, "lp_count": 10.0},
+                           {"loss": 0.5, "pg_sum": 4.0, "kl_sum": 2.0, "clipped": 5.0, "targets": 10.0,
+                            "grad_norm": 0.5, "lr": 1e-3, "tokens": 20.0, "lp_absdiff_sum": 9.0, "lp_count": 10.0}],
+                          n_tokens=10, learn_s=2.0)
+    assert (two["loss/total"], two["loss/pg"], two["loss/kl"], two["loss/clip_frac"]) == (0.5, 0.4, 0.2, 0.25)
+    assert two["logprob/rollout_learner_absdiff"] == 0.05 and two["learner/tokens_per_s"] == 20.0
+
+
 def test_ray_plan_refuses_what_the_cluster_cannot_hold():
     from cluster.ray_setup import Role, check_fits
 
