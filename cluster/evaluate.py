@@ -313,7 +313,8 @@ def evaluate(parallel: Sequence[Any], sequential: Sequence[Any], answers: Sequen
                    if p in wall["sequential"] and max(wall["parallel"][p]) > 0]
     report = BenchmarkReport(
         name=name, k=max(ks), latency=latency, parallel=par_summary, sequential=seq_summary,
-        speedups=[ratios[p] for p in sorted(ratios)], speedups_correct=[correct_ratios[p] for p in sorted(correct_ratios)],
+        speedups=[ratios[p] for p in sorted(ratios)],
+        speedups_correct=[correct_ratios[p] for p in sorted(correct_ratios)],
         speedup=_mean(list(ratios.values())),
         speedup_median=statistics.median(ratios.values()) if ratios else float("nan"),
         speedup_correct=_mean(list(correct_ratios.values())) if correct_ratios else None,
@@ -528,8 +529,9 @@ def run_benchmarks(cfg: BenchEvalConfig, tracker=None, models: tuple[str, str] |
                     tracker.log_artifact(records, "eval")
                     if cfg.pages:
                         n = cfg.pages
+                        title = f"{name}: {mode} decoding ({models[mode == 'sequential']})"
                         page = write_page(out / f"{name}_{mode}.html", trajectories[name][mode][:n],
-                                          scores[mode][:n], title=f"{name}: {mode} decoding ({models[mode == 'sequential']})")
+                                          scores[mode][:n], title=title)
                         tracker.log_artifact(page, "pages")
                 tracker.log_metrics(report.metrics(), 0)
         write_report(reports, out, tracker)

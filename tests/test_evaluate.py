@@ -67,7 +67,8 @@ def test_config_checks():
     with pytest.raises(ValueError, match="prompt_template"):
         BenchEvalConfig(prompt_template="no placeholder")
     assert BenchEvalConfig(k=1).rollout_config(True).temperature == 0.0
-    assert BenchEvalConfig(k=1).rollout_config(True).seed is None and BenchEvalConfig(k=4).rollout_config(True).seed == 0
+    assert BenchEvalConfig(k=1).rollout_config(True).seed is None  # greedy: unseeded
+    assert BenchEvalConfig(k=4).rollout_config(True).seed == 0
     assert BenchEvalConfig(k=4).rollout_config(False).temperature == 1.0
 
 
