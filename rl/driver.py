@@ -63,7 +63,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Callable, Sequence
 
 from cluster.ray_setup import RayConfig, Role
 from cluster.tracking import TrackingConfig
@@ -230,6 +230,7 @@ class Services:
 
 
 def start_services(cfg: RLConfig, model_dir: str | Path) -> Services:
+    """Start the reward pool, the rollout pool on ``model_dir`` and (with a KL term) the reference model."""
     import ray
 
     from rewards.service import RewardPool
