@@ -117,9 +117,9 @@ def deepspeed_config(cfg: LearnerConfig, world_size: int) -> dict:
     }
 
 
-def dummy_row(pad_id: int) -> PackedRow:
-    """A two-token row whose only target weighs 0: a no-op micro-batch."""
-    return make_row([build_trie([Unit([pad_id], [pad_id])], weights=[0.0])])
+def dummy_row(token_id: int) -> PackedRow:
+    """A two-token row whose only target weighs 0: a micro-batch that adds nothing to the gradients."""
+    return make_row([build_trie([Unit([token_id], [token_id])], weights=[0.0])])
 
 
 def strip_row(row: PackedRow) -> PackedRow:
@@ -198,7 +198,7 @@ class Learner:
         threads = cfg.threads_per_rank or max(1, int(cfg.cpus_per_rank))
         torch.set_num_threads(threads)
         import deepspeed
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         from rl.attention import IMPLEMENTATION
         from rl.schedule import make_scheduler
@@ -210,7 +210,6 @@ class Learner:
         model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32,
                                                      attn_implementation=IMPLEMENTATION[cfg.attention])
         model.config.use_cache = False
-        self.pad_id = AutoTokenizer.from_pretrained(self.model_dir).pad_token_id or 0
         decay = [p for p in model.parameters() if p.ndim >= 2]
         no_decay = [p for p in model.parameters() if p.ndim < 2]
         optimizer = torch.optim.AdamW(
@@ -222,7 +221,7 @@ class Learner:
             config=deepspeed_config(cfg, self.world_size))
         self.device = self.engine.device
         self.dtype = next(self.engine.module.parameters()).dtype
-        self.dummy = dummy_row(self.pad_id)
+        self.dummy = dummy_row(0)  # any token id: its only target weighs 0
         return {"rank": self.rank, "threads": threads, "device": str(self.device), "dtype": str(self.dtype),
                 "parameters": sum(p.numel() for p in model.parameters())}
 

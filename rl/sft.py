@@ -31,7 +31,8 @@ optimizer steps), not data preparation, evaluation or checkpoint writing.
 
 Outputs in ``run_dir``: ``config.yaml``, ``metrics.jsonl`` (one line per step
 and per evaluation), ``eval/step_N.jsonl`` (every decoded validation
-response), ``checkpoints/``, ``summary.json``.
+response), ``checkpoints/``, ``final`` (a link to the last checkpoint; its
+``hf/`` folder is what vLLM and the RL stage load), ``summary.json``.
 
 Usage: ``threadweaver sft --config experiments/sft_tiny.yaml [key.sub=value ...]``.
 """
@@ -294,6 +295,10 @@ def train(cfg: SFTConfig, on_step: Callable[[int, dict], None] | None = None) ->
                 bar.close()
             if last_saved != step:
                 checkpoint.save(group, ckpt_root, step, trainer_state(), cfg.keep_last)
+            final = run_dir / "final"
+            if final.is_symlink() or final.exists():
+                final.unlink()
+            final.symlink_to(checkpoint.step_dir(ckpt_root, step).relative_to(run_dir), target_is_directory=True)
             final_eval: dict = {}
             if cfg.eval.at_end:
                 final_eval = run_eval()
@@ -302,7 +307,7 @@ def train(cfg: SFTConfig, on_step: Callable[[int, dict], None] | None = None) ->
             "layout": cfg.data.layout, "steps": step, "train_s": train_s, "eval_s": eval_s,
             "wall_s": time.perf_counter() - wall_start, "tokens_seen": tokens_seen,
             "examples_seen": stream.state.served, "epochs": stream.state.served / len(tries),
-            "checkpoint": str(checkpoint.step_dir(ckpt_root, step) / "hf"), "data": data_info,
+            "checkpoint": str(final / "hf"), "data": data_info,
             "eval": final_eval,
         }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

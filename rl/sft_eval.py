@@ -109,14 +109,20 @@ def summarize(records: Sequence[EvalRecord]) -> dict[str, float]:
 class Evaluator:
     """Decodes the validation prompts with the orchestrator and scores them (see module doc).
 
-    Ray must be initialised. Call :meth:`close` to stop the engines.
+    By default the engines are Ray rollout workers started on the first call
+    (Ray must be initialised). ``engine`` (a ``rollout.engine.Engine``, e.g. a
+    ``VLLMEngine`` over an existing ``vllm.LLM``) decodes in this process
+    instead; it then evaluates whatever weights that engine holds. Call
+    :meth:`close` to stop what this object started.
     """
 
     def __init__(self, cfg: EvalConfig, model_dir: str | Path, tokenizer, records: Sequence[dict],
-                 sequential: bool, prompt_field: str = "prompt", answer_field: str = "answer"):
+                 sequential: bool, prompt_field: str = "prompt", answer_field: str = "answer", engine=None):
         from rollout.units import chat_prompt_ids
 
         self.cfg = cfg
+        self.engine = engine
+        self.tokenizer = tokenizer
         self.model_dir = str(model_dir)
         self.sequential = sequential
         chosen = list(records)[:cfg.prompts]
@@ -134,19 +140,29 @@ class Evaluator:
     def __call__(self, weights: dict | None) -> tuple[dict[str, float], list[EvalRecord]]:
         """Evaluate ``weights`` (a full state dict; None: the weights the engines hold)."""
         from rewards.checker import AnswerChecker
-        from rollout.workers import RolloutPool
 
         rollout_cfg = self.cfg.rollout_config(self.sequential)
         start = time.perf_counter()
-        if self.pool is None:
-            self.pool = RolloutPool(self.model_dir, rollout_cfg)
+        if self.checker is None:
             self.checker = AnswerChecker(timeout_s=self.cfg.checker_timeout_s, eager=False)
+        if self.engine is None and self.pool is None:
+            from rollout.workers import RolloutPool
+
+            self.pool = RolloutPool(self.model_dir, rollout_cfg)
         started = time.perf_counter()
         sync_s = 0.0
         if weights is not None:
+            if self.pool is None:
+                raise ValueError("an Evaluator on a given engine evaluates the weights that engine holds; "
+                                 "pass weights=None")
             sync_s = self.pool.update_weights(weights).seconds
         decode_start = time.perf_counter()
-        trajectories = self.pool.generate(self.prompts, config=rollout_cfg)
+        if self.pool is not None:
+            trajectories = self.pool.generate(self.prompts, config=rollout_cfg)
+        else:
+            from rollout.orchestrator import generate
+
+            trajectories = generate(self.engine, self.tokenizer, self.prompts, rollout_cfg)
         decode_s = time.perf_counter() - decode_start
         records = [judge(t, self.answers[t.prompt_index], self.checker) for t in trajectories]
         metrics = summarize(records)

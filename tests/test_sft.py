@@ -97,34 +97,43 @@ def _config(run_dir, data_dir, model_dir, **kw):
     from cluster.config import load_config
     from rl.sft import SFTConfig
 
-    overrides = [f"run_dir={run_dir}", f"model.path={model_dir}", f"data.dir={data_dir}", "data.train_size=40",
+    overrides = [f"run_dir={run_dir}", f"model.path={model_dir}", f"data.dir={data_dir}", "data.train_size=12",
                  "data.validation_size=4", "data.test_size=4", "data.task.b_digits=2", "data.task.max_threads=3",
-                 "steps=6", "tokens_per_step=2400", "save_every=3", "keep_last=0", "progress=false",
+                 "steps=6", "tokens_per_step=900", "save_every=3", "keep_last=0", "progress=false",
                  "eval.at_end=false", "learner.lr=3e-3", "learner.warmup_steps=2", "learner.row_tokens=600",
                  "learner.cpus_per_rank=1", "learner.threads_per_rank=1"]
     overrides += [f"{k}={v}" for k, v in kw.items()]
     return load_config(SFTConfig, None, overrides)
 
 
+@pytest.fixture(scope="module")
+def full_run(ray_cluster, tiny_model_dir, tmp_path_factory):
+    """An uninterrupted 6-step run on 12 records (so it crosses an epoch boundary)."""
+    from rl.sft import train
+
+    base = tmp_path_factory.mktemp("sft")
+    summary = train(_config(base / "full", base / "data", tiny_model_dir))
+    return base, summary
+
+
 @pytest.mark.integration
-def test_killed_run_resumes_to_the_same_weights(ray_cluster, tiny_model_dir, tmp_path):
+def test_killed_run_resumes_to_the_same_weights(full_run, tiny_model_dir):
     from safetensors.torch import load_file
 
     from rl.sft import Stop, train
 
-    data = tmp_path / "data"
-    full = train(_config(tmp_path / "full", data, tiny_model_dir))
-    assert full["steps"] == 6 and full["examples_seen"] > 40  # past one epoch: the reshuffle is covered
+    base, full = full_run
+    assert full["steps"] == 6 and full["examples_seen"] > 12  # past one epoch: the reshuffle is covered
 
     def kill_after_4(step, metrics):
         if step == 4:
             raise Stop()
 
     with pytest.raises(Stop):  # checkpoint at step 3, then step 4 is lost with the "process"
-        train(_config(tmp_path / "cut", data, tiny_model_dir), on_step=kill_after_4)
+        train(_config(base / "cut", base / "data", tiny_model_dir), on_step=kill_after_4)
     with pytest.raises(ValueError, match="resume=auto"):
-        train(_config(tmp_path / "cut", data, tiny_model_dir))
-    resumed = train(_config(tmp_path / "cut", data, tiny_model_dir, resume="auto"))
+        train(_config(base / "cut", base / "data", tiny_model_dir))
+    resumed = train(_config(base / "cut", base / "data", tiny_model_dir, resume="auto"))
     assert resumed["steps"] == 6 and resumed["examples_seen"] == full["examples_seen"]
 
     a = load_file(f"{full['checkpoint']}/model.safetensors")
@@ -134,30 +143,35 @@ def test_killed_run_resumes_to_the_same_weights(ray_cluster, tiny_model_dir, tmp
     init = load_file(f"{tiny_model_dir}/model.safetensors")
     assert max(float((a[k] - init[k]).abs().max()) for k in a) > 1e-3  # it trained
 
-    lines = [json.loads(x) for x in open(tmp_path / "cut" / "metrics.jsonl")]
-    losses_full = [json.loads(x)["loss"] for x in open(tmp_path / "full" / "metrics.jsonl")]
-    losses_cut = [x["loss"] for x in lines if x["step"] <= 3] + [x["loss"] for x in lines[4:]]
+    lines = [json.loads(x) for x in open(base / "cut" / "metrics.jsonl")]
+    losses_full = [json.loads(x)["loss"] for x in open(base / "full" / "metrics.jsonl")]
+    assert [x["step"] for x in lines] == [1, 2, 3, 4, 4, 5, 6]
+    losses_cut = [x["loss"] for x in lines[:3] + lines[4:]]
     assert losses_cut == pytest.approx(losses_full, rel=1e-6)
 
 
 @pytest.mark.integration
-def test_sft_checkpoint_loads_in_vllm_with_the_learner_logprobs(ray_cluster, tiny_model_dir, tokenizer, llm,
-                                                                tmp_path):
+def test_sft_checkpoint_loads_in_vllm_with_the_learner_logprobs(full_run, tiny_model_dir, tokenizer, llm):
     from transformers import AutoModelForCausalLM
     from vllm import SamplingParams, TokensPrompt
 
-    from rl.sft import train
+    from rl.sft_eval import EvalConfig, Evaluator
+    from rollout.engine import VLLMEngine
     from rollout.weights import reload_in_place
 
-    summary = train(_config(tmp_path / "run", tmp_path / "data", tiny_model_dir, steps=3, save_every=0))
-    ckpt = summary["checkpoint"]
+    ckpt = full_run[1]["checkpoint"]
     prompt = chat_prompt_ids(tokenizer, "Compute 3*41 + 7*12.")
     hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    records = [json.loads(x) for x in open(full_run[0] / "data" / "validation.jsonl")]
+    evaluator = Evaluator(EvalConfig(prompts=3, max_tokens=64, max_context=512), tiny_model_dir, tokenizer, records,
+                          sequential=False, engine=VLLMEngine(llm))
     try:
         reload_in_place(llm, ckpt)  # make_llm's reload: refreshes the tied head too
         out = llm.generate([TokensPrompt(prompt_token_ids=prompt)],
                            SamplingParams(temperature=0, max_tokens=8, logprobs=0), use_tqdm=False)[0].outputs[0]
+        metrics, decoded = evaluator(None)  # the orchestrator on the same engine: wiring and scoring
     finally:
+        evaluator.close()
         reload_in_place(llm, tiny_model_dir)
     ids = torch.tensor([prompt + list(out.token_ids)])
     with torch.no_grad():
@@ -167,3 +181,12 @@ def test_sft_checkpoint_loads_in_vllm_with_the_learner_logprobs(ray_cluster, tin
     got = [lp[t].logprob for lp, t in zip(out.logprobs, out.token_ids)]
     assert got == pytest.approx(expected, abs=1e-3)
     assert list(out.token_ids) == [int(logp[start - 1 + i].argmax()) for i in range(len(out.token_ids))]
+    untrained = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        before = untrained(input_ids=ids).logits[0].log_softmax(-1)
+    untrained_lp = [float(before[start - 1 + i, t]) for i, t in enumerate(out.token_ids)]
+    assert max(abs(g - u) for g, u in zip(got, untrained_lp)) > 1e-2  # the engine ran the trained weights
+
+    assert [r.index for r in decoded] == [0, 1, 2] and metrics["prompts"] == 3
+    assert all(r.L_total > 0 and r.answer == rec["answer"] for r, rec in zip(decoded, records))
+    assert sum(v for k, v in metrics.items() if k.startswith("finish_")) == pytest.approx(1.0)
