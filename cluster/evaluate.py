@@ -106,8 +106,7 @@ class BenchEvalConfig:
         from rollout.config import RolloutConfig
 
         temperature = self.temperature if self.temperature is not None else (0.0 if self.k == 1 else 1.0)
-        # Greedy decoding needs no seed, and vLLM 0.32 on CPU crashes on a seeded request whose prefill
-        # is chunked ("CPU Generator does not use offset"), so greedy requests go unseeded.
+        # Greedy decoding needs no seed.
         return RolloutConfig(temperature=temperature, top_p=self.top_p, max_tokens=self.max_tokens,
                              max_context=self.max_context, max_thread_tokens=self.max_thread_tokens,
                              max_threads=self.max_threads, max_blocks=self.max_blocks, n=self.k,

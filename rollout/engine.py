@@ -219,11 +219,22 @@ def make_llm(model_dir: str | Path, *, max_model_len: int, seed: int = 0, dtype:
     ``tensor_parallel_size > 1`` vLLM runs its workers as Ray actors (it must
     then be placed with a placement group holding that many GPUs). Extra
     ``kwargs`` go to ``vllm.LLM``.
+
+    On CPU, chunked prefill is off unless ``kwargs`` say otherwise: vLLM 0.32's
+    CPU sampler crashes the engine ("CPU Generator does not use offset") when
+    a *seeded* request's prompt is prefilled in chunks, which happens as soon
+    as a batch's prompts exceed the per-step token budget. Whole-prompt
+    prefill keeps seeded sampling usable (and reproducible) there.
     """
     from vllm import LLM
+    from vllm.platforms import current_platform
 
     if tensor_parallel_size > 1:
         kwargs.setdefault("distributed_executor_backend", "ray")
+    if current_platform.is_cpu():
+        kwargs.setdefault("enable_chunked_prefill", False)
+        if not kwargs["enable_chunked_prefill"]:  # every prompt must fit one step's token budget
+            kwargs.setdefault("max_num_batched_tokens", max(4096, max_model_len))
     return LLM(model=str(model_dir), dtype=dtype, enable_prefix_caching=True, max_model_len=max_model_len,
                seed=seed, tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager,
                worker_extension_cls=WORKER_EXTENSION, **kwargs)

@@ -10,6 +10,8 @@ never with EOS.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -128,3 +130,17 @@ def test_plain_prompts_end_with_a_known_reason(llm, tokenizer):
             assert 0 < t.L_total <= 48
             assert t.sequence_ids[:len(t.prompt_ids)] == t.prompt_ids
     assert not llm.llm_engine.has_unfinished_requests()
+
+
+def test_seeded_sampling_of_a_batch_over_the_step_token_budget_is_reproducible(llm, tokenizer):
+    """More prompt tokens than one engine step takes: vLLM 0.32 on CPU crashed with chunked prefill."""
+    budget = llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    prompts = [chat_prompt_ids(tokenizer, f"Compute {i % 9 + 1}*{i + 10} + 7*{i % 89 + 10}.") for i in range(400)]
+    assert sum(map(len, prompts)) > budget
+    config = RolloutConfig(n=1, max_tokens=4, max_context=512, temperature=1.0, seed=3, sequential=True)
+    first = generate(VLLMEngine(llm), tokenizer, prompts, config)
+    again = generate(VLLMEngine(llm), tokenizer, prompts[:5], config)
+    assert all(t.finish_reason != "error" for t in first), first[0].finish_detail
+    assert [t.sequence_ids for t in again] == [t.sequence_ids for t in first[:5]]
+    other = generate(VLLMEngine(llm), tokenizer, prompts[:5], dataclasses.replace(config, seed=4))
+    assert [t.sequence_ids for t in other] != [t.sequence_ids for t in first[:5]]
