@@ -38,7 +38,9 @@ it is made a child run (``mlflow.parentRunId``) when it finishes.
 ``RUN_DIR/report.md`` ends the run: the evaluation table and the stage times.
 A ``RUN_DIR`` that already holds a stage's folder is refused unless
 ``reuse: true``, which takes the outputs of the stages recorded as finished
-in ``pipeline.json`` as they are (each reuse is printed) and runs the rest.
+in ``pipeline.json`` as they are (each reuse is printed) and runs the rest;
+the folder of a stage that did not finish (an interrupted run) is renamed
+``STAGE.incomplete-N`` and the stage runs again.
 Ray is started once for all stages (or joined: ``ray.address`` /
 ``RAY_ADDRESS``).
 """
@@ -248,8 +250,14 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                          "take their outputs, or choose another run_dir")
     for stage in STAGES:
         if (run_dir / stage).exists() and stage not in record["stages"]:
-            raise ValueError(f"{run_dir / stage} exists but did not finish (not in pipeline.json); delete it or "
-                             "choose another run_dir")
+            if not cfg.reuse:
+                raise ValueError(f"{run_dir / stage} exists but did not finish (not in pipeline.json); set "
+                                 "reuse=true to keep it aside and run the stage again, delete it, or choose "
+                                 "another run_dir")
+            aside = next(run_dir / f"{stage}.incomplete-{k}" for k in range(1, 10**6)
+                         if not (run_dir / f"{stage}.incomplete-{k}").exists())
+            (run_dir / stage).rename(aside)
+            print(f"pipeline: stage {stage} did not finish last time; its folder is kept as {aside}", flush=True)
 
     plan = [Role("SFT learner", cfg.sft.learner.ranks, cfg.sft.learner.cpus_per_rank),
             Role("SFT eval worker", cfg.sft.eval.workers, cfg.sft.eval.cpus_per_worker)]

@@ -44,15 +44,30 @@ def test_bad_stage_overrides_are_refused_before_anything_runs():
         load_config(PipelineConfig, "experiments/pipeline_tiny.yaml", ["sft.stepz=3"])
 
 
-def test_a_used_run_dir_is_refused_unless_reuse(tmp_path):
+def test_a_used_run_dir_is_refused_unless_reuse_and_an_unfinished_stage_is_kept_aside(tmp_path, monkeypatch):
     (tmp_path / "pipeline.json").write_text(json.dumps({"stages": {"data": {"dir": "x", "wall_s": 1.0}}}))
     cfg = load_config(PipelineConfig, "experiments/pipeline_tiny.yaml", [f"run_dir={tmp_path}"])
     with pytest.raises(ValueError, match=r"already holds pipeline stages \['data'\]; set reuse=true"):
         run_pipeline(cfg)
+    (tmp_path / "pipeline.json").unlink()
     (tmp_path / "sft_parallel").mkdir()
-    cfg = load_config(PipelineConfig, "experiments/pipeline_tiny.yaml", [f"run_dir={tmp_path}", "reuse=true"])
     with pytest.raises(ValueError, match="sft_parallel exists but did not finish"):
         run_pipeline(cfg)
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop()
+
+    monkeypatch.setattr("cluster.ray_setup.init_ray", stop)  # stop right after the checks
+    (tmp_path / "sft_parallel" / "kept.txt").write_text("x")
+    (tmp_path / "sft_parallel.incomplete-1").mkdir()
+    with pytest.raises(Stop):
+        run_pipeline(load_config(PipelineConfig, "experiments/pipeline_tiny.yaml",
+                                 [f"run_dir={tmp_path}", "reuse=true"]))
+    assert not (tmp_path / "sft_parallel").exists()  # kept aside, the stage runs again
+    assert (tmp_path / "sft_parallel.incomplete-2" / "kept.txt").read_text() == "x"
 
 
 class _Recorder:
