@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "score": ("rewards.cli", "score responses in a JSONL file: correctness, parallelism measures, reward"),
     "sft": ("rl.sft", "SFT warm start on trie-packed units (or the sequential baseline), with held-out eval"),
     "rl": ("rl.driver", "P-GRPO training on Ray: rollouts, rewards, group advantages, learner, weight sync, MLflow"),
-    "demo": ("cluster.demo", "the embedded default job: tiny model, data, vLLM decoding, statistics"),
+    "demo": ("cluster.demo", "a one-minute tour: tiny model, data, vLLM decoding, statistics"),
     "bench": ("rl.bench", "benchmarks printed as side-by-side tables (bench trie: trie vs expanded vs padded rows)"),
     "view": ("cluster.viewer", "render trajectory JSONL as a static HTML page: threads side by side, critical path marked"),
     "eval": ("cluster.evaluate", "benchmark report: accuracy, L_crit, speedup vs the sequential baseline, wall clock"),
