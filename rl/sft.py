@@ -82,6 +82,9 @@ class DataConfig:
     answer_field: str = field(default="answer", metadata={"help": "record field holding the reference answer"})
     layout: Literal["parallel", "sequential"] = field(default="parallel", metadata={
         "help": "parallel: the orchestrator's units (trie-packed); sequential: blocks flattened, one causal unit"})
+    sequential_share: float = field(default=0.0, metadata={
+        "help": "parallel layout: share of training records (fixed by a hash of the prompt) trained flattened, "
+                "so the model can answer either way and RL can choose (0-1)"})
     generate: bool = field(default=True, metadata={
         "help": "write the synthetic task into dir when its files are missing"})
     task: TaskConfig = field(default_factory=TaskConfig, metadata={"help": "synthetic task knobs (generate only)"})
@@ -212,7 +215,8 @@ def train(cfg: SFTConfig, on_step: Callable[[int, dict], None] | None = None) ->
     tokenizer = load_tokenizer(model_dir)
     train_records, val_records = prepare_data(cfg.data)
     tries, build_s = timed_build(train_records, tokenizer, cfg.data.layout, cfg.data.prompt_field,
-                                 cfg.data.response_field, "replay + tries", cfg.progress)
+                                 cfg.data.response_field, "replay + tries", cfg.progress,
+                                 cfg.data.sequential_share if cfg.data.layout == "parallel" else 0.0)
     stats = tree_stats(tries)
     too_long = max(len(t) for t in tries)
     if too_long > cfg.learner.row_tokens:

@@ -10,6 +10,11 @@ object a line, or parquet). The prompt becomes the chat-template prompt ids
   flattened into plain text (``rollout.format.flatten``), one unit, trained
   causally.
 
+In the parallel layout a ``sequential_share`` of the records (chosen by a
+hash of the prompt, so the same ones every run) is flattened too: a model
+that has seen both ways can choose between them, which leaves P-GRPO room to
+raise the share of parallel answers (DESIGN section 6).
+
 Each record's units form one trie (``rl.trie.build_trie``, SFT weight 1 per
 occurrence). :class:`TrieStream` serves the tries in a seeded order, reshuffled
 every epoch, in batches that fill a token budget; its position (epoch,
@@ -18,6 +23,7 @@ offset) is saved in checkpoints so a resumed run sees the same batches.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import time
@@ -97,20 +103,34 @@ def response_units(prompt_ids: Sequence[int], response: str, tokenizer, eos_toke
     raise ValueError(f"unknown layout '{layout}'; choose one of {LAYOUTS}")
 
 
+def flattened_by_share(prompt: str, share: float) -> bool:
+    """Whether a parallel-layout record with this prompt is trained flattened (a fixed hash of the prompt)."""
+    if share <= 0:
+        return False
+    digest = hashlib.sha256(b"sequential_share\0" + prompt.encode()).digest()  # salted: splits hash the prompt too
+    return int.from_bytes(digest[:8], "big") / 2**64 < share
+
+
 def build_tries(records: Sequence[dict], tokenizer, layout: str, prompt_field: str = "prompt",
                 response_field: str = "response_parallel",
-                progress: Callable[[int], None] | None = None) -> list[Trie]:
-    """One trie per record; raises ValueError naming the record whose fields are missing or malformed."""
+                progress: Callable[[int], None] | None = None, sequential_share: float = 0.0) -> list[Trie]:
+    """One trie per record; raises ValueError naming the record whose fields are missing or malformed.
+
+    ``sequential_share``: in the parallel layout, the share of records trained flattened (see module doc).
+    """
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no eos_token_id")
+    if not 0.0 <= sequential_share <= 1.0:
+        raise ValueError(f"sequential_share must be in [0, 1], got {sequential_share}")
     tries = []
     for i, rec in enumerate(records):
         prompt, response = rec.get(prompt_field), rec.get(response_field)
         if not isinstance(prompt, str) or not isinstance(response, str):
             raise ValueError(f"record {i}: needs string fields '{prompt_field}' and '{response_field}'")
+        rec_layout = "sequential" if layout == "parallel" and flattened_by_share(prompt, sequential_share) else layout
         try:
-            units = response_units(chat_prompt_ids(tokenizer, prompt), response, tokenizer, eos, layout)
+            units = response_units(chat_prompt_ids(tokenizer, prompt), response, tokenizer, eos, rec_layout)
         except FormatError as e:
             raise ValueError(f"record {i} ({rec.get('id', 'no id')}): response does not parse: {e}") from None
         tries.append(build_trie(units))
@@ -163,7 +183,7 @@ class TrieStream:
 
 
 def timed_build(records: Sequence[dict], tokenizer, layout: str, prompt_field: str, response_field: str,
-                desc: str, show: bool) -> tuple[list[Trie], float]:
+                desc: str, show: bool, sequential_share: float = 0.0) -> tuple[list[Trie], float]:
     """:func:`build_tries` with an optional progress bar; returns the tries and the seconds taken."""
     start = time.perf_counter()
     bar = None
@@ -173,7 +193,8 @@ def timed_build(records: Sequence[dict], tokenizer, layout: str, prompt_field: s
         bar = tqdm(total=len(records), desc=desc, unit="rec", leave=False)
     try:
         tries = build_tries(records, tokenizer, layout, prompt_field, response_field,
-                            progress=(lambda n: bar.update(1)) if bar is not None else None)
+                            progress=(lambda n: bar.update(1)) if bar is not None else None,
+                            sequential_share=sequential_share)
     finally:
         if bar is not None:
             bar.close()

@@ -52,6 +52,24 @@ def test_layouts_give_orchestrator_units_or_one_flattened_unit(tokenizer):
                     "parallel")
 
 
+def test_a_sequential_share_flattens_the_same_records_every_time(tokenizer):
+    from rl.sft_data import flattened_by_share
+
+    records = make_dataset(TaskConfig(b_digits=2, min_threads=2, max_threads=2), {"train": 200}, seed=0)["train"]
+    chosen = [flattened_by_share(r["prompt"], 0.3) for r in records]
+    assert 40 <= sum(chosen) <= 80 and chosen == [flattened_by_share(r["prompt"], 0.3) for r in records]
+    assert not any(flattened_by_share(r["prompt"], 0.0) for r in records)
+    assert all(flattened_by_share(r["prompt"], 1.0) for r in records)
+    tries = build_tries(records[:20], tokenizer, "parallel", sequential_share=0.3)
+    plain = build_tries(records[:20], tokenizer, "parallel")
+    flat = build_tries(records[:20], tokenizer, "sequential")
+    for trie, par, seq, c in zip(tries, plain, flat, chosen):
+        assert len(trie) == (len(seq) if c else len(par))
+    assert len(set(map(len, tries))) > 1 and any(chosen[:20]) and not all(chosen[:20])
+    with pytest.raises(ValueError, match="sequential_share"):
+        build_tries(records[:1], tokenizer, "parallel", sequential_share=1.5)
+
+
 def _trajectory(text, reason="eos", n_blocks=0):
     return SimpleNamespace(prompt_index=0, text=text, finish_reason=reason, L_total=10, L_crit=6, eta=0.4,
                            speedup=10 / 6, n_blocks=n_blocks)
