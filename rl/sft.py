@@ -108,7 +108,8 @@ class SFTConfig:
     resume: str | None = field(default=None, metadata={
         "help": "'auto': continue from RUN_DIR's newest checkpoint if any; a path: from that checkpoint; "
                 "null: start fresh (refused when RUN_DIR already has checkpoints)"})
-    ray_address: str | None = field(default=None, metadata={"help": "Ray cluster to join (null: a local one)"})
+    ray_address: str | None = field(default=None, metadata={
+        "help": "Ray cluster to join (null: RAY_ADDRESS or a new local instance)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "model"})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data"})
@@ -171,12 +172,13 @@ def _init_ray(cfg: SFTConfig) -> bool:
 
     if ray.is_initialized():
         return False
-    if cfg.ray_address is not None:
-        ray.init(address=cfg.ray_address)
-    else:
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")  # a Ray job's entrypoint gets RAY_ADDRESS
+    if address:
+        ray.init(address=address)
+    else:  # "local": never join a `ray start` cluster found on this machine by accident
         need = (cfg.learner.ranks * cfg.learner.cpus_per_rank
                 + cfg.eval.workers * cfg.eval.cpus_per_worker * (cfg.eval.every > 0 or cfg.eval.at_end))
-        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need)), include_dashboard=False,
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(need)), include_dashboard=False,
                  log_to_driver=False)
     return True
 

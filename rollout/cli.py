@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 import typing
@@ -104,7 +105,9 @@ def run(args: argparse.Namespace) -> int:
 
     tokenizer = load_tokenizer(args.model)
     prompts = [chat_prompt_ids(tokenizer, r["prompt"]) for r in records]
-    ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=False)
+    # "local" unless told: never join a `ray start` cluster found on this machine by accident
+    ray.init(address=args.ray_address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
+             log_to_driver=False)
     start = time.perf_counter()
     try:
         pool = RolloutPool(args.model, config)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -214,7 +215,9 @@ def pool_sampler(cfg: Stage2Config) -> tuple[Sampler, Callable[[], None]]:
 
     from rollout.workers import RolloutPool
 
-    ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=False)
+    # "local" unless told: never join a `ray start` cluster found on this machine by accident
+    ray.init(address=cfg.ray_address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
+             log_to_driver=False)
     try:
         pool = RolloutPool(cfg.model, cfg.rollout)
     except BaseException:
