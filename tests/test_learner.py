@@ -125,4 +125,11 @@ def test_one_and_two_ranks_train_identically(ray_cluster, tiny_model_dir, tokeni
     finally:
         one.shutdown()
         two.shutdown()
+
+    zero2 = LearnerGroup(LearnerConfig(ranks=2, zero_stage=2, **base), tiny_model_dir, total_steps=steps)
+    try:  # optimizer state and gradients sharded over the ranks: the same steps
+        for s, b in enumerate(batches[:5]):
+            assert zero2.train_step(b)["loss"] == pytest.approx(m1[s]["loss"], rel=1e-4, abs=1e-5), f"step {s}"
+    finally:
+        zero2.shutdown()
     assert not math.isnan(m2[-1]["seconds"])
