@@ -82,7 +82,8 @@ class RLDataConfig:
 
     dir: str = field(default="runs/data/tiny", metadata={"help": "folder holding the train/validation files"})
     train_file: str = field(default="train.jsonl", metadata={"help": "training records in dir (.jsonl/.parquet)"})
-    validation_file: str = field(default="validation.jsonl", metadata={"help": "held-out records in dir"})
+    validation_file: str = field(default="validation.jsonl", metadata={
+        "help": "held-out records: a file in dir, or an absolute path"})
     prompt_field: str = field(default="prompt", metadata={"help": "record field holding the prompt text"})
     answer_field: str = field(default="answer", metadata={"help": "record field holding the reference answer"})
     generate: bool = field(default=False, metadata={

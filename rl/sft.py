@@ -74,7 +74,8 @@ class DataConfig:
 
     dir: str = field(default="runs/data/tiny", metadata={"help": "folder holding the train/validation files"})
     train_file: str = field(default="train.jsonl", metadata={"help": "training records in dir (.jsonl/.parquet)"})
-    validation_file: str = field(default="validation.jsonl", metadata={"help": "validation records in dir"})
+    validation_file: str = field(default="validation.jsonl", metadata={
+        "help": "validation records: a file in dir, or an absolute path"})
     prompt_field: str = field(default="prompt", metadata={"help": "record field holding the prompt text"})
     response_field: str = field(default="response_parallel", metadata={
         "help": "record field holding the reference response (parallel format; flattened for the sequential "
