@@ -33,7 +33,8 @@ Evaluation decodes held-out prompts greedily on the same rollout workers, in
 parallel (spawn/join) and sequential mode, scores them with the reward actors
 and logs accuracy, reward, format validity, activation ratio, ``L_total``,
 ``L_crit``, ``eta`` and finish reasons per mode; every decoded trajectory goes
-to ``RUN_DIR/eval/step_N.jsonl`` and to MLflow as an artifact.
+to ``RUN_DIR/eval/step_N.jsonl`` and to MLflow as an artifact, with a viewer
+page of the first 40 (``eval/step_N.html``, MLflow artifact ``pages/``).
 
 Failures: a rollout worker that dies (or whose engine dies) during a
 rollout or a weight sync makes the driver rebuild the rollout pool, load the
@@ -381,6 +382,25 @@ def _log(handle, record: dict) -> None:
 # --------------------------------------------------------------------------- evaluation
 
 
+#: trajectories of each evaluation shown on its viewer page
+PAGE_TRAJECTORIES = 40
+
+
+def eval_page(records_file: Path, title: str) -> Path | None:
+    """The viewer page (``cluster.viewer``) of an evaluation's first records, next to the file; None on failure.
+
+    A page that cannot be rendered only costs a warning: it never stops training.
+    """
+    from cluster.viewer import read_jsonl, write_page
+
+    try:
+        return write_page(records_file.with_suffix(".html"), read_jsonl(records_file)[:PAGE_TRAJECTORIES],
+                          title=title)
+    except Exception as e:  # noqa: BLE001
+        print(f"rl: warning: no viewer page for {records_file}: {e}", file=sys.stderr, flush=True)
+        return None
+
+
 def evaluate(cfg: RLConfig, rollouts: Rollouts, reward_pool, prompts: list[list[int]], answers: list[str],
              step: int, run_dir: Path) -> tuple[dict[str, float], Path]:
     """Greedy decoding of the held-out prompts in each mode; metrics ``eval/<mode>/...`` and the records file."""
@@ -537,6 +557,9 @@ def train(cfg: RLConfig, on_step: Callable[[int, dict], None] | None = None,
             totals["eval_s"] += metrics["eval/seconds"]
             tracker.log_metrics(metrics, step)
             tracker.log_artifact(path, "eval")
+            page = eval_page(path, f"{run_dir.name}: held-out decoding at step {step}")
+            if page is not None:
+                tracker.log_artifact(page, "pages")
             _log(log_file, {"kind": "eval", "step": step, **metrics})
             print(f"rl: eval at step {step}: " + ", ".join(
                 f"{mode} acc {metrics[f'eval/{mode}/accuracy']:.3f} act {metrics[f'eval/{mode}/activation']:.2f} "

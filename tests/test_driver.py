@@ -249,7 +249,9 @@ def test_faults_worker_killed_tracking_down_driver_killed_and_resumed(services, 
     assert [r["step"] for r in table] == [1, 2, 3] and all("time/rollout_s" in r for r in table)
     assert "eval/parallel/accuracy" in table[-1] and "eval/sequential/L_total" in table[-1]
     artifacts = {x.path for x in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "config_resume_step_2.yaml", "eval", "summary.json"} <= artifacts
+    assert {"config.yaml", "config_resume_step_2.yaml", "eval", "pages", "summary.json"} <= artifacts
+    pages = {x.path for x in client.list_artifacts(run.info.run_id, "pages")}
+    assert "pages/step_00000003.html" in pages  # the viewer page of the last evaluation
     evals = _lines(tmp_path / "cut" / "eval" / "step_00000003.jsonl")
     assert sorted({(x["mode"], x["index"]) for x in evals}) == [("parallel", 0), ("parallel", 1),
                                                                  ("sequential", 0), ("sequential", 1)]
