@@ -25,6 +25,17 @@ def checker():
         yield c
 
 
+def margin_s() -> float:
+    """What a reply may take beyond the limit: 1 s on a machine with a core free, more when every core is busy.
+
+    The kill, re-fork and the 1 MB transfers are real work; on a machine whose
+    run queue is longer than its cores (other test runs, trainings) they get a
+    proportional share of the CPU. A limit that stopped holding shows up as
+    tens of seconds (PATHOLOGICAL), far beyond this margin.
+    """
+    return 1.0 * max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
+
+
 def timed_score(response: str, answer: str, checker, cfg=None):
     t0 = time.monotonic()
     rec = score(RewardItem(response, answer), cfg or RewardConfig(timeout_s=TIMEOUT_S), checker)
@@ -40,7 +51,7 @@ def test_pathological_latex_times_out_and_is_flagged(checker, k, answer):
     rec, seconds = timed_score(boxed(answer), "1", checker)
     assert rec.timed_out and not rec.correct and rec.check_method == "timeout"
     assert rec.reward == 0.0
-    assert seconds < TIMEOUT_S + 1.0
+    assert seconds < TIMEOUT_S + margin_s()
     again, _ = timed_score(boxed(answer), "1", checker)  # timeouts are not remembered: it is tried again
     assert again.timed_out and not again.check_cached
     after, _ = timed_score(boxed(f"\\sqrt{{{2 * (k + 2) ** 2}}}"), f"{k + 2}\\sqrt{{2}}", checker)  # a new pair
@@ -66,7 +77,7 @@ ADVERSARIAL = {
 def test_adversarial_responses_return_within_the_limit(checker, name):
     response, expected = ADVERSARIAL[name]
     rec, seconds = timed_score(response, "7", checker)
-    assert seconds < TIMEOUT_S + 1.0, (name, seconds, rec.check_method)
+    assert seconds < TIMEOUT_S + margin_s(), (name, seconds, rec.check_method)
     if expected is not None:
         assert rec.correct == expected, rec
 
@@ -94,7 +105,7 @@ def test_the_limit_holds_in_threads_and_event_loops(checker):
         return await asyncio.to_thread(timed_score, boxed(PATHOLOGICAL[1]), "1", checker)
 
     rec, seconds = asyncio.run(in_loop())
-    assert rec.timed_out and seconds < TIMEOUT_S + 1.0
+    assert rec.timed_out and seconds < TIMEOUT_S + margin_s()
 
 
 def test_a_killed_server_is_restarted_and_closing_ends_it():
