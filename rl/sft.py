@@ -111,7 +111,8 @@ class SFTConfig:
                 "null: start fresh (refused when RUN_DIR already has checkpoints)"})
     ray_address: str | None = field(default=None, metadata={
         "help": "Ray cluster to join (null: RAY_ADDRESS or a new local instance)"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    progress: bool = field(default=True, metadata={
+        "help": "show a progress bar (false: a log line every 5% of the steps)"})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "model"})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data"})
     learner: LearnerConfig = field(default_factory=LearnerConfig, metadata={"help": "learner"})
@@ -296,6 +297,10 @@ def train(cfg: SFTConfig, on_step: Callable[[int, dict], None] | None = None) ->
                         post["acc"] = f"{last_eval['accuracy']:.2f}"
                     bar.set_postfix(post, refresh=False)
                     bar.update(1)
+                elif step % max(1, cfg.steps // 20) == 0 or step == cfg.steps:  # a log line every 5%
+                    acc = f" held-out acc {last_eval['accuracy']:.3f}" if last_eval else ""
+                    print(f"sft {cfg.data.layout}: step {step}/{cfg.steps} loss {metrics['loss']:.3f} "
+                          f"{metrics['tokens_per_s']:.0f} tok/s, {train_s / 60:.1f} min{acc}", flush=True)
                 if on_step is not None:
                     on_step(step, metrics)
             if bar is not None:
