@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -50,9 +49,9 @@ def reference_stats(records: list[dict], tokenizer) -> dict[str, dict[str, float
 
 
 def run(args: argparse.Namespace) -> int:
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    from rollout.config import RolloutConfig
+    from rollout.config import RolloutConfig, set_runtime_defaults
+
+    set_runtime_defaults()
     from rollout.engine import VLLMEngine, make_llm, shutdown_llm
     from rollout.orchestrator import generate
     from rollout.task import TaskConfig, make_dataset, write_dataset

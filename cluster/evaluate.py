@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -404,6 +403,13 @@ def histogram(reports: Sequence[BenchmarkReport], path: str | Path) -> Path:
         ax.set_xlabel("speedup per problem (sequential L_crit / parallel L_crit)")
         ax.set_ylabel("problems")
         ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out ``fig``, write it to ``path`` (folders created) and free it; returns the path."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -605,9 +611,9 @@ def config_from_args(args: argparse.Namespace) -> BenchEvalConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    for name, value in {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING",
-                        "TOKENIZERS_PARALLELISM": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}.items():
-        os.environ.setdefault(name, value)
+    from rollout.config import set_runtime_defaults
+
+    set_runtime_defaults()
     try:
         cfg = config_from_args(args)
         for _, path in map(parse_data_arg, cfg.data):

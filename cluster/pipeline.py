@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -478,9 +477,9 @@ def run(args: argparse.Namespace) -> int:
         print("threadweaver run: name the pipeline YAML, e.g. threadweaver run experiments/pipeline_tiny.yaml",
               file=sys.stderr)
         return 2
-    for name, value in {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING", "DS_ACCELERATOR": "cpu",
-                        "TOKENIZERS_PARALLELISM": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}.items():
-        os.environ.setdefault(name, value)
+    from rollout.config import set_runtime_defaults
+
+    set_runtime_defaults()
     try:
         cfg = load_config(PipelineConfig, args.config, args.overrides)
         check_config(cfg)

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -196,12 +195,9 @@ def plot(results: Sequence[PointResult], path: str | Path) -> Path:
     ax.set_ylabel("held-out accuracy (%)")
     ax.set_title(f"reward-weight sweep: {len(done)} of {len(results)} points")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    from cluster.evaluate import save_figure
+
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- the sweep
@@ -329,9 +325,9 @@ def run(args: argparse.Namespace) -> int:
     if args.show_config:
         print(describe(SweepConfig))
         return 0
-    for name, value in {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING", "DS_ACCELERATOR": "cpu",
-                        "TOKENIZERS_PARALLELISM": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}.items():
-        os.environ.setdefault(name, value)
+    from rollout.config import set_runtime_defaults
+
+    set_runtime_defaults()
     try:
         cfg = load_config(SweepConfig, args.config, args.overrides)
         if args.plan:

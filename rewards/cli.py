@@ -25,12 +25,9 @@ import sys
 
 from rewards.config import PRESETS, RewardConfig
 from rewards.score import RewardItem, ScoreRecord, score
+from rollout.check import InputError, read_jsonl
 from rollout.format import FormatError
 from rollout.units import Unit
-
-
-class InputError(Exception):
-    """Bad input; the message is one line for the user."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,23 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def read_records(path: str) -> list[tuple[int, dict]]:
-    """``(line number, record)`` for every non-blank line of a JSONL file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.readlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read {path}: {e}") from None
-    records = []
-    for i, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict):
-            raise InputError(f"{path}:{i}: expected a JSON object, got {type(rec).__name__}")
-        records.append((i, rec))
+    """``(line number, record)`` for every non-blank line of a JSONL file; InputError if there is none."""
+    records = read_jsonl(path)
     if not records:
         raise InputError(f"{path}: no records")
     return records

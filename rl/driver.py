@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 import time
@@ -71,7 +70,7 @@ from cluster.tracking import TrackingConfig
 from rewards.config import RewardConfig
 from rl.grpo import GRPOConfig
 from rl.learner import LearnerConfig
-from rollout.config import RolloutConfig
+from rollout.config import RolloutConfig, set_runtime_defaults
 from rollout.task import TaskConfig
 
 MODES = ("parallel", "sequential")
@@ -707,9 +706,7 @@ def run(args: argparse.Namespace) -> int:
     if args.show_config:
         print(describe(RLConfig))
         return 0
-    for name, value in {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING",
-                        "TOKENIZERS_PARALLELISM": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}.items():
-        os.environ.setdefault(name, value)
+    set_runtime_defaults()
     overrides = list(args.overrides) + (["resume=auto"] if args.resume else [])
     try:
         cfg = load_config(RLConfig, args.config, overrides)

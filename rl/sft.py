@@ -350,9 +350,9 @@ def run(args: argparse.Namespace) -> int:
     if args.show_config:
         print(describe(SFTConfig))
         return 0
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from rollout.config import set_runtime_defaults
+
+    set_runtime_defaults()
     try:
         cfg = load_config(SFTConfig, args.config, args.overrides)
     except ConfigError as e:

@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+
+#: environment defaults of every command that starts engines, learners or tracking (a user's values win):
+#: vLLM on CPU refuses to start without a KV-cache size; quiet vLLM logs; no tokenizer thread pools
+#: fighting the engines for cores; no MLflow telemetry. DeepSpeed's accelerator is set per learner rank
+#: (``rl.learner``), from whether that rank has a GPU.
+RUNTIME_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false",
+                    "MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
+def set_runtime_defaults() -> None:
+    """Put :data:`RUNTIME_DEFAULTS` into ``os.environ`` where the variable is not set yet."""
+    for name, value in RUNTIME_DEFAULTS.items():
+        os.environ.setdefault(name, value)
 
 
 @dataclass

@@ -22,7 +22,6 @@ configuration or input, or a teacher endpoint that refuses the calls.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 STAGES = ("stage1", "stage2")
@@ -107,8 +106,9 @@ def _stage2(cfg) -> int:
     from rewards.checker import AnswerChecker
     from rollout.datagen.stage2 import pool_sampler, run_stage2, summary
 
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from rollout.config import set_runtime_defaults
+
+    set_runtime_defaults()
     if not cfg.model or not (Path(cfg.model) / "config.json").is_file():
         print(f"threadweaver datagen stage2: model {cfg.model!r} is not a model directory (no config.json)",
               file=sys.stderr)
