@@ -136,28 +136,21 @@ def parse_data_arg(item: str) -> tuple[str, Path]:
 def read_benchmark(path: str | Path, problem_fields: Sequence[str] = ("problem", "question", "prompt"),
                    answer_field: str = "answer", limit: int | None = None) -> list[Problem]:
     """The problems of a JSONL file; ValueError naming the line and the fields it has for a bad record."""
+    from rollout.check import json_objects
+
     problems = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{i}: expected a JSON object, got {type(rec).__name__}")
-            text = next((rec[k] for k in problem_fields if isinstance(rec.get(k), str)), None)
-            if text is None:
-                raise ValueError(f"{path}:{i}: none of the problem fields {list(problem_fields)} holds text "
-                                 f"(fields: {', '.join(sorted(rec))})")
-            answer = rec.get(answer_field)
-            if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
-                raise ValueError(f"{path}:{i}: no string or number answer field '{answer_field}' "
-                                 f"(fields: {', '.join(sorted(rec))})")
-            problems.append(Problem(len(problems), text, str(answer)))
-            if limit is not None and len(problems) >= limit:
-                break
+    for i, rec in json_objects(path):
+        text = next((rec[k] for k in problem_fields if isinstance(rec.get(k), str)), None)
+        if text is None:
+            raise ValueError(f"{path}:{i}: none of the problem fields {list(problem_fields)} holds text "
+                             f"(fields: {', '.join(sorted(rec))})")
+        answer = rec.get(answer_field)
+        if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+            raise ValueError(f"{path}:{i}: no string or number answer field '{answer_field}' "
+                             f"(fields: {', '.join(sorted(rec))})")
+        problems.append(Problem(len(problems), text, str(answer)))
+        if limit is not None and len(problems) >= limit:
+            break
     if not problems:
         raise ValueError(f"{path}: no problems")
     return problems

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import html
-import json
 import re
 import sys
 from dataclasses import asdict, dataclass, field, is_dataclass
@@ -346,19 +345,9 @@ def render(trajectories: Sequence[Any], scores: Sequence[Any] | None = None,
 
 def read_jsonl(path: str | Path) -> list[dict]:
     """The JSON objects of a JSONL file; ValueError naming the line for anything else."""
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{i}: expected a JSON object, got {type(rec).__name__}")
-            records.append(rec)
-    return records
+    from rollout.check import json_objects
+
+    return [rec for _, rec in json_objects(path)]
 
 
 def write_page(path: str | Path, trajectories: Sequence[Any], scores: Sequence[Any] | None = None,

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from rl.trie import Trie, build_trie
+from rollout.check import json_objects
 from rollout.format import FormatError, flatten, parse
 from rollout.task import FILE_NAMES, TaskConfig, make_dataset, write_dataset
 from rollout.units import Unit, chat_prompt_ids, encode, replay
@@ -51,19 +52,7 @@ def read_records(path: str | Path) -> list[dict]:
         return pq.read_table(path).to_pylist()
     if path.suffix not in (".jsonl", ".json"):
         raise ValueError(f"{path}: expected a .jsonl or .parquet file")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{i}: expected a JSON object")
-            records.append(rec)
-    return records
+    return [rec for _, rec in json_objects(path)]
 
 
 def ensure_task_data(data_dir: str | Path, task: TaskConfig, sizes: dict[str, int], seed: int) -> Path:

@@ -15,6 +15,8 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
 
 from rollout.format import FormatError, validate
 from rollout.units import chat_prompt_ids, latency, replay
@@ -32,6 +34,26 @@ class CheckResult:
 
 class InputError(Exception):
     """Bad input file; the message is one line for the user."""
+
+
+def json_objects(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """``(line number, object)`` for every non-blank line of a JSONL file, read lazily.
+
+    ValueError naming the file and line for a line that is not JSON or not a
+    JSON object. The readers of benchmarks, prompts, training records and
+    viewer input share it.
+    """
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{i}: expected a JSON object, got {type(rec).__name__}")
+            yield i, rec
 
 
 def read_jsonl(path: str) -> list[tuple[int, dict]]:

@@ -67,18 +67,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def read_prompts(path: Path, limit: int | None) -> list[dict]:
+    from rollout.check import json_objects
+
     records = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-                raise ValueError(f"{path}:{i}: needs a string field 'prompt'")
-            records.append(rec)
+    for i, rec in json_objects(path):
+        if not isinstance(rec.get("prompt"), str):
+            raise ValueError(f"{path}:{i}: needs a string field 'prompt'")
+        records.append(rec)
     if not records:
         raise ValueError(f"{path}: no prompts")
     return records[:limit] if limit is not None else records
