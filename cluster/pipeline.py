@@ -205,14 +205,14 @@ def log_metrics_file(tracker, path: Path, prefix: str = "") -> int:
 
 def log_last_eval_page(tracker, stage_dir: Path, title: str) -> Path | None:
     """Render the stage's newest ``eval/step_N.jsonl`` with the viewer and log the page; None if there is none."""
-    from cluster.viewer import read_jsonl, write_page
+    from rl.driver import eval_page
 
     files = sorted((stage_dir / "eval").glob("step_*.jsonl"))
     if not files:
         return None
-    page = write_page(stage_dir / "eval" / (files[-1].stem + ".html"), read_jsonl(files[-1])[:40],
-                      title=f"{title}: {files[-1].stem}")
-    tracker.log_artifact(page, "pages")
+    page = eval_page(files[-1], f"{title}: {files[-1].stem}")
+    if page is not None:
+        tracker.log_artifact(page, "pages")
     return page
 
 
@@ -407,14 +407,7 @@ def _stage_rl(cfg: PipelineConfig, stage_dir: Path, runs: Runs, data_dir: str, m
         wiring.append(f"tracking.uri={runs.uri}")
     rl_cfg = stage_config(RLConfig, cfg.rl, stage_dir / "stage_config.yaml", list(extra) + wiring)
     summary = train(rl_cfg)
-    runs.adopt(summary.get("mlflow_run_id"))
-    if summary.get("mlflow_run_id") and runs.uri:
-        from cluster.tracking import Tracker
-
-        reopened = Tracker(runs._tracking(stage_dir.name), stage_dir)
-        reopened.start({}, run_id=summary["mlflow_run_id"])
-        log_last_eval_page(reopened, stage_dir, stage_dir.name)
-        reopened.finish("FINISHED")
+    runs.adopt(summary.get("mlflow_run_id"))  # its evaluation pages are in that run already (rl.driver)
     return {"checkpoint": summary["checkpoint"], "eval": summary["eval"], "steps": summary["steps"],
             "mlflow_run_id": summary.get("mlflow_run_id")}
 
