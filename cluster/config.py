@@ -19,6 +19,10 @@ conversion is lossless and unsurprising:
   ``list[X]``/``tuple[X, ...]`` a YAML list (items checked); ``dict[str, X]`` a
   mapping; a nested dataclass a mapping (checked recursively); ``Any`` anything.
 
+Numbers are then checked against the field's ``range`` metadata
+(``rollout.config.check_ranges``: finite, and ``> 0``, ``[0, 1]``, ...), with
+the full dotted key in the message.
+
 An unknown key is an error that gives its full dotted path and the nearest
 valid key. Errors are :class:`ConfigError` (a ``ValueError``).
 """
@@ -34,6 +38,8 @@ from pathlib import Path
 from typing import Any, Literal, Sequence, TypeVar, Union
 
 import yaml
+
+from rollout.config import check_ranges, range_text
 
 T = TypeVar("T")
 _MISSING = dataclasses.MISSING
@@ -192,6 +198,10 @@ def _build(cls: type[T], data: Any, path: tuple[str, ...], ctx: _Context) -> T:
         elif _default(f) is _MISSING:
             raise ConfigError(f"missing required key '{'.'.join(path + (f.name,))}'")
     try:
+        check_ranges(cls, kwargs, prefix="".join(f"{p}." for p in path))  # the dotted key, before __post_init__
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    try:
         return cls(**kwargs)
     except (ValueError, TypeError) as e:  # a dataclass's own __post_init__ checks
         raise ConfigError(f"{where}: {e}") from None
@@ -334,8 +344,14 @@ class FieldDoc:
 
 def field_docs(cls: type) -> list[FieldDoc]:
     """Every leaf key of dataclass ``cls`` (nested dataclasses expanded), in field order."""
-    return [FieldDoc(key, _type_name(tp), _default_text(f), f.metadata.get("help", ""))
-            for key, (f, tp) in _leaves(cls, ())]
+    return [FieldDoc(key, _type_name(tp), _default_text(f), _help_text(f)) for key, (f, tp) in _leaves(cls, ())]
+
+
+def _help_text(f: dataclasses.Field) -> str:
+    spec = f.metadata.get("range")
+    if spec is None:
+        return f.metadata.get("help", "")
+    return f"{f.metadata.get('help', '')} (must be {range_text(spec) or 'finite'})"
 
 
 def describe(cls: type) -> str:

@@ -53,6 +53,7 @@ from typing import Any, Literal, Sequence
 
 from cluster.tracking import TrackingConfig
 from rewards.config import RewardConfig
+from rollout.config import check_ranges
 
 MODES = ("parallel", "sequential")
 
@@ -71,29 +72,36 @@ class BenchEvalConfig:
     answer_field: str = field(default="answer", metadata={"help": "record field holding the reference answer"})
     prompt_template: str = field(default="{problem}", metadata={
         "help": "user-turn text around the problem ('{problem}' is replaced), before the chat template"})
-    limit: int | None = field(default=None, metadata={"help": "first LIMIT problems of each benchmark (null: all)"})
-    k: int = field(default=1, metadata={"help": "samples per problem; accuracy is averaged over them (avg@k)"})
+    limit: int | None = field(default=None, metadata={
+        "help": "first LIMIT problems of each benchmark (null: all)", "range": ">= 1"})
+    k: int = field(default=1, metadata={
+        "help": "samples per problem; accuracy is averaged over them (avg@k)", "range": ">= 1"})
     temperature: float | None = field(default=None, metadata={
-        "help": "sampling temperature (null: 0, greedy, when k is 1; else 1.0)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
-    seed: int = field(default=0, metadata={"help": "base sampling seed (temperature > 0 only; greedy is unseeded)"})
-    max_tokens: int = field(default=1024, metadata={"help": "generated-token budget per sample (tokens)"})
-    max_context: int = field(default=2048, metadata={"help": "per-request context limit, engine length (tokens)"})
-    max_thread_tokens: int = field(default=512, metadata={"help": "length limit of one thread (tokens)"})
-    max_threads: int = field(default=8, metadata={"help": "most threads in one block"})
-    max_blocks: int = field(default=8, metadata={"help": "most parallel blocks per sample"})
+        "help": "sampling temperature (null: 0, greedy, when k is 1; else 1.0)", "range": ">= 0"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass", "range": "(0, 1]"})
+    seed: int = field(default=0, metadata={
+        "help": "base sampling seed (temperature > 0 only; greedy is unseeded)", "range": ">= 0"})
+    max_tokens: int = field(default=1024, metadata={
+        "help": "generated-token budget per sample (tokens)", "range": ">= 1"})
+    max_context: int = field(default=2048, metadata={
+        "help": "per-request context limit, engine length (tokens)", "range": ">= 1"})
+    max_thread_tokens: int = field(default=512, metadata={
+        "help": "length limit of one thread (tokens)", "range": ">= 1"})
+    max_threads: int = field(default=8, metadata={"help": "most threads in one block", "range": ">= 1"})
+    max_blocks: int = field(default=8, metadata={"help": "most parallel blocks per sample", "range": ">= 0"})
     dtype: str = field(default="float32", metadata={"help": "engine dtype (float32 on CPU, bfloat16 on GPU)"})
     enforce_eager: bool = field(default=True, metadata={"help": "skip torch.compile/CUDA graphs (CPU: true)"})
     latency: Literal["isolated", "batched"] = field(default="isolated", metadata={
         "help": "isolated: decode each problem alone (true per-problem wall clock); batched: all at once (fast)"})
-    checker_timeout_s: float = field(default=5.0, metadata={"help": "math-verify time limit per answer (s)"})
-    pages: int = field(default=20, metadata={"help": "samples per mode shown on the HTML viewer pages (0: none)"})
+    checker_timeout_s: float = field(default=5.0, metadata={
+        "help": "math-verify time limit per answer (s)", "range": "> 0"})
+    pages: int = field(default=20, metadata={
+        "help": "samples per mode shown on the HTML viewer pages (0: none)", "range": ">= 0"})
     out: str = field(default="runs/eval", metadata={"help": "output folder"})
     tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata={"help": "MLflow"})
 
     def __post_init__(self) -> None:
-        if self.k < 1 or self.max_tokens < 1 or self.max_context < 1 or (self.limit is not None and self.limit < 1):
-            raise ValueError("k, max_tokens, max_context and limit must be >= 1")
+        check_ranges(self)
         if not self.problem_fields:
             raise ValueError("problem_fields must name at least one field")
         if "{problem}" not in self.prompt_template:

@@ -61,6 +61,7 @@ from cluster.ray_setup import RayConfig
 from cluster.tracking import TrackingConfig
 from rl.driver import RLConfig
 from rl.sft import SFTConfig
+from rollout.config import check_ranges
 from rollout.datagen.stage2 import Stage2Config
 from rollout.task import TaskConfig
 
@@ -72,10 +73,14 @@ class TaskDataConfig:
     """The synthetic task the pipeline trains and tests on."""
 
     task: TaskConfig = field(default_factory=TaskConfig, metadata={"help": "difficulty knobs"})
-    train_size: int = field(default=20000, metadata={"help": "training problems (count)"})
-    validation_size: int = field(default=200, metadata={"help": "validation problems (count)"})
-    test_size: int = field(default=200, metadata={"help": "test problems, the evaluation's benchmark (count)"})
-    seed: int = field(default=0, metadata={"help": "seed of the problems"})
+    train_size: int = field(default=20000, metadata={"help": "training problems (count)", "range": ">= 1"})
+    validation_size: int = field(default=200, metadata={"help": "validation problems (count)", "range": ">= 1"})
+    test_size: int = field(default=200, metadata={
+        "help": "test problems, the evaluation's benchmark (count)", "range": ">= 1"})
+    seed: int = field(default=0, metadata={"help": "seed of the problems", "range": ">= 0"})
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
 
 @dataclass

@@ -30,6 +30,8 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from rollout.config import check_ranges
+
 
 @dataclass
 class RayConfig:
@@ -39,13 +41,18 @@ class RayConfig:
         "help": "Ray cluster to join ('auto' or host:port); null: RAY_ADDRESS if set (as inside a Ray job), "
                 "else start a local instance"})
     num_cpus: int | None = field(default=None, metadata={
-        "help": "logical CPUs of a local instance (null: max(cpu count, CPUs the roles reserve))"})
-    num_gpus: int | None = field(default=None, metadata={"help": "GPUs of a local instance (null: Ray detects)"})
+        "help": "logical CPUs of a local instance (null: max(cpu count, CPUs the roles reserve))", "range": ">= 1"})
+    num_gpus: int | None = field(default=None, metadata={
+        "help": "GPUs of a local instance (null: Ray detects)", "range": ">= 0"})
     dashboard: bool = field(default=False, metadata={"help": "start the dashboard of a local instance"})
     dashboard_host: str = field(default="127.0.0.1", metadata={
         "help": "address a local instance's dashboard listens on (0.0.0.0: every interface)"})
-    dashboard_port: int = field(default=8265, metadata={"help": "port of a local instance's dashboard"})
+    dashboard_port: int = field(default=8265, metadata={
+        "help": "port of a local instance's dashboard", "range": "[1, 65535]"})
     log_to_driver: bool = field(default=False, metadata={"help": "stream the actors' logs to the driver's stdout"})
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
 
 @dataclass

@@ -44,6 +44,7 @@ from typing import Any, Sequence
 
 from cluster.ray_setup import RayConfig, Role
 from cluster.tracking import TrackingConfig
+from rollout.config import check_ranges
 
 #: the held-out metrics a point reports (from the RL stage's final evaluation, parallel mode)
 POINT_METRICS = ("accuracy", "L_crit", "L_total", "activation", "eta", "reward")
@@ -57,12 +58,14 @@ class SweepConfig:
         "help": "YAML config file(s) of the RL stage every point starts from (threadweaver rl --config)"})
     overrides: list[str] = field(default_factory=list, metadata={
         "help": "dotted RL-config overrides applied to every point, e.g. ['steps=5', 'eval.prompts=50']"})
-    rho: list[float] = field(default_factory=lambda: [0.5], metadata={"help": "values of reward.rho (reward/eta)"})
-    clip: list[float] = field(default_factory=lambda: [0.2], metadata={"help": "values of reward.clip"})
+    rho: list[float] = field(default_factory=lambda: [0.5], metadata={
+        "help": "values of reward.rho (reward/eta)", "range": ">= 0"})
+    clip: list[float] = field(default_factory=lambda: [0.2], metadata={
+        "help": "values of reward.clip", "range": ">= 0"})
     incorrect_reward: list[float] = field(default_factory=lambda: [0.0], metadata={
-        "help": "values of reward.incorrect_reward (R_correct of a wrong answer)"})
+        "help": "values of reward.incorrect_reward (R_correct of a wrong answer)", "range": "finite"})
     run_dir: str = field(default="runs/sweep", metadata={"help": "output folder; point runs go in RUN_DIR/NAME"})
-    max_concurrent: int = field(default=1, metadata={"help": "points running at once (Ray tasks)"})
+    max_concurrent: int = field(default=1, metadata={"help": "points running at once (Ray tasks)", "range": ">= 1"})
     share_rollout: bool = field(default=False, metadata={
         "help": "one rollout pool for all points, which then run one at a time (saves an engine start per point)"})
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="threadweaver-sweep"),
@@ -70,12 +73,11 @@ class SweepConfig:
     ray: RayConfig = field(default_factory=RayConfig, metadata={"help": "Ray"})
 
     def __post_init__(self) -> None:
+        check_ranges(self)
         if not self.rl_config:
             raise ValueError("rl_config: name the RL stage's config file(s)")
         if not (self.rho and self.clip and self.incorrect_reward):
             raise ValueError("rho, clip and incorrect_reward each need at least one value")
-        if self.max_concurrent < 1:
-            raise ValueError(f"max_concurrent must be >= 1, got {self.max_concurrent}")
         if self.share_rollout and self.max_concurrent != 1:
             raise ValueError("share_rollout runs points one at a time: set max_concurrent to 1")
 

@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from rollout.config import check_ranges
+
 log = logging.getLogger(__name__)
 
 MAX_KEY_LENGTH = 250
@@ -62,17 +64,19 @@ class TrackingConfig:
     experiment: str = field(default="threadweaver", metadata={"help": "MLflow experiment name"})
     run_name: str | None = field(default=None, metadata={"help": "MLflow run name (null: the run_dir's name)"})
     request_timeout_s: int = field(default=10, metadata={
-        "help": "HTTP timeout of one MLflow request (s); sets MLFLOW_HTTP_REQUEST_TIMEOUT unless it is set"})
+        "help": "HTTP timeout of one MLflow request (s); sets MLFLOW_HTTP_REQUEST_TIMEOUT unless it is set",
+        "range": ">= 1"})
     request_retries: int = field(default=0, metadata={
-        "help": "HTTP retries of one MLflow request; sets MLFLOW_HTTP_REQUEST_MAX_RETRIES unless it is set"})
+        "help": "HTTP retries of one MLflow request; sets MLFLOW_HTTP_REQUEST_MAX_RETRIES unless it is set",
+        "range": ">= 0"})
     retry_after_s: float = field(default=30.0, metadata={
-        "help": "after a failed MLflow call, wait this long before trying again; values are buffered (s)"})
+        "help": "after a failed MLflow call, wait this long before trying again; values are buffered (s)",
+        "range": ">= 0"})
     max_buffered: int = field(default=200_000, metadata={
-        "help": "metric values kept in memory while MLflow is unreachable (count)"})
+        "help": "metric values kept in memory while MLflow is unreachable (count)", "range": ">= 1"})
 
     def __post_init__(self) -> None:
-        if self.request_timeout_s < 1 or self.request_retries < 0 or self.retry_after_s < 0 or self.max_buffered < 1:
-            raise ValueError("request_timeout_s and max_buffered must be >= 1, request_retries and retry_after_s >= 0")
+        check_ranges(self)
 
 
 def resolve_uri(cfg: TrackingConfig, run_dir: str | Path) -> str:

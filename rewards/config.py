@@ -25,6 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
+from rollout.config import check_ranges
+
 AccelForm = Literal["scale_then_clip", "clip_then_scale"]
 AnswerRegion = Literal["after_think", "whole"]
 
@@ -42,16 +44,19 @@ class RewardConfig:
     preset: Literal["paper", "official-code"] | None = field(default=None, metadata={
         "help": "fix rho, clip, incorrect_reward and accel_form to a published setting "
                 "('paper' or 'official-code'); null: use the fields as given"})
-    rho: float = field(default=0.5, metadata={"help": "weight of the acceleration ratio eta in R_accel (reward/eta)"})
+    rho: float = field(default=0.5, metadata={
+        "help": "weight of the acceleration ratio eta in R_accel (reward/eta)", "range": ">= 0"})
     clip: float = field(default=0.2, metadata={
-        "help": "cap of R_accel ('scale_then_clip') or of eta ('clip_then_scale') (reward or ratio)"})
+        "help": "cap of R_accel ('scale_then_clip') or of eta ('clip_then_scale') (reward or ratio)",
+        "range": ">= 0"})
     accel_form: AccelForm = field(default="scale_then_clip", metadata={
         "help": "'scale_then_clip': R_accel = min(rho*eta, clip); 'clip_then_scale': rho*min(eta, clip)"})
-    correct_reward: float = field(default=1.0, metadata={"help": "R_correct of a correct answer (reward)"})
+    correct_reward: float = field(default=1.0, metadata={
+        "help": "R_correct of a correct answer (reward)", "range": "finite"})
     incorrect_reward: float = field(default=0.0, metadata={
-        "help": "R_correct of an incorrect, missing or timed-out answer (reward)"})
+        "help": "R_correct of an incorrect, missing or timed-out answer (reward)", "range": "finite"})
     format_penalty: float = field(default=0.0, metadata={
-        "help": "subtracted from the reward of a response that is not format-valid (reward, >= 0)"})
+        "help": "subtracted from the reward of a response that is not format-valid (reward)", "range": ">= 0"})
     answer_region: AnswerRegion = field(default="after_think", metadata={
         "help": "where the final \\boxed{} answer is taken from: 'after_think' (text after </think>; "
                 "none without </think>) or 'whole' (the last \\boxed{} anywhere in the response)"})
@@ -60,20 +65,26 @@ class RewardConfig:
     count_prompt: bool = field(default=False, metadata={"help": "count the prompt tokens in L_total and L_crit"})
     timeout_s: float = field(default=5.0, metadata={
         "help": "hard limit on checking one answer with math-verify (seconds); past it the item is "
-                "incorrect and flagged timed_out"})
+                "incorrect and flagged timed_out", "range": "> 0"})
     verdict_cache: int = field(default=4096, metadata={
-        "help": "math-verify verdicts remembered per checker, by (answer, reference) text (count); 0 disables"})
+        "help": "math-verify verdicts remembered per checker, by (answer, reference) text (count); 0 disables",
+        "range": ">= 0"})
     memory_limit_mb: int = field(default=4096, metadata={
-        "help": "address-space limit of the math-verify worker process (MiB); 0 disables it"})
-    num_actors: int = field(default=2, metadata={"help": "reward service: Ray actors in the pool (count)"})
+        "help": "address-space limit of the math-verify worker process (MiB); 0 disables it", "range": ">= 0"})
+    num_actors: int = field(default=2, metadata={
+        "help": "reward service: Ray actors in the pool (count)", "range": ">= 1"})
     actor_cpus: float = field(default=0.25, metadata={
         "help": "reward service: CPUs reserved per actor (Ray CPUs); scoring is bursty (between rollout and "
-                "learning), so a fraction leaves room for the other actors on a small machine"})
-    chunk_size: int = field(default=32, metadata={"help": "reward service: items per actor call (count)"})
+                "learning), so a fraction leaves room for the other actors on a small machine",
+        "range": ">= 0"})
+    chunk_size: int = field(default=32, metadata={
+        "help": "reward service: items per actor call (count)", "range": ">= 1"})
     max_attempts: int = field(default=3, metadata={
-        "help": "reward service: tries of one chunk on fresh actors before the batch fails (count)"})
+        "help": "reward service: tries of one chunk on fresh actors before the batch fails (count)",
+        "range": ">= 1"})
 
     def __post_init__(self) -> None:
+        check_ranges(self)
         if self.preset is not None:
             if self.preset not in PRESETS:
                 raise ValueError(f"unknown reward preset {self.preset!r}; presets are {sorted(PRESETS)}")
@@ -88,13 +99,3 @@ class RewardConfig:
             raise ValueError(f"accel_form must be 'scale_then_clip' or 'clip_then_scale', got {self.accel_form!r}")
         if self.answer_region not in ("after_think", "whole"):
             raise ValueError(f"answer_region must be 'after_think' or 'whole', got {self.answer_region!r}")
-        if self.timeout_s <= 0:
-            raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
-        if self.format_penalty < 0:
-            raise ValueError(f"format_penalty is subtracted and must be >= 0, got {self.format_penalty}")
-        if self.num_actors < 1 or self.chunk_size < 1 or self.max_attempts < 1:
-            raise ValueError("num_actors, chunk_size and max_attempts must be at least 1")
-        if self.verdict_cache < 0:
-            raise ValueError(f"verdict_cache must be >= 0, got {self.verdict_cache}")
-        if self.memory_limit_mb < 0:
-            raise ValueError(f"memory_limit_mb must be >= 0, got {self.memory_limit_mb}")

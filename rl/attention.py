@@ -30,6 +30,7 @@ from typing import Literal
 import torch
 
 from rl.trie import PackedRow
+from rollout.config import check_ranges
 
 BACKENDS = ("eager", "sdpa", "flex")
 #: transformers' ``attn_implementation`` for each backend.
@@ -46,7 +47,11 @@ class PackingConfig:
         "help": "tree attention backend: eager (reference), sdpa (dense boolean mask, CPU and GPU, memory grows "
                 "as row_tokens^2), flex (block-sparse, GPU training; forward only on CPU)"})
     row_tokens: int = field(default=4096, metadata={
-        "help": "token budget of one packed row; larger groups are split into tries of whole trajectories (tokens)"})
+        "help": "token budget of one packed row; larger groups are split into tries of whole trajectories (tokens)",
+        "range": ">= 2"})
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
 
 def ancestor_mask(tout: torch.Tensor) -> torch.Tensor:

@@ -70,7 +70,7 @@ from cluster.tracking import TrackingConfig
 from rewards.config import RewardConfig
 from rl.grpo import GRPOConfig
 from rl.learner import LearnerConfig
-from rollout.config import RolloutConfig, set_runtime_defaults
+from rollout.config import RolloutConfig, check_ranges, set_runtime_defaults
 from rollout.task import TaskConfig
 
 MODES = ("parallel", "sequential")
@@ -90,29 +90,35 @@ class RLDataConfig:
         "help": "write the synthetic task into dir when its files are missing (same rule as the SFT stage: a "
                 "folder made with other settings is an error)"})
     task: TaskConfig = field(default_factory=TaskConfig, metadata={"help": "synthetic task knobs (generate only)"})
-    train_size: int = field(default=20000, metadata={"help": "synthetic training problems (generate only)"})
-    validation_size: int = field(default=200, metadata={"help": "synthetic validation problems (generate only)"})
-    test_size: int = field(default=200, metadata={"help": "synthetic test problems (generate only)"})
-    seed: int = field(default=0, metadata={"help": "seed of the synthetic data (generate only)"})
+    train_size: int = field(default=20000, metadata={
+        "help": "synthetic training problems (generate only)", "range": ">= 1"})
+    validation_size: int = field(default=200, metadata={
+        "help": "synthetic validation problems (generate only)", "range": ">= 1"})
+    test_size: int = field(default=200, metadata={"help": "synthetic test problems (generate only)", "range": ">= 0"})
+    seed: int = field(default=0, metadata={"help": "seed of the synthetic data (generate only)", "range": ">= 0"})
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
 
 @dataclass
 class RLEvalConfig:
     """Held-out evaluation: greedy decoding on the rollout workers, scored by the reward actors."""
 
-    every: int = field(default=10, metadata={"help": "evaluate every this many steps (0: never during training)"})
+    every: int = field(default=10, metadata={
+        "help": "evaluate every this many steps (0: never during training)", "range": ">= 0"})
     at_start: bool = field(default=True, metadata={"help": "evaluate the starting weights before step 1"})
     at_end: bool = field(default=True, metadata={"help": "evaluate after the last step"})
-    prompts: int = field(default=200, metadata={"help": "held-out prompts decoded per evaluation (count)"})
+    prompts: int = field(default=200, metadata={
+        "help": "held-out prompts decoded per evaluation (count)", "range": ">= 1"})
     modes: list[str] = field(default_factory=lambda: list(MODES), metadata={
         "help": "decoding modes: 'parallel' (spawn/join) and/or 'sequential' (spawning off)"})
 
     def __post_init__(self) -> None:
+        check_ranges(self)
         bad = [m for m in self.modes if m not in MODES]
         if bad or not self.modes:
             raise ValueError(f"eval.modes must be a non-empty subset of {list(MODES)}, got {self.modes}")
-        if self.every < 0 or self.prompts < 1:
-            raise ValueError("eval.every must be >= 0 and eval.prompts >= 1")
 
 
 @dataclass
@@ -123,16 +129,18 @@ class RLConfig:
         "help": "starting checkpoint (Hugging Face folder, tags as single tokens), e.g. the SFT stage's "
                 "RUN_DIR/checkpoints/step_N/hf (required)"})
     run_dir: str = field(default="runs/rl", metadata={"help": "output folder of this run"})
-    steps: int = field(default=100, metadata={"help": "training steps, one rollout batch each"})
-    prompts_per_step: int = field(default=8, metadata={"help": "prompts per step; each gets rollout.n samples"})
-    seed: int = field(default=0, metadata={"help": "seed of the prompt order"})
-    save_every: int = field(default=10, metadata={"help": "checkpoint every this many steps (0: only at the end)"})
-    keep_last: int = field(default=2, metadata={"help": "checkpoints kept on disk (0: all)"})
+    steps: int = field(default=100, metadata={"help": "training steps, one rollout batch each", "range": ">= 1"})
+    prompts_per_step: int = field(default=8, metadata={
+        "help": "prompts per step; each gets rollout.n samples", "range": ">= 1"})
+    seed: int = field(default=0, metadata={"help": "seed of the prompt order", "range": ">= 0"})
+    save_every: int = field(default=10, metadata={
+        "help": "checkpoint every this many steps (0: only at the end)", "range": ">= 0"})
+    keep_last: int = field(default=2, metadata={"help": "checkpoints kept on disk (0: all)", "range": ">= 0"})
     resume: str | None = field(default=None, metadata={
         "help": "'auto': continue from RUN_DIR's newest checkpoint if any; a path: from that checkpoint; null: "
                 "start fresh (refused when RUN_DIR already has checkpoints)"})
     max_rollout_restarts: int = field(default=3, metadata={
-        "help": "rebuilds of the rollout pool allowed per step after a worker or engine died (count)"})
+        "help": "rebuilds of the rollout pool allowed per step after a worker or engine died (count)", "range": ">= 0"})
     data: RLDataConfig = field(default_factory=RLDataConfig, metadata={"help": "prompts"})
     rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={
         "help": "sampling (n = k samples per prompt, at least 2: set it) and rollout workers"})
@@ -144,15 +152,9 @@ class RLConfig:
     ray: RayConfig = field(default_factory=RayConfig, metadata={"help": "Ray"})
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.steps < 1 or self.prompts_per_step < 1:
-            problems.append("steps and prompts_per_step must be >= 1")
+        check_ranges(self)
         if self.rollout.n < 2:
-            problems.append(f"rollout.n (samples per prompt) must be >= 2 for group advantages, got {self.rollout.n}")
-        if self.save_every < 0 or self.keep_last < 0 or self.max_rollout_restarts < 0:
-            problems.append("save_every, keep_last and max_rollout_restarts must be >= 0")
-        if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError(f"rollout.n (samples per prompt) must be >= 2 for group advantages, got {self.rollout.n}")
 
 
 def roles(cfg: RLConfig) -> list[Role]:

@@ -38,6 +38,7 @@ import torch
 
 from rl.logprobs import token_logprobs
 from rl.trie import PackedRow, Trie, group_tries
+from rollout.config import check_ranges
 from rollout.units import Unit
 
 ADVANTAGES = ("mean", "std")
@@ -51,30 +52,25 @@ class GRPOConfig:
         "help": "'mean': A = r - mean(r) over the group (the default, DESIGN section 6); "
                 "'std': also divided by max(std(r), std_floor)"})
     std_floor: float = field(default=0.01, metadata={
-        "help": "floor of the group's reward std when advantage='std' (reward units)"})
+        "help": "floor of the group's reward std when advantage='std' (reward units)", "range": "> 0"})
     updates_per_batch: int = field(default=1, metadata={
-        "help": "optimizer steps on each rollout batch; 1 is on-policy, more use PPO-clipped ratios (count)"})
+        "help": "optimizer steps on each rollout batch; 1 is on-policy, more use PPO-clipped ratios (count)",
+        "range": ">= 1"})
     clip_eps: float = field(default=0.2, metadata={
-        "help": "PPO clip range of the ratio to the rollout policy, used when updates_per_batch > 1"})
+        "help": "PPO clip range of the ratio to the rollout policy, used when updates_per_batch > 1",
+        "range": "(0, 1)"})
     kl_coef: float = field(default=0.0, metadata={
         "help": "weight of the k3 KL estimate to the reference model (the starting checkpoint); 0: no KL, "
-                "no reference model"})
+                "no reference model", "range": ">= 0"})
     skip_zero_advantage: bool = field(default=True, metadata={
         "help": "do not forward tries whose every weight is 0 (their loss and gradient are 0; they still "
                 "count in the token normaliser); a batch with none left takes no optimizer step, so Adam's "
                 "momentum does not move the weights without a signal. Ignored when kl_coef > 0"})
 
     def __post_init__(self) -> None:
+        check_ranges(self)
         if self.advantage not in ADVANTAGES:
             raise ValueError(f"advantage must be one of {ADVANTAGES}, got {self.advantage!r}")
-        if not self.std_floor > 0:
-            raise ValueError(f"std_floor must be > 0, got {self.std_floor}")
-        if self.updates_per_batch < 1:
-            raise ValueError(f"updates_per_batch must be >= 1, got {self.updates_per_batch}")
-        if not 0 < self.clip_eps < 1:
-            raise ValueError(f"clip_eps must lie in (0, 1), got {self.clip_eps}")
-        if self.kl_coef < 0:
-            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
 
     def loss_options(self) -> dict:
         """Keyword options of :func:`pgrpo_loss` for this config."""

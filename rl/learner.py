@@ -45,6 +45,7 @@ from typing import Any, Iterator, Literal, Sequence
 import torch
 
 from rl.trie import PackedRow, build_trie, make_row
+from rollout.config import check_ranges
 from rollout.units import Unit
 
 Bucket = list[tuple[str, torch.Tensor]]
@@ -56,39 +57,36 @@ CLIENT_KEY = "threadweaver"
 class LearnerConfig:
     """Data-parallel learner: ranks, precision, optimizer and schedule."""
 
-    ranks: int = field(default=1, metadata={"help": "data-parallel DeepSpeed ranks, one Ray actor each (count)"})
-    cpus_per_rank: float = field(default=1.0, metadata={"help": "Ray CPUs reserved by each rank (count)"})
+    ranks: int = field(default=1, metadata={
+        "help": "data-parallel DeepSpeed ranks, one Ray actor each (count)", "range": ">= 1"})
+    cpus_per_rank: float = field(default=1.0, metadata={
+        "help": "Ray CPUs reserved by each rank (count)", "range": ">= 0"})
     gpus_per_rank: float = field(default=0.0, metadata={"help": "Ray GPUs per rank; > 0 trains on CUDA with NCCL, "
-                                                                 "0 on CPU with gloo (count)"})
+                                                                 "0 on CPU with gloo (count)", "range": ">= 0"})
     threads_per_rank: int = field(default=0, metadata={"help": "torch intra-op threads per rank; 0 = cpus_per_rank "
-                                                               "rounded down, at least 1 (count)"})
-    zero_stage: int = field(default=0, metadata={"help": "DeepSpeed ZeRO stage, 0-3"})
+                                                               "rounded down, at least 1 (count)", "range": ">= 0"})
+    zero_stage: int = field(default=0, metadata={"help": "DeepSpeed ZeRO stage, 0-3", "range": "[0, 3]"})
     dtype: Literal["fp32", "bf16"] = field(default="fp32", metadata={"help": "training precision (bf16 keeps fp32 "
                                                                             "master weights)"})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate of AdamW"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay, on matrices only"})
-    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
-    beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
-    eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
-    grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this (0 = off)"})
-    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up length (optimizer steps)"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate of AdamW", "range": "> 0"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay, on matrices only", "range": ">= 0"})
+    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1", "range": "[0, 1)"})
+    beta2: float = field(default=0.95, metadata={"help": "AdamW beta2", "range": "[0, 1)"})
+    eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon", "range": "> 0"})
+    grad_clip: float = field(default=1.0, metadata={
+        "help": "clip the global gradient norm to this (0 = off)", "range": ">= 0"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up length (optimizer steps)", "range": ">= 0"})
     schedule: Literal["constant", "cosine"] = field(default="cosine", metadata={"help": "learning rate after "
                                                                                        "warm-up"})
-    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine floor, as a fraction of lr"})
-    row_tokens: int = field(default=1024, metadata={"help": "longest packed row, one micro-batch (tokens)"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine floor, as a fraction of lr", "range": "[0, 1]"})
+    row_tokens: int = field(default=1024, metadata={
+        "help": "longest packed row, one micro-batch (tokens)", "range": ">= 2"})
     attention: Literal["sdpa", "eager", "flex"] = field(default="sdpa", metadata={"help": "tree attention backend "
                                                                                          "(rl.attention)"})
-    seed: int = field(default=0, metadata={"help": "seed of every rank's random generators"})
+    seed: int = field(default=0, metadata={"help": "seed of every rank's random generators", "range": ">= 0"})
 
     def __post_init__(self) -> None:
-        if self.ranks < 1:
-            raise ValueError(f"ranks must be at least 1, got {self.ranks}")
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
-        if self.row_tokens < 2:
-            raise ValueError(f"row_tokens must be at least 2, got {self.row_tokens}")
-        if self.grad_clip < 0:
-            raise ValueError(f"grad_clip must be >= 0, got {self.grad_clip}")
+        check_ranges(self)
 
     @property
     def on_gpu(self) -> bool:

@@ -51,6 +51,7 @@ from typing import Callable, Literal
 
 from rl.learner import LearnerConfig
 from rl.sft_eval import EvalConfig
+from rollout.config import check_ranges
 from rollout.task import TaskConfig
 
 
@@ -60,12 +61,17 @@ class ModelConfig:
 
     path: str | None = field(default=None, metadata={"help": "model directory (HF format, tags as single tokens); "
                                                              "null: write a fresh tiny model into RUN_DIR/init_model"})
-    hidden_size: int = field(default=128, metadata={"help": "tiny model: width of the residual stream"})
-    num_layers: int = field(default=3, metadata={"help": "tiny model: transformer layers"})
-    num_heads: int = field(default=4, metadata={"help": "tiny model: attention heads (head size hidden/heads)"})
-    num_kv_heads: int = field(default=2, metadata={"help": "tiny model: key/value heads"})
-    intermediate_size: int = field(default=384, metadata={"help": "tiny model: MLP width"})
-    seed: int = field(default=0, metadata={"help": "tiny model: seed of the initial weights"})
+    hidden_size: int = field(default=128, metadata={
+        "help": "tiny model: width of the residual stream", "range": ">= 1"})
+    num_layers: int = field(default=3, metadata={"help": "tiny model: transformer layers", "range": ">= 1"})
+    num_heads: int = field(default=4, metadata={
+        "help": "tiny model: attention heads (head size hidden/heads)", "range": ">= 1"})
+    num_kv_heads: int = field(default=2, metadata={"help": "tiny model: key/value heads", "range": ">= 1"})
+    intermediate_size: int = field(default=384, metadata={"help": "tiny model: MLP width", "range": ">= 1"})
+    seed: int = field(default=0, metadata={"help": "tiny model: seed of the initial weights", "range": ">= 0"})
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
 
 @dataclass
@@ -85,14 +91,18 @@ class DataConfig:
         "help": "parallel: the orchestrator's units (trie-packed); sequential: blocks flattened, one causal unit"})
     sequential_share: float = field(default=0.0, metadata={
         "help": "parallel layout: share of training records (fixed by a hash of the prompt) trained flattened, "
-                "so the model can answer either way and RL can choose (0-1)"})
+                "so the model can answer either way and RL can choose (0-1)", "range": "[0, 1]"})
     generate: bool = field(default=True, metadata={
         "help": "write the synthetic task into dir when its files are missing"})
     task: TaskConfig = field(default_factory=TaskConfig, metadata={"help": "synthetic task knobs (generate only)"})
-    train_size: int = field(default=20000, metadata={"help": "synthetic training problems (count)"})
-    validation_size: int = field(default=200, metadata={"help": "synthetic validation problems (count)"})
-    test_size: int = field(default=200, metadata={"help": "synthetic test problems (count)"})
-    seed: int = field(default=0, metadata={"help": "seed of the synthetic data"})
+    train_size: int = field(default=20000, metadata={"help": "synthetic training problems (count)", "range": ">= 1"})
+    validation_size: int = field(default=200, metadata={
+        "help": "synthetic validation problems (count)", "range": ">= 1"})
+    test_size: int = field(default=200, metadata={"help": "synthetic test problems (count)", "range": ">= 0"})
+    seed: int = field(default=0, metadata={"help": "seed of the synthetic data", "range": ">= 0"})
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
 
 @dataclass
@@ -100,12 +110,14 @@ class SFTConfig:
     """The SFT stage: model, data, learner, schedule length, evaluation, checkpoints."""
 
     run_dir: str = field(default="runs/sft", metadata={"help": "output folder of this run"})
-    steps: int = field(default=1000, metadata={"help": "optimizer steps (also the learning-rate schedule length)"})
+    steps: int = field(default=1000, metadata={
+        "help": "optimizer steps (also the learning-rate schedule length)", "range": ">= 1"})
     tokens_per_step: int = field(default=8192, metadata={"help": "trie tokens per optimizer step, the global "
-                                                                 "batch (tokens)"})
-    seed: int = field(default=0, metadata={"help": "seed of the data order"})
-    save_every: int = field(default=0, metadata={"help": "checkpoint every this many steps (0: only at the end)"})
-    keep_last: int = field(default=2, metadata={"help": "checkpoints kept on disk (0: all)"})
+                                                                 "batch (tokens)", "range": ">= 1"})
+    seed: int = field(default=0, metadata={"help": "seed of the data order", "range": ">= 0"})
+    save_every: int = field(default=0, metadata={
+        "help": "checkpoint every this many steps (0: only at the end)", "range": ">= 0"})
+    keep_last: int = field(default=2, metadata={"help": "checkpoints kept on disk (0: all)", "range": ">= 0"})
     resume: str | None = field(default=None, metadata={
         "help": "'auto': continue from RUN_DIR's newest checkpoint if any; a path: from that checkpoint; "
                 "null: start fresh (refused when RUN_DIR already has checkpoints)"})
@@ -119,10 +131,7 @@ class SFTConfig:
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "held-out evaluation"})
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.tokens_per_step < 1:
-            raise ValueError(f"steps and tokens_per_step must be positive, got {self.steps}, {self.tokens_per_step}")
-        if self.save_every < 0 or self.keep_last < 0:
-            raise ValueError("save_every and keep_last must be >= 0")
+        check_ranges(self)
 
 
 class Stop(Exception):

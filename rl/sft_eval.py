@@ -26,26 +26,36 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from rollout.config import RolloutConfig
+from rollout.config import RolloutConfig, check_ranges
 
 
 @dataclass
 class EvalConfig:
     """Held-out evaluation: how often, on how many prompts, with which decoding limits."""
 
-    every: int = field(default=0, metadata={"help": "evaluate every this many optimizer steps (0: only at the end)"})
+    every: int = field(default=0, metadata={
+        "help": "evaluate every this many optimizer steps (0: only at the end)", "range": ">= 0"})
     at_end: bool = field(default=True, metadata={"help": "evaluate after the last step"})
-    prompts: int = field(default=200, metadata={"help": "validation prompts decoded per evaluation (count)"})
-    max_tokens: int = field(default=512, metadata={"help": "generated-token budget per trajectory (tokens)"})
-    max_context: int = field(default=1024, metadata={"help": "per-request context limit (tokens)"})
-    max_thread_tokens: int = field(default=256, metadata={"help": "length limit of one thread (tokens)"})
-    max_threads: int = field(default=8, metadata={"help": "most threads in one block"})
-    max_blocks: int = field(default=4, metadata={"help": "most parallel blocks in one trajectory"})
-    workers: int = field(default=1, metadata={"help": "Ray rollout workers, one vLLM engine each (count)"})
-    cpus_per_worker: float = field(default=1.0, metadata={"help": "Ray CPUs reserved per rollout worker"})
-    gpus_per_worker: float = field(default=0.0, metadata={"help": "Ray GPUs per rollout worker"})
+    prompts: int = field(default=200, metadata={
+        "help": "validation prompts decoded per evaluation (count)", "range": ">= 1"})
+    max_tokens: int = field(default=512, metadata={
+        "help": "generated-token budget per trajectory (tokens)", "range": ">= 1"})
+    max_context: int = field(default=1024, metadata={"help": "per-request context limit (tokens)", "range": ">= 1"})
+    max_thread_tokens: int = field(default=256, metadata={
+        "help": "length limit of one thread (tokens)", "range": ">= 1"})
+    max_threads: int = field(default=8, metadata={"help": "most threads in one block", "range": ">= 1"})
+    max_blocks: int = field(default=4, metadata={"help": "most parallel blocks in one trajectory", "range": ">= 0"})
+    workers: int = field(default=1, metadata={
+        "help": "Ray rollout workers, one vLLM engine each (count)", "range": ">= 1"})
+    cpus_per_worker: float = field(default=1.0, metadata={
+        "help": "Ray CPUs reserved per rollout worker", "range": ">= 0"})
+    gpus_per_worker: float = field(default=0.0, metadata={"help": "Ray GPUs per rollout worker", "range": ">= 0"})
     dtype: str = field(default="float32", metadata={"help": "engine dtype (float32 on CPU, bfloat16 on GPU)"})
-    checker_timeout_s: float = field(default=5.0, metadata={"help": "math-verify time limit per answer (s)"})
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+    checker_timeout_s: float = field(default=5.0, metadata={
+        "help": "math-verify time limit per answer (s)", "range": "> 0"})
 
     def rollout_config(self, sequential: bool) -> RolloutConfig:
         return RolloutConfig(

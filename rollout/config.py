@@ -1,9 +1,23 @@
-"""Configuration of rollouts: sampling, spawn/join limits and the Ray worker pool."""
+"""Configuration of rollouts (sampling, spawn/join limits, the Ray worker pool) and the range check of every config.
+
+Every numeric field of a config dataclass states its allowed values next to its
+help text, ``metadata={"help": ..., "range": "> 0"}``. A range is ``finite``
+(any finite number), a comparison (``> 0``, ``>= 1``, ``<= 1``) or an interval
+(``[0, 1]``, ``(0, 1]``); NaN and infinities never fit. :func:`check_ranges`
+enforces them: every config's ``__post_init__`` calls it, and the YAML loader
+(``cluster.config``) calls it before building each section, so its message
+names the full dotted key ("sft.learner.lr must be a finite number > 0, got nan").
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import operator
 import os
+import re
 from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 #: environment defaults of every command that starts engines, learners or tracking (a user's values win):
 #: vLLM on CPU refuses to start without a KV-cache size; quiet vLLM logs; no tokenizer thread pools
@@ -19,51 +33,99 @@ def set_runtime_defaults() -> None:
         os.environ.setdefault(name, value)
 
 
+_COMPARISONS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
+_COMPARISON_RE = re.compile(r"(>=|>|<=|<) *(-?[0-9.]+)")
+_INTERVAL_RE = re.compile(r"([\[(]) *(-?[0-9.]+) *, *(-?[0-9.]+) *([\])])")
+
+
+def _fits(value: float, spec: str) -> bool:
+    if spec == "finite":
+        return True
+    if m := _COMPARISON_RE.fullmatch(spec):
+        return _COMPARISONS[m[1]](value, float(m[2]))
+    if m := _INTERVAL_RE.fullmatch(spec):
+        lo, hi = float(m[2]), float(m[3])
+        return (lo <= value if m[1] == "[" else lo < value) and (value <= hi if m[4] == "]" else value < hi)
+    raise ValueError(f"unknown range {spec!r} (use 'finite', '> 0', '>= 1', '[0, 1]', ...)")
+
+
+def range_text(spec: str) -> str:
+    """How a range reads in a sentence: '> 0', 'in [0, 1]', or '' for 'finite'."""
+    return "" if spec == "finite" else spec if spec[0] in "<>" else f"in {spec}"
+
+
+def range_problem(value: Any, spec: str) -> str | None:
+    """What is wrong with ``value`` for range ``spec`` ('must be an integer >= 1, got 0'), or None if it fits."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if number and math.isfinite(value) and _fits(value, spec):
+        return None
+    kind = "an integer" if number and isinstance(value, int) else "a finite number"
+    return f"must be {' '.join(filter(None, [kind, range_text(spec)]))}, got {value!r}"
+
+
+def check_range(name: str, value: Any, spec: str) -> None:
+    """ValueError '<name> must be ..., got ...' unless ``value`` fits ``spec`` (for command-line numbers)."""
+    problem = range_problem(value, spec)
+    if problem:
+        raise ValueError(f"{name} {problem}")
+
+
+def check_ranges(cfg: Any, values: Mapping[str, Any] | None = None, prefix: str = "") -> None:
+    """ValueError naming the first field of ``cfg`` whose value is outside its ``range`` metadata.
+
+    ``cfg`` is a config dataclass instance, or its class with the ``values``
+    about to build it (the loader's case). None passes (optional fields);
+    every item of a list is checked (``rho[1]``). ``prefix`` is prepended to
+    the key ("sft.learner.").
+    """
+    cls = cfg if isinstance(cfg, type) else type(cfg)
+    values = vars(cfg) if values is None else values
+    for f in dataclasses.fields(cls):
+        spec = f.metadata.get("range")
+        value = values.get(f.name)
+        if spec is None or value is None:
+            continue
+        items = list(enumerate(value)) if isinstance(value, (list, tuple)) else [(None, value)]
+        for i, item in items:
+            problem = range_problem(item, spec)
+            if problem:
+                raise ValueError(f"{prefix}{f.name}{'' if i is None else f'[{i}]'} {problem}")
+
+
 @dataclass
 class RolloutConfig:
     """How trajectories are sampled (DESIGN section 3) and where the engines run (section 7)."""
 
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature; 0 is greedy"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling: smallest token set of this probability"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature; 0 is greedy", "range": ">= 0"})
+    top_p: float = field(default=1.0, metadata={
+        "help": "nucleus sampling: smallest token set of this probability", "range": "(0, 1]"})
     max_tokens: int = field(default=2048, metadata={
-        "help": "generated-token budget of one trajectory, threads included (tokens; L_total)"})
+        "help": "generated-token budget of one trajectory, threads included (tokens; L_total)", "range": ">= 1"})
     max_context: int = field(default=4096, metadata={
         "help": "per-request context limit: prompt plus completion of any one request; rollout workers "
-                "start their engines with this max_model_len (tokens)"})
+                "start their engines with this max_model_len (tokens)", "range": ">= 1"})
     max_thread_tokens: int = field(default=512, metadata={
-        "help": "length limit of one thread; a thread reaching it is closed with an inserted </Thread> (tokens)"})
-    max_threads: int = field(default=8, metadata={"help": "most threads (outlines) in one block"})
-    max_blocks: int = field(default=8, metadata={"help": "most parallel blocks in one trajectory"})
-    n: int = field(default=1, metadata={"help": "trajectories sampled per prompt"})
+        "help": "length limit of one thread; a thread reaching it is closed with an inserted </Thread> (tokens)",
+        "range": ">= 1"})
+    max_threads: int = field(default=8, metadata={"help": "most threads (outlines) in one block", "range": ">= 1"})
+    max_blocks: int = field(default=8, metadata={"help": "most parallel blocks in one trajectory", "range": ">= 0"})
+    n: int = field(default=1, metadata={"help": "trajectories sampled per prompt", "range": ">= 1"})
     sequential: bool = field(default=False, metadata={
         "help": "decode as one sequence: the same state machine with spawning off (the baseline)"})
     seed: int | None = field(default=0, metadata={
-        "help": "base seed; each request's seed derives from it and the request's place (null: unseeded)"})
-    workers: int = field(default=1, metadata={"help": "Ray rollout workers, each owning one engine"})
-    cpus_per_worker: float = field(default=1.0, metadata={"help": "Ray CPUs reserved by one worker"})
+        "help": "base seed; each request's seed derives from it and the request's place (null: unseeded)",
+        "range": ">= 0"})
+    workers: int = field(default=1, metadata={"help": "Ray rollout workers, each owning one engine", "range": ">= 1"})
+    cpus_per_worker: float = field(default=1.0, metadata={"help": "Ray CPUs reserved by one worker", "range": ">= 0"})
     gpus_per_worker: float = field(default=0.0, metadata={
         "help": "Ray GPUs reserved by one worker actor: 1 on a GPU cluster with tensor_parallel_size 1; 0 with "
-                "tensor_parallel_size > 1, whose shard workers vLLM places as Ray actors itself"})
-    tensor_parallel_size: int = field(default=1, metadata={"help": "GPUs one engine is sharded over"})
+                "tensor_parallel_size > 1, whose shard workers vLLM places as Ray actors itself", "range": ">= 0"})
+    tensor_parallel_size: int = field(default=1, metadata={"help": "GPUs one engine is sharded over", "range": ">= 1"})
     dtype: str = field(default="float32", metadata={"help": "engine weight dtype (float32 on CPU, bfloat16 on GPU)"})
     enforce_eager: bool = field(default=True, metadata={
         "help": "skip torch.compile and CUDA graphs (fast start on CPU; set false on GPUs)"})
-    weight_bucket_mb: float = field(default=16.0, metadata={"help": "size of one weight-update bucket (MiB)"})
+    weight_bucket_mb: float = field(default=16.0, metadata={
+        "help": "size of one weight-update bucket (MiB)", "range": "> 0"})
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.temperature < 0:
-            problems.append(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
-        for name in ("max_tokens", "max_context", "max_thread_tokens", "max_threads", "n", "workers",
-                     "tensor_parallel_size"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_blocks", "cpus_per_worker", "gpus_per_worker"):
-            if getattr(self, name) < 0:
-                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.weight_bucket_mb <= 0:
-            problems.append(f"weight_bucket_mb must be > 0, got {self.weight_bucket_mb}")
-        if problems:
-            raise ValueError("RolloutConfig: " + "; ".join(problems))
+        check_ranges(self)

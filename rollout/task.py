@@ -33,6 +33,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from rollout.config import check_ranges
 from rollout.format import (
     OUTLINE_CLOSE, OUTLINE_OPEN, OUTLINES_CLOSE, OUTLINES_OPEN, PARALLEL_CLOSE, PARALLEL_OPEN,
     THINK_CLOSE, THINK_OPEN, THREAD_CLOSE, THREAD_OPEN,
@@ -47,23 +48,28 @@ FILE_NAMES = {"train": "train.jsonl", "validation": "validation.jsonl", "test": 
 class TaskConfig:
     """Difficulty knobs of the synthetic task."""
 
-    min_threads: int = field(default=2, metadata={"help": "fewest products per block (count)"})
-    max_threads: int = field(default=4, metadata={"help": "most products per block (count)"})
-    blocks: int = field(default=1, metadata={"help": "parallel blocks per problem (count)"})
-    a_digits: int = field(default=1, metadata={"help": "digits of each product's first factor"})
-    b_digits: int = field(default=3, metadata={"help": "digits of each product's second factor (one step each)"})
-    validation_share: float = field(default=0.1, metadata={"help": "share of the problem space hashed to validation"})
-    test_share: float = field(default=0.1, metadata={"help": "share of the problem space hashed to test"})
+    min_threads: int = field(default=2, metadata={"help": "fewest products per block (count)", "range": ">= 1"})
+    max_threads: int = field(default=4, metadata={"help": "most products per block (count)", "range": ">= 1"})
+    blocks: int = field(default=1, metadata={"help": "parallel blocks per problem (count)", "range": ">= 1"})
+    a_digits: int = field(default=1, metadata={"help": "digits of each product's first factor", "range": "[1, 12]"})
+    b_digits: int = field(default=3, metadata={
+        "help": "digits of each product's second factor (one step each)", "range": "[1, 12]"})
+    validation_share: float = field(default=0.1, metadata={
+        "help": "share of the problem space hashed to validation", "range": "(0, 1)"})
+    test_share: float = field(default=0.1, metadata={
+        "help": "share of the problem space hashed to test", "range": "(0, 1)"})
     number_order: str = field(default="normal", metadata={
         "help": "digit order of the worked numbers: normal, or reversed (least-significant digit first)"})
 
+    def __post_init__(self) -> None:
+        self.check()
+
     def check(self) -> None:
-        if not 1 <= self.min_threads <= self.max_threads:
-            raise ValueError(f"need 1 <= min_threads <= max_threads, got {self.min_threads}, {self.max_threads}")
-        if self.blocks < 1 or self.a_digits < 1 or self.b_digits < 1:
-            raise ValueError("blocks, a_digits and b_digits must be at least 1")
-        if not (0 < self.validation_share and 0 < self.test_share and self.validation_share + self.test_share < 1):
-            raise ValueError("validation_share and test_share must be positive and sum to less than 1")
+        check_ranges(self)
+        if self.min_threads > self.max_threads:
+            raise ValueError(f"need min_threads <= max_threads, got {self.min_threads}, {self.max_threads}")
+        if self.validation_share + self.test_share >= 1:
+            raise ValueError("validation_share and test_share must sum to less than 1")
         if self.number_order not in NUMBER_ORDERS:
             raise ValueError(f"number_order must be one of {NUMBER_ORDERS}, got {self.number_order!r}")
 
@@ -248,8 +254,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = TaskConfig(**{k: getattr(args, k) for k in TaskConfig.__dataclass_fields__})
     try:
+        cfg = TaskConfig(**{k: getattr(args, k) for k in TaskConfig.__dataclass_fields__})
         data = make_dataset(cfg, {"train": args.train, "validation": args.validation, "test": args.test},
                             seed=args.seed)
     except ValueError as e:

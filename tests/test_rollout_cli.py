@@ -39,7 +39,7 @@ def test_bad_input_is_reported_before_anything_starts(tmp_path, capsys):
     assert "no config.json" in capsys.readouterr().err
     assert main(["generate", "--model", str(tmp_path), "--prompts", str(prompts), "--out", str(out),
                  "--max-tokens", "0"]) == 2
-    assert "max_tokens must be >= 1" in capsys.readouterr().err
+    assert "max_tokens must be an integer >= 1, got 0" in capsys.readouterr().err
     assert not out.exists()
 
 

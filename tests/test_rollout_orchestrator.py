@@ -355,10 +355,12 @@ def test_outline_numbers():
 
 
 def test_config_rejects_bad_values():
-    with pytest.raises(ValueError, match="max_tokens must be >= 1"):
+    with pytest.raises(ValueError, match="max_tokens must be an integer >= 1, got 0"):
         RolloutConfig(max_tokens=0)
     with pytest.raises(ValueError, match="top_p"):
         RolloutConfig(top_p=0)
+    with pytest.raises(ValueError, match="temperature must be a finite number >= 0, got nan"):
+        RolloutConfig(temperature=float("nan"))
 
 
 def test_max_context_must_fit_the_engine(tok):

@@ -36,6 +36,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
+from rollout.config import check_ranges
 from rollout.datagen.teacher import TeacherCallError, TeacherClient
 from rollout.datagen.trace import (
     BlockPlan, Reject, Rejection, StepUnit, Trace, assemble, separator, split_steps, thread_source,
@@ -51,22 +52,21 @@ class RewriteConfig:
 
     step_unit: StepUnit = field(default="line", metadata={
         "help": "what a reasoning step is: 'line' (non-empty lines) or 'paragraph' (blank-line separated)"})
-    min_threads: int = field(default=2, metadata={"help": "fewest threads in a block (count)"})
-    max_threads: int = field(default=8, metadata={"help": "most threads in a block (count)"})
-    max_blocks: int = field(default=8, metadata={"help": "most parallel blocks in one response (count)"})
+    min_threads: int = field(default=2, metadata={"help": "fewest threads in a block (count)", "range": ">= 2"})
+    max_threads: int = field(default=8, metadata={"help": "most threads in a block (count)", "range": ">= 2"})
+    max_blocks: int = field(default=8, metadata={
+        "help": "most parallel blocks in one response (count)", "range": ">= 1"})
     min_similarity: float = field(default=0.8, metadata={
-        "help": "decouple: lowest difflib similarity of an edited thread to its original text (0..1)"})
-    max_outline_chars: int = field(default=200, metadata={"help": "longest outline (characters)"})
+        "help": "decouple: lowest difflib similarity of an edited thread to its original text (0..1)",
+        "range": "[0, 1]"})
+    max_outline_chars: int = field(default=200, metadata={"help": "longest outline (characters)", "range": ">= 1"})
 
     def __post_init__(self) -> None:
+        check_ranges(self)
         if self.step_unit not in ("line", "paragraph"):
             raise ValueError(f"step_unit must be 'line' or 'paragraph', got {self.step_unit!r}")
-        if not 2 <= self.min_threads <= self.max_threads:
-            raise ValueError(f"need 2 <= min_threads <= max_threads, got {self.min_threads}, {self.max_threads}")
-        if self.max_blocks < 1 or self.max_outline_chars < 1:
-            raise ValueError("max_blocks and max_outline_chars must be >= 1")
-        if not 0 <= self.min_similarity <= 1:
-            raise ValueError(f"min_similarity must be in [0, 1], got {self.min_similarity}")
+        if self.min_threads > self.max_threads:
+            raise ValueError(f"need min_threads <= max_threads, got {self.min_threads}, {self.max_threads}")
 
 
 # ---------------------------------------------------------------------------- checks (shared by all rewriters)

@@ -44,6 +44,7 @@ from typing import Literal, Protocol
 
 from rewards.answer import extract_answer
 from rewards.checker import Verdict
+from rollout.config import check_ranges
 from rollout.datagen.rewrite import RewriteConfig, TeacherRewriter
 from rollout.datagen.rules import RuleRewriter
 from rollout.datagen.teacher import TeacherClient, TeacherConfig
@@ -63,21 +64,20 @@ class Stage1Config:
     out: str = field(default="", metadata={"help": "JSONL file to write the kept parallel records to (required)"})
     response_field: str = field(default="response_sequential", metadata={
         "help": "input field holding the sequential response (<think>reasoning</think> then the answer)"})
-    limit: int | None = field(default=None, metadata={"help": "use only the first LIMIT records (null: all)"})
+    limit: int | None = field(default=None, metadata={
+        "help": "use only the first LIMIT records (null: all)", "range": ">= 1"})
     rewriter: Literal["teacher", "rule"] = field(default="teacher", metadata={
         "help": "steps 1-4 by a teacher LLM ('teacher') or by the synthetic task's rules ('rule')"})
     rewrite: RewriteConfig = field(default_factory=RewriteConfig, metadata={"help": "limits of every rewrite"})
     teacher: TeacherConfig = field(default_factory=TeacherConfig, metadata={"help": "the teacher endpoint"})
     answer_region: Literal["after_think", "whole"] = field(default="after_think", metadata={
         "help": "where the final \\boxed{} answer is read: after </think>, or the whole response"})
-    check_timeout_s: float = field(default=5.0, metadata={"help": "math-verify time limit per answer (seconds)"})
+    check_timeout_s: float = field(default=5.0, metadata={
+        "help": "math-verify time limit per answer (seconds)", "range": "> 0"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def __post_init__(self) -> None:
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit must be >= 1 or null, got {self.limit}")
-        if self.check_timeout_s <= 0:
-            raise ValueError(f"check_timeout_s must be > 0, got {self.check_timeout_s}")
+        check_ranges(self)
 
 
 @dataclass

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Callable, Literal, Sequence
 
 from rewards.answer import extract_answer
-from rollout.config import RolloutConfig
+from rollout.config import RolloutConfig, check_ranges
 from rollout.datagen.stage1 import Checker, config_hash, read_records, sidecar
 from rollout.format import validate
 from rollout.orchestrator import Trajectory
@@ -55,26 +55,24 @@ class Stage2Config:
     model: str = field(default="", metadata={"help": "model directory to sample from (required)"})
     prompts: str = field(default="", metadata={"help": "JSONL file with 'prompt' and 'answer' per line (required)"})
     out: str = field(default="", metadata={"help": "JSONL file to write the kept records to (required)"})
-    limit: int | None = field(default=None, metadata={"help": "use only the first LIMIT prompts (null: all)"})
+    limit: int | None = field(default=None, metadata={
+        "help": "use only the first LIMIT prompts (null: all)", "range": ">= 1"})
     rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"help": "sampling and the worker pool"})
     min_eta: float | None = field(default=None, metadata={
-        "help": "keep only trajectories with eta >= this (null: no limit; > 0 drops sequential responses)"})
+        "help": "keep only trajectories with eta >= this (null: no limit; > 0 drops sequential responses)",
+        "range": "<= 1"})
     dedupe: bool = field(default=True, metadata={"help": "drop a trajectory whose text repeats a kept one of its "
                                                          "prompt"})
     answer_region: Literal["after_think", "whole"] = field(default="after_think", metadata={
         "help": "where the final \\boxed{} answer is read: after </think>, or the whole response"})
-    check_timeout_s: float = field(default=5.0, metadata={"help": "math-verify time limit per answer (seconds)"})
+    check_timeout_s: float = field(default=5.0, metadata={
+        "help": "math-verify time limit per answer (seconds)", "range": "> 0"})
     ray_address: str | None = field(default=None, metadata={
         "help": "Ray cluster to join (null: RAY_ADDRESS or a new local instance)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def __post_init__(self) -> None:
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit must be >= 1 or null, got {self.limit}")
-        if self.min_eta is not None and not self.min_eta <= 1:
-            raise ValueError(f"min_eta must be <= 1 or null, got {self.min_eta}")
-        if self.check_timeout_s <= 0:
-            raise ValueError(f"check_timeout_s must be > 0, got {self.check_timeout_s}")
+        check_ranges(self)
 
 
 @dataclass

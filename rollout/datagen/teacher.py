@@ -39,6 +39,8 @@ from typing import Any, Callable
 
 import httpx
 
+from rollout.config import check_ranges
+
 RETRY_STATUS = frozenset({408, 409, 429})
 FATAL_STATUS = frozenset({401, 403, 404})
 
@@ -52,33 +54,27 @@ class TeacherConfig:
     model: str = field(default="", metadata={"help": "model name the endpoint serves (required for the teacher)"})
     api_key_env: str | None = field(default=None, metadata={
         "help": "name of the environment variable holding the API key (null: send no key, e.g. a local server)"})
-    concurrency: int = field(default=4, metadata={"help": "most requests in flight at once (count)"})
-    max_retries: int = field(default=5, metadata={"help": "retries of one call after a retryable failure (count)"})
-    backoff_s: float = field(default=1.0, metadata={"help": "first retry delay; doubles on each retry (seconds)"})
-    max_backoff_s: float = field(default=60.0, metadata={"help": "longest retry delay (seconds)"})
-    timeout_s: float = field(default=300.0, metadata={"help": "time limit of one HTTP request (seconds)"})
-    max_tokens: int = field(default=2048, metadata={"help": "reply length limit of one call (tokens)"})
+    concurrency: int = field(default=4, metadata={"help": "most requests in flight at once (count)", "range": ">= 1"})
+    max_retries: int = field(default=5, metadata={
+        "help": "retries of one call after a retryable failure (count)", "range": ">= 0"})
+    backoff_s: float = field(default=1.0, metadata={
+        "help": "first retry delay; doubles on each retry (seconds)", "range": ">= 0"})
+    max_backoff_s: float = field(default=60.0, metadata={"help": "longest retry delay (seconds)", "range": ">= 0"})
+    timeout_s: float = field(default=300.0, metadata={
+        "help": "time limit of one HTTP request (seconds)", "range": "> 0"})
+    max_tokens: int = field(default=2048, metadata={"help": "reply length limit of one call (tokens)", "range": ">= 1"})
     max_tokens_param: str = field(default="max_tokens", metadata={
         "help": "request field for the reply length limit (some hosted APIs want 'max_completion_tokens')"})
-    temperature: float = field(default=0.0, metadata={"help": "sampling temperature of the teacher"})
-    seed: int | None = field(default=0, metadata={"help": "sampling seed sent with each call (null: none)"})
+    temperature: float = field(default=0.0, metadata={"help": "sampling temperature of the teacher", "range": ">= 0"})
+    seed: int | None = field(default=0, metadata={
+        "help": "sampling seed sent with each call (null: none)", "range": ">= 0"})
     cache_dir: str | None = field(default="runs/datagen/teacher_cache", metadata={
         "help": "folder of cached replies (null: no cache)"})
     preflight: bool = field(default=True, metadata={
         "help": "before the run, GET /models to check the address, the key and that the model is served"})
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.concurrency < 1:
-            problems.append(f"concurrency must be >= 1, got {self.concurrency}")
-        if self.max_retries < 0:
-            problems.append(f"max_retries must be >= 0, got {self.max_retries}")
-        if self.backoff_s < 0 or self.max_backoff_s < 0:
-            problems.append("backoff_s and max_backoff_s must be >= 0")
-        if self.timeout_s <= 0 or self.max_tokens < 1:
-            problems.append("timeout_s must be > 0 and max_tokens >= 1")
-        if problems:
-            raise ValueError("TeacherConfig: " + "; ".join(problems))
+        check_ranges(self)
 
 
 class TeacherConfigError(RuntimeError):
