@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -49,16 +50,26 @@ def reference_stats(records: list[dict], tokenizer) -> dict[str, dict[str, float
 
 
 def run(args: argparse.Namespace) -> int:
-    from rollout.config import RolloutConfig, set_runtime_defaults
+    from rollout.config import RolloutConfig, check_range, set_runtime_defaults
+    from rollout.files import atomic_write, check_output_dir
 
     set_runtime_defaults()
+    out = Path(args.out)
+    try:  # the options and the output folder before anything is written or started
+        check_range("--prompts", args.prompts, ">= 1")
+        configs = {mode: RolloutConfig(n=args.samples, max_tokens=args.max_tokens, max_context=1024,
+                                       temperature=args.temperature, sequential=mode == "sequential")
+                   for mode in ("parallel", "sequential")}
+        check_output_dir(out, "--out")
+    except ValueError as e:
+        print(f"threadweaver demo: {e}", file=sys.stderr)
+        return 2
     from rollout.engine import VLLMEngine, make_llm, shutdown_llm
     from rollout.orchestrator import generate
     from rollout.task import TaskConfig, make_dataset, write_dataset
     from rollout.tiny import init_model, load_tokenizer
     from rollout.units import chat_prompt_ids
 
-    out = Path(args.out)
     model_dir, data_dir = out / "model", out / "data"
     if not (model_dir / "config.json").exists():
         init_model(model_dir)
@@ -85,14 +96,12 @@ def run(args: argparse.Namespace) -> int:
     summary = []
     try:
         engine = VLLMEngine(llm)
-        for mode in ("parallel", "sequential"):
-            cfg = RolloutConfig(n=args.samples, max_tokens=args.max_tokens, max_context=1024,
-                                temperature=args.temperature, sequential=mode == "sequential")
+        for mode, cfg in configs.items():
             t0 = time.time()
             trajectories = generate(engine, tokenizer, prompt_ids, cfg, eos_token_id=tokenizer.eos_token_id)
             seconds = time.time() - t0
             path = out / f"trajectories_{mode}.jsonl"
-            with open(path, "w") as f:
+            with atomic_write(path) as f:
                 for t in trajectories:
                     f.write(json.dumps(t.to_dict()) + "\n")
             print(f"\n== {mode} decoding: {len(trajectories)} trajectories in {seconds:.1f} s -> {path}")

@@ -54,6 +54,7 @@ from typing import Any, Literal, Sequence
 from cluster.tracking import TrackingConfig
 from rewards.config import RewardConfig
 from rollout.config import check_ranges
+from rollout.files import atomic_write, check_model_dir, check_name, check_output_dir, write_text
 
 MODES = ("parallel", "sequential")
 
@@ -134,11 +135,15 @@ class Problem:
 
 
 def parse_data_arg(item: str) -> tuple[str, Path]:
-    """``"NAME=PATH"`` or ``"PATH"`` -> (name, path); the default name is the file's stem."""
+    """``"NAME=PATH"`` or ``"PATH"`` -> (name, path); the default name is the file's stem.
+
+    The name becomes part of the output files' names (``NAME_parallel.jsonl``),
+    so one that would leave the output folder (``sub/x``, ``../x``) is a ValueError.
+    """
     if "=" in item and not Path(item).exists():
         name, path = item.split("=", 1)
-        return name, Path(path)
-    return Path(item).stem, Path(item)
+        return check_name(name, "benchmark name"), Path(path)
+    return check_name(Path(item).stem, "benchmark name"), Path(item)
 
 
 def read_benchmark(path: str | Path, problem_fields: Sequence[str] = ("problem", "question", "prompt"),
@@ -413,8 +418,8 @@ def save_figure(fig, path: str | Path) -> Path:
 
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=100)
     plt.close(fig)
     return path
 
@@ -448,13 +453,29 @@ def _model_name(path: Path) -> str:
 
 
 def _write_records(path: Path, problems: Sequence[Problem], trajectories, scores) -> None:
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_write(path) as f:
         for t, s in zip(trajectories, scores):
             rec = {"problem": problems[t.prompt_index].problem, "answer": problems[t.prompt_index].answer}
             rec.update(t.to_dict())
             rec.update(s.to_dict())
             rec["response"] = t.text
             f.write(json.dumps(rec) + "\n")
+
+
+def check_inputs(cfg: BenchEvalConfig) -> tuple[dict[str, list[Problem]], dict[str, Path]]:
+    """What ``run_benchmarks`` checks before any engine or MLflow starts: benchmark names and records, the model
+    folders, the output folder (created). Returns the problems per benchmark and the model folder per mode."""
+    if not cfg.data:
+        raise ValueError("no benchmark: give at least one data file")
+    benches = [parse_data_arg(item) for item in cfg.data]
+    names = [n for n, _ in benches]
+    if len(set(names)) != len(names):
+        raise ValueError(f"benchmark names repeat: {names}; name them NAME=PATH")
+    problems = {name: read_benchmark(path, cfg.problem_fields, cfg.answer_field, cfg.limit) for name, path in benches}
+    model_dirs = {"parallel": check_model_dir(cfg.model, "model"),
+                  "sequential": check_model_dir(cfg.baseline_model or cfg.model, "baseline model")}
+    check_output_dir(cfg.out)
+    return problems, model_dirs
 
 
 def run_benchmarks(cfg: BenchEvalConfig, tracker=None, models: tuple[str, str] | None = None
@@ -472,23 +493,10 @@ def run_benchmarks(cfg: BenchEvalConfig, tracker=None, models: tuple[str, str] |
 
     from cluster.viewer import write_page
 
-    if cfg.model is None:
-        raise ValueError("model is required")
-    if not cfg.data:
-        raise ValueError("no benchmark: give at least one data file")
-    benches = [parse_data_arg(item) for item in cfg.data]
-    names = [n for n, _ in benches]
-    if len(set(names)) != len(names):
-        raise ValueError(f"benchmark names repeat: {names}; name them NAME=PATH")
-    problems = {name: read_benchmark(path, cfg.problem_fields, cfg.answer_field, cfg.limit) for name, path in benches}
-    model_dirs = {"parallel": Path(cfg.model), "sequential": Path(cfg.baseline_model or cfg.model)}
-    for d in model_dirs.values():
-        if not (d / "config.json").is_file():
-            raise FileNotFoundError(f"{d} holds no config.json (not a model folder)")
+    problems, model_dirs = check_inputs(cfg)
     models = models or (f"{_model_name(model_dirs['parallel'])} (parallel decoding)",
                         f"{_model_name(model_dirs['sequential'])} (sequential decoding)")
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
 
     own_tracker = tracker is None
     if own_tracker:
@@ -552,12 +560,9 @@ def write_report(reports: Sequence[BenchmarkReport], out: str | Path, tracker=No
                  title: str = "Evaluation") -> Path:
     """``report.md``, ``speedup_hist.png`` and ``summary.json`` in ``out`` (also logged to ``tracker``)."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    md = out / "report.md"
-    md.write_text(report_markdown(reports, title))
+    md = write_text(out / "report.md", report_markdown(reports, title))
     png = histogram(reports, out / "speedup_hist.png")
-    summary = out / "summary.json"
-    summary.write_text(json.dumps([asdict(r) for r in reports], indent=1))
+    summary = write_text(out / "summary.json", json.dumps([asdict(r) for r in reports], indent=1))
     if tracker is not None:
         for path in (md, png, summary):
             tracker.log_artifact(path)
@@ -617,8 +622,6 @@ def run(args: argparse.Namespace) -> int:
     set_runtime_defaults()
     try:
         cfg = config_from_args(args)
-        for _, path in map(parse_data_arg, cfg.data):
-            read_benchmark(path, cfg.problem_fields, cfg.answer_field, cfg.limit)  # fail fast on bad input
         reports = run_benchmarks(cfg, models=tuple(args.names) if args.names else None)
     except (OSError, ValueError) as e:
         print(f"threadweaver eval: {e}", file=sys.stderr)

@@ -45,6 +45,8 @@ from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from rollout.config import check_range
+from rollout.files import check_output_file, write_text
 from rollout.format import (
     BLOCK_TAGS, OUTLINE_CLOSE, OUTLINE_OPEN, OUTLINES_CLOSE, OUTLINES_OPEN, PARALLEL_CLOSE, PARALLEL_OPEN,
     THREAD_CLOSE, THREAD_OPEN, Block, FormatError, parse,
@@ -352,11 +354,8 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 def write_page(path: str | Path, trajectories: Sequence[Any], scores: Sequence[Any] | None = None,
                title: str = "ThreadWeaver trajectories", tokenizer=None) -> Path:
-    """Render and write the page; returns its path (parent folders are created)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render(trajectories, scores, title, tokenizer), encoding="utf-8")
-    return path
+    """Render and write the page (through a temporary file, parent folders created); returns its path."""
+    return write_text(path, render(trajectories, scores, title, tokenizer))
 
 
 # --------------------------------------------------------------------------- CLI
@@ -374,6 +373,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        if args.limit is not None:
+            check_range("--limit", args.limit, ">= 1")
+        check_output_file(args.out, "--out")
         records = [r for path in args.files for r in read_jsonl(path)]
         if args.limit is not None:
             records = records[:args.limit]

@@ -50,6 +50,7 @@ import torch
 from rl.attention import BACKENDS, IMPLEMENTATION, tree_forward
 from rl.logprobs import token_logprobs, weighted_loss
 from rl.trie import build_trie, group_trie, group_tries, pack_tries, tree_stats
+from rollout.config import check_range
 from rollout.format import Block, Response, parse, serialize
 from rollout.task import TaskConfig, parallel_response, sample_problem
 from rollout.units import Unit, chat_prompt_ids, replay
@@ -234,12 +235,23 @@ def _forward_args(args: argparse.Namespace) -> list[str]:
     return out
 
 
+#: option -> its allowed values (``rollout.config`` ranges); the digit counts are checked by TaskConfig
+RANGES = {"groups": ">= 1", "k": ">= 1", "threads_per_block": ">= 1", "blocks": ">= 1", "noise": "[0, 1]",
+          "seed": ">= 0", "row_tokens": ">= 2", "repeats": ">= 1", "threads": ">= 1"}
+
+
 def run(args: argparse.Namespace) -> int:
     if args.layout:
         print(json.dumps(asdict(run_layout(args.layout, args))))
         return 0
-    task = TaskConfig(min_threads=args.threads_per_block, max_threads=args.threads_per_block,
-                      blocks=args.blocks, a_digits=args.a_digits, b_digits=args.b_digits)
+    try:
+        for name, spec in RANGES.items():
+            check_range(f"--{name.replace('_', '-')}", getattr(args, name), spec)
+        task = TaskConfig(min_threads=args.threads_per_block, max_threads=args.threads_per_block,
+                          blocks=args.blocks, a_digits=args.a_digits, b_digits=args.b_digits)
+    except ValueError as e:
+        print(f"threadweaver bench trie: {e}", file=sys.stderr)
+        return 2
     groups = synthetic_groups(args.groups, args.k, task, args.noise, args.seed)
     stats = tree_stats([group_trie(g) for g in groups])
     results = {}

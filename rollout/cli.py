@@ -29,7 +29,8 @@ import typing
 from collections import Counter
 from pathlib import Path
 
-from rollout.config import RolloutConfig
+from rollout.config import RolloutConfig, check_range
+from rollout.files import atomic_write, check_model_dir, check_output_file
 
 #: RolloutConfig fields with a short option of their own.
 _SHORT = {"n": ["-n"]}
@@ -81,25 +82,27 @@ def read_prompts(path: Path, limit: int | None) -> list[dict]:
 
 def run(args: argparse.Namespace) -> int:
     names = [f.name for f in dataclasses.fields(RolloutConfig)]
-    try:
+    try:  # every check before Ray and vLLM start
         config = RolloutConfig(**{name: getattr(args, name) for name in names})
+        if args.limit is not None:
+            check_range("--limit", args.limit, ">= 1")
         records = read_prompts(args.prompts, args.limit)
+        check_model_dir(args.model, "--model")
+        check_output_file(args.out, "--out")
+        from rollout.tiny import load_tokenizer
+        from rollout.units import chat_prompt_ids
+
+        tokenizer = load_tokenizer(args.model)
+        prompts = [chat_prompt_ids(tokenizer, r["prompt"]) for r in records]
     except (OSError, ValueError) as e:
         print(f"threadweaver generate: {e}", file=sys.stderr)
-        return 2
-    if not (args.model / "config.json").is_file():
-        print(f"threadweaver generate: {args.model} has no config.json (not a model directory)", file=sys.stderr)
         return 2
 
     import ray
     from tqdm import tqdm
 
-    from rollout.tiny import load_tokenizer
-    from rollout.units import chat_prompt_ids
     from rollout.workers import RolloutPool
 
-    tokenizer = load_tokenizer(args.model)
-    prompts = [chat_prompt_ids(tokenizer, r["prompt"]) for r in records]
     # "local" unless told: never join a `ray start` cluster found on this machine by accident
     ray.init(address=args.ray_address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
              log_to_driver=False)
@@ -117,8 +120,7 @@ def run(args: argparse.Namespace) -> int:
         ray.shutdown()
     elapsed = time.perf_counter() - start
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as f:
+    with atomic_write(args.out) as f:
         for t in trajectories:
             rec = {k: v for k, v in records[t.prompt_index].items() if not k.startswith("response")}
             rec.update(t.to_dict())

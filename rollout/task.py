@@ -33,7 +33,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from rollout.config import check_ranges
+from rollout.config import check_range, check_ranges
+from rollout.files import atomic_write, check_output_dir, write_text
 from rollout.format import (
     OUTLINE_CLOSE, OUTLINE_OPEN, OUTLINES_CLOSE, OUTLINES_OPEN, PARALLEL_CLOSE, PARALLEL_OPEN,
     THINK_CLOSE, THINK_OPEN, THREAD_CLOSE, THREAD_OPEN,
@@ -205,6 +206,8 @@ def make_dataset(cfg: TaskConfig, sizes: dict[str, int], seed: int = 0,
     unknown = set(sizes) - set(SPLITS)
     if unknown:
         raise ValueError(f"unknown split(s) {sorted(unknown)}; splits are {SPLITS}")
+    for split, n in sizes.items():
+        check_range(f"the {split} size", n, ">= 0")
     rng = random.Random(seed)
     out: dict[str, list[dict]] = {s: [] for s in sizes}
     seen: set[str] = set()
@@ -227,11 +230,10 @@ def make_dataset(cfg: TaskConfig, sizes: dict[str, int], seed: int = 0,
 
 def write_dataset(data: dict[str, list[dict]], out_dir: str | Path) -> dict[str, Path]:
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
     for split, records in data.items():
         path = out_dir / FILE_NAMES[split]
-        with open(path, "w") as f:
+        with atomic_write(path) as f:
             for r in records:
                 f.write(json.dumps(r) + "\n")
         paths[split] = path
@@ -258,11 +260,12 @@ def run(args: argparse.Namespace) -> int:
         cfg = TaskConfig(**{k: getattr(args, k) for k in TaskConfig.__dataclass_fields__})
         data = make_dataset(cfg, {"train": args.train, "validation": args.validation, "test": args.test},
                             seed=args.seed)
+        check_output_dir(args.out_dir)
     except ValueError as e:
         print(f"threadweaver make-data: {e}", file=sys.stderr)
         return 2
     paths = write_dataset(data, args.out_dir)
-    (Path(args.out_dir) / "task.json").write_text(json.dumps({"seed": args.seed, **asdict(cfg)}, indent=2))
+    write_text(Path(args.out_dir) / "task.json", json.dumps({"seed": args.seed, **asdict(cfg)}, indent=2))
     for split, path in paths.items():
         print(f"{split:<10} {len(data[split]):>6} problems -> {path}")
     return 0

@@ -33,6 +33,7 @@ from transformers import AddedToken, AutoTokenizer, GenerationConfig, PreTrained
 from transformers import Qwen3ForCausalLM
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from rollout.config import check_range
 from rollout.format import ALL_TAGS
 
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
@@ -216,12 +217,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        check_range("--seed", args.seed, "[0, 4294967295]")
         out = init_model(args.out_dir, seed=args.seed, hidden_size=args.hidden_size, num_layers=args.num_layers,
                          num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
                          intermediate_size=args.intermediate_size,
                          max_position_embeddings=args.max_position_embeddings, force=args.force)
     except (FileExistsError, ValueError) as e:
         print(f"threadweaver init-model: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"threadweaver init-model: cannot write {args.out_dir}: {e.strerror or e}", file=sys.stderr)
         return 2
     print(f"wrote {out}:")
     for path in sorted(out.iterdir()):

@@ -145,7 +145,7 @@ def test_bad_prompt_files_are_refused(tmp_path, checker):
 
 def test_cli_refuses_a_missing_model_before_starting_anything(tmp_path, capsys):
     assert main(["datagen", "stage2", f"model={tmp_path}", "prompts=x.jsonl", "out=y.jsonl"]) == 2
-    assert "not a model directory" in capsys.readouterr().err
+    assert "holds no config.json" in capsys.readouterr().err
 
 
 @pytest.mark.integration

@@ -36,7 +36,7 @@ def test_bad_input_is_reported_before_anything_starts(tmp_path, capsys):
     assert "p.jsonl:2: needs a string field 'prompt'" in capsys.readouterr().err
     prompts.write_text('{"prompt": "a"}\n')
     assert main(["generate", "--model", str(tmp_path), "--prompts", str(prompts), "--out", str(out)]) == 2
-    assert "no config.json" in capsys.readouterr().err
+    assert "holds no config.json" in capsys.readouterr().err
     assert main(["generate", "--model", str(tmp_path), "--prompts", str(prompts), "--out", str(out),
                  "--max-tokens", "0"]) == 2
     assert "max_tokens must be an integer >= 1, got 0" in capsys.readouterr().err

@@ -79,12 +79,17 @@ def run(args: argparse.Namespace) -> int:
 
 def _stage1(cfg) -> int:
     from rewards.checker import AnswerChecker
-    from rollout.datagen.stage1 import make_rewriter, run_stage1, summary
+    from rollout.datagen.stage1 import make_rewriter, read_records, run_stage1, summary
     from rollout.datagen.teacher import TeacherConfigError
+    from rollout.files import check_output_file
 
-    try:
+    try:  # the input and the output before the teacher is called
+        if not cfg.input or not cfg.out:
+            raise ValueError("stage 1 needs 'input' and 'out'")
+        read_records(cfg.input, cfg.limit)
+        check_output_file(cfg.out, "out")
         rewriter, client = make_rewriter(cfg)
-    except TeacherConfigError as e:
+    except (ValueError, TeacherConfigError) as e:
         print(f"threadweaver datagen stage1: {e}", file=sys.stderr)
         return 2
     try:
@@ -101,30 +106,23 @@ def _stage1(cfg) -> int:
 
 
 def _stage2(cfg) -> int:
-    from pathlib import Path
-
     from rewards.checker import AnswerChecker
-    from rollout.datagen.stage2 import pool_sampler, run_stage2, summary
-
     from rollout.config import set_runtime_defaults
+    from rollout.datagen.stage1 import read_records
+    from rollout.datagen.stage2 import check_prompt_records, pool_sampler, run_stage2, summary
+    from rollout.files import check_model_dir, check_output_file
 
     set_runtime_defaults()
-    if not cfg.model or not (Path(cfg.model) / "config.json").is_file():
-        print(f"threadweaver datagen stage2: model {cfg.model!r} is not a model directory (no config.json)",
-              file=sys.stderr)
-        return 2
-    from rollout.tiny import load_tokenizer
-
-    tokenizer = load_tokenizer(cfg.model)
-    try:
-        # Read and check the prompts before starting engines.
-        from rollout.datagen.stage1 import read_records
-        from rollout.datagen.stage2 import check_prompt_records
-
+    try:  # the model, the prompts and the output before Ray and the engines start
+        check_model_dir(cfg.model, "model")
         if not cfg.prompts or not cfg.out:
             raise ValueError("stage 2 needs 'prompts' and 'out'")
         check_prompt_records(read_records(cfg.prompts, cfg.limit), cfg.prompts)
-    except ValueError as e:
+        check_output_file(cfg.out, "out")
+        from rollout.tiny import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.model)
+    except (OSError, ValueError) as e:
         print(f"threadweaver datagen stage2: {e}", file=sys.stderr)
         return 2
     sample, close = pool_sampler(cfg)

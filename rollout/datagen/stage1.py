@@ -45,6 +45,7 @@ from typing import Literal, Protocol
 from rewards.answer import extract_answer
 from rewards.checker import Verdict
 from rollout.config import check_ranges
+from rollout.files import atomic_write, write_text
 from rollout.datagen.rewrite import RewriteConfig, TeacherRewriter
 from rollout.datagen.rules import RuleRewriter
 from rollout.datagen.teacher import TeacherClient, TeacherConfig
@@ -221,14 +222,13 @@ def run_stage1(cfg: Stage1Config, rewriter: Rewriter, checker: Checker, *,
     cfg_dict = dataclasses.asdict(cfg)
     chash = config_hash(cfg_dict)
     out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     paths = {"out": out, "rejected": sidecar(out, "rejected.jsonl"), "stats": sidecar(out, "stats.json")}
     final = [o for o in outcomes if o is not None]
-    with open(paths["out"], "w", encoding="utf-8") as f:
+    with atomic_write(paths["out"]) as f:
         for o in final:
             if o.response is not None:
                 f.write(json.dumps(output_record(o, cfg, rewriter, chash), ensure_ascii=False) + "\n")
-    with open(paths["rejected"], "w", encoding="utf-8") as f:
+    with atomic_write(paths["rejected"]) as f:
         for o in final:
             if o.rejection is not None:
                 f.write(json.dumps({"id": o.trace_id, **dataclasses.asdict(o.rejection)}, ensure_ascii=False) + "\n")
@@ -240,7 +240,7 @@ def run_stage1(cfg: Stage1Config, rewriter: Rewriter, checker: Checker, *,
         "teacher": client.stats.to_dict() if client is not None else None,
         "seconds": round(seconds, 3), "config_sha": chash, "config": cfg_dict,
     }
-    paths["stats"].write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
+    write_text(paths["stats"], json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
     return Stage1Result(final, stats, paths)
 
 

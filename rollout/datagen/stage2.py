@@ -41,6 +41,7 @@ from typing import Callable, Literal, Sequence
 from rewards.answer import extract_answer
 from rollout.config import RolloutConfig, check_ranges
 from rollout.datagen.stage1 import Checker, config_hash, read_records, sidecar
+from rollout.files import atomic_write, write_text
 from rollout.format import validate
 from rollout.orchestrator import Trajectory
 
@@ -166,14 +167,13 @@ def run_stage2(cfg: Stage2Config, sample: Sampler, tokenizer, checker: Checker) 
     provenance = {"stage": "stage2", "model": cfg.model, "seed": cfg.rollout.seed, "config_sha": chash,
                   "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     paths = {"out": out, "rejected": sidecar(out, "rejected.jsonl"), "stats": sidecar(out, "stats.json")}
-    with open(paths["out"], "w", encoding="utf-8") as f:
+    with atomic_write(paths["out"]) as f:
         for d in decisions:
             if d.kept:
                 rec = output_record(d, records[d.trajectory.prompt_index], provenance)
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    with open(paths["rejected"], "w", encoding="utf-8") as f:
+    with atomic_write(paths["rejected"]) as f:
         for d in decisions:
             if not d.kept:
                 t = d.trajectory
@@ -190,7 +190,7 @@ def run_stage2(cfg: Stage2Config, sample: Sampler, tokenizer, checker: Checker) 
         "sample_seconds": round(sample_s, 3), "out": str(out), "config_sha": chash, "config": cfg_dict,
         "provenance": provenance,
     }
-    paths["stats"].write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
+    write_text(paths["stats"], json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
     return Stage2Result(decisions, stats, paths)
 
 
