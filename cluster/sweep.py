@@ -45,6 +45,7 @@ from typing import Any, Sequence
 from cluster.ray_setup import RayConfig, Role
 from cluster.tracking import TrackingConfig
 from rollout.config import check_ranges
+from rollout.files import check_model_dir, check_output_dir, write_text
 
 #: the held-out metrics a point reports (from the RL stage's final evaluation, parallel mode)
 POINT_METRICS = ("accuracy", "L_crit", "L_total", "activation", "eta", "reward")
@@ -212,21 +213,20 @@ def sweep(cfg: SweepConfig) -> list[PointResult]:
     from cluster.config import load_config, to_dict
     from cluster.ray_setup import init_ray
     from cluster.tracking import Tracker, resolve_uri
-    from rl.driver import RLConfig, roles
+    from rl.driver import RLConfig, check_inputs, roles
     from rollout.workers import RolloutPool
 
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = check_output_dir(cfg.run_dir, "run_dir")
     uri = resolve_uri(cfg.tracking, run_dir) if cfg.tracking.enabled else None
     base = load_config(RLConfig, cfg.rl_config, cfg.overrides)
-    if base.model is None or not (Path(base.model) / "config.json").is_file():
-        raise FileNotFoundError(f"the RL config's model {base.model} holds no config.json (train the SFT stage "
-                                "first, or set model=...)")
+    check_model_dir(base.model, "the RL config's model")
     if not base.eval.at_end or "parallel" not in base.eval.modes:
         raise ValueError("every point needs its final held-out evaluation in parallel mode: set eval.at_end=true "
                          "and keep 'parallel' in eval.modes")
     points = grid(cfg, uri, base.reward.accel_form)
     configs = [point_config(cfg, p) for p in points]  # every point's config is checked before anything runs
+    for point_cfg in configs:
+        check_inputs(point_cfg)  # its data, and no earlier run in its run_dir
     per_point = roles(configs[0])
     concurrency = 1 if cfg.share_rollout else min(cfg.max_concurrent, len(points))
     plan = [Role(r.name, r.count * concurrency, r.cpus, r.gpus) for r in per_point]
@@ -299,11 +299,9 @@ def _tag_child(uri: str, run_id: str, parent: str) -> None:
 
 
 def _write_outputs(results: Sequence[PointResult], run_dir: Path, tracker) -> None:
-    md = run_dir / "sweep.md"
-    md.write_text("# Reward-weight sweep\n\nHeld-out metrics of each point's final evaluation (parallel "
-                  "decoding).\n\n" + table(results) + "\n")
-    js = run_dir / "sweep.json"
-    js.write_text(json.dumps([asdict(r) for r in results], indent=1))
+    md = write_text(run_dir / "sweep.md", "# Reward-weight sweep\n\nHeld-out metrics of each point's final "
+                    "evaluation (parallel decoding).\n\n" + table(results) + "\n")
+    js = write_text(run_dir / "sweep.json", json.dumps([asdict(r) for r in results], indent=1))
     png = plot(results, run_dir / "sweep_plot.png")
     for path in (md, js, png):
         tracker.log_artifact(path)

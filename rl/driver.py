@@ -70,7 +70,9 @@ from cluster.tracking import TrackingConfig
 from rewards.config import RewardConfig
 from rl.grpo import GRPOConfig
 from rl.learner import LearnerConfig
+from rl.sft_data import check_data_config
 from rollout.config import RolloutConfig, check_ranges, set_runtime_defaults
+from rollout.files import atomic_write, check_model_dir, check_output_dir, write_text
 from rollout.task import TaskConfig
 
 MODES = ("parallel", "sequential")
@@ -410,8 +412,7 @@ def evaluate(cfg: RLConfig, rollouts: Rollouts, reward_pool, prompts: list[list[
     metrics: dict[str, float] = {}
     start = time.perf_counter()
     out = run_dir / "eval" / f"step_{step:08d}.jsonl"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w") as f:
+    with atomic_write(out) as f:
         for mode in cfg.eval.modes:
             rc = replace(cfg.rollout, temperature=0.0, n=1, sequential=mode == "sequential", seed=0)
             t0 = time.perf_counter()
@@ -450,6 +451,16 @@ def _resume_path(cfg: RLConfig, ckpt_root: Path) -> Path | None:
     if not path.is_dir():
         raise FileNotFoundError(f"resume checkpoint {path} does not exist")
     return path
+
+
+def check_inputs(cfg: RLConfig) -> None:
+    """What ``train`` needs, checked before it starts anything: the model, no checkpoints in ``run_dir``
+    unless resuming, ``run_dir`` writable (created), the data files (or ``data.dir`` writable when they are
+    generated). ValueError with one line naming the key otherwise."""
+    check_model_dir(cfg.model, "model")
+    _resume_path(cfg, Path(cfg.run_dir) / "checkpoints")
+    check_output_dir(cfg.run_dir, "run_dir")
+    check_data_config(cfg.data)
 
 
 def _load_data(cfg: RLConfig) -> tuple[list[dict], list[dict]]:
@@ -495,19 +506,15 @@ def train(cfg: RLConfig, on_step: Callable[[int, dict], None] | None = None,
     from rollout.units import chat_prompt_ids
 
     wall_start = time.perf_counter()
-    if cfg.model is None:
-        raise ValueError("model is required: the starting checkpoint (e.g. the SFT stage's checkpoints/step_N/hf)")
+    check_inputs(cfg)
     model_dir = Path(cfg.model)
-    if not (model_dir / "config.json").exists():
-        raise FileNotFoundError(f"model {model_dir} holds no config.json")
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_root = run_dir / "checkpoints"
     resume = _resume_path(cfg, ckpt_root)
     resolved = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     config_file = run_dir / "config.yaml"
     if resume is None:
-        config_file.write_text(resolved)
+        write_text(config_file, resolved)
 
     tokenizer = load_tokenizer(model_dir)
     train_records, val_records = _load_data(cfg)
@@ -532,7 +539,7 @@ def train(cfg: RLConfig, on_step: Callable[[int, dict], None] | None = None,
             state = checkpoint.load(group, resume)
             step = state["step"]
             config_file = run_dir / f"config_resume_step_{step}.yaml"
-            config_file.write_text(resolved)
+            write_text(config_file, resolved)
             print(f"rl: resumed from {resume} at step {step}", flush=True)
         totals: dict[str, float] = Counter(state["totals"])
         stream = PromptStream(len(train_records), cfg.seed, PromptState(**state["data"]))
@@ -665,7 +672,7 @@ def train(cfg: RLConfig, on_step: Callable[[int, dict], None] | None = None,
             "checkpoint": str(checkpoint.step_dir(ckpt_root, step) / "hf"), "mlflow_run_id": tracker.run_id,
             "tracking_uri": tracker.uri, "rollout_restarts": rollouts.restarts, "eval": final_eval,
         }
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
         tracker.log_artifact(run_dir / "summary.json")
         status = "FINISHED"
         return summary
@@ -712,7 +719,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + (["resume=auto"] if args.resume else [])
     try:
         cfg = load_config(RLConfig, args.config, overrides)
-    except ConfigError as e:
+        check_inputs(cfg)
+    except (ConfigError, ValueError, OSError) as e:
         print(f"threadweaver rl: {e}", file=sys.stderr)
         return 2
     if args.check:
@@ -736,10 +744,11 @@ def check(cfg: RLConfig) -> int:
 
     from cluster.ray_setup import init_ray, plan_text
 
-    if cfg.model is None or not (Path(cfg.model) / "config.json").exists():
-        print(f"threadweaver rl: model {cfg.model} holds no config.json", file=sys.stderr)
+    try:
+        train_records, val_records = _load_data(cfg)
+    except (OSError, ValueError) as e:
+        print(f"threadweaver rl: {e}", file=sys.stderr)
         return 2
-    train_records, val_records = _load_data(cfg)
     started = init_ray(cfg.ray, roles(cfg))
     try:
         resources = ray.cluster_resources()

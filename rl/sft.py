@@ -50,8 +50,10 @@ from pathlib import Path
 from typing import Callable, Literal
 
 from rl.learner import LearnerConfig
+from rl.sft_data import check_data_config
 from rl.sft_eval import EvalConfig
 from rollout.config import check_ranges
+from rollout.files import atomic_write, check_model_dir, check_output_dir, write_text
 from rollout.task import TaskConfig
 
 
@@ -177,6 +179,25 @@ def _resume_path(cfg: SFTConfig, ckpt_root: Path) -> Path | None:
     return Path(cfg.resume)
 
 
+def check_inputs(cfg: SFTConfig) -> None:
+    """What ``train`` needs, checked before it starts anything: the model (or the tiny model's sizes), no
+    checkpoints in ``run_dir`` unless resuming, ``run_dir`` writable (created), the data files (or ``data.dir``
+    writable when they are generated). ValueError with one line naming the key otherwise."""
+    if cfg.model.path is not None:
+        check_model_dir(cfg.model.path, "model.path")
+    else:
+        from rollout.tiny import build_tokenizer, model_config
+
+        m = cfg.model
+        model_config(build_tokenizer(), m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads,
+                     m.intermediate_size)
+    resume = _resume_path(cfg, Path(cfg.run_dir) / "checkpoints")
+    if cfg.resume not in (None, "auto") and not resume.is_dir():
+        raise ValueError(f"resume checkpoint {resume} does not exist")
+    check_output_dir(cfg.run_dir, "run_dir")
+    check_data_config(cfg.data)
+
+
 def _init_ray(cfg: SFTConfig) -> bool:
     """Start (or join) Ray; returns True when this call started it."""
     import ray
@@ -218,11 +239,11 @@ def train(cfg: SFTConfig, on_step: Callable[[int, dict], None] | None = None) ->
     from rollout.tiny import load_tokenizer
 
     wall_start = time.perf_counter()
+    check_inputs(cfg)
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_root = run_dir / "checkpoints"
     resume = _resume_path(cfg, ckpt_root)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     model_dir = prepare_model(cfg.model, run_dir)
     tokenizer = load_tokenizer(model_dir)
@@ -269,7 +290,7 @@ def train(cfg: SFTConfig, on_step: Callable[[int, dict], None] | None = None) ->
             metrics, records = evaluator(group.state_dict())
             eval_s += metrics["seconds"]
             (run_dir / "eval").mkdir(exist_ok=True)
-            with open(run_dir / "eval" / f"step_{step:08d}.jsonl", "w") as f:
+            with atomic_write(run_dir / "eval" / f"step_{step:08d}.jsonl") as f:
                 for r in records_to_dicts(records):
                     f.write(json.dumps(r) + "\n")
             return metrics
@@ -331,7 +352,7 @@ def train(cfg: SFTConfig, on_step: Callable[[int, dict], None] | None = None) ->
             "checkpoint": str(final / "hf"), "data": data_info,
             "eval": final_eval,
         }
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
         return summary
     finally:
         if evaluator is not None:
@@ -364,7 +385,8 @@ def run(args: argparse.Namespace) -> int:
     set_runtime_defaults()
     try:
         cfg = load_config(SFTConfig, args.config, args.overrides)
-    except ConfigError as e:
+        check_inputs(cfg)
+    except (ConfigError, ValueError, OSError) as e:
         print(f"threadweaver sft: {e}", file=sys.stderr)
         return 2
     summary = train(cfg)

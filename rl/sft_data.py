@@ -33,6 +33,7 @@ from typing import Callable, Sequence
 
 from rl.trie import Trie, build_trie
 from rollout.check import json_objects
+from rollout.files import check_output_dir, write_text
 from rollout.format import FormatError, flatten, parse
 from rollout.task import FILE_NAMES, TaskConfig, make_dataset, write_dataset
 from rollout.units import Unit, chat_prompt_ids, encode, replay
@@ -62,24 +63,53 @@ def ensure_task_data(data_dir: str | Path, task: TaskConfig, sizes: dict[str, in
     with other settings is an error (never silently reused or overwritten).
     """
     data_dir = Path(data_dir)
-    wanted = {"seed": seed, "sizes": sizes, **asdict(task)}
+    if task_data_ready(data_dir, task, sizes, seed):
+        return data_dir
+    write_dataset(make_dataset(task, sizes, seed=seed), data_dir)
+    write_text(data_dir / TASK_FILE, json.dumps(_task_settings(task, sizes, seed), indent=2))
+    return data_dir
+
+
+def _task_settings(task: TaskConfig, sizes: dict[str, int], seed: int) -> dict:
+    return {"seed": seed, "sizes": sizes, **asdict(task)}
+
+
+def task_data_ready(data_dir: Path, task: TaskConfig, sizes: dict[str, int], seed: int) -> bool:
+    """True if ``data_dir`` holds the synthetic task made with these settings, False if it holds no data files;
+    ValueError if it holds data made otherwise (or files without ``task.json``)."""
     marker = data_dir / TASK_FILE
     if marker.exists():
         have = json.loads(marker.read_text())
+        wanted = _task_settings(task, sizes, seed)
         if have != wanted:
             diff = {k: (have.get(k), v) for k, v in wanted.items() if have.get(k) != v}
             raise ValueError(f"{data_dir} holds the synthetic task made with other settings "
                              f"(key: (on disk, wanted)) {diff}; delete it or choose another data.dir")
         missing = [FILE_NAMES[s] for s in sizes if not (data_dir / FILE_NAMES[s]).exists()]
         if missing:
-            raise FileNotFoundError(f"{data_dir} has {TASK_FILE} but lacks {missing}")
-        return data_dir
+            raise ValueError(f"{data_dir} has {TASK_FILE} but lacks {missing}")
+        return True
     if data_dir.exists() and any((data_dir / FILE_NAMES[s]).exists() for s in sizes):
         raise ValueError(f"{data_dir} holds data files but no {TASK_FILE}; it was not made by this stage "
                          "(set data.generate=false to use it as is)")
-    write_dataset(make_dataset(task, sizes, seed=seed), data_dir)
-    marker.write_text(json.dumps(wanted, indent=2))
-    return data_dir
+    return False
+
+
+def check_data_config(d) -> None:
+    """The files a training stage reads (``d``: the SFT or RL config's ``data`` section) exist, or
+    ``d.generate`` can write the synthetic task into ``d.dir``; ValueError naming the key otherwise."""
+    data_dir = Path(d.dir)
+    if d.generate:
+        sizes = {"train": d.train_size, "validation": d.validation_size, "test": d.test_size}
+        if not task_data_ready(data_dir, d.task, sizes, d.seed):
+            check_output_dir(data_dir, "data.dir")
+        return
+    if not data_dir.is_dir():
+        raise ValueError(f"data.dir {data_dir} does not exist (data.generate=true writes the synthetic task there)")
+    for key in ("train_file", "validation_file"):
+        path = data_dir / getattr(d, key)
+        if not path.is_file():
+            raise ValueError(f"data.{key} {path} does not exist")
 
 
 def response_units(prompt_ids: Sequence[int], response: str, tokenizer, eos_token_id: int,
