@@ -56,12 +56,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from cluster.evaluate import BenchEvalConfig
+from cluster.evaluate import BenchEvalConfig, parse_data_arg, read_benchmark
 from cluster.ray_setup import RayConfig
 from cluster.tracking import TrackingConfig
 from rl.driver import RLConfig
 from rl.sft import SFTConfig
 from rollout.config import check_ranges
+from rollout.files import check_model_dir, check_output_dir, write_text
 from rollout.datagen.stage2 import Stage2Config
 from rollout.task import TaskConfig
 
@@ -120,8 +121,7 @@ def stage_config(cls: type, base: Any, path: Path, overrides: list[str]):
 
     from cluster.config import load_config, to_dict
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(to_dict(base), sort_keys=False))
+    write_text(path, yaml.safe_dump(to_dict(base), sort_keys=False))
     return load_config(cls, path, overrides)
 
 
@@ -146,8 +146,13 @@ def check_config(cfg: PipelineConfig) -> None:
             rl_file = Path(tmp) / "rl.yaml"
             rl_file.write_text(yaml.safe_dump(to_dict(cfg.rl), sort_keys=False))
             load_config(RLConfig, rl_file, cfg.rl_sequential)
-    if cfg.sft.model.path is not None and not (Path(cfg.sft.model.path) / "config.json").is_file():
-        raise ValueError(f"sft.model.path {cfg.sft.model.path} holds no config.json")
+    if cfg.sft.model.path is not None:
+        check_model_dir(cfg.sft.model.path, "sft.model.path")
+    names = ["tiny"] + [parse_data_arg(item)[0] for item in cfg.eval.data]  # the test split is 'tiny'
+    if len(set(names)) != len(names):
+        raise ValueError(f"eval.data: benchmark names repeat: {names} (the task's test split is 'tiny')")
+    for _, path in map(parse_data_arg, cfg.eval.data):
+        read_benchmark(path, cfg.eval.problem_fields, cfg.eval.answer_field, cfg.eval.limit)
 
 
 # --------------------------------------------------------------------------- tracking
@@ -239,19 +244,37 @@ def _reference_stats(data_dir: Path, limit: int = 200) -> dict[str, float]:
     return out
 
 
+def read_record(record_file: Path) -> dict:
+    """``pipeline.json``: the finished stages and their outputs (``{"stages": {}}`` when there is none yet)."""
+    if not record_file.exists():
+        return {"stages": {}}
+    try:
+        record = json.loads(record_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{record_file} is not valid JSON ({e}); delete it to run every stage again") from None
+    stages = record.get("stages") if isinstance(record, dict) else None
+    if not isinstance(stages, dict) or not all(isinstance(v, dict) for v in stages.values()):
+        raise ValueError(f"{record_file} has no 'stages' mapping; delete it to run every stage again")
+    return record
+
+
 def run_pipeline(cfg: PipelineConfig) -> dict:
     """Run every stage (see module doc); returns the record also written to ``pipeline.json``."""
     from cluster.ray_setup import Role, init_ray
     from rl.driver import roles as rl_roles
 
     check_config(cfg)
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = check_output_dir(cfg.run_dir, "run_dir")
     record_file = run_dir / "pipeline.json"
-    record: dict = json.loads(record_file.read_text()) if record_file.exists() else {"stages": {}}
+    record = read_record(record_file)
     if record["stages"] and not cfg.reuse:
         raise ValueError(f"{run_dir} already holds pipeline stages {sorted(record['stages'])}; set reuse=true to "
                          "take their outputs, or choose another run_dir")
+    for name, done in record["stages"].items():
+        output = done.get("checkpoint") or done.get("dir") or done.get("report")
+        if output and not Path(output).exists():
+            raise ValueError(f"{record_file} records stage {name} as finished, but its output {output} is "
+                             f"missing; remove the stage from {record_file.name} to run it again")
     for stage in STAGES:
         if (run_dir / stage).exists() and stage not in record["stages"]:
             if not cfg.reuse:
@@ -280,10 +303,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             return record["stages"][name]
         print(f"\n=== pipeline: stage {name} ===", flush=True)
         t0 = time.perf_counter()
-        out = body(run_dir / name)
+        out = body(run_dir / name)  # a stage that raises is never recorded: reuse=true runs it again
         out["wall_s"] = time.perf_counter() - t0
         record["stages"][name] = out
-        record_file.write_text(json.dumps(record, indent=1))
+        write_text(record_file, json.dumps(record, indent=1))
         runs.parent.log_metrics({f"time/{name}_s": out["wall_s"]}, 0)
         print(f"pipeline: stage {name} done in {out['wall_s'] / 60:.1f} min", flush=True)
         return out
@@ -309,7 +332,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         runs.parent.log_artifact(record_file)
         runs.parent.log_metrics({k: v for k, v in ev["metrics"].items()} | {"time/total_s": total}, 0)
         record["wall_s"] = total
-        record_file.write_text(json.dumps(record, indent=1))
+        write_text(record_file, json.dumps(record, indent=1))
         status = "FINISHED"
         return record
     finally:
@@ -449,9 +472,7 @@ def _final_report(run_dir: Path, record: dict, ev: dict, total_s: float) -> Path
             out = s.get("checkpoint") or s.get("dir") or s.get("report") or ""
             lines.append(f"| {name} | {s['wall_s'] / 60:.1f} | {out} |")
     lines += ["", f"Total: {total_s / 60:.1f} minutes."]
-    path = run_dir / "report.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_text(run_dir / "report.md", "\n".join(lines) + "\n")
 
 
 # --------------------------------------------------------------------------- CLI
