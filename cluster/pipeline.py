@@ -62,8 +62,8 @@ from cluster.tracking import TrackingConfig
 from rl.driver import RLConfig
 from rl.sft import SFTConfig
 from rollout.config import check_ranges
-from rollout.files import check_model_dir, check_output_dir, write_text
 from rollout.datagen.stage2 import Stage2Config
+from rollout.files import check_model_dir, check_output_dir, write_text
 from rollout.task import TaskConfig
 
 STAGES = ("data", "sft_parallel", "sft_sequential", "selftrain", "rl_parallel", "rl_sequential", "eval")

@@ -45,11 +45,11 @@ from typing import Literal, Protocol
 from rewards.answer import extract_answer
 from rewards.checker import Verdict
 from rollout.config import check_ranges
-from rollout.files import atomic_write, write_text
 from rollout.datagen.rewrite import RewriteConfig, TeacherRewriter
 from rollout.datagen.rules import RuleRewriter
 from rollout.datagen.teacher import TeacherClient, TeacherConfig
 from rollout.datagen.trace import STEPS, Reject, Rejection, Rewriter, Trace, trace_from_record
+from rollout.files import atomic_write, write_text
 from rollout.format import PARALLEL_OPEN, validate
 
 
