@@ -57,9 +57,10 @@ def range_text(spec: str) -> str:
 def range_problem(value: Any, spec: str) -> str | None:
     """What is wrong with ``value`` for range ``spec`` ('must be an integer >= 1, got 0'), or None if it fits."""
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if number and math.isfinite(value) and _fits(value, spec):
+    integer = number and isinstance(value, int)  # never NaN; math.isfinite cannot take a 400-digit one
+    if number and (integer or math.isfinite(value)) and _fits(value, spec):
         return None
-    kind = "an integer" if number and isinstance(value, int) else "a finite number"
+    kind = "an integer" if integer else "a finite number"
     return f"must be {' '.join(filter(None, [kind, range_text(spec)]))}, got {value!r}"
 
 

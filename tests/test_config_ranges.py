@@ -71,6 +71,8 @@ def test_range_problem_reads_as_a_sentence():
     assert range_problem(-1.0, "finite") is None
     assert range_problem(True, ">= 0") == "must be a finite number >= 0, got True"
     assert range_problem(2, "<= 1") == "must be an integer <= 1, got 2"
+    assert range_problem(10**400, ">= 1") is None
+    assert range_problem(-(10**400), ">= 1").startswith("must be an integer >= 1, got -1000")
     with pytest.raises(ValueError, match="--limit must be an integer >= 1, got 0"):
         check_range("--limit", 0, ">= 1")
     with pytest.raises(ValueError, match="unknown range"):
