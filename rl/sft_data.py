@@ -16,8 +16,8 @@ that has seen both ways can choose between them, which leaves P-GRPO room to
 raise the share of parallel answers (DESIGN section 6).
 
 Before anything is tokenized, a record is checked against the format's
-structural limits on its text (``rollout.format.limit_reasons``: characters,
-blocks, threads per block, digits of a thread number; the prompt's characters);
+structural limits on its text (``rollout.format.limit_reasons``: UTF-8 bytes,
+blocks, threads per block, digits of a thread number; the prompt's bytes);
 a record over one is an error that names it, never replayed. Replay takes
 time and memory linear in the record; its trie keeps every unit's path, so a
 record whose joined sequence is longer than a training row (``max_tokens``)
@@ -41,7 +41,7 @@ from typing import Callable, Sequence
 
 from rl.trie import Trie, build_trie
 from rollout.check import json_objects
-from rollout.format import DEFAULT_MAX_CHARS, FormatError, flatten, limit_reasons, parse
+from rollout.format import DEFAULT_MAX_BYTES, FormatError, flatten, limit_reasons, parse, utf8_bytes
 from rollout.task import FILE_NAMES, TaskConfig, make_dataset, write_dataset
 from rollout.units import Unit, chat_prompt_ids, encode, replay
 
@@ -129,8 +129,9 @@ def build_tries(records: Sequence[dict], tokenizer, layout: str, prompt_field: s
         if not isinstance(prompt, str) or not isinstance(response, str):
             raise ValueError(f"record {i}: needs string fields '{prompt_field}' and '{response_field}'")
         too_big = limit_reasons(response)
-        if len(prompt) > DEFAULT_MAX_CHARS:
-            too_big.append(f"the prompt has {len(prompt)} characters, more than the limit of {DEFAULT_MAX_CHARS}")
+        if utf8_bytes(prompt) > DEFAULT_MAX_BYTES:
+            too_big.append(f"the prompt has {utf8_bytes(prompt)} bytes (UTF-8), more than the limit of "
+                           f"{DEFAULT_MAX_BYTES}")
         if too_big:
             raise ValueError(f"record {i} ({rec.get('id', 'no id')}): {'; '.join(too_big)}")
         rec_layout = "sequential" if layout == "parallel" and flattened_by_share(prompt, sequential_share) else layout

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from rollout.format import DEFAULT_MAX_CHARS, validate
+from rollout.format import DEFAULT_MAX_BYTES, utf8_bytes, validate
 from rollout.units import chat_prompt_ids, latency, replay
 
 #: Deepest nesting of arrays and objects a JSONL record may have.
@@ -125,14 +125,14 @@ def open_tokenizer(path: str | Path):
 
 
 def record_prompt(line: int, record: dict) -> str | None:
-    """The record's ``prompt`` (None without one); InputError for a prompt that is not a string or has more
-    than ``DEFAULT_MAX_CHARS`` characters."""
+    """The record's ``prompt`` (None without one); InputError for a prompt that is not a string or longer
+    than ``DEFAULT_MAX_BYTES`` in UTF-8."""
     prompt = record.get("prompt")
     if prompt is not None and not isinstance(prompt, str):
         raise InputError(f"line {line}: field 'prompt' must be a string, got {type(prompt).__name__}")
-    if prompt is not None and len(prompt) > DEFAULT_MAX_CHARS:
-        raise InputError(f"line {line}: field 'prompt' has {len(prompt)} characters, "
-                         f"more than the limit of {DEFAULT_MAX_CHARS}")
+    if prompt is not None and utf8_bytes(prompt) > DEFAULT_MAX_BYTES:
+        raise InputError(f"line {line}: field 'prompt' has {utf8_bytes(prompt)} bytes (UTF-8), "
+                         f"more than the limit of {DEFAULT_MAX_BYTES}")
     return prompt
 
 

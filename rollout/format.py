@@ -10,7 +10,7 @@ every rule a response breaks as a human-readable reason, and an empty list for a
 format-valid response. A response without any block is valid (sequential).
 
 Before parsing, ``validate`` checks structural limits on the text alone
-(:func:`limit_reasons`: characters, blocks, threads per block, digits of an
+(:func:`limit_reasons`: UTF-8 bytes, blocks, threads per block, digits of an
 outline or thread number), so a hostile response costs one linear scan and is
 never parsed, replayed or tokenized.
 """
@@ -37,9 +37,10 @@ ALL_TAGS = BLOCK_TAGS + (THINK_OPEN, THINK_CLOSE)
 DEFAULT_MAX_THREADS = 64
 #: Default cap on blocks per response used by ``validate`` (``None`` disables it).
 DEFAULT_MAX_BLOCKS = 256
-#: Default cap on the characters of a response used by ``validate`` (``None`` disables it); a response
-#: that fills a 32k-token context has about 130,000.
-DEFAULT_MAX_CHARS = 1_000_000
+#: Default cap on the UTF-8 bytes of a response used by ``validate`` (``None`` disables it); a response
+#: that fills a 32k-token context has about 130,000. Bytes, not characters, bound the tokens: a byte-level
+#: tokenizer gives at most one token per byte.
+DEFAULT_MAX_BYTES = 1_000_000
 #: Most digits of an outline or thread number; longer numbers are no numbers (``leading_number`` gives None).
 MAX_NUMBER_DIGITS = 9
 
@@ -332,8 +333,13 @@ def _think_reasons(response: Response) -> list[str]:
     return reasons
 
 
+def utf8_bytes(text: str) -> int:
+    """Length of ``text`` in UTF-8 (a lone surrogate counts 3 bytes)."""
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
 def limit_reasons(text: str, max_threads: int | None = DEFAULT_MAX_THREADS,
-                  max_blocks: int | None = DEFAULT_MAX_BLOCKS, max_chars: int | None = DEFAULT_MAX_CHARS) -> list[str]:
+                  max_blocks: int | None = DEFAULT_MAX_BLOCKS, max_bytes: int | None = DEFAULT_MAX_BYTES) -> list[str]:
     """The structural limits ``text`` breaks, counted on the text without parsing it (linear time).
 
     Blocks are counted by their ``<Parallel>`` tags and a block's threads by
@@ -341,8 +347,8 @@ def limit_reasons(text: str, max_threads: int | None = DEFAULT_MAX_THREADS,
     ``<Parallel>``; a number after ``<Outline>`` or ``<Thread>`` may have at
     most ``MAX_NUMBER_DIGITS`` digits. ``None`` disables a limit.
     """
-    if max_chars is not None and len(text) > max_chars:
-        return [f"the response has {len(text)} characters, more than the limit of {max_chars}"]
+    if max_bytes is not None and utf8_bytes(text) > max_bytes:
+        return [f"the response has {utf8_bytes(text)} bytes (UTF-8), more than the limit of {max_bytes}"]
     reasons = []
     segments = text.split(PARALLEL_OPEN)[1:]
     if max_blocks is not None and len(segments) > max_blocks:
@@ -362,13 +368,13 @@ def limit_reasons(text: str, max_threads: int | None = DEFAULT_MAX_THREADS,
 
 
 def validate(text: str, max_threads: int | None = DEFAULT_MAX_THREADS, max_blocks: int | None = DEFAULT_MAX_BLOCKS,
-             max_chars: int | None = DEFAULT_MAX_CHARS) -> list[str]:
+             max_bytes: int | None = DEFAULT_MAX_BYTES) -> list[str]:
     """Reasons why ``text`` is not format-valid; empty if it is. Never raises.
 
     A response that breaks a structural limit (:func:`limit_reasons`) gets
     those reasons only: it is not parsed.
     """
-    reasons = limit_reasons(text, max_threads, max_blocks, max_chars)
+    reasons = limit_reasons(text, max_threads, max_blocks, max_bytes)
     if reasons:
         return reasons
     try:
@@ -382,8 +388,8 @@ def validate(text: str, max_threads: int | None = DEFAULT_MAX_THREADS, max_block
 
 
 def is_valid(text: str, max_threads: int | None = DEFAULT_MAX_THREADS, max_blocks: int | None = DEFAULT_MAX_BLOCKS,
-             max_chars: int | None = DEFAULT_MAX_CHARS) -> bool:
-    return not validate(text, max_threads, max_blocks, max_chars)
+             max_bytes: int | None = DEFAULT_MAX_BYTES) -> bool:
+    return not validate(text, max_threads, max_blocks, max_bytes)
 
 
 def canonicalize(response: Response) -> Response:

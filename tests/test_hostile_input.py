@@ -3,7 +3,7 @@
 The corpus is generated here: JSON nested 100,000 deep, lone surrogates, bytes
 that are not UTF-8, integers of 5000 digits, outline and thread numbers of 5000
 digits, 10,000 threads in one block, 100,000 (a 6 MB record), too many blocks
-(50,000 nested ones), too many characters, ``units`` of the wrong types,
+(50,000 nested ones), too many bytes, ``units`` of the wrong types,
 ``score --timeout nan|inf|-1|0``, a tokenizer that splits the control tags, a
 missing tokenizer folder, markup in every field the viewer shows.
 
@@ -12,8 +12,9 @@ Bad input or usage: one line on stderr and exit code 2. A per-record problem
 code 1 from ``check``; ``score`` scores such a record (not format-valid, the
 reason in ``format_error``, no token measures) and ``view`` shows it as raw
 text under the reason. Every case takes at most the reward's time limit + 1 s
-per record. The 6 MB record and a large valid one (40 blocks of 64 threads,
-whose replay took about 3.5 GB when every unit copied its context) run in a
+per record. The 6 MB record, a large valid one (40 blocks of 64 threads,
+whose replay took about 3.5 GB when every unit copied its context) and the
+largest valid one (just under the size limit, a million byte tokens) run in a
 subprocess that reports its peak RSS, which must stay under 1 GiB; an
 address-space cap makes a regression fail fast instead of filling the machine.
 The viewer's escaping of every field is tested in headless Chromium at the end.
@@ -70,14 +71,15 @@ CORPUS: dict[str, str | bytes] = {
     "surrogate_response": '{"response": "x\\udc00", "answer": "1"}\n',
     "not_utf8": b'{"response": "\xff\xfe", "answer": "1"}\n',
     "prompt_not_string": _line(prompt=["p"]),
-    "prompt_too_long": _line(prompt="p" * 1_000_001),
+    "prompt_too_long": _line(prompt="\u20ac" * 333_334),
     "digits": _line(_think(f"<Parallel>\n<Outlines>\n<Outline>{DIGITS}: a</Outline>\n</Outlines>\n"
                            f"<Thread>\n{DIGITS}: b\n</Thread>\n</Parallel>\n")),
     "reference_digits": _line(_think(_block(2, "use thread " + DIGITS))),
     "threads_10k": _line(_think(_block(10_000, "yyyy"))),
     "blocks_300": _line(_think(_block(1, "b") * 300)),
     "blocks_nested_50k": _line(_think("<Parallel>" * 50_000)),
-    "chars_1m": _line(_think("x" * 1_000_001)),
+    "bytes_1m": _line(_think("x" * 1_000_000)),
+    "bytes_1m_of_4_byte_characters": _line(_think("\U0001F600" * 250_000)),
     "units_string": _line(units="abc"),
     "units_number": _line(units=5),
     "units_list_of_numbers": _line(units=[5]),
@@ -152,8 +154,8 @@ BAD_INPUT = [
     ]],
     ("check", "prompt_not_string", "field 'prompt' must be a string, got list"),
     ("score", "prompt_not_string", "field 'prompt' must be a string, got list"),
-    ("check", "prompt_too_long", "field 'prompt' has 1000001 characters, more than the limit of 1000000"),
-    ("score", "prompt_too_long", "field 'prompt' has 1000001 characters, more than the limit of 1000000"),
+    ("check", "prompt_too_long", "field 'prompt' has 1000002 bytes (UTF-8), more than the limit of 1000000"),
+    ("score", "prompt_too_long", "field 'prompt' has 1000002 bytes (UTF-8), more than the limit of 1000000"),
     *[(cmd, name, message) for cmd in ("score", "view") for name, message in [
         ("units_string", "field 'units': expected a list of unit objects, got str"),
         ("units_number", "field 'units': expected a list of unit objects, got int"),
@@ -210,7 +212,8 @@ OVER_A_LIMIT = [
     ("threads_10k", "block 1: 10000 threads, more than the limit of 64"),
     ("blocks_300", "the response has 300 blocks, more than the limit of 256"),
     ("blocks_nested_50k", "the response has 50000 blocks, more than the limit of 256"),
-    ("chars_1m", "characters, more than the limit of 1000000"),
+    ("bytes_1m", "the response has 1000026 bytes (UTF-8), more than the limit of 1000000"),
+    ("bytes_1m_of_4_byte_characters", "the response has 1000026 bytes (UTF-8), more than the limit of 1000000"),
 ]
 
 
@@ -249,7 +252,7 @@ def test_sft_data_refuses_a_record_over_a_limit_before_replaying_it(corpus):
     with pytest.raises(ValueError, match=r"record 0 \(no id\): 31 tokens, more than a training row's 9"):
         build_tries([{"prompt": "p", "response_parallel": "0123456789"}], tokenizer, "parallel", max_tokens=9)
     long_prompt = {"prompt": "p" * 1_000_001, "response_parallel": "x"}
-    with pytest.raises(ValueError, match="the prompt has 1000001 characters"):
+    with pytest.raises(ValueError, match=r"the prompt has 1000001 bytes \(UTF-8\)"):
         build_tries([long_prompt], tokenizer, "parallel")
 
 
@@ -281,6 +284,8 @@ def test_big_records_take_bounded_time_and_memory(tmp_path, corpus):
     six_mb.write_text(_line(_think(_block(100_000, "yyyy"))))
     valid = tmp_path / "valid_40x64.jsonl"
     valid.write_text(_line(_think(("sequential text\n" + _block(64, "w" * 70, "step")) * 40)))
+    largest = tmp_path / "valid_999kB.jsonl"  # just under the size limit: about a million byte tokens
+    largest.write_text(_line(_think("\u20ac" * 333_000)))
     assert six_mb.stat().st_size > 6_000_000 and valid.stat().st_size > 300_000
     tok, page = str(corpus["tok"]), str(tmp_path / "page.html")
     runs = [
@@ -290,6 +295,8 @@ def test_big_records_take_bounded_time_and_memory(tmp_path, corpus):
         (["check", str(valid), "--tokenizer", tok, "--json"], 0),
         (["score", str(valid), "--tokenizer", tok, "--json"], 0),
         (["view", str(valid), "--out", page], 0),
+        (["check", str(largest), "--tokenizer", tok, "--json"], 0),
+        (["score", str(largest), "--tokenizer", tok, "--json"], 0),
     ]
     report = tmp_path / "measured.json"
     done = subprocess.run([sys.executable, "-c", _MEASURE, str(report), json.dumps([argv for argv, _ in runs])],
@@ -303,11 +310,12 @@ def test_big_records_take_bounded_time_and_memory(tmp_path, corpus):
         assert m["seconds"] <= SECONDS_PER_RECORD, m
         assert m["peak_kb"] <= MAX_PEAK_KB, m
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"line"')]
-    check_big, score_big, check_valid, score_valid = rows
-    too_big = "the response has 5877862 characters, more than the limit of 1000000"
+    check_big, score_big, check_valid, score_valid, check_largest, score_largest = rows
+    too_big = "the response has 5877862 bytes (UTF-8), more than the limit of 1000000"
     assert check_big["reasons"] == [too_big] and score_big["format_error"] == too_big
     assert check_valid["valid"] and check_valid["L_crit"] < check_valid["L_total"]
     assert score_valid["L_crit"] == check_valid["L_crit"] and score_valid["R_accel"] > 0
+    assert check_largest["L_total"] == score_largest["L_total"] > 999_000
 
 
 # --------------------------------------------------------------------------- viewer: markup in every field
