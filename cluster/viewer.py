@@ -47,11 +47,11 @@ from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from rollout.check import InputError, json_objects, open_tokenizer
 from rollout.format import (
     BLOCK_TAGS, OUTLINE_CLOSE, OUTLINE_OPEN, OUTLINES_CLOSE, OUTLINES_OPEN, PARALLEL_CLOSE, PARALLEL_OPEN,
     THREAD_CLOSE, THREAD_OPEN, Block, FormatError, limit_reasons, parse,
 )
-from rollout.check import InputError, json_objects, open_tokenizer
 from rollout.units import SEQ, THREAD, Unit, latency, units_from_json
 
 #: score fields shown in the reward panel, in this order (those present in a record)

@@ -185,7 +185,8 @@ def test_structural_limits_are_checked_on_the_text_first():
     assert limit_reasons(GOOD) == [] and limit_reasons(GOOD, max_threads=1) == ["block 1: 2 threads, more than the "
                                                                                  "limit of 1"]
     assert limit_reasons(GOOD, max_blocks=0) == ["the response has 1 blocks, more than the limit of 0"]
-    assert limit_reasons(GOOD, max_bytes=10) == [f"the response has {len(GOOD)} bytes (UTF-8), more than the limit of 10"]
+    assert limit_reasons(GOOD, max_bytes=10) == [f"the response has {len(GOOD)} bytes (UTF-8), more than the "
+                                                 "limit of 10"]
     assert validate(GOOD, max_bytes=10) == limit_reasons(GOOD, max_bytes=10)
     assert limit_reasons("\u20ac" * 4, max_bytes=11) == ["the response has 12 bytes (UTF-8), more than the limit of 11"]
     assert limit_reasons(GOOD, max_threads=None, max_blocks=None, max_bytes=None) == []
