@@ -13,7 +13,7 @@ code 1 from ``check``; ``score`` scores such a record (not format-valid, the
 reason in ``format_error``, no token measures) and ``view`` shows it as raw
 text under the reason. Every case takes at most the reward's time limit + 1 s
 per record. The 6 MB record, a large valid one (40 blocks of 64 threads,
-whose replay took about 3.5 GB when every unit copied its context) and the
+whose check took 2.9 GB peak when every unit copied its context) and the
 largest valid one (just under the size limit, a million byte tokens) run in a
 subprocess that reports its peak RSS, which must stay under 1 GiB; an
 address-space cap makes a regression fail fast instead of filling the machine.
