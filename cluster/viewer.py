@@ -1,7 +1,7 @@
 """``threadweaver view``: trajectories as one static HTML page.
 
-The page is self-contained (inline CSS, no script, no network) and holds one
-section per trajectory:
+The page is self-contained (inline CSS, no script, no network; its
+Content-Security-Policy forbids both) and holds one section per trajectory:
 
 * a header with the trajectory's place (prompt, sample, decoding mode) and
   its measures: finish reason, ``L_total``, ``L_crit``, ``eta``, speedup,
@@ -24,15 +24,17 @@ before that block, and says so. Without units (e.g. the records of the RL
 driver's ``eval/step_N.jsonl``), threads are compared by characters, and the
 page says "chars". A response cut off inside a block (by a budget or length
 limit) is shown with the missing closing tags added, under a note that says
-which; any other response that does not parse into blocks is shown as raw text
-under the parser's error.
+which; any other response that does not parse into blocks, or that breaks a
+structural limit of the format (``rollout.format.limit_reasons``: a hostile
+response is never parsed), is shown as raw text under the reason.
 
 Input records are JSON objects, one a line, as ``threadweaver generate``
 writes them (the input fields, the trajectory of
 ``rollout.orchestrator.Trajectory.to_dict`` and ``response``), as the demo
 writes them (a bare trajectory: ``text``), or as the RL and SFT stages write
 their evaluations (``text`` plus score fields). The response is read from
-``response``, else ``text``. All text is HTML-escaped.
+``response``, else ``text``. Every value taken from a record is HTML-escaped,
+and ``units`` are checked (``rollout.units.units_from_json``) before use.
 """
 
 from __future__ import annotations
@@ -45,13 +47,14 @@ from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from rollout.check import InputError, json_objects, open_tokenizer
 from rollout.config import check_range
 from rollout.files import check_output_file, write_text
 from rollout.format import (
     BLOCK_TAGS, OUTLINE_CLOSE, OUTLINE_OPEN, OUTLINES_CLOSE, OUTLINES_OPEN, PARALLEL_CLOSE, PARALLEL_OPEN,
-    THREAD_CLOSE, THREAD_OPEN, Block, FormatError, parse,
+    THREAD_CLOSE, THREAD_OPEN, Block, FormatError, limit_reasons, parse,
 )
-from rollout.units import SEQ, THREAD, Unit, latency
+from rollout.units import SEQ, THREAD, Unit, latency, units_from_json
 
 #: score fields shown in the reward panel, in this order (those present in a record)
 SCORE_KEYS = ("reward", "R_correct", "R_accel", "format_penalty", "correct", "format_valid", "format_error",
@@ -98,10 +101,12 @@ def to_item(record: Any, score: Any = None, index: int = 0, tokenizer=None) -> P
         raise ValueError(f"record {index}: no string field 'response' or 'text' (fields: {', '.join(sorted(rec))})")
     units = None
     if rec.get("units") is not None:
-        try:
-            units = [u if isinstance(u, Unit) else Unit.from_dict(u) for u in rec["units"]]
-        except TypeError as e:
-            raise ValueError(f"record {index}: field 'units' is not a list of unit objects ({e})") from None
+        units = rec["units"]
+        if not (isinstance(units, list) and all(isinstance(u, Unit) for u in units)):
+            try:
+                units = units_from_json(units)
+            except ValueError as e:
+                raise ValueError(f"record {index}: field 'units': {e}") from None
     measures = {k: rec[k] for k in MEASURE_KEYS if rec.get(k) is not None}
     if units and "L_crit" not in measures:
         lat = latency(units)
@@ -121,7 +126,10 @@ def to_item(record: Any, score: Any = None, index: int = 0, tokenizer=None) -> P
             place.append(f"{key} {rec[key]}" if key == "step" else str(rec[key]))
     prompt = rec.get("prompt") if isinstance(rec.get("prompt"), str) else None
     if prompt is None and tokenizer is not None and rec.get("prompt_ids"):
-        prompt = tokenizer.decode(rec["prompt_ids"], skip_special_tokens=False)
+        ids = rec["prompt_ids"]
+        if not (isinstance(ids, list) and all(type(t) is int and 0 <= t < len(tokenizer) for t in ids)):
+            raise ValueError(f"record {index}: field 'prompt_ids' must be a list of token ids of the tokenizer")
+        prompt = tokenizer.decode(ids, skip_special_tokens=False)
     answer = rec.get("answer")
     return PageItem(title=f"#{index}" + (" · " + " · ".join(place) if place else ""), text=text, prompt=prompt,
                     answer=None if answer is None else str(answer), units=units, measures=measures,
@@ -129,6 +137,9 @@ def to_item(record: Any, score: Any = None, index: int = 0, tokenizer=None) -> P
 
 
 # --------------------------------------------------------------------------- HTML
+
+#: The page runs no script and loads nothing: a second wall behind the escaping.
+CSP_META = '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; style-src \'unsafe-inline\'">'
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; background: #fafafa; }
@@ -249,6 +260,10 @@ def missing_closers(text: str) -> str | None:
 
 def _response_html(item: PageItem) -> str:
     note = ""
+    too_big = limit_reasons(item.text)
+    if too_big:  # not parsed: shown as it is
+        return (f'<div class="error">the response breaks the format\'s limits: {_e("; ".join(too_big))}</div>'
+                f'<div class="seq raw"><pre>{_e(item.text)}</pre></div>')
     try:
         response = parse(item.text)
     except FormatError as e:
@@ -292,9 +307,9 @@ def _units_html(units: list[Unit] | None) -> str:
     if not units:
         return ""
     rows = "".join(
-        f"<tr><td>{i}</td><td>{_e(u.role)}</td><td>{'' if u.block is None else u.block}</td>"
-        f"<td>{'' if u.thread is None else u.thread}</td><td>{len(u.context_ids)}</td>"
-        f"<td>{len(u.completion_ids)}</td><td>{u.n_inserted}</td></tr>" for i, u in enumerate(units))
+        f"<tr><td>{i}</td><td>{_e(u.role)}</td><td>{'' if u.block is None else _e(u.block)}</td>"
+        f"<td>{'' if u.thread is None else _e(u.thread)}</td><td>{len(u.context_ids)}</td>"
+        f"<td>{len(u.completion_ids)}</td><td>{_e(u.n_inserted)}</td></tr>" for i, u in enumerate(units))
     return (f'<details class="units"><summary>{len(units)} units (engine requests)</summary><table class="units">'
             "<tr><th>unit</th><th>role</th><th>block</th><th>thread</th><th>context tokens</th>"
             f"<th>completion tokens</th><th>inserted</th></tr>{rows}</table></details>")
@@ -336,19 +351,17 @@ def render(trajectories: Sequence[Any], scores: Sequence[Any] | None = None,
     summary = f"{len(items)} trajectories"
     if correct:
         summary += f" · accuracy {sum(correct) / len(correct):.3f}"
-    crit = [it.measures["L_crit"] for it in items if "L_crit" in it.measures]
+    crit = [v for it in items if isinstance(v := it.measures.get("L_crit"), (int, float)) and not isinstance(v, bool)]
     if crit:
         summary += f" · mean L_crit {sum(crit) / len(crit):.1f}"
     body = "".join(_item_html(it, i) for i, it in enumerate(items))
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">" + CSP_META +
             f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"
             f'<h1>{_e(title)}</h1><p class="summary">{_e(summary)}</p>{body}</body></html>\n')
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
     """The JSON objects of a JSONL file; ValueError naming the line for anything else."""
-    from rollout.check import json_objects
-
     return [rec for _, rec in json_objects(path)]
 
 
@@ -381,14 +394,10 @@ def run(args: argparse.Namespace) -> int:
             records = records[:args.limit]
         if not records:
             raise ValueError("no records in " + ", ".join(str(p) for p in args.files))
-        tokenizer = None
-        if args.tokenizer is not None:
-            from rollout.tiny import load_tokenizer
-
-            tokenizer = load_tokenizer(args.tokenizer)
+        tokenizer = open_tokenizer(args.tokenizer) if args.tokenizer is not None else None
         title = args.title or "trajectories of " + ", ".join(p.name for p in args.files)
         out = write_page(args.out, records, title=title, tokenizer=tokenizer)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, InputError) as e:
         print(f"threadweaver view: {e}", file=sys.stderr)
         return 2
     print(f"wrote {len(records)} trajectories to {out}")

@@ -4,30 +4,34 @@ Each record needs ``response`` (the assistant text) and ``answer`` (the
 reference; a JSON number is read as its text). Token measures (``L_total``,
 ``L_crit``, ``eta``) and so ``R_accel`` need units: either the record carries
 ``units`` (a list of unit dicts, as ``rollout.units.Unit.to_dict`` writes them),
-or ``--tokenizer DIR`` replays the response into units over the chat-templated
-``prompt`` field (an empty prompt when the record has none). Without either, the
-measures print as ``-`` and ``R_accel`` is 0.
+or ``--tokenizer DIR`` replays a format-valid response into units over the
+chat-templated ``prompt`` field (an empty prompt when the record has none). Without
+either, and for a response that is not format-valid (never replayed: it gets no
+``R_accel`` anyway), the measures print as ``-``.
 
 Answers are checked in this process; a math-verify server starts only if an
 answer needs it (no Ray).
 Prints one row per record and a line of means, or with ``--json`` one JSON
 object per record and a final ``{"summary": ...}`` object.
 
-Exit status: 0 on success, 2 on bad input (unreadable file, a line that is not
-JSON, a missing or mistyped field, an unknown preset).
+Exit status: 0 on success, 2 on bad input or usage (unreadable file, a line that
+is not JSON or nested too deeply, a string that is not Unicode text, a missing or
+mistyped field, a prompt over the size limit, a timeout that is not a positive
+number of seconds, a tokenizer that cannot be used).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from rewards.config import PRESETS, RewardConfig
 from rewards.score import RewardItem, ScoreRecord, score
-from rollout.check import InputError, read_jsonl
-from rollout.format import FormatError
-from rollout.units import Unit
+from rollout.check import InputError, open_tokenizer, prompt_ids, read_jsonl, record_prompt
+from rollout.format import validate
+from rollout.units import replay, units_from_json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,18 +72,13 @@ def to_item(line: int, rec: dict, tokenizer) -> RewardItem:
     units = None
     if rec.get("units") is not None:
         try:
-            units = [Unit.from_dict(u) for u in rec["units"]]
-        except (TypeError, AttributeError) as e:
-            raise InputError(f"line {line}: field 'units' is not a list of unit objects ({e})") from None
+            units = units_from_json(rec["units"])
+        except ValueError as e:
+            raise InputError(f"line {line}: field 'units': {e}") from None
     elif tokenizer is not None:
-        from rollout.units import chat_prompt_ids, replay
-
-        prompt = rec.get("prompt")
-        prompt_ids = chat_prompt_ids(tokenizer, prompt) if isinstance(prompt, str) else []
-        try:
-            units = replay(prompt_ids, response, tokenizer, tokenizer.eos_token_id)
-        except FormatError:
-            units = None  # not parseable into blocks: no units, no measures (and not format-valid)
+        prompt = record_prompt(line, rec)
+        if not validate(response):  # an invalid response is never replayed: no units, no measures
+            units = replay(prompt_ids(tokenizer, prompt), response, tokenizer, tokenizer.eos_token_id)
     return RewardItem(response, answer, units)
 
 
@@ -133,16 +132,14 @@ def print_table(lines: list[int], records: list[ScoreRecord], summary: dict) -> 
 
 def run(args: argparse.Namespace) -> int:
     try:
+        if not (math.isfinite(args.timeout) and args.timeout > 0):
+            raise InputError(f"--timeout must be a positive number of seconds, got {args.timeout}")
         cfg = RewardConfig(preset=args.preset, timeout_s=args.timeout,
                            answer_region="whole" if args.whole_response else "after_think")
         rows = read_records(args.file)
-        tokenizer = None
-        if args.tokenizer is not None:
-            from rollout.tiny import load_tokenizer
-
-            tokenizer = load_tokenizer(args.tokenizer)
+        tokenizer = open_tokenizer(args.tokenizer) if args.tokenizer is not None else None
         items = [to_item(line, rec, tokenizer) for line, rec in rows]
-    except (InputError, OSError, ValueError) as e:
+    except (InputError, ValueError) as e:
         print(f"threadweaver score: {e}", file=sys.stderr)
         return 2
     from rewards.checker import AnswerChecker

@@ -250,7 +250,8 @@ def train(cfg: SFTConfig, on_step: Callable[[int, dict], None] | None = None) ->
     train_records, val_records = prepare_data(cfg.data)
     tries, build_s = timed_build(train_records, tokenizer, cfg.data.layout, cfg.data.prompt_field,
                                  cfg.data.response_field, "replay + tries", cfg.progress,
-                                 cfg.data.sequential_share if cfg.data.layout == "parallel" else 0.0)
+                                 cfg.data.sequential_share if cfg.data.layout == "parallel" else 0.0,
+                                 max_tokens=cfg.learner.row_tokens)
     stats = tree_stats(tries)
     too_long = max(len(t) for t in tries)
     if too_long > cfg.learner.row_tokens:

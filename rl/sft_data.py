@@ -15,6 +15,14 @@ hash of the prompt, so the same ones every run) is flattened too: a model
 that has seen both ways can choose between them, which leaves P-GRPO room to
 raise the share of parallel answers (DESIGN section 6).
 
+Before anything is tokenized, a record is checked against the format's
+structural limits on its text (``rollout.format.limit_reasons``: UTF-8 bytes,
+blocks, threads per block, digits of a thread number; the prompt's bytes);
+a record over one is an error that names it, never replayed. Replay takes
+time and memory linear in the record; its trie keeps every unit's path, so a
+record whose joined sequence is longer than a training row (``max_tokens``)
+is refused before its trie is built.
+
 Each record's units form one trie (``rl.trie.build_trie``, SFT weight 1 per
 occurrence). :class:`TrieStream` serves the tries in a seeded order, reshuffled
 every epoch, in batches that fill a token budget; its position (epoch,
@@ -34,7 +42,7 @@ from typing import Callable, Sequence
 from rl.trie import Trie, build_trie
 from rollout.check import json_objects
 from rollout.files import check_output_dir, write_text
-from rollout.format import FormatError, flatten, parse
+from rollout.format import DEFAULT_MAX_BYTES, FormatError, flatten, limit_reasons, parse, utf8_bytes
 from rollout.task import FILE_NAMES, TaskConfig, make_dataset, write_dataset
 from rollout.units import Unit, chat_prompt_ids, encode, replay
 
@@ -132,10 +140,13 @@ def flattened_by_share(prompt: str, share: float) -> bool:
 
 def build_tries(records: Sequence[dict], tokenizer, layout: str, prompt_field: str = "prompt",
                 response_field: str = "response_parallel",
-                progress: Callable[[int], None] | None = None, sequential_share: float = 0.0) -> list[Trie]:
-    """One trie per record; raises ValueError naming the record whose fields are missing or malformed.
+                progress: Callable[[int], None] | None = None, sequential_share: float = 0.0,
+                max_tokens: int | None = None) -> list[Trie]:
+    """One trie per record; raises ValueError naming the record whose fields are missing or malformed, or
+    whose text is over a structural limit (see module doc).
 
     ``sequential_share``: in the parallel layout, the share of records trained flattened (see module doc).
+    ``max_tokens``: the longest joined sequence a record may have (a training row's tokens; None: no limit).
     """
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -147,11 +158,21 @@ def build_tries(records: Sequence[dict], tokenizer, layout: str, prompt_field: s
         prompt, response = rec.get(prompt_field), rec.get(response_field)
         if not isinstance(prompt, str) or not isinstance(response, str):
             raise ValueError(f"record {i}: needs string fields '{prompt_field}' and '{response_field}'")
+        too_big = limit_reasons(response)
+        if utf8_bytes(prompt) > DEFAULT_MAX_BYTES:
+            too_big.append(f"the prompt has {utf8_bytes(prompt)} bytes (UTF-8), more than the limit of "
+                           f"{DEFAULT_MAX_BYTES}")
+        if too_big:
+            raise ValueError(f"record {i} ({rec.get('id', 'no id')}): {'; '.join(too_big)}")
         rec_layout = "sequential" if layout == "parallel" and flattened_by_share(prompt, sequential_share) else layout
         try:
             units = response_units(chat_prompt_ids(tokenizer, prompt), response, tokenizer, eos, rec_layout)
         except FormatError as e:
             raise ValueError(f"record {i} ({rec.get('id', 'no id')}): response does not parse: {e}") from None
+        joined = len(units[-1].context_ids) + len(units[-1].completion_ids)  # one path of the trie
+        if max_tokens is not None and joined > max_tokens:
+            raise ValueError(f"record {i} ({rec.get('id', 'no id')}): {joined} tokens, more than a training row's "
+                             f"{max_tokens}")
         tries.append(build_trie(units))
         if progress is not None:
             progress(i + 1)
@@ -202,7 +223,8 @@ class TrieStream:
 
 
 def timed_build(records: Sequence[dict], tokenizer, layout: str, prompt_field: str, response_field: str,
-                desc: str, show: bool, sequential_share: float = 0.0) -> tuple[list[Trie], float]:
+                desc: str, show: bool, sequential_share: float = 0.0,
+                max_tokens: int | None = None) -> tuple[list[Trie], float]:
     """:func:`build_tries` with an optional progress bar; returns the tries and the seconds taken."""
     start = time.perf_counter()
     bar = None
@@ -213,7 +235,7 @@ def timed_build(records: Sequence[dict], tokenizer, layout: str, prompt_field: s
     try:
         tries = build_tries(records, tokenizer, layout, prompt_field, response_field,
                             progress=(lambda n: bar.update(1)) if bar is not None else None,
-                            sequential_share=sequential_share)
+                            sequential_share=sequential_share, max_tokens=max_tokens)
     finally:
         if bar is not None:
             bar.close()

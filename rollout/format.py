@@ -8,6 +8,11 @@ between its tags, so ``serialize(parse(x)) == x`` for every parseable ``x``.
 nested tags, text between threads...). ``validate`` never raises: it returns
 every rule a response breaks as a human-readable reason, and an empty list for a
 format-valid response. A response without any block is valid (sequential).
+
+Before parsing, ``validate`` checks structural limits on the text alone
+(:func:`limit_reasons`: UTF-8 bytes, blocks, threads per block, digits of an
+outline or thread number), so a hostile response costs one linear scan and is
+never parsed, replayed or tokenized.
 """
 
 from __future__ import annotations
@@ -30,9 +35,19 @@ ALL_TAGS = BLOCK_TAGS + (THINK_OPEN, THINK_CLOSE)
 
 #: Default cap on threads per block used by ``validate`` (``None`` disables it).
 DEFAULT_MAX_THREADS = 64
+#: Default cap on blocks per response used by ``validate`` (``None`` disables it).
+DEFAULT_MAX_BLOCKS = 256
+#: Default cap on the UTF-8 bytes of a response used by ``validate`` (``None`` disables it); a response
+#: that fills a 32k-token context has about 130,000. Bytes, not characters, bound the tokens: a byte-level
+#: tokenizer gives at most one token per byte.
+DEFAULT_MAX_BYTES = 1_000_000
+#: Most digits of an outline or thread number; longer numbers are no numbers (``leading_number`` gives None).
+MAX_NUMBER_DIGITS = 9
 
 _TAG_RE = re.compile("|".join(re.escape(t) for t in BLOCK_TAGS))
-_NUMBER_RE = re.compile(r"\s*(\d+)\s*:")
+_NUMBER_RE = re.compile(r"\s*(\d{1,%d})\s*:" % MAX_NUMBER_DIGITS)
+_LONG_NUMBER_RE = re.compile(r"(%s|%s)\s*(\d{%d,})" % (re.escape(OUTLINE_OPEN), re.escape(THREAD_OPEN),
+                                                       MAX_NUMBER_DIGITS + 1))
 _THREAD_REF_RE = re.compile(r"\b[Tt]hread\s*#?\s*(\d+)")
 
 
@@ -124,7 +139,8 @@ class Response:
 
 
 def leading_number(text: str) -> int | None:
-    """The ``N`` of a text that starts with ``N:`` (whitespace allowed), else None."""
+    """The ``N`` of a text that starts with ``N:`` (whitespace allowed, at most
+    ``MAX_NUMBER_DIGITS`` digits), else None."""
     m = _NUMBER_RE.match(text)
     return int(m.group(1)) if m else None
 
@@ -283,7 +299,7 @@ def block_reasons(block: Block, index: int, max_threads: int | None = DEFAULT_MA
 
 def thread_references(text: str, own: int | None = None) -> list[int]:
     """Numbers of the threads that ``text`` names ("thread 2", "Thread #3"), ``own`` left out."""
-    return sorted({int(r) for r in _THREAD_REF_RE.findall(text)} - {own})
+    return sorted({int(r) for r in _THREAD_REF_RE.findall(text) if len(r) <= MAX_NUMBER_DIGITS} - {own})
 
 
 def _numbers(ns: list) -> str:
@@ -317,8 +333,50 @@ def _think_reasons(response: Response) -> list[str]:
     return reasons
 
 
-def validate(text: str, max_threads: int | None = DEFAULT_MAX_THREADS) -> list[str]:
-    """Reasons why ``text`` is not format-valid; empty if it is. Never raises."""
+def utf8_bytes(text: str) -> int:
+    """Length of ``text`` in UTF-8 (a lone surrogate counts 3 bytes)."""
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def limit_reasons(text: str, max_threads: int | None = DEFAULT_MAX_THREADS,
+                  max_blocks: int | None = DEFAULT_MAX_BLOCKS, max_bytes: int | None = DEFAULT_MAX_BYTES) -> list[str]:
+    """The structural limits ``text`` breaks, counted on the text without parsing it (linear time).
+
+    Blocks are counted by their ``<Parallel>`` tags and a block's threads by
+    the ``<Outline>`` or ``<Thread>`` tags (whichever are more) up to the next
+    ``<Parallel>``; a number after ``<Outline>`` or ``<Thread>`` may have at
+    most ``MAX_NUMBER_DIGITS`` digits. ``None`` disables a limit.
+    """
+    if max_bytes is not None and utf8_bytes(text) > max_bytes:
+        return [f"the response has {utf8_bytes(text)} bytes (UTF-8), more than the limit of {max_bytes}"]
+    reasons = []
+    segments = text.split(PARALLEL_OPEN)[1:]
+    if max_blocks is not None and len(segments) > max_blocks:
+        reasons.append(f"the response has {len(segments)} blocks, more than the limit of {max_blocks}")
+    if max_threads is not None:
+        for index, segment in enumerate(segments, start=1):
+            k = max(segment.count(OUTLINE_OPEN), segment.count(THREAD_OPEN))
+            if k > max_threads:
+                reasons.append(f"block {index}: {k} threads, more than the limit of {max_threads}")
+                break
+    m = _LONG_NUMBER_RE.search(text)
+    if m:
+        kind = "outline" if m.group(1) == OUTLINE_OPEN else "thread"
+        reasons.append(f"char {m.start(2)}: {kind} number with {len(m.group(2))} digits, "
+                       f"more than {MAX_NUMBER_DIGITS}")
+    return reasons
+
+
+def validate(text: str, max_threads: int | None = DEFAULT_MAX_THREADS, max_blocks: int | None = DEFAULT_MAX_BLOCKS,
+             max_bytes: int | None = DEFAULT_MAX_BYTES) -> list[str]:
+    """Reasons why ``text`` is not format-valid; empty if it is. Never raises.
+
+    A response that breaks a structural limit (:func:`limit_reasons`) gets
+    those reasons only: it is not parsed.
+    """
+    reasons = limit_reasons(text, max_threads, max_blocks, max_bytes)
+    if reasons:
+        return reasons
     try:
         response = parse(text)
     except FormatError as e:
@@ -329,8 +387,9 @@ def validate(text: str, max_threads: int | None = DEFAULT_MAX_THREADS) -> list[s
     return reasons
 
 
-def is_valid(text: str, max_threads: int | None = DEFAULT_MAX_THREADS) -> bool:
-    return not validate(text, max_threads)
+def is_valid(text: str, max_threads: int | None = DEFAULT_MAX_THREADS, max_blocks: int | None = DEFAULT_MAX_BLOCKS,
+             max_bytes: int | None = DEFAULT_MAX_BYTES) -> bool:
+    return not validate(text, max_threads, max_blocks, max_bytes)
 
 
 def canonicalize(response: Response) -> Response:

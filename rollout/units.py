@@ -6,13 +6,16 @@ of truth that rewards, the trie packer and the logs read.
 
 ``replay`` rebuilds, from a response's text, the exact units the spawn/join
 orchestrator would have produced, tokenizing each segment on its own (the
-orchestrator's seeds separately), never the whole text at once.
+orchestrator's seeds separately), never the whole text at once. Its units'
+contexts are :class:`PrefixView` objects over one shared token list, so the
+units of a trajectory take memory linear in its length.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Protocol, Sequence
+import itertools
+from dataclasses import asdict, dataclass, field, fields
+from typing import Iterator, Protocol, Sequence
 
 from rollout.format import (
     JOIN_SUFFIX, PARALLEL_CLOSE, THREAD_CLOSE, Block, FormatError, canonicalize, leading_number, parse, thread_seed,
@@ -25,6 +28,54 @@ class Tokenizer(Protocol):
     def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
 
 
+class PrefixView(Sequence[int]):
+    """The first ``n`` ids of the list ``ids``, then ``tail``, without copying them.
+
+    ``replay`` gives every unit of a trajectory such a view of one list that
+    only grows (the joined trajectory), instead of a copy of its context each.
+    It reads like a list: ``len``, iteration, indexing, ``==`` with a list;
+    slicing and ``+`` give lists, and a deep copy (``dataclasses.asdict``,
+    :meth:`Unit.to_dict`) is a plain list.
+    """
+
+    __slots__ = ("ids", "n", "tail")
+
+    def __init__(self, ids: list[int], n: int, tail: Sequence[int] = ()):
+        self.ids, self.n, self.tail = ids, n, tail
+
+    def __len__(self) -> int:
+        return self.n + len(self.tail)
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.chain(itertools.islice(self.ids, self.n), self.tail)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return list(self)[i]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError("PrefixView index out of range")
+        return self.ids[i] if i < self.n else self.tail[i - self.n]
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, (list, PrefixView)):
+            return NotImplemented
+        return len(self) == len(other) and list(self) == list(other)
+
+    def __add__(self, other) -> list[int]:
+        return list(self) + list(other)
+
+    def __radd__(self, other) -> list[int]:
+        return list(other) + list(self)
+
+    def __deepcopy__(self, memo) -> list[int]:
+        return list(self)
+
+    def __repr__(self) -> str:
+        return repr(list(self))
+
+
 @dataclass
 class Unit:
     """One engine request and what it produced.
@@ -33,9 +84,10 @@ class Unit:
     block ``block`` (1-based) numbered ``thread``. ``n_inserted`` counts the
     orchestrator-inserted tokens at the end of ``context_ids`` (a thread's seed,
     the newline after a join); they are never training targets.
+    ``context_ids`` is a list, or a :class:`PrefixView` in replayed units.
     """
 
-    context_ids: list[int]
+    context_ids: Sequence[int]
     completion_ids: list[int]
     completion_logprobs: list[float] | None = None
     role: str = SEQ
@@ -48,7 +100,53 @@ class Unit:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Unit":
+        """The unit of a dict as :meth:`to_dict` writes it; ValueError naming a missing, unknown or mistyped field."""
+        if not isinstance(d, dict):
+            raise ValueError(f"expected a unit object, got {type(d).__name__}")
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown field {unknown[0]!r}")
+        for name in ("context_ids", "completion_ids"):
+            if not _is_id_list(d.get(name)):
+                raise ValueError(f"field {name!r} must be a list of token ids (integers >= 0)")
+        logprobs = d.get("completion_logprobs")
+        if logprobs is not None and not (
+                isinstance(logprobs, list) and len(logprobs) == len(d["completion_ids"])
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in logprobs)):
+            raise ValueError("field 'completion_logprobs' must be null or one number per completion token")
+        role = d.get("role", SEQ)
+        if role not in (SEQ, THREAD):
+            raise ValueError(f"field 'role' must be {SEQ!r} or {THREAD!r}")
+        for name in ("block", "thread"):
+            if d.get(name) is not None and not _is_int(d[name]):
+                raise ValueError(f"field {name!r} must be null or an integer")
+            if role == THREAD and d.get(name) is None:
+                raise ValueError(f"a thread unit needs an integer {name!r}")
+        n_inserted = d.get("n_inserted", 0)
+        if not (_is_int(n_inserted) and 0 <= n_inserted <= len(d["context_ids"])):
+            raise ValueError("field 'n_inserted' must be an integer from 0 to the context length")
         return cls(**d)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_id_list(x) -> bool:
+    return isinstance(x, list) and all(type(t) is int and t >= 0 for t in x)
+
+
+def units_from_json(value) -> list[Unit]:
+    """The units of a record's ``units`` field (a list of unit objects); ValueError naming the unit and field."""
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of unit objects, got {type(value).__name__}")
+    units = []
+    for i, d in enumerate(value):
+        try:
+            units.append(Unit.from_dict(d))
+        except ValueError as e:
+            raise ValueError(f"unit {i}: {e}") from None
+    return units
 
 
 def encode(tokenizer: Tokenizer, text: str) -> list[int]:
@@ -70,12 +168,15 @@ def replay(
     from the pre-block context plus its seed and ends with ``</Thread>``; the
     join context is the pre-block context, every seed and thread in outline
     order, and a newline. ``eos_token_id``, if given, ends the last unit.
+    Every context is a :class:`PrefixView` of one list, the joined trajectory,
+    so time and memory are linear in the response (check it with
+    ``rollout.format.validate`` first: a hostile response is cheaper to refuse).
     Raises FormatError when the response cannot be parsed or a thread has no
     number.
     """
     canonical = canonicalize(parse(response))
     units: list[Unit] = []
-    context = list(prompt_ids)
+    joined = list(prompt_ids)  # grows only: every context below is a prefix of it (plus a seed)
     pending = ""
     n_inserted = 0
     block_index = 0
@@ -85,32 +186,32 @@ def replay(
             continue
         block_index += 1
         head = encode(tokenizer, pending + part.head_text())
-        units.append(Unit(list(context), head, role=SEQ, n_inserted=n_inserted))
-        context += head
+        units.append(Unit(PrefixView(joined, len(joined)), head, role=SEQ, n_inserted=n_inserted))
+        joined += head
         pending = PARALLEL_CLOSE  # the model writes it after the join
-        joined = _replay_threads(units, context, part, block_index, tokenizer)
+        _replay_threads(units, joined, part, block_index, tokenizer)
         join_suffix = encode(tokenizer, JOIN_SUFFIX)
-        context = context + joined + join_suffix
+        joined += join_suffix
         n_inserted = len(join_suffix)
     tail = encode(tokenizer, pending) + ([eos_token_id] if eos_token_id is not None else [])
     if tail or not units:
-        units.append(Unit(list(context), tail, role=SEQ, n_inserted=n_inserted))
+        units.append(Unit(PrefixView(joined, len(joined)), tail, role=SEQ, n_inserted=n_inserted))
     return units
 
 
-def _replay_threads(units: list[Unit], base: list[int], block: Block, block_index: int,
-                    tokenizer: Tokenizer) -> list[int]:
-    joined: list[int] = []
+def _replay_threads(units: list[Unit], joined: list[int], block: Block, block_index: int,
+                    tokenizer: Tokenizer) -> None:
+    """Append the block's thread units; each thread's seed and output go onto ``joined``."""
+    base = len(joined)
     for i, raw in enumerate(block.threads):
         number = leading_number(raw)
         if number is None:
             raise FormatError(f"block {block_index}: thread {i + 1} has no number, cannot replay it")
         seed = encode(tokenizer, thread_seed(number))
         body = encode(tokenizer, block.thread_body(i) + THREAD_CLOSE)
-        units.append(Unit(base + seed, body, role=THREAD, block=block_index, thread=number,
+        units.append(Unit(PrefixView(joined, base, seed), body, role=THREAD, block=block_index, thread=number,
                           n_inserted=len(seed)))
         joined += seed + body
-    return joined
 
 
 def full_sequence(units: Sequence[Unit]) -> list[int]:

@@ -172,3 +172,21 @@ def test_dropping_any_block_tag_is_reported(text, data):
     if m.group() in ("<Outline>", "</Outline>") and broken.count("<Outline>") == broken.count("</Outline>"):
         return  # cannot happen: removing one side always unbalances the pair
     _reasons(broken)
+
+
+def test_structural_limits_are_checked_on_the_text_first():
+    from rollout.format import leading_number, limit_reasons, thread_references
+
+    digits = "7" * 5000
+    assert leading_number(f"{digits}: x") is None and leading_number("123456789: x") == 123456789
+    assert thread_references(f"see thread {digits} and thread 2", own=1) == [2]
+    text = GOOD.replace("<Outline>1:", f"<Outline>{digits}:").replace("\n1: work", f"\n{digits}: work")
+    assert validate(text) == [f"char {text.index(digits)}: outline number with 5000 digits, more than 9"]
+    assert limit_reasons(GOOD) == [] and limit_reasons(GOOD, max_threads=1) == ["block 1: 2 threads, more than the "
+                                                                                 "limit of 1"]
+    assert limit_reasons(GOOD, max_blocks=0) == ["the response has 1 blocks, more than the limit of 0"]
+    assert limit_reasons(GOOD, max_bytes=10) == [f"the response has {len(GOOD)} bytes (UTF-8), more than the "
+                                                 "limit of 10"]
+    assert validate(GOOD, max_bytes=10) == limit_reasons(GOOD, max_bytes=10)
+    assert limit_reasons("\u20ac" * 4, max_bytes=11) == ["the response has 12 bytes (UTF-8), more than the limit of 11"]
+    assert limit_reasons(GOOD, max_threads=None, max_blocks=None, max_bytes=None) == []

@@ -48,6 +48,6 @@ def test_read_prompts_limit(tmp_path):
     prompts.write_text('{"prompt": "a", "answer": 1}\n\n{"prompt": "b"}\n')
     assert cli.read_prompts(prompts, None) == [{"prompt": "a", "answer": 1}, {"prompt": "b"}]
     assert cli.read_prompts(prompts, 1) == [{"prompt": "a", "answer": 1}]
-    with pytest.raises(ValueError, match="not JSON"):
+    with pytest.raises(ValueError, match="not valid JSON"):
         prompts.write_text("{oops\n")
         cli.read_prompts(prompts, None)

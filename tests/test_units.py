@@ -95,3 +95,47 @@ def test_unparseable_response_raises_format_error(tok):
         replay([], "<Parallel><Outlines>", tok)
     with pytest.raises(FormatError, match="no number"):
         replay([], "<Parallel><Outlines><Outline>1: a</Outline></Outlines><Thread>x</Thread></Parallel>", tok)
+
+
+class ByteTokenizer:
+    def encode(self, text, add_special_tokens=False):
+        return list(text.encode())
+
+
+def test_replayed_contexts_share_one_list():
+    """Every unit's context is a view of the joined trajectory: memory linear in the response, not units x length."""
+    k, blocks = 8, 5
+    block = ("<Parallel>\n<Outlines>\n" + "".join(f"<Outline>{i}: o</Outline>\n" for i in range(1, k + 1))
+             + "</Outlines>\n" + "".join(f"<Thread>\n{i}: " + "x" * 100 + "\n</Thread>\n" for i in range(1, k + 1))
+             + "</Parallel>\n")
+    units = replay([7, 7], "<think>\n" + ("seq\n" + block) * blocks + "</think>\n\\boxed{1}", ByteTokenizer(), 0)
+    assert len(units) == blocks * (k + 1) + 1
+    assert len({id(u.context_ids.ids) for u in units}) == 1
+    joined = full_sequence(units)
+    for u in units:
+        base = len(u.context_ids) - len(u.context_ids.tail)
+        assert list(u.context_ids)[:base] == joined[:base]
+    # a list wherever a list is expected
+    assert Unit.from_dict(units[3].to_dict()) == units[3] and isinstance(units[3].to_dict()["context_ids"], list)
+    assert units[1].context_ids + [1] == list(units[1].context_ids) + [1] and units[1].context_ids[-1] == ord(":")
+
+
+@pytest.mark.parametrize("bad, message", [
+    ([1], "expected a unit object, got int"),
+    ({"context_ids": [1]}, "field 'completion_ids' must be a list of token ids"),
+    ({"context_ids": [True], "completion_ids": []}, "field 'context_ids' must be a list of token ids"),
+    ({"context_ids": [1], "completion_ids": [2], "role": "thread", "block": 1},
+     "a thread unit needs an integer 'thread'"),
+    ({"context_ids": [1], "completion_ids": [2], "n_inserted": -1}, "field 'n_inserted' must be an integer from 0"),
+    ({"context_ids": [1], "completion_ids": [2], "completion_logprobs": ["x"]},
+     "field 'completion_logprobs' must be null"),
+    ({"context_ids": [1], "completion_ids": [2], "extra": 1}, "unknown field 'extra'"),
+])
+def test_units_from_json_names_the_unit_and_field(bad, message):
+    from rollout.units import units_from_json
+
+    ok = {"context_ids": [1], "completion_ids": [2, 3], "completion_logprobs": [-0.5, 0], "role": "thread",
+          "block": 1, "thread": 2, "n_inserted": 1}
+    assert units_from_json([ok]) == [Unit([1], [2, 3], [-0.5, 0], THREAD, 1, 2, 1)]
+    with pytest.raises(ValueError, match=f"unit 1: {message}"):
+        units_from_json([ok, *([bad] if isinstance(bad, dict) else bad)])

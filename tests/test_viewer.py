@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.viewer import critical_thread, missing_closers, read_jsonl, render, to_item
+from cluster.viewer import CSP_META, critical_thread, missing_closers, read_jsonl, render, to_item
 from rollout.units import latency, replay
 
 CHROMIUM = "/usr/bin/chromium"
@@ -165,18 +165,28 @@ _PROBE = """
 """
 
 
-def _shown(page: str, tmp_path: Path) -> dict:
-    """What Chromium lays out for ``page``: the probe's measurements (see ``_PROBE``)."""
-    probed = tmp_path / "probed.html"
-    probed.write_text(page.replace("</body>", _PROBE + "</body>"))
+def chromium_dom(page: str, tmp_path: Path) -> str:
+    """The DOM headless Chromium holds for ``page`` after loading it (its scripts, if any, have run)."""
+    path = tmp_path / "page_in_chromium.html"
+    path.write_text(page)
     cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
            "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-           f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,3000", "--dump-dom",
-           probed.as_uri()]
+           f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,3000", "--dump-dom", path.as_uri()]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    m = re.search(r'<pre id="probe">(.*?)</pre>', done.stdout, re.S)
-    assert m and m.group(1), f"no probe output in Chromium's DOM; stderr: {done.stderr[-1000:]}"
+    return done.stdout
+
+
+def _shown(page: str, tmp_path: Path, probe: str = _PROBE) -> dict:
+    """What Chromium lays out for ``page``: what ``probe`` writes into ``<pre id="probe">`` (see ``_PROBE``).
+
+    The page's Content-Security-Policy is taken out so the probe can run: what
+    is tested is the page's escaping alone.
+    """
+    assert CSP_META in page
+    dom = chromium_dom(page.replace(CSP_META, "").replace("</body>", probe + "</body>"), tmp_path)
+    m = re.search(r'<pre id="probe">(.*?)</pre>', dom, re.S)
+    assert m and m.group(1), "no probe output in Chromium's DOM"
     import html
 
     return json.loads(html.unescape(m.group(1)))
