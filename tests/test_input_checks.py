@@ -187,7 +187,7 @@ def test_view_refuses_a_bad_limit_and_output_and_keeps_the_old_page(tmp_path, ca
     refused(capsys, ["view", str(src), "--out", str(out), "--limit", "0"], "--limit must be an integer >= 1, got 0")
     refused(capsys, ["view", str(src), "--out", str(blocked / "p.html")], f"{blocked} is a file, not a folder")
     src.write_text("{oops\n")
-    refused(capsys, ["view", str(src), "--out", str(out)], "not JSON")
+    refused(capsys, ["view", str(src), "--out", str(out)], "not valid JSON")
     assert out.read_text() == "old page"
 
 
@@ -235,13 +235,6 @@ def test_make_data_init_model_demo_and_bench_refuse_bad_values(tmp_path, capsys,
     refused(capsys, ["bench", "trie", "--k", "0"], "--k must be an integer >= 1, got 0")
     refused(capsys, ["bench", "trie", "--noise", "nan"], "--noise must be a finite number in [0, 1], got nan")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # nothing was written
-
-
-def test_score_refuses_a_nan_or_infinite_timeout(tmp_path, capsys):
-    src = tmp_path / "r.jsonl"
-    src.write_text('{"response": "</think> \\\\boxed{1}", "answer": "1"}\n')
-    refused(capsys, ["score", str(src), "--timeout", "nan"], "timeout_s must be a finite number > 0, got nan")
-    refused(capsys, ["score", str(src), "--timeout", "inf"], "timeout_s must be a finite number > 0, got inf")
 
 
 # --------------------------------------------------------------------------- the pipeline
