@@ -19,7 +19,7 @@ from rl.grpo import (
     GRPOConfig, RLRow, batch_advantages, completion_tokens, group_advantages, has_weight, pgrpo_loss, rl_tries,
     with_reference,
 )
-from rl.trie import make_row, pack_tries
+from rl.trie import group_trie, make_row, pack_tries
 from rollout.units import SEQ, THREAD, Unit
 
 LN2 = math.log(2.0)
@@ -196,3 +196,128 @@ def test_reference_model_gives_the_unpacked_logprobs_and_rows_keep_them_on_the_w
     (rl_row,) = with_reference([row], [lp])
     shipped = pickle.loads(pickle.dumps(strip_row(rl_row)))  # what the learner ranks receive
     assert isinstance(shipped, RLRow) and torch.equal(shipped.ref_logprob, lp) and shipped.tries == []
+
+
+# --------------------------------------------------------------------------- shared nodes, unnormalised logits
+#
+# A group of four trajectories of the prompt [1, 2]: [3, 4] twice (reward 1) and [3, 5] twice (reward 0), so
+# A = +0.5, +0.5, -0.5, -0.5. Trie nodes: 3 (4 occurrences, weight 0, weight_pos 1, weight_neg -1),
+# 4 (2 occurrences, weight +1), 5 (2 occurrences, weight -1). N = 8 completion tokens.
+# Policy: p(3 | 2) = 1/2, p(4 | 3) = 1/4, p(5 | 3) = 1/8; the logits are those log-probabilities plus a
+# different constant at every position, so they are NOT normalised (logsumexp 3.0, -1.7, 0.4).
+# Reference: p_ref(3) = 1/4, p_ref(4) = 1/2, p_ref(5) = 1/4.
+
+SHIFTS = (0.4, 3.0, -1.7)
+
+
+def _shared_batch(behavior=(0.5, 0.25, 0.125)):
+    p3, p4, p5 = (math.log(p) for p in behavior)
+    trajectories = [[Unit([1, 2], [3, 4], [p3, p4])], [Unit([1, 2], [3, 4], [p3, p4])],
+                    [Unit([1, 2], [3, 5], [p3, p5])], [Unit([1, 2], [3, 5], [p3, p5])]]
+    (trie,) = rl_tries([trajectories], [group_advantages([1.0, 1.0, 0.0, 0.0])], max_tokens=64)
+    assert trie.input_ids == [1, 2, 3, 4, 5] and trie.n_targets == [0, 0, 4, 2, 2]
+    assert trie.weight == [0.0, 0.0, 0.0, 1.0, -1.0]
+    assert (trie.weight_pos[2], trie.weight_neg[2]) == (1.0, -1.0)
+    row = make_row([trie])
+    ref = torch.tensor([0.0, 0.0, math.log(0.25), math.log(0.5), math.log(0.25)])
+    (rl_row,) = with_reference([row], [ref])
+    return rl_row, sum(completion_tokens(t) for t in trajectories)
+
+
+def _shared_logits() -> torch.Tensor:
+    logits = _logits().detach()
+    for position, shift in enumerate(SHIFTS):
+        logits[position] += shift
+    assert float(torch.logsumexp(logits[1], -1)) == pytest.approx(3.0, abs=1e-5)
+    return logits.requires_grad_(True)
+
+
+def test_kl_is_counted_once_per_occurrence_of_a_shared_node():
+    row, n = _shared_batch()
+    assert n == 8
+    logits = _shared_logits()
+    loss, m = pgrpo_loss(logits, row, n, kl_coef=0.1)
+    # k3 = exp(d) - d - 1 with d = ref - logprob:
+    #   node 3: d = log 1/4 - log 1/2 = -ln2 -> 1/2 + ln2 - 1 = ln2 - 1/2, 4 occurrences
+    #   node 4: d = log 1/2 - log 1/4 = ln2  -> 2 - ln2 - 1 = 1 - ln2, 2 occurrences
+    #   node 5: d = log 1/4 - log 1/8 = ln2  -> 1 - ln2, 2 occurrences
+    # kl_sum = 4 (ln2 - 1/2) + 2 (1 - ln2) + 2 (1 - ln2) = 2   (once per node: 3/2 - ln2 = 0.807)
+    assert m["kl_sum"] == pytest.approx(2.0, abs=1e-5)
+    # on-policy term: -(0 * log 1/2 + 1 * log 1/4 - 1 * log 1/8) / 8 = -(-2 ln2 + 3 ln2) / 8 = -ln2 / 8
+    assert m["pg_sum"] == pytest.approx(-LN2, abs=1e-5)
+    assert float(loss.detach()) == pytest.approx(-LN2 / 8 + 0.1 * 2.0 / 8, abs=1e-6)
+    assert (m["lp_count"], m["clipped"]) == (8.0, 0.0)
+    loss.backward()
+    # d loss / d logprob: pg: -weight / 8; KL: 0.1 * occurrences * (1 - exp(d)) / 8
+    #   node 3: 0 + 0.1 * 4 * (1 - 1/2) / 8 = 0.025;  node 4: -1/8 + 0.1 * 2 * (1 - 2) / 8 = -0.15
+    #   node 5: +1/8 + 0.1 * 2 * (1 - 2) / 8 = 0.1
+    # d logprob(x) / d z = onehot(x) - softmax(z), whatever constant the logits carry:
+    #   position 1 (predicts 3): grad[1, 3] = 0.025 * (1 - 1/2) = 0.0125
+    #   position 2 (predicts 4, 5): grad[2, 4] = -0.15 * (1 - 1/4) + 0.1 * (-1/4) = -0.1375
+    #                               grad[2, 5] = -0.15 * (-1/8) + 0.1 * (1 - 1/8) = 0.10625
+    assert float(logits.grad[1, 3]) == pytest.approx(0.0125, abs=1e-6)
+    assert float(logits.grad[2, 4]) == pytest.approx(-0.1375, abs=1e-6)
+    assert float(logits.grad[2, 5]) == pytest.approx(0.10625, abs=1e-6)
+    assert float(logits.grad[0].abs().max()) == 0.0  # position 0 predicts the root's child 2, never a target
+
+
+def test_clipping_and_kl_on_shared_nodes_by_hand():
+    # rollout probabilities: 3 -> 1/2 (ratio 1), 4 -> 1/6 (ratio 1.5 > 1.2, A > 0: clipped, 2 occurrences),
+    # 5 -> 1/4 (ratio 0.5 < 0.8, A < 0: clipped, 2 occurrences)
+    row, n = _shared_batch(behavior=(0.5, 0.25 / 1.5, 0.125 / 0.5))
+    logits = _shared_logits()
+    loss, m = pgrpo_loss(logits, row, n, clip_eps=0.2, kl_coef=0.1)
+    # surrogate: node 3: 1 * 1 - 1 * 1 = 0; node 4: 1 * min(1.5, 1.2) = 1.2; node 5: -1 * max(0.5, 0.8) = -0.8
+    # pg_sum = -(0 + 1.2 - 0.8) = -0.4; loss = -0.4 / 8 + 0.1 * 2 / 8 = -0.025
+    assert m["pg_sum"] == pytest.approx(-0.4, abs=1e-5)
+    assert m["kl_sum"] == pytest.approx(2.0, abs=1e-5)
+    assert float(loss.detach()) == pytest.approx(-0.025, abs=1e-6)
+    assert m["clipped"] == 4.0  # every occurrence of nodes 4 and 5 (per node it would be 2)
+    # |learner - rollout| per occurrence: node 4 log 1.5 twice, node 5 ln2 twice, node 3 zero
+    assert m["lp_absdiff_sum"] == pytest.approx(2 * math.log(1.5) + 2 * LN2, abs=1e-5)
+    assert m["lp_count"] == 8.0
+    loss.backward()
+    # the clipped terms carry no gradient: only the KL part moves the logits
+    #   d loss / d logprob: node 3 0.025, node 4 -0.025, node 5 -0.025 (0.1 * 2 * (1 - 2) / 8)
+    #   grad[2, 4] = -0.025 * (1 - 1/4) - 0.025 * (-1/4) = -0.0125; grad[1, 3] = 0.025 * 1/2 = 0.0125
+    assert float(logits.grad[2, 4]) == pytest.approx(-0.0125, abs=1e-6)
+    assert float(logits.grad[1, 3]) == pytest.approx(0.0125, abs=1e-6)
+
+
+def test_a_ratio_outside_the_range_on_the_unclipped_side_is_not_clipped():
+    # node 4 (A > 0) at ratio 0.5 and node 5 (A < 0) at ratio 1.5: min(0.5, 1.2) = 0.5 and max(1.5, 0.8) = 1.5
+    # are the unclipped values; surrogate = 1 * 0.5 - 1 * 1.5 = -1, loss = 1/8, nothing clipped
+    row, n = _shared_batch(behavior=(0.5, 0.25 / 0.5, 0.125 / 1.5))
+    logits = _shared_logits()
+    loss, m = pgrpo_loss(logits, row, n, clip_eps=0.2)
+    assert float(loss.detach()) == pytest.approx(1 / 8, abs=1e-6)
+    assert (m["clipped"], m["kl_sum"]) == (0.0, 0.0)
+    loss.backward()
+    # d loss / d logprob = -weight * ratio / 8: node 4 -0.5/8, node 5 +1.5/8
+    # grad[2, 4] = -0.0625 * (1 - 1/4) + 0.1875 * (-1/4) = -0.09375
+    assert float(logits.grad[2, 4]) == pytest.approx(-0.09375, abs=1e-6)
+
+
+def test_token_logprobs_and_sft_loss_normalise_the_logits():
+    from rl.logprobs import token_logprobs, weighted_loss
+
+    row, _ = _shared_batch()
+    logits = _shared_logits()
+    lp = token_logprobs(logits, row).detach()
+    # roots 0; log p(2 | 1) = log 1/8 at position 0; then log 1/2, log 1/4, log 1/8
+    assert lp.tolist() == pytest.approx([0.0, -3 * LN2, -LN2, -2 * LN2, -3 * LN2], abs=1e-5)
+    # the batch's weights: -(1 * log 1/4 - 1 * log 1/8) / 8 = -ln2 / 8; default denominator: the 8 occurrences
+    assert float(weighted_loss(lp, row)) == pytest.approx(-LN2 / 8, abs=1e-6)
+    assert float(weighted_loss(lp, row, 2.0)) == pytest.approx(-LN2 / 2, abs=1e-6)
+    with pytest.raises(ValueError, match="denominator"):
+        weighted_loss(lp, row, 0.0)
+    with pytest.raises(ValueError, match="positions"):
+        token_logprobs(logits[:4], row)
+    # SFT: every occurrence weighs 1 -> nll = -(4 log 1/2 + 2 log 1/4 + 2 log 1/8) / 8 = (4 + 4 + 6) ln2 / 8
+    sft_row = make_row([group_trie([[Unit([1, 2], [3, 4])]] * 2 + [[Unit([1, 2], [3, 5])]] * 2)])
+    sft_loss, sm = losses.get("sft")(_shared_logits(), sft_row, 8.0)
+    assert float(sft_loss.detach()) == pytest.approx(14 * LN2 / 8, abs=1e-5)
+    assert sm["nll_sum"] == pytest.approx(14 * LN2, abs=1e-5)
+    # greedy prediction at position 2 is the most likely of the rest (1 - 1/4 - 1/8) / 6 = 0.104 < 1/4: token 4
+    # is right for its 2 occurrences, token 5 wrong; at position 1 token 3 (p 1/2) is right 4 times
+    assert sm["correct"] == 6.0
