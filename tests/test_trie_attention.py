@@ -98,12 +98,8 @@ def test_flex_forward_equals_per_unit_causal_passes(packed, reference):
     _, _, row = packed
     pos, ref = reference
     model = tiny_model("flex").eval()
-    with torch.no_grad():
-        try:
-            logits = tree_forward(model, row, "flex")
-        except Exception as e:  # the exact reason is reported, never hidden
-            pytest.skip(f"flex attention does not run on this machine: {type(e).__name__}: {e}")
-        lp = token_logprobs(logits, row)
+    with torch.no_grad():  # torch 2.13 runs flex attention's compiled forward on CPU (no backward)
+        lp = token_logprobs(tree_forward(model, row, "flex"), row)
     assert (lp[pos] - ref).abs().max().item() < TOL
 
 
