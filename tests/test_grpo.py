@@ -321,3 +321,38 @@ def test_token_logprobs_and_sft_loss_normalise_the_logits():
     # greedy prediction at position 2 is the most likely of the rest (1 - 1/4 - 1/8) / 6 = 0.104 < 1/4: token 4
     # is right for its 2 occurrences, token 5 wrong; at position 1 token 3 (p 1/2) is right 4 times
     assert sm["correct"] == 6.0
+
+
+def test_loss_registry():
+    with pytest.raises(ValueError, match=r"^unknown loss 'nope'; registered losses: \['pgrpo', 'sft'\]$"):
+        losses.get("nope")
+    with pytest.raises(ValueError, match=r"^a loss named 'sft' is already registered$"):
+        losses.register("sft")(pgrpo_loss)
+    assert losses.get("sft") is losses.sft_loss
+
+    def mine(logits, row, denominator):
+        return torch.zeros(()), {}
+
+    try:
+        assert losses.register("test-only")(mine) is mine
+        assert losses.get("test-only") is mine
+    finally:
+        losses.LOSSES.pop("test-only", None)
+
+
+def test_logprob_helpers_keep_to_the_logits_device_and_check_their_inputs():
+    """On the meta device (shapes only) every row tensor must follow the logits: a CPU tensor mixed in fails,
+    as it would on a GPU."""
+    from rl.logprobs import sequence_logprobs, token_logprobs, weighted_loss
+
+    row, _ = _shared_batch()
+    lp = token_logprobs(torch.zeros(len(row), VOCAB, device="meta"), row)
+    assert lp.device.type == "meta" and lp.shape == (len(row),)
+    assert weighted_loss(lp, row).device.type == "meta"
+    # a denominator of 1 is a valid one: -(1 * log 1/4 - 1 * log 1/8) / 1 = -ln2
+    cpu_lp = token_logprobs(_shared_logits().detach(), row)
+    assert float(weighted_loss(cpu_lp, row, 1.0)) == pytest.approx(-LN2, abs=1e-5)
+    with pytest.raises(ValueError, match=r"^logits have 4 positions, the row has 5 tokens$"):
+        token_logprobs(torch.zeros(4, VOCAB), row)
+    with pytest.raises(ValueError, match=r"^start must be at least 1: the first token has no position"):
+        sequence_logprobs(torch.nn.Linear(1, 1), [1, 2], 0)
