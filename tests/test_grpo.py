@@ -356,3 +356,127 @@ def test_logprob_helpers_keep_to_the_logits_device_and_check_their_inputs():
         token_logprobs(torch.zeros(4, VOCAB), row)
     with pytest.raises(ValueError, match=r"^start must be at least 1: the first token has no position"):
         sequence_logprobs(torch.nn.Linear(1, 1), [1, 2], 0)
+
+
+def test_advantage_options_and_errors():
+    # the floor is passed to every group: std 0.05 under a floor of 0.1 -> +-0.5; the default floor 0.01 -> +-1
+    assert batch_advantages([1.1, 1.0, 0.0, 1.0], 2, "std", std_floor=0.1) == pytest.approx([0.5, -0.5, -1, 1])
+    assert batch_advantages([1.1, 1.0], 2, "std") == pytest.approx([1.0, -1.0])
+    assert group_advantages([1.1, 1.0], "std") == pytest.approx([1.0, -1.0])
+    assert batch_advantages([1.0, 0.0], 1) == [0.0, 0.0]  # groups of one sample: nothing to compare with
+    with pytest.raises(ValueError, match=r"^a group needs at least one reward$"):
+        group_advantages([])
+    with pytest.raises(ValueError, match=r"^rewards must be finite, got \[1.0, nan\]$"):
+        group_advantages([1.0, math.nan])
+    with pytest.raises(ValueError, match=r"^2 rewards do not split into groups of 0$"):
+        batch_advantages([1.0, 0.0], 0)
+    with pytest.raises(ValueError, match=r"^1 groups but 2 advantage lists$"):
+        rl_tries([[[Unit([1], [2])]]], [[0.0], [0.0]], max_tokens=8)
+    row, _ = _batch()
+    with pytest.raises(ValueError, match=r"^1 rows but 0 reference log-probability tensors$"):
+        with_reference([row], [])
+
+
+def test_config_error_messages():
+    for bad, message in [({"advantage": "median"}, "advantage must be one of ('mean', 'std'), got 'median'"),
+                         ({"std_floor": 0.0}, "std_floor must be > 0, got 0.0"),
+                         ({"updates_per_batch": 0}, "updates_per_batch must be >= 1, got 0"),
+                         ({"clip_eps": 0.0}, "clip_eps must lie in (0, 1), got 0.0"),
+                         ({"clip_eps": 1.0}, "clip_eps must lie in (0, 1), got 1.0"),
+                         ({"kl_coef": -1.0}, "kl_coef must be >= 0, got -1.0")]:
+        with pytest.raises(ValueError) as e:
+            GRPOConfig(**bad)
+        assert str(e.value) == message
+    assert GRPOConfig(clip_eps=0.999).clip_eps == 0.999
+
+
+def test_rl_tries_split_a_group_at_max_tokens():
+    group = [[Unit([1, 2], [3, 4])], [Unit([1, 2], [5, 6])]]
+    assert len(rl_tries([group], [[0.5, -0.5]], max_tokens=6)) == 1  # 1, 2, 3, 4, 5, 6
+    assert [len(t) for t in rl_tries([group], [[0.5, -0.5]], max_tokens=5)] == [4, 4]
+
+
+def _two_branch_row(behavior=None):
+    """Prompt [1] and two trajectories [2] -> [3] (A = +0.5) and [7] -> [5] (A = -0.5), one target each."""
+    units = [[Unit([1, 2], [3], None if behavior is None else [behavior[0]])],
+             [Unit([1, 7], [5], None if behavior is None else [behavior[1]])]]
+    (trie,) = rl_tries([units], [[0.5, -0.5]], max_tokens=16)
+    assert trie.input_ids == [1, 2, 3, 7, 5]
+    return make_row([trie])
+
+
+def _certain_logits() -> torch.Tensor:
+    """p(3 | 2) = p(5 | 7) = 1 exactly in float32 (the other logits -1e9): both log-probabilities are 0."""
+    logits = torch.zeros(5, VOCAB)
+    logits[1] = -1e9
+    logits[1, 3] = 0.0
+    logits[3] = -1e9
+    logits[3, 5] = 0.0
+    return logits
+
+
+def test_ratios_exactly_at_the_clip_bounds_are_not_clipped():
+    # exp(0 - log(0.8)) = 1.25 and exp(0 - log(4/3)) = 0.75 exactly in float32; clip_eps 0.25
+    row = _two_branch_row(behavior=(-math.log(1.25), -math.log(0.75)))
+    loss, m = pgrpo_loss(_certain_logits(), row, 2.0, clip_eps=0.25)
+    # 0.5 * min(1.25, 1.25) - 0.5 * max(0.75, 0.75) = 0.25; loss -0.25 / 2
+    assert float(loss) == pytest.approx(-0.125, abs=1e-7) and m["clipped"] == 0.0
+
+
+def test_a_denominator_below_one_is_valid_and_zero_is_not():
+    row = _two_branch_row()
+    loss, m = pgrpo_loss(_certain_logits(), row, 0.5)
+    assert float(loss) == 0.0 and m["lp_count"] == 0.0  # log-probabilities 0; the units carry no logprobs
+    with pytest.raises(ValueError, match=r"^loss denominator must be positive, got 0.0$"):
+        pgrpo_loss(_certain_logits(), row, 0.0)
+
+
+def test_units_without_engine_logprobs_have_ratio_one_in_the_clipped_loss():
+    row, n = _batch()
+    row.behavior_logprob[:] = math.nan  # as if the rollout recorded no log-probabilities
+    loss, m = pgrpo_loss(_logits(), row, n, clip_eps=0.2)
+    # ratio 1 everywhere: 0.5 * 1 - 0.5 * 1 = 0 at node 3, 0.5 at node 4, -0.5 at node 5 -> 0
+    assert float(loss.detach()) == pytest.approx(0.0, abs=1e-7)
+    assert (m["lp_count"], m["lp_absdiff_sum"], m["clipped"]) == (0.0, 0.0, 0.0)
+
+
+def test_kl_ignores_context_tokens_even_when_the_policy_gives_them_no_mass():
+    row = _two_branch_row()
+    logits = _certain_logits()
+    logits[0] = -1e9  # the prompt's second token (2 or 7) has probability 0 under the policy
+    logits[0, 0] = 0.0
+    (rl_row,) = with_reference([row], [torch.zeros(5)])
+    loss, m = pgrpo_loss(logits, rl_row, 2.0, kl_coef=0.1)
+    assert math.isfinite(float(loss)) and m["kl_sum"] == 0.0  # only the targets' (certain) tokens count
+    with pytest.raises(ValueError, match=r"^kl_coef > 0 needs rows with reference log-probabilities "
+                                         r"\(RLRow.ref_logprob\)$"):
+        pgrpo_loss(logits, row, 2.0, kl_coef=0.1)
+
+
+def test_the_loss_is_computed_on_the_logits_device():
+    """On the meta device (shapes only) the whole loss graph is built there; the one failure is reading a number
+    for the metrics. A row tensor left on the CPU would fail earlier, as it would on a GPU."""
+    row, n = _batch()
+    (rl_row,) = with_reference([row], [torch.zeros(len(row))])
+    logits = torch.zeros(len(row), VOCAB, device="meta")
+    for options in ({}, {"clip_eps": 0.2}, {"kl_coef": 0.1}, {"clip_eps": 0.2, "kl_coef": 0.1}):
+        with pytest.raises(RuntimeError, match="meta tensors"):
+            pgrpo_loss(logits, rl_row, n, **options)
+
+
+def test_reference_model_options(tiny_model_dir):
+    from rl.grpo import ReferenceModel
+
+    threads = torch.get_num_threads()
+    try:
+        ref = ReferenceModel(str(tiny_model_dir), threads=1)
+        assert torch.get_num_threads() == 1
+        assert ref.device == torch.device("cpu") and next(ref.model.parameters()).dtype == torch.float32
+        assert ref.model.config._attn_implementation == "sdpa" and not ref.model.training
+        bf16 = ReferenceModel(str(tiny_model_dir), attention="eager", dtype="bf16", threads=threads)
+        assert next(bf16.model.parameters()).dtype == torch.bfloat16
+        assert bf16.model.config._attn_implementation == "eager"
+        meta = ReferenceModel(str(tiny_model_dir), device="meta", threads=threads)
+        assert next(meta.model.parameters()).device.type == "meta"
+    finally:
+        torch.set_num_threads(threads)
