@@ -10,6 +10,7 @@ ln 2: p(3) = 1/2, p(4 | 3) = 1/4, p(5 | 3) = 1/8.
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -480,3 +481,30 @@ def test_reference_model_options(tiny_model_dir):
         assert next(meta.model.parameters()).device.type == "meta"
     finally:
         torch.set_num_threads(threads)
+
+
+class _TableModel(torch.nn.Module):
+    """A causal 'model' whose logits at a position are a table row of the token there; records its calls."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = torch.nn.Parameter(table)
+        self.calls = []
+
+    def forward(self, input_ids, **kwargs):
+        self.calls.append(kwargs)
+        return SimpleNamespace(logits=torch.nn.functional.embedding(input_ids, self.table))
+
+
+def test_sequence_logprobs_by_hand():
+    from rl.logprobs import sequence_logprobs
+
+    # row t of the table: log-probabilities of the token after t (unnormalised: +2 everywhere)
+    probs = torch.full((VOCAB, VOCAB), 1.0 / VOCAB)
+    probs[1] = torch.tensor([0.5, 0.0625, 0.0625, 0.125, 0.0625, 0.0625, 0.0625, 0.0625])
+    probs[3] = torch.tensor([0.25, 0.25, 0.25, 0.0625, 0.0625, 0.0625, 0.0625, 0.0])
+    model = _TableModel(probs.log() + 2.0)
+    lp = sequence_logprobs(model, [1, 3, 2], 1)
+    # p(3 | 1) = 1/8, p(2 | 3) = 1/4
+    assert lp.tolist() == pytest.approx([-3 * LN2, -2 * LN2], abs=1e-6)
+    assert model.calls == [{"use_cache": False}]  # a scoring pass builds no KV cache
