@@ -9,7 +9,7 @@ from rewards.answer import extract_answer, quick_verdict
 from rewards.checker import AnswerChecker, Verdict
 from rewards.config import RewardConfig
 from rewards.score import (
-    RewardItem, acceleration_reward, correctness_reward, format_reward, score, total_reward,
+    RewardItem, ScoreRecord, acceleration_reward, correctness_reward, format_reward, score, score_many, total_reward,
 )
 from rollout.tiny import build_tokenizer
 from rollout.units import encode, replay
@@ -285,3 +285,21 @@ def test_format_penalty_applies_to_malformed_responses(checker):
     rec = score(RewardItem(malformed, "4"), RewardConfig(format_penalty=0.5), checker)
     assert not rec.format_valid and rec.format_error and rec.correct
     assert (rec.R_correct, rec.format_penalty, rec.reward) == (1.0, 0.5, 0.5)
+
+
+def test_score_many_metrics_and_the_record_dict(checker, traces):
+    cfg = RewardConfig(format_penalty=0.5)
+    items = [RewardItem(PARALLEL, "6", traces["parallel"]), RewardItem("<think>\nhmm\n</think>\nno answer", "6")]
+    par, none = score_many(items, cfg, checker)
+    # a format-valid response pays no penalty, whatever its size
+    assert (par.format_penalty, par.reward) == (0.0, pytest.approx(1 + 5 / 106))
+    # no boxed answer: nothing was checked, in no time
+    assert (none.check_method, none.check_seconds, none.extraction, none.correct) == ("none", 0.0, "no_boxed", False)
+    m = par.metrics()
+    assert m["L_total"] == 53.0 and m["L_crit"] == 48.0 and m["correct"] == 1.0 and m["parallel"] == 1.0
+    assert m["reward"] == pytest.approx(1 + 5 / 106) and isinstance(m["n_blocks"], float)
+    assert "extracted_answer" not in m and "format_error" not in m  # text fields are not metrics
+    assert "L_total" not in none.metrics()  # unmeasured: left out
+    d = par.to_dict()
+    assert d["extracted_answer"] == "6" and d["L_crit"] == 48 and d["correct"] is True
+    assert set(d) == set(ScoreRecord.__dataclass_fields__)
