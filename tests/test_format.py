@@ -172,3 +172,59 @@ def test_dropping_any_block_tag_is_reported(text, data):
     if m.group() in ("<Outline>", "</Outline>") and broken.count("<Outline>") == broken.count("</Outline>"):
         return  # cannot happen: removing one side always unbalances the pair
     _reasons(broken)
+
+
+def _block(outlines, threads):
+    return ("<Parallel><Outlines>" + "".join(f"<Outline>{o}</Outline>" for o in outlines) + "</Outlines>"
+            + "".join(f"<Thread>{t}</Thread>" for t in threads) + "</Parallel>")
+
+
+@pytest.mark.parametrize("text, reasons", [
+    (_block(["1: a", "x"], ["1: b", "2: c"]), ["block 1: outline 2 does not start with 'N:'"]),
+    (_block(["1: a", "2:  "], ["1: b", "2: c"]), ["block 1: outline 2 is empty"]),
+    (_block(["1: a", "2: b"], ["1: b", "2:"]), ["block 1: thread 2 is empty"]),
+    (_block(["1: a"], ["b"]), ["block 1: thread 1 does not start with 'N:'"]),
+    (_block(["1: a", "2: b"], ["1: see thread 2", "2: c"]), ["block 1: thread 1 refers to thread 2"]),
+    (_block(["1: a", "2: b"], ["1: x"]),
+     ["block 1: 2 outlines but 1 threads", "block 1: threads are numbered 1, outlines 1,2"]),
+    (_block([f"{i}: x" for i in range(2, 13)], [f"{i}: y" for i in range(2, 13)]),
+     ["block 1: outlines are numbered 2,3,4,5,6,7,8,9,10,11,... (11 in all), expected 1..11"]),
+    (_block([f"{i}: x" for i in range(2, 12)], [f"{i}: y" for i in range(2, 12)]),
+     ["block 1: outlines are numbered 2,3,4,5,6,7,8,9,10,11, expected 1..10"]),
+    (_block(["1: a", "2: b"], ["2: x", "1: y"]), ["block 1: threads are numbered 2,1, outlines 1,2"]),
+    ("<Parallel><Outlines></Outlines></Parallel>", ["block 1: no outlines"]),
+    ("<Parallel><Outlines>" + "x" * 40 + "</Outlines></Parallel>",
+     ["block 1 at char 20: unexpected text '" + "x" * 40 + "' after <Outlines> (expected <Outline> or "
+      "</Outlines>)"]),
+    ("<Parallel><Outlines>" + "x" * 41 + "</Outlines></Parallel>",
+     ["block 1 at char 20: unexpected text '" + "x" * 40 + "...' after <Outlines> (expected <Outline> or "
+      "</Outlines>)"]),
+    ("<Parallel><Outlines><Outline>1: a</Outline></Outlines><Thread>1: b</Outlines>",
+     ["block 1 at char 66: </Outlines> inside <Thread>"]),  # 10 + 10 + 9 + 4 + 10 + 11 + 8 + 4 characters
+    ("<Parallel><Outlines><Outline>1: a</Outline></Outlines><Thread>1: b</Thread>" + "y" * 50 + "</Parallel>",
+     ["block 1 at char 75: unexpected text '" + "y" * 40 + "...' after </Thread> (expected <Thread> or "
+      "</Parallel>)"]),
+])
+def test_every_reason_word_for_word(text, reasons):
+    assert validate(text) == reasons
+
+
+def test_the_thread_limit_is_inclusive():
+    text = _block(["1: a", "2: b", "3: c"], ["1: x", "2: y", "3: z"])
+    assert validate(text, max_threads=3) == []
+    assert validate(text, max_threads=2) == ["block 1: 3 threads, more than the limit of 2"]
+    assert validate(text, max_threads=None) == []
+
+
+def test_block_bodies_and_canonical_whitespace():
+    block = Block(["1: plan", "free text"], ["\n1: work", "no number"], ["", " ", "\t", "", "  ", "", ""])
+    assert [block.outline_body(0), block.outline_body(1)] == [" plan", "free text"]
+    assert [block.thread_body(0), block.thread_body(1)] == [" work", "no number"]
+    # canonical form: the model's own whitespace (head gaps) kept, the orchestrator's normalised, a thread
+    # without a number left as it is
+    (canon,) = canonicalize(Response([block])).parts
+    assert canon.gaps == ["", " ", "\t", "", "\n", "\n", "\n"]
+    assert canon.threads == ["\n1: work", "no number"]
+    assert serialize(Response([canon])) == ("<Parallel><Outlines> <Outline>1: plan</Outline>\t<Outline>free text"
+                                            "</Outline></Outlines>\n<Thread>\n1: work</Thread>\n<Thread>no number"
+                                            "</Thread>\n</Parallel>")
