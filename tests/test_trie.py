@@ -303,6 +303,10 @@ def test_row_tensors_are_fp32_and_int64_whatever_the_default_dtype():
         assert getattr(row, name).dtype == torch.float32, name
     for name in ("input_ids", "position_ids", "parent", "tout", "doc", "n_targets"):
         assert getattr(row, name).dtype == torch.int64, name
+    empty = make_row([build_trie([])])  # no tokens at all: still integer ids (an empty list is float by default)
+    assert len(empty) == 0 and empty.input_ids.dtype == empty.parent.dtype == empty.n_targets.dtype == torch.int64
+    for name in ("position_ids", "tout", "doc"):
+        assert getattr(empty, name).dtype == torch.int64, name
 
 
 def test_tree_stats_of_nothing():
