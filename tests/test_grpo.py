@@ -470,7 +470,8 @@ def test_reference_model_options(tiny_model_dir):
 
     threads = torch.get_num_threads()
     try:
-        ref = ReferenceModel(str(tiny_model_dir), threads=1)
+        torch.set_num_threads(2)
+        ref = ReferenceModel(str(tiny_model_dir))  # the defaults: one thread, sdpa, fp32, CPU
         assert torch.get_num_threads() == 1
         assert ref.device == torch.device("cpu") and next(ref.model.parameters()).dtype == torch.float32
         assert ref.model.config._attn_implementation == "sdpa" and not ref.model.training
