@@ -222,6 +222,7 @@ def test_mask_forms_of_each_backend():
         tree_attention_mask(row, "dense")
     flex = tree_attention_mask(row, "flex")
     assert type(flex).__name__ == "BlockMask" and flex.to_dense().shape[-2:] == (1, 1)
+    assert flex.BLOCK_SIZE == (128, 128)  # flex attention's tile size by default
 
 
 class _RecordingModel(torch.nn.Module):
