@@ -240,6 +240,8 @@ def test_group_tries_cut_by_hand():
     assert len(group_tries(trajs)) == 1  # no limit
     with pytest.raises(ValueError, match=r"^trajectory 0 alone has a trie of 4 tokens, more than max_tokens=3$"):
         group_tries(trajs, max_tokens=3)
+    exact = [Unit([1, 2], [11, 12, 13])]  # alone exactly the budget: allowed
+    assert [t.input_ids for t in group_tries([trajs[0], exact], max_tokens=5)] == [[1, 2, 3, 4], [1, 2, 11, 12, 13]]
     big = [Unit([1, 2], [11, 12, 13, 14])]
     with pytest.raises(ValueError, match=r"^trajectory 1 alone has a trie of 6 tokens, more than max_tokens=5$"):
         group_tries([trajs[0], big], max_tokens=5)
@@ -290,6 +292,10 @@ def test_make_row_of_two_tries_field_by_field():
     assert row.unit_positions(1, 0).dtype == torch.long
     with pytest.raises(ValueError, match=r"^make_row needs at least one trie$"):
         make_row([])
+    three = make_row([a, b, build_trie([Unit([5], [6]), Unit([], [])])])  # offsets add up; an empty unit
+    assert three.doc_offsets == [0, 3, 6] and three.unit_positions(2, 0).tolist() == [6, 7]
+    empty = three.unit_positions(2, 1)
+    assert empty.numel() == 0 and empty.dtype == torch.long
 
 
 def test_row_tensors_are_fp32_and_int64_whatever_the_default_dtype():
