@@ -228,3 +228,75 @@ def test_block_bodies_and_canonical_whitespace():
     assert serialize(Response([canon])) == ("<Parallel><Outlines> <Outline>1: plan</Outline>\t<Outline>free text"
                                             "</Outline></Outlines>\n<Thread>\n1: work</Thread>\n<Thread>no number"
                                             "</Thread>\n</Parallel>")
+
+
+_HEAD = "<Parallel><Outlines><Outline>1: a</Outline></Outlines>"  # 54 characters
+_ONE = _HEAD + "<Thread>1: b</Thread></Parallel>"  # 86 characters
+
+
+@pytest.mark.parametrize("text, reasons", [
+    # grammar errors: where (character offset), what was expected, what was found
+    ("<Parallel>x<Outlines></Outlines></Parallel>",
+     ["block 1 at char 10: unexpected text 'x' after <Parallel> (expected <Outlines>)"]),
+    ("<Parallel><Outlines><Outline>1: a</Outline>x</Outlines></Parallel>",
+     ["block 1 at char 43: unexpected text 'x' after </Outline> (expected <Outline> or </Outlines>)"]),
+    (_HEAD + "x<Thread>1: b</Thread></Parallel>",
+     ["block 1 at char 54: unexpected text 'x' after </Outlines> (expected <Thread>)"]),
+    ("<Parallel><Outlines><Outline>1: a</Outline><Thread>1: b</Thread></Parallel>",
+     ["block 1 at char 43: expected </Outlines> to close the outlines, found <Thread>"]),
+    (_HEAD + "<Thread>1: b</Thread><Outlines>",
+     ["block 1 at char 75: expected </Parallel> to close the block, found <Outlines>"]),
+    ("<Parallel><Thread>", ["block 1 at char 10: expected <Outlines> after <Parallel>, found <Thread>"]),
+    ("<Parallel><Outlines><Outline>1: a", ["block 1: truncated inside <Outline>, missing </Outline>"]),
+    ("<Parallel><Outlines><Outline>1: a<Parallel>",
+     ["block 1 at char 33: <Parallel> inside <Outline> (blocks cannot nest)"]),
+    (_ONE + "x<Parallel><Outlines>y",  # the second block is named block 2 (86 + 1 + 10 + 10 = 107)
+     ["block 2 at char 107: unexpected text 'y' after <Outlines> (expected <Outline> or </Outlines>)"]),
+    ("<Parallel><Outlines><Outline></Outline></Outlines><Thread>1: b</Thread></Parallel>",
+     ["block 1: outline 1 does not start with 'N:'"]),
+    # the think tags
+    ("<think>a</think><think>b</think>",
+     ["<think> after </think>", "2 <think> and 2 </think> tags, expected at most one of each"]),
+    ("<think>a</think></think>",
+     ["</think> without <think>", "1 <think> and 2 </think> tags, expected at most one of each"]),
+    ("<think><think>a</think>",
+     ["<think> is never closed (truncated reasoning)", "2 <think> and 1 </think> tags, expected at most one of each"]),
+    ("a</think>", ["</think> without <think>"]),
+    ("<think>a", ["<think> is never closed (truncated reasoning)"]),
+    ("<think>x</think>" + _ONE, ["a block appears after </think> (in the final answer)"]),
+    # every thread is checked, even after one without a number; a thread may name itself
+    ("<Parallel><Outlines><Outline>1: a</Outline><Outline>2: b</Outline></Outlines><Thread>b</Thread>"
+     "<Thread>2: see thread 1</Thread></Parallel>",
+     ["block 1: thread 1 does not start with 'N:'", "block 1: thread 2 refers to thread 1"]),
+    (_HEAD + "<Thread>1: I am thread 1</Thread></Parallel>", []),
+])
+def test_grammar_and_think_reasons_word_for_word(text, reasons):
+    assert validate(text) == reasons
+
+
+def test_is_valid_follows_validate():
+    from rollout.format import is_valid
+
+    three = _block(["1: a", "2: b", "3: c"], ["1: x", "2: y", "3: z"])
+    assert is_valid(three) and not is_valid("<think>a")
+    assert not is_valid(three, max_threads=2) and is_valid(three, max_threads=3)
+
+
+def test_parts_and_empty_contents():
+    # no empty text parts around or between blocks
+    assert [type(p).__name__ for p in parse(_ONE).parts] == ["Block"]
+    assert [type(p).__name__ for p in parse(_ONE + _ONE).parts] == ["Block", "Block"]
+    assert parse("a" + _ONE).parts[0] == "a" and len(parse("a" + _ONE).parts) == 2
+    empty = parse("<Parallel><Outlines><Outline></Outline></Outlines><Thread></Thread></Parallel>").blocks[0]
+    assert (empty.outlines, empty.threads) == ([""], [""])
+
+
+def test_block_gaps_default_check_and_placement():
+    assert Block(["1: a"], ["1: b"]).gaps == ["\n"] * 5
+    assert Block(["1: a", "2: b"], ["1: c"]).gaps == ["\n"] * 6
+    with pytest.raises(ValueError, match=r"^Block needs 5 gaps, got 1$"):
+        Block(["1: a"], ["1: b"], ["\n"])
+    gaps = ["0", "1", "2", "3", "4", "5", "6"]  # not whitespace: only to see where each gap goes
+    text = Block(["1: a", "2: b"], ["1: c", "2: d"], gaps).text()
+    assert text == ("<Parallel>0<Outlines>1<Outline>1: a</Outline>2<Outline>2: b</Outline>3</Outlines>4"
+                    "<Thread>1: c</Thread>5<Thread>2: d</Thread>6</Parallel>")
