@@ -73,7 +73,7 @@ def prepare(module: str) -> Path:
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "fixtures_out")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for package in PACKAGES + ("tests",):
         shutil.copytree(ROOT / package, work / package, ignore=ignore)
     tests = MODULES[module]
@@ -200,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown module(s) {unknown}; choose from {list(MODULES)}", file=sys.stderr)
         return 2
     modules = args.modules or list(MODULES)
+    if not args.report and not Path(sys.executable).with_name("mutmut").exists():
+        print(f"mutmut is not installed next to {sys.executable}; install the dev extra: "
+              f"{Path(sys.executable).parent}/pip install -e '.[dev]'", file=sys.stderr)
+        return 2
     if args.survivors:
         for module in modules:
             survivors(module)
