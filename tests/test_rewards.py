@@ -303,3 +303,19 @@ def test_score_many_metrics_and_the_record_dict(checker, traces):
     d = par.to_dict()
     assert d["extracted_answer"] == "6" and d["L_crit"] == 48 and d["correct"] is True
     assert set(d) == set(ScoreRecord.__dataclass_fields__)
+
+
+def test_the_checkers_verdict_is_reported_as_it_came():
+    class Fixed:
+        def __init__(self, verdict):
+            self.verdict = verdict
+
+        def check(self, pred, gold):
+            return self.verdict
+
+    broken = score(RewardItem(final("x"), "1"), RewardConfig(), Fixed(Verdict(False, False, "error", 0.25, "boom")))
+    assert (broken.check_method, broken.check_error, broken.check_seconds, broken.check_cached) == \
+        ("error", "boom", 0.25, False)
+    cached = score(RewardItem(final("x"), "1"), RewardConfig(), Fixed(Verdict(True, False, "math_verify", 0.0,
+                                                                              cached=True)))
+    assert (cached.correct, cached.check_cached, cached.check_error, cached.timed_out) == (True, True, None, False)
