@@ -240,7 +240,8 @@ def latency(units: Sequence[Unit], count_inserted: bool = False, count_prompt: b
     """``L_total``, ``L_crit``, ``eta = 1 - L_crit/L_total`` and ``L_total/L_crit``.
 
     Only model-generated tokens count by default; ``count_inserted`` adds the
-    orchestrator's seeds and join newlines, ``count_prompt`` the prompt.
+    orchestrator's seeds and join newlines, ``count_prompt`` the prompt (the
+    first unit's context without its inserted tokens) once on both paths.
     """
     total = crit = 0
     block_threads: dict[int, list[int]] = {}
@@ -253,7 +254,9 @@ def latency(units: Sequence[Unit], count_inserted: bool = False, count_prompt: b
             crit += n
     crit += sum(max(lengths) for lengths in block_threads.values())
     if count_prompt and units:
-        prompt = len(units[0].context_ids) - (units[0].n_inserted if units[0].role == SEQ else 0)
+        # The first unit's context is the prompt plus what the orchestrator inserted after it: nothing for a
+        # sequential request, the thread's seed when the prompt itself ends in </Outlines>.
+        prompt = len(units[0].context_ids) - units[0].n_inserted
         total += prompt
         crit += prompt
     eta = 1.0 - crit / total if total else 0.0

@@ -19,7 +19,7 @@ from cluster.evaluate import (
 )
 from rewards.checker import Verdict
 from rollout.orchestrator import Trajectory
-from rollout.units import latency, replay
+from rollout.units import replay
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
 
@@ -35,10 +35,10 @@ class ExactChecker:
 
 
 def traj(problem: int, sample: int, response: str, latency_s: float = 1.0) -> Trajectory:
-    units = replay([0], response, ByteTokenizer())
-    lat = latency(units)
-    return Trajectory(problem, sample, [0], units, [], response, "eos", "", lat.L_total, lat.L_crit, lat.eta,
-                      lat.speedup, lat.n_blocks, lat.threads_per_block, latency_s)
+    """A trajectory of ``response`` with its measures counted by hand (see MEASURES)."""
+    L_total, L_crit, blocks = MEASURES[response]
+    return Trajectory(problem, sample, [0], replay([0], response, ByteTokenizer()), [], response, "eos", "",
+                      L_total, L_crit, 1 - L_crit / L_total, L_total / L_crit, blocks, [2] * blocks, latency_s)
 
 
 def par(answer: str, thread: str = "x" * 20) -> str:
@@ -48,6 +48,17 @@ def par(answer: str, thread: str = "x" * 20) -> str:
 
 def seq(answer: str, body: str = "z" * 60) -> str:
     return f"<think>\n{body}\n</think>\n\\boxed{{{answer}}}"
+
+
+# Bytes of model-generated text (the byte tokenizer, no EOS):
+# par: head "<think>\n" 8 + "<Parallel>\n" 11 + "<Outlines>\n" 11 + 2 x "<Outline>N: a</Outline>\n" 24 +
+#      "</Outlines>" 11 = 89; thread 1 " " + thread + "\n</Thread>" = len(thread) + 11; thread 2 " y\n</Thread>" 12;
+#      tail "</Parallel>\n</think>\n\\boxed{A}" 12 + 9 + 9 = 30.
+#      20 x's: L_total = 89 + 31 + 12 + 30 = 162, L_crit = 89 + 31 + 30 = 150; 40 x's: 182 and 170.
+# seq: "<think>\n" 8 + body + "\n</think>\n" 10 + "\\boxed{A}" 9: 60 z's -> 87; 10 q's -> 37.
+MEASURES = {par(a): (162, 150, 1) for a in "14579"}
+MEASURES.update({par("4", "x" * 40): (182, 170, 1), seq("7", "q" * 10): (37, 37, 0)})
+MEASURES.update({seq(a): (87, 87, 0) for a in "1579"})
 
 
 def test_benchmark_layouts_math500_and_aime():
@@ -93,22 +104,24 @@ def test_evaluate_measures_by_hand(tmp_path):
     assert report.k == 2 and report.parallel.accuracy == pytest.approx(0.75)
     assert report.sequential.accuracy == pytest.approx(0.75)
     assert report.parallel.activation == pytest.approx(0.75)
-    assert report.parallel.L_total == pytest.approx(sum(t.L_total for t in p) / 4)
-    assert report.parallel.L_crit == pytest.approx(sum(t.L_crit for t in p) / 4)
+    assert report.parallel.L_total == pytest.approx((162 + 182 + 37 + 162) / 4)
+    assert report.parallel.L_crit == pytest.approx((150 + 170 + 37 + 150) / 4)
+    assert (report.sequential.L_total, report.sequential.L_crit) == (pytest.approx(87), pytest.approx(87))
     # wall-clock per problem = slowest sample of the problem, averaged over problems
     assert report.parallel.wall_s == pytest.approx((0.7 + 0.4) / 2)
     assert report.sequential.wall_s == pytest.approx((2.0 + 0.8) / 2)
     assert report.wall_speedup == pytest.approx((2.0 / 0.7 + 0.8 / 0.4) / 2)
-    seq_crit = [t.L_crit for t in s]
-    expected0 = ((seq_crit[0] + seq_crit[1]) / 2) / ((p[0].L_crit + p[1].L_crit) / 2)
-    expected1 = ((seq_crit[2] + seq_crit[3]) / 2) / ((p[2].L_crit + p[3].L_crit) / 2)
+    # per problem: mean sequential L_crit / mean parallel L_crit
+    # problem 0: 87 / ((150 + 170) / 2) = 87 / 160; problem 1: 87 / ((37 + 150) / 2) = 87 / 93.5
+    expected0, expected1 = 87 / 160, 87 / 93.5
     assert report.speedups == pytest.approx([expected0, expected1])
     assert report.speedup == pytest.approx((expected0 + expected1) / 2)
-    # correct only: problem 0 -> both sequential samples vs parallel sample 0; problem 1 -> seq sample 1 vs both
-    c0 = ((seq_crit[0] + seq_crit[1]) / 2) / p[0].L_crit
-    c1 = seq_crit[3] / ((p[2].L_crit + p[3].L_crit) / 2)
+    # correct only: problem 0 -> both sequential samples (87) vs parallel sample 0 (150);
+    # problem 1 -> sequential sample 1 (87) vs both parallel samples (37 and 150)
+    c0, c1 = 87 / 150, 87 / 93.5
     assert report.speedups_correct == pytest.approx([c0, c1])
-    assert p[0].L_crit < p[0].L_total  # the parallel sample's critical path skips the shorter thread
+    # self speedup: the mean of L_total / L_crit over the samples
+    assert report.parallel.self_speedup == pytest.approx((162 / 150 + 182 / 170 + 1 + 162 / 150) / 4)
     metrics = report.metrics()
     assert metrics["eval/tiny/parallel/accuracy"] == pytest.approx(0.75)
     assert metrics["eval/tiny/speedup_correct"] == pytest.approx((c0 + c1) / 2)
@@ -169,10 +182,14 @@ def test_eval_cli_reports_parallel_and_sequential_side_by_side(taught_model, tmp
     par, seq = summary["parallel"], summary["sequential"]
     assert par["accuracy"] == 1.0 and seq["accuracy"] == 1.0  # the rote answers, decoded both ways
     assert par["activation"] == 1.0 and seq["activation"] == 0.0  # no spawning in sequential mode
-    # the same text decoded as one sequence: L_total equal up to the orchestrator's seeds; L_crit shorter
-    assert par["wall_s"] > 0 and seq["wall_s"] > 0
     records = [json.loads(x) for x in (out / "rote_parallel.jsonl").read_text().splitlines()]
     seq_records = [json.loads(x) for x in (out / "rote_sequential.jsonl").read_text().splitlines()]
+    # the same text decoded as one sequence: there the model writes what the orchestrator inserts in parallel
+    # mode, two seeds "\n<Thread>\nN:" (5 tokens each) and the join newline (1), so L_total is 11 tokens longer
+    assert [s["L_total"] - p["L_total"] for s, p in zip(seq_records, records)] == [11, 11]
+    # k = 1: a problem's wall-clock time is its one sample's; the report averages it over the problems
+    assert par["wall_s"] == pytest.approx(sum(r["latency_s"] for r in records) / 2)
+    assert seq["wall_s"] == pytest.approx(sum(r["latency_s"] for r in seq_records) / 2)
     assert [r["correct"] for r in records] == [True, True] and records[0]["extracted_answer"] == "9"
     assert [r["n_blocks"] for r in seq_records] == [0, 0] and "<Parallel>" in seq_records[0]["response"]
     # k = 1: a problem's speedup is the sequential sample's length over the parallel sample's critical path

@@ -190,3 +190,131 @@ def test_structural_limits_are_checked_on_the_text_first():
     assert validate(GOOD, max_bytes=10) == limit_reasons(GOOD, max_bytes=10)
     assert limit_reasons("\u20ac" * 4, max_bytes=11) == ["the response has 12 bytes (UTF-8), more than the limit of 11"]
     assert limit_reasons(GOOD, max_threads=None, max_blocks=None, max_bytes=None) == []
+
+
+def _block(outlines, threads):
+    return ("<Parallel><Outlines>" + "".join(f"<Outline>{o}</Outline>" for o in outlines) + "</Outlines>"
+            + "".join(f"<Thread>{t}</Thread>" for t in threads) + "</Parallel>")
+
+
+@pytest.mark.parametrize("text, reasons", [
+    (_block(["1: a", "x"], ["1: b", "2: c"]), ["block 1: outline 2 does not start with 'N:'"]),
+    (_block(["1: a", "2:  "], ["1: b", "2: c"]), ["block 1: outline 2 is empty"]),
+    (_block(["1: a", "2: b"], ["1: b", "2:"]), ["block 1: thread 2 is empty"]),
+    (_block(["1: a"], ["b"]), ["block 1: thread 1 does not start with 'N:'"]),
+    (_block(["1: a", "2: b"], ["1: see thread 2", "2: c"]), ["block 1: thread 1 refers to thread 2"]),
+    (_block(["1: a", "2: b"], ["1: x"]),
+     ["block 1: 2 outlines but 1 threads", "block 1: threads are numbered 1, outlines 1,2"]),
+    (_block([f"{i}: x" for i in range(2, 13)], [f"{i}: y" for i in range(2, 13)]),
+     ["block 1: outlines are numbered 2,3,4,5,6,7,8,9,10,11,... (11 in all), expected 1..11"]),
+    (_block([f"{i}: x" for i in range(2, 12)], [f"{i}: y" for i in range(2, 12)]),
+     ["block 1: outlines are numbered 2,3,4,5,6,7,8,9,10,11, expected 1..10"]),
+    (_block(["1: a", "2: b"], ["2: x", "1: y"]), ["block 1: threads are numbered 2,1, outlines 1,2"]),
+    ("<Parallel><Outlines></Outlines></Parallel>", ["block 1: no outlines"]),
+    ("<Parallel><Outlines>" + "x" * 40 + "</Outlines></Parallel>",
+     ["block 1 at char 20: unexpected text '" + "x" * 40 + "' after <Outlines> (expected <Outline> or "
+      "</Outlines>)"]),
+    ("<Parallel><Outlines>" + "x" * 41 + "</Outlines></Parallel>",
+     ["block 1 at char 20: unexpected text '" + "x" * 40 + "...' after <Outlines> (expected <Outline> or "
+      "</Outlines>)"]),
+    ("<Parallel><Outlines><Outline>1: a</Outline></Outlines><Thread>1: b</Outlines>",
+     ["block 1 at char 66: </Outlines> inside <Thread>"]),  # 10 + 10 + 9 + 4 + 10 + 11 + 8 + 4 characters
+    ("<Parallel><Outlines><Outline>1: a</Outline></Outlines><Thread>1: b</Thread>" + "y" * 50 + "</Parallel>",
+     ["block 1 at char 75: unexpected text '" + "y" * 40 + "...' after </Thread> (expected <Thread> or "
+      "</Parallel>)"]),
+])
+def test_every_reason_word_for_word(text, reasons):
+    assert validate(text) == reasons
+
+
+def test_the_thread_limit_is_inclusive():
+    text = _block(["1: a", "2: b", "3: c"], ["1: x", "2: y", "3: z"])
+    assert validate(text, max_threads=3) == []
+    assert validate(text, max_threads=2) == ["block 1: 3 threads, more than the limit of 2"]
+    assert validate(text, max_threads=None) == []
+
+
+def test_block_bodies_and_canonical_whitespace():
+    block = Block(["1: plan", "free text"], ["\n1: work", "no number"], ["", " ", "\t", "", "  ", "", ""])
+    assert [block.outline_body(0), block.outline_body(1)] == [" plan", "free text"]
+    assert [block.thread_body(0), block.thread_body(1)] == [" work", "no number"]
+    # canonical form: the model's own whitespace (head gaps) kept, the orchestrator's normalised, a thread
+    # without a number left as it is
+    (canon,) = canonicalize(Response([block])).parts
+    assert canon.gaps == ["", " ", "\t", "", "\n", "\n", "\n"]
+    assert canon.threads == ["\n1: work", "no number"]
+    assert serialize(Response([canon])) == ("<Parallel><Outlines> <Outline>1: plan</Outline>\t<Outline>free text"
+                                            "</Outline></Outlines>\n<Thread>\n1: work</Thread>\n<Thread>no number"
+                                            "</Thread>\n</Parallel>")
+
+
+_HEAD = "<Parallel><Outlines><Outline>1: a</Outline></Outlines>"  # 54 characters
+_ONE = _HEAD + "<Thread>1: b</Thread></Parallel>"  # 86 characters
+
+
+@pytest.mark.parametrize("text, reasons", [
+    # grammar errors: where (character offset), what was expected, what was found
+    ("<Parallel>x<Outlines></Outlines></Parallel>",
+     ["block 1 at char 10: unexpected text 'x' after <Parallel> (expected <Outlines>)"]),
+    ("<Parallel><Outlines><Outline>1: a</Outline>x</Outlines></Parallel>",
+     ["block 1 at char 43: unexpected text 'x' after </Outline> (expected <Outline> or </Outlines>)"]),
+    (_HEAD + "x<Thread>1: b</Thread></Parallel>",
+     ["block 1 at char 54: unexpected text 'x' after </Outlines> (expected <Thread>)"]),
+    ("<Parallel><Outlines><Outline>1: a</Outline><Thread>1: b</Thread></Parallel>",
+     ["block 1 at char 43: expected </Outlines> to close the outlines, found <Thread>"]),
+    (_HEAD + "<Thread>1: b</Thread><Outlines>",
+     ["block 1 at char 75: expected </Parallel> to close the block, found <Outlines>"]),
+    ("<Parallel><Thread>", ["block 1 at char 10: expected <Outlines> after <Parallel>, found <Thread>"]),
+    ("<Parallel><Outlines><Outline>1: a", ["block 1: truncated inside <Outline>, missing </Outline>"]),
+    ("<Parallel><Outlines><Outline>1: a<Parallel>",
+     ["block 1 at char 33: <Parallel> inside <Outline> (blocks cannot nest)"]),
+    (_ONE + "x<Parallel><Outlines>y",  # the second block is named block 2 (86 + 1 + 10 + 10 = 107)
+     ["block 2 at char 107: unexpected text 'y' after <Outlines> (expected <Outline> or </Outlines>)"]),
+    ("<Parallel><Outlines><Outline></Outline></Outlines><Thread>1: b</Thread></Parallel>",
+     ["block 1: outline 1 does not start with 'N:'"]),
+    # the think tags
+    ("<think>a</think><think>b</think>",
+     ["<think> after </think>", "2 <think> and 2 </think> tags, expected at most one of each"]),
+    ("<think>a</think></think>",
+     ["</think> without <think>", "1 <think> and 2 </think> tags, expected at most one of each"]),
+    ("<think><think>a</think>",
+     ["<think> is never closed (truncated reasoning)", "2 <think> and 1 </think> tags, expected at most one of each"]),
+    ("a</think>", ["</think> without <think>"]),
+    ("<think>a", ["<think> is never closed (truncated reasoning)"]),
+    ("<think>x</think>" + _ONE, ["a block appears after </think> (in the final answer)"]),
+    # every thread is checked, even after one without a number; a thread may name itself
+    ("<Parallel><Outlines><Outline>1: a</Outline><Outline>2: b</Outline></Outlines><Thread>b</Thread>"
+     "<Thread>2: see thread 1</Thread></Parallel>",
+     ["block 1: thread 1 does not start with 'N:'", "block 1: thread 2 refers to thread 1"]),
+    (_HEAD + "<Thread>1: I am thread 1</Thread></Parallel>", []),
+])
+def test_grammar_and_think_reasons_word_for_word(text, reasons):
+    assert validate(text) == reasons
+
+
+def test_is_valid_follows_validate():
+    from rollout.format import is_valid
+
+    three = _block(["1: a", "2: b", "3: c"], ["1: x", "2: y", "3: z"])
+    assert is_valid(three) and not is_valid("<think>a")
+    assert not is_valid(three, max_threads=2) and is_valid(three, max_threads=3)
+
+
+def test_parts_and_empty_contents():
+    # no empty text parts around or between blocks
+    assert [type(p).__name__ for p in parse(_ONE).parts] == ["Block"]
+    assert [type(p).__name__ for p in parse(_ONE + _ONE).parts] == ["Block", "Block"]
+    assert parse("a" + _ONE).parts[0] == "a" and len(parse("a" + _ONE).parts) == 2
+    empty = parse("<Parallel><Outlines><Outline></Outline></Outlines><Thread></Thread></Parallel>").blocks[0]
+    assert (empty.outlines, empty.threads) == ([""], [""])
+
+
+def test_block_gaps_default_check_and_placement():
+    assert Block(["1: a"], ["1: b"]).gaps == ["\n"] * 5
+    assert Block(["1: a", "2: b"], ["1: c"]).gaps == ["\n"] * 6
+    with pytest.raises(ValueError, match=r"^Block needs 5 gaps, got 1$"):
+        Block(["1: a"], ["1: b"], ["\n"])
+    gaps = ["0", "1", "2", "3", "4", "5", "6"]  # not whitespace: only to see where each gap goes
+    text = Block(["1: a", "2: b"], ["1: c", "2: d"], gaps).text()
+    assert text == ("<Parallel>0<Outlines>1<Outline>1: a</Outline>2<Outline>2: b</Outline>3</Outlines>4"
+                    "<Thread>1: c</Thread>5<Thread>2: d</Thread>6</Parallel>")

@@ -9,11 +9,10 @@ from rewards.answer import extract_answer, quick_verdict
 from rewards.checker import AnswerChecker, Verdict
 from rewards.config import RewardConfig
 from rewards.score import (
-    RewardItem, acceleration_reward, correctness_reward, format_reward, score, total_reward,
+    RewardItem, ScoreRecord, acceleration_reward, correctness_reward, format_reward, score, score_many, total_reward,
 )
-from rollout.task import TaskConfig, make_dataset
 from rollout.tiny import build_tokenizer
-from rollout.units import chat_prompt_ids, latency, replay
+from rollout.units import encode, replay
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +65,11 @@ def test_math_verify_decides_what_the_fast_rules_cannot(checker):
     assert quick_verdict("\\sqrt{18}", "3\\sqrt{2}") is None
     assert checker.check("\\sqrt{18}", "3\\sqrt{2}") == Verdict(True, False, "math_verify", pytest.approx(0, abs=2))
     assert quick_verdict("0.3333333", "1/3") is None  # too close to call without math-verify's rounding
-    assert checker.check("0.3333333", "1/3").method == "math_verify"
-    assert checker.check("\\sqrt{6}", "2\\sqrt{2}").method == "math_verify"
+    # math-verify rounds the float to the reference's precision: equal
+    third = checker.check("0.3333333", "1/3")
+    assert (third.correct, third.timed_out, third.method) == (True, False, "math_verify")
+    unequal = checker.check("\\sqrt{6}", "2\\sqrt{2}")
+    assert (unequal.correct, unequal.timed_out, unequal.method) == (False, False, "math_verify")
 
 
 def test_math_verify_verdicts_are_remembered_per_pair():
@@ -224,46 +226,57 @@ def test_config_loads_from_yaml_with_overrides(tmp_path):
 
 # ---------------------------------------------------------------------------- token measures
 
+# Hand-written responses over the tiny tokenizer, where every character and every tag is one token.
+# Parallel: the head "<think>\n" + "<Parallel>\n<Outlines>\n" + 2 x "<Outline>N: a</Outline>\n" + "</Outlines>"
+#   = 2 + 4 + 2 * 7 + 1 = 21 tokens; thread 1 " xxxx\n</Thread>" = 7, thread 2 " yy\n</Thread>" = 5 (after
+#   their 5-token seeds "\n<Thread>\nN:"); the tail "</Parallel>" + "\nso 6\n</think>\n\n\\boxed{6}" + EOS
+#   = 1 + 18 + 1 = 20 (after a 1-token join newline).
+#   L_total = 21 + 7 + 5 + 20 = 53; L_crit = 21 + 7 + 20 = 48; eta = 5/53; R_accel = min(0.5 * 5/53, 0.2) = 5/106.
+#   count_inserted: 53 + 5 + 5 + 1 = 64 and 48 + 5 + 1 = 54; count_prompt: + the 3 prompt tokens.
+# Sequential: "<think>\nso 6\n</think>\n\n\\boxed{6}" + EOS = 19 + 1 = 20 tokens.
+PARALLEL = ("<think>\n<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n<Outline>2: b</Outline>\n</Outlines>\n"
+            "<Thread>\n1: xxxx\n</Thread>\n<Thread>\n2: yy\n</Thread>\n</Parallel>\nso 6\n</think>\n\n\\boxed{6}")
+SEQUENTIAL = "<think>\nso 6\n</think>\n\n\\boxed{6}"
+
 
 @pytest.fixture(scope="module")
 def traces():
     tok = build_tokenizer()
-    rec = make_dataset(TaskConfig(min_threads=3, max_threads=3), {"train": 1}, seed=3)["train"][0]
-    prompt = chat_prompt_ids(tok, rec["prompt"])
-    return rec, {kind: replay(prompt, rec[f"response_{kind}"], tok, tok.eos_token_id)
-                 for kind in ("parallel", "sequential")}
+    prompt = encode(tok, "Q: ")
+    return {kind: replay(prompt, text, tok, tok.eos_token_id)
+            for kind, text in (("parallel", PARALLEL), ("sequential", SEQUENTIAL))}
 
 
 def test_token_measures_come_from_the_units(checker, traces):
-    rec, units = traces
     cfg = RewardConfig()
-    par = score(RewardItem(rec["response_parallel"], rec["answer"], units["parallel"]), cfg, checker)
-    lat = latency(units["parallel"])
-    assert (par.L_total, par.L_crit, par.eta, par.n_blocks) == (lat.L_total, lat.L_crit, lat.eta, 1)
+    assert [len(u.completion_ids) for u in traces["parallel"]] == [21, 7, 5, 20]
+    par = score(RewardItem(PARALLEL, "6", traces["parallel"]), cfg, checker)
+    assert (par.L_total, par.L_crit, par.n_blocks) == (53, 48, 1)
+    assert par.eta == pytest.approx(5 / 53, abs=1e-12) and par.speedup == pytest.approx(53 / 48, abs=1e-12)
     assert par.correct and par.format_valid and par.parallel and par.accel_measured
-    assert 0 < par.eta < 1 and par.L_crit < par.L_total
-    assert par.R_accel == pytest.approx(min(0.5 * par.eta, 0.2)) and par.reward == pytest.approx(1 + par.R_accel)
-    seq = score(RewardItem(rec["response_sequential"], rec["answer"], units["sequential"]), cfg, checker)
-    assert (seq.eta, seq.R_accel, seq.reward, seq.parallel, seq.n_blocks) == (0.0, 0.0, 1.0, False, 0)
-    wrong = score(RewardItem(rec["response_parallel"], str(int(rec["answer"]) + 1), units["parallel"]), cfg, checker)
-    assert (wrong.correct, wrong.R_accel, wrong.reward) == (False, 0.0, 0.0) and wrong.eta == par.eta
+    assert par.R_accel == pytest.approx(5 / 106, abs=1e-12) and par.reward == pytest.approx(1 + 5 / 106, abs=1e-12)
+    seq = score(RewardItem(SEQUENTIAL, "6", traces["sequential"]), cfg, checker)
+    assert (seq.L_total, seq.L_crit, seq.eta, seq.R_accel, seq.reward, seq.parallel, seq.n_blocks) == \
+        (20, 20, 0.0, 0.0, 1.0, False, 0)
+    wrong = score(RewardItem(PARALLEL, "7", traces["parallel"]), cfg, checker)
+    assert (wrong.correct, wrong.R_accel, wrong.reward) == (False, 0.0, 0.0)
+    assert (wrong.L_total, wrong.L_crit) == (53, 48)
 
 
 def test_counting_switches_add_inserted_and_prompt_tokens(checker, traces):
-    rec, units = traces
-    item = RewardItem(rec["response_parallel"], rec["answer"], units["parallel"])
-    base = score(item, RewardConfig(), checker)
+    item = RewardItem(PARALLEL, "6", traces["parallel"])
     inserted = score(item, RewardConfig(count_inserted=True), checker)
+    assert (inserted.L_total, inserted.L_crit) == (64, 54)
+    assert inserted.R_accel == pytest.approx(0.5 * (1 - 54 / 64), abs=1e-12)
     prompt = score(item, RewardConfig(count_prompt=True), checker)
-    n_prompt = len(units["parallel"][0].context_ids)
-    assert inserted.L_total > base.L_total and inserted.L_crit > base.L_crit
-    assert (prompt.L_total, prompt.L_crit) == (base.L_total + n_prompt, base.L_crit + n_prompt)
-    assert prompt.eta < base.eta
+    assert (prompt.L_total, prompt.L_crit) == (56, 51)
+    assert prompt.eta == pytest.approx(5 / 56, abs=1e-12)
+    both = score(item, RewardConfig(count_inserted=True, count_prompt=True), checker)
+    assert (both.L_total, both.L_crit) == (67, 57)
 
 
-def test_without_units_there_is_no_acceleration_reward(checker, traces):
-    rec, _ = traces
-    r = score(RewardItem(rec["response_parallel"], rec["answer"]), RewardConfig(), checker)
+def test_without_units_there_is_no_acceleration_reward(checker):
+    r = score(RewardItem(PARALLEL, "6"), RewardConfig(), checker)
     assert r.correct and not r.accel_measured and r.eta is None and r.R_accel == 0.0 and r.reward == 1.0
 
 
@@ -272,3 +285,37 @@ def test_format_penalty_applies_to_malformed_responses(checker):
     rec = score(RewardItem(malformed, "4"), RewardConfig(format_penalty=0.5), checker)
     assert not rec.format_valid and rec.format_error and rec.correct
     assert (rec.R_correct, rec.format_penalty, rec.reward) == (1.0, 0.5, 0.5)
+
+
+def test_score_many_metrics_and_the_record_dict(checker, traces):
+    cfg = RewardConfig(format_penalty=0.5)
+    items = [RewardItem(PARALLEL, "6", traces["parallel"]), RewardItem("<think>\nhmm\n</think>\nno answer", "6")]
+    par, none = score_many(items, cfg, checker)
+    # a format-valid response pays no penalty, whatever its size
+    assert (par.format_penalty, par.reward) == (0.0, pytest.approx(1 + 5 / 106))
+    # no boxed answer: nothing was checked, in no time
+    assert (none.check_method, none.check_seconds, none.extraction, none.correct) == ("none", 0.0, "no_boxed", False)
+    m = par.metrics()
+    assert m["L_total"] == 53.0 and m["L_crit"] == 48.0 and m["correct"] == 1.0 and m["parallel"] == 1.0
+    assert m["reward"] == pytest.approx(1 + 5 / 106) and isinstance(m["n_blocks"], float)
+    assert "extracted_answer" not in m and "format_error" not in m  # text fields are not metrics
+    assert "L_total" not in none.metrics()  # unmeasured: left out
+    d = par.to_dict()
+    assert d["extracted_answer"] == "6" and d["L_crit"] == 48 and d["correct"] is True
+    assert set(d) == set(ScoreRecord.__dataclass_fields__)
+
+
+def test_the_checkers_verdict_is_reported_as_it_came():
+    class Fixed:
+        def __init__(self, verdict):
+            self.verdict = verdict
+
+        def check(self, pred, gold):
+            return self.verdict
+
+    broken = score(RewardItem(final("x"), "1"), RewardConfig(), Fixed(Verdict(False, False, "error", 0.25, "boom")))
+    assert (broken.check_method, broken.check_error, broken.check_seconds, broken.check_cached) == \
+        ("error", "boom", 0.25, False)
+    cached = score(RewardItem(final("x"), "1"), RewardConfig(), Fixed(Verdict(True, False, "math_verify", 0.0,
+                                                                              cached=True)))
+    assert (cached.correct, cached.check_cached, cached.check_error, cached.timed_out) == (True, True, None, False)

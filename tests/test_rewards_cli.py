@@ -5,22 +5,23 @@ import json
 import pytest
 
 from cluster.cli import main
-from rollout.task import TaskConfig, make_dataset
 from rollout.tiny import build_tokenizer
-from rollout.units import chat_prompt_ids, replay
+from rollout.units import encode, replay
+from tests.test_rewards import PARALLEL, SEQUENTIAL
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
+    """Four records; PARALLEL and SEQUENTIAL (tests/test_rewards.py) have hand-counted measures:
+    PARALLEL L_total 53, L_crit 48, eta 5/53; SEQUENTIAL 20 tokens."""
     root = tmp_path_factory.mktemp("score")
     tok = build_tokenizer()
     tok.save_pretrained(root / "tok")
-    rec = make_dataset(TaskConfig(min_threads=3, max_threads=3), {"train": 1}, seed=5)["train"][0]
-    units = replay(chat_prompt_ids(tok, rec["prompt"]), rec["response_parallel"], tok, tok.eos_token_id)
+    units = replay(encode(tok, "Q: "), PARALLEL, tok, tok.eos_token_id)
     rows = [
-        {"prompt": rec["prompt"], "response": rec["response_parallel"], "answer": rec["answer"]},
-        {"prompt": rec["prompt"], "response": rec["response_sequential"], "answer": int(rec["answer"]) + 1},
-        {"response": rec["response_parallel"], "answer": rec["answer"], "units": [u.to_dict() for u in units]},
+        {"prompt": "What is 2*3?", "response": PARALLEL, "answer": "6"},
+        {"prompt": "What is 2*3?", "response": SEQUENTIAL, "answer": 7},
+        {"response": PARALLEL, "answer": "6", "units": [u.to_dict() for u in units]},
         {"response": "<think>\nroot\n</think>\n\\boxed{\\sqrt{8}}", "answer": "2\\sqrt{2}"},
     ]
     path = root / "in.jsonl"
@@ -42,14 +43,17 @@ def test_json_output_has_every_component(capsys, data):
     for key in ("reward", "R_correct", "R_accel", "format_penalty", "timed_out", "format_valid",
                 "L_total", "L_crit", "eta", "parallel", "extracted_answer"):
         assert all(key in r for r in rows)
-    replayed, given = rows[0], rows[2]
-    for key in ("L_total", "L_crit", "eta"):
-        assert replayed[key] == given[key]
-    assert replayed["eta"] > 0 and replayed["R_accel"] == pytest.approx(min(0.5 * replayed["eta"], 0.2))
-    assert rows[3]["check_method"] == "math_verify"
+    # the replayed record (prompt + tokenizer) and the one that carries its units measure the same by hand:
+    # L_total 53, L_crit 48, eta 5/53, R_accel = min(0.5 * 5/53, 0.2) = 5/106; the sequential one 20 tokens
+    for r in (rows[0], rows[2]):
+        assert (r["L_total"], r["L_crit"]) == (53, 48)
+        assert r["eta"] == pytest.approx(5 / 53, abs=1e-12) and r["R_accel"] == pytest.approx(5 / 106, abs=1e-12)
+    assert (rows[1]["L_total"], rows[1]["L_crit"], rows[1]["eta"], rows[1]["reward"]) == (20, 20, 0.0, 0.0)
+    assert rows[3]["check_method"] == "math_verify" and rows[3]["reward"] == 1.0  # no units: no bonus
     assert summary["records"] == 4 and summary["measured"] == 4
     assert summary["mean_correct"] == 0.75
-    assert summary["mean_reward"] == pytest.approx(sum(r["reward"] for r in rows) / 4)
+    # (1 + 5/106) + 0 + (1 + 5/106) + 1 = 3 + 10/106, over 4 records
+    assert summary["mean_reward"] == pytest.approx((3 + 10 / 106) / 4, abs=1e-12)
 
 
 def test_preset_and_records_without_units(capsys, data):
@@ -57,7 +61,8 @@ def test_preset_and_records_without_units(capsys, data):
     code, rows, summary = run_json(capsys, path, "--preset", "official-code")
     assert code == 0 and rows[1]["reward"] == -1.0                      # incorrect scores -1 in this preset
     assert rows[0]["accel_measured"] is False and rows[0]["R_accel"] == 0.0 and rows[0]["eta"] is None
-    assert rows[2]["R_accel"] == pytest.approx(0.5 * min(rows[2]["eta"], 0.2))  # units given in the record
+    # units given in the record: R_accel = 0.5 * min(5/53, 0.2) = 5/106
+    assert rows[2]["R_accel"] == pytest.approx(5 / 106, abs=1e-12) and rows[2]["reward"] == pytest.approx(1 + 5 / 106)
     assert summary["measured"] == 1
 
 

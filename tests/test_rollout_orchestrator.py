@@ -126,13 +126,46 @@ def test_parallel_trajectory_follows_design_section_3(tok):
     assert [u.n_inserted for u in t.units] == [0, len(encode(tok, thread_seed(1))), len(encode(tok, thread_seed(2))),
                                                1]
     assert all(lp == -0.5 for u in t.units for lp in u.completion_logprobs)
-    # latency in model-generated tokens
-    n_head, n_tail = len(encode(tok, HEAD)), len(encode(tok, TAIL)) + 1
-    n1, n2 = (len(encode(tok, f" work {n}{'!' * n}</Thread>")) for n in (1, 2))
-    assert (t.L_total, t.L_crit) == (n_head + n1 + n2 + n_tail, n_head + max(n1, n2) + n_tail)
-    assert t.eta == pytest.approx(1 - t.L_crit / t.L_total)
+    # latency in model-generated tokens (every character and tag is one token of the tiny tokenizer):
+    # HEAD = <think> \n p l a n <Parallel> \n <Outlines> \n + 2 x (<Outline> "1: a" </Outline> \n) + </Outlines>
+    #      = 1 + 1 + 4 + 1 + 1 + 1 + 1 + 2 * 7 + 1 = 25; threads " work 1!</Thread>" 9, " work 2!!</Thread>" 10;
+    # TAIL + EOS = </Parallel> \n "so 3" </think> \n "\boxed{3}" EOS = 1 + 1 + 4 + 1 + 1 + 9 + 1 = 18
+    # L_total = 25 + 9 + 10 + 18 = 62; L_crit = 25 + 10 + 18 = 53; eta = 9/62
+    assert [len(u.completion_ids) for u in t.units] == [25, 9, 10, 18]
+    assert (t.L_total, t.L_crit) == (62, 53)
+    assert t.eta == pytest.approx(9 / 62, abs=1e-12) and t.speedup == pytest.approx(62 / 53, abs=1e-12)
     assert (t.n_blocks, t.threads_per_block, t.closed_threads) == (1, [2], [])
-    assert t.latency_s >= 0 and t.n_requests == 4
+    assert t.n_requests == 4
+
+
+class FakeClock:
+    """Stands in for ``time`` in the orchestrator: one second passes at every ``engine.wait()``."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def test_latency_s_is_the_time_from_the_start_to_the_trajectory_end(tok, monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(orchestrator, "time", clock)
+
+    class TickingEngine(ScriptedEngine):
+        def wait(self):
+            clock.now += 1.0
+            return super().wait()
+
+    def policy(prompt_text, request):  # Q0 answers in one request; Q1 in a block: head, two threads, join
+        return "<think>x</think>\\boxed{3}" + EOS if "Q0" in prompt_text else good_policy(prompt_text, request)
+
+    engine = TickingEngine(tok, policy)
+    short, parallel = generate(engine, tok, [prompt(tok, "Q0"), prompt(tok, "Q1")], RolloutConfig(seed=0))
+    # waits: 1 returns Q0's answer (13 tokens, the shortest) -> Q0 ends at second 1; then Q1's 25-token head (2),
+    # its threads of 9 (3) and 10 tokens (4), and its 18-token tail (5)
+    assert (short.finish_reason, parallel.finish_reason) == ("eos", "eos")
+    assert (short.latency_s, parallel.latency_s) == (1.0, 5.0)
 
 
 def assert_units_equal_replay(units, p, text, tok):

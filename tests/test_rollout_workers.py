@@ -93,11 +93,16 @@ def test_pool_trajectories_equal_replay_of_their_text(pool, tokenizer):
         assert_units_equal_replay(t.units, prompts[0], t.text, tokenizer)
         assert [u.role for u in t.units] == [SEQ, THREAD, THREAD, THREAD, SEQ]
         assert (t.n_blocks, t.threads_per_block, t.closed_threads) == (1, [3], [])
-        assert 0 < t.eta < 1 and t.latency_s > 0
+        # by hand (every character and tag one token): head "<think>\n<Parallel>\n<Outlines>\n" 6 + outlines
+        # 9 + 11 + 10 + "</Outlines>" 1 = 37; threads " N</Thread>" 3 each; tail "</Parallel>\n9</think>" 4 +
+        # "\\boxed{9}" 9 + EOS 1 = 14.  L_total = 37 + 9 + 14 = 60, L_crit = 37 + 3 + 14 = 54, eta = 0.1
+        assert (t.L_total, t.L_crit) == (60, 54) and t.eta == pytest.approx(0.1)
         assert all(lp > -0.5 for u in t.units for lp in u.completion_logprobs)
     (seq,) = pool.generate(prompts[:1], n=1, sequential=True)
     assert seq.finish_reason == "eos" and seq.text == TAUGHT_RESPONSE
     assert [u.role for u in seq.units] == [SEQ] and seq.eta == 0.0
+    # decoded as one sequence the model also writes the 3 seeds (5 tokens each) and the join newline: 60 + 16
+    assert seq.L_total == seq.L_crit == 76
 
 
 @pytest.mark.integration

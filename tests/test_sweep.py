@@ -86,7 +86,15 @@ def test_two_point_sweep_runs_child_runs_and_plots(tiny_model_dir, tmp_path):
     assert [r.error for r in results] == [None, None]
     assert [r.point.rho for r in results] == [0.5, 1.0]
     for r in results:
-        assert 0.0 <= r.metrics["accuracy"] <= 1.0 and r.metrics["L_crit"] > 0
+        # a point's metrics are the means over the held-out records its RL run wrote at the last step
+        # (2 prompts, greedy, parallel decoding)
+        steps = sorted((Path(r.run_dir) / "eval").glob("step_*.jsonl"))
+        records = [json.loads(line) for line in steps[-1].read_text().splitlines()]
+        assert [x["mode"] for x in records] == ["parallel", "parallel"]
+        assert r.metrics["accuracy"] == pytest.approx(sum(x["correct"] for x in records) / 2)
+        assert r.metrics["L_crit"] == pytest.approx(sum(x["L_crit"] for x in records) / 2)
+        assert r.metrics["L_total"] == pytest.approx(sum(x["L_total"] for x in records) / 2)
+        assert 0 < r.metrics["L_crit"] <= r.metrics["L_total"] <= 32  # rollout.max_tokens=32
         assert (Path(r.run_dir) / "summary.json").is_file()
 
     out = tmp_path / "sweep"

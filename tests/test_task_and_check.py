@@ -101,6 +101,15 @@ def test_check_cli_valid_and_invalid(tmp_path, tokenizer_dir, capsys):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert all(r["eta"] == 0.0 for r in rows[:-1])
 
+    # a hand-counted response (tests/test_rewards.py): L_total 53, L_crit 48, eta 5/53
+    from tests.test_rewards import PARALLEL
+
+    hand = _write(tmp_path / "hand.jsonl", [{"prompt": "What is 2*3?", "response": PARALLEL}])
+    assert main(["check", hand, "--tokenizer", tokenizer_dir, "--json"]) == 0
+    row = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert (row["valid"], row["L_total"], row["L_crit"]) == (True, 53, 48)
+    assert row["eta"] == pytest.approx(5 / 53, abs=1e-12)
+
 
 @pytest.mark.parametrize("content, message", [
     (None, "cannot read"),

@@ -4,8 +4,13 @@ tracking server that is down (a closed 127.0.0.1 port) never raising, with the b
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import socket
+import subprocess
+import sys
 import time
+import urllib.request
 
 import pytest
 
@@ -107,27 +112,71 @@ def test_local_store_round_trip_and_resume(tmp_path):
     assert (tmp_path / "store" / "mlartifacts").is_dir()  # next to the database, not in the working directory
 
 
+def _start_server(port: int, root) -> subprocess.Popen:
+    """A real MLflow tracking server on 127.0.0.1:port (sqlite store, artifacts served from ``root``)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root}/server.db", "--artifacts-destination", str(root / "artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true"),
+        start_new_session=True)  # its own process group: the server and its uvicorn worker end together
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the MLflow server exited with code {proc.returncode}"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.5)
+    _stop(proc)
+    raise AssertionError("the MLflow server did not start within 120 s")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 @pytest.mark.integration
 def test_unreachable_server_warns_buffers_and_delivers_later(tmp_path, caplog):
-    cfg = TrackingConfig(uri=f"http://127.0.0.1:{_closed_port()}", retry_after_s=0.0, request_timeout_s=2)
+    port = _closed_port()
+    uri = f"http://127.0.0.1:{port}"
+    cfg = TrackingConfig(uri=uri, retry_after_s=0.0, request_timeout_s=2)
     t = Tracker(cfg, tmp_path / "run")
+    artifact = tmp_path / "notes.txt"
+    artifact.write_text("kept until MLflow answers")
     start = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="cluster.tracking"):
         assert t.start({"a": 1}) is None
         for step in range(5):
             t.log_metrics({"train/reward": float(step)}, step=step)
-        t.log_artifact(tmp_path)  # a folder is no file: its failure is also only a warning
+        t.log_artifact(artifact)
         t.finish()
     elapsed = time.monotonic() - start
     assert elapsed < 30, f"a closed port stalled tracking for {elapsed:.0f} s"  # MLflow's defaults take minutes
     assert t.run_id is None and t.pending == 5 and t.failures >= 6
     assert "training goes on" in caplog.text and "were not logged" in caplog.text
 
-    # the server "comes back" (here: the tracker is pointed at a reachable store): the backlog arrives
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    t.uri, t._client = uri, None
-    t._artifacts.clear()
-    t.log_metrics({"train/reward": 5.0}, step=5)
-    t.finish()
-    assert t.run_id is not None and t.pending == 0
-    assert [r["train/reward"] for r in metric_table(uri, t.run_id, ["train/reward"])] == [0, 1, 2, 3, 4, 5]
+    # the server comes up on that port: the same tracker delivers its backlog with the next values
+    root = tmp_path / "server"
+    root.mkdir()
+    server = _start_server(port, root)
+    try:
+        with caplog.at_level(logging.WARNING, logger="cluster.tracking"):
+            t.log_metrics({"train/reward": 5.0}, step=5)
+            t.finish()
+        assert "reachable again" in caplog.text
+        assert t.run_id is not None and t.pending == 0
+        assert [r["train/reward"] for r in metric_table(uri, t.run_id, ["train/reward"])] == [0, 1, 2, 3, 4, 5]
+        from mlflow import MlflowClient
+
+        client = MlflowClient(uri)
+        run = client.get_run(t.run_id)
+        assert run.info.status == "FINISHED" and run.data.params == {"a": "1"}
+        assert [a.path for a in client.list_artifacts(t.run_id)] == ["notes.txt"]
+    finally:
+        _stop(server)

@@ -202,3 +202,120 @@ def test_group_tries_split_a_group_that_exceeds_the_budget():
     assert sum(sum(t.weight) for t in tries) == pytest.approx(sum(whole.weight))
     with pytest.raises(ValueError, match="alone has a trie"):
         group_tries(g, weights, max(singles) - 1)
+
+
+# --------------------------------------------------------------------------- edges and errors, by hand
+
+
+def _sized(n: int, first: int = 100):
+    """A trie of ``n`` tokens: one unit with ``n - 1`` context tokens and one completion token."""
+    return build_trie([Unit(list(range(first, first + n - 1)), [first + n - 1])])
+
+
+def _traj(a: int, b: int):
+    """A trajectory [1, 2] -> [a, b]: with others it shares the 2 prompt nodes and adds 2 of its own."""
+    return [Unit([1, 2], [a, b])]
+
+
+def test_default_weights_and_context_lengths():
+    t = build_trie([Unit([1], [2, 3]), Unit([1, 2], [4])])
+    assert t.weight == [0.0, 1.0, 1.0, 1.0] and t.n_targets == [0, 1, 1, 1]
+    assert t.unit_context_len == [1, 2]
+    zero = build_trie([Unit([1], [2])], [0.0])
+    assert (zero.weight, zero.weight_pos, zero.weight_neg) == ([0.0, 0.0], [0.0, 0.0], [0.0, 0.0])
+    assert group_tries([_traj(3, 4), _traj(5, 6)])[0].weight == [0.0, 0.0, 1.0, 1.0, 1.0, 1.0]
+
+
+def test_group_tries_cut_by_hand():
+    # 4 trajectories of 2 own tokens after the shared prompt: 2 + 2k tokens for k of them in one trie
+    trajs = [_traj(3, 4), _traj(5, 6), _traj(7, 8), _traj(9, 10)]
+    weights = [0.5, -0.5, 0.25, -0.25]
+    tries = group_tries(trajs, weights, max_tokens=6)  # 2 trajectories fill a trie exactly
+    assert [len(t) for t in tries] == [6, 6]
+    assert [t.input_ids for t in tries] == [[1, 2, 3, 4, 5, 6], [1, 2, 7, 8, 9, 10]]
+    assert tries[1].weight == [0.0, 0.0, 0.25, 0.25, -0.25, -0.25]
+    tries = group_tries(trajs[:3], weights[:3], max_tokens=5)  # one per trie; the third starts a new one
+    assert [t.input_ids for t in tries] == [[1, 2, 3, 4], [1, 2, 5, 6], [1, 2, 7, 8]]
+    assert [t.weight[2] for t in tries] == [0.5, -0.5, 0.25]
+    assert len(group_tries(trajs)) == 1  # no limit
+    with pytest.raises(ValueError, match=r"^trajectory 0 alone has a trie of 4 tokens, more than max_tokens=3$"):
+        group_tries(trajs, max_tokens=3)
+    exact = [Unit([1, 2], [11, 12, 13])]  # alone exactly the budget: allowed
+    assert [t.input_ids for t in group_tries([trajs[0], exact], max_tokens=5)] == [[1, 2, 3, 4], [1, 2, 11, 12, 13]]
+    big = [Unit([1, 2], [11, 12, 13, 14])]
+    with pytest.raises(ValueError, match=r"^trajectory 1 alone has a trie of 6 tokens, more than max_tokens=5$"):
+        group_tries([trajs[0], big], max_tokens=5)
+    with pytest.raises(ValueError, match=r"^2 trajectories but 1 weights$"):
+        group_tries(trajs[:2], [1.0])
+    with pytest.raises(ValueError, match=r"^2 trajectories but 1 weights$"):
+        group_trie(trajs[:2], [1.0])
+
+
+def test_build_trie_errors_word_for_word():
+    with pytest.raises(ValueError, match=r"^unit 0: empty context, its first completion token has no parent "
+                                         r"position to be predicted from$"):
+        build_trie([Unit([], [1])])
+    with pytest.raises(ValueError, match=r"^1 units but 2 weights$"):
+        build_trie([Unit([1], [2])], [1.0, 1.0])
+
+
+def test_pack_tries_first_fit_decreasing_by_hand():
+    two, three, five = _sized(2, 100), _sized(3, 200), _sized(5, 300)
+    rows = pack_tries([two, three, five], max_tokens=5)
+    # by decreasing size: 5 fills row 0; 3 opens row 1; 2 fits exactly in the 2 tokens left there
+    assert [[len(t) for t in r.tries] for r in rows] == [[5], [3, 2]]
+    assert [r.doc_offsets for r in rows] == [[0], [0, 3]]
+    assert len(pack_tries([build_trie([Unit([5], [])])], max_tokens=1)) == 1  # one-token rows are allowed
+    with pytest.raises(ValueError, match=r"^max_tokens must be positive, got 0$"):
+        pack_tries([two], max_tokens=0)
+    with pytest.raises(ValueError, match=r"^trie 1 has 5 tokens, more than the row budget 4; raise the row length "
+                                         r"or put fewer trajectories in one trie$"):
+        pack_tries([two, five], max_tokens=4)
+
+
+def test_make_row_of_two_tries_field_by_field():
+    a = build_trie([Unit([1, 2], [3], [-0.5])], [0.5])   # 3 tokens
+    b = build_trie([Unit([7], [8, 9])], [-1.0])          # 3 tokens
+    row = make_row([a, b])
+    assert row.input_ids.tolist() == [1, 2, 3, 7, 8, 9]
+    assert row.position_ids.tolist() == [0, 1, 2, 0, 1, 2]
+    assert row.parent.tolist() == [-1, 0, 1, -1, 3, 4]
+    assert row.tout.tolist() == [2, 2, 2, 5, 5, 5]
+    assert row.doc.tolist() == [0, 0, 0, 1, 1, 1] and row.doc_offsets == [0, 3]
+    assert row.weight.tolist() == [0.0, 0.0, 0.5, 0.0, -1.0, -1.0]
+    assert row.weight_pos.tolist() == [0.0, 0.0, 0.5, 0.0, 0.0, 0.0]
+    assert row.weight_neg.tolist() == [0.0, 0.0, 0.0, 0.0, -1.0, -1.0]
+    assert row.n_targets.tolist() == [0, 0, 1, 0, 1, 1]
+    blp = row.behavior_logprob.tolist()
+    assert blp[2] == -0.5 and all(math.isnan(blp[i]) for i in (0, 1, 3, 4, 5))
+    assert row.unit_positions(1, 0).tolist() == [3, 4, 5] and row.unit_positions(0, 0).tolist() == [0, 1, 2]
+    assert row.unit_positions(1, 0).dtype == torch.long
+    with pytest.raises(ValueError, match=r"^make_row needs at least one trie$"):
+        make_row([])
+    three = make_row([a, b, build_trie([Unit([5], [6]), Unit([], [])])])  # offsets add up; an empty unit
+    assert three.doc_offsets == [0, 3, 6] and three.unit_positions(2, 0).tolist() == [6, 7]
+    empty = three.unit_positions(2, 1)
+    assert empty.numel() == 0 and empty.dtype == torch.long
+
+
+def test_row_tensors_are_fp32_and_int64_whatever_the_default_dtype():
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        row = make_row([build_trie([Unit([1, 2], [3], [-0.5])], [0.5])])
+    finally:
+        torch.set_default_dtype(default)
+    for name in ("weight", "weight_pos", "weight_neg", "behavior_logprob"):
+        assert getattr(row, name).dtype == torch.float32, name
+    for name in ("input_ids", "position_ids", "parent", "tout", "doc", "n_targets"):
+        assert getattr(row, name).dtype == torch.int64, name
+    empty = make_row([build_trie([])])  # no tokens at all: still integer ids (an empty list is float by default)
+    assert len(empty) == 0 and empty.input_ids.dtype == empty.parent.dtype == empty.n_targets.dtype == torch.int64
+    for name in ("position_ids", "tout", "doc"):
+        assert getattr(empty, name).dtype == torch.int64, name
+
+
+def test_tree_stats_of_nothing():
+    s = tree_stats([])
+    assert (s.n_units, s.unique_tokens, s.expanded_tokens, s.padded_tokens, s.target_tokens) == (0, 0, 0, 0, 0)
+    assert (s.expanded_ratio, s.padded_ratio) == (0.0, 0.0)

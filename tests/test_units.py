@@ -139,3 +139,69 @@ def test_units_from_json_names_the_unit_and_field(bad, message):
     assert units_from_json([ok]) == [Unit([1], [2, 3], [-0.5, 0], THREAD, 1, 2, 1)]
     with pytest.raises(ValueError, match=f"unit 1: {message}"):
         units_from_json([ok, *([bad] if isinstance(bad, dict) else bad)])
+
+
+class _BosTokenizer:
+    """Characters as ids; adds a BOS (id 1) unless ``add_special_tokens=False``, as Hugging Face tokenizers do."""
+
+    def encode(self, text, add_special_tokens=True):
+        return ([1] if add_special_tokens else []) + [ord(c) for c in text]
+
+
+def test_encode_never_adds_special_tokens():
+    assert encode(_BosTokenizer(), "ab") == [97, 98]
+    assert encode(_BosTokenizer(), "") == []
+
+
+def test_chat_prompt_is_the_user_turn_up_to_the_assistant_turn(tok):
+    ids = chat_prompt_ids(tok, "hi")
+    assert tok.decode(ids, skip_special_tokens=False) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert ids[-len("assistant\n"):] == encode(tok, "assistant\n")
+
+
+def test_replay_of_two_blocks_unit_by_unit():
+    """Every field of every unit, with characters as tokens (the orchestrator's seeds and join newlines inserted)."""
+    tok = _BosTokenizer()
+    response = ("a<Parallel><Outlines><Outline>1:x</Outline></Outlines><Thread>1:bb</Thread></Parallel>c"
+                "<Parallel><Outlines><Outline>1:y</Outline><Outline>2:z</Outline></Outlines>"
+                "<Thread>1:d</Thread><Thread>2:ee</Thread></Parallel>f")
+    units = replay([7], response, tok)  # no EOS: the last unit ends with the text
+    ids = lambda s: [ord(c) for c in s]  # noqa: E731
+    head1 = ids("a<Parallel><Outlines><Outline>1:x</Outline></Outlines>")
+    seed1 = ids("\n<Thread>\n1:")
+    t11 = ids("bb</Thread>")
+    head2 = ids("</Parallel>c<Parallel><Outlines><Outline>1:y</Outline><Outline>2:z</Outline></Outlines>")
+    after1 = [7] + head1 + seed1 + t11 + ids("\n")
+    seed2 = ids("\n<Thread>\n2:")
+    t21, t22 = ids("d</Thread>"), ids("ee</Thread>")
+    expected = [
+        Unit([7], head1, role=SEQ, n_inserted=0),
+        Unit([7] + head1 + seed1, t11, role=THREAD, block=1, thread=1, n_inserted=len(seed1)),
+        Unit(after1, head2, role=SEQ, n_inserted=1),
+        Unit(after1 + head2 + seed1, t21, role=THREAD, block=2, thread=1, n_inserted=len(seed1)),
+        Unit(after1 + head2 + seed2, t22, role=THREAD, block=2, thread=2, n_inserted=len(seed2)),
+        Unit(after1 + head2 + seed1 + t21 + seed2 + t22 + ids("\n"), ids("</Parallel>f"), role=SEQ, n_inserted=1),
+    ]
+    assert units == expected
+    # with an EOS id the last unit ends with it
+    assert replay([7], response, tok, eos_token_id=0)[-1].completion_ids == ids("</Parallel>f") + [0]
+
+
+def test_replay_of_an_empty_response_is_one_empty_unit():
+    assert replay([5], "", _BosTokenizer()) == [Unit([5], [], role=SEQ, n_inserted=0)]
+    assert replay([5], "", _BosTokenizer(), eos_token_id=0) == [Unit([5], [0])]
+
+
+def test_replay_names_the_thread_without_a_number():
+    response = ("<Parallel><Outlines><Outline>1: a</Outline><Outline>2: b</Outline></Outlines>"
+                "<Thread>1: x</Thread><Thread>y</Thread></Parallel>")
+    with pytest.raises(FormatError, match=r"^block 1: thread 2 has no number, cannot replay it$"):
+        replay([5], response, _BosTokenizer())
+
+
+def test_unit_dict_round_trip():
+    u = Unit([1, 2], [3], [-0.5], role=THREAD, block=2, thread=1, n_inserted=1)
+    d = u.to_dict()
+    assert d == {"context_ids": [1, 2], "completion_ids": [3], "completion_logprobs": [-0.5], "role": "thread",
+                 "block": 2, "thread": 1, "n_inserted": 1}
+    assert Unit.from_dict(d) == u

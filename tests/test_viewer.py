@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from cluster.viewer import CSP_META, critical_thread, missing_closers, read_jsonl, render, to_item
-from rollout.units import latency, replay
+from rollout.units import replay
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -42,15 +42,33 @@ class ByteTokenizer:
         return list(text.encode())
 
 
-def _record(response: str = RESPONSE, **extra) -> dict:
+# RESPONSE's units by hand (bytes): head 1 = "<think>\n" 8 + "first & sequential <b>bold?</b>\n" 32 +
+# "<Parallel>\n" 11 + "<Outlines>\n" 11 + the outlines 32 + 35 + 29 + "</Outlines>" 11 = 169; block 1's threads
+# 13, 61 and 46 (_tokens); head 2 = "</Parallel>\n" 12 + "middle text\n" 12 + 11 + 11 + outlines 27 + 28 +
+# "</Outlines>" 11 = 112; block 2's threads 35 and 13; the tail "</Parallel>\ndone\n</think>\n\n\\boxed{42}" 37
+# + EOS 1 = 38.  L_total = 169 + 13 + 61 + 46 + 112 + 35 + 13 + 38 = 487; L_crit = 169 + 61 + 112 + 35 + 38 = 415.
+L_TOTAL, L_CRIT = 487, 415
+
+
+def _record(response: str = RESPONSE, measures: bool = True, **extra) -> dict:
     units = replay([1, 2, 3], response, ByteTokenizer(), eos_token_id=0)
-    lat = latency(units)
     rec = {"prompt": "Compute 6*7 <now>.", "answer": "42", "prompt_index": 3, "sample_index": 1,
-           "response": response, "units": [u.to_dict() for u in units], "finish_reason": "eos",
-           "L_total": lat.L_total, "L_crit": lat.L_crit, "eta": lat.eta, "n_blocks": lat.n_blocks,
-           "threads_per_block": lat.threads_per_block, "latency_s": 0.25}
+           "response": response, "units": [u.to_dict() for u in units], "finish_reason": "eos", "latency_s": 0.25}
+    if measures:
+        rec.update(L_total=L_TOTAL, L_crit=L_CRIT, eta=1 - L_CRIT / L_TOTAL, n_blocks=2, threads_per_block=[3, 2])
     rec.update(extra)
     return rec
+
+
+def test_measures_are_read_from_the_record_or_computed_from_its_units():
+    assert [len(u["completion_ids"]) for u in _record()["units"]] == [169, 13, 61, 46, 112, 35, 13, 38]
+    given = to_item(_record(L_total=500, L_crit=400))
+    assert (given.measures["L_total"], given.measures["L_crit"]) == (500, 400)  # the record's own numbers
+    computed = to_item(_record(measures=False))
+    assert (computed.measures["L_total"], computed.measures["L_crit"]) == (L_TOTAL, L_CRIT)
+    assert computed.measures["eta"] == pytest.approx(72 / 487, abs=1e-12)
+    assert computed.measures["threads_per_block"] == [3, 2]
+    assert 'data-key="L_crit">415<' in render([_record(measures=False)])
 
 
 def _score(**kw) -> dict:
