@@ -288,7 +288,7 @@ def evaluate(parallel: Sequence[Any], sequential: Sequence[Any], answers: Sequen
     for mode, trajectories in (("parallel", parallel), ("sequential", sequential)):
         if not trajectories:
             raise ValueError(f"no {mode} trajectories")
-        scores[mode] = [score(RewardItem(t.text, answers[t.prompt_index], t.units), cfg, checker)
+        scores[mode] = [score(RewardItem(t.text, answers[t.prompt_index], t.units, t.finish_reason), cfg, checker)
                         for t in trajectories]
         samples[mode] = to_samples(trajectories, scores[mode])
     ks = {len([s for s in samples["parallel"] if s.problem == p]) for p in {s.problem for s in samples["parallel"]}}

@@ -6,7 +6,9 @@ reference; a JSON number is read as its text). Token measures (``L_total``,
 ``units`` (a list of unit dicts, as ``rollout.units.Unit.to_dict`` writes them),
 or ``--tokenizer DIR`` replays the response into units over the chat-templated
 ``prompt`` field (an empty prompt when the record has none). Without either, the
-measures print as ``-`` and ``R_accel`` is 0.
+measures print as ``-`` and ``R_accel`` is 0. A record whose ``finish_reason``
+says it was cut (anything but ``eos``/``stop``; see ``RewardConfig.reward_cut_responses``)
+is not checked and scores as incorrect.
 
 Answers are checked in this process; a math-verify server starts only if an
 answer needs it (no Ray).
@@ -80,7 +82,8 @@ def to_item(line: int, rec: dict, tokenizer) -> RewardItem:
             units = replay(prompt_ids, response, tokenizer, tokenizer.eos_token_id)
         except FormatError:
             units = None  # not parseable into blocks: no units, no measures (and not format-valid)
-    return RewardItem(response, answer, units)
+    finish = rec.get("finish_reason")  # generate/eval records carry it: a cut response is not rewarded
+    return RewardItem(response, answer, units, finish if isinstance(finish, str) else None)
 
 
 def summarize(records: list[ScoreRecord]) -> dict:

@@ -71,6 +71,19 @@ def test_pool_scores_a_batch_in_order(pool):
             (want.reward, want.extracted_answer, want.L_total, want.eta)
 
 
+def test_an_item_whose_scoring_raises_does_not_fail_the_batch(pool, caplog):
+    items, expected = mixed_items(9)
+    items[4] = RewardItem(items[4].response, items[4].answer, [object()])  # not units: scoring raises
+    before = pool.replaced
+    with caplog.at_level("WARNING", logger="rewards.service"):
+        records = pool.score_batch(items)
+    assert [r.error is not None for r in records] == [i == 4 for i in range(9)]
+    assert not records[4].correct and records[4].reward == pool.cfg.incorrect_reward
+    assert [r.correct for i, r in enumerate(records) if i != 4] == [c for i, c in enumerate(expected) if i != 4]
+    assert pool.replaced == before  # the actor itself is fine: nothing replaced or retried
+    assert any("1 of 9 items could not be scored" in m and "item 4: AttributeError" in m for m in caplog.messages)
+
+
 def _gone(pid: int, within_s: float) -> bool:
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
