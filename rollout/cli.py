@@ -30,6 +30,7 @@ from collections import Counter
 from pathlib import Path
 
 from rollout.config import RolloutConfig
+from rollout.ray_init import start_ray
 
 #: RolloutConfig fields with a short option of their own.
 _SHORT = {"n": ["-n"]}
@@ -100,9 +101,8 @@ def run(args: argparse.Namespace) -> int:
 
     tokenizer = load_tokenizer(args.model)
     prompts = [chat_prompt_ids(tokenizer, r["prompt"]) for r in records]
-    # "local" unless told: never join a `ray start` cluster found on this machine by accident
-    ray.init(address=args.ray_address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
-             log_to_driver=False)
+    # a local instance unless told: never join a `ray start` cluster found on this machine by accident
+    start_ray(args.ray_address or os.environ.get("RAY_ADDRESS"), include_dashboard=False)
     start = time.perf_counter()
     try:
         pool = RolloutPool(args.model, config)

@@ -93,12 +93,12 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from rollout.config import RolloutConfig
+    from rollout.ray_init import start_ray
     from rollout.workers import RolloutPool
 
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench-rollout-"))
     model_dir, prompts = teach_model(work, args)
-    ray.init(num_cpus=max(2, int(args.workers * args.cpus_per_worker)), include_dashboard=False,
-             log_to_driver=False)
+    start_ray(None, num_cpus=max(2, int(args.workers * args.cpus_per_worker)), include_dashboard=False)
     config = RolloutConfig(n=args.n, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
                            temperature=args.temperature, max_tokens=1024, max_context=2048, max_thread_tokens=256,
                            weight_bucket_mb=args.bucket_mb)

@@ -44,6 +44,7 @@ from rollout.config import RolloutConfig
 from rollout.datagen.stage1 import Checker, config_hash, read_records, sidecar
 from rollout.format import validate
 from rollout.orchestrator import Trajectory
+from rollout.ray_init import start_ray
 
 #: Sampler: prompt token ids -> trajectories, prompt-major (``rollout.n`` per prompt).
 Sampler = Callable[[list[list[int]]], list[Trajectory]]
@@ -218,9 +219,8 @@ def pool_sampler(cfg: Stage2Config) -> tuple[Sampler, Callable[[], None]]:
 
     from rollout.workers import RolloutPool
 
-    # "local" unless told: never join a `ray start` cluster found on this machine by accident
-    ray.init(address=cfg.ray_address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
-             log_to_driver=False)
+    # a local instance unless told: never join a `ray start` cluster found on this machine by accident
+    start_ray(cfg.ray_address or os.environ.get("RAY_ADDRESS"), include_dashboard=False)
     try:
         pool = RolloutPool(cfg.model, cfg.rollout)
     except BaseException:

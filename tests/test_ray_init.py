@@ -1,0 +1,92 @@
+"""Ray start-up: workers import the project, not folders of the same name in the working directory.
+
+Ray puts the driver's working directory first on every worker's import path.
+The integration test starts Ray the way the commands do
+(:func:`rollout.ray_init.start_ray`) from a folder holding decoy ``rollout``,
+``rewards``, ``rl`` and ``cluster`` packages that raise on import, runs a task
+and a reward actor there, and checks the project's code ran; a plain
+``ray.init`` from the same folder is the control: its worker imports a decoy.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rollout.ray_init import PROJECT_ROOT, project_first
+
+DRIVER = """
+import sys
+
+import ray
+
+from rollout.ray_init import start_ray
+
+if sys.argv[1] == "plain":
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+else:
+    start_ray(None, num_cpus=1, include_dashboard=False)
+
+
+@ray.remote
+def where():
+    try:
+        import rollout.units
+        return rollout.units.__file__
+    except ImportError as e:
+        return f"ImportError: {e}"
+
+
+try:
+    print("task:", ray.get(where.remote(), timeout=120), flush=True)
+    if sys.argv[1] != "plain":
+        from rewards.config import RewardConfig
+        from rewards.score import RewardItem
+        from rewards.service import RewardPool
+
+        with RewardPool(RewardConfig(num_actors=1, actor_cpus=0.5, max_attempts=1)) as pool:
+            (record,) = pool.score_batch([RewardItem("<think>x</think>\\\\boxed{4}", "4", finish_reason="eos")])
+        print("reward actor: correct", record.correct, flush=True)
+finally:
+    ray.shutdown()
+"""
+
+
+def test_the_hook_puts_the_project_first(monkeypatch):
+    monkeypatch.setattr(sys, "path", ["/somewhere/cwd", PROJECT_ROOT, "/lib"])
+    project_first()()
+    assert sys.path[:2] == [PROJECT_ROOT, "/somewhere/cwd"]
+    project_first()()  # idempotent
+    assert sys.path.count(PROJECT_ROOT) == 2 and sys.path[0] == PROJECT_ROOT
+    assert (Path(PROJECT_ROOT) / "rollout" / "ray_init.py").is_file()
+
+
+@pytest.fixture
+def decoy_dir(tmp_path) -> Path:
+    for name in ("rollout", "rewards", "rl", "cluster"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text('raise ImportError("decoy package in the working directory")\n')
+    return tmp_path
+
+
+def run_driver(mode: str, cwd: Path) -> subprocess.CompletedProcess:
+    # -P: the driver itself does not import from its working directory (as an installed command does not)
+    env = dict(os.environ, PYTHONPATH=PROJECT_ROOT)
+    return subprocess.run([sys.executable, "-P", "-c", DRIVER, mode], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.integration
+def test_workers_import_the_project_from_a_folder_with_decoy_packages(decoy_dir):
+    control = run_driver("plain", decoy_dir)
+    assert control.returncode == 0, control.stderr[-3000:]
+    assert "task: ImportError: decoy package" in control.stdout  # Ray's behaviour the fix is for
+
+    fixed = run_driver("fixed", decoy_dir)
+    assert fixed.returncode == 0, fixed.stderr[-3000:]
+    assert f"task: {PROJECT_ROOT}/rollout/units.py" in fixed.stdout
+    assert "reward actor: correct True" in fixed.stdout
