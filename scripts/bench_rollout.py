@@ -42,7 +42,7 @@ def parse_args() -> argparse.Namespace:
     g.add_argument("--threads", type=int, default=4, help="threads per block of the taught responses (default 4)")
     g.add_argument("--b-digits", type=int, default=2, help="digits of the multi-digit factor; longer threads "
                                                             "with more digits (default 2)")
-    g.add_argument("--teach-steps", type=int, default=600, help="most rote-learning steps (default 600)")
+    g.add_argument("--teach-steps", type=int, default=2000, help="most rote-learning steps (default 2000)")
     g = p.add_argument_group("rollout")
     g.add_argument("-n", type=int, default=8, help="samples per prompt (default 8)")
     g.add_argument("--workers", type=int, default=1, help="Ray rollout workers (default 1)")
@@ -68,8 +68,8 @@ def teach_model(work: Path, args) -> tuple[Path, list[list[int]]]:
     examples = [(chat_prompt_ids(tokenizer, r["prompt"]), r["response_parallel"]) for r in records]
     if not (taught / "config.json").exists():
         start = time.perf_counter()
-        loss = teach(base, taught, examples, tokenizer, lr=1e-2, max_steps=args.teach_steps)
-        print(f"taught {len(examples)} responses by rote in {time.perf_counter() - start:.0f}s, final loss {loss:.4f}")
+        result = teach(base, taught, examples, tokenizer, max_steps=args.teach_steps)
+        print(f"taught {len(examples)} responses by rote in {time.perf_counter() - start:.0f}s: {result}")
     return taught, [p for p, _ in examples]
 
 
