@@ -5,15 +5,15 @@
 * it joins the cluster at ``address`` when one is given, else starts a local
   instance (``address="local"``: never a ``ray start`` cluster it happens to
   find on the machine);
-* a local instance listens on the loopback interface only and runs no
-  Prometheus metrics endpoint (see "What listens where" in the README);
-* every worker puts the folder the driver imported the project from first on
-  its import path. Ray puts the driver's working directory first on every
-  worker's ``sys.path``, so a command run from a folder that holds a directory
-  named ``rollout``, ``rewards``, ``rl`` or ``cluster`` would otherwise make
-  its workers import that directory instead of the project ("cannot import
-  name ... (unknown location)"). The worker set-up hook that does it is a
-  closure, so Ray ships it by value: unpickling it imports nothing.
+* a local instance runs no Prometheus metrics endpoint in its dashboard agent
+  (see "What listens where" in the README);
+* every worker imports the project from the folder the driver imported it
+  from. Ray puts the driver's working directory first on every worker's
+  ``sys.path``, so a command run from a folder that holds a directory named
+  ``rollout``, ``rewards``, ``rl`` or ``cluster`` would otherwise make its
+  workers import that directory instead ("cannot import name ... (unknown
+  location)"). The worker set-up hook (:func:`project_first`) is a closure, so
+  Ray ships it by value: unpickling it imports nothing from the project.
 """
 
 from __future__ import annotations
@@ -24,18 +24,36 @@ from typing import Callable
 #: the folder holding the ``rollout`` package the driver runs (the repository root, or site-packages)
 PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 
-#: options of a local instance: bound to 127.0.0.1, no Prometheus metrics endpoint (nothing would scrape it)
-LOCAL_OPTIONS = {"_node_ip_address": "127.0.0.1", "_system_config": {"enable_metrics_collection": False}}
+#: the project's top-level packages
+PACKAGES = ("rollout", "rewards", "rl", "cluster")
+
+#: options of a local instance: no Prometheus metrics endpoint of the dashboard agent (nothing would scrape it)
+LOCAL_OPTIONS = {"_system_config": {"enable_metrics_collection": False}}
 
 
-def project_first(root: str = PROJECT_ROOT) -> Callable[[], None]:
-    """A worker set-up hook that puts ``root`` first on the worker's import path."""
+def project_first(root: str = PROJECT_ROOT, packages: tuple[str, ...] = PACKAGES) -> Callable[[], None]:
+    """A worker set-up hook: the worker's first import of a project package puts ``root`` first on its path.
+
+    Ray runs the hook before it inserts the driver's working directory into
+    ``sys.path``, so the hook cannot reorder the path itself: it installs a
+    finder, first in ``sys.meta_path``, that does so when ``rollout`` (or
+    another of ``packages``) is first imported, i.e. after Ray's insert, and
+    then leaves the import to the ordinary finders. Processes the worker starts
+    later (vLLM's engine core, spawned with the worker's ``sys.path``) inherit
+    the corrected path.
+    """
 
     def hook() -> None:
         import sys
 
-        if sys.path[:1] != [root]:
-            sys.path.insert(0, root)
+        class ProjectFirst:
+            @staticmethod
+            def find_spec(name, path=None, target=None):
+                if path is None and name in packages and sys.path[:1] != [root]:
+                    sys.path.insert(0, root)
+                return None
+
+        sys.meta_path.insert(0, ProjectFirst)
 
     return hook
 

@@ -30,6 +30,7 @@ import socket
 import pytest
 
 from rl.driver import PromptState, PromptStream, RLConfig, roles, step_seed
+from rollout.ray_init import start_ray
 
 
 def test_prompt_stream_is_seeded_reshuffled_and_resumable():
@@ -139,7 +140,7 @@ def services(tiny_model_dir, tmp_path_factory):
 
     from rl.driver import start_services, stop_services
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    start_ray(None, num_cpus=4, include_dashboard=False)  # as the commands start it
     try:
         svc = start_services(_config(tmp_path_factory.mktemp("svc"), "x", tiny_model_dir), tiny_model_dir)
         yield svc

@@ -56,13 +56,31 @@ finally:
 """
 
 
-def test_the_hook_puts_the_project_first(monkeypatch):
-    monkeypatch.setattr(sys, "path", ["/somewhere/cwd", PROJECT_ROOT, "/lib"])
+def test_the_hook_puts_the_project_first_at_its_first_import(monkeypatch):
+    monkeypatch.setattr(sys, "path", ["/lib"])
+    monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))
     project_first()()
-    assert sys.path[:2] == [PROJECT_ROOT, "/somewhere/cwd"]
-    project_first()()  # idempotent
-    assert sys.path.count(PROJECT_ROOT) == 2 and sys.path[0] == PROJECT_ROOT
+    finder = sys.meta_path[0]
+    sys.path.insert(0, "/driver/cwd")  # what Ray does after running the hook
+    assert finder.find_spec("numpy") is None and sys.path[0] == "/driver/cwd"
+    assert finder.find_spec("rollout.units", ["/x"]) is None and sys.path[0] == "/driver/cwd"  # not top-level
+    assert finder.find_spec("rollout") is None and sys.path[:2] == [PROJECT_ROOT, "/driver/cwd"]
+    finder.find_spec("rewards")
+    assert sys.path.count(PROJECT_ROOT) == 1
     assert (Path(PROJECT_ROOT) / "rollout" / "ray_init.py").is_file()
+
+
+def test_the_hook_beats_decoys_inserted_after_it(decoy_dir):
+    """Ray's order in a worker, without Ray: the hook, then the driver's directory first, then imports."""
+    code = ("import sys; from rollout.ray_init import project_first; project_first()(); "
+            "[sys.modules.pop(m) for m in list(sys.modules) if m.split('.')[0] == 'rollout']; "
+            "sys.path.insert(0, sys.argv[1]); import rollout.units, rewards.score; "
+            "print(rollout.units.__file__, rewards.score.__file__, sys.path[0])")
+    out = subprocess.run([sys.executable, "-P", "-c", code, str(decoy_dir)], cwd=decoy_dir, capture_output=True,
+                         text=True, env=dict(os.environ, PYTHONPATH=PROJECT_ROOT), timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == [f"{PROJECT_ROOT}/rollout/units.py", f"{PROJECT_ROOT}/rewards/score.py",
+                                  PROJECT_ROOT]
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import pytest
 from rewards.checker import AnswerChecker
 from rewards.config import RewardConfig
 from rewards.score import RewardItem, score
+from rollout.ray_init import start_ray
 from rollout.units import Unit
 
 ray = pytest.importorskip("ray")
@@ -21,7 +22,7 @@ SLOW = "2^{2^{2^{2^{30}}}}"  # keeps sympy busy far past the limit
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_ray(None, num_cpus=2, include_dashboard=False)  # as the commands start it
     yield
     ray.shutdown()
 

@@ -11,6 +11,7 @@ import torch
 from rl.sft_data import StreamState, TrieStream, build_tries, response_units
 from rl.sft_eval import judge, summarize
 from rl.trie import build_trie
+from rollout.ray_init import start_ray
 from rollout.task import TaskConfig, make_dataset
 from rollout.units import Unit, chat_prompt_ids, latency
 
@@ -106,7 +107,7 @@ def test_judge_scores_answer_format_and_parallelism():
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_ray(None, num_cpus=2, include_dashboard=False)  # as the commands start it
     yield ray
     ray.shutdown()
 
