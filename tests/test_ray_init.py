@@ -1,15 +1,18 @@
-"""Ray start-up: workers import the project, not folders of the same name in the working directory.
+"""Ray start-up: workers import the project, not folders of the same name in the working directory, and a
+local instance listens on 127.0.0.1 only.
 
 Ray puts the driver's working directory first on every worker's import path.
 The integration test starts Ray the way the commands do
 (:func:`rollout.ray_init.start_ray`) from a folder holding decoy ``rollout``,
 ``rewards``, ``rl`` and ``cluster`` packages that raise on import, runs a task
-and a reward actor there, and checks the project's code ran; a plain
+and a reward actor there, and checks the project's code ran and every socket
+the instance's processes listen on is on the loopback interface; a plain
 ``ray.init`` from the same folder is the control: its worker imports a decoy.
 """
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -51,6 +54,15 @@ try:
         with RewardPool(RewardConfig(num_actors=1, actor_cpus=0.5, max_attempts=1)) as pool:
             (record,) = pool.score_batch([RewardItem("<think>x</think>\\\\boxed{4}", "4", finish_reason="eos")])
         print("reward actor: correct", record.correct, flush=True)
+        import psutil
+
+        listening = set()
+        for p in [psutil.Process()] + psutil.Process().children(recursive=True):
+            try:
+                listening |= {(c.laddr.ip, p.name()) for c in p.net_connections("inet") if c.status == "LISTEN"}
+            except psutil.Error:
+                pass
+        print("listening:", sorted(listening), flush=True)
 finally:
     ray.shutdown()
 """
@@ -108,3 +120,7 @@ def test_workers_import_the_project_from_a_folder_with_decoy_packages(decoy_dir)
     assert fixed.returncode == 0, fixed.stderr[-3000:]
     assert f"task: {PROJECT_ROOT}/rollout/units.py" in fixed.stdout
     assert "reward actor: correct True" in fixed.stdout
+    listening = ast.literal_eval(fixed.stdout.split("listening: ")[1].splitlines()[0])
+    names = {name for _, name in listening}
+    assert {"gcs_server", "raylet"} <= names and len(listening) >= 5, listening
+    assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1") for ip, _ in listening), listening
