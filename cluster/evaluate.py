@@ -293,7 +293,7 @@ def evaluate(parallel: Sequence[Any], sequential: Sequence[Any], answers: Sequen
     ``checker`` has ``check(pred, gold) -> Verdict`` (``rewards.checker.AnswerChecker``).
     Returns the report and the ``ScoreRecord``s of each mode, in trajectory order.
     """
-    from rewards.score import RewardItem, score
+    from rewards.score import RewardItem, score_many
 
     cfg = reward_cfg or RewardConfig()
     scores = {}
@@ -301,8 +301,8 @@ def evaluate(parallel: Sequence[Any], sequential: Sequence[Any], answers: Sequen
     for mode, trajectories in (("parallel", parallel), ("sequential", sequential)):
         if not trajectories:
             raise ValueError(f"no {mode} trajectories")
-        scores[mode] = [score(RewardItem(t.text, answers[t.prompt_index], t.units), cfg, checker)
-                        for t in trajectories]
+        scores[mode] = score_many([RewardItem(t.text, answers[t.prompt_index], t.units, t.finish_reason)
+                                   for t in trajectories], cfg, checker)  # an unscorable one: incorrect, warned
         samples[mode] = to_samples(trajectories, scores[mode])
     ks = {len([s for s in samples["parallel"] if s.problem == p]) for p in {s.problem for s in samples["parallel"]}}
     ratios, undefined = problem_speedups(samples["parallel"], samples["sequential"], correct_only=False)

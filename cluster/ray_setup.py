@@ -20,8 +20,11 @@ Ray job's entrypoint has set) or starts a local instance (never attaching to
 a ``ray start`` cluster it happens to find on the machine). A local instance
 gets ``max(cpu count, CPUs the plan reserves)`` logical CPUs, since the roles
 take turns (rollout, then rewards, then learning) rather than all computing at
-once; its dashboard is off unless ``ray.dashboard`` is set, and then listens
-on ``ray.dashboard_host`` (127.0.0.1 by default).
+once; it listens on 127.0.0.1 only, without a metrics endpoint, and its
+dashboard is off unless ``ray.dashboard`` is set, and then listens on
+``ray.dashboard_host`` (127.0.0.1 by default). Either way the workers import
+the driver's project code, whatever the working directory holds
+(:func:`rollout.ray_init.start_ray`).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import os
 from dataclasses import dataclass, field
 
 from rollout.config import check_ranges
+from rollout.ray_init import start_ray
 
 
 @dataclass
@@ -109,14 +113,14 @@ def init_ray(cfg: RayConfig, roles: list[Role]) -> bool:
     if not ray.is_initialized():
         address = cfg.address or os.environ.get("RAY_ADDRESS") or None
         if address is not None:
-            ray.init(address=address, log_to_driver=cfg.log_to_driver)
+            start_ray(address, log_to_driver=cfg.log_to_driver)
         else:
             need = math.ceil(sum(r.total_cpus for r in roles))
             num_cpus = cfg.num_cpus if cfg.num_cpus is not None else max(os.cpu_count() or 1, need)
             kwargs = {"dashboard_host": cfg.dashboard_host, "dashboard_port": cfg.dashboard_port} \
                 if cfg.dashboard else {}
-            ray.init(address="local", num_cpus=num_cpus, num_gpus=cfg.num_gpus, include_dashboard=cfg.dashboard,
-                     log_to_driver=cfg.log_to_driver, **kwargs)
+            start_ray(None, log_to_driver=cfg.log_to_driver, num_cpus=num_cpus, num_gpus=cfg.num_gpus,
+                      include_dashboard=cfg.dashboard, **kwargs)
         started = True
     try:
         check_fits(roles, ray.cluster_resources())

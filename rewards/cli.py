@@ -7,7 +7,9 @@ reference; a JSON number is read as its text). Token measures (``L_total``,
 or ``--tokenizer DIR`` replays a format-valid response into units over the
 chat-templated ``prompt`` field (an empty prompt when the record has none). Without
 either, and for a response that is not format-valid (never replayed: it gets no
-``R_accel`` anyway), the measures print as ``-``.
+``R_accel`` anyway), the measures print as ``-``. A record whose ``finish_reason``
+says it was cut (anything but ``eos``/``stop``; see ``RewardConfig.reward_cut_responses``)
+is not checked and scores as incorrect.
 
 Answers are checked in this process; a math-verify server starts only if an
 answer needs it (no Ray).
@@ -79,7 +81,8 @@ def to_item(line: int, rec: dict, tokenizer) -> RewardItem:
         prompt = record_prompt(line, rec)
         if not validate(response):  # an invalid response is never replayed: no units, no measures
             units = replay(prompt_ids(tokenizer, prompt), response, tokenizer, tokenizer.eos_token_id)
-    return RewardItem(response, answer, units)
+    finish = rec.get("finish_reason")  # generate/eval records carry it: a cut response is not rewarded
+    return RewardItem(response, answer, units, finish if isinstance(finish, str) else None)
 
 
 def summarize(records: list[ScoreRecord]) -> dict:

@@ -9,6 +9,11 @@
   ``rho * min(eta, clip)`` (``"clip_then_scale"``);
 * ``format_penalty`` is subtracted from a response that is not format-valid.
 
+A response the model did not end itself (its finish reason is not ``eos`` or
+``stop``: a length limit cut it, or the orchestrator stopped it) gets neither
+``R_correct`` nor ``R_accel`` unless ``reward_cut_responses``: an answer
+written before the cut is not a finished answer.
+
 A *preset* fixes ``rho``, ``clip``, ``incorrect_reward`` and ``accel_form`` so a
 run compares with published numbers:
 
@@ -57,6 +62,11 @@ class RewardConfig:
         "help": "R_correct of an incorrect, missing or timed-out answer (reward)", "range": "finite"})
     format_penalty: float = field(default=0.0, metadata={
         "help": "subtracted from the reward of a response that is not format-valid (reward)", "range": ">= 0"})
+    reward_cut_responses: bool = field(default=False, metadata={
+        "help": "check and reward the answer of a response the model did not end itself (finish reason other "
+                "than 'eos'/'stop': budget, context, too_many_threads, too_many_blocks, bad_outlines, "
+                "eos_in_thread, error); false: such a response scores incorrect_reward and is flagged cut "
+                "(a record without a finish reason counts as ended) (true/false)"})
     answer_region: AnswerRegion = field(default="after_think", metadata={
         "help": "where the final \\boxed{} answer is taken from: 'after_think' (text after </think>; "
                 "none without </think>) or 'whole' (the last \\boxed{} anywhere in the response)"})

@@ -10,6 +10,9 @@
   only for a correct answer of a format-valid response (``rollout.format.validate``)
   whose token measures are known; otherwise 0.
 * ``format_penalty``: subtracted when the response is not format-valid.
+* A *cut* response (its finish reason is not in :data:`NATURAL_ENDS`: a limit or
+  the orchestrator ended it before the model did) is not checked and counts as
+  incorrect, unless ``reward_cut_responses``.
 
 ``eta``, ``L_total`` and ``L_crit`` come from the trajectory's units through
 ``rollout.units.latency`` (model-generated tokens unless ``count_inserted`` /
@@ -17,18 +20,29 @@
 says ``accel_measured=False``.
 
 Each reward component is a pure function returning ``(value, metrics)``.
+:func:`score_many` never raises for one item: an item whose scoring raises gets
+:func:`error_record` (incorrect, not format-valid, ``error`` set) and a logged
+warning, so one unforeseen model output cannot end a training step (a
+math-verify server that cannot start at all still raises).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from typing import Protocol, Sequence
 
 from rewards.answer import extract_answer
-from rewards.checker import Verdict
+from rewards.checker import CheckerError, Verdict
 from rewards.config import RewardConfig
 from rollout.format import PARALLEL_OPEN, validate
 from rollout.units import Latency, Unit, latency
+
+log = logging.getLogger(__name__)
+
+#: finish reasons of a response its model ended itself: the orchestrator's ``eos``, and ``stop`` as vLLM and
+#: OpenAI-style APIs write it. Every other reason (``budget``, ``context``, ``length``, ...) means it was cut.
+NATURAL_ENDS = frozenset({"eos", "stop"})
 
 
 class Checker(Protocol):
@@ -37,11 +51,13 @@ class Checker(Protocol):
 
 @dataclass
 class RewardItem:
-    """One trajectory to score: its response text, the reference answer and, optionally, its units."""
+    """One trajectory to score: its response text, the reference answer and, optionally, its units and
+    finish reason (None: unknown, counted as a natural end)."""
 
     response: str
     answer: str
     units: list[Unit] | None = None
+    finish_reason: str | None = None
 
 
 @dataclass
@@ -50,9 +66,12 @@ class ScoreRecord:
 
     ``extraction``: ``ok``, ``no_think_close``, ``no_boxed`` or ``unclosed_boxed``;
     ``check_method``: how correctness was decided (see :class:`Verdict`), ``none``
-    when there was no answer to check; ``check_cached``: a remembered math-verify
+    when there was no answer to check, ``cut`` when it was not checked because
+    the response was cut; ``check_cached``: a remembered math-verify
     verdict; ``parallel``: the response contains a
-    ``<Parallel>`` block; ``n_blocks``: blocks in the units.
+    ``<Parallel>`` block; ``n_blocks``: blocks in the units; ``cut``: the
+    response did not end by itself; ``error``: why scoring raised (the record
+    is then :func:`error_record`'s).
     """
 
     reward: float
@@ -76,18 +95,21 @@ class ScoreRecord:
     eta: float | None = None
     speedup: float | None = None
     n_blocks: int | None = None
+    cut: bool = False
+    error: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def metrics(self) -> dict[str, float]:
-        """The numeric components, booleans as 0/1, unmeasured ones left out (for logging)."""
+        """The numeric components, booleans as 0/1, unmeasured ones left out, ``error`` 0/1 (for logging)."""
         out = {}
         for key, value in asdict(self).items():
             if isinstance(value, bool):
                 out[key] = float(value)
             elif isinstance(value, (int, float)):
                 out[key] = float(value)
+        out["error"] = float(self.error is not None)
         return out
 
 
@@ -137,13 +159,21 @@ def measure(units: Sequence[Unit] | None, cfg: RewardConfig) -> Latency | None:
     return latency(units, count_inserted=cfg.count_inserted, count_prompt=cfg.count_prompt)
 
 
+def is_cut(finish_reason: str | None) -> bool:
+    """Whether a response with this finish reason was ended before its model ended it (None: unknown, no)."""
+    return finish_reason is not None and finish_reason not in NATURAL_ENDS
+
+
 def score(item: RewardItem, cfg: RewardConfig, checker: Checker) -> ScoreRecord:
     """The :class:`ScoreRecord` of one trajectory."""
     reasons = validate(item.response)
     format_valid = not reasons
     extraction = extract_answer(item.response, cfg.answer_region)
+    cut = is_cut(item.finish_reason)
     if extraction.answer is None:
         verdict = Verdict(False, False, "none", 0.0)
+    elif cut and not cfg.reward_cut_responses:
+        verdict = Verdict(False, False, "cut", 0.0)
     else:
         verdict = checker.check(extraction.answer, item.answer)
     lat = measure(item.units, cfg)
@@ -158,9 +188,30 @@ def score(item: RewardItem, cfg: RewardConfig, checker: Checker) -> ScoreRecord:
         check_cached=verdict.cached, parallel=PARALLEL_OPEN in item.response,
         accel_measured=lat is not None,
         L_total=lat.L_total if lat else None, L_crit=lat.L_crit if lat else None, eta=eta,
-        speedup=lat.speedup if lat else None, n_blocks=lat.n_blocks if lat else None,
+        speedup=lat.speedup if lat else None, n_blocks=lat.n_blocks if lat else None, cut=cut,
     )
 
 
+def error_record(error: str, cfg: RewardConfig) -> ScoreRecord:
+    """The record of an item whose scoring raised: incorrect and not format-valid, ``error`` says why."""
+    reward, parts = total_reward(False, False, None, cfg)
+    return ScoreRecord(
+        reward=reward, R_correct=parts["R_correct"], R_accel=0.0, format_penalty=parts["format_penalty"],
+        correct=False, timed_out=False, format_valid=False, format_error=None, extracted_answer=None,
+        extraction="error", check_method="error", check_error=None, check_seconds=0.0, check_cached=False,
+        parallel=False, accel_measured=False, error=error)
+
+
 def score_many(items: Sequence[RewardItem], cfg: RewardConfig, checker: Checker) -> list[ScoreRecord]:
-    return [score(item, cfg, checker) for item in items]
+    """One record per item; an item whose scoring raises gets :func:`error_record` and a logged warning."""
+    out = []
+    for i, item in enumerate(items):
+        try:
+            out.append(score(item, cfg, checker))
+        except CheckerError:  # no math-verify server at all: a failure of the service, not of this item
+            raise
+        except Exception as e:  # noqa: BLE001 - one unscorable output must not end the batch
+            error = f"{type(e).__name__}: {str(e)[:300]}"
+            log.warning("item %d could not be scored, counted as incorrect: %s", i, error)
+            out.append(error_record(error, cfg))
+    return out

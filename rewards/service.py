@@ -11,12 +11,15 @@ memory, node lost) or does not return a chunk within its deadline
 (``len(chunk) * (timeout_s + SERVER_GRACE_S) + ACTOR_START_S``), it is killed
 and replaced by a fresh actor and its chunk is queued again. A chunk that has
 failed on ``cfg.max_attempts`` actors fails the batch with
-:class:`RewardServiceError`. An exception raised by the scoring code itself is
-a bug or a bad item and is re-raised at once, not retried.
+:class:`RewardServiceError`. An item whose scoring raises (a model output the
+scoring code did not foresee) never fails the batch: the actor returns it as
+incorrect with ``error`` set (:func:`rewards.score.score_many`), and the pool
+logs a warning naming how many items of the batch that hit and the first error.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import deque
@@ -28,6 +31,8 @@ from ray.exceptions import RayActorError
 from rewards.checker import SERVER_GRACE_S, AnswerChecker
 from rewards.config import RewardConfig
 from rewards.score import RewardItem, ScoreRecord, score_many
+
+log = logging.getLogger(__name__)
 
 #: seconds a fresh actor may take to start (Ray worker, imports, math-verify server) before its chunk is late
 ACTOR_START_S = 120.0
@@ -130,6 +135,10 @@ class RewardPool:
                 if now > deadline:
                     del running[ref]
                     retry(actor, chunk, "no answer before the chunk's deadline")
+        errors = [(i, r.error) for i, r in enumerate(results) if r is not None and r.error is not None]
+        if errors:
+            log.warning("%d of %d items could not be scored and count as incorrect; item %d: %s",
+                        len(errors), len(results), *errors[0])
         return results  # type: ignore[return-value]
 
     def close(self) -> None:

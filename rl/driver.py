@@ -333,6 +333,8 @@ def trajectory_metrics(trajectories, scores, prefix: str) -> dict[str, float]:
         f"{prefix}correct": _mean([float(s.correct) for s in scores]),
         f"{prefix}check_timed_out": _mean([float(s.timed_out) for s in scores]),
         f"{prefix}format_error": _mean([float(not s.format_valid) for s in scores]),
+        f"{prefix}cut": _mean([float(s.cut) for s in scores]),
+        f"{prefix}score_error": _mean([float(s.error is not None) for s in scores]),
         f"{prefix}activation": _mean([float(t.n_blocks > 0) for t in trajectories]),
         f"{prefix}correct_with_block": _mean([float(s.correct) for t, s in zip(trajectories, scores) if t.n_blocks]),
         f"{prefix}correct_without_block": _mean([float(s.correct) for t, s in zip(trajectories, scores)
@@ -418,7 +420,7 @@ def evaluate(cfg: RLConfig, rollouts: Rollouts, reward_pool, prompts: list[list[
             t0 = time.perf_counter()
             trajectories = rollouts.generate(prompts, rc)
             decode_s = time.perf_counter() - t0
-            scores = reward_pool.score_batch([RewardItem(t.text, answers[t.prompt_index], t.units)
+            scores = reward_pool.score_batch([RewardItem(t.text, answers[t.prompt_index], t.units, t.finish_reason)
                                               for t in trajectories])
             m = trajectory_metrics(trajectories, scores, f"eval/{mode}/")
             m[f"eval/{mode}/accuracy"] = m.pop(f"eval/{mode}/correct")
@@ -593,7 +595,8 @@ def train(cfg: RLConfig, on_step: Callable[[int, dict], None] | None = None,
 
                 t0 = time.perf_counter()
                 scores = services.rewards.score_batch([
-                    RewardItem(t.text, str(records[t.prompt_index][d.answer_field]), t.units) for t in trajectories])
+                    RewardItem(t.text, str(records[t.prompt_index][d.answer_field]), t.units, t.finish_reason)
+                    for t in trajectories])
                 reward_s = time.perf_counter() - t0
 
                 t0 = time.perf_counter()

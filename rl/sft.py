@@ -54,6 +54,7 @@ from rl.sft_data import check_data_config
 from rl.sft_eval import EvalConfig
 from rollout.config import check_ranges
 from rollout.files import atomic_write, check_model_dir, check_output_dir, write_text
+from rollout.ray_init import start_ray
 from rollout.task import TaskConfig
 
 
@@ -206,12 +207,11 @@ def _init_ray(cfg: SFTConfig) -> bool:
         return False
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS")  # a Ray job's entrypoint gets RAY_ADDRESS
     if address:
-        ray.init(address=address)
-    else:  # "local": never join a `ray start` cluster found on this machine by accident
+        start_ray(address, log_to_driver=True)
+    else:  # local: never join a `ray start` cluster found on this machine by accident
         need = (cfg.learner.ranks * cfg.learner.cpus_per_rank
                 + cfg.eval.workers * cfg.eval.cpus_per_worker * (cfg.eval.every > 0 or cfg.eval.at_end))
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(need)), include_dashboard=False,
-                 log_to_driver=False)
+        start_ray(None, num_cpus=max(os.cpu_count() or 1, math.ceil(need)), include_dashboard=False)
     return True
 
 

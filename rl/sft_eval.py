@@ -7,7 +7,8 @@ for the sequential baseline. The learner's current weights reach the engines
 in place, in buckets (``RolloutPool.update_weights``); the engines start on
 the first evaluation.
 
-Per trajectory: ``correct`` -- the last ``\\boxed{}`` after ``</think>``
+Per trajectory: ``correct`` -- the response ended by itself (not cut by a
+limit, ``rewards.score.is_cut``) and the last ``\\boxed{}`` after ``</think>``
 matches the reference answer (``rewards.answer`` finds it,
 ``rewards.checker.AnswerChecker`` decides; plain integers never reach
 math-verify); ``format_valid`` -- the response ended with EOS and
@@ -88,10 +89,12 @@ class EvalRecord:
 def judge(trajectory, answer: str, checker) -> EvalRecord:
     """Score one trajectory against its reference ``answer``."""
     from rewards.answer import extract_answer
+    from rewards.score import is_cut
     from rollout.format import validate
 
     extraction = extract_answer(trajectory.text)
-    correct = extraction.answer is not None and checker.check(extraction.answer, answer).correct
+    correct = (extraction.answer is not None and not is_cut(trajectory.finish_reason)
+               and checker.check(extraction.answer, answer).correct)
     valid = trajectory.finish_reason == "eos" and not validate(trajectory.text)
     return EvalRecord(
         index=trajectory.prompt_index, answer=answer, predicted=extraction.answer, correct=bool(correct),

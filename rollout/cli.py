@@ -31,6 +31,7 @@ from pathlib import Path
 
 from rollout.config import RolloutConfig, check_range
 from rollout.files import atomic_write, check_model_dir, check_output_file
+from rollout.ray_init import start_ray
 
 #: RolloutConfig fields with a short option of their own.
 _SHORT = {"n": ["-n"]}
@@ -103,9 +104,8 @@ def run(args: argparse.Namespace) -> int:
 
     from rollout.workers import RolloutPool
 
-    # "local" unless told: never join a `ray start` cluster found on this machine by accident
-    ray.init(address=args.ray_address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
-             log_to_driver=False)
+    # a local instance unless told: never join a `ray start` cluster found on this machine by accident
+    start_ray(args.ray_address or os.environ.get("RAY_ADDRESS"), include_dashboard=False)
     start = time.perf_counter()
     try:
         pool = RolloutPool(args.model, config)

@@ -29,6 +29,7 @@ import time
 from rewards.checker import AnswerChecker
 from rewards.config import RewardConfig
 from rewards.score import RewardItem, score_many
+from rollout.ray_init import start_ray
 from rollout.task import TaskConfig, make_dataset
 
 WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
@@ -194,7 +195,7 @@ def main() -> None:
 
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_ray(None, num_cpus=2, include_dashboard=False)
     try:
         rows = [("in-process checker (no Ray)", bench_local(batches, cfg))]
         rows.append(("pool, 1 actor", bench_pool(batches, cfg, 1)))

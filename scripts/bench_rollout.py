@@ -42,7 +42,7 @@ def parse_args() -> argparse.Namespace:
     g.add_argument("--threads", type=int, default=4, help="threads per block of the taught responses (default 4)")
     g.add_argument("--b-digits", type=int, default=2, help="digits of the multi-digit factor; longer threads "
                                                             "with more digits (default 2)")
-    g.add_argument("--teach-steps", type=int, default=600, help="most rote-learning steps (default 600)")
+    g.add_argument("--teach-steps", type=int, default=2000, help="most rote-learning steps (default 2000)")
     g = p.add_argument_group("rollout")
     g.add_argument("-n", type=int, default=8, help="samples per prompt (default 8)")
     g.add_argument("--workers", type=int, default=1, help="Ray rollout workers (default 1)")
@@ -68,8 +68,8 @@ def teach_model(work: Path, args) -> tuple[Path, list[list[int]]]:
     examples = [(chat_prompt_ids(tokenizer, r["prompt"]), r["response_parallel"]) for r in records]
     if not (taught / "config.json").exists():
         start = time.perf_counter()
-        loss = teach(base, taught, examples, tokenizer, lr=1e-2, max_steps=args.teach_steps)
-        print(f"taught {len(examples)} responses by rote in {time.perf_counter() - start:.0f}s, final loss {loss:.4f}")
+        result = teach(base, taught, examples, tokenizer, max_steps=args.teach_steps)
+        print(f"taught {len(examples)} responses by rote in {time.perf_counter() - start:.0f}s: {result}")
     return taught, [p for p, _ in examples]
 
 
@@ -93,12 +93,12 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from rollout.config import RolloutConfig
+    from rollout.ray_init import start_ray
     from rollout.workers import RolloutPool
 
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench-rollout-"))
     model_dir, prompts = teach_model(work, args)
-    ray.init(num_cpus=max(2, int(args.workers * args.cpus_per_worker)), include_dashboard=False,
-             log_to_driver=False)
+    start_ray(None, num_cpus=max(2, int(args.workers * args.cpus_per_worker)), include_dashboard=False)
     config = RolloutConfig(n=args.n, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
                            temperature=args.temperature, max_tokens=1024, max_context=2048, max_thread_tokens=256,
                            weight_bucket_mb=args.bucket_mb)

@@ -130,6 +130,32 @@ def test_without_dedupe_or_min_eta_more_is_kept(tmp_path, checker):
     assert result.stats["kept"] == 4 and result.stats["kept_parallel"] == 2
 
 
+def test_a_trajectory_with_a_thread_closed_by_the_orchestrator_is_dropped(tmp_path, checker):
+    """The longest thread is cut one token before its ``</Thread>``, which the orchestrator then inserts: the
+    text is the same, the answer correct, but that ``</Thread>`` was never the model's."""
+    tok = build_tokenizer()
+    rec = make_dataset(TaskConfig(), {"train": 1}, seed=3)["train"][0]
+    prompt_ids = chat_prompt_ids(tok, rec["prompt"])
+    units = replay(prompt_ids, rec["response_parallel"], tok, tok.eos_token_id)
+    lengths = sorted(len(u.completion_ids) for u in units if u.role == "thread")
+    assert lengths[-1] > lengths[-2]  # one longest thread
+    write_prompts(tmp_path / "p.jsonl", [rec])
+    results = {}
+    for limit in (lengths[-1], lengths[-1] - 1):
+        cfg = Stage2Config(model="m", prompts=str(tmp_path / "p.jsonl"), out=str(tmp_path / f"o{limit}.jsonl"),
+                           rollout=RolloutConfig(n=1, max_tokens=4000, max_thread_tokens=limit), progress=False)
+        engine = PlayEngine(tok, [(prompt_ids, rec["response_parallel"])])
+        results[limit] = run_stage2(cfg, lambda ids: generate(engine, tok, ids, cfg.rollout), tok, checker)
+    kept, cut = results[lengths[-1]], results[lengths[-1] - 1]
+    assert kept.stats["kept"] == 1 and kept.decisions[0].trajectory.closed_threads == []
+    (d,) = cut.decisions
+    assert d.trajectory.text == rec["response_parallel"] and d.trajectory.finish_reason == "eos"
+    assert len(d.trajectory.closed_threads) == 1 and (d.kept, d.reason) == (False, "closed_thread")
+    assert cut.stats["kept"] == 0 and cut.stats["dropped"] == {"closed_thread": 1}
+    assert "closed by the orchestrator" in json.loads((tmp_path / f"o{lengths[-1] - 1}.rejected.jsonl")
+                                                       .read_text())["detail"]
+
+
 def test_bad_prompt_files_are_refused(tmp_path, checker):
     tok = build_tokenizer()
     path = tmp_path / "p.jsonl"

@@ -30,6 +30,7 @@ import socket
 import pytest
 
 from rl.driver import PromptState, PromptStream, RLConfig, roles, step_seed
+from rollout.ray_init import start_ray
 
 
 def test_prompt_stream_is_seeded_reshuffled_and_resumable():
@@ -82,11 +83,11 @@ def test_batch_metrics_by_hand():
                     T(n_blocks=0, threads_per_block=[], eta=0.0, L_crit=50, L_total=50, speedup=1.0,
                       finish_reason="eos")]
     scores = [T(reward=1.2, R_correct=1.0, R_accel=0.2, format_penalty=0.0, correct=True, timed_out=False,
-                format_valid=True),
+                format_valid=True, cut=False, error=None),
               T(reward=0.0, R_correct=0.0, R_accel=0.0, format_penalty=0.0, correct=False, timed_out=False,
-                format_valid=False),
+                format_valid=False, cut=True, error=None),
               T(reward=1.0, R_correct=1.0, R_accel=0.0, format_penalty=0.0, correct=True, timed_out=False,
-                format_valid=True)]
+                format_valid=True, cut=False, error="ValueError: x")]
     m = trajectory_metrics(trajectories, scores, "train/")
     assert m["train/reward"] == pytest.approx(2.2 / 3) and m["train/R_accel"] == pytest.approx(0.2 / 3)
     assert m["train/activation"] == pytest.approx(2 / 3) and m["train/threads_per_block"] == pytest.approx(3.0)
@@ -94,6 +95,7 @@ def test_batch_metrics_by_hand():
     assert m["train/L_crit"] == pytest.approx(190 / 3) and m["train/format_error"] == pytest.approx(1 / 3)
     assert m["train/finish/eos"] == pytest.approx(2 / 3) and m["train/finish/budget"] == pytest.approx(1 / 3)
     assert m["train/finish/error"] == 0.0
+    assert m["train/cut"] == pytest.approx(1 / 3) and m["train/score_error"] == pytest.approx(1 / 3)
     assert learner_metrics([], 10, 0.0)["learner/skipped"] == 1.0
     two = learner_metrics([{"loss": 1.0, "pg_sum": 5.0, "kl_sum": 0.0, "clipped": 0.0, "targets": 10.0,
                             "grad_norm": 1.0, "lr": 1e-3, "tokens": 20.0, "lp_absdiff_sum": 0.5, "lp_count": 10.0},
@@ -138,7 +140,7 @@ def services(tiny_model_dir, tmp_path_factory):
 
     from rl.driver import start_services, stop_services
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    start_ray(None, num_cpus=4, include_dashboard=False)  # as the commands start it
     try:
         svc = start_services(_config(tmp_path_factory.mktemp("svc"), "x", tiny_model_dir), tiny_model_dir)
         yield svc

@@ -159,8 +159,8 @@ def taught_model(tiny_model_dir, tokenizer, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("eval_taught") / "model"
     examples = [(chat_prompt_ids(tokenizer, q), r) for q, _, r in TAUGHT]
-    loss = teach(tiny_model_dir, out, examples, tokenizer, lr=1e-2, max_steps=400, target_loss=1e-3)
-    assert loss < 1e-2, f"the tiny model did not learn the answers by rote (loss {loss})"
+    taught = teach(tiny_model_dir, out, examples, tokenizer)  # until every taught token is greedy by a margin
+    assert taught.learned, f"the tiny model did not learn the answers by rote: {taught}"
     return out
 
 

@@ -16,6 +16,7 @@ import torch
 from rl.learner import LearnerConfig, deepspeed_config, dummy_row, split_rows
 from rl.schedule import lr_factor
 from rl.trie import build_trie, make_row, pack_tries
+from rollout.ray_init import start_ray
 from rollout.units import Unit
 
 
@@ -63,9 +64,8 @@ def test_dummy_row_has_no_weight():
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray = pytest.importorskip("ray")
+    start_ray(None, num_cpus=2, include_dashboard=False)  # as the commands start it
     yield ray
     ray.shutdown()
 

@@ -319,3 +319,71 @@ def test_the_checkers_verdict_is_reported_as_it_came():
     cached = score(RewardItem(final("x"), "1"), RewardConfig(), Fixed(Verdict(True, False, "math_verify", 0.0,
                                                                               cached=True)))
     assert (cached.correct, cached.check_cached, cached.check_error, cached.timed_out) == (True, True, None, False)
+
+
+# ---------------------------------------------------------------------------- cut responses, scoring errors
+
+
+@pytest.fixture(scope="module")
+def task_traces():
+    """A task record and its responses replayed into units."""
+    tok = build_tokenizer()
+    rec = make_dataset(TaskConfig(min_threads=3, max_threads=3), {"train": 1}, seed=3)["train"][0]
+    prompt = chat_prompt_ids(tok, rec["prompt"])
+    return rec, {kind: replay(prompt, rec[f"response_{kind}"], tok, tok.eos_token_id)
+                 for kind in ("parallel", "sequential")}
+
+
+
+class CountingChecker:
+    """A checker that says "correct" for equal text and counts its calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def check(self, pred: str, gold: str) -> Verdict:
+        self.calls += 1
+        return Verdict(pred == gold, False, "text", 0.0)
+
+
+@pytest.mark.parametrize("reason", ["budget", "context", "too_many_threads", "too_many_blocks", "bad_outlines",
+                                    "eos_in_thread", "error", "length"])
+def test_a_cut_response_gets_no_correctness_reward_by_default(task_traces, reason):
+    rec, units = task_traces
+    cfg = RewardConfig(incorrect_reward=-0.5)
+    checker = CountingChecker()
+    cut = score(RewardItem(rec["response_parallel"], rec["answer"], units["parallel"], reason), cfg, checker)
+    assert cut.cut and not cut.correct and checker.calls == 0 and cut.check_method == "cut"
+    assert (cut.R_correct, cut.R_accel, cut.reward) == (-0.5, 0.0, -0.5)
+    assert cut.extracted_answer == rec["answer"] and cut.eta > 0 and cut.metrics()["cut"] == 1.0
+    rewarded = score(RewardItem(rec["response_parallel"], rec["answer"], units["parallel"], reason),
+                     RewardConfig(incorrect_reward=-0.5, reward_cut_responses=True), checker)
+    assert rewarded.cut and rewarded.correct and rewarded.R_accel > 0 and checker.calls == 1
+
+
+@pytest.mark.parametrize("reason", ["eos", "stop", None])
+def test_a_response_that_ended_by_itself_is_checked(task_traces, reason):
+    rec, units = task_traces
+    r = score(RewardItem(rec["response_parallel"], rec["answer"], units["parallel"], reason), RewardConfig(),
+              CountingChecker())
+    assert not r.cut and r.correct and r.reward > 1.0
+
+
+def test_an_item_whose_scoring_raises_is_incorrect_with_its_error_and_a_warning(task_traces, caplog):
+    from rewards.score import score_many
+
+    rec, units = task_traces
+    good = RewardItem(rec["response_parallel"], rec["answer"], units["parallel"], "eos")
+    bad_units = RewardItem(rec["response_parallel"], rec["answer"], [object()], "eos")  # not units: latency raises
+    not_text = RewardItem(None, rec["answer"])  # type: ignore[arg-type]
+    cfg = RewardConfig(incorrect_reward=-1.0, format_penalty=0.25)
+    with caplog.at_level("WARNING", logger="rewards.score"):
+        records = score_many([good, bad_units, not_text, good], cfg, CountingChecker())
+    assert [r.error is None for r in records] == [True, False, False, True]
+    assert records[0].correct and records[3].reward == records[0].reward
+    for r in records[1:3]:
+        assert (r.correct, r.format_valid, r.reward, r.check_method) == (False, False, -1.25, "error")
+        assert r.metrics()["error"] == 1.0 and r.metrics()["correct"] == 0.0
+    assert "AttributeError" in records[1].error and "TypeError" in records[2].error
+    assert len([m for m in caplog.messages if "could not be scored" in m]) == 2
+    assert records[0].metrics()["error"] == 0.0

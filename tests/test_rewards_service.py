@@ -9,6 +9,7 @@ import pytest
 from rewards.checker import SERVER_GRACE_S, AnswerChecker
 from rewards.config import RewardConfig
 from rewards.score import RewardItem, score
+from rollout.ray_init import start_ray
 from rollout.units import Unit
 
 import ray
@@ -21,7 +22,7 @@ SLOW = "2^{2^{2^{2^{30}}}}"  # keeps sympy busy far past the limit
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_ray(None, num_cpus=2, include_dashboard=False)  # as the commands start it
     yield
     ray.shutdown()
 
@@ -69,6 +70,19 @@ def test_pool_scores_a_batch_in_order(pool):
     for got, want in zip(records, local):
         assert (got.reward, got.extracted_answer, got.L_total, got.eta) == \
             (want.reward, want.extracted_answer, want.L_total, want.eta)
+
+
+def test_an_item_whose_scoring_raises_does_not_fail_the_batch(pool, caplog):
+    items, expected = mixed_items(9)
+    items[4] = RewardItem(items[4].response, items[4].answer, [object()])  # not units: scoring raises
+    before = pool.replaced
+    with caplog.at_level("WARNING", logger="rewards.service"):
+        records = pool.score_batch(items)
+    assert [r.error is not None for r in records] == [i == 4 for i in range(9)]
+    assert not records[4].correct and records[4].reward == pool.cfg.incorrect_reward
+    assert [r.correct for i, r in enumerate(records) if i != 4] == [c for i, c in enumerate(expected) if i != 4]
+    assert pool.replaced == before  # the actor itself is fine: nothing replaced or retried
+    assert any("1 of 9 items could not be scored" in m and "item 4: AttributeError" in m for m in caplog.messages)
 
 
 def _gone(pid: int, within_s: float) -> bool:

@@ -24,7 +24,8 @@ rule-based rewriter) under a progress bar. Outputs, next to ``out``:
   dropped trace;
 * ``<out stem>.stats.json``: counts kept/total, rejections per step and code,
   teacher requests/cache hits/retries, seconds, and the full config (which
-  names the API key's environment variable, never the key).
+  names the API key's environment variable, never the key, and shows
+  ``teacher.base_url`` without its credentials).
 
 Records are written in input order. A teacher that refuses every call (wrong
 address, key or model) stops the run with :class:`TeacherConfigError`.
@@ -47,7 +48,7 @@ from rewards.checker import Verdict
 from rollout.config import check_ranges
 from rollout.datagen.rewrite import RewriteConfig, TeacherRewriter
 from rollout.datagen.rules import RuleRewriter
-from rollout.datagen.teacher import TeacherClient, TeacherConfig
+from rollout.datagen.teacher import TeacherClient, TeacherConfig, redact_url
 from rollout.datagen.trace import STEPS, Reject, Rejection, Rewriter, Trace, trace_from_record
 from rollout.files import atomic_write, write_text
 from rollout.format import PARALLEL_OPEN, validate
@@ -220,6 +221,7 @@ def run_stage1(cfg: Stage1Config, rewriter: Rewriter, checker: Checker, *,
                         done(f.result())
     seconds = time.perf_counter() - start
     cfg_dict = dataclasses.asdict(cfg)
+    cfg_dict["teacher"]["base_url"] = redact_url(cfg.teacher.base_url)  # never store credentials
     chash = config_hash(cfg_dict)
     out = Path(cfg.out)
     paths = {"out": out, "rejected": sidecar(out, "rejected.jsonl"), "stats": sidecar(out, "stats.json")}

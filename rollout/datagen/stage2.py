@@ -7,21 +7,22 @@ when all of these hold, checked in this order; the first that fails is its
 drop reason:
 
 1. it ended with EOS (``finish_<reason>`` otherwise: budget, context, ...);
-2. its response is format-valid (``format``);
-3. it has a final ``\\boxed{}`` answer (``no_answer``) that matches the
+2. no thread of it was cut at ``max_thread_tokens`` and closed by the
+   orchestrator (``closed_thread``): training on it would teach a
+   ``</Thread>`` the model never wrote;
+3. its response is format-valid (``format``);
+4. it has a final ``\\boxed{}`` answer (``no_answer``) that matches the
    reference (``incorrect``; ``check_timeout`` when math-verify ran out of
    time), decided by ``rewards.answer`` and ``rewards.checker``;
-4. its acceleration ratio ``eta`` is at least ``min_eta``, when set
+5. its acceleration ratio ``eta`` is at least ``min_eta``, when set
    (``low_eta``; ``eta`` is 0 for a response without blocks, so any
    ``min_eta > 0`` keeps parallel responses only);
-5. with ``dedupe``, no earlier kept trajectory of the same prompt has the
+6. with ``dedupe``, no earlier kept trajectory of the same prompt has the
    same text (``duplicate``).
 
 Outputs, next to ``out``: ``out`` (one kept record per line: the prompt
 record's fields except ``response*``, ``response`` = the trajectory's text,
-its latency measures, ``closed_threads`` (threads cut at
-``max_thread_tokens`` and closed by an inserted ``</Thread>``), and
-``provenance`` = model, seed, config hash, time);
+its latency measures, and ``provenance`` = model, seed, config hash, time);
 ``<stem>.rejected.jsonl`` (prompt and sample index, reason, detail);
 ``<stem>.stats.json`` (kept/total, drops per reason, the full config).
 """
@@ -44,6 +45,7 @@ from rollout.datagen.stage1 import Checker, config_hash, read_records, sidecar
 from rollout.files import atomic_write, write_text
 from rollout.format import validate
 from rollout.orchestrator import Trajectory
+from rollout.ray_init import start_ray
 
 #: Sampler: prompt token ids -> trajectories, prompt-major (``rollout.n`` per prompt).
 Sampler = Callable[[list[list[int]]], list[Trajectory]]
@@ -87,9 +89,12 @@ class Decision:
 
 
 def judge(t: Trajectory, answer: str, cfg: Stage2Config, checker: Checker) -> Decision:
-    """Rules 1-4 of the module docstring for one trajectory (dedupe is :func:`select`'s)."""
+    """Rules 1-5 of the module docstring for one trajectory (dedupe is :func:`select`'s)."""
     if t.finish_reason != "eos":
         return Decision(t, False, f"finish_{t.finish_reason}", t.finish_detail)
+    if t.closed_threads:
+        cut = ", ".join(f"block {b} thread {n}" for b, n in t.closed_threads)
+        return Decision(t, False, "closed_thread", f"cut at max_thread_tokens and closed by the orchestrator: {cut}")
     reasons = validate(t.text)
     if reasons:
         return Decision(t, False, "format", "; ".join(reasons)[:300])
@@ -144,8 +149,7 @@ def output_record(d: Decision, record: dict, provenance: dict) -> dict:
     rec["answer"] = str(record["answer"])
     rec["response"] = t.text
     rec.update(prompt_index=t.prompt_index, sample_index=t.sample_index, L_total=t.L_total, L_crit=t.L_crit,
-               eta=t.eta, n_blocks=t.n_blocks, threads_per_block=t.threads_per_block,
-               closed_threads=[list(x) for x in t.closed_threads])
+               eta=t.eta, n_blocks=t.n_blocks, threads_per_block=t.threads_per_block)
     rec["provenance"] = provenance
     return rec
 
@@ -213,9 +217,8 @@ def pool_sampler(cfg: Stage2Config) -> tuple[Sampler, Callable[[], None]]:
 
     from rollout.workers import RolloutPool
 
-    # "local" unless told: never join a `ray start` cluster found on this machine by accident
-    ray.init(address=cfg.ray_address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
-             log_to_driver=False)
+    # a local instance unless told: never join a `ray start` cluster found on this machine by accident
+    start_ray(cfg.ray_address or os.environ.get("RAY_ADDRESS"), include_dashboard=False)
     try:
         pool = RolloutPool(cfg.model, cfg.rollout)
     except BaseException:

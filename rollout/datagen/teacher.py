@@ -18,14 +18,22 @@ one call (another 4xx such as a prompt longer than the model's context,
 retries exhausted, a body that is not a chat completion) raises
 :class:`TeacherCallError`, which drops only the trace being rewritten.
 
-The API key is read from the environment variable named by ``api_key_env``
-and used only in the ``Authorization`` header: it is not part of the cache
-key, the cache files, the stats, or any error message (messages are scrubbed
-of it).
+Secrets: the API key is read from the environment variable named by
+``api_key_env``, stripped of surrounding whitespace (a key mounted from a file
+ends with a newline) and refused, without being shown, when whitespace, control
+or non-ASCII characters remain inside it. It is used only in the
+``Authorization`` header. Credentials in ``base_url`` (``user:password@`` and
+query values, which are sent as request parameters) are secrets too. No secret
+is part of the cache key, the cache files, the stats or any message: error
+texts and replies are scrubbed (:meth:`TeacherClient.scrub`) of every form a
+secret can take in them (as is, so also after ``Bearer ``, URL-encoded,
+JSON-escaped, and ``user:password`` in Base64), and the address is shown as
+:func:`redact_url` writes it.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -36,6 +44,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import parse_qsl, quote, quote_plus, unquote, urlsplit, urlunsplit
 
 import httpx
 
@@ -108,13 +117,53 @@ class TeacherStats:
 
 
 def read_api_key(env_name: str | None) -> str | None:
-    """The key in environment variable ``env_name``; None without a name; raises if the variable is unset."""
+    """The key in environment variable ``env_name``, stripped; None without a name.
+
+    Raises TeacherConfigError when the variable is unset or empty, or when the
+    key holds anything but printable ASCII (spaces, newlines, control or
+    non-ASCII characters); the message never shows the key.
+    """
     if env_name is None:
         return None
-    key = os.environ.get(env_name)
+    key = os.environ.get(env_name, "").strip()
     if not key:
-        raise TeacherConfigError(f"environment variable {env_name} (teacher.api_key_env) is not set")
+        raise TeacherConfigError(f"environment variable {env_name} (teacher.api_key_env) is not set or empty")
+    if not all("!" <= c <= "~" for c in key):
+        raise TeacherConfigError(f"environment variable {env_name} (teacher.api_key_env) holds a key of {len(key)} "
+                                 "characters with whitespace, control or non-ASCII characters inside it (not shown); "
+                                 "an API key is one word of printable ASCII")
     return key
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its secrets: user information, query values and fragment become ``***``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    netloc = "***@" + parts.netloc.rpartition("@")[2] if "@" in parts.netloc else parts.netloc
+    query = "&".join(f"{name}=***" for name, _ in parse_qsl(parts.query, keep_blank_values=True))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, "***" if parts.fragment else ""))
+
+
+def url_secrets(url: str) -> list[str]:
+    """The secrets ``url`` may carry: user name, password, ``user:password``, query values, fragment."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return [url]
+    userinfo = parts.netloc.rpartition("@")[0]
+    found = [userinfo, *userinfo.split(":", 1), parts.fragment]
+    found += [value for _, value in parse_qsl(parts.query, keep_blank_values=True)]
+    return [unquote(x) for x in found if x]
+
+
+def secret_forms(secret: str) -> set[str]:
+    """Every form in which ``secret`` can appear in a message or a reply."""
+    forms = {secret, quote(secret, safe=""), quote_plus(secret), json.dumps(secret)[1:-1]}
+    if ":" in secret:  # user:password, as in an HTTP Basic Authorization header
+        forms.add(base64.b64encode(secret.encode()).decode())
+    return {f for f in forms if f}
 
 
 def cache_key(model: str, messages: list[dict], params: dict[str, Any]) -> str:
@@ -158,9 +207,15 @@ class TeacherClient:
             raise TeacherConfigError("teacher.model is empty: name the model the endpoint serves")
         self.cfg = cfg
         self._key = read_api_key(cfg.api_key_env)
+        secrets = url_secrets(cfg.base_url) + ([self._key] if self._key else [])
+        self._secrets = sorted({f for s in secrets for f in secret_forms(s)}, key=len, reverse=True)
+        self.address = redact_url(cfg.base_url)  # what messages show
         headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
-        self._http = httpx.Client(base_url=cfg.base_url.rstrip("/") + "/", headers=headers,
-                                  timeout=cfg.timeout_s, transport=transport)
+        root = urlsplit(cfg.base_url)  # query values go with every request; httpx would append paths after them
+        params = parse_qsl(root.query, keep_blank_values=True)
+        root_url = urlunsplit((root.scheme, root.netloc, root.path.rstrip("/") + "/", "", ""))
+        self._http = httpx.Client(base_url=root_url, params=params, headers=headers, timeout=cfg.timeout_s,
+                                  transport=transport)
         self._slots = threading.BoundedSemaphore(cfg.concurrency)
         self._lock = threading.Lock()
         self._sleep = sleep
@@ -180,8 +235,10 @@ class TeacherClient:
     # ------------------------------------------------------------------ helpers
 
     def scrub(self, text: str) -> str:
-        """``text`` with the API key replaced by ``***``."""
-        return text.replace(self._key, "***") if self._key else text
+        """``text`` with every form of every secret (key, credentials in ``base_url``) replaced by ``***``."""
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
 
     def _count(self, name: str) -> None:
         with self._lock:
@@ -211,18 +268,18 @@ class TeacherClient:
         try:
             resp = self._http.get("models")
         except httpx.HTTPError as e:
-            raise TeacherConfigError(self.scrub(f"teacher endpoint {self.cfg.base_url} unreachable: "
-                                                f"{type(e).__name__}: {e}")) from None
+            raise TeacherConfigError(f"teacher endpoint {self.address} unreachable: "
+                                     f"{self.scrub(f'{type(e).__name__}: {e}')}") from None
         if resp.status_code != 200:
-            raise TeacherConfigError(self.scrub(f"GET {self.cfg.base_url}/models: HTTP {resp.status_code}: "
-                                                f"{resp.text[:300]}"))
+            raise TeacherConfigError(f"teacher {self.address}: GET models: HTTP {resp.status_code}: "
+                                     f"{self.scrub(resp.text)[:300]}")
         try:
             names = [m["id"] for m in resp.json()["data"]]
         except (ValueError, KeyError, TypeError):
-            raise TeacherConfigError(f"GET {self.cfg.base_url}/models: not an OpenAI model list") from None
+            raise TeacherConfigError(f"teacher {self.address}: GET models: not an OpenAI model list") from None
         if self.cfg.model not in names:
-            raise TeacherConfigError(f"the endpoint does not serve model {self.cfg.model!r}; it serves: "
-                                     f"{', '.join(names[:20]) or 'nothing'}")
+            raise TeacherConfigError(self.scrub(f"the endpoint does not serve model {self.cfg.model!r}; it serves: "
+                                                f"{', '.join(map(str, names[:20])) or 'nothing'}"))
         return names
 
     def chat(self, messages: list[dict]) -> Reply:
@@ -233,7 +290,7 @@ class TeacherClient:
             self._count("cache_hits")
             return Reply(hit["content"], hit.get("finish_reason"), cached=True)
         body = {"model": self.cfg.model, "messages": messages, **params}
-        reply = self._post(body)
+        reply = self._post(body)  # scrubbed: a reply that echoes a secret is never cached or returned with it
         if self.cache is not None:
             self.cache.put(key, {"model": self.cfg.model, "messages": messages, "params": params,
                                  "content": reply.content, "finish_reason": reply.finish_reason})
@@ -250,22 +307,21 @@ class TeacherClient:
                     self._count("requests")
                     resp = self._http.post("chat/completions", json=body)
             except (httpx.TimeoutException, httpx.TransportError) as e:
-                last = f"{type(e).__name__}: {e}"
+                last = self.scrub(f"{type(e).__name__}: {e}")
             else:
                 if resp.status_code == 200:
                     return self._reply(resp)
-                text = resp.text[:300]
-                last = f"HTTP {resp.status_code}: {text}"
+                last = f"HTTP {resp.status_code}: {self.scrub(resp.text)[:300]}"  # scrubbed before cut
                 if resp.status_code in FATAL_STATUS:
-                    raise TeacherConfigError(self.scrub(f"teacher {self.cfg.base_url} refused the call: {last}"))
+                    raise TeacherConfigError(f"teacher {self.address} refused the call: {last}")
                 if resp.status_code not in RETRY_STATUS and resp.status_code < 500:
                     self._count("failed_calls")
-                    raise TeacherCallError(self.scrub(last))
+                    raise TeacherCallError(last)
                 retry_after = resp.headers.get("retry-after")
             if attempt < self.cfg.max_retries:
                 self._sleep(self.delay(attempt, retry_after))
         self._count("failed_calls")
-        raise TeacherCallError(self.scrub(f"gave up after {self.cfg.max_retries + 1} attempts; last: {last}"))
+        raise TeacherCallError(f"gave up after {self.cfg.max_retries + 1} attempts; last: {last}")
 
     def _reply(self, resp: httpx.Response) -> Reply:
         try:
@@ -273,5 +329,6 @@ class TeacherClient:
             content = choice["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError):
             self._count("failed_calls")
-            raise TeacherCallError(self.scrub(f"not a chat completion: {resp.text[:200]}")) from None
-        return Reply(content if isinstance(content, str) else "", choice.get("finish_reason"), cached=False)
+            raise TeacherCallError(f"not a chat completion: {self.scrub(resp.text)[:200]}") from None
+        return Reply(self.scrub(content) if isinstance(content, str) else "", choice.get("finish_reason"),
+                     cached=False)
