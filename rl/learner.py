@@ -14,9 +14,10 @@ one optimizer step. The global batch is therefore set by a token budget, not a
 fixed number of sequences. The row losses are normalised by the number of
 target occurrences of the whole global batch and scaled by the world size
 (DeepSpeed averages gradients over ranks), so the update does not depend on
-the number of ranks. Ranks that get fewer rows than others run zero-weight
-two-token dummy rows, so that every rank takes part in the same number of
-collective reductions (ZeRO-2/3 reduce at every backward).
+the number of ranks. Ranks that get fewer rows than others run two-token
+dummy rows without any target, so that every rank takes part in the same
+number of collective reductions (ZeRO-2/3 reduce at every backward); a row
+without targets adds nothing to any loss term, normaliser or metric.
 
 Losses are looked up by name in :mod:`rl.losses` (``"sft"`` is built in).
 
@@ -118,8 +119,12 @@ def deepspeed_config(cfg: LearnerConfig, world_size: int) -> dict:
 
 
 def dummy_row(token_id: int) -> PackedRow:
-    """A two-token row whose only target weighs 0: a micro-batch that adds nothing to the gradients."""
-    return make_row([build_trie([Unit([token_id], [token_id])], weights=[0.0])])
+    """A two-token row without targets (context only): a micro-batch that adds nothing to the gradients.
+
+    Not even a zero-weight target: the KL term counts every target, whatever
+    its weight, and this row has no reference log-probabilities.
+    """
+    return make_row([build_trie([Unit([token_id, token_id], [])])])
 
 
 def strip_row(row: PackedRow) -> PackedRow:
@@ -221,7 +226,7 @@ class Learner:
             config=deepspeed_config(cfg, self.world_size))
         self.device = self.engine.device
         self.dtype = next(self.engine.module.parameters()).dtype
-        self.dummy = dummy_row(0)  # any token id: its only target weighs 0
+        self.dummy = dummy_row(0)  # any token id: the row has no target
         return {"rank": self.rank, "threads": threads, "device": str(self.device), "dtype": str(self.dtype),
                 "parameters": sum(p.numel() for p in model.parameters())}
 

@@ -3,7 +3,9 @@
 The integration test trains the tiny model for 20 steps with one rank and with
 two ranks on the same global batches (some with an odd number of rows, so one
 rank also runs a dummy row) and requires the same loss and gradient norm at
-every step, then checks the weight export (buckets, Hugging Face save).
+every step, then checks the weight export (buckets, Hugging Face save). A second
+one does the same with the P-GRPO loss and a KL term on three rows, so the
+padding row (which has no reference log-probabilities) must not count.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import math
 import pytest
 import torch
 
-from rl.learner import LearnerConfig, deepspeed_config, dummy_row, split_rows
+from rl.learner import LearnerConfig, deepspeed_config, dummy_row, split_rows, strip_row
 from rl.schedule import lr_factor
 from rl.trie import build_trie, make_row, pack_tries
 from rollout.units import Unit
@@ -53,9 +55,9 @@ def test_deepspeed_config_clips_itself_only_for_stage0_fp32():
         LearnerConfig(zero_stage=4)
 
 
-def test_dummy_row_has_no_weight():
+def test_dummy_row_has_no_target():
     row = dummy_row(0)
-    assert len(row) == 2 and float(row.weight.abs().sum()) == 0.0
+    assert len(row) == 2 and int(row.n_targets.sum()) == 0 and float(row.weight.abs().sum()) == 0.0
 
 
 # --------------------------------------------------------------------------- integration
@@ -133,3 +135,40 @@ def test_one_and_two_ranks_train_identically(ray_cluster, tiny_model_dir, tokeni
     finally:
         zero2.shutdown()
     assert not math.isnan(m2[-1]["seconds"])
+
+
+@pytest.mark.integration
+def test_kl_loss_on_two_ranks_with_an_uneven_number_of_rows(ray_cluster, tiny_model_dir, tokenizer):
+    """P-GRPO with a KL term on 3 rows: on 2 ranks one rank pads with a row that has no reference
+    log-probabilities; the padding must not count anywhere, so both runs take the same steps."""
+    from rl.grpo import ReferenceModel, with_reference
+    from rl.learner import LearnerGroup
+    from rollout.task import TaskConfig, make_dataset
+    from rollout.units import chat_prompt_ids, replay
+
+    records = make_dataset(TaskConfig(b_digits=2, max_threads=3), {"train": 3}, seed=2)["train"]
+    tries = [build_trie(units, weights=[advantage] * len(units)) for advantage, units in zip((0.5, -0.25, 1.0), (
+        replay(chat_prompt_ids(tokenizer, r["prompt"]), r["response_parallel"], tokenizer, tokenizer.eos_token_id)
+        for r in records))]
+    rows = [strip_row(r) for r in pack_tries(tries, 400)]
+    assert len(rows) == 3 and sorted(len(part) for part in split_rows(rows, 2)) == [1, 2]
+    rows = with_reference(rows, ReferenceModel(str(tiny_model_dir)).logprobs(rows))
+    n_targets = float(sum(int(r.n_targets.sum()) for r in rows))
+
+    base = dict(lr=3e-3, grad_clip=1.0, row_tokens=400, cpus_per_rank=0.5, threads_per_rank=1)
+    results = {}
+    for ranks in (1, 2):
+        group = LearnerGroup(LearnerConfig(ranks=ranks, **base), tiny_model_dir, total_steps=3)
+        try:
+            steps = [group.train_step(rows, loss="pgrpo", denominator=n_targets, kl_coef=0.5) for _ in range(3)]
+            results[ranks] = steps, group.state_dict()
+        finally:
+            group.shutdown()
+    (one, w1), (two, w2) = results[1], results[2]
+    assert one[0]["kl_sum"] == pytest.approx(0.0, abs=1e-6)  # the first step starts at the reference
+    assert one[-1]["kl_sum"] > 1e-4  # then the policy leaves it and the KL term counts
+    for s, (a, b) in enumerate(zip(one, two)):
+        for key in ("loss", "kl_sum", "pg_sum", "targets", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), f"step {s}: {key}"
+        assert a["targets"] == n_targets
+    assert max(float((w1[n] - w2[n]).abs().max()) for n in w1) < 1e-4
