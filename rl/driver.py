@@ -437,17 +437,7 @@ def evaluate(cfg: RLConfig, rollouts: Rollouts, reward_pool, prompts: list[list[
 def _resume_path(cfg: RLConfig, ckpt_root: Path) -> Path | None:
     from rl import checkpoint
 
-    if cfg.resume is None:
-        if checkpoint.latest(ckpt_root) is not None:
-            raise ValueError(f"{ckpt_root} already holds checkpoints; pass --resume (resume=auto) to continue that "
-                             "run or choose a new run_dir")
-        return None
-    if cfg.resume == "auto":
-        return checkpoint.latest(ckpt_root)
-    path = Path(cfg.resume)
-    if not path.is_dir():
-        raise FileNotFoundError(f"resume checkpoint {path} does not exist")
-    return path
+    return checkpoint.resume_point(cfg.resume, ckpt_root, "--resume (resume=auto)")
 
 
 def _load_data(cfg: RLConfig) -> tuple[list[dict], list[dict]]:

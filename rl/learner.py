@@ -24,7 +24,8 @@ Losses are looked up by name in :mod:`rl.losses` (``"sft"`` is built in).
 Weights leave the learner in buckets (lists of ``(name, tensor)`` of at most
 ``bucket_mb`` MB, gathered from ZeRO-3 partitions where needed) and as
 Hugging Face checkpoints that vLLM loads; :mod:`rl.checkpoint` adds the
-optimizer, scheduler, RNG and data position for exact resumption.
+optimizer, scheduler, RNG and data position for exact resumption. Every rank
+syncs the checkpoint files it wrote to disk before returning.
 
 Limits: ZeRO-3 first loads the full model on every rank, then partitions it
 (fine up to a model that fits a rank's memory); pipeline and tensor
@@ -45,6 +46,7 @@ from typing import Any, Iterator, Literal, Sequence
 
 import torch
 
+from rl import durable
 from rl.trie import PackedRow, build_trie, make_row
 from rollout.units import Unit
 
@@ -352,16 +354,24 @@ class Learner:
         for extra in ("generation_config.json",):
             if (Path(self.model_dir) / extra).exists() and not (out / extra).exists():
                 shutil.copy(Path(self.model_dir) / extra, out / extra)
+        durable.fsync_tree(out)
 
     # ------------------------------------------------------------------ checkpoints
 
     def save_state(self, out_dir: str, client_state: dict) -> None:
-        """DeepSpeed checkpoint (weights, optimizer, scheduler) plus this rank's RNG states (collective)."""
+        """DeepSpeed checkpoint (weights, optimizer, scheduler) plus this rank's RNG states (collective).
+
+        Synced to disk before returning.
+        """
         out = Path(out_dir)
         self.engine.save_checkpoint(str(out / "deepspeed"), tag="state",
                                     client_state={CLIENT_KEY: client_state}, save_latest=False)
-        (out / "rng").mkdir(parents=True, exist_ok=True)
-        torch.save(rng_state(), out / "rng" / f"rank_{self.rank}.pt")
+        rng_file = out / "rng" / f"rank_{self.rank}.pt"
+        rng_file.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(rng_state(), rng_file)
+        durable.fsync_tree(out / "deepspeed")  # every rank's files: DeepSpeed ends the save with a barrier
+        durable.fsync_path(rng_file)
+        durable.fsync_path(rng_file.parent)
 
     def load_state(self, in_dir: str) -> dict:
         """Restore what :meth:`save_state` wrote; returns the client state (collective)."""

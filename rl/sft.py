@@ -158,14 +158,7 @@ def prepare_data(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
 def _resume_path(cfg: SFTConfig, ckpt_root: Path) -> Path | None:
     from rl import checkpoint
 
-    if cfg.resume is None:
-        if checkpoint.latest(ckpt_root) is not None:
-            raise ValueError(f"{ckpt_root} already holds checkpoints; pass resume=auto to continue that run "
-                             "or choose a new run_dir")
-        return None
-    if cfg.resume == "auto":
-        return checkpoint.latest(ckpt_root)
-    return Path(cfg.resume)
+    return checkpoint.resume_point(cfg.resume, ckpt_root, "resume=auto")
 
 
 def _init_ray(cfg: SFTConfig) -> bool:
