@@ -1,4 +1,4 @@
-"""Resuming a run: damaged checkpoints passed over.
+"""Resuming a run: the metrics file trimmed to the checkpoint, and damaged checkpoints passed over.
 
 Fast tests on hand-made files. ``_FakeGroup`` stands in for the learner ranks
 (it writes a few files where they write theirs), so :func:`rl.checkpoint.save`
@@ -15,6 +15,48 @@ from pathlib import Path
 import pytest
 
 from rl import checkpoint
+from rl.metrics_log import MetricsLog, read_records, trim
+
+
+def _write_log(path: Path, steps: list[int], tail: str = "") -> None:
+    path.write_text("".join(json.dumps({"kind": "train", "step": s, "loss": 1.0 / s}) + "\n" for s in steps) + tail)
+
+
+def test_resume_trims_later_steps_and_a_cut_off_last_line(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    _write_log(path, [1, 2, 3, 4, 5], tail='{"kind": "train", "step": 6, "lo')  # killed while writing step 6
+    with MetricsLog(path, resume_step=3) as log:
+        log.write({"kind": "train", "step": 4, "loss": 0.5})
+    assert [(r["step"], r["loss"]) for r in read_records(path)] == [(1, 1.0), (2, 0.5), (3, 1 / 3), (4, 0.5)]
+    err = capsys.readouterr().err
+    assert "resuming at step 3: removed 2 record(s) of later steps" in err and "1 line(s) that are not JSON" in err
+    assert not (tmp_path / "metrics.jsonl.tmp").exists()
+
+
+def test_eval_records_of_the_checkpoint_step_stay_and_a_fresh_run_starts_empty(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    _write_log(path, [1, 2])
+    with open(path, "a") as f:
+        f.write(json.dumps({"kind": "eval", "step": 2, "accuracy": 0.5}) + "\n")
+    assert trim(path, 2) == 3 and capsys.readouterr().err == ""  # nothing to drop: the file is left alone
+    with MetricsLog(path, resume_step=None) as log:
+        log.write({"kind": "eval", "step": 0, "accuracy": 0.0})
+    assert read_records(path) == [{"kind": "eval", "step": 0, "accuracy": 0.0}]
+    assert "a fresh run: removed 3 record(s)" in capsys.readouterr().err
+    path.write_text(json.dumps({"step": 1}))  # complete, but its newline was cut off: kept, newline added
+    with MetricsLog(path, resume_step=1) as log:
+        log.write({"step": 2})
+    assert read_records(path) == [{"step": 1}, {"step": 2}]
+    with MetricsLog(tmp_path / "new.jsonl", resume_step=5) as log:  # no file yet
+        log.write({"step": 6})
+    assert read_records(tmp_path / "new.jsonl") == [{"step": 6}]
+
+
+def test_reader_skips_a_cut_off_line_with_a_warning(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    _write_log(path, [1, 2], tail='{"kind": "tr')
+    assert [r["step"] for r in read_records(path)] == [1, 2]
+    assert "skipped 1 line(s) that are not JSON objects (line 3" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- checkpoints
