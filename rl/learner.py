@@ -262,12 +262,12 @@ class Learner:
                          attention_mask=mask, use_cache=False)
             row_loss, metrics = fn(out.logits[0], row, denominator, **options)
             engine.backward(row_loss * self.world_size)
+            for k, v in metrics.items():  # 0 for a dummy row, but every rank must reduce the same keys below
+                sums[k] = sums.get(k, 0.0) + float(v)
             if i < len(rows):
                 sums["loss"] += float(row_loss.detach())
                 sums["tokens"] += len(row)
                 sums["targets"] += float(row.n_targets.sum())
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
         grad_norm = None
         if self.cfg.zero_stage == 0 and self.cfg.dtype == "fp32":
             # DeepSpeed reduced the gradients in the boundary backward; clip them here (see deepspeed_config).

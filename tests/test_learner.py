@@ -4,8 +4,9 @@ The integration test trains the tiny model for 20 steps with one rank and with
 two ranks on the same global batches (some with an odd number of rows, so one
 rank also runs a dummy row) and requires the same loss and gradient norm at
 every step, then checks the weight export (buckets, Hugging Face save). A second
-one does the same with the P-GRPO loss and a KL term on three rows, so the
-padding row (which has no reference log-probabilities) must not count.
+one does the same with the P-GRPO loss and a KL term on three rows and on one
+row (then a rank runs only the padding row), so the padding row, which has no
+reference log-probabilities, must not count.
 """
 
 from __future__ import annotations
@@ -139,8 +140,9 @@ def test_one_and_two_ranks_train_identically(ray_cluster, tiny_model_dir, tokeni
 
 @pytest.mark.integration
 def test_kl_loss_on_two_ranks_with_an_uneven_number_of_rows(ray_cluster, tiny_model_dir, tokenizer):
-    """P-GRPO with a KL term on 3 rows: on 2 ranks one rank pads with a row that has no reference
-    log-probabilities; the padding must not count anywhere, so both runs take the same steps."""
+    """P-GRPO with a KL term on 3 rows, then on 1 row: on 2 ranks a rank pads with a row that has no
+    reference log-probabilities (on 1 row, that is all it runs); the padding must not count anywhere,
+    so both runs take the same steps."""
     from rl.grpo import ReferenceModel, with_reference
     from rl.learner import LearnerGroup
     from rollout.task import TaskConfig, make_dataset
@@ -153,22 +155,22 @@ def test_kl_loss_on_two_ranks_with_an_uneven_number_of_rows(ray_cluster, tiny_mo
     rows = [strip_row(r) for r in pack_tries(tries, 400)]
     assert len(rows) == 3 and sorted(len(part) for part in split_rows(rows, 2)) == [1, 2]
     rows = with_reference(rows, ReferenceModel(str(tiny_model_dir)).logprobs(rows))
-    n_targets = float(sum(int(r.n_targets.sum()) for r in rows))
+    batches = [rows, rows[:1], rows, rows[:1]]
 
     base = dict(lr=3e-3, grad_clip=1.0, row_tokens=400, cpus_per_rank=0.5, threads_per_rank=1)
     results = {}
     for ranks in (1, 2):
-        group = LearnerGroup(LearnerConfig(ranks=ranks, **base), tiny_model_dir, total_steps=3)
+        group = LearnerGroup(LearnerConfig(ranks=ranks, **base), tiny_model_dir, total_steps=len(batches))
         try:
-            steps = [group.train_step(rows, loss="pgrpo", denominator=n_targets, kl_coef=0.5) for _ in range(3)]
+            steps = [group.train_step(b, loss="pgrpo", kl_coef=0.5) for b in batches]
             results[ranks] = steps, group.state_dict()
         finally:
             group.shutdown()
     (one, w1), (two, w2) = results[1], results[2]
     assert one[0]["kl_sum"] == pytest.approx(0.0, abs=1e-6)  # the first step starts at the reference
-    assert one[-1]["kl_sum"] > 1e-4  # then the policy leaves it and the KL term counts
+    assert min(m["kl_sum"] for m in one[1:]) > 1e-4  # then the policy leaves it and the KL term counts
     for s, (a, b) in enumerate(zip(one, two)):
-        for key in ("loss", "kl_sum", "pg_sum", "targets", "grad_norm"):
+        for key in ("loss", "kl_sum", "pg_sum", "lp_count", "targets", "tokens", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), f"step {s}: {key}"
-        assert a["targets"] == n_targets
+        assert a["targets"] == sum(int(r.n_targets.sum()) for r in batches[s])
     assert max(float((w1[n] - w2[n]).abs().max()) for n in w1) < 1e-4
