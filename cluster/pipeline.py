@@ -60,6 +60,7 @@ from cluster.evaluate import BenchEvalConfig, parse_data_arg, read_benchmark
 from cluster.ray_setup import RayConfig
 from cluster.tracking import TrackingConfig
 from rl.driver import RLConfig
+from rl.metrics_log import read_records
 from rl.sft import SFTConfig
 from rollout.config import check_ranges
 from rollout.datagen.stage2 import Stage2Config
@@ -200,12 +201,14 @@ class Runs:
 
 
 def log_metrics_file(tracker, path: Path, prefix: str = "") -> int:
-    """Send every line of a stage's ``metrics.jsonl`` to ``tracker`` at its ``step``; returns the line count."""
+    """Send every record of a stage's ``metrics.jsonl`` to ``tracker`` at its ``step``; returns the record count.
+
+    A line that is not a JSON object (cut off by a kill) is skipped with a warning.
+    """
     if not path.is_file():
         return 0
     n = 0
-    for line in path.read_text().splitlines():
-        rec = json.loads(line)
+    for rec in read_records(path):
         kind = rec.get("kind", "train")
         metrics = {f"{prefix}{kind}/{k}": v for k, v in rec.items() if k not in ("kind", "step")}
         tracker.log_metrics(metrics, int(rec.get("step", 0)))

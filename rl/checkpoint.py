@@ -8,24 +8,34 @@ Layout of one checkpoint, ``ROOT/step_00000100/``:
   and learning-rate scheduler states (ZeRO partitions included);
 * ``rng/rank_R.pt`` -- each rank's Python, NumPy and torch generator states;
 * ``trainer_state.json`` -- the driver's state: the step, the data position,
-  metrics, whatever the stage needs to continue.
+  metrics, whatever the stage needs to continue; and under ``files`` the size
+  of every file above, so a damaged checkpoint is recognised before loading.
 
-``ROOT/latest`` names the newest *complete* checkpoint: it is rewritten
-(atomically, by rename) only after everything above is on disk, so a run
-killed while saving resumes from the previous one.
+Each rank syncs what it wrote to disk (``rl.durable``); ``trainer_state.json``
+is written last, then ``ROOT/latest`` is rewritten (synced, renamed) to name
+the new checkpoint, so a run killed while saving -- or a machine that crashed
+-- leaves the previous checkpoint as the newest complete one.
+
+Resuming (:func:`latest`) takes the newest step folder that is complete: one
+whose ``trainer_state.json`` is missing or unreadable, or whose files are
+missing or of another size than when saved, is passed over with a warning for
+the one before it.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
+import sys
 from pathlib import Path
 
+from rl import durable
 from rl.learner import LearnerGroup
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
+#: key of the file sizes in ``trainer_state.json`` (checkpoints written before it have none)
+FILES = "files"
 
 
 def step_dir(root: str | Path, step: int) -> Path:
@@ -43,12 +53,12 @@ def save(group: LearnerGroup, root: str | Path, step: int, trainer_state: dict, 
     if path.exists():
         shutil.rmtree(path)  # a partial checkpoint of a run that died while saving it
     path.mkdir(parents=True)
-    group.save_hf(path / "hf")
+    group.save_hf(path / "hf")  # the ranks sync what they write
     group.save_state(path, {"step": step})
-    (path / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=2))
-    tmp = root / (LATEST + ".tmp")
-    tmp.write_text(path.name)
-    os.replace(tmp, root / LATEST)
+    files = {f.relative_to(path).as_posix(): f.stat().st_size for f in sorted(path.rglob("*")) if f.is_file()}
+    durable.write_text(path / STATE_FILE, json.dumps({"step": step, **trainer_state, FILES: files}, indent=2))
+    durable.fsync_path(root)
+    durable.write_text(root / LATEST, path.name)
     if keep_last > 0:
         for old in sorted(root.glob("step_*"))[:-keep_last]:
             if old != path:
@@ -56,24 +66,97 @@ def save(group: LearnerGroup, root: str | Path, step: int, trainer_state: dict, 
     return path
 
 
+def _saved(path: Path) -> dict:
+    """``trainer_state.json`` of ``path`` as written; ValueError saying what is wrong with it."""
+    state_file = path / STATE_FILE
+    try:
+        saved = json.loads(state_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"no {STATE_FILE}") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"unreadable {STATE_FILE} ({type(e).__name__}: {e})") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("step"), int):
+        raise ValueError(f"{STATE_FILE} holds no step")
+    if not isinstance(saved.get(FILES, {}), dict):
+        raise ValueError(f"{STATE_FILE} holds no file sizes")
+    return saved
+
+
+def read_state(path: str | Path) -> dict:
+    """The trainer state saved in checkpoint ``path`` (without the file sizes); ValueError if unreadable."""
+    state = _saved(Path(path))
+    state.pop(FILES, None)
+    return state
+
+
+def problem(path: str | Path) -> str | None:
+    """Why ``path`` is not a complete checkpoint, or None when it is one."""
+    path = Path(path)
+    try:
+        sizes = _saved(path).get(FILES, {})
+    except ValueError as e:
+        return str(e)
+    for name, size in sizes.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} holds {f.stat().st_size} bytes, {size} when saved"
+    return None
+
+
 def latest(root: str | Path) -> Path | None:
-    """The newest complete checkpoint under ``root``, or None if there is none."""
-    pointer = Path(root) / LATEST
-    if not pointer.exists():
+    """The newest complete checkpoint under ``root``; None when ``root`` holds no step folder.
+
+    Newer step folders that are not complete (see :func:`problem`) are passed
+    over with a warning on stderr; ValueError when there are step folders but
+    none is complete.
+    """
+    passed = []
+    for path in sorted((p for p in Path(root).glob("step_*") if p.is_dir()), reverse=True):
+        why = problem(path)
+        if why is None:
+            for damaged in passed:
+                print(f"warning: checkpoint {damaged} is damaged or incomplete; using {path.name}, the newest "
+                      "complete one", file=sys.stderr, flush=True)
+            return path
+        passed.append(f"{path} ({why})")
+    if passed:
+        raise ValueError(f"no usable checkpoint under {root}: " + "; ".join(passed)
+                         + ". Move them away (or choose a new run_dir) to start afresh")
+    return None
+
+
+def resume_point(resume: str | None, root: str | Path, how: str) -> Path | None:
+    """The checkpoint a stage continues from (None: a fresh start), from its ``resume`` setting.
+
+    ``None``: start fresh, refused when ``root`` already holds checkpoints (``how``
+    says how to continue them instead); ``"auto"``: :func:`latest`; a path: that
+    checkpoint, which must be complete.
+    """
+    if resume is None:
+        if latest(root) is not None:
+            raise ValueError(f"{root} already holds checkpoints; pass {how} to continue that run "
+                             "or choose a new run_dir")
         return None
-    path = Path(root) / pointer.read_text().strip()
-    if not (path / STATE_FILE).exists():
-        raise FileNotFoundError(f"{pointer} names {path}, which has no {STATE_FILE}")
+    if resume == "auto":
+        return latest(root)
+    path = Path(resume)
+    if not path.is_dir():
+        raise FileNotFoundError(f"resume checkpoint {path} does not exist")
+    why = problem(path)
+    if why is not None:
+        raise ValueError(f"resume checkpoint {path} is not usable: {why}")
     return path
 
 
 def load(group: LearnerGroup, path: str | Path) -> dict:
     """Restore the learner from checkpoint ``path``; returns its trainer state."""
     path = Path(path)
-    state_file = path / STATE_FILE
-    if not state_file.exists():
-        raise FileNotFoundError(f"{path} is not a checkpoint (no {STATE_FILE})")
-    state = json.loads(state_file.read_text())
+    why = problem(path)
+    if why is not None:
+        raise ValueError(f"{path} is not a complete checkpoint: {why}")
+    state = read_state(path)
     client = group.load_state(path)
     if client.get("step") != state["step"]:
         raise ValueError(f"{path}: DeepSpeed state is at step {client.get('step')}, "

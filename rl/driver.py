@@ -41,9 +41,11 @@ rollout or a weight sync makes the driver rebuild the rollout pool, load the
 learner's current weights into it and redo that rollout or sync (at most
 ``max_rollout_restarts`` times per step); reward actors are replaced by the
 reward service itself; a dead learner or driver is recovered by resuming
-from the last checkpoint (``--resume``), which restores the step, the prompt
-order, the optimizer, scheduler and RNG states, and reopens the same MLflow
-run. MLflow being unreachable only produces warnings.
+from the newest complete checkpoint (``--resume``; :mod:`rl.checkpoint` passes
+over a damaged one), which restores the step, the prompt order, the optimizer,
+scheduler and RNG states, trims ``metrics.jsonl`` to that step
+(:mod:`rl.metrics_log`) and reopens the same MLflow run. MLflow being
+unreachable only produces warnings.
 
 Outputs in ``run_dir``: ``config.yaml`` (resolved; ``config_resume_step_N.yaml``
 on resume), ``metrics.jsonl``, ``eval/step_N.jsonl``, ``checkpoints/``
@@ -70,6 +72,7 @@ from cluster.tracking import TrackingConfig
 from rewards.config import RewardConfig
 from rl.grpo import GRPOConfig
 from rl.learner import LearnerConfig
+from rl.metrics_log import MetricsLog
 from rl.sft_data import check_data_config
 from rollout.config import RolloutConfig, check_ranges, set_runtime_defaults
 from rollout.files import atomic_write, check_model_dir, check_output_dir, write_text
@@ -379,11 +382,6 @@ def learner_metrics(learn: list[dict], n_tokens: int, learn_s: float) -> dict[st
     }
 
 
-def _log(handle, record: dict) -> None:
-    handle.write(json.dumps(record) + "\n")
-    handle.flush()
-
-
 # --------------------------------------------------------------------------- evaluation
 
 
@@ -427,9 +425,10 @@ def evaluate(cfg: RLConfig, rollouts: Rollouts, reward_pool, prompts: list[list[
             m[f"eval/{mode}/decode_s"] = decode_s
             metrics.update(m)
             for t, s in zip(trajectories, scores):
-                _log(f, {"step": step, "mode": mode, "index": t.prompt_index, "answer": answers[t.prompt_index],
-                         "text": t.text, "finish_reason": t.finish_reason, "L_total": t.L_total,
-                         "L_crit": t.L_crit, "eta": t.eta, "n_blocks": t.n_blocks, **s.to_dict()})
+                f.write(json.dumps({"step": step, "mode": mode, "index": t.prompt_index,
+                                    "answer": answers[t.prompt_index], "text": t.text,
+                                    "finish_reason": t.finish_reason, "L_total": t.L_total, "L_crit": t.L_crit,
+                                    "eta": t.eta, "n_blocks": t.n_blocks, **s.to_dict()}) + "\n")
     if "eval/parallel/L_crit" in metrics and "eval/sequential/L_total" in metrics:
         metrics["eval/crit_over_sequential"] = metrics["eval/parallel/L_crit"] / metrics["eval/sequential/L_total"]
     metrics["eval/seconds"] = time.perf_counter() - start
@@ -442,17 +441,7 @@ def evaluate(cfg: RLConfig, rollouts: Rollouts, reward_pool, prompts: list[list[
 def _resume_path(cfg: RLConfig, ckpt_root: Path) -> Path | None:
     from rl import checkpoint
 
-    if cfg.resume is None:
-        if checkpoint.latest(ckpt_root) is not None:
-            raise ValueError(f"{ckpt_root} already holds checkpoints; pass --resume (resume=auto) to continue that "
-                             "run or choose a new run_dir")
-        return None
-    if cfg.resume == "auto":
-        return checkpoint.latest(ckpt_root)
-    path = Path(cfg.resume)
-    if not path.is_dir():
-        raise FileNotFoundError(f"resume checkpoint {path} does not exist")
-    return path
+    return checkpoint.resume_point(cfg.resume, ckpt_root, "--resume (resume=auto)")
 
 
 def check_inputs(cfg: RLConfig) -> None:
@@ -570,14 +559,14 @@ def train(cfg: RLConfig, on_step: Callable[[int, dict], None] | None = None,
             page = eval_page(path, f"{run_dir.name}: held-out decoding at step {step}")
             if page is not None:
                 tracker.log_artifact(page, "pages")
-            _log(log_file, {"kind": "eval", "step": step, **metrics})
+            log.write({"kind": "eval", "step": step, **metrics})
             print(f"rl: eval at step {step}: " + ", ".join(
                 f"{mode} acc {metrics[f'eval/{mode}/accuracy']:.3f} act {metrics[f'eval/{mode}/activation']:.2f} "
                 f"L_crit {metrics[f'eval/{mode}/L_crit']:.1f}" for mode in cfg.eval.modes), flush=True)
             return metrics
 
         last_saved = step if resume is not None else -1
-        with open(run_dir / "metrics.jsonl", "a") as log_file:
+        with MetricsLog(run_dir / "metrics.jsonl", step if resume is not None else None) as log:
             if step == 0 and cfg.eval.at_start:
                 run_eval()
             while step < cfg.steps:
@@ -654,13 +643,14 @@ def train(cfg: RLConfig, on_step: Callable[[int, dict], None] | None = None,
                     "data/epoch": float(stream.state.epoch),
                     "data/prompts_seen": float(stream.state.served),
                 })
-                _log(log_file, {"kind": "train", "step": step, **metrics})
+                log.write({"kind": "train", "step": step, **metrics})
                 tracker.log_metrics(metrics, step)
                 print(f"rl: step {step}/{cfg.steps} reward {metrics['train/reward']:.3f} "
                       f"correct {metrics['train/correct']:.3f} act {metrics['train/activation']:.2f} "
                       f"L_crit {metrics['train/L_crit']:.0f} eta {metrics['train/eta']:.3f} | rollout "
                       f"{rollout_s:.1f}s reward {reward_s:.1f}s learn {learn_s:.1f}s sync {sync_s:.1f}s", flush=True)
                 if cfg.save_every and step % cfg.save_every == 0:
+                    log.sync()  # the records up to a checkpoint are on disk with it
                     checkpoint.save(group, ckpt_root, step, trainer_state(), cfg.keep_last)
                     last_saved = step
                 if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.steps:
@@ -668,6 +658,7 @@ def train(cfg: RLConfig, on_step: Callable[[int, dict], None] | None = None,
                 if on_step is not None:
                     on_step(step, metrics)
             if last_saved != step:
+                log.sync()
                 checkpoint.save(group, ckpt_root, step, trainer_state(), cfg.keep_last)
             final_eval = run_eval() if cfg.eval.at_end else {}
         summary = {

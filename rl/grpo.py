@@ -152,7 +152,8 @@ def pgrpo_loss(logits: torch.Tensor, row: PackedRow, denominator: float, clip_ep
 
     ``clip_eps=None``: on-policy, ``-sum(weight * logprob) / denominator``.
     Otherwise the PPO-clipped surrogate against ``row.behavior_logprob``.
-    ``kl_coef > 0`` needs ``row.ref_logprob`` (an :class:`RLRow`).
+    ``kl_coef > 0`` needs ``row.ref_logprob`` (an :class:`RLRow`) unless the
+    row has no targets (the learner's padding rows).
 
     Metrics (sums over the row's target occurrences): ``pg_sum`` and
     ``kl_sum`` (unnormalised terms), ``lp_absdiff_sum`` and ``lp_count``
@@ -181,10 +182,10 @@ def pgrpo_loss(logits: torch.Tensor, row: PackedRow, denominator: float, clip_ep
     pg = -surrogate.sum()
     loss = pg / denominator
     kl = torch.zeros((), device=device)
-    if kl_coef > 0:
-        ref = getattr(row, "ref_logprob", None)
-        if ref is None:
-            raise ValueError("kl_coef > 0 needs rows with reference log-probabilities (RLRow.ref_logprob)")
+    ref = getattr(row, "ref_logprob", None)
+    if kl_coef > 0 and ref is None and bool(target.any()):
+        raise ValueError("kl_coef > 0 needs rows with reference log-probabilities (RLRow.ref_logprob)")
+    if kl_coef > 0 and ref is not None:  # a row without targets (the learner's padding) has no KL term
         delta = torch.where(target, ref.to(device) - logprobs, torch.zeros_like(logprobs))
         kl = ((torch.exp(delta) - delta - 1.0) * n_targets).sum()
         loss = loss + kl_coef * kl / denominator

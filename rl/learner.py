@@ -14,16 +14,18 @@ one optimizer step. The global batch is therefore set by a token budget, not a
 fixed number of sequences. The row losses are normalised by the number of
 target occurrences of the whole global batch and scaled by the world size
 (DeepSpeed averages gradients over ranks), so the update does not depend on
-the number of ranks. Ranks that get fewer rows than others run zero-weight
-two-token dummy rows, so that every rank takes part in the same number of
-collective reductions (ZeRO-2/3 reduce at every backward).
+the number of ranks. Ranks that get fewer rows than others run two-token
+dummy rows without any target, so that every rank takes part in the same
+number of collective reductions (ZeRO-2/3 reduce at every backward); a row
+without targets adds nothing to any loss term, normaliser or metric.
 
 Losses are looked up by name in :mod:`rl.losses` (``"sft"`` is built in).
 
 Weights leave the learner in buckets (lists of ``(name, tensor)`` of at most
 ``bucket_mb`` MB, gathered from ZeRO-3 partitions where needed) and as
 Hugging Face checkpoints that vLLM loads; :mod:`rl.checkpoint` adds the
-optimizer, scheduler, RNG and data position for exact resumption.
+optimizer, scheduler, RNG and data position for exact resumption. Every rank
+syncs the checkpoint files it wrote to disk before returning.
 
 Limits: ZeRO-3 first loads the full model on every rank, then partitions it
 (fine up to a model that fits a rank's memory); pipeline and tensor
@@ -44,6 +46,7 @@ from typing import Any, Iterator, Literal, Sequence
 
 import torch
 
+from rl import durable
 from rl.trie import PackedRow, build_trie, make_row
 from rollout.config import check_ranges
 from rollout.units import Unit
@@ -116,8 +119,12 @@ def deepspeed_config(cfg: LearnerConfig, world_size: int) -> dict:
 
 
 def dummy_row(token_id: int) -> PackedRow:
-    """A two-token row whose only target weighs 0: a micro-batch that adds nothing to the gradients."""
-    return make_row([build_trie([Unit([token_id], [token_id])], weights=[0.0])])
+    """A two-token row without targets (context only): a micro-batch that adds nothing to the gradients.
+
+    Not even a zero-weight target: the KL term counts every target, whatever
+    its weight, and this row has no reference log-probabilities.
+    """
+    return make_row([build_trie([Unit([token_id, token_id], [])])])
 
 
 def strip_row(row: PackedRow) -> PackedRow:
@@ -219,7 +226,7 @@ class Learner:
             config=deepspeed_config(cfg, self.world_size))
         self.device = self.engine.device
         self.dtype = next(self.engine.module.parameters()).dtype
-        self.dummy = dummy_row(0)  # any token id: its only target weighs 0
+        self.dummy = dummy_row(0)  # any token id: the row has no target
         return {"rank": self.rank, "threads": threads, "device": str(self.device), "dtype": str(self.dtype),
                 "parameters": sum(p.numel() for p in model.parameters())}
 
@@ -253,12 +260,12 @@ class Learner:
                          attention_mask=mask, use_cache=False)
             row_loss, metrics = fn(out.logits[0], row, denominator, **options)
             engine.backward(row_loss * self.world_size)
+            for k, v in metrics.items():  # 0 for a dummy row, but every rank must reduce the same keys below
+                sums[k] = sums.get(k, 0.0) + float(v)
             if i < len(rows):
                 sums["loss"] += float(row_loss.detach())
                 sums["tokens"] += len(row)
                 sums["targets"] += float(row.n_targets.sum())
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
         grad_norm = None
         if self.cfg.zero_stage == 0 and self.cfg.dtype == "fp32":
             # DeepSpeed reduced the gradients in the boundary backward; clip them here (see deepspeed_config).
@@ -345,16 +352,24 @@ class Learner:
         for extra in ("generation_config.json",):
             if (Path(self.model_dir) / extra).exists() and not (out / extra).exists():
                 shutil.copy(Path(self.model_dir) / extra, out / extra)
+        durable.fsync_tree(out)
 
     # ------------------------------------------------------------------ checkpoints
 
     def save_state(self, out_dir: str, client_state: dict) -> None:
-        """DeepSpeed checkpoint (weights, optimizer, scheduler) plus this rank's RNG states (collective)."""
+        """DeepSpeed checkpoint (weights, optimizer, scheduler) plus this rank's RNG states (collective).
+
+        Synced to disk before returning.
+        """
         out = Path(out_dir)
         self.engine.save_checkpoint(str(out / "deepspeed"), tag="state",
                                     client_state={CLIENT_KEY: client_state}, save_latest=False)
-        (out / "rng").mkdir(parents=True, exist_ok=True)
-        torch.save(rng_state(), out / "rng" / f"rank_{self.rank}.pt")
+        rng_file = out / "rng" / f"rank_{self.rank}.pt"
+        rng_file.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(rng_state(), rng_file)
+        durable.fsync_tree(out / "deepspeed")  # every rank's files: DeepSpeed ends the save with a barrier
+        durable.fsync_path(rng_file)
+        durable.fsync_path(rng_file.parent)
 
     def load_state(self, in_dir: str) -> dict:
         """Restore what :meth:`save_state` wrote; returns the client state (collective)."""

@@ -22,7 +22,8 @@ What it really does:
 6. saves checkpoints every ``save_every`` steps and at the end
    (:mod:`rl.checkpoint`): Hugging Face weights vLLM loads, plus optimizer,
    scheduler, RNG and data position. ``resume=auto`` continues from the
-   newest one exactly where it stopped.
+   newest complete one exactly where it stopped (a damaged one is passed
+   over), with ``metrics.jsonl`` trimmed to its step (:mod:`rl.metrics_log`).
 
 The sequential baseline sees the same records, steps and token budget per
 step (so the same number of tokens); since its examples are shorter it sees
@@ -50,6 +51,7 @@ from pathlib import Path
 from typing import Callable, Literal
 
 from rl.learner import LearnerConfig
+from rl.metrics_log import MetricsLog
 from rl.sft_data import check_data_config
 from rl.sft_eval import EvalConfig
 from rollout.config import check_ranges
@@ -170,14 +172,7 @@ def prepare_data(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
 def _resume_path(cfg: SFTConfig, ckpt_root: Path) -> Path | None:
     from rl import checkpoint
 
-    if cfg.resume is None:
-        if checkpoint.latest(ckpt_root) is not None:
-            raise ValueError(f"{ckpt_root} already holds checkpoints; pass resume=auto to continue that run "
-                             "or choose a new run_dir")
-        return None
-    if cfg.resume == "auto":
-        return checkpoint.latest(ckpt_root)
-    return Path(cfg.resume)
+    return checkpoint.resume_point(cfg.resume, ckpt_root, "resume=auto")
 
 
 def check_inputs(cfg: SFTConfig) -> None:
@@ -213,11 +208,6 @@ def _init_ray(cfg: SFTConfig) -> bool:
                 + cfg.eval.workers * cfg.eval.cpus_per_worker * (cfg.eval.every > 0 or cfg.eval.at_end))
         start_ray(None, num_cpus=max(os.cpu_count() or 1, math.ceil(need)), include_dashboard=False)
     return True
-
-
-def _log(handle, record: dict) -> None:
-    handle.write(json.dumps(record) + "\n")
-    handle.flush()
 
 
 def train(cfg: SFTConfig, on_step: Callable[[int, dict], None] | None = None) -> dict:
@@ -303,7 +293,7 @@ def train(cfg: SFTConfig, on_step: Callable[[int, dict], None] | None = None) ->
             from tqdm import tqdm
 
             bar = tqdm(total=cfg.steps, initial=step, desc=f"sft {cfg.data.layout}", unit="step")
-        with open(run_dir / "metrics.jsonl", "a") as log:
+        with MetricsLog(run_dir / "metrics.jsonl", step if resume is not None else None) as log:
             while step < cfg.steps:
                 t0 = time.perf_counter()
                 batch = stream.next_batch(cfg.tokens_per_step)
@@ -315,13 +305,14 @@ def train(cfg: SFTConfig, on_step: Callable[[int, dict], None] | None = None) ->
                 metrics.update(step=step, examples=len(batch), rows=len(rows), train_s=train_s,
                                examples_seen=stream.state.served, tokens_seen=tokens_seen,
                                token_accuracy=metrics.get("correct", 0.0) / max(1.0, metrics["targets"]))
-                _log(log, {"kind": "train", **metrics})
+                log.write({"kind": "train", **metrics})
                 if cfg.save_every and step % cfg.save_every == 0:
+                    log.sync()  # the records up to a checkpoint are on disk with it
                     checkpoint.save(group, ckpt_root, step, trainer_state(), cfg.keep_last)
                     last_saved = step
                 if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.steps:
                     last_eval = run_eval()
-                    _log(log, {"kind": "eval", "step": step, "train_s": train_s, **last_eval})
+                    log.write({"kind": "eval", "step": step, "train_s": train_s, **last_eval})
                 if bar is not None:
                     post = {"loss": f"{metrics['loss']:.3f}", "tok/s": f"{metrics['tokens_per_s']:.0f}"}
                     if last_eval:
@@ -337,6 +328,7 @@ def train(cfg: SFTConfig, on_step: Callable[[int, dict], None] | None = None) ->
             if bar is not None:
                 bar.close()
             if last_saved != step:
+                log.sync()
                 checkpoint.save(group, ckpt_root, step, trainer_state(), cfg.keep_last)
             final = run_dir / "final"
             if final.is_symlink() or final.exists():
@@ -345,7 +337,7 @@ def train(cfg: SFTConfig, on_step: Callable[[int, dict], None] | None = None) ->
             final_eval: dict = {}
             if cfg.eval.at_end:
                 final_eval = run_eval()
-                _log(log, {"kind": "eval", "step": step, "train_s": train_s, **final_eval})
+                log.write({"kind": "eval", "step": step, "train_s": train_s, **final_eval})
         summary = {
             "layout": cfg.data.layout, "steps": step, "train_s": train_s, "eval_s": eval_s,
             "wall_s": time.perf_counter() - wall_start, "tokens_seen": tokens_seen,

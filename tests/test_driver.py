@@ -16,10 +16,12 @@ minute here):
 * run "full" (3 steps) has its rollout worker killed during step 1 (see
   ``_KillingPool``) and its tracking server down (a closed 127.0.0.1 port): the
   pool is rebuilt, the step completes and the run finishes;
-* run "cut" is killed after step 3 (checkpoint at step 2), then resumed: it
-  ends with the weights and step-3 metrics of "full" (so the rebuilt pool also
-  sampled exactly what an undisturbed one would have), in the MLflow run the
-  killed driver opened.
+* run "cut" (a checkpoint every step) is killed after step 3 in the middle of a
+  metrics line, and its newest checkpoint is then damaged (``trainer_state.json``
+  cut short); resumed, it falls back to step 2's checkpoint, logs step 3 once
+  and ends with the weights and step-3 metrics of "full" (so the rebuilt pool
+  also sampled exactly what an undisturbed one would have), in the MLflow run
+  the killed driver opened.
 """
 
 from __future__ import annotations
@@ -190,7 +192,7 @@ class _KillingPool:
 
 
 @pytest.mark.integration
-def test_faults_worker_killed_tracking_down_driver_killed_and_resumed(services, tiny_model_dir, tmp_path):
+def test_faults_worker_killed_tracking_down_driver_killed_and_resumed(services, tiny_model_dir, tmp_path, capsys):
     from mlflow import MlflowClient
 
     from cluster.tracking import metric_table
@@ -213,28 +215,34 @@ def test_faults_worker_killed_tracking_down_driver_killed_and_resumed(services, 
     assert all(x["logprob/rollout_learner_absdiff"] < 1e-3 for x in full_steps)  # vLLM and the learner agree
     assert any(x["loss/kl"] > 0 for x in full_steps)  # a second update leaves the reference (given a gradient)
 
-    # --- "cut": the driver dies after step 3 (last checkpoint: step 2), then resumes
+    # --- "cut": the driver dies after step 3, its checkpoint of step 3 is damaged, then it resumes
     def kill_after_3(step, metrics):
-        if step == 3:  # computed and logged, but its checkpoint is never written
+        if step == 3:  # computed, logged and saved
             raise Stop()
 
     with pytest.raises(Stop):
-        train(_config(tmp_path, "cut", tiny_model_dir), on_step=kill_after_3, services=services)
+        train(_config(tmp_path, "cut", tiny_model_dir, save_every=1), on_step=kill_after_3, services=services)
+    with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "step": 4, "train/rew')  # the kill came in the middle of a line
     with pytest.raises(ValueError, match="--resume"):
-        train(_config(tmp_path, "cut", tiny_model_dir), services=services)
-    resumed = train(_config(tmp_path, "cut", tiny_model_dir, resume="auto", **{"eval.at_end": "true"}),
-                    services=services)
+        train(_config(tmp_path, "cut", tiny_model_dir, save_every=1), services=services)
+    state_file = tmp_path / "cut" / "checkpoints" / "step_00000003" / "trainer_state.json"
+    state_file.write_text(state_file.read_text()[:40])
+    capsys.readouterr()
+    resumed = train(_config(tmp_path, "cut", tiny_model_dir, resume="auto", save_every=1,
+                            **{"eval.at_end": "true"}), services=services)
     assert resumed["steps"] == 3
+    out = capsys.readouterr()
+    assert "step_00000002 at step 2" in out.out and "unreadable trainer_state.json" in out.err
 
     a, b = _weights(full["checkpoint"]), _weights(resumed["checkpoint"])
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
     init = _weights(tiny_model_dir)
     assert max(float((a[k] - init[k]).abs().max()) for k in a) > 1e-4  # it trained
     cut_steps = [x for x in _lines(tmp_path / "cut" / "metrics.jsonl") if x["kind"] == "train"]
-    assert [x["step"] for x in cut_steps] == [1, 2, 3, 3]  # step 3 was lost with the driver and redone
+    assert [x["step"] for x in cut_steps] == [1, 2, 3]  # step 3 was redone and logged once
     for key in ("train/reward", "train/L_total", "loss/total", "learner/grad_norm", "data/prompts_seen"):
-        assert [x[key] for x in cut_steps[:2] + cut_steps[3:]] == pytest.approx([x[key] for x in full_steps],
-                                                                                 rel=1e-6), key
+        assert [x[key] for x in cut_steps] == pytest.approx([x[key] for x in full_steps], rel=1e-6), key
 
     # --- MLflow: one run, reopened by the resumed driver, with params, per-step metrics and artifacts
     state = json.loads((tmp_path / "cut" / "checkpoints" / "step_00000002" / "trainer_state.json").read_text())

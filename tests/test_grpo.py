@@ -143,6 +143,23 @@ def test_kl_term_by_hand():
         with_reference([row], [ref[:3]])
 
 
+def test_learner_padding_row_adds_nothing_to_any_loss_term():
+    """The dummy row a rank with fewer rows runs (no reference log-probabilities) under every loss option."""
+    from rl.learner import dummy_row
+
+    pad = dummy_row(3)
+    assert len(pad) == 2 and int(pad.n_targets.sum()) == 0 and float(pad.weight.abs().sum()) == 0.0
+    for options in ({}, {"kl_coef": 0.1}, {"kl_coef": 0.1, "clip_eps": 0.2}):
+        logits = torch.randn(2, VOCAB, requires_grad=True)
+        loss, m = pgrpo_loss(logits, pad, 4.0, **options)
+        assert float(loss.detach()) == 0.0, options
+        assert m == {"pg_sum": 0.0, "kl_sum": 0.0, "lp_absdiff_sum": 0.0, "lp_count": 0.0, "clipped": 0.0}
+        loss.backward()  # still a backward pass through the model, as the ranks' collectives need
+        assert float(logits.grad.abs().max()) == 0.0
+    loss, m = losses.get("sft")(torch.randn(2, VOCAB, requires_grad=True), pad, 4.0)
+    assert float(loss.detach()) == 0.0 and m == {"nll_sum": 0.0, "correct": 0.0}
+
+
 def test_advantage_reaches_every_completion_token_of_every_unit(tiny_model_dir):
     """Batch loss from trie-packed rows = -sum_i A_i * sum over trajectory i's completion tokens / N,
     with the right side computed by running every unit as an ordinary causal sequence."""

@@ -3,7 +3,10 @@
 The integration test trains the tiny model for 20 steps with one rank and with
 two ranks on the same global batches (some with an odd number of rows, so one
 rank also runs a dummy row) and requires the same loss and gradient norm at
-every step, then checks the weight export (buckets, Hugging Face save).
+every step, then checks the weight export (buckets, Hugging Face save). A second
+one does the same with the P-GRPO loss and a KL term on three rows and on one
+row (then a rank runs only the padding row), so the padding row, which has no
+reference log-probabilities, must not count.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import time
 import pytest
 import torch
 
-from rl.learner import LearnerConfig, deepspeed_config, dummy_row, split_rows
+from rl.learner import LearnerConfig, deepspeed_config, dummy_row, split_rows, strip_row
 from rl.schedule import lr_factor
 from rl.trie import build_trie, make_row, pack_tries
 from rollout.ray_init import start_ray
@@ -54,9 +57,9 @@ def test_deepspeed_config_clips_itself_only_for_stage0_fp32():
         LearnerConfig(zero_stage=4)
 
 
-def test_dummy_row_has_no_weight():
+def test_dummy_row_has_no_target():
     row = dummy_row(0)
-    assert len(row) == 2 and float(row.weight.abs().sum()) == 0.0
+    assert len(row) == 2 and int(row.n_targets.sum()) == 0 and float(row.weight.abs().sum()) == 0.0
 
 
 # --------------------------------------------------------------------------- integration
@@ -141,3 +144,41 @@ def test_one_and_two_ranks_train_identically(ray_cluster, tiny_model_dir, tokeni
     for m, w in zip(m2, wall):
         assert 0 < m["seconds"] <= w
         assert m["tokens_per_s"] == pytest.approx(m["tokens"] / m["seconds"])
+
+
+@pytest.mark.integration
+def test_kl_loss_on_two_ranks_with_an_uneven_number_of_rows(ray_cluster, tiny_model_dir, tokenizer):
+    """P-GRPO with a KL term on 3 rows, then on 1 row: on 2 ranks a rank pads with a row that has no
+    reference log-probabilities (on 1 row, that is all it runs); the padding must not count anywhere,
+    so both runs take the same steps."""
+    from rl.grpo import ReferenceModel, with_reference
+    from rl.learner import LearnerGroup
+    from rollout.task import TaskConfig, make_dataset
+    from rollout.units import chat_prompt_ids, replay
+
+    records = make_dataset(TaskConfig(b_digits=2, max_threads=3), {"train": 3}, seed=2)["train"]
+    tries = [build_trie(units, weights=[advantage] * len(units)) for advantage, units in zip((0.5, -0.25, 1.0), (
+        replay(chat_prompt_ids(tokenizer, r["prompt"]), r["response_parallel"], tokenizer, tokenizer.eos_token_id)
+        for r in records))]
+    rows = [strip_row(r) for r in pack_tries(tries, 400)]
+    assert len(rows) == 3 and sorted(len(part) for part in split_rows(rows, 2)) == [1, 2]
+    rows = with_reference(rows, ReferenceModel(str(tiny_model_dir)).logprobs(rows))
+    batches = [rows, rows[:1], rows, rows[:1]]
+
+    base = dict(lr=3e-3, grad_clip=1.0, row_tokens=400, cpus_per_rank=0.5, threads_per_rank=1)
+    results = {}
+    for ranks in (1, 2):
+        group = LearnerGroup(LearnerConfig(ranks=ranks, **base), tiny_model_dir, total_steps=len(batches))
+        try:
+            steps = [group.train_step(b, loss="pgrpo", kl_coef=0.5) for b in batches]
+            results[ranks] = steps, group.state_dict()
+        finally:
+            group.shutdown()
+    (one, w1), (two, w2) = results[1], results[2]
+    assert one[0]["kl_sum"] == pytest.approx(0.0, abs=1e-6)  # the first step starts at the reference
+    assert min(m["kl_sum"] for m in one[1:]) > 1e-4  # then the policy leaves it and the KL term counts
+    for s, (a, b) in enumerate(zip(one, two)):
+        for key in ("loss", "kl_sum", "pg_sum", "lp_count", "targets", "tokens", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), f"step {s}: {key}"
+        assert a["targets"] == sum(int(r.n_targets.sum()) for r in batches[s])
+    assert max(float((w1[n] - w2[n]).abs().max()) for n in w1) < 1e-4

@@ -78,13 +78,15 @@ class _Recorder:
         self.logged.append((step, dict(metrics)))
 
 
-def test_stage_metrics_file_is_replayed_step_by_step(tmp_path):
+def test_stage_metrics_file_is_replayed_step_by_step(tmp_path, capsys):
     path = tmp_path / "metrics.jsonl"
     path.write_text(json.dumps({"kind": "train", "step": 1, "loss": 2.0}) + "\n"
-                    + json.dumps({"kind": "eval", "step": 2, "accuracy": 0.5}) + "\n")
+                    + json.dumps({"kind": "eval", "step": 2, "accuracy": 0.5}) + "\n"
+                    + '{"kind": "train", "step": 3, "lo')  # a stage killed while writing its last line
     rec = _Recorder()
     assert log_metrics_file(rec, path) == 2
     assert rec.logged == [(1, {"train/loss": 2.0}), (2, {"eval/accuracy": 0.5})]
+    assert "skipped 1 line(s) that are not JSON objects" in capsys.readouterr().err
     assert log_metrics_file(rec, tmp_path / "missing.jsonl") == 0
 
 

@@ -12,7 +12,8 @@ from rewards.score import (
     RewardItem, ScoreRecord, acceleration_reward, correctness_reward, format_reward, score, score_many, total_reward,
 )
 from rollout.tiny import build_tokenizer
-from rollout.units import encode, replay
+from rollout.task import TaskConfig, make_dataset
+from rollout.units import chat_prompt_ids, encode, replay
 
 
 @pytest.fixture(scope="module")
