@@ -67,7 +67,8 @@ def test_dummy_row_has_no_target():
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray = pytest.importorskip("ray")
+    import ray
+
     start_ray(None, num_cpus=2, include_dashboard=False)  # as the commands start it
     yield ray
     ray.shutdown()

@@ -106,7 +106,8 @@ def test_judge_scores_answer_format_and_parallelism():
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray = pytest.importorskip("ray")
+    import ray
+
     start_ray(None, num_cpus=2, include_dashboard=False)  # as the commands start it
     yield ray
     ray.shutdown()
