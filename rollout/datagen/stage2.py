@@ -211,18 +211,24 @@ def summary(stats: dict) -> str:
 
 
 def pool_sampler(cfg: Stage2Config) -> tuple[Sampler, Callable[[], None]]:
-    """A sampler over the Ray rollout pool (starting Ray), and the function that shuts both down."""
+    """A sampler over the Ray rollout pool, and the function that shuts the pool down.
+
+    Ray is started (or joined) unless this process already has it (the pipeline starts it once for
+    every stage); only a Ray started here is shut down with the pool.
+    """
     import ray
     from tqdm import tqdm
 
     from rollout.workers import RolloutPool
 
-    # a local instance unless told: never join a `ray start` cluster found on this machine by accident
-    start_ray(cfg.ray_address or os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+    started_ray = not ray.is_initialized()
+    if started_ray:  # a local instance unless told: never join a `ray start` cluster found by accident
+        start_ray(cfg.ray_address or os.environ.get("RAY_ADDRESS"), include_dashboard=False)
     try:
         pool = RolloutPool(cfg.model, cfg.rollout)
     except BaseException:
-        ray.shutdown()
+        if started_ray:
+            ray.shutdown()
         raise
 
     def sample(prompt_ids: list[list[int]]) -> list[Trajectory]:
@@ -236,6 +242,7 @@ def pool_sampler(cfg: Stage2Config) -> tuple[Sampler, Callable[[], None]]:
         try:
             pool.shutdown()
         finally:
-            ray.shutdown()
+            if started_ray:
+                ray.shutdown()
 
     return sample, close
