@@ -39,7 +39,7 @@ from typing import Any, Literal, Sequence, TypeVar, Union
 
 import yaml
 
-from rollout.config import check_ranges, range_text
+from rollout.config import check_ranges, plain, range_text, to_dict  # noqa: F401 - to_dict: part of this API
 
 T = TypeVar("T")
 _MISSING = dataclasses.MISSING
@@ -293,43 +293,7 @@ def _unknown(key: str, path: tuple[str, ...], hints: dict, root: type) -> str:
 
 
 # --------------------------------------------------------------------------- output
-
-
-def to_dict(cfg: Any, flat: bool = False) -> dict[str, Any]:
-    """The config as plain Python data (tuples become lists, Paths strings).
-
-    ``flat=True`` gives one level of dotted keys (``{"rl.lr": 1e-5}``), the
-    shape experiment trackers such as MLflow take as parameters; lists and
-    empty mappings stay values.
-    """
-    if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
-        raise TypeError(f"to_dict needs a dataclass instance, got {cfg!r}")
-    nested = _plain(cfg)
-    if not flat:
-        return nested
-    out: dict[str, Any] = {}
-
-    def walk(node: dict, prefix: str) -> None:
-        for k, v in node.items():
-            name = f"{prefix}{k}"
-            if isinstance(v, dict) and v:
-                walk(v, name + ".")
-            else:
-                out[name] = v
-    walk(nested, "")
-    return out
-
-
-def _plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, Path):
-        return str(value)
-    return value
+# (``to_dict`` lives in ``rollout.config`` so that training code on any floor can write its resolved config)
 
 
 @dataclasses.dataclass
@@ -385,7 +349,7 @@ def _default_text(f: dataclasses.Field) -> str:
     value = _default(f)
     if value is _MISSING:
         return "(required)"
-    return repr(_plain(value))
+    return repr(plain(value))
 
 
 # --------------------------------------------------------------------------- helpers

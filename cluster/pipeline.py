@@ -12,11 +12,11 @@ Stages, in order, each an MLflow child run of the pipeline's parent run:
    sequential baseline;
 3. ``selftrain`` (only when the section is present): stage 2 of data-gen
    samples the parallel SFT model on the training prompts and keeps the
-   format-valid correct trajectories (``rollout.datagen``), then SFT goes on
+   format-valid correct trajectories (``rl.datagen``), then SFT goes on
    from the parallel SFT checkpoint on those records (``selftrain_sft``
    overrides on top of ``sft``);
 4. ``rl_parallel`` and ``rl_sequential`` (only when ``rl`` is present):
-   P-GRPO (``rl.driver.train``) from each SFT checkpoint; the baseline run
+   P-GRPO (``cluster.cmd_rl.run_rl``) from each SFT checkpoint; the baseline run
    decodes with spawning off (``rl_sequential`` overrides, by default
    ``rollout.sequential=true`` and ``eval.modes=[sequential]``);
 5. ``eval``: ``threadweaver eval`` (:mod:`cluster.evaluate`) of the last
@@ -59,11 +59,11 @@ from typing import Any, Callable
 from cluster.evaluate import BenchEvalConfig, parse_data_arg, read_benchmark
 from cluster.ray_setup import RayConfig
 from cluster.tracking import TrackingConfig
-from rl.driver import RLConfig
+from cluster.cmd_rl import RLRunConfig
 from rl.metrics_log import read_records
 from rl.sft import SFTConfig
 from rollout.config import check_ranges
-from rollout.datagen.stage2 import Stage2Config
+from rl.datagen.stage2 import Stage2Config
 from rollout.files import check_model_dir, check_output_dir, write_text
 from rollout.task import TaskConfig
 
@@ -101,7 +101,7 @@ class PipelineConfig:
         "help": "self-training: stage 2 of data-gen on the parallel SFT model, then more SFT (null: skipped)"})
     selftrain_sft: list[str] = field(default_factory=lambda: ["steps=50"], metadata={
         "help": "dotted SFT overrides for the SFT round on the self-training records"})
-    rl: RLConfig | None = field(default=None, metadata={
+    rl: RLRunConfig | None = field(default=None, metadata={
         "help": "P-GRPO stage, run from each SFT checkpoint (null: skipped; evaluation then uses the SFT models)"})
     rl_sequential: list[str] = field(default_factory=lambda: ["rollout.sequential=true", "eval.modes=[sequential]"],
                                      metadata={"help": "dotted RL overrides for the sequential baseline only"})
@@ -146,7 +146,7 @@ def check_config(cfg: PipelineConfig) -> None:
         if cfg.rl is not None:
             rl_file = Path(tmp) / "rl.yaml"
             rl_file.write_text(yaml.safe_dump(to_dict(cfg.rl), sort_keys=False))
-            load_config(RLConfig, rl_file, cfg.rl_sequential)
+            load_config(RLRunConfig, rl_file, cfg.rl_sequential)
     if cfg.sft.model.path is not None:
         check_model_dir(cfg.sft.model.path, "sft.model.path")
     names = ["tiny"] + [parse_data_arg(item)[0] for item in cfg.eval.data]  # the test split is 'tiny'
@@ -218,7 +218,7 @@ def log_metrics_file(tracker, path: Path, prefix: str = "") -> int:
 
 def log_last_eval_page(tracker, stage_dir: Path, title: str) -> Path | None:
     """Render the stage's newest ``eval/step_N.jsonl`` with the viewer and log the page; None if there is none."""
-    from rl.driver import eval_page
+    from cluster.viewer import eval_page
 
     files = sorted((stage_dir / "eval").glob("step_*.jsonl"))
     if not files:
@@ -263,8 +263,8 @@ def read_record(record_file: Path) -> dict:
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
     """Run every stage (see module doc); returns the record also written to ``pipeline.json``."""
+    from cluster.cmd_rl import roles as rl_roles
     from cluster.ray_setup import Role, init_ray
-    from rl.driver import roles as rl_roles
 
     check_config(cfg)
     run_dir = check_output_dir(cfg.run_dir, "run_dir")
@@ -369,8 +369,8 @@ def _stage_data(cfg: PipelineConfig, stage_dir: Path, runs: Runs) -> dict:
 
 def _stage_sft(cfg: PipelineConfig, stage_dir: Path, runs: Runs, data_dir: str, layout: str,
                extra: list[str], model_path: str | None = None, data_overrides: list[str] = ()) -> dict:
+    from cluster.cmd_sft import run_sft
     from cluster.config import to_dict
-    from rl.sft import train
 
     wiring = [f"run_dir={stage_dir}", f"data.dir={data_dir}", "data.generate=false", f"data.layout={layout}"]
     if model_path is not None:
@@ -380,7 +380,7 @@ def _stage_sft(cfg: PipelineConfig, stage_dir: Path, runs: Runs, data_dir: str, 
     name = stage_dir.name
     tracker = runs.child(name, stage_dir, to_dict(sft_cfg, flat=True))
     try:
-        summary = train(sft_cfg)
+        summary = run_sft(sft_cfg)
         log_metrics_file(tracker, stage_dir / "metrics.jsonl")
         tracker.log_metrics({f"final/{k}": v for k, v in summary["eval"].items()}
                             | {"train_s": summary["train_s"], "tokens_seen": summary["tokens_seen"]}, summary["steps"])
@@ -396,7 +396,7 @@ def _stage_sft(cfg: PipelineConfig, stage_dir: Path, runs: Runs, data_dir: str, 
 def _stage_selftrain(cfg: PipelineConfig, stage_dir: Path, runs: Runs, data_dir: str, model: str) -> dict:
     from cluster.config import to_dict
     from rewards.checker import AnswerChecker
-    from rollout.datagen.stage2 import pool_sampler, run_stage2
+    from rl.datagen.stage2 import pool_sampler, run_stage2
     from rollout.tiny import load_tokenizer
 
     gen_dir = stage_dir / "data"
@@ -429,16 +429,16 @@ def _stage_selftrain(cfg: PipelineConfig, stage_dir: Path, runs: Runs, data_dir:
 
 def _stage_rl(cfg: PipelineConfig, stage_dir: Path, runs: Runs, data_dir: str, model: str,
               extra: list[str]) -> dict:
-    from rl.driver import train
+    from cluster.cmd_rl import run_rl
 
     wiring = [f"model={model}", f"run_dir={stage_dir}", f"data.dir={data_dir}", "data.generate=false",
               f"tracking.enabled={'true' if cfg.tracking.enabled else 'false'}",
               f"tracking.experiment={cfg.tracking.experiment}", f"tracking.run_name={stage_dir.name}"]
     if runs.uri is not None:
         wiring.append(f"tracking.uri={runs.uri}")
-    rl_cfg = stage_config(RLConfig, cfg.rl, stage_dir / "stage_config.yaml", list(extra) + wiring)
-    summary = train(rl_cfg)
-    runs.adopt(summary.get("mlflow_run_id"))  # its evaluation pages are in that run already (rl.driver)
+    rl_cfg = stage_config(RLRunConfig, cfg.rl, stage_dir / "stage_config.yaml", list(extra) + wiring)
+    summary = run_rl(rl_cfg)
+    runs.adopt(summary.get("mlflow_run_id"))  # its evaluation pages are in that run already (cluster.cmd_rl)
     return {"checkpoint": summary["checkpoint"], "eval": summary["eval"], "steps": summary["steps"],
             "mlflow_run_id": summary.get("mlflow_run_id")}
 

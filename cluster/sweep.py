@@ -8,7 +8,7 @@ What it really does:
    with ``reward.preset`` off, the three weights set, the base config's
    ``accel_form`` kept, and its own ``run_dir`` (``RUN_DIR/NAME``);
 2. opens one parent MLflow run for the sweep, and runs every point as a Ray
-   task (``rl.driver.train``), at most ``max_concurrent`` at once; a point's
+   task (``cluster.cmd_rl.run_rl``), at most ``max_concurrent`` at once; a point's
    run is an MLflow child run of the sweep's (the tag ``mlflow.parentRunId``
    is set when the point finishes, since the RL stage opens its own run);
 3. collects each point's final held-out evaluation (``eval.at_end`` must be
@@ -129,26 +129,27 @@ def grid(cfg: SweepConfig, tracking_uri: str | None, base_accel_form: str) -> li
 
 def point_config(cfg: SweepConfig, point: Point):
     """The RL config of ``point`` (raises ConfigError for a bad override)."""
+    from cluster.cmd_rl import RLRunConfig
     from cluster.config import load_config
-    from rl.driver import RLConfig
 
-    return load_config(RLConfig, cfg.rl_config, point.overrides)
+    return load_config(RLRunConfig, cfg.rl_config, point.overrides)
 
 
 def _run_point(cfg: SweepConfig, point: Point, rollout_pool=None) -> dict:
     """Body of one point's Ray task: the RL stage on the point's config; returns its summary."""
-    from rl.driver import Services, train
+    from cluster.cmd_rl import run_rl
+    from rl.services import Services
 
     rl_cfg = point_config(cfg, point)
     if rollout_pool is None:
-        return train(rl_cfg)
+        return run_rl(rl_cfg)
     from rewards.service import RewardPool
 
     rewards = RewardPool(rl_cfg.reward)
     services = Services(rollout_pool, rewards)
     try:
         rewards.wait_ready()
-        return train(rl_cfg, services=services)
+        return run_rl(rl_cfg, services=services)
     finally:
         rewards.close()
         if services.rollout is not rollout_pool:  # the driver rebuilt the pool after a worker died
@@ -213,12 +214,13 @@ def sweep(cfg: SweepConfig) -> list[PointResult]:
     from cluster.config import load_config, to_dict
     from cluster.ray_setup import init_ray
     from cluster.tracking import Tracker, resolve_uri
-    from rl.driver import RLConfig, check_inputs, roles
+    from cluster.cmd_rl import RLRunConfig, roles
+    from rl.driver import check_inputs
     from rollout.workers import RolloutPool
 
     run_dir = check_output_dir(cfg.run_dir, "run_dir")
     uri = resolve_uri(cfg.tracking, run_dir) if cfg.tracking.enabled else None
-    base = load_config(RLConfig, cfg.rl_config, cfg.overrides)
+    base = load_config(RLRunConfig, cfg.rl_config, cfg.overrides)
     check_model_dir(base.model, "the RL config's model")
     if not base.eval.at_end or "parallel" not in base.eval.modes:
         raise ValueError("every point needs its final held-out evaluation in parallel mode: set eval.at_end=true "
@@ -331,10 +333,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(SweepConfig, args.config, args.overrides)
         if args.plan:
-            from cluster.config import load_config as load
-            from rl.driver import RLConfig
+            from cluster.cmd_rl import RLRunConfig
 
-            base = load(RLConfig, cfg.rl_config, cfg.overrides)
+            base = load_config(RLRunConfig, cfg.rl_config, cfg.overrides)
             for p in grid(cfg, None, base.reward.accel_form):
                 point_config(cfg, p)
                 print(f"{p.name}: " + " ".join(p.overrides[len(cfg.overrides):]))

@@ -38,6 +38,11 @@ STATE_FILE = "trainer_state.json"
 FILES = "files"
 
 
+class Stop(Exception):
+    """Raised by a training loop's ``on_step`` hook to end the run at once, as if the process were killed:
+    no final checkpoint, no final evaluation (the RL and SFT stages)."""
+
+
 def step_dir(root: str | Path, step: int) -> Path:
     return Path(root) / f"step_{step:08d}"
 

@@ -35,28 +35,27 @@ and per evaluation), ``eval/step_N.jsonl`` (every decoded validation
 response), ``checkpoints/``, ``final`` (a link to the last checkpoint; its
 ``hf/`` folder is what vLLM and the RL stage load), ``summary.json``.
 
+The caller starts Ray (or joins a cluster): ``threadweaver sft`` does
+(``cluster.cmd_sft``); this module never imports the command layer.
+
 Usage: ``threadweaver sft --config experiments/sft_tiny.yaml [key.sub=value ...]``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
-import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
+from rl.checkpoint import Stop  # noqa: F401 - part of this module's API: on_step hooks raise it
 from rl.learner import LearnerConfig
 from rl.metrics_log import MetricsLog
 from rl.sft_data import check_data_config
 from rl.sft_eval import EvalConfig
-from rollout.config import check_ranges
+from rollout.config import check_ranges, to_dict
 from rollout.files import atomic_write, check_model_dir, check_output_dir, write_text
-from rollout.ray_init import start_ray
 from rollout.task import TaskConfig
 
 
@@ -139,10 +138,6 @@ class SFTConfig:
         check_ranges(self)
 
 
-class Stop(Exception):
-    """Raised by an ``on_step`` hook to end a run at once, as if the process were killed."""
-
-
 def prepare_model(cfg: ModelConfig, run_dir: Path) -> Path:
     if cfg.path is not None:
         path = Path(cfg.path)
@@ -194,33 +189,15 @@ def check_inputs(cfg: SFTConfig) -> None:
     check_data_config(cfg.data)
 
 
-def _init_ray(cfg: SFTConfig) -> bool:
-    """Start (or join) Ray; returns True when this call started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")  # a Ray job's entrypoint gets RAY_ADDRESS
-    if address:
-        start_ray(address, log_to_driver=True)
-    else:  # local: never join a `ray start` cluster found on this machine by accident
-        need = (cfg.learner.ranks * cfg.learner.cpus_per_rank
-                + cfg.eval.workers * cfg.eval.cpus_per_worker * (cfg.eval.every > 0 or cfg.eval.at_end))
-        start_ray(None, num_cpus=max(os.cpu_count() or 1, math.ceil(need)), include_dashboard=False)
-    return True
-
-
 def train(cfg: SFTConfig, on_step: Callable[[int, dict], None] | None = None) -> dict:
-    """Run the SFT stage (see module doc); returns the summary also written to ``summary.json``.
+    """Run the SFT stage (see module doc) on a started Ray; returns the summary also written to ``summary.json``.
 
     ``on_step(step, metrics)`` is called after every optimizer step (and
     after that step's checkpoint); raising :class:`Stop` in it ends the run
     on the spot, without a final checkpoint or evaluation.
     """
-    import ray
     import yaml
 
-    from cluster.config import to_dict
     from rl import checkpoint
     from rl.learner import LearnerGroup
     from rl.sft_data import StreamState, TrieStream, timed_build
@@ -253,7 +230,6 @@ def train(cfg: SFTConfig, on_step: Callable[[int, dict], None] | None = None) ->
     print(f"sft: {len(tries)} training records ({cfg.data.layout} layout), "
           f"{data_info['trie_tokens_per_record']:.1f} trie tokens each, built in {build_s:.1f} s", flush=True)
 
-    started_ray = _init_ray(cfg)
     group = None
     evaluator = None
     try:
@@ -352,44 +328,3 @@ def train(cfg: SFTConfig, on_step: Callable[[int, dict], None] | None = None) ->
             evaluator.close()
         if group is not None:
             group.shutdown()
-        if started_ray:
-            ray.shutdown()
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", action="append", default=[], metavar="FILE",
-                        help="YAML config (repeat to merge several, later ones win)")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                        help="dotted overrides of config keys, e.g. steps=200 learner.lr=3e-3")
-    parser.add_argument("--show-config", action="store_true", help="print every config key with its help and exit")
-
-
-def run(args: argparse.Namespace) -> int:
-    from cluster.config import ConfigError, describe, load_config
-
-    if args.show_config:
-        print(describe(SFTConfig))
-        return 0
-    from rollout.config import set_runtime_defaults
-
-    set_runtime_defaults()
-    try:
-        cfg = load_config(SFTConfig, args.config, args.overrides)
-        check_inputs(cfg)
-    except (ConfigError, ValueError, OSError) as e:
-        print(f"threadweaver sft: {e}", file=sys.stderr)
-        return 2
-    summary = train(cfg)
-    ev = summary["eval"]
-    print(f"sft done: {summary['steps']} steps, train {summary['train_s'] / 60:.1f} min, "
-          f"eval {summary['eval_s'] / 60:.1f} min, {summary['examples_seen']} examples "
-          f"({summary['epochs']:.2f} epochs), {summary['tokens_seen']:.0f} tokens")
-    if ev:
-        print(f"held-out ({ev['prompts']:.0f} prompts): accuracy {ev['accuracy']:.3f}, format-valid "
-              f"{ev['format_valid']:.3f}, parallel-valid {ev['parallel_valid']:.3f}, L_total {ev['L_total']:.1f}, "
-              f"L_crit {ev['L_crit']:.1f}, eta {ev['eta']:.3f}")
-    print(f"checkpoint (Hugging Face, loads in vLLM): {summary['checkpoint']}")
-    return 0

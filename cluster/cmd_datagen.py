@@ -48,10 +48,10 @@ def stage_parser(stage: str) -> argparse.ArgumentParser:
 
 def _config_class(stage: str):
     if stage == "stage1":
-        from rollout.datagen.stage1 import Stage1Config
+        from rl.datagen.stage1 import Stage1Config
 
         return Stage1Config
-    from rollout.datagen.stage2 import Stage2Config
+    from rl.datagen.stage2 import Stage2Config
 
     return Stage2Config
 
@@ -79,8 +79,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _stage1(cfg) -> int:
     from rewards.checker import AnswerChecker
-    from rollout.datagen.stage1 import make_rewriter, read_records, run_stage1, summary
-    from rollout.datagen.teacher import TeacherConfigError
+    from rl.datagen.stage1 import make_rewriter, read_records, run_stage1, summary
+    from rl.datagen.teacher import TeacherConfigError
     from rollout.files import check_output_file
 
     try:  # the input and the output before the teacher is called
@@ -108,8 +108,8 @@ def _stage1(cfg) -> int:
 def _stage2(cfg) -> int:
     from rewards.checker import AnswerChecker
     from rollout.config import set_runtime_defaults
-    from rollout.datagen.stage1 import read_records
-    from rollout.datagen.stage2 import check_prompt_records, pool_sampler, run_stage2, summary
+    from rl.datagen.stage1 import read_records
+    from rl.datagen.stage2 import check_prompt_records, pool_sampler, run_stage2, summary
     from rollout.files import check_model_dir, check_output_file
 
     set_runtime_defaults()
