@@ -199,7 +199,7 @@ def plot(results: Sequence[PointResult], path: str | Path) -> Path:
     ax.set_ylabel("held-out accuracy (%)")
     ax.set_title(f"reward-weight sweep: {len(done)} of {len(results)} points")
     ax.grid(alpha=0.3)
-    from cluster.evaluate import save_figure
+    from cluster.report import save_figure
 
     return save_figure(fig, path)
 

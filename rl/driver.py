@@ -77,7 +77,7 @@ from rewards.config import RewardConfig
 from rewards.score import RewardItem
 from rl import checkpoint
 from rl.checkpoint import Stop  # noqa: F401 - part of this module's API: on_step hooks raise it
-from rl.evaluation import evaluate
+from rl.evaluation import MODES, evaluate_heldout
 from rl.grpo import GRPOConfig
 from rl.learner import LearnerConfig, LearnerGroup
 from rl.metrics import StepTimes, step_metrics
@@ -90,9 +90,6 @@ from rollout.config import RolloutConfig, check_ranges, to_dict
 from rollout.files import check_model_dir, check_output_dir, write_text
 from rollout.task import TaskConfig
 from rollout.units import chat_prompt_ids
-
-MODES = ("parallel", "sequential")
-
 
 @dataclass
 class RLDataConfig:
@@ -296,7 +293,7 @@ class Run:
 
     def run_eval(self) -> dict:
         cfg = self.cfg
-        metrics, path = evaluate(cfg.rollout, cfg.eval.modes, self.rollouts, self.services.rewards,
+        metrics, path = evaluate_heldout(cfg.rollout, cfg.eval.modes, self.rollouts, self.services.rewards,
                                  self.val_prompts, self.val_answers, self.step, self.run_dir)
         self.totals["eval_s"] += metrics["eval/seconds"]
         self.tracker.log_metrics(metrics, self.step)

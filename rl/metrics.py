@@ -20,7 +20,6 @@ def mean(values: Sequence[float]) -> float:
 def trajectory_metrics(trajectories, scores, prefix: str) -> dict[str, float]:
     """Means over a batch: reward and its components, correctness (also apart for trajectories with and
     without a block; NaN when there are none), parallelism, format, finish reasons."""
-    n = len(trajectories)
     blocks = [k for t in trajectories for k in t.threads_per_block]
     out = {
         f"{prefix}reward": mean([s.reward for s in scores]),
@@ -43,10 +42,15 @@ def trajectory_metrics(trajectories, scores, prefix: str) -> dict[str, float]:
         f"{prefix}L_total": mean([float(t.L_total) for t in trajectories]),
         f"{prefix}speedup": mean([t.speedup for t in trajectories]),
     }
-    reasons = Counter(t.finish_reason for t in trajectories)
-    for reason in FINISH_REASONS:
-        out[f"{prefix}finish/{reason}"] = reasons.get(reason, 0) / n if n else float("nan")
+    out.update(finish_shares([t.finish_reason for t in trajectories], prefix))
     return out
+
+
+def finish_shares(reasons: Sequence[str], prefix: str) -> dict[str, float]:
+    """``{prefix}finish/<reason>``: the share of trajectories that ended for each known reason (NaN: none)."""
+    counts, n = Counter(reasons), len(reasons)
+    return {f"{prefix}finish/{reason}": counts.get(reason, 0) / n if n else float("nan")
+            for reason in FINISH_REASONS}
 
 
 def learner_metrics(learn: list[dict], n_tokens: int, learn_s: float) -> dict[str, float]:

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from cluster.evaluate import (
-    BenchEvalConfig, Sample, evaluate, histogram, main_table, parse_data_arg, problem_speedups, read_benchmark,
-    report_markdown,
-)
+from cluster.evaluate import BenchEvalConfig, parse_data_arg, read_benchmark
+from cluster.report import histogram, main_table, report_markdown
 from rewards.checker import Verdict
+from rl.evaluation import Sample, problem_speedups
+from rl.evaluation import evaluate_benchmark as evaluate
 from rollout.orchestrator import Trajectory
 from rollout.units import replay
 

@@ -81,3 +81,37 @@ def test_relative_imports_resolve_to_their_package(floor):
     for path in (ROOT / floor).rglob("*.py"):
         for _, name in imported_names(path):
             assert name, f"{path}: an import without a module name"
+
+
+# --------------------------------------------------------------------------- sizes
+
+#: most lines of one module (any floor), and of one function in ``rl/`` and ``cluster/``
+MAX_MODULE_LINES = 600
+MAX_FUNCTION_LINES = 100
+
+
+def long_functions(path: Path, limit: int, root: Path = ROOT) -> list[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    return [f"{path.relative_to(root)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 >= limit]
+
+
+def test_no_module_is_too_long():
+    long = [f"{p.relative_to(ROOT)} ({n} lines)" for p in modules()
+            if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES]
+    assert not long, f"modules over {MAX_MODULE_LINES} lines: {long}"
+
+
+def test_no_function_in_rl_or_cluster_is_too_long():
+    long = [x for p in modules() if p.relative_to(ROOT).parts[0] in ("rl", "cluster")
+            for x in long_functions(p, MAX_FUNCTION_LINES)]
+    assert not long, f"functions of {MAX_FUNCTION_LINES} lines or more: {long}"
+
+
+def test_the_size_check_sees_a_long_function(tmp_path):
+    (tmp_path / "rl").mkdir()
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    (tmp_path / "rl" / "big.py").write_text(f"def big():\n{body}\n\n\ndef small():\n    return 1\n")
+    found = long_functions(tmp_path / "rl" / "big.py", MAX_FUNCTION_LINES, tmp_path)
+    assert found == [f"rl/big.py:1 big ({MAX_FUNCTION_LINES + 1} lines)"]
