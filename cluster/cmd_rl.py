@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
-from cluster.config import ConfigError, describe, load_config
+from cluster.command import add_config_arguments, resolve
 from cluster.ray_setup import RayConfig, Role, init_ray, plan_text
 from cluster.tracking import Tracker, TrackingConfig
 from cluster.viewer import eval_page
@@ -56,28 +56,21 @@ def run_rl(cfg: RLRunConfig, on_step: Callable[[int, dict], None] | None = None,
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", action="append", default=[], metavar="FILE",
-                        help="YAML config (repeat to merge several, later ones win)")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                        help="dotted overrides of config keys, e.g. steps=50 grpo.advantage=std")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from RUN_DIR's newest checkpoint (same as resume=auto)")
-    parser.add_argument("--show-config", action="store_true", help="print every config key with its help and exit")
+    add_config_arguments(parser, "steps=50 grpo.advantage=std",
+                         resume="continue from RUN_DIR's newest checkpoint (same as resume=auto)")
     parser.add_argument("--check", action="store_true",
                         help="resolve the config, read the data, start or join Ray, check that every role fits, "
                              "print the plan and exit without training")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.show_config:
-        print(describe(RLRunConfig))
-        return 0
+    cfg, code = resolve(RLRunConfig, args, "rl")
+    if cfg is None:
+        return code
     set_runtime_defaults()
-    overrides = list(args.overrides) + (["resume=auto"] if args.resume else [])
     try:
-        cfg = load_config(RLRunConfig, args.config, overrides)
         check_inputs(cfg)
-    except (ConfigError, ValueError, OSError) as e:
+    except (ValueError, OSError) as e:
         print(f"threadweaver rl: {e}", file=sys.stderr)
         return 2
     if args.check:

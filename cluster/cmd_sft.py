@@ -1,45 +1,46 @@
-"""``threadweaver sft``: the command around :func:`rl.sft.train` (starts or joins Ray, then trains)."""
+"""``threadweaver sft``: the command around :func:`rl.sft.train`: its config with Ray, Ray start-up with a
+resource check (``cluster.ray_setup``), then training."""
 
 from __future__ import annotations
 
 import argparse
-import math
-import os
 import sys
+from dataclasses import dataclass, field
 from typing import Callable
 
-from cluster.config import ConfigError, describe, load_config
+from cluster.command import add_config_arguments, resolve
+from cluster.ray_setup import RayConfig, Role, init_ray
 from rl import sft
 from rl.sft import SFTConfig, check_inputs
 from rollout.config import set_runtime_defaults
-from rollout.ray_init import start_ray
 
 #: the ``--help`` text: what the stage really does
 DESCRIPTION = sft.__doc__
 
 
-def init_ray(cfg: SFTConfig) -> bool:
-    """Start (or join) Ray; returns True when this call started it."""
+@dataclass
+class SFTRunConfig(SFTConfig):
+    """The SFT stage: model, data, learner, schedule length, evaluation, checkpoints, Ray."""
+
+    ray: RayConfig = field(default_factory=RayConfig, metadata={"help": "Ray"})
+
+
+def roles(cfg: SFTConfig) -> list[Role]:
+    """The actors this run starts, with their reservations (see ``cluster.ray_setup``)."""
+    out = [Role("SFT learner", cfg.learner.ranks, cfg.learner.cpus_per_rank, cfg.learner.gpus_per_rank)]
+    if cfg.eval.every > 0 or cfg.eval.at_end:
+        out.append(Role("SFT eval worker", cfg.eval.workers, cfg.eval.cpus_per_worker, cfg.eval.gpus_per_worker))
+    return out
+
+
+def run_sft(cfg: SFTConfig, on_step: Callable[[int, dict], None] | None = None,
+            ray_cfg: RayConfig | None = None) -> dict:
+    """The SFT stage on Ray: started here (and stopped after) unless this process already runs it; Ray's
+    settings are ``cfg.ray`` (an :class:`SFTRunConfig`), else ``ray_cfg``, else the defaults."""
     import ray  # lazy: Ray takes seconds to import and --show-config needs none of it
 
-    if ray.is_initialized():
-        return False
-    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")  # a Ray job's entrypoint gets RAY_ADDRESS
-    if address:
-        start_ray(address, log_to_driver=True)
-    else:  # local: never join a `ray start` cluster found on this machine by accident
-        need = (cfg.learner.ranks * cfg.learner.cpus_per_rank
-                + cfg.eval.workers * cfg.eval.cpus_per_worker * (cfg.eval.every > 0 or cfg.eval.at_end))
-        start_ray(None, num_cpus=max(os.cpu_count() or 1, math.ceil(need)), include_dashboard=False)
-    return True
-
-
-def run_sft(cfg: SFTConfig, on_step: Callable[[int, dict], None] | None = None) -> dict:
-    """The SFT stage on Ray: started here (and stopped after) unless this process already runs it."""
-    import ray
-
     check_inputs(cfg)
-    started = init_ray(cfg)
+    started = init_ray(getattr(cfg, "ray", None) or ray_cfg or RayConfig(), roles(cfg))
     try:
         return sft.train(cfg, on_step=on_step)
     finally:
@@ -48,22 +49,18 @@ def run_sft(cfg: SFTConfig, on_step: Callable[[int, dict], None] | None = None) 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", action="append", default=[], metavar="FILE",
-                        help="YAML config (repeat to merge several, later ones win)")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                        help="dotted overrides of config keys, e.g. steps=200 learner.lr=3e-3")
-    parser.add_argument("--show-config", action="store_true", help="print every config key with its help and exit")
+    add_config_arguments(parser, "steps=200 learner.lr=3e-3",
+                         resume="continue from RUN_DIR's newest checkpoint (same as resume=auto)")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.show_config:
-        print(describe(SFTConfig))
-        return 0
+    cfg, code = resolve(SFTRunConfig, args, "sft")
+    if cfg is None:
+        return code
     set_runtime_defaults()
     try:
-        cfg = load_config(SFTConfig, args.config, args.overrides)
         check_inputs(cfg)
-    except (ConfigError, ValueError, OSError) as e:
+    except (ValueError, OSError) as e:
         print(f"threadweaver sft: {e}", file=sys.stderr)
         return 2
     summary = run_sft(cfg)

@@ -60,6 +60,7 @@ from cluster.evaluate import BenchEvalConfig, parse_data_arg, read_benchmark
 from cluster.ray_setup import RayConfig
 from cluster.tracking import TrackingConfig
 from cluster.cmd_rl import RLRunConfig
+from cluster.command import add_config_arguments, resolve
 from rl.metrics_log import read_records
 from rl.sft import SFTConfig
 from rollout.config import check_ranges
@@ -264,7 +265,8 @@ def read_record(record_file: Path) -> dict:
 def run_pipeline(cfg: PipelineConfig) -> dict:
     """Run every stage (see module doc); returns the record also written to ``pipeline.json``."""
     from cluster.cmd_rl import roles as rl_roles
-    from cluster.ray_setup import Role, init_ray
+    from cluster.cmd_sft import roles as sft_roles
+    from cluster.ray_setup import init_ray
 
     check_config(cfg)
     run_dir = check_output_dir(cfg.run_dir, "run_dir")
@@ -289,8 +291,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             (run_dir / stage).rename(aside)
             print(f"pipeline: stage {stage} did not finish last time; its folder is kept as {aside}", flush=True)
 
-    plan = [Role("SFT learner", cfg.sft.learner.ranks, cfg.sft.learner.cpus_per_rank),
-            Role("SFT eval worker", cfg.sft.eval.workers, cfg.sft.eval.cpus_per_worker)]
+    plan = sft_roles(cfg.sft)
     if cfg.rl is not None:
         plan = max([plan, rl_roles(cfg.rl)], key=lambda roles: sum(r.total_cpus for r in roles))
     started_ray = init_ray(cfg.ray, plan)
@@ -380,7 +381,7 @@ def _stage_sft(cfg: PipelineConfig, stage_dir: Path, runs: Runs, data_dir: str, 
     name = stage_dir.name
     tracker = runs.child(name, stage_dir, to_dict(sft_cfg, flat=True))
     try:
-        summary = run_sft(sft_cfg)
+        summary = run_sft(sft_cfg, ray_cfg=cfg.ray)
         log_metrics_file(tracker, stage_dir / "metrics.jsonl")
         tracker.log_metrics({f"final/{k}": v for k, v in summary["eval"].items()}
                             | {"train_s": summary["train_s"], "tokens_seen": summary["tokens_seen"]}, summary["steps"])
@@ -482,28 +483,34 @@ def _final_report(run_dir: Path, record: dict, ev: dict, total_s: float) -> Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", nargs="*", metavar="FILE.yaml",
-                        help="pipeline YAML (several: merged in order, later ones win)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="key.sub=value",
-                        help="dotted override of a pipeline key (repeatable), e.g. --set sft.steps=50")
-    parser.add_argument("--show-config", action="store_true", help="print every pipeline key with its help and exit")
+    add_config_arguments(parser, "sft.steps=50 run_dir=runs/longer",
+                         resume="take the outputs of the stages that finished in run_dir (same as reuse=true)")
+    parser.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="key.sub=value",
+                        help="deprecated: the same as a key.sub=value override")
 
 
 def run(args: argparse.Namespace) -> int:
-    from cluster.config import ConfigError, describe, load_config
+    from cluster.config import ConfigError
 
-    if args.show_config:
-        print(describe(PipelineConfig))
-        return 0
+    files = [x for x in args.overrides if "=" not in x]  # the older form: run FILE.yaml [--set k=v ...]
+    if files:
+        print("threadweaver run: deprecated: name the pipeline YAML with --config FILE", file=sys.stderr)
+    if args.set_overrides:
+        print("threadweaver run: deprecated: --set k=v; give k=v on its own", file=sys.stderr)
+    args.config = list(args.config) + files
+    args.overrides = [x for x in args.overrides if "=" in x]
+    cfg, code = resolve(PipelineConfig, args, "run", resume_override="reuse=true",
+                        extra_overrides=args.set_overrides)
+    if cfg is None:
+        return code
     if not args.config:
-        print("threadweaver run: name the pipeline YAML, e.g. threadweaver run experiments/pipeline_tiny.yaml",
+        print("threadweaver run: name the pipeline YAML, e.g. threadweaver run --config experiments/pipeline_tiny.yaml",
               file=sys.stderr)
         return 2
     from rollout.config import set_runtime_defaults
 
     set_runtime_defaults()
     try:
-        cfg = load_config(PipelineConfig, args.config, args.overrides)
         check_config(cfg)
         record = run_pipeline(cfg)
     except (ConfigError, ValueError, FileNotFoundError) as e:

@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from cluster.command import add_config_arguments, resolve
 from cluster.ray_setup import RayConfig, Role
 from cluster.tracking import TrackingConfig
 from rollout.config import check_ranges
@@ -313,28 +314,22 @@ def _write_outputs(results: Sequence[PointResult], run_dir: Path, tracker) -> No
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", action="append", default=[], metavar="FILE",
-                        help="sweep YAML (repeat to merge several, later ones win)")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                        help="dotted overrides of sweep keys, e.g. 'rho=[0.25,0.5]' max_concurrent=2")
-    parser.add_argument("--show-config", action="store_true", help="print every sweep key with its help and exit")
+    add_config_arguments(parser, "'rho=[0.25,0.5]' max_concurrent=2")
     parser.add_argument("--plan", action="store_true", help="print the grid points and their overrides and exit")
 
 
 def run(args: argparse.Namespace) -> int:
-    from cluster.config import ConfigError, describe, load_config
+    from cluster.cmd_rl import RLRunConfig
+    from cluster.config import ConfigError, load_config
 
-    if args.show_config:
-        print(describe(SweepConfig))
-        return 0
+    cfg, code = resolve(SweepConfig, args, "sweep")
+    if cfg is None:
+        return code
     from rollout.config import set_runtime_defaults
 
     set_runtime_defaults()
     try:
-        cfg = load_config(SweepConfig, args.config, args.overrides)
         if args.plan:
-            from cluster.cmd_rl import RLRunConfig
-
             base = load_config(RLRunConfig, cfg.rl_config, cfg.overrides)
             for p in grid(cfg, None, base.reward.accel_form):
                 point_config(cfg, p)

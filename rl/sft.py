@@ -115,7 +115,10 @@ class DataConfig:
 
 @dataclass
 class SFTConfig:
-    """The SFT stage: model, data, learner, schedule length, evaluation, checkpoints."""
+    """The SFT stage: model, data, learner, schedule length, evaluation, checkpoints.
+
+    The command's config (``cluster.cmd_sft.SFTRunConfig``) adds ``ray``.
+    """
 
     run_dir: str = field(default="runs/sft", metadata={"help": "output folder of this run"})
     steps: int = field(default=1000, metadata={
@@ -129,8 +132,6 @@ class SFTConfig:
     resume: str | None = field(default=None, metadata={
         "help": "'auto': continue from RUN_DIR's newest checkpoint if any; a path: from that checkpoint; "
                 "null: start fresh (refused when RUN_DIR already has checkpoints)"})
-    ray_address: str | None = field(default=None, metadata={
-        "help": "Ray cluster to join (null: RAY_ADDRESS or a new local instance)"})
     progress: bool = field(default=True, metadata={
         "help": "show a progress bar (false: a log line every 5% of the steps)"})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "model"})

@@ -182,10 +182,13 @@ def test_cli_config_errors_and_keys(tmp_path, capsys):
     assert "cannot read" in capsys.readouterr().err
     assert main(["datagen", "stage1", "rewriter=rule"]) == 2
     assert "needs 'input' and 'out'" in capsys.readouterr().err
-    assert main(["datagen", "stage2", "--keys"]) == 0
+    assert main(["datagen", "stage2", "--show-config"]) == 0
     assert "rollout.max_tokens" in capsys.readouterr().out
+    assert main(["datagen", "stage2", "--keys"]) == 0  # deprecated alias
+    out = capsys.readouterr()
+    assert "rollout.max_tokens" in out.out and "deprecated" in out.err
     assert main(["datagen", "stage1", "-c", str(ROOT / "experiments/datagen_stage1_teacher.yaml"),
-                 "teacher.concurrency=2", "--show-config"]) == 0
+                 "teacher.concurrency=2", "--print-config"]) == 0
     assert "concurrency: 2" in capsys.readouterr().out
 
 

@@ -243,20 +243,25 @@ def test_make_data_init_model_demo_and_bench_refuse_bad_values(tmp_path, capsys,
 def test_run_refuses_a_bad_size_before_ray_and_mlflow(tmp_path, capsys, nothing_starts):
     yaml_file = str(ROOT / "experiments/pipeline_tiny.yaml")
     run_dir = tmp_path / "run"
-    refused(capsys, ["run", yaml_file, "--set", "data.train_size=-5", "--set", f"run_dir={run_dir}"],
+    refused(capsys, ["run", "--config", yaml_file, "data.train_size=-5", f"run_dir={run_dir}"],
             "data.train_size must be an integer >= 1, got -5")
-    refused(capsys, ["run", yaml_file, "--set", "rl.learner.cpus_per_rank=-1", "--set", f"run_dir={run_dir}"],
+    refused(capsys, ["run", "--config", yaml_file, "rl.learner.cpus_per_rank=-1", f"run_dir={run_dir}"],
             "rl.learner.cpus_per_rank must be a finite number >= 0, got -1.0")
-    refused(capsys, ["run", yaml_file, "--set", "eval.data=[../x=b.jsonl]", "--set", f"run_dir={run_dir}"],
+    refused(capsys, ["run", "--config", yaml_file, "eval.data=[../x=b.jsonl]", f"run_dir={run_dir}"],
             "benchmark name '../x' must be a plain name")
     assert not run_dir.exists()
     run_dir.mkdir()
     (run_dir / "pipeline.json").write_text('{"stages": {"data": {"dir": "x"')
-    refused(capsys, ["run", yaml_file, "--set", f"run_dir={run_dir}", "--set", "reuse=true"],
+    refused(capsys, ["run", "--config", yaml_file, f"run_dir={run_dir}", "--resume"],
             "pipeline.json is not valid JSON")
     (run_dir / "pipeline.json").write_text(json.dumps({"stages": {"data": {"dir": str(tmp_path / "gone")}}}))
-    refused(capsys, ["run", yaml_file, "--set", f"run_dir={run_dir}", "--set", "reuse=true"],
+    refused(capsys, ["run", "--config", yaml_file, f"run_dir={run_dir}", "reuse=true"],
             "records stage data as finished, but its output")
+    # the older form still works (--set is a deprecated alias), with a warning per deprecated part
+    assert main(["run", yaml_file, "--set", "data.train_size=-5", "--set", f"run_dir={run_dir}"]) == 2
+    err = capsys.readouterr().err
+    assert "deprecated: name the pipeline YAML with --config" in err and "deprecated: --set" in err
+    assert "data.train_size must be an integer >= 1, got -5" in err
 
 
 def test_a_failed_stage_is_never_recorded_as_finished(tmp_path, monkeypatch):
