@@ -69,6 +69,30 @@ def load_config(cls: type[T], path: str | Path | Sequence[str | Path] | None = N
         layer = _read_yaml(Path(p))
         _check_keys(cls, layer, (), cls, str(p))
         _merge(data, layer)
+    return _with_overrides(cls, data, overrides)
+
+
+def override(cls: type[T], base: Any, overrides: Sequence[str] = ()) -> T:
+    """``base`` (a config instance) as a ``cls`` with dotted ``overrides`` applied, in memory; the same checks
+    and messages as :func:`load_config`."""
+    return _with_overrides(cls, to_dict(base), overrides)
+
+
+def with_values(cfg: T, values: dict[str, Any]) -> T:
+    """``cfg`` with each dotted field of ``values`` replaced by its (typed) value, by ``dataclasses.replace``
+    at every level (so every section's checks run again)."""
+    for dotted, value in values.items():
+        cfg = _replace_at(cfg, dotted.split("."), value)
+    return cfg
+
+
+def _replace_at(node: Any, keys: list[str], value: Any) -> Any:
+    if len(keys) > 1:
+        value = _replace_at(getattr(node, keys[0]), keys[1:], value)
+    return dataclasses.replace(node, **{keys[0]: value})
+
+
+def _with_overrides(cls: type[T], data: dict, overrides: Sequence[str]) -> T:
     ctx = _Context(cls, {})
     for item in overrides:
         keys, value, text = _parse_override(cls, item)

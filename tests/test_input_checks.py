@@ -268,7 +268,7 @@ def test_a_failed_stage_is_never_recorded_as_finished(tmp_path, monkeypatch):
     from cluster.config import load_config
     from cluster.pipeline import PipelineConfig, run_pipeline
 
-    monkeypatch.setattr("cluster.ray_setup.init_ray", lambda *a, **k: False)
+    monkeypatch.setattr("cluster.pipeline.init_ray", lambda *a, **k: False)
 
     def data_stage(cfg, stage_dir, runs):
         stage_dir.mkdir()
