@@ -155,6 +155,11 @@ def resume_point(resume: str | None, root: str | Path, how: str) -> Path | None:
     return path
 
 
+def resume_of_run(resume: str | None, run_dir: str | Path) -> Path | None:
+    """:func:`resume_point` of a stage's ``resume`` setting over ``RUN_DIR/checkpoints`` (SFT and P-GRPO)."""
+    return resume_point(resume, Path(run_dir) / "checkpoints", "--resume (resume=auto)")
+
+
 def load(group: LearnerGroup, path: str | Path) -> dict:
     """Restore the learner from checkpoint ``path``; returns its trainer state."""
     path = Path(path)

@@ -221,16 +221,12 @@ def step_seed(base: int | None, step: int) -> int | None:
 # --------------------------------------------------------------------------- inputs
 
 
-def resume_path(cfg: RLConfig) -> Path | None:
-    return checkpoint.resume_point(cfg.resume, Path(cfg.run_dir) / "checkpoints", "--resume (resume=auto)")
-
-
 def check_inputs(cfg: RLConfig) -> None:
     """What ``train`` needs, checked before it starts anything: the model, no checkpoints in ``run_dir``
     unless resuming, ``run_dir`` writable (created), the data files (or ``data.dir`` writable when they are
     generated). ValueError with one line naming the key otherwise."""
     check_model_dir(cfg.model, "model")
-    resume_path(cfg)
+    checkpoint.resume_of_run(cfg.resume, cfg.run_dir)
     check_output_dir(cfg.run_dir, "run_dir")
     check_data_config(cfg.data)
 
@@ -399,7 +395,7 @@ def train(cfg: RLConfig, tracker: Tracker, on_step: Callable[[int, dict], None] 
     wall_start = time.perf_counter()
     check_inputs(cfg)
     run_dir = Path(cfg.run_dir)
-    resume = resume_path(cfg)
+    resume = checkpoint.resume_of_run(cfg.resume, cfg.run_dir)
     resolved = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     if resume is None:
         write_text(run_dir / "config.yaml", resolved)

@@ -167,10 +167,6 @@ def prepare_data(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
     return read_records(data_dir / cfg.train_file), read_records(data_dir / cfg.validation_file)
 
 
-def _resume_path(cfg: SFTConfig, ckpt_root: Path) -> Path | None:
-    return checkpoint.resume_point(cfg.resume, ckpt_root, "resume=auto")
-
-
 def check_inputs(cfg: SFTConfig) -> None:
     """What ``train`` needs, checked before it starts anything: the model (or the tiny model's sizes), no
     checkpoints in ``run_dir`` unless resuming, ``run_dir`` writable (created), the data files (or ``data.dir``
@@ -183,7 +179,7 @@ def check_inputs(cfg: SFTConfig) -> None:
         m = cfg.model
         model_config(build_tokenizer(), m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads,
                      m.intermediate_size)
-    resume = _resume_path(cfg, Path(cfg.run_dir) / "checkpoints")
+    resume = checkpoint.resume_of_run(cfg.resume, cfg.run_dir)
     if cfg.resume not in (None, "auto") and not resume.is_dir():
         raise ValueError(f"resume checkpoint {resume} does not exist")
     check_output_dir(cfg.run_dir, "run_dir")
@@ -324,7 +320,7 @@ def train(cfg: SFTConfig, on_step: Callable[[int, dict], None] | None = None) ->
     wall_start = time.perf_counter()
     check_inputs(cfg)
     run_dir = Path(cfg.run_dir)
-    resume = _resume_path(cfg, run_dir / "checkpoints")
+    resume = checkpoint.resume_of_run(cfg.resume, run_dir)
     write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     model_dir = prepare_model(cfg.model, run_dir)
     tokenizer = load_tokenizer(model_dir)

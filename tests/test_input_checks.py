@@ -163,7 +163,7 @@ def test_sft_refuses_missing_inputs_before_starting_anything(tmp_path, capsys, n
             f"cannot write run_dir {blocked / 'run'}")
     refused(capsys, ["sft", *ok, "learner.lr=-1"], "learner.lr must be a finite number > 0, got -1.0")
     fake_checkpoint(run_dir)
-    refused(capsys, ["sft", *ok, f"model.path={fake_model}"], "already holds checkpoints; pass resume=auto")
+    refused(capsys, ["sft", *ok, f"model.path={fake_model}"], "already holds checkpoints; pass --resume (resume=auto)")
     assert not (run_dir / "config.yaml").exists()
 
 
