@@ -37,6 +37,10 @@ model -- then a detailed table), ``speedup_hist.png``, ``summary.json``,
 ``NAME_{parallel,sequential}.html`` (``threadweaver view`` pages of the first
 ``pages`` samples); metrics ``eval/NAME/...`` and these files go to one MLflow
 run (``cluster.tracking``), or to the tracker the caller passes.
+
+Usage: ``threadweaver eval [--config FILE] model=DIR 'data=[NAME=FILE.jsonl]' [key=value ...]``
+(``k=4``, ``latency=batched``, ``dtype=bfloat16 enforce_eager=false`` on GPUs,
+``tracking.enabled=false``; ``--show-config`` lists every key).
 """
 
 from __future__ import annotations
@@ -49,11 +53,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Sequence
 
+from cluster.command import add_config_arguments, resolve
 from cluster.report import histogram, main_table, report_markdown
 from cluster.tracking import TrackingConfig
 from rewards.config import RewardConfig
 from rl.evaluation import MODES, BenchmarkReport, evaluate_benchmark
-from rollout.config import check_ranges
+from rollout.config import check_ranges, set_runtime_defaults
 from rollout.files import atomic_write, check_model_dir, check_name, check_output_dir, write_text
 
 @dataclass
@@ -95,8 +100,11 @@ class BenchEvalConfig:
         "help": "math-verify time limit per answer (s)", "range": "> 0"})
     pages: int = field(default=20, metadata={
         "help": "samples per mode shown on the HTML viewer pages (0: none)", "range": ">= 0"})
+    names: list[str] | None = field(default=None, metadata={
+        "help": "row names of the model and the baseline in the tables, [MODEL, BASELINE] (null: folder names)"})
     out: str = field(default="runs/eval", metadata={"help": "output folder"})
-    tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata={"help": "MLflow"})
+    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="threadweaver-eval"),
+                                     metadata={"help": "MLflow (the pipeline passes its own run instead)"})
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -106,6 +114,8 @@ class BenchEvalConfig:
             raise ValueError(f"prompt_template must contain '{{problem}}', got {self.prompt_template!r}")
         if self.latency not in ("isolated", "batched"):
             raise ValueError(f"latency must be 'isolated' or 'batched', got {self.latency!r}")
+        if self.names is not None and len(self.names) != 2:
+            raise ValueError(f"names must be [MODEL, BASELINE], got {self.names}")
 
     def rollout_config(self, sequential: bool):
         from rollout.config import RolloutConfig
@@ -315,56 +325,18 @@ def write_report(reports: Sequence[BenchmarkReport], out: str | Path, tracker=No
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("models and benchmarks")
-    g.add_argument("--model", required=True, help="model folder, decoded in parallel (spawn/join) mode")
-    g.add_argument("--baseline-model", default=None,
-                   help="sequential baseline model, decoded with spawning off (default: the same model)")
-    g.add_argument("--data", action="append", required=True, metavar="[NAME=]FILE",
-                   help="benchmark JSONL (repeat for several); NAME defaults to the file's stem")
-    g.add_argument("--problem-field", action="append", default=None, metavar="FIELD",
-                   help="field holding the problem text; repeat to try several in order "
-                        "(default: problem, question, prompt)")
-    g.add_argument("--answer-field", default="answer", help="field holding the reference answer (default answer)")
-    g.add_argument("--prompt-template", default="{problem}",
-                   help="user-turn text; '{problem}' is replaced by the problem (default: the problem alone)")
-    g.add_argument("--limit", type=int, default=None, help="first LIMIT problems of each benchmark")
-    g.add_argument("--names", nargs=2, default=None, metavar=("MODEL", "BASELINE"),
-                   help="row names of the two models in the tables (default: their folder names)")
-    g = parser.add_argument_group("decoding")
-    g.add_argument("-k", type=int, default=1, help="samples per problem, accuracy averaged over them (default 1)")
-    g.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: 0 if k=1, else 1)")
-    g.add_argument("--max-tokens", type=int, default=1024, help="generated-token budget per sample (default 1024)")
-    g.add_argument("--max-context", type=int, default=2048, help="per-request context limit (tokens, default 2048)")
-    g.add_argument("--max-thread-tokens", type=int, default=512, help="length limit of a thread (tokens, default 512)")
-    g.add_argument("--batched", action="store_true",
-                   help="decode all problems of a mode at once (fast; wall-clock is then a throughput figure)")
-    g.add_argument("--gpu", action="store_true", help="bfloat16 weights and compiled engine (GPU machines)")
-    g = parser.add_argument_group("output")
-    g.add_argument("--out", default="runs/eval", help="output folder (default runs/eval)")
-    g.add_argument("--pages", type=int, default=20, help="samples per mode on the HTML pages (default 20)")
-    g.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: OUT/mlflow.db)")
-    g.add_argument("--experiment", default="threadweaver-eval", help="MLflow experiment (default threadweaver-eval)")
-    g.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
-
-
-def config_from_args(args: argparse.Namespace) -> BenchEvalConfig:
-    return BenchEvalConfig(
-        model=args.model, baseline_model=args.baseline_model, data=list(args.data),
-        problem_fields=args.problem_field or ["problem", "question", "prompt"], answer_field=args.answer_field,
-        prompt_template=args.prompt_template, limit=args.limit, k=args.k, temperature=args.temperature,
-        max_tokens=args.max_tokens, max_context=args.max_context, max_thread_tokens=args.max_thread_tokens,
-        latency="batched" if args.batched else "isolated", dtype="bfloat16" if args.gpu else "float32",
-        enforce_eager=not args.gpu, pages=args.pages, out=args.out,
-        tracking=TrackingConfig(enabled=not args.no_mlflow, uri=args.tracking_uri, experiment=args.experiment))
+    add_config_arguments(parser, "model=runs/rl/final 'data=[math500=/data/math500.jsonl]' k=4 latency=batched")
 
 
 def run(args: argparse.Namespace) -> int:
-    from rollout.config import set_runtime_defaults
-
+    cfg, code = resolve(BenchEvalConfig, args, "eval")
+    if cfg is None:
+        return code
     set_runtime_defaults()
     try:
-        cfg = config_from_args(args)
-        reports = run_benchmarks(cfg, models=tuple(args.names) if args.names else None)
+        if not cfg.data:
+            raise ValueError("name at least one benchmark: data=[NAME=FILE.jsonl, ...]")
+        reports = run_benchmarks(cfg, models=tuple(cfg.names) if cfg.names else None)
     except (OSError, ValueError) as e:
         print(f"threadweaver eval: {e}", file=sys.stderr)
         return 2

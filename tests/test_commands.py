@@ -72,3 +72,13 @@ def test_ray_is_configured_as_ray_address_in_sft_and_rl(capsys):
     for argv in (["sft"], ["rl", "rollout.n=2"]):
         assert main(argv + ["ray.address=auto", "--print-config"]) == 0
         assert yaml.safe_load(capsys.readouterr().out)["ray"]["address"] == "auto"
+
+
+def test_eval_has_the_same_style(capsys, nothing_starts):
+    assert main(["eval", "--show-config"]) == 0
+    assert any(line.split()[:1] == ["max_thread_tokens"] for line in capsys.readouterr().out.splitlines())
+    assert main(["eval", "model=m", "data=[tiny=t.jsonl]", "k=4", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["k"] == 4 and printed["data"] == ["tiny=t.jsonl"]
+    assert main(["eval", "model=m", "max_token=3"]) == 2
+    assert "did you mean 'max_tokens'" in capsys.readouterr().err

@@ -95,7 +95,7 @@ def test_eval_refuses_names_that_leave_the_output_folder(tmp_path, capsys, nothi
     bench.write_text('{"problem": "2*3", "answer": "6"}\n')
     out = tmp_path / "out"
     for name in ("sub/x", "../x", "..", "", "a\\b"):
-        refused(capsys, ["eval", "--model", str(fake_model), "--data", f"{name}={bench}", "--out", str(out)],
+        refused(capsys, ["eval", f"model={fake_model}", f"data=['{name}={bench}']", f"out={out}"],
                 "must be a plain name")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.jsonl", "model"]  # nothing written, out not made
 
@@ -104,14 +104,14 @@ def test_eval_refuses_bad_options_and_outputs_before_starting_anything(tmp_path,
                                                                        fake_model, blocked):
     bench = tmp_path / "b.jsonl"
     bench.write_text('{"problem": "2*3", "answer": "6"}\n')
-    base = ["eval", "--model", str(fake_model), "--data", f"tiny={bench}"]
-    refused(capsys, base + ["--limit", "0"], "limit must be an integer >= 1, got 0")
-    refused(capsys, base + ["-k", "0"], "k must be an integer >= 1, got 0")
-    refused(capsys, base + ["--temperature", "nan"], "temperature must be a finite number >= 0, got nan")
-    refused(capsys, base + ["--pages", "-1"], "pages must be an integer >= 0, got -1")
-    refused(capsys, base + ["--out", str(blocked / "out")], f"{blocked} is a file, not a folder")
-    refused(capsys, base + ["--baseline-model", str(tmp_path)], f"baseline model {tmp_path} holds no config.json")
-    refused(capsys, ["eval", "--model", str(fake_model), "--data", f"a={bench}", "--data", f"a={bench}"],
+    base = ["eval", f"model={fake_model}", f"data=[tiny={bench}]"]
+    refused(capsys, base + ["limit=0"], "limit must be an integer >= 1, got 0")
+    refused(capsys, base + ["k=0"], "k must be an integer >= 1, got 0")
+    refused(capsys, base + ["temperature=nan"], "temperature must be a finite number >= 0, got nan")
+    refused(capsys, base + ["pages=-1"], "pages must be an integer >= 0, got -1")
+    refused(capsys, base + [f"out={blocked / 'out'}"], f"{blocked} is a file, not a folder")
+    refused(capsys, base + [f"baseline_model={tmp_path}"], f"baseline model {tmp_path} holds no config.json")
+    refused(capsys, ["eval", f"model={fake_model}", f"data=[a={bench}, a={bench}]"],
             "benchmark names repeat")
 
 
