@@ -75,10 +75,12 @@ def judge(trajectory, answer: str, checker, reward_cfg: RewardConfig | None = No
 
 
 def summarize(records: Sequence[EvalRecord]) -> dict[str, float]:
-    """Means of judged records: ``accuracy``, ``format_valid``, ..., ``prompts`` and ``finish/<reason>``."""
+    """Means of judged records: ``accuracy``, ``format_valid``, ..., ``activation``, ``prompts`` and
+    ``finish/<reason>``."""
     out = {k: mean([float(getattr(r, k)) for r in records])
            for k in ("correct", "format_valid", "parallel_valid", "L_total", "L_crit", "eta", "speedup", "n_blocks")}
     out["accuracy"] = out.pop("correct")
+    out["activation"] = mean([float(r.n_blocks > 0) for r in records])
     out["prompts"] = float(len(records))
     out.update(finish_shares([r.finish_reason for r in records], ""))
     return out

@@ -102,7 +102,7 @@ def test_judge_scores_answer_format_and_parallelism():
     s = summarize([good, wrong, cut, seq])
     assert s["accuracy"] == 0.5 and s["parallel_valid"] == 0.75 and s["format_valid"] == 1.0
     assert s["finish/eos"] == 0.75 and s["finish/budget"] == 0.25 and s["finish/error"] == 0.0
-    assert s["L_crit"] == 6 and s["prompts"] == 4
+    assert s["L_crit"] == 6 and s["prompts"] == 4 and s["activation"] == 0.75
 
 
 # --------------------------------------------------------------------------- integration
