@@ -3,8 +3,8 @@
 Each subcommand is a module with ``add_arguments(parser)`` and
 ``run(args) -> int`` (and optionally ``DESCRIPTION``, its ``--help`` text,
 else its docstring): the commands of the tools on the lower floors live with
-them (``rollout.cli``, ``rewards.cli``, ...), the training commands here
-(``cluster.cmd_sft``, ``cluster.cmd_rl``, ``cluster.cmd_datagen``). Only the
+them (``rollout.check``, ``rewards.cli``, ...), the commands that start Ray here
+(``cluster.cmd_generate``, ``cluster.cmd_sft``, ``cluster.cmd_rl``, ``cluster.cmd_datagen``, ...). Only the
 chosen subcommand's module is imported, so ``threadweaver check`` does not pay
 for importing vLLM or Ray.
 """
@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "init-model": ("rollout.tiny", "write the tiny Qwen3-architecture model, tokenizer and chat template"),
     "make-data": ("rollout.task", "generate the synthetic arithmetic dataset (train/validation/test JSONL)"),
     "check": ("rollout.check", "check the format of responses in a JSONL file and print latency measures"),
-    "generate": ("rollout.cli", "sample parallel trajectories for a JSONL of prompts with Ray rollout workers"),
+    "generate": ("cluster.cmd_generate", "sample parallel trajectories for a JSONL of prompts with Ray rollout workers"),
     "score": ("rewards.cli", "score responses in a JSONL file: correctness, parallelism measures, reward"),
     "sft": ("cluster.cmd_sft", "SFT warm start on trie-packed units (or the sequential baseline), with held-out eval"),
     "rl": ("cluster.cmd_rl", "P-GRPO training on Ray: rollouts, rewards, group advantages, learner, weight sync, MLflow"),

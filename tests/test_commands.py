@@ -82,3 +82,11 @@ def test_eval_has_the_same_style(capsys, nothing_starts):
     assert printed["k"] == 4 and printed["data"] == ["tiny=t.jsonl"]
     assert main(["eval", "model=m", "max_token=3"]) == 2
     assert "did you mean 'max_tokens'" in capsys.readouterr().err
+
+
+def test_generate_has_the_same_style_with_the_rollout_config_nested(capsys, nothing_starts):
+    assert main(["generate", "--show-config"]) == 0
+    keys = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:] if line.strip()]
+    assert "rollout.max_thread_tokens" in keys and "ray.address" in keys
+    assert main(["generate", "model=m", "rollout.n=3", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["rollout"]["n"] == 3

@@ -73,18 +73,17 @@ def test_generate_refuses_limit_and_output_before_starting_anything(tmp_path, ca
     prompts = prompts_file(tmp_path)
     out = tmp_path / "o.jsonl"
     out.write_text("earlier results\n")
-    base = ["generate", "--model", str(fake_model), "--prompts", str(prompts), "--out", str(out)]
-    refused(capsys, base + ["--limit", "0"], "--limit must be an integer >= 1, got 0")
-    refused(capsys, base + ["--limit", "-3"], "--limit must be an integer >= 1, got -3")
-    refused(capsys, base + ["--temperature", "nan"], "temperature must be a finite number >= 0, got nan")
-    refused(capsys, base + ["--cpus-per-worker", "-1"], "cpus_per_worker must be a finite number >= 0, got -1.0")
+    base = ["generate", f"model={fake_model}", f"prompts={prompts}", f"out={out}"]
+    refused(capsys, base + ["limit=0"], "limit must be an integer >= 1, got 0")
+    refused(capsys, base + ["limit=-3"], "limit must be an integer >= 1, got -3")
+    refused(capsys, base + ["rollout.temperature=nan"], "temperature must be a finite number >= 0, got nan")
+    refused(capsys, base + ["rollout.cpus_per_worker=-1"], "cpus_per_worker must be a finite number >= 0, got -1.0")
     assert out.read_text() == "earlier results\n"  # never truncated
-    refused(capsys, ["generate", "--model", str(fake_model), "--prompts", str(prompts), "--out",
-                     str(blocked / "o.jsonl")], f"cannot write --out {blocked / 'o.jsonl'}: {blocked} is a file")
-    refused(capsys, ["generate", "--model", str(fake_model), "--prompts", str(prompts), "--out", str(tmp_path)],
-            "is a folder")
-    refused(capsys, ["generate", "--model", str(tmp_path / "none"), "--prompts", str(prompts), "--out", str(out)],
-            f"--model {tmp_path / 'none'} does not exist")
+    refused(capsys, ["generate", f"model={fake_model}", f"prompts={prompts}", f"out={blocked / 'o.jsonl'}"],
+            f"cannot write out {blocked / 'o.jsonl'}: {blocked} is a file")
+    refused(capsys, ["generate", f"model={fake_model}", f"prompts={prompts}", f"out={tmp_path}"], "is a folder")
+    refused(capsys, ["generate", f"model={tmp_path / 'none'}", f"prompts={prompts}", f"out={out}"],
+            f"model {tmp_path / 'none'} does not exist")
 
 
 # --------------------------------------------------------------------------- eval
