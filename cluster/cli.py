@@ -3,8 +3,8 @@
 Each subcommand is a module with ``add_arguments(parser)`` and
 ``run(args) -> int`` (and optionally ``DESCRIPTION``, its ``--help`` text,
 else its docstring): the commands of the tools on the lower floors live with
-them (``rollout.check``, ``rewards.cli``, ...), the commands that start Ray here
-(``cluster.cmd_generate``, ``cluster.cmd_sft``, ``cluster.cmd_rl``, ``cluster.cmd_datagen``, ...). Only the
+them (``rollout.check``, ``rewards.cli``, ...), the commands that start Ray
+here (``cluster.cmd_generate``, ``cmd_sft``, ``cmd_rl``, ``cmd_datagen``, ...). Only the
 chosen subcommand's module is imported, so ``threadweaver check`` does not pay
 for importing vLLM or Ray.
 """

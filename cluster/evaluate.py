@@ -286,8 +286,9 @@ def run_benchmarks(cfg: BenchEvalConfig, tracker=None, models: tuple[str, str] |
         reward_cfg = RewardConfig(timeout_s=cfg.checker_timeout_s)
         with AnswerChecker(cfg.checker_timeout_s, eager=False) as checker:
             for name, probs in problems.items():
-                report, scores = evaluate_benchmark(trajectories[name]["parallel"], trajectories[name]["sequential"],
-                                          [p.answer for p in probs], checker, reward_cfg, name, cfg.latency, models)
+                report, scores = evaluate_benchmark(
+                    trajectories[name]["parallel"], trajectories[name]["sequential"], [p.answer for p in probs],
+                    checker, reward_cfg, name, cfg.latency, models)
                 reports.append(report)
                 for mode in MODES:
                     records = out / f"{name}_{mode}.jsonl"

@@ -288,9 +288,10 @@ class Run:
         checkpoint.save(self.group, self.run_dir / "checkpoints", self.step, self.trainer_state(), self.cfg.keep_last)
 
     def run_eval(self) -> dict:
+        """Decode the held-out prompts in each mode; log the metrics, the records and their page."""
         cfg = self.cfg
         metrics, path = evaluate_heldout(cfg.rollout, cfg.eval.modes, self.rollouts, self.services.rewards,
-                                 self.val_prompts, self.val_answers, self.step, self.run_dir)
+                                         self.val_prompts, self.val_answers, self.step, self.run_dir)
         self.totals["eval_s"] += metrics["eval/seconds"]
         self.tracker.log_metrics(metrics, self.step)
         self.tracker.log_artifact(path, "eval")

@@ -94,8 +94,9 @@ def records_file(run_dir: Path, step: int) -> Path:
     return run_dir / "eval" / f"step_{step:08d}.jsonl"
 
 
-def evaluate_heldout(rollout: RolloutConfig, modes: Sequence[str], rollouts, reward_pool, prompts: list[list[int]],
-             answers: list[str], step: int, run_dir: Path) -> tuple[dict[str, float], Path]:
+def evaluate_heldout(rollout: RolloutConfig, modes: Sequence[str], rollouts, reward_pool,
+                     prompts: list[list[int]], answers: list[str], step: int,
+                     run_dir: Path) -> tuple[dict[str, float], Path]:
     """Greedy decoding of the held-out prompts in each mode; metrics ``eval/<mode>/...`` and the records file."""
     metrics: dict[str, float] = {}
     start = time.perf_counter()
@@ -235,9 +236,9 @@ def problem_speedups(parallel: Sequence[Sample], sequential: Sequence[Sample], c
 
 
 def evaluate_benchmark(parallel: Sequence[Any], sequential: Sequence[Any], answers: Sequence[str], checker,
-             reward_cfg: RewardConfig | None = None, name: str = "benchmark", latency: str = "isolated",
-             models: tuple[str, str] = ("parallel", "sequential baseline")
-             ) -> tuple[BenchmarkReport, dict[str, list]]:
+                       reward_cfg: RewardConfig | None = None, name: str = "benchmark", latency: str = "isolated",
+                       models: tuple[str, str] = ("parallel", "sequential baseline")
+                       ) -> tuple[BenchmarkReport, dict[str, list]]:
     """Score both modes' trajectories against ``answers`` (by ``prompt_index``) and measure them.
 
     ``checker`` has ``check(pred, gold) -> Verdict`` (``rewards.checker.AnswerChecker``).
