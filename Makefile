@@ -13,7 +13,7 @@ setup:
 	VENV=$(VENV) bash scripts/setup.sh
 
 run: setup
-	$(VENV)/bin/threadweaver run experiments/pipeline_tiny.yaml --set reuse=true
+	$(VENV)/bin/threadweaver run --config experiments/pipeline_tiny.yaml reuse=true
 
 test: setup
 	$(VENV)/bin/python -m pytest -q -ra

@@ -1,7 +1,10 @@
 """The ``threadweaver`` command line.
 
-Each subcommand lives in the package that owns its work, as a module with a
-``HELP`` line, ``add_arguments(parser)`` and ``run(args) -> int``. Only the
+Each subcommand is a module with ``add_arguments(parser)`` and
+``run(args) -> int`` (and optionally ``DESCRIPTION``, its ``--help`` text,
+else its docstring): the commands of the tools on the lower floors live with
+them (``rollout.check``, ``rewards.cli``, ...), the commands that start Ray
+here (``cluster.cmd_generate``, ``cmd_sft``, ``cmd_rl``, ``cmd_datagen``, ...). Only the
 chosen subcommand's module is imported, so ``threadweaver check`` does not pay
 for importing vLLM or Ray.
 """
@@ -17,17 +20,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "init-model": ("rollout.tiny", "write the tiny Qwen3-architecture model, tokenizer and chat template"),
     "make-data": ("rollout.task", "generate the synthetic arithmetic dataset (train/validation/test JSONL)"),
     "check": ("rollout.check", "check the format of responses in a JSONL file and print latency measures"),
-    "generate": ("rollout.cli", "sample parallel trajectories for a JSONL of prompts with Ray rollout workers"),
+    "generate": ("cluster.cmd_generate", "sample parallel trajectories for a JSONL of prompts with Ray rollout workers"),
     "score": ("rewards.cli", "score responses in a JSONL file: correctness, parallelism measures, reward"),
-    "sft": ("rl.sft", "SFT warm start on trie-packed units (or the sequential baseline), with held-out eval"),
-    "rl": ("rl.driver", "P-GRPO training on Ray: rollouts, rewards, group advantages, learner, weight sync, MLflow"),
+    "sft": ("cluster.cmd_sft", "SFT warm start on trie-packed units (or the sequential baseline), with held-out eval"),
+    "rl": ("cluster.cmd_rl", "P-GRPO training on Ray: rollouts, rewards, group advantages, learner, weight sync, MLflow"),
     "demo": ("cluster.demo", "a one-minute tour: tiny model, data, vLLM decoding, statistics"),
     "bench": ("rl.bench", "benchmarks printed as side-by-side tables (bench trie: trie vs expanded vs padded rows)"),
     "view": ("cluster.viewer", "render trajectory JSONL as a static HTML page: threads side by side, critical path marked"),
     "eval": ("cluster.evaluate", "benchmark report: accuracy, L_crit, speedup vs the sequential baseline, wall clock"),
     "sweep": ("cluster.sweep", "reward-weight grid (rho, clip, incorrect reward): one RL run per point as Ray tasks, plot"),
     "run": ("cluster.pipeline", "the whole pipeline from one YAML: data, SFT, self-training, P-GRPO, eval (MLflow)"),
-    "datagen": ("rollout.datagen.cli", "parallel training data: stage1 rewrites traces, stage2 self-trains"),
+    "datagen": ("cluster.cmd_datagen", "parallel training data: stage1 rewrites traces, stage2 self-trains"),
 }
 
 
@@ -54,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module_name, help_ = COMMANDS[name]
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"threadweaver {name}", description=module.__doc__ or help_,
+    description = getattr(module, "DESCRIPTION", None) or module.__doc__ or help_
+    parser = argparse.ArgumentParser(prog=f"threadweaver {name}", description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(parser)
     args = parser.parse_args(rest)

@@ -39,7 +39,7 @@ from typing import Any, Literal, Sequence, TypeVar, Union
 
 import yaml
 
-from rollout.config import check_ranges, range_text
+from rollout.config import check_ranges, plain, range_text, to_dict  # noqa: F401 - to_dict: part of this API
 
 T = TypeVar("T")
 _MISSING = dataclasses.MISSING
@@ -69,6 +69,30 @@ def load_config(cls: type[T], path: str | Path | Sequence[str | Path] | None = N
         layer = _read_yaml(Path(p))
         _check_keys(cls, layer, (), cls, str(p))
         _merge(data, layer)
+    return _with_overrides(cls, data, overrides)
+
+
+def override(cls: type[T], base: Any, overrides: Sequence[str] = ()) -> T:
+    """``base`` (a config instance) as a ``cls`` with dotted ``overrides`` applied, in memory; the same checks
+    and messages as :func:`load_config`."""
+    return _with_overrides(cls, to_dict(base), overrides)
+
+
+def with_values(cfg: T, values: dict[str, Any]) -> T:
+    """``cfg`` with each dotted field of ``values`` replaced by its (typed) value, by ``dataclasses.replace``
+    at every level (so every section's checks run again)."""
+    for dotted, value in values.items():
+        cfg = _replace_at(cfg, dotted.split("."), value)
+    return cfg
+
+
+def _replace_at(node: Any, keys: list[str], value: Any) -> Any:
+    if len(keys) > 1:
+        value = _replace_at(getattr(node, keys[0]), keys[1:], value)
+    return dataclasses.replace(node, **{keys[0]: value})
+
+
+def _with_overrides(cls: type[T], data: dict, overrides: Sequence[str]) -> T:
     ctx = _Context(cls, {})
     for item in overrides:
         keys, value, text = _parse_override(cls, item)
@@ -293,43 +317,7 @@ def _unknown(key: str, path: tuple[str, ...], hints: dict, root: type) -> str:
 
 
 # --------------------------------------------------------------------------- output
-
-
-def to_dict(cfg: Any, flat: bool = False) -> dict[str, Any]:
-    """The config as plain Python data (tuples become lists, Paths strings).
-
-    ``flat=True`` gives one level of dotted keys (``{"rl.lr": 1e-5}``), the
-    shape experiment trackers such as MLflow take as parameters; lists and
-    empty mappings stay values.
-    """
-    if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
-        raise TypeError(f"to_dict needs a dataclass instance, got {cfg!r}")
-    nested = _plain(cfg)
-    if not flat:
-        return nested
-    out: dict[str, Any] = {}
-
-    def walk(node: dict, prefix: str) -> None:
-        for k, v in node.items():
-            name = f"{prefix}{k}"
-            if isinstance(v, dict) and v:
-                walk(v, name + ".")
-            else:
-                out[name] = v
-    walk(nested, "")
-    return out
-
-
-def _plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, Path):
-        return str(value)
-    return value
+# (``to_dict`` lives in ``rollout.config`` so that training code on any floor can write its resolved config)
 
 
 @dataclasses.dataclass
@@ -385,7 +373,7 @@ def _default_text(f: dataclasses.Field) -> str:
     value = _default(f)
     if value is _MISSING:
         return "(required)"
-    return repr(_plain(value))
+    return repr(plain(value))
 
 
 # --------------------------------------------------------------------------- helpers

@@ -37,27 +37,29 @@ model -- then a detailed table), ``speedup_hist.png``, ``summary.json``,
 ``NAME_{parallel,sequential}.html`` (``threadweaver view`` pages of the first
 ``pages`` samples); metrics ``eval/NAME/...`` and these files go to one MLflow
 run (``cluster.tracking``), or to the tracker the caller passes.
+
+Usage: ``threadweaver eval [--config FILE] model=DIR 'data=[NAME=FILE.jsonl]' [key=value ...]``
+(``k=4``, ``latency=batched``, ``dtype=bfloat16 enforce_eager=false`` on GPUs,
+``tracking.enabled=false``; ``--show-config`` lists every key).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Literal, Sequence
 
+from cluster.command import add_config_arguments, resolve
+from cluster.report import histogram, main_table, report_markdown
 from cluster.tracking import TrackingConfig
 from rewards.config import RewardConfig
-from rollout.config import check_ranges
+from rl.evaluation import MODES, BenchmarkReport, evaluate_benchmark
+from rollout.config import check_ranges, set_runtime_defaults
 from rollout.files import atomic_write, check_model_dir, check_name, check_output_dir, write_text
-
-MODES = ("parallel", "sequential")
-
 
 @dataclass
 class BenchEvalConfig:
@@ -98,8 +100,11 @@ class BenchEvalConfig:
         "help": "math-verify time limit per answer (s)", "range": "> 0"})
     pages: int = field(default=20, metadata={
         "help": "samples per mode shown on the HTML viewer pages (0: none)", "range": ">= 0"})
+    names: list[str] | None = field(default=None, metadata={
+        "help": "row names of the model and the baseline in the tables, [MODEL, BASELINE] (null: folder names)"})
     out: str = field(default="runs/eval", metadata={"help": "output folder"})
-    tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata={"help": "MLflow"})
+    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="threadweaver-eval"),
+                                     metadata={"help": "MLflow (the pipeline passes its own run instead)"})
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -109,6 +114,8 @@ class BenchEvalConfig:
             raise ValueError(f"prompt_template must contain '{{problem}}', got {self.prompt_template!r}")
         if self.latency not in ("isolated", "batched"):
             raise ValueError(f"latency must be 'isolated' or 'batched', got {self.latency!r}")
+        if self.names is not None and len(self.names) != 2:
+            raise ValueError(f"names must be [MODEL, BASELINE], got {self.names}")
 
     def rollout_config(self, sequential: bool):
         from rollout.config import RolloutConfig
@@ -167,261 +174,6 @@ def read_benchmark(path: str | Path, problem_fields: Sequence[str] = ("problem",
     if not problems:
         raise ValueError(f"{path}: no problems")
     return problems
-
-
-# --------------------------------------------------------------------------- metrics
-
-
-@dataclass
-class Sample:
-    """One scored sample."""
-
-    problem: int
-    sample: int
-    correct: bool
-    format_valid: bool
-    L_total: int
-    L_crit: int
-    n_blocks: int
-    latency_s: float
-    finish_reason: str
-
-
-@dataclass
-class ModeSummary:
-    """Means over all samples of one decoding mode (wall-clock: mean over problems)."""
-
-    mode: str
-    model: str
-    samples: int
-    problems: int
-    accuracy: float
-    L_total: float
-    L_crit: float
-    activation: float
-    format_valid: float
-    wall_s: float
-    self_speedup: float  # mean L_total / L_crit of the samples
-
-
-@dataclass
-class BenchmarkReport:
-    """Everything measured on one benchmark; ``speedups*`` hold one value per problem."""
-
-    name: str
-    k: int
-    latency: str
-    parallel: ModeSummary
-    sequential: ModeSummary
-    speedups: list[float]
-    speedups_correct: list[float]
-    speedup: float
-    speedup_median: float
-    speedup_correct: float | None
-    wall_speedup: float  # mean over problems of sequential wall time / parallel wall time
-    undefined: int  # problems left out of the speedups because a mean L_crit was 0
-
-    def metrics(self) -> dict[str, float]:
-        """Flat ``eval/NAME/...`` metrics for MLflow (None values left out)."""
-        out: dict[str, float] = {}
-        for s in (self.parallel, self.sequential):
-            for key in ("accuracy", "L_total", "L_crit", "activation", "format_valid", "wall_s", "self_speedup"):
-                out[f"eval/{self.name}/{s.mode}/{key}"] = getattr(s, key)
-        for key in ("speedup", "speedup_median", "speedup_correct", "wall_speedup"):
-            if getattr(self, key) is not None:
-                out[f"eval/{self.name}/{key}"] = getattr(self, key)
-        return out
-
-
-def _mean(xs: Sequence[float]) -> float:
-    return sum(xs) / len(xs) if xs else float("nan")
-
-
-def to_samples(trajectories: Sequence[Any], scores: Sequence[Any]) -> list[Sample]:
-    """Pair trajectories with their ``ScoreRecord``s."""
-    if len(trajectories) != len(scores):
-        raise ValueError(f"{len(scores)} scores for {len(trajectories)} trajectories")
-    return [Sample(t.prompt_index, t.sample_index, bool(s.correct), bool(s.format_valid), t.L_total, t.L_crit,
-                   t.n_blocks, t.latency_s, t.finish_reason) for t, s in zip(trajectories, scores)]
-
-
-def summarize_mode(mode: str, model: str, samples: Sequence[Sample]) -> ModeSummary:
-    by_problem: dict[int, list[Sample]] = {}
-    for s in samples:
-        by_problem.setdefault(s.problem, []).append(s)
-    return ModeSummary(
-        mode=mode, model=model, samples=len(samples), problems=len(by_problem),
-        accuracy=_mean([float(s.correct) for s in samples]), L_total=_mean([s.L_total for s in samples]),
-        L_crit=_mean([s.L_crit for s in samples]), activation=_mean([float(s.n_blocks > 0) for s in samples]),
-        format_valid=_mean([float(s.format_valid) for s in samples]),
-        wall_s=_mean([max(s.latency_s for s in group) for group in by_problem.values()]),
-        self_speedup=_mean([s.L_total / s.L_crit for s in samples if s.L_crit > 0]),
-    )
-
-
-def problem_speedups(parallel: Sequence[Sample], sequential: Sequence[Sample], correct_only: bool
-                     ) -> tuple[dict[int, float], int]:
-    """Per problem ``mean L_crit(sequential) / mean L_crit(parallel)``; and how many problems had a zero mean.
-
-    With ``correct_only`` only correct samples count, and problems without a
-    correct sample in either mode are left out (not counted as undefined).
-    """
-    def group(samples: Sequence[Sample]) -> dict[int, list[int]]:
-        out: dict[int, list[int]] = {}
-        for s in samples:
-            if s.correct or not correct_only:
-                out.setdefault(s.problem, []).append(s.L_crit)
-        return out
-
-    par, seq = group(parallel), group(sequential)
-    ratios, undefined = {}, 0
-    for p in sorted(set(par) & set(seq)):
-        crit = _mean(par[p])
-        if crit <= 0:
-            undefined += 1
-            continue
-        ratios[p] = _mean(seq[p]) / crit
-    return ratios, undefined
-
-
-def evaluate(parallel: Sequence[Any], sequential: Sequence[Any], answers: Sequence[str], checker,
-             reward_cfg: RewardConfig | None = None, name: str = "benchmark", latency: str = "isolated",
-             models: tuple[str, str] = ("parallel", "sequential baseline")
-             ) -> tuple[BenchmarkReport, dict[str, list]]:
-    """Score both modes' trajectories against ``answers`` (by ``prompt_index``) and measure them.
-
-    ``checker`` has ``check(pred, gold) -> Verdict`` (``rewards.checker.AnswerChecker``).
-    Returns the report and the ``ScoreRecord``s of each mode, in trajectory order.
-    """
-    from rewards.score import RewardItem, score_many
-
-    cfg = reward_cfg or RewardConfig()
-    scores = {}
-    samples = {}
-    for mode, trajectories in (("parallel", parallel), ("sequential", sequential)):
-        if not trajectories:
-            raise ValueError(f"no {mode} trajectories")
-        scores[mode] = score_many([RewardItem(t.text, answers[t.prompt_index], t.units, t.finish_reason)
-                                   for t in trajectories], cfg, checker)  # an unscorable one: incorrect, warned
-        samples[mode] = to_samples(trajectories, scores[mode])
-    ks = {len([s for s in samples["parallel"] if s.problem == p]) for p in {s.problem for s in samples["parallel"]}}
-    ratios, undefined = problem_speedups(samples["parallel"], samples["sequential"], correct_only=False)
-    correct_ratios, _ = problem_speedups(samples["parallel"], samples["sequential"], correct_only=True)
-    par_summary = summarize_mode("parallel", models[0], samples["parallel"])
-    seq_summary = summarize_mode("sequential", models[1], samples["sequential"])
-    wall = {}
-    for mode in MODES:
-        for s in samples[mode]:
-            wall.setdefault(mode, {}).setdefault(s.problem, []).append(s.latency_s)
-    wall_ratios = [max(wall["sequential"][p]) / max(wall["parallel"][p]) for p in wall["parallel"]
-                   if p in wall["sequential"] and max(wall["parallel"][p]) > 0]
-    report = BenchmarkReport(
-        name=name, k=max(ks), latency=latency, parallel=par_summary, sequential=seq_summary,
-        speedups=[ratios[p] for p in sorted(ratios)],
-        speedups_correct=[correct_ratios[p] for p in sorted(correct_ratios)],
-        speedup=_mean(list(ratios.values())),
-        speedup_median=statistics.median(ratios.values()) if ratios else float("nan"),
-        speedup_correct=_mean(list(correct_ratios.values())) if correct_ratios else None,
-        wall_speedup=_mean(wall_ratios), undefined=undefined,
-    )
-    return report, scores
-
-
-# --------------------------------------------------------------------------- report
-
-
-def _pct(x: float) -> str:
-    return "-" if x is None or math.isnan(x) else f"{100 * x:.1f}%"
-
-
-def _num(x: float | None, digits: int = 1, suffix: str = "") -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}{suffix}"
-
-
-def main_table(reports: Sequence[BenchmarkReport]) -> str:
-    """Markdown table in the layout of the paper's main table: one row per model, per benchmark the
-    accuracy (avg@k), token latency (mean L_crit) and speedup over the sequential baseline."""
-    head = "| model | " + " | ".join(f"{r.name} acc (avg@{r.k}) | {r.name} latency (L_crit tok) | {r.name} speedup"
-                                      for r in reports) + " |"
-    sep = "|---|" + "---:|---:|---:|" * len(reports)
-    seq_name = reports[0].sequential.model
-    par_name = reports[0].parallel.model
-    seq = f"| {seq_name} | " + " | ".join(
-        f"{_pct(r.sequential.accuracy)} | {_num(r.sequential.L_crit)} | 1.00x" for r in reports) + " |"
-    par = f"| {par_name} | " + " | ".join(
-        f"{_pct(r.parallel.accuracy)} | {_num(r.parallel.L_crit)} | {_num(r.speedup, 2, 'x')}" for r in reports) + " |"
-    return "\n".join([head, sep, seq, par])
-
-
-def detail_table(reports: Sequence[BenchmarkReport]) -> str:
-    """Every measure per benchmark and mode, as markdown."""
-    lines = ["| benchmark | mode | model | problems | samples | accuracy | L_total | L_crit | activation | "
-             "format-valid | wall s / problem | speedup mean (median) | speedup correct-only |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in reports:
-        for s in (r.sequential, r.parallel):
-            par = s.mode == "parallel"
-            speed = f"{_num(r.speedup, 2, 'x')} ({_num(r.speedup_median, 2, 'x')})" if par else "1.00x"
-            correct = (f"{_num(r.speedup_correct, 2, 'x')} ({len(r.speedups_correct)} problems)" if par else "1.00x")
-            lines.append(f"| {r.name} | {s.mode} | {s.model} | {s.problems} | {s.samples} | {_pct(s.accuracy)} | "
-                         f"{_num(s.L_total)} | {_num(s.L_crit)} | {_pct(s.activation)} | {_pct(s.format_valid)} | "
-                         f"{_num(s.wall_s, 3)} | {speed} | {correct} |")
-    return "\n".join(lines)
-
-
-def report_markdown(reports: Sequence[BenchmarkReport], title: str = "Evaluation") -> str:
-    regime = {r.latency for r in reports}
-    lines = [f"# {title}", "", main_table(reports), "",
-             "Accuracy: mean over the k samples of every problem. Latency: mean critical-path length L_crit in "
-             "model-generated tokens (a sequential answer's L_crit is its length). Speedup: mean over problems of "
-             "mean L_crit(sequential baseline) / mean L_crit(parallel).", "", "## Details", "",
-             detail_table(reports), "",
-             f"Wall-clock latency per problem ({', '.join(sorted(regime))} decoding): "
-             + ("each problem's samples decoded alone." if regime == {"isolated"} else
-                "problems decoded in one batch, so a problem's time includes waiting for the others "
-                "(a throughput figure, not a single-problem latency)."),
-             ""]
-    for r in reports:
-        lines.append(f"- {r.name}: wall-clock speedup {_num(r.wall_speedup, 2, 'x')}; "
-                     f"{len(r.speedups)} problems in the speedup"
-                     + (f", {r.undefined} left out (empty parallel answers)" if r.undefined else ""))
-    return "\n".join(lines) + "\n"
-
-
-def histogram(reports: Sequence[BenchmarkReport], path: str | Path) -> Path:
-    """PNG of the per-problem speedup distributions (all samples, correct-only), one panel per benchmark."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(reports), figsize=(5 * len(reports), 3.6), squeeze=False)
-    for ax, r in zip(axes[0], reports):
-        values = r.speedups + r.speedups_correct + [1.0]
-        lo, hi = 0.95 * min(values), 1.05 * max(values)
-        bins = [lo + (hi - lo) * i / 24 for i in range(25)]
-        ax.hist(r.speedups, bins=bins, histtype="stepfilled", alpha=0.45, label=f"all samples ({len(r.speedups)})")
-        if r.speedups_correct:
-            ax.hist(r.speedups_correct, bins=bins, histtype="step", linewidth=2,
-                    label=f"correct only ({len(r.speedups_correct)})")
-        ax.axvline(1.0, color="black", linestyle="--", linewidth=1)
-        ax.set_title(f"{r.name}: mean {_num(r.speedup, 2, 'x')}")
-        ax.set_xlabel("speedup per problem (sequential L_crit / parallel L_crit)")
-        ax.set_ylabel("problems")
-        ax.legend(fontsize=8)
-    return save_figure(fig, path)
-
-
-def save_figure(fig, path: str | Path) -> Path:
-    """Lay out ``fig``, write it to ``path`` (folders created) and free it; returns the path."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=100)
-    plt.close(fig)
-    return path
 
 
 # --------------------------------------------------------------------------- decoding
@@ -534,8 +286,9 @@ def run_benchmarks(cfg: BenchEvalConfig, tracker=None, models: tuple[str, str] |
         reward_cfg = RewardConfig(timeout_s=cfg.checker_timeout_s)
         with AnswerChecker(cfg.checker_timeout_s, eager=False) as checker:
             for name, probs in problems.items():
-                report, scores = evaluate(trajectories[name]["parallel"], trajectories[name]["sequential"],
-                                          [p.answer for p in probs], checker, reward_cfg, name, cfg.latency, models)
+                report, scores = evaluate_benchmark(
+                    trajectories[name]["parallel"], trajectories[name]["sequential"], [p.answer for p in probs],
+                    checker, reward_cfg, name, cfg.latency, models)
                 reports.append(report)
                 for mode in MODES:
                     records = out / f"{name}_{mode}.jsonl"
@@ -573,56 +326,18 @@ def write_report(reports: Sequence[BenchmarkReport], out: str | Path, tracker=No
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("models and benchmarks")
-    g.add_argument("--model", required=True, help="model folder, decoded in parallel (spawn/join) mode")
-    g.add_argument("--baseline-model", default=None,
-                   help="sequential baseline model, decoded with spawning off (default: the same model)")
-    g.add_argument("--data", action="append", required=True, metavar="[NAME=]FILE",
-                   help="benchmark JSONL (repeat for several); NAME defaults to the file's stem")
-    g.add_argument("--problem-field", action="append", default=None, metavar="FIELD",
-                   help="field holding the problem text; repeat to try several in order "
-                        "(default: problem, question, prompt)")
-    g.add_argument("--answer-field", default="answer", help="field holding the reference answer (default answer)")
-    g.add_argument("--prompt-template", default="{problem}",
-                   help="user-turn text; '{problem}' is replaced by the problem (default: the problem alone)")
-    g.add_argument("--limit", type=int, default=None, help="first LIMIT problems of each benchmark")
-    g.add_argument("--names", nargs=2, default=None, metavar=("MODEL", "BASELINE"),
-                   help="row names of the two models in the tables (default: their folder names)")
-    g = parser.add_argument_group("decoding")
-    g.add_argument("-k", type=int, default=1, help="samples per problem, accuracy averaged over them (default 1)")
-    g.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: 0 if k=1, else 1)")
-    g.add_argument("--max-tokens", type=int, default=1024, help="generated-token budget per sample (default 1024)")
-    g.add_argument("--max-context", type=int, default=2048, help="per-request context limit (tokens, default 2048)")
-    g.add_argument("--max-thread-tokens", type=int, default=512, help="length limit of a thread (tokens, default 512)")
-    g.add_argument("--batched", action="store_true",
-                   help="decode all problems of a mode at once (fast; wall-clock is then a throughput figure)")
-    g.add_argument("--gpu", action="store_true", help="bfloat16 weights and compiled engine (GPU machines)")
-    g = parser.add_argument_group("output")
-    g.add_argument("--out", default="runs/eval", help="output folder (default runs/eval)")
-    g.add_argument("--pages", type=int, default=20, help="samples per mode on the HTML pages (default 20)")
-    g.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: OUT/mlflow.db)")
-    g.add_argument("--experiment", default="threadweaver-eval", help="MLflow experiment (default threadweaver-eval)")
-    g.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
-
-
-def config_from_args(args: argparse.Namespace) -> BenchEvalConfig:
-    return BenchEvalConfig(
-        model=args.model, baseline_model=args.baseline_model, data=list(args.data),
-        problem_fields=args.problem_field or ["problem", "question", "prompt"], answer_field=args.answer_field,
-        prompt_template=args.prompt_template, limit=args.limit, k=args.k, temperature=args.temperature,
-        max_tokens=args.max_tokens, max_context=args.max_context, max_thread_tokens=args.max_thread_tokens,
-        latency="batched" if args.batched else "isolated", dtype="bfloat16" if args.gpu else "float32",
-        enforce_eager=not args.gpu, pages=args.pages, out=args.out,
-        tracking=TrackingConfig(enabled=not args.no_mlflow, uri=args.tracking_uri, experiment=args.experiment))
+    add_config_arguments(parser, "model=runs/rl/final 'data=[math500=/data/math500.jsonl]' k=4 latency=batched")
 
 
 def run(args: argparse.Namespace) -> int:
-    from rollout.config import set_runtime_defaults
-
+    cfg, code = resolve(BenchEvalConfig, args, "eval")
+    if cfg is None:
+        return code
     set_runtime_defaults()
     try:
-        cfg = config_from_args(args)
-        reports = run_benchmarks(cfg, models=tuple(args.names) if args.names else None)
+        if not cfg.data:
+            raise ValueError("name at least one benchmark: data=[NAME=FILE.jsonl, ...]")
+        reports = run_benchmarks(cfg, models=tuple(cfg.names) if cfg.names else None)
     except (OSError, ValueError) as e:
         print(f"threadweaver eval: {e}", file=sys.stderr)
         return 2

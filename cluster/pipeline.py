@@ -12,11 +12,11 @@ Stages, in order, each an MLflow child run of the pipeline's parent run:
    sequential baseline;
 3. ``selftrain`` (only when the section is present): stage 2 of data-gen
    samples the parallel SFT model on the training prompts and keeps the
-   format-valid correct trajectories (``rollout.datagen``), then SFT goes on
+   format-valid correct trajectories (``rl.datagen``), then SFT goes on
    from the parallel SFT checkpoint on those records (``selftrain_sft``
    overrides on top of ``sft``);
 4. ``rl_parallel`` and ``rl_sequential`` (only when ``rl`` is present):
-   P-GRPO (``rl.driver.train``) from each SFT checkpoint; the baseline run
+   P-GRPO (``cluster.cmd_rl.run_rl``) from each SFT checkpoint; the baseline run
    decodes with spawning off (``rl_sequential`` overrides, by default
    ``rollout.sequential=true`` and ``eval.modes=[sequential]``);
 5. ``eval``: ``threadweaver eval`` (:mod:`cluster.evaluate`) of the last
@@ -24,10 +24,12 @@ Stages, in order, each an MLflow child run of the pipeline's parent run:
    split (and any benchmark files listed in ``eval.data``): the report
    table, the speedup histogram, viewer pages.
 
-Each stage's config is the pipeline's section with the *wiring* set by the
-pipeline (run folders, model and data paths, tracking); the resolved config
-is written to ``RUN_DIR/STAGE/stage_config.yaml`` and loaded back through
-``cluster.config.load_config``, so it is checked like any command's config.
+Each stage's config is the pipeline's section, with the section's dotted
+overrides of that stage (``sft_sequential``, ...) and then the *wiring* set
+by the pipeline (run folders, model and data paths, tracking), composed in
+memory (``cluster.config.override`` and ``with_values``), so it is checked
+like any command's config; the section as given is written to
+``RUN_DIR/STAGE/stage_config.yaml``.
 Stages that keep no MLflow run themselves (data, SFT, self-training, eval)
 are logged by the pipeline: parameters, per-step metrics read back from the
 stage's ``metrics.jsonl``, summaries and viewer pages of the stage's last
@@ -52,18 +54,29 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from cluster.evaluate import BenchEvalConfig, parse_data_arg, read_benchmark
-from cluster.ray_setup import RayConfig
-from cluster.tracking import TrackingConfig
-from rl.driver import RLConfig
+import yaml
+
+from cluster.cmd_rl import RLRunConfig, run_rl
+from cluster.cmd_rl import roles as rl_roles
+from cluster.cmd_sft import run_sft
+from cluster.cmd_sft import roles as sft_roles
+from cluster.command import add_config_arguments, resolve
+from cluster.config import ConfigError, override, to_dict, with_values
+from cluster.evaluate import BenchEvalConfig, parse_data_arg, read_benchmark, run_benchmarks
+from cluster.ray_setup import RayConfig, init_ray
+from cluster.tracking import Tracker, TrackingConfig, resolve_uri
+from cluster.viewer import eval_page
+from rewards.checker import AnswerChecker
+from rl.datagen.stage2 import Stage2Config, pool_sampler, run_stage2
 from rl.metrics_log import read_records
 from rl.sft import SFTConfig
-from rollout.config import check_ranges
-from rollout.datagen.stage2 import Stage2Config
+from rl.sft_data import ensure_task_data
+from rollout.config import check_ranges, set_runtime_defaults
+from rollout.units import latency, replay
 from rollout.files import check_model_dir, check_output_dir, write_text
 from rollout.task import TaskConfig
 
@@ -101,7 +114,7 @@ class PipelineConfig:
         "help": "self-training: stage 2 of data-gen on the parallel SFT model, then more SFT (null: skipped)"})
     selftrain_sft: list[str] = field(default_factory=lambda: ["steps=50"], metadata={
         "help": "dotted SFT overrides for the SFT round on the self-training records"})
-    rl: RLConfig | None = field(default=None, metadata={
+    rl: RLRunConfig | None = field(default=None, metadata={
         "help": "P-GRPO stage, run from each SFT checkpoint (null: skipped; evaluation then uses the SFT models)"})
     rl_sequential: list[str] = field(default_factory=lambda: ["rollout.sequential=true", "eval.modes=[sequential]"],
                                      metadata={"help": "dotted RL overrides for the sequential baseline only"})
@@ -116,37 +129,20 @@ class PipelineConfig:
 # --------------------------------------------------------------------------- stage configs
 
 
-def stage_config(cls: type, base: Any, path: Path, overrides: list[str]):
-    """``base`` (a config dataclass) with dotted ``overrides``, via a YAML file at ``path`` and ``load_config``."""
-    import yaml
-
-    from cluster.config import load_config, to_dict
-
+def stage_config(cls: type, base: Any, path: Path, overrides: list[str], wiring: dict[str, Any] | None = None):
+    """``base`` (a config section) as a ``cls`` with the user's dotted ``overrides``, then the pipeline's
+    ``wiring`` (typed values by dotted key), composed in memory. The section as given is written to ``path``
+    for the user."""
     write_text(path, yaml.safe_dump(to_dict(base), sort_keys=False))
-    return load_config(cls, path, overrides)
-
-
-def _rel_overrides(items: list[str], prefix: str) -> list[str]:
-    return [f"{prefix}{item}" for item in items]
+    return with_values(override(cls, base, overrides), wiring or {})
 
 
 def check_config(cfg: PipelineConfig) -> None:
     """Refuse what cannot work, before any stage runs; ConfigError/ValueError name the key."""
-    import tempfile
-
-    import yaml
-
-    from cluster.config import load_config, to_dict
-
-    with tempfile.TemporaryDirectory() as tmp:
-        sft_file = Path(tmp) / "sft.yaml"
-        sft_file.write_text(yaml.safe_dump(to_dict(cfg.sft), sort_keys=False))
-        load_config(SFTConfig, sft_file, cfg.sft_sequential)
-        load_config(SFTConfig, sft_file, cfg.selftrain_sft)
-        if cfg.rl is not None:
-            rl_file = Path(tmp) / "rl.yaml"
-            rl_file.write_text(yaml.safe_dump(to_dict(cfg.rl), sort_keys=False))
-            load_config(RLConfig, rl_file, cfg.rl_sequential)
+    override(SFTConfig, cfg.sft, cfg.sft_sequential)
+    override(SFTConfig, cfg.sft, cfg.selftrain_sft)
+    if cfg.rl is not None:
+        override(RLRunConfig, cfg.rl, cfg.rl_sequential)
     if cfg.sft.model.path is not None:
         check_model_dir(cfg.sft.model.path, "sft.model.path")
     names = ["tiny"] + [parse_data_arg(item)[0] for item in cfg.eval.data]  # the test split is 'tiny'
@@ -163,9 +159,6 @@ class Runs:
     """The parent MLflow run and one child tracker per stage, all in one store."""
 
     def __init__(self, cfg: PipelineConfig, run_dir: Path):
-        from cluster.config import to_dict
-        from cluster.tracking import Tracker, resolve_uri
-
         self.cfg = cfg
         self.run_dir = run_dir
         self.uri = resolve_uri(cfg.tracking, run_dir) if cfg.tracking.enabled else None
@@ -179,8 +172,6 @@ class Runs:
                               retry_after_s=t.retry_after_s, max_buffered=t.max_buffered)
 
     def child(self, stage: str, stage_dir: Path, params: dict):
-        from cluster.tracking import Tracker
-
         tracker = Tracker(self._tracking(stage), stage_dir)
         tags = {"stage": stage}
         if self.parent_id:
@@ -218,8 +209,6 @@ def log_metrics_file(tracker, path: Path, prefix: str = "") -> int:
 
 def log_last_eval_page(tracker, stage_dir: Path, title: str) -> Path | None:
     """Render the stage's newest ``eval/step_N.jsonl`` with the viewer and log the page; None if there is none."""
-    from rl.driver import eval_page
-
     files = sorted((stage_dir / "eval").glob("step_*.jsonl"))
     if not files:
         return None
@@ -234,8 +223,7 @@ def log_last_eval_page(tracker, stage_dir: Path, title: str) -> Path | None:
 
 def _reference_stats(data_dir: Path, limit: int = 200) -> dict[str, float]:
     """Mean L_total, L_crit, eta of the validation split's reference responses, in the tiny tokenizer's tokens."""
-    from rollout.tiny import build_tokenizer
-    from rollout.units import latency, replay
+    from rollout.tiny import build_tokenizer  # lazy: transformers takes seconds to import
 
     tokenizer = build_tokenizer()
     records = [json.loads(x) for x in (data_dir / "validation.jsonl").read_text().splitlines()[:limit]]
@@ -263,9 +251,6 @@ def read_record(record_file: Path) -> dict:
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
     """Run every stage (see module doc); returns the record also written to ``pipeline.json``."""
-    from cluster.ray_setup import Role, init_ray
-    from rl.driver import roles as rl_roles
-
     check_config(cfg)
     run_dir = check_output_dir(cfg.run_dir, "run_dir")
     record_file = run_dir / "pipeline.json"
@@ -289,8 +274,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             (run_dir / stage).rename(aside)
             print(f"pipeline: stage {stage} did not finish last time; its folder is kept as {aside}", flush=True)
 
-    plan = [Role("SFT learner", cfg.sft.learner.ranks, cfg.sft.learner.cpus_per_rank),
-            Role("SFT eval worker", cfg.sft.eval.workers, cfg.sft.eval.cpus_per_worker)]
+    plan = sft_roles(cfg.sft)
     if cfg.rl is not None:
         plan = max([plan, rl_roles(cfg.rl)], key=lambda roles: sum(r.total_cpus for r in roles))
     started_ray = init_ray(cfg.ray, plan)
@@ -347,10 +331,6 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
 
 def _stage_data(cfg: PipelineConfig, stage_dir: Path, runs: Runs) -> dict:
-    from dataclasses import asdict
-
-    from rl.sft_data import ensure_task_data
-
     d = cfg.data
     sizes = {"train": d.train_size, "validation": d.validation_size, "test": d.test_size}
     tracker = runs.child("data", stage_dir, {**{f"task.{k}": v for k, v in asdict(d.task).items()},
@@ -368,19 +348,18 @@ def _stage_data(cfg: PipelineConfig, stage_dir: Path, runs: Runs) -> dict:
 
 
 def _stage_sft(cfg: PipelineConfig, stage_dir: Path, runs: Runs, data_dir: str, layout: str,
-               extra: list[str], model_path: str | None = None, data_overrides: list[str] = ()) -> dict:
-    from cluster.config import to_dict
-    from rl.sft import train
+               extra: list[str], model_path: str | None = None, response_field: str | None = None) -> dict:
 
-    wiring = [f"run_dir={stage_dir}", f"data.dir={data_dir}", "data.generate=false", f"data.layout={layout}"]
+    wiring = {"run_dir": str(stage_dir), "data.dir": data_dir, "data.generate": False, "data.layout": layout}
     if model_path is not None:
-        wiring.append(f"model.path={model_path}")
-    sft_cfg = stage_config(SFTConfig, cfg.sft, stage_dir / "stage_config.yaml",
-                           list(extra) + wiring + list(data_overrides))
+        wiring["model.path"] = model_path
+    if response_field is not None:
+        wiring["data.response_field"] = response_field
+    sft_cfg = stage_config(SFTConfig, cfg.sft, stage_dir / "stage_config.yaml", extra, wiring)
     name = stage_dir.name
     tracker = runs.child(name, stage_dir, to_dict(sft_cfg, flat=True))
     try:
-        summary = train(sft_cfg)
+        summary = run_sft(sft_cfg, ray_cfg=cfg.ray)
         log_metrics_file(tracker, stage_dir / "metrics.jsonl")
         tracker.log_metrics({f"final/{k}": v for k, v in summary["eval"].items()}
                             | {"train_s": summary["train_s"], "tokens_seen": summary["tokens_seen"]}, summary["steps"])
@@ -394,15 +373,12 @@ def _stage_sft(cfg: PipelineConfig, stage_dir: Path, runs: Runs, data_dir: str, 
 
 
 def _stage_selftrain(cfg: PipelineConfig, stage_dir: Path, runs: Runs, data_dir: str, model: str) -> dict:
-    from cluster.config import to_dict
-    from rewards.checker import AnswerChecker
-    from rollout.datagen.stage2 import pool_sampler, run_stage2
-    from rollout.tiny import load_tokenizer
+    from rollout.tiny import load_tokenizer  # lazy: transformers takes seconds to import
 
     gen_dir = stage_dir / "data"
-    st_cfg = stage_config(Stage2Config, cfg.selftrain, stage_dir / "stage2_config.yaml",
-                          [f"model={model}", f"prompts={Path(data_dir) / 'train.jsonl'}",
-                           f"out={gen_dir / 'train.jsonl'}"])
+    st_cfg = stage_config(Stage2Config, cfg.selftrain, stage_dir / "stage2_config.yaml", [],
+                          {"model": model, "prompts": str(Path(data_dir) / "train.jsonl"),
+                           "out": str(gen_dir / "train.jsonl")})
     tracker = runs.child("selftrain_stage2", stage_dir, to_dict(st_cfg, flat=True))
     try:
         sample, close = pool_sampler(st_cfg)
@@ -423,32 +399,27 @@ def _stage_selftrain(cfg: PipelineConfig, stage_dir: Path, runs: Runs, data_dir:
                            "stage 2, or its limits too tight; remove the selftrain section to skip it")
     shutil.copy(Path(data_dir) / "validation.jsonl", gen_dir / "validation.jsonl")
     sft = _stage_sft(cfg, stage_dir / "sft", runs, str(gen_dir), "parallel", cfg.selftrain_sft, model_path=model,
-                     data_overrides=["data.response_field=response"])
+                     response_field="response")
     return {"checkpoint": sft["checkpoint"], "kept": kept, "eval": sft["eval"]}
 
 
 def _stage_rl(cfg: PipelineConfig, stage_dir: Path, runs: Runs, data_dir: str, model: str,
               extra: list[str]) -> dict:
-    from rl.driver import train
 
-    wiring = [f"model={model}", f"run_dir={stage_dir}", f"data.dir={data_dir}", "data.generate=false",
-              f"tracking.enabled={'true' if cfg.tracking.enabled else 'false'}",
-              f"tracking.experiment={cfg.tracking.experiment}", f"tracking.run_name={stage_dir.name}"]
+    wiring = {"model": model, "run_dir": str(stage_dir), "data.dir": data_dir, "data.generate": False,
+              "tracking.enabled": cfg.tracking.enabled, "tracking.experiment": cfg.tracking.experiment,
+              "tracking.run_name": stage_dir.name}
     if runs.uri is not None:
-        wiring.append(f"tracking.uri={runs.uri}")
-    rl_cfg = stage_config(RLConfig, cfg.rl, stage_dir / "stage_config.yaml", list(extra) + wiring)
-    summary = train(rl_cfg)
-    runs.adopt(summary.get("mlflow_run_id"))  # its evaluation pages are in that run already (rl.driver)
+        wiring["tracking.uri"] = runs.uri
+    rl_cfg = stage_config(RLRunConfig, cfg.rl, stage_dir / "stage_config.yaml", extra, wiring)
+    summary = run_rl(rl_cfg)
+    runs.adopt(summary.get("mlflow_run_id"))  # its evaluation pages are in that run already (cluster.cmd_rl)
     return {"checkpoint": summary["checkpoint"], "eval": summary["eval"], "steps": summary["steps"],
             "mlflow_run_id": summary.get("mlflow_run_id")}
 
 
 def _stage_eval(cfg: PipelineConfig, stage_dir: Path, runs: Runs, data_dir: str, par_model: str,
                 seq_model: str) -> dict:
-    from dataclasses import replace
-
-    from cluster.config import to_dict
-    from cluster.evaluate import run_benchmarks
 
     data = [f"tiny={Path(data_dir) / 'test.jsonl'}"] + list(cfg.eval.data)
     ev_cfg = replace(cfg.eval, model=par_model, baseline_model=seq_model, data=data, out=str(stage_dir))
@@ -482,28 +453,31 @@ def _final_report(run_dir: Path, record: dict, ev: dict, total_s: float) -> Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", nargs="*", metavar="FILE.yaml",
-                        help="pipeline YAML (several: merged in order, later ones win)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="key.sub=value",
-                        help="dotted override of a pipeline key (repeatable), e.g. --set sft.steps=50")
-    parser.add_argument("--show-config", action="store_true", help="print every pipeline key with its help and exit")
+    add_config_arguments(parser, "sft.steps=50 run_dir=runs/longer",
+                         resume="take the outputs of the stages that finished in run_dir (same as reuse=true)")
+    parser.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="key.sub=value",
+                        help="deprecated: the same as a key.sub=value override")
 
 
 def run(args: argparse.Namespace) -> int:
-    from cluster.config import ConfigError, describe, load_config
-
-    if args.show_config:
-        print(describe(PipelineConfig))
-        return 0
+    files = [x for x in args.overrides if "=" not in x]  # the older form: run FILE.yaml [--set k=v ...]
+    if files:
+        print("threadweaver run: deprecated: name the pipeline YAML with --config FILE", file=sys.stderr)
+    if args.set_overrides:
+        print("threadweaver run: deprecated: --set k=v; give k=v on its own", file=sys.stderr)
+    args.config = list(args.config) + files
+    args.overrides = [x for x in args.overrides if "=" in x]
+    cfg, code = resolve(PipelineConfig, args, "run", resume_override="reuse=true",
+                        extra_overrides=args.set_overrides)
+    if cfg is None:
+        return code
     if not args.config:
-        print("threadweaver run: name the pipeline YAML, e.g. threadweaver run experiments/pipeline_tiny.yaml",
+        print("threadweaver run: name the pipeline YAML, e.g. threadweaver run --config experiments/pipeline_tiny.yaml",
               file=sys.stderr)
         return 2
-    from rollout.config import set_runtime_defaults
 
     set_runtime_defaults()
     try:
-        cfg = load_config(PipelineConfig, args.config, args.overrides)
         check_config(cfg)
         record = run_pipeline(cfg)
     except (ConfigError, ValueError, FileNotFoundError) as e:

@@ -8,7 +8,7 @@ What it really does:
    with ``reward.preset`` off, the three weights set, the base config's
    ``accel_form`` kept, and its own ``run_dir`` (``RUN_DIR/NAME``);
 2. opens one parent MLflow run for the sweep, and runs every point as a Ray
-   task (``rl.driver.train``), at most ``max_concurrent`` at once; a point's
+   task (``cluster.cmd_rl.run_rl``), at most ``max_concurrent`` at once; a point's
    run is an MLflow child run of the sweep's (the tag ``mlflow.parentRunId``
    is set when the point finishes, since the RL stage opens its own run);
 3. collects each point's final held-out evaluation (``eval.at_end`` must be
@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from cluster.command import add_config_arguments, resolve
 from cluster.ray_setup import RayConfig, Role
 from cluster.tracking import TrackingConfig
 from rollout.config import check_ranges
@@ -129,26 +130,27 @@ def grid(cfg: SweepConfig, tracking_uri: str | None, base_accel_form: str) -> li
 
 def point_config(cfg: SweepConfig, point: Point):
     """The RL config of ``point`` (raises ConfigError for a bad override)."""
+    from cluster.cmd_rl import RLRunConfig
     from cluster.config import load_config
-    from rl.driver import RLConfig
 
-    return load_config(RLConfig, cfg.rl_config, point.overrides)
+    return load_config(RLRunConfig, cfg.rl_config, point.overrides)
 
 
 def _run_point(cfg: SweepConfig, point: Point, rollout_pool=None) -> dict:
     """Body of one point's Ray task: the RL stage on the point's config; returns its summary."""
-    from rl.driver import Services, train
+    from cluster.cmd_rl import run_rl
+    from rl.services import Services
 
     rl_cfg = point_config(cfg, point)
     if rollout_pool is None:
-        return train(rl_cfg)
+        return run_rl(rl_cfg)
     from rewards.service import RewardPool
 
     rewards = RewardPool(rl_cfg.reward)
     services = Services(rollout_pool, rewards)
     try:
         rewards.wait_ready()
-        return train(rl_cfg, services=services)
+        return run_rl(rl_cfg, services=services)
     finally:
         rewards.close()
         if services.rollout is not rollout_pool:  # the driver rebuilt the pool after a worker died
@@ -198,7 +200,7 @@ def plot(results: Sequence[PointResult], path: str | Path) -> Path:
     ax.set_ylabel("held-out accuracy (%)")
     ax.set_title(f"reward-weight sweep: {len(done)} of {len(results)} points")
     ax.grid(alpha=0.3)
-    from cluster.evaluate import save_figure
+    from cluster.report import save_figure
 
     return save_figure(fig, path)
 
@@ -213,12 +215,13 @@ def sweep(cfg: SweepConfig) -> list[PointResult]:
     from cluster.config import load_config, to_dict
     from cluster.ray_setup import init_ray
     from cluster.tracking import Tracker, resolve_uri
-    from rl.driver import RLConfig, check_inputs, roles
+    from cluster.cmd_rl import RLRunConfig, roles
+    from rl.driver import check_inputs
     from rollout.workers import RolloutPool
 
     run_dir = check_output_dir(cfg.run_dir, "run_dir")
     uri = resolve_uri(cfg.tracking, run_dir) if cfg.tracking.enabled else None
-    base = load_config(RLConfig, cfg.rl_config, cfg.overrides)
+    base = load_config(RLRunConfig, cfg.rl_config, cfg.overrides)
     check_model_dir(base.model, "the RL config's model")
     if not base.eval.at_end or "parallel" not in base.eval.modes:
         raise ValueError("every point needs its final held-out evaluation in parallel mode: set eval.at_end=true "
@@ -311,30 +314,23 @@ def _write_outputs(results: Sequence[PointResult], run_dir: Path, tracker) -> No
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", action="append", default=[], metavar="FILE",
-                        help="sweep YAML (repeat to merge several, later ones win)")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                        help="dotted overrides of sweep keys, e.g. 'rho=[0.25,0.5]' max_concurrent=2")
-    parser.add_argument("--show-config", action="store_true", help="print every sweep key with its help and exit")
+    add_config_arguments(parser, "'rho=[0.25,0.5]' max_concurrent=2")
     parser.add_argument("--plan", action="store_true", help="print the grid points and their overrides and exit")
 
 
 def run(args: argparse.Namespace) -> int:
-    from cluster.config import ConfigError, describe, load_config
+    from cluster.cmd_rl import RLRunConfig
+    from cluster.config import ConfigError, load_config
 
-    if args.show_config:
-        print(describe(SweepConfig))
-        return 0
+    cfg, code = resolve(SweepConfig, args, "sweep")
+    if cfg is None:
+        return code
     from rollout.config import set_runtime_defaults
 
     set_runtime_defaults()
     try:
-        cfg = load_config(SweepConfig, args.config, args.overrides)
         if args.plan:
-            from cluster.config import load_config as load
-            from rl.driver import RLConfig
-
-            base = load(RLConfig, cfg.rl_config, cfg.overrides)
+            base = load_config(RLRunConfig, cfg.rl_config, cfg.overrides)
             for p in grid(cfg, None, base.reward.accel_form):
                 point_config(cfg, p)
                 print(f"{p.name}: " + " ".join(p.overrides[len(cfg.overrides):]))

@@ -371,6 +371,23 @@ def write_page(path: str | Path, trajectories: Sequence[Any], scores: Sequence[A
     return write_text(path, render(trajectories, scores, title, tokenizer))
 
 
+#: trajectories of each evaluation shown on its viewer page
+PAGE_TRAJECTORIES = 40
+
+
+def eval_page(records_file: Path, title: str) -> Path | None:
+    """The viewer page of an evaluation's first records, next to the file; None on failure.
+
+    A page that cannot be rendered only costs a warning: it never stops training.
+    """
+    try:
+        return write_page(records_file.with_suffix(".html"), read_jsonl(records_file)[:PAGE_TRAJECTORIES],
+                          title=title)
+    except Exception as e:  # noqa: BLE001
+        print(f"rl: warning: no viewer page for {records_file}: {e}", file=sys.stderr, flush=True)
+        return None
+
+
 # --------------------------------------------------------------------------- CLI
 
 

@@ -38,6 +38,11 @@ STATE_FILE = "trainer_state.json"
 FILES = "files"
 
 
+class Stop(Exception):
+    """Raised by a training loop's ``on_step`` hook to end the run at once, as if the process were killed:
+    no final checkpoint, no final evaluation (the RL and SFT stages)."""
+
+
 def step_dir(root: str | Path, step: int) -> Path:
     return Path(root) / f"step_{step:08d}"
 
@@ -148,6 +153,11 @@ def resume_point(resume: str | None, root: str | Path, how: str) -> Path | None:
     if why is not None:
         raise ValueError(f"resume checkpoint {path} is not usable: {why}")
     return path
+
+
+def resume_of_run(resume: str | None, run_dir: str | Path) -> Path | None:
+    """:func:`resume_point` of a stage's ``resume`` setting over ``RUN_DIR/checkpoints`` (SFT and P-GRPO)."""
+    return resume_point(resume, Path(run_dir) / "checkpoints", "--resume (resume=auto)")
 
 
 def load(group: LearnerGroup, path: str | Path) -> dict:

@@ -35,28 +35,31 @@ and per evaluation), ``eval/step_N.jsonl`` (every decoded validation
 response), ``checkpoints/``, ``final`` (a link to the last checkpoint; its
 ``hf/`` folder is what vLLM and the RL stage load), ``summary.json``.
 
+The caller starts Ray (or joins a cluster): ``threadweaver sft`` does
+(``cluster.cmd_sft``); this module never imports the command layer.
+
 Usage: ``threadweaver sft --config experiments/sft_tiny.yaml [key.sub=value ...]``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
-import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
-from rl.learner import LearnerConfig
+import yaml
+
+from rl import checkpoint
+from rl.checkpoint import Stop  # noqa: F401 - part of this module's API: on_step hooks raise it
+from rl.learner import LearnerConfig, LearnerGroup
 from rl.metrics_log import MetricsLog
-from rl.sft_data import check_data_config
-from rl.sft_eval import EvalConfig
-from rollout.config import check_ranges
+from rl.sft_data import StreamState, TrieStream, check_data_config, ensure_task_data, read_records, timed_build
+from rl.sft_eval import EvalConfig, Evaluator, records_to_dicts
+from rl.trie import pack_tries, tree_stats
+from rollout.config import check_ranges, to_dict
 from rollout.files import atomic_write, check_model_dir, check_output_dir, write_text
-from rollout.ray_init import start_ray
 from rollout.task import TaskConfig
 
 
@@ -112,7 +115,10 @@ class DataConfig:
 
 @dataclass
 class SFTConfig:
-    """The SFT stage: model, data, learner, schedule length, evaluation, checkpoints."""
+    """The SFT stage: model, data, learner, schedule length, evaluation, checkpoints.
+
+    The command's config (``cluster.cmd_sft.SFTRunConfig``) adds ``ray``.
+    """
 
     run_dir: str = field(default="runs/sft", metadata={"help": "output folder of this run"})
     steps: int = field(default=1000, metadata={
@@ -126,8 +132,6 @@ class SFTConfig:
     resume: str | None = field(default=None, metadata={
         "help": "'auto': continue from RUN_DIR's newest checkpoint if any; a path: from that checkpoint; "
                 "null: start fresh (refused when RUN_DIR already has checkpoints)"})
-    ray_address: str | None = field(default=None, metadata={
-        "help": "Ray cluster to join (null: RAY_ADDRESS or a new local instance)"})
     progress: bool = field(default=True, metadata={
         "help": "show a progress bar (false: a log line every 5% of the steps)"})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "model"})
@@ -137,10 +141,6 @@ class SFTConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self)
-
-
-class Stop(Exception):
-    """Raised by an ``on_step`` hook to end a run at once, as if the process were killed."""
 
 
 def prepare_model(cfg: ModelConfig, run_dir: Path) -> Path:
@@ -160,19 +160,11 @@ def prepare_model(cfg: ModelConfig, run_dir: Path) -> Path:
 
 
 def prepare_data(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
-    from rl.sft_data import ensure_task_data, read_records
-
     data_dir = Path(cfg.dir)
     if cfg.generate:
         ensure_task_data(data_dir, cfg.task, {"train": cfg.train_size, "validation": cfg.validation_size,
                                               "test": cfg.test_size}, cfg.seed)
     return read_records(data_dir / cfg.train_file), read_records(data_dir / cfg.validation_file)
-
-
-def _resume_path(cfg: SFTConfig, ckpt_root: Path) -> Path | None:
-    from rl import checkpoint
-
-    return checkpoint.resume_point(cfg.resume, ckpt_root, "resume=auto")
 
 
 def check_inputs(cfg: SFTConfig) -> None:
@@ -187,57 +179,15 @@ def check_inputs(cfg: SFTConfig) -> None:
         m = cfg.model
         model_config(build_tokenizer(), m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads,
                      m.intermediate_size)
-    resume = _resume_path(cfg, Path(cfg.run_dir) / "checkpoints")
+    resume = checkpoint.resume_of_run(cfg.resume, cfg.run_dir)
     if cfg.resume not in (None, "auto") and not resume.is_dir():
         raise ValueError(f"resume checkpoint {resume} does not exist")
     check_output_dir(cfg.run_dir, "run_dir")
     check_data_config(cfg.data)
 
 
-def _init_ray(cfg: SFTConfig) -> bool:
-    """Start (or join) Ray; returns True when this call started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")  # a Ray job's entrypoint gets RAY_ADDRESS
-    if address:
-        start_ray(address, log_to_driver=True)
-    else:  # local: never join a `ray start` cluster found on this machine by accident
-        need = (cfg.learner.ranks * cfg.learner.cpus_per_rank
-                + cfg.eval.workers * cfg.eval.cpus_per_worker * (cfg.eval.every > 0 or cfg.eval.at_end))
-        start_ray(None, num_cpus=max(os.cpu_count() or 1, math.ceil(need)), include_dashboard=False)
-    return True
-
-
-def train(cfg: SFTConfig, on_step: Callable[[int, dict], None] | None = None) -> dict:
-    """Run the SFT stage (see module doc); returns the summary also written to ``summary.json``.
-
-    ``on_step(step, metrics)`` is called after every optimizer step (and
-    after that step's checkpoint); raising :class:`Stop` in it ends the run
-    on the spot, without a final checkpoint or evaluation.
-    """
-    import ray
-    import yaml
-
-    from cluster.config import to_dict
-    from rl import checkpoint
-    from rl.learner import LearnerGroup
-    from rl.sft_data import StreamState, TrieStream, timed_build
-    from rl.sft_eval import Evaluator, records_to_dicts
-    from rl.trie import pack_tries, tree_stats
-    from rollout.tiny import load_tokenizer
-
-    wall_start = time.perf_counter()
-    check_inputs(cfg)
-    run_dir = Path(cfg.run_dir)
-    ckpt_root = run_dir / "checkpoints"
-    resume = _resume_path(cfg, ckpt_root)
-    write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-    model_dir = prepare_model(cfg.model, run_dir)
-    tokenizer = load_tokenizer(model_dir)
-    train_records, val_records = prepare_data(cfg.data)
+def build_training_tries(cfg: SFTConfig, tokenizer, train_records: list[dict]) -> tuple[list, dict]:
+    """One trie per training record (units replayed as the orchestrator decodes them), and their statistics."""
     tries, build_s = timed_build(train_records, tokenizer, cfg.data.layout, cfg.data.prompt_field,
                                  cfg.data.response_field, "replay + tries", cfg.progress,
                                  cfg.data.sequential_share if cfg.data.layout == "parallel" else 0.0,
@@ -252,97 +202,151 @@ def train(cfg: SFTConfig, on_step: Callable[[int, dict], None] | None = None) ->
                  "targets_per_record": stats.target_tokens / len(tries), "build_s": build_s}
     print(f"sft: {len(tries)} training records ({cfg.data.layout} layout), "
           f"{data_info['trie_tokens_per_record']:.1f} trie tokens each, built in {build_s:.1f} s", flush=True)
+    return tries, data_info
 
-    started_ray = _init_ray(cfg)
+
+@dataclass
+class SFTRun:
+    """What the training loop carries from step to step (one object, instead of closures over locals)."""
+
+    cfg: SFTConfig
+    group: Any
+    stream: TrieStream
+    evaluator: Evaluator | None
+    step: int = 0
+    train_s: float = 0.0
+    eval_s: float = 0.0
+    tokens_seen: float = 0.0
+    last_eval: dict = field(default_factory=dict)
+    log: MetricsLog | None = None
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.run_dir)
+
+    def trainer_state(self) -> dict:
+        return {"train_s": self.train_s, "eval_s": self.eval_s, "tokens_seen": self.tokens_seen,
+                "data": vars(self.stream.state).copy(), "layout": self.cfg.data.layout}
+
+    def save(self) -> None:
+        self.log.sync()  # the records up to a checkpoint are on disk with it
+        checkpoint.save(self.group, self.run_dir / "checkpoints", self.step, self.trainer_state(), self.cfg.keep_last)
+
+    def run_eval(self) -> dict:
+        """Decode the validation prompts with the current weights; write and log the records and metrics."""
+        metrics, records = self.evaluator(self.group.state_dict())
+        self.eval_s += metrics["seconds"]
+        (self.run_dir / "eval").mkdir(exist_ok=True)
+        with atomic_write(self.run_dir / "eval" / f"step_{self.step:08d}.jsonl") as f:
+            for r in records_to_dicts(records):
+                f.write(json.dumps(r) + "\n")
+        self.log.write({"kind": "eval", "step": self.step, "train_s": self.train_s, **metrics})
+        self.last_eval = metrics
+        return metrics
+
+    def train_step(self) -> dict:
+        """One optimizer step on the next ``tokens_per_step`` trie tokens; returns its metrics (also logged)."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        batch = self.stream.next_batch(cfg.tokens_per_step)
+        rows = pack_tries(batch, cfg.learner.row_tokens)
+        metrics = self.group.train_step(rows, loss="sft")
+        self.train_s += time.perf_counter() - t0
+        self.tokens_seen += metrics["tokens"]
+        self.step += 1
+        metrics.update(step=self.step, examples=len(batch), rows=len(rows), train_s=self.train_s,
+                       examples_seen=self.stream.state.served, tokens_seen=self.tokens_seen,
+                       token_accuracy=metrics.get("correct", 0.0) / max(1.0, metrics["targets"]))
+        self.log.write({"kind": "train", **metrics})
+        return metrics
+
+    def show_progress(self, metrics: dict, bar) -> None:
+        """Update the progress bar, or print a log line every 5% of the steps."""
+        cfg, last_eval = self.cfg, self.last_eval
+        if bar is not None:
+            post = {"loss": f"{metrics['loss']:.3f}", "tok/s": f"{metrics['tokens_per_s']:.0f}"}
+            if last_eval:
+                post["acc"] = f"{last_eval['accuracy']:.2f}"
+            bar.set_postfix(post, refresh=False)
+            bar.update(1)
+        elif self.step % max(1, cfg.steps // 20) == 0 or self.step == cfg.steps:
+            acc = f" held-out acc {last_eval['accuracy']:.3f}" if last_eval else ""
+            print(f"sft {cfg.data.layout}: step {self.step}/{cfg.steps} loss {metrics['loss']:.3f} "
+                  f"{metrics['tokens_per_s']:.0f} tok/s, {self.train_s / 60:.1f} min{acc}", flush=True)
+
+
+def _loop(run: SFTRun, on_step: Callable[[int, dict], None] | None, resumed: bool) -> dict:
+    """Steps until ``cfg.steps`` with their checkpoints and evaluations; the final checkpoint, the ``final``
+    link and the final evaluation. Returns the final evaluation's metrics."""
+    cfg = run.cfg
+    last_saved = run.step if resumed else -1
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm  # lazy: only with a progress bar
+
+        bar = tqdm(total=cfg.steps, initial=run.step, desc=f"sft {cfg.data.layout}", unit="step")
+    with MetricsLog(run.run_dir / "metrics.jsonl", run.step if resumed else None) as run.log:
+        while run.step < cfg.steps:
+            metrics = run.train_step()
+            if cfg.save_every and run.step % cfg.save_every == 0:
+                run.save()
+                last_saved = run.step
+            if cfg.eval.every and run.step % cfg.eval.every == 0 and run.step < cfg.steps:
+                run.run_eval()
+            run.show_progress(metrics, bar)
+            if on_step is not None:
+                on_step(run.step, metrics)
+        if bar is not None:
+            bar.close()
+        if last_saved != run.step:
+            run.save()
+        final = run.run_dir / "final"
+        if final.is_symlink() or final.exists():
+            final.unlink()
+        final.symlink_to(checkpoint.step_dir(run.run_dir / "checkpoints", run.step).relative_to(run.run_dir),
+                         target_is_directory=True)
+        return run.run_eval() if cfg.eval.at_end else {}
+
+
+def train(cfg: SFTConfig, on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """Run the SFT stage (see module doc) on a started Ray; returns the summary also written to ``summary.json``.
+
+    ``on_step(step, metrics)`` is called after every optimizer step (and
+    after that step's checkpoint); raising :class:`Stop` in it ends the run
+    on the spot, without a final checkpoint or evaluation.
+    """
+    from rollout.tiny import load_tokenizer  # lazy: transformers takes seconds to import; --show-config needs none
+
+    wall_start = time.perf_counter()
+    check_inputs(cfg)
+    run_dir = Path(cfg.run_dir)
+    resume = checkpoint.resume_of_run(cfg.resume, run_dir)
+    write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    model_dir = prepare_model(cfg.model, run_dir)
+    tokenizer = load_tokenizer(model_dir)
+    train_records, val_records = prepare_data(cfg.data)
+    tries, data_info = build_training_tries(cfg, tokenizer, train_records)
     group = None
     evaluator = None
     try:
         group = LearnerGroup(cfg.learner, model_dir, total_steps=cfg.steps)
-        step, train_s, eval_s, tokens_seen = 0, 0.0, 0.0, 0.0
-        stream_state = StreamState()
+        state = {"step": 0, "train_s": 0.0, "eval_s": 0.0, "tokens_seen": 0.0, "data": vars(StreamState())}
         if resume is not None:
             state = checkpoint.load(group, resume)
-            step, train_s, eval_s = state["step"], state["train_s"], state["eval_s"]
-            tokens_seen = state["tokens_seen"]
-            stream_state = StreamState(**state["data"])
-            print(f"sft: resumed from {resume} at step {step}", flush=True)
-        stream = TrieStream(tries, cfg.seed, stream_state)
+            print(f"sft: resumed from {resume} at step {state['step']}", flush=True)
         if cfg.eval.every or cfg.eval.at_end:
             evaluator = Evaluator(cfg.eval, model_dir, tokenizer, val_records,
                                   sequential=cfg.data.layout == "sequential", prompt_field=cfg.data.prompt_field,
                                   answer_field=cfg.data.answer_field)
-
-        def trainer_state() -> dict:
-            return {"train_s": train_s, "eval_s": eval_s, "tokens_seen": tokens_seen,
-                    "data": vars(stream.state).copy(), "layout": cfg.data.layout}
-
-        def run_eval() -> dict:
-            nonlocal eval_s
-            metrics, records = evaluator(group.state_dict())
-            eval_s += metrics["seconds"]
-            (run_dir / "eval").mkdir(exist_ok=True)
-            with atomic_write(run_dir / "eval" / f"step_{step:08d}.jsonl") as f:
-                for r in records_to_dicts(records):
-                    f.write(json.dumps(r) + "\n")
-            return metrics
-
-        last_eval: dict = {}
-        last_saved = step if resume is not None else -1
-        bar = None
-        if cfg.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=cfg.steps, initial=step, desc=f"sft {cfg.data.layout}", unit="step")
-        with MetricsLog(run_dir / "metrics.jsonl", step if resume is not None else None) as log:
-            while step < cfg.steps:
-                t0 = time.perf_counter()
-                batch = stream.next_batch(cfg.tokens_per_step)
-                rows = pack_tries(batch, cfg.learner.row_tokens)
-                metrics = group.train_step(rows, loss="sft")
-                train_s += time.perf_counter() - t0
-                tokens_seen += metrics["tokens"]
-                step += 1
-                metrics.update(step=step, examples=len(batch), rows=len(rows), train_s=train_s,
-                               examples_seen=stream.state.served, tokens_seen=tokens_seen,
-                               token_accuracy=metrics.get("correct", 0.0) / max(1.0, metrics["targets"]))
-                log.write({"kind": "train", **metrics})
-                if cfg.save_every and step % cfg.save_every == 0:
-                    log.sync()  # the records up to a checkpoint are on disk with it
-                    checkpoint.save(group, ckpt_root, step, trainer_state(), cfg.keep_last)
-                    last_saved = step
-                if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.steps:
-                    last_eval = run_eval()
-                    log.write({"kind": "eval", "step": step, "train_s": train_s, **last_eval})
-                if bar is not None:
-                    post = {"loss": f"{metrics['loss']:.3f}", "tok/s": f"{metrics['tokens_per_s']:.0f}"}
-                    if last_eval:
-                        post["acc"] = f"{last_eval['accuracy']:.2f}"
-                    bar.set_postfix(post, refresh=False)
-                    bar.update(1)
-                elif step % max(1, cfg.steps // 20) == 0 or step == cfg.steps:  # a log line every 5%
-                    acc = f" held-out acc {last_eval['accuracy']:.3f}" if last_eval else ""
-                    print(f"sft {cfg.data.layout}: step {step}/{cfg.steps} loss {metrics['loss']:.3f} "
-                          f"{metrics['tokens_per_s']:.0f} tok/s, {train_s / 60:.1f} min{acc}", flush=True)
-                if on_step is not None:
-                    on_step(step, metrics)
-            if bar is not None:
-                bar.close()
-            if last_saved != step:
-                log.sync()
-                checkpoint.save(group, ckpt_root, step, trainer_state(), cfg.keep_last)
-            final = run_dir / "final"
-            if final.is_symlink() or final.exists():
-                final.unlink()
-            final.symlink_to(checkpoint.step_dir(ckpt_root, step).relative_to(run_dir), target_is_directory=True)
-            final_eval: dict = {}
-            if cfg.eval.at_end:
-                final_eval = run_eval()
-                log.write({"kind": "eval", "step": step, "train_s": train_s, **final_eval})
+        run = SFTRun(cfg, group, TrieStream(tries, cfg.seed, StreamState(**state["data"])), evaluator,
+                     step=state["step"], train_s=state["train_s"], eval_s=state["eval_s"],
+                     tokens_seen=state["tokens_seen"])
+        final_eval = _loop(run, on_step, resumed=resume is not None)
         summary = {
-            "layout": cfg.data.layout, "steps": step, "train_s": train_s, "eval_s": eval_s,
-            "wall_s": time.perf_counter() - wall_start, "tokens_seen": tokens_seen,
-            "examples_seen": stream.state.served, "epochs": stream.state.served / len(tries),
-            "checkpoint": str(final / "hf"), "data": data_info,
+            "layout": cfg.data.layout, "steps": run.step, "train_s": run.train_s, "eval_s": run.eval_s,
+            "wall_s": time.perf_counter() - wall_start, "tokens_seen": run.tokens_seen,
+            "examples_seen": run.stream.state.served, "epochs": run.stream.state.served / len(tries),
+            "checkpoint": str(run_dir / "final" / "hf"), "data": data_info,
             "eval": final_eval,
         }
         write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
@@ -352,44 +356,3 @@ def train(cfg: SFTConfig, on_step: Callable[[int, dict], None] | None = None) ->
             evaluator.close()
         if group is not None:
             group.shutdown()
-        if started_ray:
-            ray.shutdown()
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", action="append", default=[], metavar="FILE",
-                        help="YAML config (repeat to merge several, later ones win)")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                        help="dotted overrides of config keys, e.g. steps=200 learner.lr=3e-3")
-    parser.add_argument("--show-config", action="store_true", help="print every config key with its help and exit")
-
-
-def run(args: argparse.Namespace) -> int:
-    from cluster.config import ConfigError, describe, load_config
-
-    if args.show_config:
-        print(describe(SFTConfig))
-        return 0
-    from rollout.config import set_runtime_defaults
-
-    set_runtime_defaults()
-    try:
-        cfg = load_config(SFTConfig, args.config, args.overrides)
-        check_inputs(cfg)
-    except (ConfigError, ValueError, OSError) as e:
-        print(f"threadweaver sft: {e}", file=sys.stderr)
-        return 2
-    summary = train(cfg)
-    ev = summary["eval"]
-    print(f"sft done: {summary['steps']} steps, train {summary['train_s'] / 60:.1f} min, "
-          f"eval {summary['eval_s'] / 60:.1f} min, {summary['examples_seen']} examples "
-          f"({summary['epochs']:.2f} epochs), {summary['tokens_seen']:.0f} tokens")
-    if ev:
-        print(f"held-out ({ev['prompts']:.0f} prompts): accuracy {ev['accuracy']:.3f}, format-valid "
-              f"{ev['format_valid']:.3f}, parallel-valid {ev['parallel_valid']:.3f}, L_total {ev['L_total']:.1f}, "
-              f"L_crit {ev['L_crit']:.1f}, eta {ev['eta']:.3f}")
-    print(f"checkpoint (Hugging Face, loads in vLLM): {summary['checkpoint']}")
-    return 0

@@ -7,26 +7,20 @@ for the sequential baseline. The learner's current weights reach the engines
 in place, in buckets (``RolloutPool.update_weights``); the engines start on
 the first evaluation.
 
-Per trajectory: ``correct`` -- the response ended by itself (not cut by a
-limit, ``rewards.score.is_cut``) and the last ``\\boxed{}`` after ``</think>``
-matches the reference answer (``rewards.answer`` finds it,
-``rewards.checker.AnswerChecker`` decides; plain integers never reach
-math-verify); ``format_valid`` -- the response ended with EOS and
-``rollout.format.validate`` finds no broken rule; ``parallel_valid`` --
-format-valid and holding at least one block. Reported means: ``accuracy``,
-``format_valid``, ``parallel_valid``, ``L_total``, ``L_crit``, ``eta`` and
-``speedup`` (model-generated tokens, ``rollout.units.latency``), plus the
-finish reasons.
+Each trajectory is judged by :func:`rl.evaluation.judge` and the means by
+:func:`rl.evaluation.summarize` (the definitions every evaluation shares:
+``accuracy``, ``format_valid`` -- EOS not required --, ``parallel_valid``,
+``L_total``, ``L_crit``, ``eta``, ``speedup``, ``finish/<reason>``).
 """
 
 from __future__ import annotations
 
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from rl.evaluation import EvalRecord, judge, summarize
 from rollout.config import RolloutConfig, check_ranges
 
 
@@ -65,58 +59,6 @@ class EvalConfig:
             max_blocks=self.max_blocks, workers=self.workers, cpus_per_worker=self.cpus_per_worker,
             gpus_per_worker=self.gpus_per_worker, dtype=self.dtype, enforce_eager=self.gpus_per_worker == 0,
         )
-
-
-@dataclass
-class EvalRecord:
-    """One decoded validation prompt."""
-
-    index: int
-    answer: str
-    predicted: str | None
-    correct: bool
-    format_valid: bool
-    parallel_valid: bool
-    finish_reason: str
-    L_total: int
-    L_crit: int
-    eta: float
-    speedup: float
-    n_blocks: int
-    text: str
-
-
-def judge(trajectory, answer: str, checker) -> EvalRecord:
-    """Score one trajectory against its reference ``answer``."""
-    from rewards.answer import extract_answer
-    from rewards.score import is_cut
-    from rollout.format import validate
-
-    extraction = extract_answer(trajectory.text)
-    correct = (extraction.answer is not None and not is_cut(trajectory.finish_reason)
-               and checker.check(extraction.answer, answer).correct)
-    valid = trajectory.finish_reason == "eos" and not validate(trajectory.text)
-    return EvalRecord(
-        index=trajectory.prompt_index, answer=answer, predicted=extraction.answer, correct=bool(correct),
-        format_valid=valid, parallel_valid=valid and trajectory.n_blocks > 0,
-        finish_reason=trajectory.finish_reason, L_total=trajectory.L_total, L_crit=trajectory.L_crit,
-        eta=trajectory.eta, speedup=trajectory.speedup, n_blocks=trajectory.n_blocks, text=trajectory.text,
-    )
-
-
-def summarize(records: Sequence[EvalRecord]) -> dict[str, float]:
-    n = len(records)
-
-    def mean(key: str) -> float:
-        return sum(float(getattr(r, key)) for r in records) / n if n else float("nan")
-
-    out = {k: mean(k) for k in ("correct", "format_valid", "parallel_valid", "L_total", "L_crit", "eta",
-                                "speedup", "n_blocks")}
-    out["accuracy"] = out.pop("correct")
-    out["prompts"] = float(n)
-    for reason, count in Counter(r.finish_reason for r in records).items():
-        out[f"finish_{reason}"] = count / n
-    return out
 
 
 class Evaluator:

@@ -1,4 +1,5 @@
-"""Configuration of rollouts (sampling, spawn/join limits, the Ray worker pool) and the range check of every config.
+"""Configuration of rollouts (sampling, spawn/join limits, the Ray worker pool), the range check of every config
+and ``to_dict`` (a config as plain data, for any floor that writes its resolved config).
 
 Every numeric field of a config dataclass states its allowed values next to its
 help text, ``metadata={"help": ..., "range": "> 0"}``. A range is ``finite``
@@ -17,6 +18,7 @@ import operator
 import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping
 
 #: environment defaults of every command that starts engines, learners or tracking (a user's values win):
@@ -31,6 +33,44 @@ def set_runtime_defaults() -> None:
     """Put :data:`RUNTIME_DEFAULTS` into ``os.environ`` where the variable is not set yet."""
     for name, value in RUNTIME_DEFAULTS.items():
         os.environ.setdefault(name, value)
+
+
+def to_dict(cfg: Any, flat: bool = False) -> dict[str, Any]:
+    """The config as plain Python data (tuples become lists, Paths strings).
+
+    ``flat=True`` gives one level of dotted keys (``{"rl.lr": 1e-5}``), the
+    shape experiment trackers such as MLflow take as parameters; lists and
+    empty mappings stay values.
+    """
+    if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
+        raise TypeError(f"to_dict needs a dataclass instance, got {cfg!r}")
+    nested = plain(cfg)
+    if not flat:
+        return nested
+    out: dict[str, Any] = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for k, v in node.items():
+            name = f"{prefix}{k}"
+            if isinstance(v, dict) and v:
+                walk(v, name + ".")
+            else:
+                out[name] = v
+    walk(nested, "")
+    return out
+
+
+def plain(value: Any) -> Any:
+    """``value`` as plain data: dataclasses become dicts, tuples lists, Paths strings."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, Path):
+        return str(value)
+    return value
 
 
 _COMPARISONS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}

@@ -10,6 +10,7 @@ from typing import Literal, Optional
 import pytest
 
 from cluster.config import ConfigError, describe, field_docs, load_config, to_dict
+from rollout.config import check_ranges
 
 
 @dataclass
@@ -219,3 +220,32 @@ def test_describe_lists_every_leaf_with_type_default_and_help():
     assert len(lines) == 1 + len(docs)
     assert any(line.startswith("learner.lr") and "learning rate" in line for line in lines)
     assert "(required)" in describe(Required)
+
+
+@dataclass
+class Inner:
+    lr: float = field(default=0.1, metadata={"help": "lr", "range": "> 0"})
+    name: str = field(default="a", metadata={"help": "name"})
+
+
+@dataclass
+class Outer:
+    steps: int = field(default=3, metadata={"help": "steps", "range": ">= 1"})
+    inner: Inner = field(default_factory=Inner, metadata={"help": "inner"})
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+
+
+def test_override_and_with_values_compose_configs_in_memory():
+    from cluster.config import override, with_values
+
+    base = Outer(steps=5, inner=Inner(name="b"))
+    got = override(Outer, base, ["inner.lr=0.5"])
+    assert got == Outer(steps=5, inner=Inner(lr=0.5, name="b")) and base.inner.lr == 0.1  # base untouched
+    with pytest.raises(ConfigError, match="did you mean 'inner.lr'"):
+        override(Outer, base, ["inner.lrr=1"])
+    wired = with_values(got, {"inner.name": "2024", "steps": 9})
+    assert wired == Outer(steps=9, inner=Inner(lr=0.5, name="2024")) and got.steps == 5
+    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+        with_values(got, {"steps": 0})  # every section's checks run again

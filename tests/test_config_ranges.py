@@ -9,17 +9,17 @@ import typing
 
 import pytest
 
+from cluster.cmd_rl import RLRunConfig
 from cluster.config import ConfigError, describe, load_config
 from cluster.evaluate import BenchEvalConfig
 from cluster.pipeline import PipelineConfig
 from cluster.sweep import SweepConfig
 from rewards.config import RewardConfig
 from rl.attention import PackingConfig
-from rl.driver import RLConfig
+from rl.datagen.stage1 import Stage1Config
 from rl.learner import LearnerConfig
 from rl.sft import SFTConfig
 from rollout.config import RolloutConfig, check_range, check_ranges, range_problem
-from rollout.datagen.stage1 import Stage1Config
 from rollout.task import TaskConfig
 
 TOP_LEVEL = (PipelineConfig, SweepConfig, Stage1Config, PackingConfig, BenchEvalConfig)
@@ -48,7 +48,7 @@ def numeric(tp) -> bool:
 
 def test_every_numeric_field_of_every_config_has_a_range_its_default_fits():
     classes = config_classes()
-    assert {RLConfig, SFTConfig, RolloutConfig, RewardConfig, LearnerConfig, TaskConfig} <= classes
+    assert {RLRunConfig, SFTConfig, RolloutConfig, RewardConfig, LearnerConfig, TaskConfig} <= classes
     missing = []
     for cls in classes:
         hints = typing.get_type_hints(cls)
@@ -83,14 +83,14 @@ def test_range_problem_reads_as_a_sentence():
     (SFTConfig, "learner.lr=nan", "learner.lr must be a finite number > 0, got nan"),
     (SFTConfig, "learner.lr=-1e-3", "learner.lr must be a finite number > 0, got -0.001"),
     (PipelineConfig, "sft.learner.lr=nan", "sft.learner.lr must be a finite number > 0, got nan"),
-    (RLConfig, "learner.cpus_per_rank=-1", "learner.cpus_per_rank must be a finite number >= 0, got -1.0"),
-    (RLConfig, "rollout.cpus_per_worker=-1", "rollout.cpus_per_worker must be a finite number >= 0, got -1.0"),
-    (RLConfig, "reward.actor_cpus=-0.5", "reward.actor_cpus must be a finite number >= 0, got -0.5"),
-    (RLConfig, "rollout.temperature=.nan", "rollout.temperature must be a finite number >= 0, got nan"),
-    (RLConfig, "reward.timeout_s=nan", "reward.timeout_s must be a finite number > 0, got nan"),
-    (RLConfig, "reward.timeout_s=.inf", "reward.timeout_s must be a finite number > 0, got inf"),
-    (RLConfig, "rollout.top_p=1.5", "rollout.top_p must be a finite number in (0, 1], got 1.5"),
-    (RLConfig, "data.task.test_share=1", "data.task.test_share must be a finite number in (0, 1), got 1.0"),
+    (RLRunConfig, "learner.cpus_per_rank=-1", "learner.cpus_per_rank must be a finite number >= 0, got -1.0"),
+    (RLRunConfig, "rollout.cpus_per_worker=-1", "rollout.cpus_per_worker must be a finite number >= 0, got -1.0"),
+    (RLRunConfig, "reward.actor_cpus=-0.5", "reward.actor_cpus must be a finite number >= 0, got -0.5"),
+    (RLRunConfig, "rollout.temperature=.nan", "rollout.temperature must be a finite number >= 0, got nan"),
+    (RLRunConfig, "reward.timeout_s=nan", "reward.timeout_s must be a finite number > 0, got nan"),
+    (RLRunConfig, "reward.timeout_s=.inf", "reward.timeout_s must be a finite number > 0, got inf"),
+    (RLRunConfig, "rollout.top_p=1.5", "rollout.top_p must be a finite number in (0, 1], got 1.5"),
+    (RLRunConfig, "data.task.test_share=1", "data.task.test_share must be a finite number in (0, 1), got 1.0"),
     (PipelineConfig, "data.train_size=-5", "data.train_size must be an integer >= 1, got -5"),
     (PipelineConfig, "eval.checker_timeout_s=nan", "eval.checker_timeout_s must be a finite number > 0, got nan"),
     (PipelineConfig, "rl.grpo.kl_coef=-1", "rl.grpo.kl_coef must be a finite number >= 0, got -1.0"),

@@ -10,10 +10,10 @@ import pytest
 from cluster.cli import main
 from cluster.config import load_config
 from rewards.checker import AnswerChecker, Verdict
-from rollout.datagen.rewrite import RewriteConfig
-from rollout.datagen.rules import RuleRewriter
-from rollout.datagen.stage1 import Stage1Config, run_stage1, validate_step
-from rollout.datagen.trace import (
+from rl.datagen.rewrite import RewriteConfig
+from rl.datagen.rules import RuleRewriter
+from rl.datagen.stage1 import Stage1Config, run_stage1, validate_step
+from rl.datagen.trace import (
     BlockPlan, Reject, Rejection, Trace, assemble, split_steps, trace_from_record,
 )
 from rollout.format import is_valid, parse
@@ -182,16 +182,19 @@ def test_cli_config_errors_and_keys(tmp_path, capsys):
     assert "cannot read" in capsys.readouterr().err
     assert main(["datagen", "stage1", "rewriter=rule"]) == 2
     assert "needs 'input' and 'out'" in capsys.readouterr().err
-    assert main(["datagen", "stage2", "--keys"]) == 0
+    assert main(["datagen", "stage2", "--show-config"]) == 0
     assert "rollout.max_tokens" in capsys.readouterr().out
+    assert main(["datagen", "stage2", "--keys"]) == 0  # deprecated alias
+    out = capsys.readouterr()
+    assert "rollout.max_tokens" in out.out and "deprecated" in out.err
     assert main(["datagen", "stage1", "-c", str(ROOT / "experiments/datagen_stage1_teacher.yaml"),
-                 "teacher.concurrency=2", "--show-config"]) == 0
+                 "teacher.concurrency=2", "--print-config"]) == 0
     assert "concurrency: 2" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("name", ["datagen_stage1_rule.yaml", "datagen_stage1_teacher.yaml", "datagen_stage2_tiny.yaml"])
 def test_experiment_configs_load(name):
-    from rollout.datagen.stage2 import Stage2Config
+    from rl.datagen.stage2 import Stage2Config
 
     cfg = load_config(Stage2Config if "stage2" in name else Stage1Config, ROOT / "experiments" / name)
     assert cfg.out and (cfg.input if "stage1" in name else cfg.prompts and cfg.model)

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from cluster.cli import main
-from rollout.datagen.teacher import (
+from rl.datagen.teacher import (
     TeacherCallError, TeacherClient, TeacherConfig, TeacherConfigError, redact_url, url_secrets,
 )
 

@@ -20,8 +20,8 @@ import httpx
 import pytest
 
 from rewards.checker import AnswerChecker
-from rollout.datagen.stage1 import STEPS, Stage1Config, make_rewriter, run_stage1, summary
-from rollout.datagen.teacher import TeacherConfig
+from rl.datagen.stage1 import STEPS, Stage1Config, make_rewriter, run_stage1, summary
+from rl.datagen.teacher import TeacherConfig
 from rollout.task import TaskConfig, make_dataset
 
 pytestmark = pytest.mark.integration

@@ -12,7 +12,7 @@ import pytest
 from cluster.cli import main
 from rewards.checker import AnswerChecker
 from rollout.config import RolloutConfig
-from rollout.datagen.stage2 import Stage2Config, run_stage2, summary
+from rl.datagen.stage2 import Stage2Config, run_stage2, summary
 from rollout.engine import LENGTH, STOP, Completion
 from rollout.orchestrator import generate
 from rollout.task import TaskConfig, make_dataset

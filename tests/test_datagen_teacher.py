@@ -14,12 +14,12 @@ import httpx
 import pytest
 
 from rewards.checker import AnswerChecker
-from rollout.datagen.rewrite import PROMPTS, RewriteConfig, TeacherRewriter, parse_json_object
-from rollout.datagen.stage1 import Stage1Config, make_rewriter, process, run_stage1
-from rollout.datagen.teacher import (
+from rl.datagen.rewrite import PROMPTS, RewriteConfig, TeacherRewriter, parse_json_object
+from rl.datagen.stage1 import Stage1Config, make_rewriter, process, run_stage1
+from rl.datagen.teacher import (
     CallCache, TeacherCallError, TeacherClient, TeacherConfig, TeacherConfigError, cache_key,
 )
-from rollout.datagen.trace import Reject
+from rl.datagen.trace import Reject
 from rollout.format import is_valid
 
 FIXTURES = json.loads((Path(__file__).parent / "fixtures" / "datagen" / "teacher_cases.json").read_text())

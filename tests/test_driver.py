@@ -1,7 +1,7 @@
 """The P-GRPO driver: prompt order, config checks, and end-to-end runs on Ray with the tiny model.
 
 The integration tests share one local Ray instance, one rollout pool (one vLLM
-engine) and one reward pool across runs (``train(..., services=...)``); each
+engine) and one reward pool across runs (``run_rl(..., services=...)``); each
 run starts its own DeepSpeed learner. The untrained tiny model never answers
 correctly, so the runs reward format validity instead (``format_penalty=1``;
 random output often contains a stray tag token): rewards then differ within
@@ -31,7 +31,8 @@ import socket
 
 import pytest
 
-from rl.driver import PromptState, PromptStream, RLConfig, roles, step_seed
+from cluster.cmd_rl import RLRunConfig, roles
+from rl.driver import PromptState, PromptStream, step_seed
 from rollout.ray_init import start_ray
 
 
@@ -53,10 +54,10 @@ def test_config_requires_groups_and_lists_roles():
     from cluster.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match="rollout.n"):
-        load_config(RLConfig, None, ["rollout.n=1"])
+        load_config(RLRunConfig, None, ["rollout.n=1"])
     with pytest.raises(ConfigError, match="eval.modes"):
-        load_config(RLConfig, None, ["rollout.n=4", "eval.modes=[beam]"])
-    cfg = load_config(RLConfig, None, ["grpo.kl_coef=0.1", "rollout.n=4", "rollout.workers=2", "learner.ranks=2"])
+        load_config(RLRunConfig, None, ["rollout.n=4", "eval.modes=[beam]"])
+    cfg = load_config(RLRunConfig, None, ["grpo.kl_coef=0.1", "rollout.n=4", "rollout.workers=2", "learner.ranks=2"])
     assert [(r.name, r.count) for r in roles(cfg)] == [("rollout worker", 2), ("reward actor", 2),
                                                       ("learner rank", 2), ("reference model", 1)]
 
@@ -69,14 +70,14 @@ def test_experiment_configs_load():
     files = sorted(Path("experiments").glob("rl_*.yaml"))
     assert files, "no experiments/rl_*.yaml"
     for f in files:
-        cfg = load_config(RLConfig, f)
+        cfg = load_config(RLRunConfig, f)
         assert cfg.rollout.n >= 2
 
 
 def test_batch_metrics_by_hand():
     from types import SimpleNamespace as T
 
-    from rl.driver import learner_metrics, trajectory_metrics
+    from rl.metrics import learner_metrics, trajectory_metrics
 
     trajectories = [T(n_blocks=1, threads_per_block=[3], eta=0.4, L_crit=60, L_total=100, speedup=100 / 60,
                       finish_reason="eos"),
@@ -120,7 +121,7 @@ def test_ray_plan_refuses_what_the_cluster_cannot_hold():
 # --------------------------------------------------------------------------- integration
 
 
-def _config(tmp_path, run: str, model_dir, **kw) -> RLConfig:
+def _config(tmp_path, run: str, model_dir, **kw) -> RLRunConfig:
     from cluster.config import load_config
 
     overrides = [
@@ -133,18 +134,19 @@ def _config(tmp_path, run: str, model_dir, **kw) -> RLConfig:
         "eval.at_start=false", "eval.every=0", "eval.at_end=false", "eval.prompts=2", "tracking.experiment=test",
     ]
     overrides += [f"{k}={v}" for k, v in kw.items()]
-    return load_config(RLConfig, None, overrides)
+    return load_config(RLRunConfig, None, overrides)
 
 
 @pytest.fixture(scope="module")
 def services(tiny_model_dir, tmp_path_factory):
     import ray
 
-    from rl.driver import start_services, stop_services
+    from rl.services import start_services, stop_services
 
     start_ray(None, num_cpus=4, include_dashboard=False)  # as the commands start it
     try:
-        svc = start_services(_config(tmp_path_factory.mktemp("svc"), "x", tiny_model_dir), tiny_model_dir)
+        cfg = _config(tmp_path_factory.mktemp("svc"), "x", tiny_model_dir)
+        svc = start_services(cfg.rollout, cfg.reward, cfg.grpo, cfg.learner, tiny_model_dir)
         yield svc
         stop_services(svc)
     finally:
@@ -196,7 +198,8 @@ def test_faults_worker_killed_tracking_down_driver_killed_and_resumed(services, 
     from mlflow import MlflowClient
 
     from cluster.tracking import metric_table
-    from rl.driver import Stop, train
+    from cluster.cmd_rl import run_rl as train
+    from rl.checkpoint import Stop
 
     # --- "full": a rollout worker dies mid-rollout, MLflow is unreachable
     with socket.socket() as s:

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from cluster.evaluate import (
-    BenchEvalConfig, Sample, evaluate, histogram, main_table, parse_data_arg, problem_speedups, read_benchmark,
-    report_markdown,
-)
+from cluster.evaluate import BenchEvalConfig, parse_data_arg, read_benchmark
+from cluster.report import histogram, main_table, report_markdown
 from rewards.checker import Verdict
+from rl.evaluation import Sample, problem_speedups
+from rl.evaluation import evaluate_benchmark as evaluate
 from rollout.orchestrator import Trajectory
 from rollout.units import replay
 
@@ -173,8 +173,8 @@ def test_eval_cli_reports_parallel_and_sequential_side_by_side(taught_model, tmp
     bench = tmp_path / "taught.jsonl"
     bench.write_text("".join(json.dumps({"question": q, "answer": int(a)}) + "\n" for q, a, _ in TAUGHT))
     out = tmp_path / "eval"
-    rc = main(["eval", "--model", str(taught_model), "--data", f"rote={bench}", "--max-tokens", "160",
-               "--max-context", "512", "--max-thread-tokens", "48", "--out", str(out), "--pages", "2"])
+    rc = main(["eval", f"model={taught_model}", f"data=[rote={bench}]", "max_tokens=160",
+               "max_context=512", "max_thread_tokens=48", f"out={out}", "pages=2"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "| rote acc (avg@1) |" in printed

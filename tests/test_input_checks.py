@@ -73,18 +73,17 @@ def test_generate_refuses_limit_and_output_before_starting_anything(tmp_path, ca
     prompts = prompts_file(tmp_path)
     out = tmp_path / "o.jsonl"
     out.write_text("earlier results\n")
-    base = ["generate", "--model", str(fake_model), "--prompts", str(prompts), "--out", str(out)]
-    refused(capsys, base + ["--limit", "0"], "--limit must be an integer >= 1, got 0")
-    refused(capsys, base + ["--limit", "-3"], "--limit must be an integer >= 1, got -3")
-    refused(capsys, base + ["--temperature", "nan"], "temperature must be a finite number >= 0, got nan")
-    refused(capsys, base + ["--cpus-per-worker", "-1"], "cpus_per_worker must be a finite number >= 0, got -1.0")
+    base = ["generate", f"model={fake_model}", f"prompts={prompts}", f"out={out}"]
+    refused(capsys, base + ["limit=0"], "limit must be an integer >= 1, got 0")
+    refused(capsys, base + ["limit=-3"], "limit must be an integer >= 1, got -3")
+    refused(capsys, base + ["rollout.temperature=nan"], "temperature must be a finite number >= 0, got nan")
+    refused(capsys, base + ["rollout.cpus_per_worker=-1"], "cpus_per_worker must be a finite number >= 0, got -1.0")
     assert out.read_text() == "earlier results\n"  # never truncated
-    refused(capsys, ["generate", "--model", str(fake_model), "--prompts", str(prompts), "--out",
-                     str(blocked / "o.jsonl")], f"cannot write --out {blocked / 'o.jsonl'}: {blocked} is a file")
-    refused(capsys, ["generate", "--model", str(fake_model), "--prompts", str(prompts), "--out", str(tmp_path)],
-            "is a folder")
-    refused(capsys, ["generate", "--model", str(tmp_path / "none"), "--prompts", str(prompts), "--out", str(out)],
-            f"--model {tmp_path / 'none'} does not exist")
+    refused(capsys, ["generate", f"model={fake_model}", f"prompts={prompts}", f"out={blocked / 'o.jsonl'}"],
+            f"cannot write out {blocked / 'o.jsonl'}: {blocked} is a file")
+    refused(capsys, ["generate", f"model={fake_model}", f"prompts={prompts}", f"out={tmp_path}"], "is a folder")
+    refused(capsys, ["generate", f"model={tmp_path / 'none'}", f"prompts={prompts}", f"out={out}"],
+            f"model {tmp_path / 'none'} does not exist")
 
 
 # --------------------------------------------------------------------------- eval
@@ -95,7 +94,7 @@ def test_eval_refuses_names_that_leave_the_output_folder(tmp_path, capsys, nothi
     bench.write_text('{"problem": "2*3", "answer": "6"}\n')
     out = tmp_path / "out"
     for name in ("sub/x", "../x", "..", "", "a\\b"):
-        refused(capsys, ["eval", "--model", str(fake_model), "--data", f"{name}={bench}", "--out", str(out)],
+        refused(capsys, ["eval", f"model={fake_model}", f"data=['{name}={bench}']", f"out={out}"],
                 "must be a plain name")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.jsonl", "model"]  # nothing written, out not made
 
@@ -104,14 +103,14 @@ def test_eval_refuses_bad_options_and_outputs_before_starting_anything(tmp_path,
                                                                        fake_model, blocked):
     bench = tmp_path / "b.jsonl"
     bench.write_text('{"problem": "2*3", "answer": "6"}\n')
-    base = ["eval", "--model", str(fake_model), "--data", f"tiny={bench}"]
-    refused(capsys, base + ["--limit", "0"], "limit must be an integer >= 1, got 0")
-    refused(capsys, base + ["-k", "0"], "k must be an integer >= 1, got 0")
-    refused(capsys, base + ["--temperature", "nan"], "temperature must be a finite number >= 0, got nan")
-    refused(capsys, base + ["--pages", "-1"], "pages must be an integer >= 0, got -1")
-    refused(capsys, base + ["--out", str(blocked / "out")], f"{blocked} is a file, not a folder")
-    refused(capsys, base + ["--baseline-model", str(tmp_path)], f"baseline model {tmp_path} holds no config.json")
-    refused(capsys, ["eval", "--model", str(fake_model), "--data", f"a={bench}", "--data", f"a={bench}"],
+    base = ["eval", f"model={fake_model}", f"data=[tiny={bench}]"]
+    refused(capsys, base + ["limit=0"], "limit must be an integer >= 1, got 0")
+    refused(capsys, base + ["k=0"], "k must be an integer >= 1, got 0")
+    refused(capsys, base + ["temperature=nan"], "temperature must be a finite number >= 0, got nan")
+    refused(capsys, base + ["pages=-1"], "pages must be an integer >= 0, got -1")
+    refused(capsys, base + [f"out={blocked / 'out'}"], f"{blocked} is a file, not a folder")
+    refused(capsys, base + [f"baseline_model={tmp_path}"], f"baseline model {tmp_path} holds no config.json")
+    refused(capsys, ["eval", f"model={fake_model}", f"data=[a={bench}, a={bench}]"],
             "benchmark names repeat")
 
 
@@ -163,7 +162,7 @@ def test_sft_refuses_missing_inputs_before_starting_anything(tmp_path, capsys, n
             f"cannot write run_dir {blocked / 'run'}")
     refused(capsys, ["sft", *ok, "learner.lr=-1"], "learner.lr must be a finite number > 0, got -1.0")
     fake_checkpoint(run_dir)
-    refused(capsys, ["sft", *ok, f"model.path={fake_model}"], "already holds checkpoints; pass resume=auto")
+    refused(capsys, ["sft", *ok, f"model.path={fake_model}"], "already holds checkpoints; pass --resume (resume=auto)")
     assert not (run_dir / "config.yaml").exists()
 
 
@@ -243,27 +242,32 @@ def test_make_data_init_model_demo_and_bench_refuse_bad_values(tmp_path, capsys,
 def test_run_refuses_a_bad_size_before_ray_and_mlflow(tmp_path, capsys, nothing_starts):
     yaml_file = str(ROOT / "experiments/pipeline_tiny.yaml")
     run_dir = tmp_path / "run"
-    refused(capsys, ["run", yaml_file, "--set", "data.train_size=-5", "--set", f"run_dir={run_dir}"],
+    refused(capsys, ["run", "--config", yaml_file, "data.train_size=-5", f"run_dir={run_dir}"],
             "data.train_size must be an integer >= 1, got -5")
-    refused(capsys, ["run", yaml_file, "--set", "rl.learner.cpus_per_rank=-1", "--set", f"run_dir={run_dir}"],
+    refused(capsys, ["run", "--config", yaml_file, "rl.learner.cpus_per_rank=-1", f"run_dir={run_dir}"],
             "rl.learner.cpus_per_rank must be a finite number >= 0, got -1.0")
-    refused(capsys, ["run", yaml_file, "--set", "eval.data=[../x=b.jsonl]", "--set", f"run_dir={run_dir}"],
+    refused(capsys, ["run", "--config", yaml_file, "eval.data=[../x=b.jsonl]", f"run_dir={run_dir}"],
             "benchmark name '../x' must be a plain name")
     assert not run_dir.exists()
     run_dir.mkdir()
     (run_dir / "pipeline.json").write_text('{"stages": {"data": {"dir": "x"')
-    refused(capsys, ["run", yaml_file, "--set", f"run_dir={run_dir}", "--set", "reuse=true"],
+    refused(capsys, ["run", "--config", yaml_file, f"run_dir={run_dir}", "--resume"],
             "pipeline.json is not valid JSON")
     (run_dir / "pipeline.json").write_text(json.dumps({"stages": {"data": {"dir": str(tmp_path / "gone")}}}))
-    refused(capsys, ["run", yaml_file, "--set", f"run_dir={run_dir}", "--set", "reuse=true"],
+    refused(capsys, ["run", "--config", yaml_file, f"run_dir={run_dir}", "reuse=true"],
             "records stage data as finished, but its output")
+    # the older form still works (--set is a deprecated alias), with a warning per deprecated part
+    assert main(["run", yaml_file, "--set", "data.train_size=-5", "--set", f"run_dir={run_dir}"]) == 2
+    err = capsys.readouterr().err
+    assert "deprecated: name the pipeline YAML with --config" in err and "deprecated: --set" in err
+    assert "data.train_size must be an integer >= 1, got -5" in err
 
 
 def test_a_failed_stage_is_never_recorded_as_finished(tmp_path, monkeypatch):
     from cluster.config import load_config
     from cluster.pipeline import PipelineConfig, run_pipeline
 
-    monkeypatch.setattr("cluster.ray_setup.init_ray", lambda *a, **k: False)
+    monkeypatch.setattr("cluster.pipeline.init_ray", lambda *a, **k: False)
 
     def data_stage(cfg, stage_dir, runs):
         stage_dir.mkdir()

@@ -33,6 +33,9 @@ def test_stage_config_applies_the_wiring_last_and_keeps_the_section(tmp_path):
     assert sft.steps == 7 and sft.data.layout == "sequential" and sft.run_dir == str(tmp_path / "s")
     assert sft.learner.lr == cfg.sft.learner.lr and sft.tokens_per_step == cfg.sft.tokens_per_step
     assert "layout: parallel" in (tmp_path / "s" / "stage_config.yaml").read_text()  # the section as given
+    wired = stage_config(SFTConfig, cfg.sft, tmp_path / "w" / "stage_config.yaml", ["steps=7", "data.generate=true"],
+                         {"data.generate": False, "data.dir": "x: y"})  # typed values, never parsed as YAML
+    assert wired.steps == 7 and wired.data.generate is False and wired.data.dir == "x: y"
 
 
 def test_bad_stage_overrides_are_refused_before_anything_runs():
@@ -60,7 +63,7 @@ def test_a_used_run_dir_is_refused_unless_reuse_and_an_unfinished_stage_is_kept_
     def stop(*args, **kwargs):
         raise Stop()
 
-    monkeypatch.setattr("cluster.ray_setup.init_ray", stop)  # stop right after the checks
+    monkeypatch.setattr("cluster.pipeline.init_ray", stop)  # stop right after the checks
     (tmp_path / "sft_parallel" / "kept.txt").write_text("x")
     (tmp_path / "sft_parallel.incomplete-1").mkdir()
     with pytest.raises(Stop):

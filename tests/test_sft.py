@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from rl.sft_data import StreamState, TrieStream, build_tries, response_units
-from rl.sft_eval import judge, summarize
+from rewards.checker import Verdict
+from rl.evaluation import judge, summarize
 from rl.trie import build_trie
 from rollout.ray_init import start_ray
 from rollout.task import TaskConfig, make_dataset
@@ -73,15 +74,17 @@ def test_a_sequential_share_flattens_the_same_records_every_time(tokenizer):
 
 def _trajectory(text, reason="eos", n_blocks=0):
     return SimpleNamespace(prompt_index=0, text=text, finish_reason=reason, L_total=10, L_crit=6, eta=0.4,
-                           speedup=10 / 6, n_blocks=n_blocks)
+                           speedup=10 / 6, n_blocks=n_blocks, units=None)
 
 
 class _IntChecker:
     def check(self, pred, gold):
-        return SimpleNamespace(correct=int(pred) == int(gold))
+        return Verdict(int(pred) == int(gold), False, "number", 0.0)
 
 
 def test_judge_scores_answer_format_and_parallelism():
+    """The shared definitions (``rl.evaluation``): a cut response is incorrect, and format-valid when its text
+    breaks no rule (EOS is not required); finish reasons are ``finish/<reason>``."""
     parallel = ("<think>\n<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n<Outline>2: b</Outline>\n</Outlines>\n"
                 "<Thread>\n1: x\n</Thread>\n<Thread>\n2: y\n</Thread>\n</Parallel>\nz\n</think>\n\n\\boxed{12}")
     good = judge(_trajectory(parallel, n_blocks=1), "12", _IntChecker())
@@ -89,7 +92,7 @@ def test_judge_scores_answer_format_and_parallelism():
     wrong = judge(_trajectory(parallel.replace("{12}", "{13}"), n_blocks=1), "12", _IntChecker())
     assert not wrong.correct and wrong.parallel_valid
     cut = judge(_trajectory(parallel, reason="budget", n_blocks=1), "12", _IntChecker())
-    assert not cut.format_valid and not cut.parallel_valid and not cut.correct  # an answer before the cut: not done
+    assert cut.format_valid and cut.parallel_valid and not cut.correct  # an answer before the cut: not done
     broken = judge(_trajectory(parallel.replace("<Outline>2: b", "<Outline>3: b"), n_blocks=1), "12", _IntChecker())
     assert not broken.format_valid
     seq = judge(_trajectory("<think>\nz\n</think>\n\n\\boxed{12}"), "12", _IntChecker())
@@ -97,8 +100,9 @@ def test_judge_scores_answer_format_and_parallelism():
     none = judge(_trajectory("<think>\nz\n</think>\n\nno answer"), "12", _IntChecker())
     assert not none.correct and none.predicted is None
     s = summarize([good, wrong, cut, seq])
-    assert s["accuracy"] == 0.5 and s["parallel_valid"] == 0.5 and s["format_valid"] == 0.75
-    assert s["finish_eos"] == 0.75 and s["L_crit"] == 6 and s["prompts"] == 4
+    assert s["accuracy"] == 0.5 and s["parallel_valid"] == 0.75 and s["format_valid"] == 1.0
+    assert s["finish/eos"] == 0.75 and s["finish/budget"] == 0.25 and s["finish/error"] == 0.0
+    assert s["L_crit"] == 6 and s["prompts"] == 4 and s["activation"] == 0.75
 
 
 # --------------------------------------------------------------------------- integration
@@ -220,4 +224,4 @@ def test_sft_checkpoint_loads_in_vllm_with_the_learner_logprobs(full_run, tiny_m
 
     assert [r.index for r in decoded] == [0, 1, 2] and metrics["prompts"] == 3
     assert all(r.L_total > 0 and r.answer == rec["answer"] for r, rec in zip(decoded, records))
-    assert sum(v for k, v in metrics.items() if k.startswith("finish_")) == pytest.approx(1.0)
+    assert sum(v for k, v in metrics.items() if k.startswith("finish/")) == pytest.approx(1.0)

@@ -3,10 +3,10 @@
 For every input record (a JSONL line with ``prompt``, ``answer`` and a
 sequential response in ``response_field``, reasoning inside ``<think>``):
 
-0. read the trace (:func:`rollout.datagen.trace.trace_from_record`);
-1-4. rewrite it with a :class:`~rollout.datagen.trace.Rewriter`: the teacher
-   (:class:`~rollout.datagen.rewrite.TeacherRewriter`) or the rule-based one
-   for the synthetic task (:class:`~rollout.datagen.rules.RuleRewriter`);
+0. read the trace (:func:`rl.datagen.trace.trace_from_record`);
+1-4. rewrite it with a :class:`~rl.datagen.trace.Rewriter`: the teacher
+   (:class:`~rl.datagen.rewrite.TeacherRewriter`) or the rule-based one
+   for the synthetic task (:class:`~rl.datagen.rules.RuleRewriter`);
 5. **validate** (:func:`validate_step`): the response must be format-valid
    (``rollout.format.validate``), hold at least one block, and its final
    ``\\boxed{}`` answer must still match the reference (``rewards.answer`` and
@@ -46,10 +46,10 @@ from typing import Literal, Protocol
 from rewards.answer import extract_answer
 from rewards.checker import Verdict
 from rollout.config import check_ranges
-from rollout.datagen.rewrite import RewriteConfig, TeacherRewriter
-from rollout.datagen.rules import RuleRewriter
-from rollout.datagen.teacher import TeacherClient, TeacherConfig, redact_url
-from rollout.datagen.trace import STEPS, Reject, Rejection, Rewriter, Trace, trace_from_record
+from rl.datagen.rewrite import RewriteConfig, TeacherRewriter
+from rl.datagen.rules import RuleRewriter
+from rl.datagen.teacher import TeacherClient, TeacherConfig, redact_url
+from rl.datagen.trace import STEPS, Reject, Rejection, Rewriter, Trace, trace_from_record
 from rollout.files import atomic_write, write_text
 from rollout.format import PARALLEL_OPEN, validate
 

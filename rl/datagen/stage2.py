@@ -41,7 +41,7 @@ from typing import Callable, Literal, Sequence
 
 from rewards.answer import extract_answer
 from rollout.config import RolloutConfig, check_ranges
-from rollout.datagen.stage1 import Checker, config_hash, read_records, sidecar
+from rl.datagen.stage1 import Checker, config_hash, read_records, sidecar
 from rollout.files import atomic_write, write_text
 from rollout.format import validate
 from rollout.orchestrator import Trajectory

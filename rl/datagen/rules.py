@@ -9,7 +9,7 @@ products and their sums``) followed by running-sum lines. The rules:
 4. **outline**: ``a*b``, the product's factors, which the prompt states.
 
 The choices then go through the same checks as the teacher's
-(:mod:`rollout.datagen.rewrite`), so both rewriters obey one set of rules. On
+(:mod:`rl.datagen.rewrite`), so both rewriters obey one set of rules. On
 the task's own data the result is the task's reference parallel response,
 character for character.
 """
@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import re
 
-from rollout.datagen.rewrite import RewriteConfig, check_cuts, check_outlines, check_runs, check_texts
-from rollout.datagen.trace import Reject, Rejection, Trace, assemble, split_steps
+from rl.datagen.rewrite import RewriteConfig, check_cuts, check_outlines, check_runs, check_texts
+from rl.datagen.trace import Reject, Rejection, Trace, assemble, split_steps
 
 _PRODUCT_RE = re.compile(r"^(\d+)\*(\d+): ")
 

@@ -84,7 +84,7 @@ class Rewriter(Protocol):
     """Steps 1-4 of stage 1: a sequential trace to a parallel response, or a rejection.
 
     ``rewrite`` returns the response text (step 5, validation, is run on it by
-    :func:`rollout.datagen.stage1.run_stage1`), or a :class:`Rejection`. It
+    :func:`rl.datagen.stage1.run_stage1`), or a :class:`Rejection`. It
     must not raise on bad model output; it may raise on infrastructure or
     configuration errors (which stop the run).
     """

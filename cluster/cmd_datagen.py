@@ -1,4 +1,4 @@
-"""Generate parallel training data: ``threadweaver datagen stage1|stage2 [-c CONFIG.yaml ...] [key=value ...]``.
+"""Generate parallel training data: ``threadweaver datagen stage1|stage2 [--config FILE ...] [key=value ...]``.
 
 stage1  rewrite sequential traces into parallel ones (a teacher LLM behind an
         OpenAI-compatible endpoint, or the synthetic task's rules), validate
@@ -7,9 +7,11 @@ stage2  sample parallel trajectories from a model with the spawn/join
         orchestrator on Ray rollout workers, keep the format-valid, correct
         ones (optionally with eta >= min_eta).
 
-The configuration is typed: defaults, then YAML files (``-c``, merged in
-order), then dotted ``key=value`` overrides (``teacher.model=Qwen/Qwen3-8B``,
-``rollout.n=4``). ``--keys`` lists every key with its type, default and help.
+The configuration is typed: defaults, then YAML files (``--config``/``-c``,
+merged in order), then dotted ``key=value`` overrides
+(``teacher.model=Qwen/Qwen3-8B``, ``rollout.n=4``). ``--show-config`` lists
+every key with its type, default and help (``--keys``: the same, deprecated);
+``--print-config`` prints the resolved config.
 Both stages write ``out`` (records with ``prompt``, ``answer``, ``response``
 and ``provenance``, readable by ``threadweaver check`` and the SFT stage),
 ``<stem>.rejected.jsonl`` and ``<stem>.stats.json``, and print kept/total and
@@ -24,6 +26,16 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cluster.command import add_config_arguments, resolve
+from rewards.checker import AnswerChecker
+from rl.datagen.stage1 import Stage1Config, make_rewriter, read_records, run_stage1
+from rl.datagen.stage1 import summary as stage1_summary
+from rl.datagen.stage2 import Stage2Config, check_prompt_records, pool_sampler, run_stage2
+from rl.datagen.stage2 import summary as stage2_summary
+from rl.datagen.teacher import TeacherConfigError
+from rollout.config import set_runtime_defaults
+from rollout.files import check_model_dir, check_output_file
+
 STAGES = ("stage1", "stage2")
 
 
@@ -37,52 +49,28 @@ def stage_parser(stage: str) -> argparse.ArgumentParser:
     """Options of one stage; parsed with ``parse_intermixed_args`` so options and overrides mix freely."""
     p = argparse.ArgumentParser(prog=f"threadweaver datagen {stage}",
                                 description=_config_class(stage).__doc__,
-                                epilog="--keys lists every key; example configs: experiments/datagen_*.yaml")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    p.add_argument("-c", "--config", action="append", default=[], metavar="YAML",
-                   help="config file (repeatable; later files win)")
-    p.add_argument("--keys", action="store_true", help="list the stage's config keys and exit")
-    p.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
+                                epilog="--show-config lists every key; example configs: experiments/datagen_*.yaml")
+    add_config_arguments(p, "teacher.model=Qwen/Qwen3-8B rollout.n=4")
+    p.add_argument("--keys", action="store_true", help="deprecated: the same as --show-config")
     return p
 
 
 def _config_class(stage: str):
-    if stage == "stage1":
-        from rollout.datagen.stage1 import Stage1Config
-
-        return Stage1Config
-    from rollout.datagen.stage2 import Stage2Config
-
-    return Stage2Config
+    return Stage1Config if stage == "stage1" else Stage2Config
 
 
 def run(args: argparse.Namespace) -> int:
-    from cluster.config import ConfigError, describe, load_config, to_dict
-
-    cls = _config_class(args.stage)
     opts = stage_parser(args.stage).parse_intermixed_args(args.rest)
     if opts.keys:
-        print(describe(cls))
-        return 0
-    try:
-        cfg = load_config(cls, opts.config, opts.overrides)
-    except ConfigError as e:
-        print(f"threadweaver datagen {args.stage}: {e}", file=sys.stderr)
-        return 2
-    if opts.show_config:
-        import yaml
-
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
-        return 0
+        print("threadweaver datagen: deprecated: --keys; use --show-config", file=sys.stderr)
+        opts.show_config = True
+    cfg, code = resolve(_config_class(args.stage), opts, f"datagen {args.stage}")
+    if cfg is None:
+        return code
     return _stage1(cfg) if args.stage == "stage1" else _stage2(cfg)
 
 
 def _stage1(cfg) -> int:
-    from rewards.checker import AnswerChecker
-    from rollout.datagen.stage1 import make_rewriter, read_records, run_stage1, summary
-    from rollout.datagen.teacher import TeacherConfigError
-    from rollout.files import check_output_file
-
     try:  # the input and the output before the teacher is called
         if not cfg.input or not cfg.out:
             raise ValueError("stage 1 needs 'input' and 'out'")
@@ -101,17 +89,11 @@ def _stage1(cfg) -> int:
     finally:
         if client is not None:
             client.close()
-    print(summary(result.stats))
+    print(stage1_summary(result.stats))
     return 0
 
 
 def _stage2(cfg) -> int:
-    from rewards.checker import AnswerChecker
-    from rollout.config import set_runtime_defaults
-    from rollout.datagen.stage1 import read_records
-    from rollout.datagen.stage2 import check_prompt_records, pool_sampler, run_stage2, summary
-    from rollout.files import check_model_dir, check_output_file
-
     set_runtime_defaults()
     try:  # the model, the prompts and the output before Ray and the engines start
         check_model_dir(cfg.model, "model")
@@ -119,7 +101,7 @@ def _stage2(cfg) -> int:
             raise ValueError("stage 2 needs 'prompts' and 'out'")
         check_prompt_records(read_records(cfg.prompts, cfg.limit), cfg.prompts)
         check_output_file(cfg.out, "out")
-        from rollout.tiny import load_tokenizer
+        from rollout.tiny import load_tokenizer  # lazy: transformers takes seconds to import
 
         tokenizer = load_tokenizer(cfg.model)
     except (OSError, ValueError) as e:
@@ -131,5 +113,5 @@ def _stage2(cfg) -> int:
             result = run_stage2(cfg, sample, tokenizer, checker)
     finally:
         close()
-    print(summary(result.stats))
+    print(stage2_summary(result.stats))
     return 0

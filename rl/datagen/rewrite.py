@@ -24,9 +24,9 @@ object (:data:`PROMPTS`); its answer is checked before the next question:
    follow from the context; single digits are exempt from the latter).
 
 A reply that is not one JSON object, lacks the key, or fails a check drops the
-trace with a :class:`~rollout.datagen.trace.Rejection` naming the step, a code
+trace with a :class:`~rl.datagen.trace.Rejection` naming the step, a code
 and the reason. The checks are plain functions, also applied to the rule-based
-rewriter's choices (:mod:`rollout.datagen.rules`).
+rewriter's choices (:mod:`rl.datagen.rules`).
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ import re
 from dataclasses import dataclass, field
 
 from rollout.config import check_ranges
-from rollout.datagen.teacher import TeacherCallError, TeacherClient
-from rollout.datagen.trace import (
+from rl.datagen.teacher import TeacherCallError, TeacherClient
+from rl.datagen.trace import (
     BlockPlan, Reject, Rejection, StepUnit, Trace, assemble, separator, split_steps, thread_source,
 )
 from rollout.format import ALL_TAGS, thread_references

@@ -1,0 +1,59 @@
+"""The one command style of every subcommand that has a config:
+``threadweaver CMD [--config FILE] [key.sub=value ...] [--show-config] [--print-config] [--resume]``.
+
+* ``--config FILE`` (repeatable, later files win; ``-c`` is the same) then
+  dotted ``key=value`` overrides, both checked by ``cluster.config.load_config``:
+  an unknown key anywhere is an error naming the nearest valid key, before
+  anything starts;
+* ``--show-config`` lists every key with its type, default and help;
+* ``--print-config`` prints the resolved config as YAML and exits;
+* ``--resume`` (commands whose runs can resume) is the override ``resume=auto``
+  (for ``run``: ``reuse=true``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TypeVar
+
+import yaml
+
+from cluster.config import ConfigError, describe, load_config, to_dict
+
+T = TypeVar("T")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, example: str, resume: str | None = None) -> None:
+    """The config options (see module doc); ``example`` shows overrides, ``resume`` the meaning of --resume."""
+    g = parser.add_argument_group("configuration")
+    g.add_argument("--config", "-c", action="append", default=[], metavar="FILE",
+                   help="YAML config (repeat to merge several, later ones win)")
+    g.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help=f"dotted overrides of config keys, e.g. {example}")
+    g.add_argument("--show-config", action="store_true",
+                   help="list every config key with its type, default and help, and exit")
+    g.add_argument("--print-config", action="store_true", help="print the resolved config (YAML) and exit")
+    if resume is not None:
+        g.add_argument("--resume", action="store_true", help=resume)
+
+
+def resolve(cls: type[T], args: argparse.Namespace, prog: str, resume_override: str = "resume=auto",
+            extra_overrides: list[str] = ()) -> tuple[T | None, int | None]:
+    """``(config, None)`` to go on, or ``(None, exit code)``: 0 after ``--show-config``/``--print-config``,
+    2 (one line on stderr) for a bad config."""
+    if args.show_config:
+        print(describe(cls))
+        return None, 0
+    overrides = list(extra_overrides) + list(args.overrides)
+    if getattr(args, "resume", False):
+        overrides.append(resume_override)
+    try:
+        cfg = load_config(cls, args.config, overrides)
+    except (ConfigError, ValueError, OSError) as e:
+        print(f"threadweaver {prog}: {e}", file=sys.stderr)
+        return None, 2
+    if args.print_config:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return None, 0
+    return cfg, None

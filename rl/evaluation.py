@@ -1,0 +1,276 @@
+"""Evaluation of a model's decoded trajectories: one module, one meaning per measure, used by the SFT stage's
+held-out evaluation (``rl.sft_eval``), the P-GRPO held-out evaluation (:func:`evaluate_heldout`) and
+``threadweaver eval`` (:func:`evaluate_benchmark`, rendered by ``cluster.report``).
+
+Definitions (per trajectory, from ``rewards.score.score``):
+
+* ``correct`` (its mean is ``accuracy``): the last ``\\boxed{}`` after
+  ``</think>`` matches the reference (``rewards.answer`` finds it,
+  ``rewards.checker`` decides); a response cut by a limit is incorrect unless
+  ``reward.reward_cut_responses``;
+* ``format_valid``: ``rollout.format.validate`` finds no broken rule in the
+  text. EOS is **not** required: a response cut by a limit can be
+  format-valid; cut responses are counted apart (``cut``, ``finish/<reason>``);
+* ``parallel_valid``: format-valid and holding at least one block;
+  ``activation``: the share holding at least one block (valid or not);
+* ``L_total``, ``L_crit``, ``eta``, ``speedup`` (= ``L_total / L_crit``):
+  model-generated tokens (``rollout.units.latency``);
+* ``finish/<reason>``: the share of trajectories that ended for each reason
+  of ``rollout.orchestrator.FINISH_REASONS``.
+
+Across modes (benchmarks): the per-problem speedup is ``mean L_crit(sequential
+samples) / mean L_crit(parallel samples)``.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+from rewards.config import RewardConfig
+from rewards.score import RewardItem, ScoreRecord, score, score_many
+from rl.metrics import finish_shares, mean, trajectory_metrics
+from rollout.config import RolloutConfig
+from rollout.files import atomic_write
+
+MODES = ("parallel", "sequential")
+
+
+# --------------------------------------------------------------------------- one trajectory (SFT)
+
+
+@dataclass
+class EvalRecord:
+    """One decoded validation prompt, judged (see the module doc for each field's meaning)."""
+
+    index: int
+    answer: str
+    predicted: str | None
+    correct: bool
+    format_valid: bool
+    parallel_valid: bool
+    finish_reason: str
+    L_total: int
+    L_crit: int
+    eta: float
+    speedup: float
+    n_blocks: int
+    text: str
+
+
+def judge(trajectory, answer: str, checker, reward_cfg: RewardConfig | None = None) -> EvalRecord:
+    """Score one trajectory against its reference ``answer`` (``checker``: ``rewards.checker.AnswerChecker``)."""
+    rec: ScoreRecord = score(RewardItem(trajectory.text, answer, trajectory.units, trajectory.finish_reason),
+                             reward_cfg or RewardConfig(), checker)
+    return EvalRecord(
+        index=trajectory.prompt_index, answer=answer, predicted=rec.extracted_answer, correct=bool(rec.correct),
+        format_valid=rec.format_valid, parallel_valid=rec.format_valid and trajectory.n_blocks > 0,
+        finish_reason=trajectory.finish_reason, L_total=trajectory.L_total, L_crit=trajectory.L_crit,
+        eta=trajectory.eta, speedup=trajectory.speedup, n_blocks=trajectory.n_blocks, text=trajectory.text,
+    )
+
+
+def summarize(records: Sequence[EvalRecord]) -> dict[str, float]:
+    """Means of judged records: ``accuracy``, ``format_valid``, ..., ``activation``, ``prompts`` and
+    ``finish/<reason>``."""
+    out = {k: mean([float(getattr(r, k)) for r in records])
+           for k in ("correct", "format_valid", "parallel_valid", "L_total", "L_crit", "eta", "speedup", "n_blocks")}
+    out["accuracy"] = out.pop("correct")
+    out["activation"] = mean([float(r.n_blocks > 0) for r in records])
+    out["prompts"] = float(len(records))
+    out.update(finish_shares([r.finish_reason for r in records], ""))
+    return out
+
+
+# --------------------------------------------------------------------------- held-out evaluation during RL
+
+
+def records_file(run_dir: Path, step: int) -> Path:
+    """Where an evaluation at ``step`` writes its decoded trajectories."""
+    return run_dir / "eval" / f"step_{step:08d}.jsonl"
+
+
+def evaluate_heldout(rollout: RolloutConfig, modes: Sequence[str], rollouts, reward_pool,
+                     prompts: list[list[int]], answers: list[str], step: int,
+                     run_dir: Path) -> tuple[dict[str, float], Path]:
+    """Greedy decoding of the held-out prompts in each mode; metrics ``eval/<mode>/...`` and the records file."""
+    metrics: dict[str, float] = {}
+    start = time.perf_counter()
+    out = records_file(run_dir, step)
+    with atomic_write(out) as f:
+        for mode in modes:
+            rc = replace(rollout, temperature=0.0, n=1, sequential=mode == "sequential", seed=0)
+            t0 = time.perf_counter()
+            trajectories = rollouts.generate(prompts, rc)
+            decode_s = time.perf_counter() - t0
+            scores = reward_pool.score_batch([RewardItem(t.text, answers[t.prompt_index], t.units, t.finish_reason)
+                                              for t in trajectories])
+            m = trajectory_metrics(trajectories, scores, f"eval/{mode}/")
+            m[f"eval/{mode}/accuracy"] = m.pop(f"eval/{mode}/correct")
+            m[f"eval/{mode}/decode_s"] = decode_s
+            metrics.update(m)
+            for t, s in zip(trajectories, scores):
+                f.write(json.dumps({"step": step, "mode": mode, "index": t.prompt_index,
+                                    "answer": answers[t.prompt_index], "text": t.text,
+                                    "finish_reason": t.finish_reason, "L_total": t.L_total, "L_crit": t.L_crit,
+                                    "eta": t.eta, "n_blocks": t.n_blocks, **s.to_dict()}) + "\n")
+    if "eval/parallel/L_crit" in metrics and "eval/sequential/L_total" in metrics:
+        metrics["eval/crit_over_sequential"] = metrics["eval/parallel/L_crit"] / metrics["eval/sequential/L_total"]
+    metrics["eval/seconds"] = time.perf_counter() - start
+    return metrics, out
+
+
+# --------------------------------------------------------------------------- benchmarks (threadweaver eval)
+
+
+@dataclass
+class Sample:
+    """One scored sample."""
+
+    problem: int
+    sample: int
+    correct: bool
+    format_valid: bool
+    L_total: int
+    L_crit: int
+    n_blocks: int
+    latency_s: float
+    finish_reason: str
+
+
+@dataclass
+class ModeSummary:
+    """Means over all samples of one decoding mode (wall-clock: mean over problems)."""
+
+    mode: str
+    model: str
+    samples: int
+    problems: int
+    accuracy: float
+    L_total: float
+    L_crit: float
+    activation: float
+    format_valid: float
+    wall_s: float
+    self_speedup: float  # mean L_total / L_crit of the samples
+
+
+@dataclass
+class BenchmarkReport:
+    """Everything measured on one benchmark; ``speedups*`` hold one value per problem."""
+
+    name: str
+    k: int
+    latency: str
+    parallel: ModeSummary
+    sequential: ModeSummary
+    speedups: list[float]
+    speedups_correct: list[float]
+    speedup: float
+    speedup_median: float
+    speedup_correct: float | None
+    wall_speedup: float  # mean over problems of sequential wall time / parallel wall time
+    undefined: int  # problems left out of the speedups because a mean L_crit was 0
+
+    def metrics(self) -> dict[str, float]:
+        """Flat ``eval/NAME/...`` metrics for MLflow (None values left out)."""
+        out: dict[str, float] = {}
+        for s in (self.parallel, self.sequential):
+            for key in ("accuracy", "L_total", "L_crit", "activation", "format_valid", "wall_s", "self_speedup"):
+                out[f"eval/{self.name}/{s.mode}/{key}"] = getattr(s, key)
+        for key in ("speedup", "speedup_median", "speedup_correct", "wall_speedup"):
+            if getattr(self, key) is not None:
+                out[f"eval/{self.name}/{key}"] = getattr(self, key)
+        return out
+
+
+def to_samples(trajectories: Sequence[Any], scores: Sequence[Any]) -> list[Sample]:
+    """Pair trajectories with their ``ScoreRecord``s."""
+    if len(trajectories) != len(scores):
+        raise ValueError(f"{len(scores)} scores for {len(trajectories)} trajectories")
+    return [Sample(t.prompt_index, t.sample_index, bool(s.correct), bool(s.format_valid), t.L_total, t.L_crit,
+                   t.n_blocks, t.latency_s, t.finish_reason) for t, s in zip(trajectories, scores)]
+
+
+def summarize_mode(mode: str, model: str, samples: Sequence[Sample]) -> ModeSummary:
+    by_problem: dict[int, list[Sample]] = {}
+    for s in samples:
+        by_problem.setdefault(s.problem, []).append(s)
+    return ModeSummary(
+        mode=mode, model=model, samples=len(samples), problems=len(by_problem),
+        accuracy=mean([float(s.correct) for s in samples]), L_total=mean([s.L_total for s in samples]),
+        L_crit=mean([s.L_crit for s in samples]), activation=mean([float(s.n_blocks > 0) for s in samples]),
+        format_valid=mean([float(s.format_valid) for s in samples]),
+        wall_s=mean([max(s.latency_s for s in group) for group in by_problem.values()]),
+        self_speedup=mean([s.L_total / s.L_crit for s in samples if s.L_crit > 0]),
+    )
+
+
+def problem_speedups(parallel: Sequence[Sample], sequential: Sequence[Sample], correct_only: bool
+                     ) -> tuple[dict[int, float], int]:
+    """Per problem ``mean L_crit(sequential) / mean L_crit(parallel)``; and how many problems had a zero mean.
+
+    With ``correct_only`` only correct samples count, and problems without a
+    correct sample in either mode are left out (not counted as undefined).
+    """
+    def group(samples: Sequence[Sample]) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {}
+        for s in samples:
+            if s.correct or not correct_only:
+                out.setdefault(s.problem, []).append(s.L_crit)
+        return out
+
+    par, seq = group(parallel), group(sequential)
+    ratios, undefined = {}, 0
+    for p in sorted(set(par) & set(seq)):
+        crit = mean(par[p])
+        if crit <= 0:
+            undefined += 1
+            continue
+        ratios[p] = mean(seq[p]) / crit
+    return ratios, undefined
+
+
+def evaluate_benchmark(parallel: Sequence[Any], sequential: Sequence[Any], answers: Sequence[str], checker,
+                       reward_cfg: RewardConfig | None = None, name: str = "benchmark", latency: str = "isolated",
+                       models: tuple[str, str] = ("parallel", "sequential baseline")
+                       ) -> tuple[BenchmarkReport, dict[str, list]]:
+    """Score both modes' trajectories against ``answers`` (by ``prompt_index``) and measure them.
+
+    ``checker`` has ``check(pred, gold) -> Verdict`` (``rewards.checker.AnswerChecker``).
+    Returns the report and the ``ScoreRecord``s of each mode, in trajectory order.
+    """
+    cfg = reward_cfg or RewardConfig()
+    scores = {}
+    samples = {}
+    for mode, trajectories in (("parallel", parallel), ("sequential", sequential)):
+        if not trajectories:
+            raise ValueError(f"no {mode} trajectories")
+        scores[mode] = score_many([RewardItem(t.text, answers[t.prompt_index], t.units, t.finish_reason)
+                                   for t in trajectories], cfg, checker)  # an unscorable one: incorrect, warned
+        samples[mode] = to_samples(trajectories, scores[mode])
+    ks = {len([s for s in samples["parallel"] if s.problem == p]) for p in {s.problem for s in samples["parallel"]}}
+    ratios, undefined = problem_speedups(samples["parallel"], samples["sequential"], correct_only=False)
+    correct_ratios, _ = problem_speedups(samples["parallel"], samples["sequential"], correct_only=True)
+    par_summary = summarize_mode("parallel", models[0], samples["parallel"])
+    seq_summary = summarize_mode("sequential", models[1], samples["sequential"])
+    wall = {}
+    for mode in MODES:
+        for s in samples[mode]:
+            wall.setdefault(mode, {}).setdefault(s.problem, []).append(s.latency_s)
+    wall_ratios = [max(wall["sequential"][p]) / max(wall["parallel"][p]) for p in wall["parallel"]
+                   if p in wall["sequential"] and max(wall["parallel"][p]) > 0]
+    report = BenchmarkReport(
+        name=name, k=max(ks), latency=latency, parallel=par_summary, sequential=seq_summary,
+        speedups=[ratios[p] for p in sorted(ratios)],
+        speedups_correct=[correct_ratios[p] for p in sorted(correct_ratios)],
+        speedup=mean(list(ratios.values())),
+        speedup_median=statistics.median(ratios.values()) if ratios else float("nan"),
+        speedup_correct=mean(list(correct_ratios.values())) if correct_ratios else None,
+        wall_speedup=mean(wall_ratios), undefined=undefined,
+    )
+    return report, scores

@@ -1,0 +1,120 @@
+"""The long-lived actors of a P-GRPO run besides the learner, and the rollout pool's recovery.
+
+:class:`Services` holds the rollout pool (``rollout.workers.RolloutPool``),
+the reward pool (``rewards.service.RewardPool``) and, with a KL term, the
+reference-model actor. :class:`Rollouts` wraps the rollout pool: a worker
+that dies (or whose vLLM engine dies) during a rollout or a weight sync makes
+it rebuild the pool, load the learner's current weights into it and redo the
+call, at most ``max_restarts`` times per call. Everything here needs a started
+Ray; Ray itself is imported lazily (it takes seconds to import, and the
+unit tests of the modules that import this one need none of it).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from rewards.config import RewardConfig
+from rl.grpo import GRPOConfig, ReferenceModel
+from rl.learner import LearnerConfig
+from rollout.config import RolloutConfig
+from rollout.workers import RolloutPool
+
+
+@dataclass
+class Services:
+    """The long-lived actors besides the learner: rollout pool, reward pool, optional reference model.
+
+    Passed to ``rl.driver.train`` by tests and sweeps that reuse engines across
+    runs; the driver then does not shut them down (it may replace a dead
+    rollout pool).
+    """
+
+    rollout: object
+    rewards: object
+    reference: object | None = None
+
+    def reference_logprobs(self, rows):
+        """The reference model's log-probabilities of ``rows`` (one tensor per row)."""
+        import ray
+
+        return ray.get(self.reference.logprobs.remote(rows))
+
+
+def start_services(rollout: RolloutConfig, reward: RewardConfig, grpo: GRPOConfig, learner: LearnerConfig,
+                   model_dir: str | Path) -> Services:
+    """Start the reward pool, the rollout pool on ``model_dir`` and (with a KL term) the reference model."""
+    import ray
+
+    from rewards.service import RewardPool
+
+    rewards = RewardPool(reward)
+    pool = RolloutPool(model_dir, rollout)
+    reference = None
+    if grpo.kl_coef > 0:
+        lc = learner
+        reference = ray.remote(ReferenceModel).options(num_cpus=lc.cpus_per_rank, num_gpus=lc.gpus_per_rank).remote(
+            str(model_dir), lc.attention, lc.threads_per_rank or max(1, int(lc.cpus_per_rank)),
+            "cuda" if lc.on_gpu else "cpu", lc.dtype)
+    rewards.wait_ready()
+    return Services(pool, rewards, reference)
+
+
+def stop_services(services: Services) -> None:
+    import ray
+
+    for what in ("rollout", "rewards"):
+        try:
+            obj = getattr(services, what)
+            obj.shutdown() if what == "rollout" else obj.close()
+        except Exception as e:  # noqa: BLE001 - best effort at teardown, reported
+            print(f"rl: could not stop the {what} service cleanly: {type(e).__name__}: {e}", file=sys.stderr)
+    if services.reference is not None:
+        ray.kill(services.reference)
+
+
+def rollout_died(e: BaseException) -> bool:
+    """A dead rollout worker actor, or a worker whose vLLM engine died."""
+    from ray.exceptions import RayActorError, RayTaskError
+
+    if isinstance(e, RayActorError):
+        return True
+    return isinstance(e, RayTaskError) and "EngineDead" in type(getattr(e, "cause", None)).__name__
+
+
+class Rollouts:
+    """The rollout pool with recovery: a dead worker rebuilds the pool, loads the current weights, retries."""
+
+    def __init__(self, services: Services, model_dir: str | Path, cfg: RolloutConfig, max_restarts: int,
+                 weights: Callable[[], dict]):
+        self.services, self.model_dir, self.cfg = services, str(model_dir), cfg
+        self.max_restarts, self.weights = max_restarts, weights
+        self.restarts = 0
+
+    def _call(self, what: str, fn):
+        for attempt in range(self.max_restarts + 1):
+            try:
+                return fn(self.services.rollout)
+            except Exception as e:  # noqa: BLE001 - only a dead worker is retried, the rest re-raised
+                if not rollout_died(e) or attempt == self.max_restarts:
+                    raise
+                print(f"rl: a rollout worker died during {what} ({type(e).__name__}); rebuilding the rollout pool "
+                      f"(restart {attempt + 1} of at most {self.max_restarts} this step)", file=sys.stderr,
+                      flush=True)
+                try:
+                    self.services.rollout.shutdown()
+                except Exception:  # noqa: BLE001 - the dead worker cannot answer; the others were killed
+                    pass
+                self.services.rollout = RolloutPool(self.model_dir, self.cfg)
+                self.services.rollout.update_weights(self.weights())
+                self.restarts += 1
+        raise AssertionError("unreachable")
+
+    def generate(self, prompts: Sequence[Sequence[int]], config: RolloutConfig):
+        return self._call("a rollout", lambda pool: pool.generate(prompts, config=config))
+
+    def update_weights(self, state_dict: dict):
+        return self._call("a weight sync", lambda pool: pool.update_weights(state_dict))
