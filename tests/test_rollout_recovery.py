@@ -1,5 +1,5 @@
 """Rollout recovery without Ray: which errors count as a dead rollout worker, how the driver's
-:class:`rl.driver.Rollouts` rebuilds the pool (current weights first, then the retry), when it gives
+:class:`rl.services.Rollouts` rebuilds the pool (current weights first, then the retry), when it gives
 up, and the orchestrator aborting the vLLM engine's requests in flight when the engine raises.
 
 The pools are fakes that record what they were asked, in order, in one shared log; the Ray and vLLM
@@ -16,7 +16,7 @@ import pytest
 from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
-from rl.driver import Rollouts, Services, _rollout_died
+from rl.services import Rollouts, Services, rollout_died
 from rollout.config import RolloutConfig
 from rollout.engine import VLLMEngine
 from rollout.orchestrator import generate
@@ -39,7 +39,7 @@ def task_error(cause: BaseException) -> RayTaskError:
     lambda: RayTaskError("generate", "tb", EngineDeadError()),  # the plain wrapper, not the dual class
 ], ids=["actor_error", "actor_died", "engine_dead", "engine_dead_plain_wrapper"])
 def test_a_dead_worker_or_engine_counts_as_died(make):
-    assert _rollout_died(make()) is True
+    assert rollout_died(make()) is True
 
 
 @pytest.mark.parametrize("make", [
@@ -49,7 +49,7 @@ def test_a_dead_worker_or_engine_counts_as_died(make):
     lambda: task_error(RuntimeError("EngineDeadError mentioned in a message only")),
 ], ids=["driver_error", "config_error_in_worker", "engine_generate_error", "name_in_message"])
 def test_other_errors_do_not_count_as_died(make):
-    assert _rollout_died(make()) is False
+    assert rollout_died(make()) is False
 
 
 # --------------------------------------------------------------------------- Rollouts with fake pools
@@ -112,7 +112,7 @@ def make_rollouts(monkeypatch, script, max_restarts=3, shutdown_error=None):
     pools = FakePools(script, shutdown_error)
     first = pools("model-dir", CFG)
     pools.log.clear()
-    monkeypatch.setattr("rollout.workers.RolloutPool", pools)
+    monkeypatch.setattr("rl.services.RolloutPool", pools)
     calls = []
 
     def weights():

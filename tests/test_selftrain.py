@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import ray
 
-import rollout.datagen.stage2 as stage2
+import rl.datagen.stage2 as stage2
 from cluster.config import load_config
 from cluster.pipeline import PipelineConfig, Runs, _stage_selftrain, run_pipeline
 from rollout.config import RolloutConfig
-from rollout.datagen.stage2 import Stage2Config, pool_sampler
+from rl.datagen.stage2 import Stage2Config, pool_sampler
 from rollout.engine import LENGTH, STOP, Completion
 from rollout.orchestrator import generate
 from rollout.task import TaskConfig, make_dataset
@@ -206,8 +206,8 @@ def setup(tmp_path, monkeypatch):
         return {"checkpoint": str(tmp_path / "selftrained"), "eval": {"accuracy": 1.0}, "steps": sft_cfg.steps,
                 "train_s": 0.1, "tokens_seen": 10}
 
-    monkeypatch.setattr(stage2, "pool_sampler", fake_pool_sampler)
-    monkeypatch.setattr("rl.sft.train", fake_train)
+    monkeypatch.setattr("cluster.pipeline.pool_sampler", fake_pool_sampler)  # imported by name there
+    monkeypatch.setattr("cluster.pipeline.run_sft", lambda sft_cfg, **kw: fake_train(sft_cfg))  # no Ray, no checks
     seen["play"] = lambda question, response, answer: response  # every sample right and parallel
     return cfg, data, data_dir, model, seen
 
