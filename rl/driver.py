@@ -42,7 +42,8 @@ writer.
 Failures: a rollout worker that dies (or whose engine dies) during a
 rollout or a weight sync makes the driver rebuild the rollout pool, load the
 learner's current weights into it and redo that rollout or sync (at most
-``max_rollout_restarts`` times per step, :mod:`rl.services`); reward actors
+``max_rollout_restarts`` times per call: each rollout, weight sync or
+evaluation; :mod:`rl.services`); reward actors
 are replaced by the reward service itself; a dead learner or driver is
 recovered by resuming from the newest complete checkpoint (``--resume``;
 :mod:`rl.checkpoint` passes over a damaged one), which restores the step, the
@@ -158,7 +159,8 @@ class RLConfig:
         "help": "'auto': continue from RUN_DIR's newest checkpoint if any; a path: from that checkpoint; null: "
                 "start fresh (refused when RUN_DIR already has checkpoints)"})
     max_rollout_restarts: int = field(default=3, metadata={
-        "help": "rebuilds of the rollout pool allowed per step after a worker or engine died (count)", "range": ">= 0"})
+        "help": "rebuilds of the rollout pool allowed per call (a rollout, a weight sync, an evaluation) after a "
+                "worker or engine died (count)", "range": ">= 0"})
     data: RLDataConfig = field(default_factory=RLDataConfig, metadata={"help": "prompts"})
     rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={
         "help": "sampling (n = k samples per prompt, at least 2: set it) and rollout workers"})

@@ -69,6 +69,8 @@ def stop_services(services: Services) -> None:
     for what in ("rollout", "rewards"):
         try:
             obj = getattr(services, what)
+            if obj is None:  # a rollout pool whose last rebuild failed
+                continue
             obj.shutdown() if what == "rollout" else obj.close()
         except Exception as e:  # noqa: BLE001 - best effort at teardown, reported
             print(f"rl: could not stop the {what} service cleanly: {type(e).__name__}: {e}", file=sys.stderr)
@@ -95,23 +97,32 @@ class Rollouts:
         self.restarts = 0
 
     def _call(self, what: str, fn):
+        """``fn(pool)``; a death (during the call, or while a pool is rebuilt) rebuilds the pool and retries,
+        at most ``max_restarts`` times per call; any other error is raised at once."""
         for attempt in range(self.max_restarts + 1):
             try:
+                if self.services.rollout is None:  # the previous rebuild died: build it again
+                    self.services.rollout = RolloutPool(self.model_dir, self.cfg)
+                    self.services.rollout.update_weights(self.weights())
                 return fn(self.services.rollout)
             except Exception as e:  # noqa: BLE001 - only a dead worker is retried, the rest re-raised
                 if not rollout_died(e) or attempt == self.max_restarts:
                     raise
                 print(f"rl: a rollout worker died during {what} ({type(e).__name__}); rebuilding the rollout pool "
-                      f"(restart {attempt + 1} of at most {self.max_restarts} this step)", file=sys.stderr,
+                      f"(restart {attempt + 1} of at most {self.max_restarts} for this call)", file=sys.stderr,
                       flush=True)
-                try:
-                    self.services.rollout.shutdown()
-                except Exception:  # noqa: BLE001 - the dead worker cannot answer; the others were killed
-                    pass
-                self.services.rollout = RolloutPool(self.model_dir, self.cfg)
-                self.services.rollout.update_weights(self.weights())
+                self._discard_pool()
                 self.restarts += 1
         raise AssertionError("unreachable")
+
+    def _discard_pool(self) -> None:
+        """Shut the dead pool down (best effort) and forget it; the next attempt builds a new one."""
+        try:
+            if self.services.rollout is not None:
+                self.services.rollout.shutdown()
+        except Exception:  # noqa: BLE001 - the dead worker cannot answer; the others were killed
+            pass
+        self.services.rollout = None
 
     def generate(self, prompts: Sequence[Sequence[int]], config: RolloutConfig):
         return self._call("a rollout", lambda pool: pool.generate(prompts, config=config))

@@ -272,3 +272,27 @@ def test_the_engine_raising_aborts_every_request_in_flight_and_the_error_reaches
     assert fake.aborted == [fake.enqueued]  # once, with vLLM's own ids (counter plus suffix)
     assert not fake.unfinished
     assert engine.wait() == []  # nothing left in flight: the engine can be used (or shut down) cleanly
+
+
+def test_a_rebuilt_pool_that_dies_while_taking_the_weights_is_rebuilt_again(monkeypatch, capsys):
+    """The rebuild itself is inside the retry: pool 1 dies on its first weight load, pool 2 does the work."""
+    rollouts, pools, services, first = make_rollouts(monkeypatch, [[RayActorError()], [RayActorError()],
+                                                                   ["ok", "ok"]])
+    assert rollouts.generate(PROMPTS, CFG) == ("trajectories of pool", 2)
+    assert [e[:2] for e in pools.log] == [("generate", 0), ("shutdown", 0), ("new", 1), ("update_weights", 1),
+                                          ("shutdown", 1), ("new", 2), ("update_weights", 2), ("generate", 2)]
+    assert rollouts.restarts == 2 and services.rollout is pools.pools[2]
+    assert pools.log[6][2] == {"version": 2}  # the weights of that moment, taken again for the new pool
+
+
+def test_when_the_last_rebuild_dies_the_error_is_raised_and_no_dead_pool_is_kept(monkeypatch, capsys):
+    from rl.services import stop_services
+
+    rollouts, pools, services, first = make_rollouts(monkeypatch, [[RayActorError()], [RayActorError()]],
+                                                     max_restarts=1)
+    with pytest.raises(RayActorError):
+        rollouts.generate(PROMPTS, CFG)
+    assert services.rollout is pools.pools[1] and rollouts.restarts == 1
+    services.rewards = type("Rewards", (), {"close": lambda self: None})()
+    stop_services(services)  # shuts pool 1 down
+    assert pools.log[-1] == ("shutdown", 1)
