@@ -122,3 +122,70 @@ def test_the_reference_sees_rows_without_their_tries_and_its_logprobs_reach_the_
     assert len(seen) == 1 and seen[0].tries == [] and len(seen[0]) == 10  # both groups (a KL term)
     rows = learner.calls[0][0]
     assert isinstance(rows[0], RLRow) and rows[0].ref_logprob.tolist() == [-1.0] * len(rows[0])
+
+
+# --------------------------------------------------------------------------- the driver's step around rl_step
+
+
+class FakeRollouts:
+    """Returns the trajectories it is given and records weight syncs (``rl.services.Rollouts``'s interface)."""
+
+    def __init__(self, trajectories):
+        self.trajectories, self.synced, self.restarts = trajectories, [], 0
+
+    def generate(self, prompts, config):
+        for t in self.trajectories:
+            t.prompt_index, t.text = (0 if t.units[0].context_ids == PROMPT_A else 1), "text"
+        return self.trajectories
+
+    def update_weights(self, state_dict):
+        self.synced.append(state_dict)
+        return T(load_s=0.25)
+
+
+class FakeTracker:
+    run_id, uri = "run", "file:fake"
+
+    def __init__(self):
+        self.logged = []
+
+    def log_metrics(self, metrics, step):
+        self.logged.append((step, metrics))
+
+
+def driver_run(tmp_path, rewards: list[float]):
+    """A ``rl.driver.Run`` over fakes: two prompts, two samples each, the batch of ``batch_of_two_groups``."""
+    from collections import Counter
+
+    from rl.driver import PromptStream, RLConfig, Run
+    from rl.metrics_log import MetricsLog
+    from rollout.config import RolloutConfig
+
+    trajectories, _ = batch_of_two_groups()
+    learner = FakeLearner()
+    learner.state_dict = lambda: {"w": 1}
+    scored = [score(r) for r in rewards]
+    services = T(rewards=T(score_batch=lambda items: scored), reference=None)
+    cfg = RLConfig(model="m", run_dir=str(tmp_path), steps=1, prompts_per_step=2, rollout=RolloutConfig(n=2))
+    tokenizer = T()  # the prompts are not encoded: the fake rollouts ignore them
+    run = Run(cfg, FakeTracker(), learner, services, FakeRollouts(trajectories), PromptStream(2, 0), tokenizer,
+              [{"prompt": "a", "answer": "1"}, {"prompt": "b", "answer": "2"}], [], [], None, Counter(),
+              log=MetricsLog(tmp_path / "metrics.jsonl", None))
+    return run, learner
+
+
+def test_the_driver_step_learns_then_syncs_the_weights_once(tmp_path, monkeypatch):
+    monkeypatch.setattr("rl.driver.chat_prompt_ids", lambda tok, text: [ord(text)])
+    run, learner = driver_run(tmp_path, [1.0, 0.0, 1.0, 1.0])
+    m = run.train_step()
+    assert run.step == 1 and len(learner.calls) == 1 and run.rollouts.synced == [{"w": 1}]
+    assert m["time/sync_load_s"] == 0.25 and m["learner/skipped"] == 0.0
+    assert run.tracker.logged == [(1, m)] and run.totals["generated_tokens"] == 6
+
+
+def test_a_driver_step_without_signal_neither_learns_nor_syncs(tmp_path, monkeypatch):
+    monkeypatch.setattr("rl.driver.chat_prompt_ids", lambda tok, text: [ord(text)])
+    run, learner = driver_run(tmp_path, [1.0, 1.0, 0.0, 0.0])  # every group has equal rewards
+    m = run.train_step()
+    assert run.step == 1 and learner.calls == [] and run.rollouts.synced == []
+    assert m["learner/skipped"] == 1.0 and m["time/sync_load_s"] == 0.0 and m["adv/zero_groups"] == 1.0
