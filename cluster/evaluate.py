@@ -283,7 +283,7 @@ def run_benchmarks(cfg: BenchEvalConfig, tracker=None, models: tuple[str, str] |
         shutdown_llm(llm)
 
         reports = []
-        reward_cfg = RewardConfig(timeout_s=cfg.checker_timeout_s)
+        reward_cfg = RewardConfig(checker_timeout_s=cfg.checker_timeout_s)
         with AnswerChecker(cfg.checker_timeout_s, eager=False) as checker:
             for name, probs in problems.items():
                 report, scores = evaluate_benchmark(

@@ -383,7 +383,7 @@ def _stage_selftrain(cfg: PipelineConfig, stage_dir: Path, runs: Runs, data_dir:
     try:
         sample, close = pool_sampler(st_cfg)
         try:
-            with AnswerChecker(st_cfg.check_timeout_s, eager=False) as checker:
+            with AnswerChecker(st_cfg.checker_timeout_s, eager=False) as checker:
                 result = run_stage2(st_cfg, sample, load_tokenizer(model), checker)
         finally:
             close()

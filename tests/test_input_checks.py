@@ -217,7 +217,7 @@ def test_sweep_refuses_bad_values_and_used_point_folders_before_ray(tmp_path, ca
     base = ["sweep", f"rl_config=[{rl_yaml}]", f"run_dir={tmp_path / 'sweep'}", "tracking.enabled=false"]
     refused(capsys, base + ["rho=[0.5, -1]"], "rho[1] must be a finite number >= 0, got -1.0")
     refused(capsys, base + ["max_concurrent=0"], "max_concurrent must be an integer >= 1, got 0")
-    refused(capsys, base + ["overrides=[reward.timeout_s=nan]"], "reward.timeout_s must be a finite number > 0")
+    refused(capsys, base + ["overrides=[reward.checker_timeout_s=nan]"], "reward.checker_timeout_s must be a finite number > 0")
     fake_checkpoint(tmp_path / "sweep" / "p00_rho0.5_clip0.2_inc0")
     refused(capsys, base, "p00_rho0.5_clip0.2_inc0/checkpoints already holds checkpoints")
 
