@@ -76,12 +76,14 @@ def test_ray_is_configured_as_ray_address_in_every_command_that_starts_ray(capsy
 
 def test_eval_has_the_same_style(capsys, nothing_starts):
     assert main(["eval", "--show-config"]) == 0
-    assert any(line.split()[:1] == ["max_thread_tokens"] for line in capsys.readouterr().out.splitlines())
-    assert main(["eval", "model=m", "data=[tiny=t.jsonl]", "k=4", "--print-config"]) == 0
+    keys = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:] if line.strip()]
+    assert "rollout.max_thread_tokens" in keys and "max_thread_tokens" not in keys  # nested, not restated
+    assert main(["eval", "model=m", "data=[tiny=t.jsonl]", "rollout.n=4", "rollout.temperature=1",
+                 "--print-config"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["k"] == 4 and printed["data"] == ["tiny=t.jsonl"]
-    assert main(["eval", "model=m", "max_token=3"]) == 2
-    assert "did you mean 'max_tokens'" in capsys.readouterr().err
+    assert printed["rollout"]["n"] == 4 and printed["data"] == ["tiny=t.jsonl"]
+    assert main(["eval", "model=m", "rollout.max_token=3"]) == 2
+    assert "did you mean 'rollout.max_tokens'" in capsys.readouterr().err
 
 
 def test_generate_has_the_same_style_with_the_rollout_config_nested(capsys, nothing_starts):

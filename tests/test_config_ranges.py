@@ -109,8 +109,8 @@ def test_configs_built_in_memory_are_checked_too():
         LearnerConfig(lr=float("nan"))
     with pytest.raises(ValueError, match="checker_timeout_s must be a finite number > 0, got nan"):
         RewardConfig(checker_timeout_s=float("nan"))
-    with pytest.raises(ValueError, match="temperature must be a finite number >= 0, got -1.0"):
-        dataclasses.replace(BenchEvalConfig(), temperature=-1.0)
+    with pytest.raises(ValueError, match="pages must be an integer >= 0, got -1"):
+        dataclasses.replace(BenchEvalConfig(), pages=-1)
     with pytest.raises(ValueError, match="a_digits must be an integer in \\[1, 12\\], got 0"):
         TaskConfig(a_digits=0)
 
