@@ -119,3 +119,19 @@ def test_show_config_states_the_range():
     text = describe(LearnerConfig)
     assert "peak learning rate of AdamW (must be > 0)" in text
     assert "AdamW beta1 (must be in [0, 1))" in text
+
+
+def test_the_synthetic_task_fields_are_declared_once():
+    from cluster.pipeline import TaskDataConfig
+    from rl.driver import RLDataConfig
+    from rl.sft import DataConfig
+    from rl.sft_data import TaskData
+
+    shared = [f.name for f in dataclasses.fields(TaskData)]
+    assert shared == ["task", "train_size", "validation_size", "test_size", "seed"]
+    for cls in (RLDataConfig, DataConfig, TaskDataConfig):
+        assert issubclass(cls, TaskData) and {f.name for f in dataclasses.fields(cls)} >= set(shared)
+        assert cls(train_size=5, validation_size=2, test_size=3).sizes == {"train": 5, "validation": 2, "test": 3}
+    assert DataConfig(test_size=0).test_size == 0
+    with pytest.raises(ValueError, match="test_size must be an integer >= 1, got 0"):  # the pipeline tests on it
+        TaskDataConfig(test_size=0)
