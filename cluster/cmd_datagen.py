@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass, field
 
 from cluster.command import add_config_arguments, resolve
+from cluster.ray_setup import RayConfig, Role, init_ray
 from rewards.checker import AnswerChecker
 from rl.datagen.stage1 import Stage1Config, make_rewriter, read_records, run_stage1
 from rl.datagen.stage1 import summary as stage1_summary
@@ -37,6 +39,13 @@ from rollout.config import set_runtime_defaults
 from rollout.files import check_model_dir, check_output_file
 
 STAGES = ("stage1", "stage2")
+
+
+@dataclass
+class Stage2RunConfig(Stage2Config):
+    """Stage 2 of data generation, with the Ray it runs on."""
+
+    ray: RayConfig = field(default_factory=RayConfig, metadata={"help": "Ray"})
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,7 +65,7 @@ def stage_parser(stage: str) -> argparse.ArgumentParser:
 
 
 def _config_class(stage: str):
-    return Stage1Config if stage == "stage1" else Stage2Config
+    return Stage1Config if stage == "stage1" else Stage2RunConfig
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,7 +90,7 @@ def _stage1(cfg) -> int:
         print(f"threadweaver datagen stage1: {e}", file=sys.stderr)
         return 2
     try:
-        with AnswerChecker(cfg.check_timeout_s, eager=False) as checker:
+        with AnswerChecker(cfg.checker_timeout_s, eager=False) as checker:
             result = run_stage1(cfg, rewriter, checker, client=client)
     except (ValueError, TeacherConfigError) as e:
         print(f"threadweaver datagen stage1: {e}", file=sys.stderr)
@@ -107,11 +116,23 @@ def _stage2(cfg) -> int:
     except (OSError, ValueError) as e:
         print(f"threadweaver datagen stage2: {e}", file=sys.stderr)
         return 2
-    sample, close = pool_sampler(cfg)
+    import ray  # lazy: Ray takes seconds to import and --show-config needs none of it
+
+    rc = cfg.rollout
     try:
-        with AnswerChecker(cfg.check_timeout_s, eager=False) as checker:
-            result = run_stage2(cfg, sample, tokenizer, checker)
+        started = init_ray(cfg.ray, [Role("rollout worker", rc.workers, rc.cpus_per_worker, rc.gpus_per_worker)])
+    except RuntimeError as e:  # the workers do not fit the cluster
+        print(f"threadweaver datagen stage2: {e}", file=sys.stderr)
+        return 2
+    try:
+        sample, close = pool_sampler(cfg)
+        try:
+            with AnswerChecker(cfg.checker_timeout_s, eager=False) as checker:
+                result = run_stage2(cfg, sample, tokenizer, checker)
+        finally:
+            close()
     finally:
-        close()
+        if started:
+            ray.shutdown()
     print(stage2_summary(result.stats))
     return 0

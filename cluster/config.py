@@ -216,7 +216,7 @@ def _build(cls: type[T], data: Any, path: tuple[str, ...], ctx: _Context) -> T:
         if not f.init:
             continue
         if f.name in data:
-            kwargs[f.name] = _coerce(data[f.name], hints[f.name], path + (f.name,), ctx)
+            kwargs[f.name] = _coerce(_on_default(f, data[f.name]), hints[f.name], path + (f.name,), ctx)
         elif dataclasses.is_dataclass(_strip_optional(hints[f.name])) and _default(f) is _MISSING:
             kwargs[f.name] = _build(_strip_optional(hints[f.name]), {}, path + (f.name,), ctx)
         elif _default(f) is _MISSING:
@@ -229,6 +229,35 @@ def _build(cls: type[T], data: Any, path: tuple[str, ...], ctx: _Context) -> T:
         return cls(**kwargs)
     except (ValueError, TypeError) as e:  # a dataclass's own __post_init__ checks
         raise ConfigError(f"{where}: {e}") from None
+
+
+def _on_default(f: dataclasses.Field, value: Any) -> Any:
+    """A section given in part (a mapping) updates the field's own default section, key by key: a field whose
+    default is ``RolloutConfig(temperature=0.0)`` keeps that temperature when only ``max_tokens`` is set."""
+    if not isinstance(value, dict) or f.default_factory is dataclasses.MISSING:
+        return value
+    default = f.default_factory()
+    if not dataclasses.is_dataclass(default):
+        return value
+    try:
+        plain_default = to_dict(type(default)())
+    except (TypeError, ValueError):  # a section class without defaults of its own
+        plain_default = {}
+    merged = _differences(to_dict(default), plain_default)  # only what the field's default changes
+    _merge(merged, value)
+    return merged
+
+
+def _differences(ours: dict, theirs: dict) -> dict:
+    out = {}
+    for key, value in ours.items():
+        if isinstance(value, dict) and isinstance(theirs.get(key), dict):
+            sub = _differences(value, theirs[key])
+            if sub:
+                out[key] = sub
+        elif key not in theirs or theirs[key] != value:
+            out[key] = value
+    return out
 
 
 def _coerce(value: Any, tp: Any, path: tuple[str, ...], ctx: _Context) -> Any:
@@ -332,7 +361,7 @@ class FieldDoc:
 
 def field_docs(cls: type) -> list[FieldDoc]:
     """Every leaf key of dataclass ``cls`` (nested dataclasses expanded), in field order."""
-    return [FieldDoc(key, _type_name(tp), _default_text(f), _help_text(f)) for key, (f, tp) in _leaves(cls, ())]
+    return [FieldDoc(key, _type_name(tp), _default_text(cls, key), _help_text(f)) for key, (f, tp) in _leaves(cls, ())]
 
 
 def _help_text(f: dataclasses.Field) -> str:
@@ -369,11 +398,18 @@ def _leaves(cls: type, path: tuple[str, ...]) -> list[tuple[str, tuple[dataclass
     return out
 
 
-def _default_text(f: dataclasses.Field) -> str:
-    value = _default(f)
-    if value is _MISSING:
-        return "(required)"
-    return repr(plain(value))
+def _default_text(cls: type, key: str) -> str:
+    """The default of dotted ``key``: from the outermost section that has a default, so a section field whose
+    default is ``RolloutConfig(temperature=0.0)`` shows temperature 0.0."""
+    node: Any = _MISSING
+    for name in key.split("."):
+        if node is _MISSING:
+            f = next(f for f in dataclasses.fields(cls) if f.name == name)
+            node = _default(f)
+            cls = _strip_optional(_hints(cls)[name])
+        else:
+            node = getattr(node, name)
+    return "(required)" if node is _MISSING else repr(plain(node))
 
 
 # --------------------------------------------------------------------------- helpers

@@ -6,13 +6,14 @@ problem and an answer field; MATH500's ``problem``/``answer`` and AIME's
 
 1. wraps each problem in ``prompt_template`` and the tokenizer's chat
    template, and decodes ``k`` samples per problem with the spawn/join
-   orchestrator: the model in *parallel* mode, and the *sequential
-   baseline* (``baseline_model``, default the same model) with spawning off;
+   orchestrator (``rollout``: ``rollout.n`` samples, temperature, limits):
+   the model in *parallel* mode, and the *sequential baseline*
+   (``baseline_model``, default the same model) with spawning off;
 2. scores every sample with the reward code (``rewards.score``: the last
    ``\\boxed{}`` after ``</think>`` checked against the reference by the
    fast rules, then math-verify under a time limit);
 3. reports per mode: accuracy averaged over the k samples of every problem
-   (avg@k), mean ``L_total`` and ``L_crit`` (model-generated tokens),
+   (avg@k, k = ``rollout.n``), mean ``L_total`` and ``L_crit`` (model-generated tokens),
    activation ratio (share of samples with at least one parallel block),
    format validity, and the wall-clock latency per problem (the time until
    the last of its k samples finished);
@@ -39,7 +40,8 @@ model -- then a detailed table), ``speedup_hist.png``, ``summary.json``,
 run (``cluster.tracking``), or to the tracker the caller passes.
 
 Usage: ``threadweaver eval [--config FILE] model=DIR 'data=[NAME=FILE.jsonl]' [key=value ...]``
-(``k=4``, ``latency=batched``, ``dtype=bfloat16 enforce_eager=false`` on GPUs,
+(``rollout.n=4 rollout.temperature=1.0``, ``latency=batched``,
+``rollout.dtype=bfloat16 rollout.enforce_eager=false`` on GPUs,
 ``tracking.enabled=false``; ``--show-config`` lists every key).
 """
 
@@ -58,7 +60,7 @@ from cluster.report import histogram, main_table, report_markdown
 from cluster.tracking import TrackingConfig
 from rewards.config import RewardConfig
 from rl.evaluation import MODES, BenchmarkReport, evaluate_benchmark
-from rollout.config import check_ranges, set_runtime_defaults
+from rollout.config import RolloutConfig, check_ranges, set_runtime_defaults
 from rollout.files import atomic_write, check_model_dir, check_name, check_output_dir, write_text
 
 @dataclass
@@ -77,23 +79,12 @@ class BenchEvalConfig:
         "help": "user-turn text around the problem ('{problem}' is replaced), before the chat template"})
     limit: int | None = field(default=None, metadata={
         "help": "first LIMIT problems of each benchmark (null: all)", "range": ">= 1"})
-    k: int = field(default=1, metadata={
-        "help": "samples per problem; accuracy is averaged over them (avg@k)", "range": ">= 1"})
-    temperature: float | None = field(default=None, metadata={
-        "help": "sampling temperature (null: 0, greedy, when k is 1; else 1.0)", "range": ">= 0"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass", "range": "(0, 1]"})
-    seed: int = field(default=0, metadata={
-        "help": "base sampling seed (temperature > 0 only; greedy is unseeded)", "range": ">= 0"})
-    max_tokens: int = field(default=1024, metadata={
-        "help": "generated-token budget per sample (tokens)", "range": ">= 1"})
-    max_context: int = field(default=2048, metadata={
-        "help": "per-request context limit, engine length (tokens)", "range": ">= 1"})
-    max_thread_tokens: int = field(default=512, metadata={
-        "help": "length limit of one thread (tokens)", "range": ">= 1"})
-    max_threads: int = field(default=8, metadata={"help": "most threads in one block", "range": ">= 1"})
-    max_blocks: int = field(default=8, metadata={"help": "most parallel blocks per sample", "range": ">= 0"})
-    dtype: str = field(default="float32", metadata={"help": "engine dtype (float32 on CPU, bfloat16 on GPU)"})
-    enforce_eager: bool = field(default=True, metadata={"help": "skip torch.compile/CUDA graphs (CPU: true)"})
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(temperature=0.0, max_tokens=1024,
+                                                                           max_context=2048), metadata={
+        "help": "decoding of both modes: rollout.n samples per problem (accuracy is avg@n; n > 1 needs a "
+                "temperature > 0), sampling, limits, engine dtype and tensor parallelism; rollout.sequential is "
+                "set per mode, and the pool fields (workers, cpus/gpus_per_worker, weight_bucket_mb) are unused: "
+                "one engine runs in this process"})
     latency: Literal["isolated", "batched"] = field(default="isolated", metadata={
         "help": "isolated: decode each problem alone (true per-problem wall clock); batched: all at once (fast)"})
     checker_timeout_s: float = field(default=5.0, metadata={
@@ -116,17 +107,14 @@ class BenchEvalConfig:
             raise ValueError(f"latency must be 'isolated' or 'batched', got {self.latency!r}")
         if self.names is not None and len(self.names) != 2:
             raise ValueError(f"names must be [MODEL, BASELINE], got {self.names}")
+        if self.rollout.n > 1 and self.rollout.temperature == 0:
+            raise ValueError(f"rollout.n={self.rollout.n} greedy samples (rollout.temperature=0) would all be the "
+                             "same; set rollout.temperature (1.0 samples the model's distribution)")
 
-    def rollout_config(self, sequential: bool):
-        from rollout.config import RolloutConfig
-
-        temperature = self.temperature if self.temperature is not None else (0.0 if self.k == 1 else 1.0)
-        # Greedy decoding needs no seed.
-        return RolloutConfig(temperature=temperature, top_p=self.top_p, max_tokens=self.max_tokens,
-                             max_context=self.max_context, max_thread_tokens=self.max_thread_tokens,
-                             max_threads=self.max_threads, max_blocks=self.max_blocks, n=self.k,
-                             sequential=sequential, seed=None if temperature == 0 else self.seed, dtype=self.dtype,
-                             enforce_eager=self.enforce_eager)
+    def rollout_config(self, sequential: bool) -> RolloutConfig:
+        """The decoding of one mode: ``rollout`` with spawning on or off; greedy decoding is unseeded."""
+        return replace(self.rollout, sequential=sequential,
+                       seed=None if self.rollout.temperature == 0 else self.rollout.seed)
 
 
 # --------------------------------------------------------------------------- benchmarks
@@ -267,8 +255,10 @@ def run_benchmarks(cfg: BenchEvalConfig, tracker=None, models: tuple[str, str] |
                 if llm is not None:
                     shutdown_llm(llm)
                 t0 = time.perf_counter()
-                llm = make_llm(model_dir, max_model_len=cfg.max_context, seed=cfg.seed, dtype=cfg.dtype,
-                               enforce_eager=cfg.enforce_eager)
+                ro = cfg.rollout
+                llm = make_llm(model_dir, max_model_len=ro.max_context, seed=ro.seed if ro.seed is not None else 0,
+                               dtype=ro.dtype, tensor_parallel_size=ro.tensor_parallel_size,
+                               enforce_eager=ro.enforce_eager)
                 print(f"eval: engine on {model_dir} ready in {time.perf_counter() - t0:.0f} s", flush=True)
             tokenizer = load_tokenizer(model_dir)
             engine = VLLMEngine(llm)
@@ -283,7 +273,7 @@ def run_benchmarks(cfg: BenchEvalConfig, tracker=None, models: tuple[str, str] |
         shutdown_llm(llm)
 
         reports = []
-        reward_cfg = RewardConfig(timeout_s=cfg.checker_timeout_s)
+        reward_cfg = RewardConfig(checker_timeout_s=cfg.checker_timeout_s)
         with AnswerChecker(cfg.checker_timeout_s, eager=False) as checker:
             for name, probs in problems.items():
                 report, scores = evaluate_benchmark(
@@ -326,7 +316,8 @@ def write_report(reports: Sequence[BenchmarkReport], out: str | Path, tracker=No
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser, "model=runs/rl/final 'data=[math500=/data/math500.jsonl]' k=4 latency=batched")
+    add_config_arguments(parser, "model=runs/rl/final 'data=[math500=/data/math500.jsonl]' rollout.n=4 "
+                                 "rollout.temperature=1 latency=batched")
 
 
 def run(args: argparse.Namespace) -> int:

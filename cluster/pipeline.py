@@ -74,28 +74,21 @@ from rewards.checker import AnswerChecker
 from rl.datagen.stage2 import Stage2Config, pool_sampler, run_stage2
 from rl.metrics_log import read_records
 from rl.sft import SFTConfig
-from rl.sft_data import ensure_task_data
-from rollout.config import check_ranges, set_runtime_defaults
+from rl.sft_data import TaskData, ensure_task_data
+from rollout.config import set_runtime_defaults
 from rollout.units import latency, replay
 from rollout.files import check_model_dir, check_output_dir, write_text
-from rollout.task import TaskConfig
 
 STAGES = ("data", "sft_parallel", "sft_sequential", "selftrain", "rl_parallel", "rl_sequential", "eval")
 
 
 @dataclass
-class TaskDataConfig:
-    """The synthetic task the pipeline trains and tests on."""
+class TaskDataConfig(TaskData):
+    """The synthetic task the pipeline trains and tests on (:class:`rl.sft_data.TaskData`; its test split is the
+    evaluation's benchmark, so it holds at least one problem)."""
 
-    task: TaskConfig = field(default_factory=TaskConfig, metadata={"help": "difficulty knobs"})
-    train_size: int = field(default=20000, metadata={"help": "training problems (count)", "range": ">= 1"})
-    validation_size: int = field(default=200, metadata={"help": "validation problems (count)", "range": ">= 1"})
     test_size: int = field(default=200, metadata={
         "help": "test problems, the evaluation's benchmark (count)", "range": ">= 1"})
-    seed: int = field(default=0, metadata={"help": "seed of the problems", "range": ">= 0"})
-
-    def __post_init__(self) -> None:
-        check_ranges(self)
 
 
 @dataclass
@@ -332,7 +325,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
 def _stage_data(cfg: PipelineConfig, stage_dir: Path, runs: Runs) -> dict:
     d = cfg.data
-    sizes = {"train": d.train_size, "validation": d.validation_size, "test": d.test_size}
+    sizes = d.sizes
     tracker = runs.child("data", stage_dir, {**{f"task.{k}": v for k, v in asdict(d.task).items()},
                                              **{f"{k}_size": v for k, v in sizes.items()}, "seed": d.seed})
     try:
@@ -383,7 +376,7 @@ def _stage_selftrain(cfg: PipelineConfig, stage_dir: Path, runs: Runs, data_dir:
     try:
         sample, close = pool_sampler(st_cfg)
         try:
-            with AnswerChecker(st_cfg.check_timeout_s, eager=False) as checker:
+            with AnswerChecker(st_cfg.checker_timeout_s, eager=False) as checker:
                 result = run_stage2(st_cfg, sample, load_tokenizer(model), checker)
         finally:
             close()

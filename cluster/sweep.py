@@ -6,7 +6,8 @@ What it really does:
    exactly as ``threadweaver rl`` would) and expands the grid
    ``rho x clip x incorrect_reward`` into points; each point is that config
    with ``reward.preset`` off, the three weights set, the base config's
-   ``accel_form`` kept, and its own ``run_dir`` (``RUN_DIR/NAME``);
+   ``accel_form`` kept, and its own ``run_dir`` (``RUN_DIR/NAME``), made in
+   memory from the resolved base config (``cluster.config.with_values``);
 2. opens one parent MLflow run for the sweep, and runs every point as a Ray
    task (``cluster.cmd_rl.run_rl``), at most ``max_concurrent`` at once; a point's
    run is an MLflow child run of the sweep's (the tag ``mlflow.parentRunId``
@@ -86,14 +87,14 @@ class SweepConfig:
 
 @dataclass
 class Point:
-    """One grid point: its name, weights and the RL overrides that make it."""
+    """One grid point: its name, weights and the typed values (dotted RL-config keys) that make it."""
 
     index: int
     name: str
     rho: float
     clip: float
     incorrect_reward: float
-    overrides: list[str]
+    values: dict[str, Any]
 
 
 @dataclass
@@ -112,36 +113,56 @@ def _num(x: float) -> str:
     return f"{x:g}"
 
 
-def grid(cfg: SweepConfig, tracking_uri: str | None, base_accel_form: str) -> list[Point]:
-    """The points of the grid, in ``rho``-major order, each with its full list of RL overrides."""
+def grid(cfg: SweepConfig, tracking_uri: str | None) -> list[Point]:
+    """The points of the grid, in ``rho``-major order, each with the values it sets in the base RL config.
+
+    ``reward.preset`` goes first, off: a preset's weights are already resolved into the base config's fields
+    (``accel_form`` among them), so they stay, and the point's own weights may then differ from the preset's.
+    """
     points = []
     for i, (rho, clip, bad) in enumerate(itertools.product(cfg.rho, cfg.clip, cfg.incorrect_reward)):
         name = f"p{i:02d}_rho{_num(rho)}_clip{_num(clip)}_inc{_num(bad)}"
-        overrides = list(cfg.overrides) + [
-            "reward.preset=null", f"reward.rho={rho}", f"reward.clip={clip}", f"reward.incorrect_reward={bad}",
-            f"reward.accel_form={base_accel_form}", f"run_dir={Path(cfg.run_dir) / name}",
-            f"tracking.experiment={cfg.tracking.experiment}", f"tracking.run_name={name}",
-            f"tracking.enabled={'true' if cfg.tracking.enabled else 'false'}"]
+        values: dict[str, Any] = {
+            "reward.preset": None, "reward.rho": rho, "reward.clip": clip, "reward.incorrect_reward": bad,
+            "run_dir": str(Path(cfg.run_dir) / name), "tracking.experiment": cfg.tracking.experiment,
+            "tracking.run_name": name, "tracking.enabled": cfg.tracking.enabled}
         if tracking_uri is not None:
-            overrides.append(f"tracking.uri={tracking_uri}")
-        points.append(Point(i, name, rho, clip, bad, overrides))
+            values["tracking.uri"] = tracking_uri
+        points.append(Point(i, name, rho, clip, bad, values))
     return points
 
 
-def point_config(cfg: SweepConfig, point: Point):
-    """The RL config of ``point`` (raises ConfigError for a bad override)."""
+def base_config(cfg: SweepConfig):
+    """The RL config every point starts from: ``rl_config`` files plus ``overrides`` (ConfigError when bad)."""
     from cluster.cmd_rl import RLRunConfig
     from cluster.config import load_config
 
-    return load_config(RLRunConfig, cfg.rl_config, point.overrides)
+    return load_config(RLRunConfig, cfg.rl_config, cfg.overrides)
 
 
-def _run_point(cfg: SweepConfig, point: Point, rollout_pool=None) -> dict:
+def point_config(base, point: Point):
+    """The RL config of ``point``: ``base`` (:func:`base_config`) with the point's values, composed in memory
+    (every section's checks run again; ValueError for a bad value)."""
+    from cluster.config import with_values
+
+    return with_values(base, point.values)
+
+
+def _plan_line(point: Point) -> str:
+    """``NAME: key=value ...``, each value written as an override would spell it."""
+    def text(v: Any) -> str:
+        if v is None or isinstance(v, bool):
+            return {None: "null", True: "true", False: "false"}[v]
+        return _num(v) if isinstance(v, float) else str(v)
+
+    return f"{point.name}: " + " ".join(f"{k}={text(v)}" for k, v in point.values.items())
+
+
+def _run_point(rl_cfg, rollout_pool=None) -> dict:
     """Body of one point's Ray task: the RL stage on the point's config; returns its summary."""
     from cluster.cmd_rl import run_rl
     from rl.services import Services
 
-    rl_cfg = point_config(cfg, point)
     if rollout_pool is None:
         return run_rl(rl_cfg)
     from rewards.service import RewardPool
@@ -212,22 +233,22 @@ def sweep(cfg: SweepConfig) -> list[PointResult]:
     """Run every point (see module doc); returns the results in grid order."""
     import ray
 
-    from cluster.config import load_config, to_dict
+    from cluster.config import to_dict
     from cluster.ray_setup import init_ray
     from cluster.tracking import Tracker, resolve_uri
-    from cluster.cmd_rl import RLRunConfig, roles
+    from cluster.cmd_rl import roles
     from rl.driver import check_inputs
     from rollout.workers import RolloutPool
 
     run_dir = check_output_dir(cfg.run_dir, "run_dir")
     uri = resolve_uri(cfg.tracking, run_dir) if cfg.tracking.enabled else None
-    base = load_config(RLRunConfig, cfg.rl_config, cfg.overrides)
+    base = base_config(cfg)
     check_model_dir(base.model, "the RL config's model")
     if not base.eval.at_end or "parallel" not in base.eval.modes:
         raise ValueError("every point needs its final held-out evaluation in parallel mode: set eval.at_end=true "
                          "and keep 'parallel' in eval.modes")
-    points = grid(cfg, uri, base.reward.accel_form)
-    configs = [point_config(cfg, p) for p in points]  # every point's config is checked before anything runs
+    points = grid(cfg, uri)
+    configs = [point_config(base, p) for p in points]  # every point's config is checked before anything runs
     for point_cfg in configs:
         check_inputs(point_cfg)  # its data, and no earlier run in its run_dir
     per_point = roles(configs[0])
@@ -250,7 +271,7 @@ def sweep(cfg: SweepConfig) -> list[PointResult]:
             while queue and len(pending) < concurrency:
                 p = queue.pop(0)
                 print(f"sweep: starting {p.name} ({p.index + 1}/{len(points)})", flush=True)
-                ref = task.remote(cfg, p, shared)
+                ref = task.remote(configs[p.index], shared)
                 pending[ref] = (p, time.perf_counter())
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
@@ -315,12 +336,11 @@ def _write_outputs(results: Sequence[PointResult], run_dir: Path, tracker) -> No
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, "'rho=[0.25,0.5]' max_concurrent=2")
-    parser.add_argument("--plan", action="store_true", help="print the grid points and their overrides and exit")
+    parser.add_argument("--plan", action="store_true", help="print the grid points and the values they set and exit")
 
 
 def run(args: argparse.Namespace) -> int:
-    from cluster.cmd_rl import RLRunConfig
-    from cluster.config import ConfigError, load_config
+    from cluster.config import ConfigError
 
     cfg, code = resolve(SweepConfig, args, "sweep")
     if cfg is None:
@@ -330,10 +350,10 @@ def run(args: argparse.Namespace) -> int:
     set_runtime_defaults()
     try:
         if args.plan:
-            base = load_config(RLRunConfig, cfg.rl_config, cfg.overrides)
-            for p in grid(cfg, None, base.reward.accel_form):
-                point_config(cfg, p)
-                print(f"{p.name}: " + " ".join(p.overrides[len(cfg.overrides):]))
+            base = base_config(cfg)
+            for p in grid(cfg, None):
+                point_config(base, p)
+                print(_plan_line(p))
             return 0
         results = sweep(cfg)
     except (ConfigError, ValueError, FileNotFoundError) as e:

@@ -45,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("reward")
     g.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="published reward setting (default: the RewardConfig defaults, same as 'paper')")
-    g.add_argument("--timeout", type=float, default=RewardConfig.timeout_s,
+    g.add_argument("--timeout", type=float, default=RewardConfig.checker_timeout_s,
                    help="hard limit on checking one answer (seconds, default %(default)s)")
     g.add_argument("--whole-response", action="store_true",
                    help="take the last \\boxed{} anywhere, not only after </think>")
@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if not (math.isfinite(args.timeout) and args.timeout > 0):
             raise InputError(f"--timeout must be a positive number of seconds, got {args.timeout}")
-        cfg = RewardConfig(preset=args.preset, timeout_s=args.timeout,
+        cfg = RewardConfig(preset=args.preset, checker_timeout_s=args.timeout,
                            answer_region="whole" if args.whole_response else "after_think")
         rows = read_records(args.file)
         tokenizer = open_tokenizer(args.tokenizer) if args.tokenizer is not None else None
@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from rewards.checker import AnswerChecker
 
-    with AnswerChecker(cfg.timeout_s, cfg.memory_limit_mb, eager=False, cache_size=cfg.verdict_cache) as checker:
+    with AnswerChecker(cfg.checker_timeout_s, cfg.memory_limit_mb, eager=False, cache_size=cfg.verdict_cache) as checker:
         records = [score(item, cfg, checker) for item in items]
     summary = summarize(records)
     lines = [line for line, _ in rows]

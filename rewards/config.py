@@ -73,7 +73,7 @@ class RewardConfig:
     count_inserted: bool = field(default=False, metadata={
         "help": "count orchestrator-inserted tokens (thread seeds, join newline) in L_total and L_crit"})
     count_prompt: bool = field(default=False, metadata={"help": "count the prompt tokens in L_total and L_crit"})
-    timeout_s: float = field(default=5.0, metadata={
+    checker_timeout_s: float = field(default=5.0, metadata={
         "help": "hard limit on checking one answer with math-verify (seconds); past it the item is "
                 "incorrect and flagged timed_out", "range": "> 0"})
     verdict_cache: int = field(default=4096, metadata={

@@ -8,7 +8,7 @@ math-verify server process with its own hard per-item time limit.
 
 Failures: when an actor dies (``ray.exceptions.RayActorError``: killed, out of
 memory, node lost) or does not return a chunk within its deadline
-(``len(chunk) * (timeout_s + SERVER_GRACE_S) + ACTOR_START_S``), it is killed
+(``len(chunk) * (checker_timeout_s + SERVER_GRACE_S) + ACTOR_START_S``), it is killed
 and replaced by a fresh actor and its chunk is queued again. A chunk that has
 failed on ``cfg.max_attempts`` actors fails the batch with
 :class:`RewardServiceError`. An item whose scoring raises (a model output the
@@ -47,7 +47,7 @@ class RewardWorker:
 
     def __init__(self, cfg: RewardConfig):
         self.cfg = cfg
-        self.checker = AnswerChecker(cfg.timeout_s, cfg.memory_limit_mb, cache_size=cfg.verdict_cache)
+        self.checker = AnswerChecker(cfg.checker_timeout_s, cfg.memory_limit_mb, cache_size=cfg.verdict_cache)
 
     def ready(self) -> int:
         """Wait for the math-verify server; return this actor's process id."""
@@ -89,7 +89,7 @@ class RewardPool:
         self.replaced += 1
 
     def _deadline(self, n_items: int) -> float:
-        return time.monotonic() + n_items * (self.cfg.timeout_s + SERVER_GRACE_S) + ACTOR_START_S
+        return time.monotonic() + n_items * (self.cfg.checker_timeout_s + SERVER_GRACE_S) + ACTOR_START_S
 
     def score_batch(self, items: Sequence[RewardItem]) -> list[ScoreRecord]:
         """One record per item, in order; see the module docstring for retries."""

@@ -84,17 +84,17 @@ from rl.learner import LearnerConfig, LearnerGroup
 from rl.metrics import StepTimes, step_metrics
 from rl.metrics_log import MetricsLog
 from rl.services import Rollouts, Services, start_services, stop_services
-from rl.sft_data import check_data_config, ensure_task_data, read_records
+from rl.sft_data import TaskData, check_data_config, ensure_task_data, read_records
 from rl.step import rl_step
 from rl.tracker import Tracker
 from rollout.config import RolloutConfig, check_ranges, to_dict
 from rollout.files import check_model_dir, check_output_dir, write_text
-from rollout.task import TaskConfig
 from rollout.units import chat_prompt_ids
 
 @dataclass
-class RLDataConfig:
-    """Training and held-out prompts with their reference answers."""
+class RLDataConfig(TaskData):
+    """Training and held-out prompts with their reference answers (the synthetic task's fields: from
+    :class:`rl.sft_data.TaskData`)."""
 
     dir: str = field(default="runs/data/tiny", metadata={"help": "folder holding the train/validation files"})
     train_file: str = field(default="train.jsonl", metadata={"help": "training records in dir (.jsonl/.parquet)"})
@@ -105,16 +105,6 @@ class RLDataConfig:
     generate: bool = field(default=False, metadata={
         "help": "write the synthetic task into dir when its files are missing (same rule as the SFT stage: a "
                 "folder made with other settings is an error)"})
-    task: TaskConfig = field(default_factory=TaskConfig, metadata={"help": "synthetic task knobs (generate only)"})
-    train_size: int = field(default=20000, metadata={
-        "help": "synthetic training problems (generate only)", "range": ">= 1"})
-    validation_size: int = field(default=200, metadata={
-        "help": "synthetic validation problems (generate only)", "range": ">= 1"})
-    test_size: int = field(default=200, metadata={"help": "synthetic test problems (generate only)", "range": ">= 0"})
-    seed: int = field(default=0, metadata={"help": "seed of the synthetic data (generate only)", "range": ">= 0"})
-
-    def __post_init__(self) -> None:
-        check_ranges(self)
 
 
 @dataclass
@@ -238,8 +228,7 @@ def load_data(cfg: RLConfig) -> tuple[list[dict], list[dict]]:
     d = cfg.data
     data_dir = Path(d.dir)
     if d.generate:
-        ensure_task_data(data_dir, d.task, {"train": d.train_size, "validation": d.validation_size,
-                                            "test": d.test_size}, d.seed)
+        ensure_task_data(data_dir, d.task, d.sizes, d.seed)
     train, val = read_records(data_dir / d.train_file), read_records(data_dir / d.validation_file)
     for name, records in (("training", train), ("validation", val)):
         bad = [i for i, r in enumerate(records) if not isinstance(r.get(d.prompt_field), str)

@@ -18,6 +18,10 @@ Definitions (per trajectory, from ``rewards.score.score``):
 * ``finish/<reason>``: the share of trajectories that ended for each reason
   of ``rollout.orchestrator.FINISH_REASONS``.
 
+:func:`measures` computes these (``MEASURE_KEYS`` and ``finish/<reason>``) for all three evaluators, so
+each reports them under the same names (``eval/<mode>/<key>`` during RL, ``eval/NAME/<mode>/<key>`` for a
+benchmark, ``<key>`` in the SFT evaluator's metrics); each adds its own keys next to them.
+
 Across modes (benchmarks): the per-problem speedup is ``mean L_crit(sequential
 samples) / mean L_crit(parallel samples)``.
 """
@@ -27,7 +31,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -38,6 +42,31 @@ from rollout.config import RolloutConfig
 from rollout.files import atomic_write
 
 MODES = ("parallel", "sequential")
+
+#: the measures every evaluator reports (plus ``finish/<reason>``), as :func:`measures` names them
+MEASURE_KEYS = ("accuracy", "format_valid", "parallel_valid", "activation", "L_total", "L_crit", "eta", "speedup",
+                "n_blocks")
+
+
+def measures(trajectories: Sequence[Any], scores: Sequence[Any]) -> dict[str, float]:
+    """The evaluation measures of decoded ``trajectories`` and their ``scores`` (``ScoreRecord``s, or anything
+    with ``correct`` and ``format_valid``), one meaning each (module doc): means over the trajectories."""
+    if len(trajectories) != len(scores):
+        raise ValueError(f"{len(scores)} scores for {len(trajectories)} trajectories")
+    pairs = list(zip(trajectories, scores))
+    out = {
+        "accuracy": mean([float(bool(s.correct)) for _, s in pairs]),
+        "format_valid": mean([float(bool(s.format_valid)) for _, s in pairs]),
+        "parallel_valid": mean([float(bool(s.format_valid) and t.n_blocks > 0) for t, s in pairs]),
+        "activation": mean([float(t.n_blocks > 0) for t, _ in pairs]),
+        "L_total": mean([float(t.L_total) for t, _ in pairs]),
+        "L_crit": mean([float(t.L_crit) for t, _ in pairs]),
+        "eta": mean([float(t.eta) for t, _ in pairs]),
+        "speedup": mean([float(t.speedup) for t, _ in pairs]),
+        "n_blocks": mean([float(t.n_blocks) for t, _ in pairs]),
+    }
+    out.update(finish_shares([t.finish_reason for t, _ in pairs], ""))
+    return out
 
 
 # --------------------------------------------------------------------------- one trajectory (SFT)
@@ -75,14 +104,10 @@ def judge(trajectory, answer: str, checker, reward_cfg: RewardConfig | None = No
 
 
 def summarize(records: Sequence[EvalRecord]) -> dict[str, float]:
-    """Means of judged records: ``accuracy``, ``format_valid``, ..., ``activation``, ``prompts`` and
-    ``finish/<reason>``."""
-    out = {k: mean([float(getattr(r, k)) for r in records])
-           for k in ("correct", "format_valid", "parallel_valid", "L_total", "L_crit", "eta", "speedup", "n_blocks")}
-    out["accuracy"] = out.pop("correct")
-    out["activation"] = mean([float(r.n_blocks > 0) for r in records])
+    """:func:`measures` of judged records (a record holds its trajectory's and its score's fields), and
+    ``prompts``."""
+    out = measures(records, records)
     out["prompts"] = float(len(records))
-    out.update(finish_shares([r.finish_reason for r in records], ""))
     return out
 
 
@@ -109,8 +134,9 @@ def evaluate_heldout(rollout: RolloutConfig, modes: Sequence[str], rollouts, rew
             decode_s = time.perf_counter() - t0
             scores = reward_pool.score_batch([RewardItem(t.text, answers[t.prompt_index], t.units, t.finish_reason)
                                               for t in trajectories])
-            m = trajectory_metrics(trajectories, scores, f"eval/{mode}/")
-            m[f"eval/{mode}/accuracy"] = m.pop(f"eval/{mode}/correct")
+            m = trajectory_metrics(trajectories, scores, f"eval/{mode}/")  # reward and its parts, too
+            del m[f"eval/{mode}/correct"]  # named accuracy, in measures
+            m.update({f"eval/{mode}/{k}": v for k, v in measures(trajectories, scores).items()})
             m[f"eval/{mode}/decode_s"] = decode_s
             metrics.update(m)
             for t, s in zip(trajectories, scores):
@@ -157,6 +183,7 @@ class ModeSummary:
     format_valid: float
     wall_s: float
     self_speedup: float  # mean L_total / L_crit of the samples
+    measures: dict[str, float] = field(default_factory=dict)  # :func:`measures` of the samples
 
 
 @dataclass
@@ -180,6 +207,8 @@ class BenchmarkReport:
         """Flat ``eval/NAME/...`` metrics for MLflow (None values left out)."""
         out: dict[str, float] = {}
         for s in (self.parallel, self.sequential):
+            for key, value in s.measures.items():
+                out[f"eval/{self.name}/{s.mode}/{key}"] = value
             for key in ("accuracy", "L_total", "L_crit", "activation", "format_valid", "wall_s", "self_speedup"):
                 out[f"eval/{self.name}/{s.mode}/{key}"] = getattr(s, key)
         for key in ("speedup", "speedup_median", "speedup_correct", "wall_speedup"):
@@ -256,8 +285,10 @@ def evaluate_benchmark(parallel: Sequence[Any], sequential: Sequence[Any], answe
     ks = {len([s for s in samples["parallel"] if s.problem == p]) for p in {s.problem for s in samples["parallel"]}}
     ratios, undefined = problem_speedups(samples["parallel"], samples["sequential"], correct_only=False)
     correct_ratios, _ = problem_speedups(samples["parallel"], samples["sequential"], correct_only=True)
-    par_summary = summarize_mode("parallel", models[0], samples["parallel"])
-    seq_summary = summarize_mode("sequential", models[1], samples["sequential"])
+    par_summary = replace(summarize_mode("parallel", models[0], samples["parallel"]),
+                          measures=measures(parallel, scores["parallel"]))
+    seq_summary = replace(summarize_mode("sequential", models[1], samples["sequential"]),
+                          measures=measures(sequential, scores["sequential"]))
     wall = {}
     for mode in MODES:
         for s in samples[mode]:

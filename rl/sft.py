@@ -55,12 +55,12 @@ from rl import checkpoint
 from rl.checkpoint import Stop  # noqa: F401 - part of this module's API: on_step hooks raise it
 from rl.learner import LearnerConfig, LearnerGroup
 from rl.metrics_log import MetricsLog
-from rl.sft_data import StreamState, TrieStream, check_data_config, ensure_task_data, read_records, timed_build
+from rl.sft_data import (StreamState, TaskData, TrieStream, check_data_config, ensure_task_data, read_records,
+                         timed_build)
 from rl.sft_eval import EvalConfig, Evaluator, records_to_dicts
 from rl.trie import pack_tries, tree_stats
 from rollout.config import check_ranges, to_dict
 from rollout.files import atomic_write, check_model_dir, check_output_dir, write_text
-from rollout.task import TaskConfig
 
 
 @dataclass
@@ -83,8 +83,9 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
-    """Training and validation records, and how responses become units."""
+class DataConfig(TaskData):
+    """Training and validation records, and how responses become units (the synthetic task's fields: from
+    :class:`rl.sft_data.TaskData`)."""
 
     dir: str = field(default="runs/data/tiny", metadata={"help": "folder holding the train/validation files"})
     train_file: str = field(default="train.jsonl", metadata={"help": "training records in dir (.jsonl/.parquet)"})
@@ -102,15 +103,6 @@ class DataConfig:
                 "so the model can answer either way and RL can choose (0-1)", "range": "[0, 1]"})
     generate: bool = field(default=True, metadata={
         "help": "write the synthetic task into dir when its files are missing"})
-    task: TaskConfig = field(default_factory=TaskConfig, metadata={"help": "synthetic task knobs (generate only)"})
-    train_size: int = field(default=20000, metadata={"help": "synthetic training problems (count)", "range": ">= 1"})
-    validation_size: int = field(default=200, metadata={
-        "help": "synthetic validation problems (count)", "range": ">= 1"})
-    test_size: int = field(default=200, metadata={"help": "synthetic test problems (count)", "range": ">= 0"})
-    seed: int = field(default=0, metadata={"help": "seed of the synthetic data", "range": ">= 0"})
-
-    def __post_init__(self) -> None:
-        check_ranges(self)
 
 
 @dataclass
@@ -162,8 +154,7 @@ def prepare_model(cfg: ModelConfig, run_dir: Path) -> Path:
 def prepare_data(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
     data_dir = Path(cfg.dir)
     if cfg.generate:
-        ensure_task_data(data_dir, cfg.task, {"train": cfg.train_size, "validation": cfg.validation_size,
-                                              "test": cfg.test_size}, cfg.seed)
+        ensure_task_data(data_dir, cfg.task, cfg.sizes, cfg.seed)
     return read_records(data_dir / cfg.train_file), read_records(data_dir / cfg.validation_file)
 
 

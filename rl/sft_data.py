@@ -35,12 +35,13 @@ import hashlib
 import json
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 from rl.trie import Trie, build_trie
 from rollout.check import json_objects
+from rollout.config import check_ranges
 from rollout.files import check_output_dir, write_text
 from rollout.format import DEFAULT_MAX_BYTES, FormatError, flatten, limit_reasons, parse, utf8_bytes
 from rollout.task import FILE_NAMES, TaskConfig, make_dataset, write_dataset
@@ -48,6 +49,27 @@ from rollout.units import Unit, chat_prompt_ids, encode, replay
 
 LAYOUTS = ("parallel", "sequential")
 TASK_FILE = "task.json"
+
+
+@dataclass
+class TaskData:
+    """The synthetic task's data: its knobs, split sizes and seed; the ``data`` sections of the SFT and RL
+    configs and the pipeline's extend it (same keys: ``data.task.*``, ``data.train_size``, ...)."""
+
+    task: TaskConfig = field(default_factory=TaskConfig, metadata={"help": "synthetic task knobs"})
+    train_size: int = field(default=20000, metadata={"help": "synthetic training problems (count)", "range": ">= 1"})
+    validation_size: int = field(default=200, metadata={
+        "help": "synthetic validation problems (count)", "range": ">= 1"})
+    test_size: int = field(default=200, metadata={"help": "synthetic test problems (count)", "range": ">= 0"})
+    seed: int = field(default=0, metadata={"help": "seed of the synthetic data", "range": ">= 0"})
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        """Problems per split, as :func:`ensure_task_data` takes them."""
+        return {"train": self.train_size, "validation": self.validation_size, "test": self.test_size}
 
 
 def read_records(path: str | Path) -> list[dict]:
@@ -108,8 +130,7 @@ def check_data_config(d) -> None:
     ``d.generate`` can write the synthetic task into ``d.dir``; ValueError naming the key otherwise."""
     data_dir = Path(d.dir)
     if d.generate:
-        sizes = {"train": d.train_size, "validation": d.validation_size, "test": d.test_size}
-        if not task_data_ready(data_dir, d.task, sizes, d.seed):
+        if not task_data_ready(data_dir, d.task, d.sizes, d.seed):
             check_output_dir(data_dir, "data.dir")
         return
     if not data_dir.is_dir():

@@ -158,7 +158,7 @@ def timed(score_fn, batches, pids):
 
 
 def bench_local(batches, cfg):
-    with AnswerChecker(cfg.timeout_s, cfg.memory_limit_mb, cache_size=cfg.verdict_cache) as checker:
+    with AnswerChecker(cfg.checker_timeout_s, cfg.memory_limit_mb, cache_size=cfg.verdict_cache) as checker:
         checker.wait_ready()
         return timed(lambda items: score_many(items, cfg, checker), batches, [os.getpid(), checker.server_pid])
 

@@ -68,20 +68,22 @@ def test_resume_is_resume_auto_where_a_run_can_resume_and_reuse_for_the_pipeline
         assert yaml.safe_load(capsys.readouterr().out)[key] == value
 
 
-def test_ray_is_configured_as_ray_address_in_sft_and_rl(capsys):
-    for argv in (["sft"], ["rl", "rollout.n=2"]):
+def test_ray_is_configured_as_ray_address_in_every_command_that_starts_ray(capsys):
+    for argv in (["sft"], ["rl", "rollout.n=2"], ["generate"], ["datagen", "stage2"], ["run"]):
         assert main(argv + ["ray.address=auto", "--print-config"]) == 0
         assert yaml.safe_load(capsys.readouterr().out)["ray"]["address"] == "auto"
 
 
 def test_eval_has_the_same_style(capsys, nothing_starts):
     assert main(["eval", "--show-config"]) == 0
-    assert any(line.split()[:1] == ["max_thread_tokens"] for line in capsys.readouterr().out.splitlines())
-    assert main(["eval", "model=m", "data=[tiny=t.jsonl]", "k=4", "--print-config"]) == 0
+    keys = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:] if line.strip()]
+    assert "rollout.max_thread_tokens" in keys and "max_thread_tokens" not in keys  # nested, not restated
+    assert main(["eval", "model=m", "data=[tiny=t.jsonl]", "rollout.n=4", "rollout.temperature=1",
+                 "--print-config"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["k"] == 4 and printed["data"] == ["tiny=t.jsonl"]
-    assert main(["eval", "model=m", "max_token=3"]) == 2
-    assert "did you mean 'max_tokens'" in capsys.readouterr().err
+    assert printed["rollout"]["n"] == 4 and printed["data"] == ["tiny=t.jsonl"]
+    assert main(["eval", "model=m", "rollout.max_token=3"]) == 2
+    assert "did you mean 'rollout.max_tokens'" in capsys.readouterr().err
 
 
 def test_generate_has_the_same_style_with_the_rollout_config_nested(capsys, nothing_starts):
@@ -90,3 +92,16 @@ def test_generate_has_the_same_style_with_the_rollout_config_nested(capsys, noth
     assert "rollout.max_thread_tokens" in keys and "ray.address" in keys
     assert main(["generate", "model=m", "rollout.n=3", "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["rollout"]["n"] == 3
+
+
+def test_the_answer_checker_timeout_has_one_name(capsys):
+    for argv, key in ((["datagen", "stage1"], "checker_timeout_s"), (["datagen", "stage2"], "checker_timeout_s"),
+                      (["sft"], "eval.checker_timeout_s"), (["rl", "rollout.n=2"], "reward.checker_timeout_s"),
+                      (["eval"], "checker_timeout_s")):
+        assert main(argv + [f"{key}=7", "--print-config"]) == 0, argv
+        printed = yaml.safe_load(capsys.readouterr().out)
+        for part in key.split(".")[:-1]:
+            printed = printed[part]
+        assert printed["checker_timeout_s"] == 7.0
+    assert main(["datagen", "stage2", "check_timeout_s=3", "--print-config"]) == 2  # the old name: pointed to the new
+    assert "did you mean 'checker_timeout_s'" in capsys.readouterr().err

@@ -249,3 +249,12 @@ def test_override_and_with_values_compose_configs_in_memory():
     assert wired == Outer(steps=9, inner=Inner(lr=0.5, name="2024")) and got.steps == 5
     with pytest.raises(ValueError, match="steps must be an integer >= 1"):
         with_values(got, {"steps": 0})  # every section's checks run again
+
+
+def test_a_section_given_in_part_keeps_the_fields_own_default_section():
+    from cluster.evaluate import BenchEvalConfig
+
+    cfg = load_config(BenchEvalConfig, None, ["rollout.max_tokens=160", "tracking.enabled=false"])
+    assert (cfg.rollout.max_tokens, cfg.rollout.temperature, cfg.rollout.max_context) == (160, 0.0, 2048)
+    assert (cfg.tracking.enabled, cfg.tracking.experiment) == (False, "threadweaver-eval")
+    assert load_config(BenchEvalConfig, None, ["rollout.temperature=1"]).rollout.temperature == 1.0

@@ -87,8 +87,8 @@ def test_range_problem_reads_as_a_sentence():
     (RLRunConfig, "rollout.cpus_per_worker=-1", "rollout.cpus_per_worker must be a finite number >= 0, got -1.0"),
     (RLRunConfig, "reward.actor_cpus=-0.5", "reward.actor_cpus must be a finite number >= 0, got -0.5"),
     (RLRunConfig, "rollout.temperature=.nan", "rollout.temperature must be a finite number >= 0, got nan"),
-    (RLRunConfig, "reward.timeout_s=nan", "reward.timeout_s must be a finite number > 0, got nan"),
-    (RLRunConfig, "reward.timeout_s=.inf", "reward.timeout_s must be a finite number > 0, got inf"),
+    (RLRunConfig, "reward.checker_timeout_s=nan", "reward.checker_timeout_s must be a finite number > 0, got nan"),
+    (RLRunConfig, "reward.checker_timeout_s=.inf", "reward.checker_timeout_s must be a finite number > 0, got inf"),
     (RLRunConfig, "rollout.top_p=1.5", "rollout.top_p must be a finite number in (0, 1], got 1.5"),
     (RLRunConfig, "data.task.test_share=1", "data.task.test_share must be a finite number in (0, 1), got 1.0"),
     (PipelineConfig, "data.train_size=-5", "data.train_size must be an integer >= 1, got -5"),
@@ -107,10 +107,10 @@ def test_the_loader_names_the_dotted_key(cls, override, message):
 def test_configs_built_in_memory_are_checked_too():
     with pytest.raises(ValueError, match="lr must be a finite number > 0, got nan"):
         LearnerConfig(lr=float("nan"))
-    with pytest.raises(ValueError, match="timeout_s must be a finite number > 0, got nan"):
-        RewardConfig(timeout_s=float("nan"))
-    with pytest.raises(ValueError, match="temperature must be a finite number >= 0, got -1.0"):
-        dataclasses.replace(BenchEvalConfig(), temperature=-1.0)
+    with pytest.raises(ValueError, match="checker_timeout_s must be a finite number > 0, got nan"):
+        RewardConfig(checker_timeout_s=float("nan"))
+    with pytest.raises(ValueError, match="pages must be an integer >= 0, got -1"):
+        dataclasses.replace(BenchEvalConfig(), pages=-1)
     with pytest.raises(ValueError, match="a_digits must be an integer in \\[1, 12\\], got 0"):
         TaskConfig(a_digits=0)
 
@@ -119,3 +119,19 @@ def test_show_config_states_the_range():
     text = describe(LearnerConfig)
     assert "peak learning rate of AdamW (must be > 0)" in text
     assert "AdamW beta1 (must be in [0, 1))" in text
+
+
+def test_the_synthetic_task_fields_are_declared_once():
+    from cluster.pipeline import TaskDataConfig
+    from rl.driver import RLDataConfig
+    from rl.sft import DataConfig
+    from rl.sft_data import TaskData
+
+    shared = [f.name for f in dataclasses.fields(TaskData)]
+    assert shared == ["task", "train_size", "validation_size", "test_size", "seed"]
+    for cls in (RLDataConfig, DataConfig, TaskDataConfig):
+        assert issubclass(cls, TaskData) and {f.name for f in dataclasses.fields(cls)} >= set(shared)
+        assert cls(train_size=5, validation_size=2, test_size=3).sizes == {"train": 5, "validation": 2, "test": 3}
+    assert DataConfig(test_size=0).test_size == 0
+    with pytest.raises(ValueError, match="test_size must be an integer >= 1, got 0"):  # the pipeline tests on it
+        TaskDataConfig(test_size=0)

@@ -18,6 +18,7 @@ from cluster.report import histogram, main_table, report_markdown
 from rewards.checker import Verdict
 from rl.evaluation import Sample, problem_speedups
 from rl.evaluation import evaluate_benchmark as evaluate
+from rollout.config import RolloutConfig
 from rollout.orchestrator import Trajectory
 from rollout.units import replay
 
@@ -77,10 +78,13 @@ def test_benchmark_layouts_math500_and_aime():
 def test_config_checks():
     with pytest.raises(ValueError, match="prompt_template"):
         BenchEvalConfig(prompt_template="no placeholder")
-    assert BenchEvalConfig(k=1).rollout_config(True).temperature == 0.0
-    assert BenchEvalConfig(k=1).rollout_config(True).seed is None  # greedy: unseeded
-    assert BenchEvalConfig(k=4).rollout_config(True).seed == 0
-    assert BenchEvalConfig(k=4).rollout_config(False).temperature == 1.0
+    assert BenchEvalConfig().rollout_config(True).temperature == 0.0  # greedy by default
+    assert BenchEvalConfig().rollout_config(True).seed is None  # greedy: unseeded
+    sampled = BenchEvalConfig(rollout=RolloutConfig(n=4, temperature=1.0, seed=3))
+    assert (sampled.rollout_config(True).seed, sampled.rollout_config(True).sequential) == (3, True)
+    assert (sampled.rollout_config(False).n, sampled.rollout_config(False).sequential) == (4, False)
+    with pytest.raises(ValueError, match="rollout.n=4 greedy samples"):
+        BenchEvalConfig(rollout=RolloutConfig(n=4, temperature=0.0))
 
 
 def test_speedups_per_problem_over_all_and_correct_samples():
@@ -173,8 +177,8 @@ def test_eval_cli_reports_parallel_and_sequential_side_by_side(taught_model, tmp
     bench = tmp_path / "taught.jsonl"
     bench.write_text("".join(json.dumps({"question": q, "answer": int(a)}) + "\n" for q, a, _ in TAUGHT))
     out = tmp_path / "eval"
-    rc = main(["eval", f"model={taught_model}", f"data=[rote={bench}]", "max_tokens=160",
-               "max_context=512", "max_thread_tokens=48", f"out={out}", "pages=2"])
+    rc = main(["eval", f"model={taught_model}", f"data=[rote={bench}]", "rollout.max_tokens=160",
+               "rollout.max_context=512", "rollout.max_thread_tokens=48", f"out={out}", "pages=2"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "| rote acc (avg@1) |" in printed

@@ -41,7 +41,7 @@ from tests.test_viewer import CHROMIUM, _shown, chromium_dom
 
 REPO = Path(__file__).resolve().parents[1]
 #: Time allowed per record: the reward's time limit (math-verify) + 1 s.
-SECONDS_PER_RECORD = RewardConfig().timeout_s + 1
+SECONDS_PER_RECORD = RewardConfig().checker_timeout_s + 1
 MAX_PEAK_KB = 1 << 20  # 1 GiB
 OK_RESPONSE = "<think>\nx\n</think>\n\\boxed{1}"
 

@@ -105,8 +105,9 @@ def test_eval_refuses_bad_options_and_outputs_before_starting_anything(tmp_path,
     bench.write_text('{"problem": "2*3", "answer": "6"}\n')
     base = ["eval", f"model={fake_model}", f"data=[tiny={bench}]"]
     refused(capsys, base + ["limit=0"], "limit must be an integer >= 1, got 0")
-    refused(capsys, base + ["k=0"], "k must be an integer >= 1, got 0")
-    refused(capsys, base + ["temperature=nan"], "temperature must be a finite number >= 0, got nan")
+    refused(capsys, base + ["rollout.n=0"], "rollout.n must be an integer >= 1, got 0")
+    refused(capsys, base + ["rollout.temperature=nan"], "rollout.temperature must be a finite number >= 0, got nan")
+    refused(capsys, base + ["rollout.n=2"], "rollout.n=2 greedy samples (rollout.temperature=0) would all be")
     refused(capsys, base + ["pages=-1"], "pages must be an integer >= 0, got -1")
     refused(capsys, base + [f"out={blocked / 'out'}"], f"{blocked} is a file, not a folder")
     refused(capsys, base + [f"baseline_model={tmp_path}"], f"baseline model {tmp_path} holds no config.json")
@@ -217,7 +218,8 @@ def test_sweep_refuses_bad_values_and_used_point_folders_before_ray(tmp_path, ca
     base = ["sweep", f"rl_config=[{rl_yaml}]", f"run_dir={tmp_path / 'sweep'}", "tracking.enabled=false"]
     refused(capsys, base + ["rho=[0.5, -1]"], "rho[1] must be a finite number >= 0, got -1.0")
     refused(capsys, base + ["max_concurrent=0"], "max_concurrent must be an integer >= 1, got 0")
-    refused(capsys, base + ["overrides=[reward.timeout_s=nan]"], "reward.timeout_s must be a finite number > 0")
+    refused(capsys, base + ["overrides=[reward.checker_timeout_s=nan]"],
+            "reward.checker_timeout_s must be a finite number > 0")
     fake_checkpoint(tmp_path / "sweep" / "p00_rho0.5_clip0.2_inc0")
     refused(capsys, base, "p00_rho0.5_clip0.2_inc0/checkpoints already holds checkpoints")
 

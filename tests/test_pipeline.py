@@ -108,7 +108,7 @@ def test_every_stage_runs_at_toy_size_into_one_mlflow_parent_run(tmp_path):
     overrides = [f"run_dir={run_dir}", "data.train_size=40", "data.validation_size=4", "data.test_size=4",
                  "data.task.max_threads=3", "sft.steps=2", "sft.tokens_per_step=900", "sft.learner.row_tokens=600",
                  "sft.learner.threads_per_rank=1", "rl.steps=1", "rl.prompts_per_step=2", "rl.rollout.n=2",
-                 "rl.rollout.max_tokens=48", "rl.eval.prompts=2", "eval.limit=3", "eval.max_tokens=48",
+                 "rl.rollout.max_tokens=48", "rl.eval.prompts=2", "eval.limit=3", "eval.rollout.max_tokens=48",
                  "eval.pages=2", "tracking.experiment=pipeline-test"]
     record = run_pipeline(load_config(PipelineConfig, "experiments/pipeline_tiny.yaml", overrides))
     assert list(record["stages"]) == ["data", "sft_parallel", "sft_sequential", "rl_parallel", "rl_sequential",

@@ -209,7 +209,7 @@ def test_preset_conflicts_and_bad_values_are_errors():
     with pytest.raises(ValueError, match="unknown reward preset"):
         RewardConfig(preset="papr")
     with pytest.raises(ValueError, match="timeout_s"):
-        RewardConfig(timeout_s=0)
+        RewardConfig(checker_timeout_s=0)
     assert RewardConfig(preset="official-code", incorrect_reward=-1.0).incorrect_reward == -1.0
     assert RewardConfig(rho=0.7).rho == 0.7
 
@@ -218,9 +218,9 @@ def test_config_loads_from_yaml_with_overrides(tmp_path):
     from cluster.config import ConfigError, load_config
 
     path = tmp_path / "r.yaml"
-    path.write_text("preset: official-code\ntimeout_s: 3\n")
+    path.write_text("preset: official-code\nchecker_timeout_s: 3\n")
     cfg = load_config(RewardConfig, path, ["format_penalty=0.5"])
-    assert (cfg.incorrect_reward, cfg.timeout_s, cfg.format_penalty) == (-1.0, 3.0, 0.5)
+    assert (cfg.incorrect_reward, cfg.checker_timeout_s, cfg.format_penalty) == (-1.0, 3.0, 0.5)
     with pytest.raises(ConfigError, match="clip"):
         load_config(RewardConfig, None, ["clp=0.1"])
 

@@ -38,7 +38,7 @@ def limit_s() -> float:
 
 def timed_score(response: str, answer: str, checker, cfg=None):
     t0 = time.monotonic()
-    rec = score(RewardItem(response, answer), cfg or RewardConfig(timeout_s=TIMEOUT_S), checker)
+    rec = score(RewardItem(response, answer), cfg or RewardConfig(checker_timeout_s=TIMEOUT_S), checker)
     return rec, time.monotonic() - t0
 
 

@@ -31,7 +31,7 @@ def local_ray():
 def pool(local_ray):
     from rewards.service import RewardPool
 
-    with RewardPool(RewardConfig(timeout_s=TIMEOUT_S, chunk_size=4, actor_cpus=0.5)) as p:
+    with RewardPool(RewardConfig(checker_timeout_s=TIMEOUT_S, chunk_size=4, actor_cpus=0.5)) as p:
         p.wait_ready()
         yield p
 
@@ -120,7 +120,7 @@ class AsyncScorer:
     """An async actor: its methods run in an event loop outside the main thread."""
 
     def __init__(self, timeout_s: float):
-        self.cfg = RewardConfig(timeout_s=timeout_s)
+        self.cfg = RewardConfig(checker_timeout_s=timeout_s)
         self.checker = AnswerChecker(timeout_s)
 
     async def score(self, it: RewardItem):
@@ -131,7 +131,7 @@ class AsyncScorer:
 def test_threaded_and_async_actors_keep_the_time_limit(local_ray):
     from rewards.service import RewardWorker
 
-    cfg = RewardConfig(timeout_s=TIMEOUT_S)
+    cfg = RewardConfig(checker_timeout_s=TIMEOUT_S)
     threaded = ray.remote(RewardWorker).options(max_concurrency=2, num_cpus=0.25).remote(cfg)
     scorer = AsyncScorer.remote(TIMEOUT_S)
     try:

@@ -94,7 +94,7 @@ def test_pool_sampler_joins_the_configured_address_before_the_environments(fake_
     log, _ = fake_ray
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     pool_sampler(s2cfg())
-    pool_sampler(s2cfg(ray_address="10.0.0.2:6379"))
+    pool_sampler(s2cfg(), ray_address="10.0.0.2:6379")
     assert [e[1] for e in log if e[0] == "start_ray"] == ["10.0.0.1:6379", "10.0.0.2:6379"]
 
 

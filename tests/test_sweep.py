@@ -10,12 +10,13 @@ one rollout pool (``share_rollout``), so the whole sweep starts one engine.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from cluster.config import ConfigError, load_config
-from cluster.sweep import Point, PointResult, SweepConfig, grid, plot, point_config, table
+from cluster.sweep import Point, PointResult, SweepConfig, base_config, grid, plot, point_config, table
 
 RL_TINY = "experiments/rl_tiny.yaml"
 
@@ -23,13 +24,16 @@ RL_TINY = "experiments/rl_tiny.yaml"
 def test_grid_sets_the_weights_turns_the_preset_off_and_keeps_the_accel_form(tmp_path):
     cfg = load_config(SweepConfig, None, [f"rl_config=[{RL_TINY}]", "rho=[0.25,1]", "incorrect_reward=[0,-1]",
                                           f"run_dir={tmp_path}", "overrides=[steps=2]"])
-    points = grid(cfg, "sqlite:///x.db", "clip_then_scale")
+    points = grid(cfg, "sqlite:///x.db")
     assert [(p.rho, p.clip, p.incorrect_reward) for p in points] == [(0.25, 0.2, 0.0), (0.25, 0.2, -1.0),
                                                                      (1.0, 0.2, 0.0), (1.0, 0.2, -1.0)]
     assert len({p.name for p in points}) == 4
-    rl = point_config(cfg, points[1])  # experiments/rl_tiny.yaml sets preset: paper
+    base = base_config(cfg)
+    rl = point_config(base, points[1])  # experiments/rl_tiny.yaml sets preset: paper
     assert rl.reward.preset is None and rl.reward.rho == 0.25 and rl.reward.incorrect_reward == -1.0
-    assert rl.reward.accel_form == "clip_then_scale" and rl.steps == 2
+    assert rl.reward.accel_form == base.reward.accel_form and rl.steps == 2
+    assert point_config(replace(base, reward=replace(base.reward, preset=None, accel_form="clip_then_scale")),
+                        points[1]).reward.accel_form == "clip_then_scale"
     assert rl.run_dir == str(tmp_path / points[1].name) and rl.tracking.uri == "sqlite:///x.db"
     assert rl.tracking.run_name == points[1].name and rl.tracking.experiment == "threadweaver-sweep"
 
@@ -43,7 +47,7 @@ def test_bad_sweeps_are_refused():
         load_config(SweepConfig, None, [f"rl_config=[{RL_TINY}]", "clip=[]"])
     cfg = load_config(SweepConfig, None, [f"rl_config=[{RL_TINY}]", "overrides=[reward.rhoo=3]"])
     with pytest.raises(ConfigError, match="did you mean 'reward.rho'"):
-        point_config(cfg, grid(cfg, None, "scale_then_clip")[0])
+        base_config(cfg)
 
 
 def test_sweep_experiments_load():
@@ -51,14 +55,14 @@ def test_sweep_experiments_load():
     assert files
     for f in files:
         cfg = load_config(SweepConfig, f)
-        for p in grid(cfg, None, "scale_then_clip"):
-            assert point_config(cfg, p).reward.rho == p.rho
+        for p in grid(cfg, None):
+            assert point_config(base_config(cfg), p).reward.rho == p.rho
 
 
 def test_table_and_plot(tmp_path):
-    ok = PointResult(Point(0, "a", 0.5, 0.2, 0.0, []), {"accuracy": 0.5, "L_crit": 120.0, "L_total": 150.0,
+    ok = PointResult(Point(0, "a", 0.5, 0.2, 0.0, {}), {"accuracy": 0.5, "L_crit": 120.0, "L_total": 150.0,
                                                         "activation": 0.9, "eta": 0.2, "reward": 0.6}, "r", "d", 60.0)
-    bad = PointResult(Point(1, "b", 1.0, 0.2, 0.0, []), None, None, "d", 5.0, "RuntimeError: boom")
+    bad = PointResult(Point(1, "b", 1.0, 0.2, 0.0, {}), None, None, "d", 5.0, "RuntimeError: boom")
     text = table([ok, bad])
     assert "| a | 0.5 | 0.2 | 0 | 50.0% | 120.0 |" in text and "failed: RuntimeError: boom" in text
     png = plot([ok, bad], tmp_path / "p.png")

@@ -74,7 +74,7 @@ class Stage1Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig, metadata={"help": "the teacher endpoint"})
     answer_region: Literal["after_think", "whole"] = field(default="after_think", metadata={
         "help": "where the final \\boxed{} answer is read: after </think>, or the whole response"})
-    check_timeout_s: float = field(default=5.0, metadata={
+    checker_timeout_s: float = field(default=5.0, metadata={
         "help": "math-verify time limit per answer (seconds)", "range": "> 0"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 

@@ -68,10 +68,8 @@ class Stage2Config:
                                                          "prompt"})
     answer_region: Literal["after_think", "whole"] = field(default="after_think", metadata={
         "help": "where the final \\boxed{} answer is read: after </think>, or the whole response"})
-    check_timeout_s: float = field(default=5.0, metadata={
+    checker_timeout_s: float = field(default=5.0, metadata={
         "help": "math-verify time limit per answer (seconds)", "range": "> 0"})
-    ray_address: str | None = field(default=None, metadata={
-        "help": "Ray cluster to join (null: RAY_ADDRESS or a new local instance)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def __post_init__(self) -> None:
@@ -210,11 +208,11 @@ def summary(stats: dict) -> str:
     return "\n".join(lines)
 
 
-def pool_sampler(cfg: Stage2Config) -> tuple[Sampler, Callable[[], None]]:
+def pool_sampler(cfg: Stage2Config, ray_address: str | None = None) -> tuple[Sampler, Callable[[], None]]:
     """A sampler over the Ray rollout pool, and the function that shuts the pool down.
 
-    Ray is started (or joined) unless this process already has it (the pipeline starts it once for
-    every stage); only a Ray started here is shut down with the pool.
+    Ray is started (or joined: ``ray_address``, else ``RAY_ADDRESS``) unless this process already has it
+    (the commands start it from their ``ray`` section); only a Ray started here is shut down with the pool.
     """
     import ray
     from tqdm import tqdm
@@ -223,7 +221,7 @@ def pool_sampler(cfg: Stage2Config) -> tuple[Sampler, Callable[[], None]]:
 
     started_ray = not ray.is_initialized()
     if started_ray:  # a local instance unless told: never join a `ray start` cluster found by accident
-        start_ray(cfg.ray_address or os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+        start_ray(ray_address or os.environ.get("RAY_ADDRESS"), include_dashboard=False)
     try:
         pool = RolloutPool(cfg.model, cfg.rollout)
     except BaseException:
