@@ -388,3 +388,30 @@ def test_an_item_whose_scoring_raises_is_incorrect_with_its_error_and_a_warning(
     assert records[1].error.startswith("AttributeError") and records[2].error.startswith("AttributeError")
     assert len([m for m in caplog.messages if "could not be scored" in m]) == 2
     assert records[0].metrics()["error"] == 0.0
+
+
+def test_the_record_of_an_unscorable_item_field_by_field(caplog):
+    class Raising:
+        def check(self, pred, gold):
+            raise ValueError("x" * 400)
+
+    cfg = RewardConfig(incorrect_reward=-1.0, format_penalty=0.25)
+    with caplog.at_level("WARNING", logger="rewards.score"):
+        rec, = score_many([RewardItem("<think>\nt\n</think>\n\\boxed{1}", "1")], cfg, Raising())
+    error = "ValueError: " + "x" * 300  # the exception's text, cut at 300 characters
+    # incorrect (R_correct = incorrect_reward) and not format-valid (the penalty), nothing measured or checked
+    assert rec.to_dict() == {
+        "reward": -1.25, "R_correct": -1.0, "R_accel": 0.0, "format_penalty": 0.25, "correct": False,
+        "timed_out": False, "format_valid": False, "format_error": None, "extracted_answer": None,
+        "extraction": "error", "check_method": "error", "check_error": None, "check_seconds": 0.0,
+        "check_cached": False, "parallel": False, "accel_measured": False, "L_total": None, "L_crit": None,
+        "eta": None, "speedup": None, "n_blocks": None, "cut": False, "error": error}
+    assert [type(v) for v in (rec.timed_out, rec.check_cached, rec.parallel, rec.accel_measured)] == [bool] * 4
+    assert caplog.messages == [f"item 0 could not be scored, counted as incorrect: {error}"]
+
+
+def test_a_cut_response_is_not_checked_and_takes_no_time(task_traces):
+    rec, units = task_traces
+    cut = score(RewardItem(rec["response_parallel"], rec["answer"], units["parallel"], "budget"), RewardConfig(),
+                CountingChecker())
+    assert cut.timed_out is False and cut.check_seconds == 0.0 and cut.check_cached is False
