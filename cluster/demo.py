@@ -21,6 +21,13 @@ import sys
 import time
 from pathlib import Path
 
+from rollout.config import RolloutConfig, check_range, set_runtime_defaults
+from rollout.engine import VLLMEngine, make_llm, shutdown_llm
+from rollout.files import atomic_write, check_output_dir
+from rollout.orchestrator import generate
+from rollout.task import TaskConfig, make_dataset, write_dataset
+from rollout.units import chat_prompt_ids, latency, replay
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
@@ -38,8 +45,6 @@ def _mean(xs) -> float:
 
 def reference_stats(records: list[dict], tokenizer) -> dict[str, dict[str, float]]:
     """Mean L_total, L_crit and eta of the dataset's reference responses."""
-    from rollout.units import chat_prompt_ids, latency, replay
-
     out = {}
     for field in ("response_parallel", "response_sequential"):
         lats = [latency(replay(chat_prompt_ids(tokenizer, r["prompt"]), r[field], tokenizer,
@@ -50,9 +55,6 @@ def reference_stats(records: list[dict], tokenizer) -> dict[str, dict[str, float
 
 
 def run(args: argparse.Namespace) -> int:
-    from rollout.config import RolloutConfig, check_range, set_runtime_defaults
-    from rollout.files import atomic_write, check_output_dir
-
     set_runtime_defaults()
     out = Path(args.out)
     try:  # the options and the output folder before anything is written or started
@@ -64,11 +66,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"threadweaver demo: {e}", file=sys.stderr)
         return 2
-    from rollout.engine import VLLMEngine, make_llm, shutdown_llm
-    from rollout.orchestrator import generate
-    from rollout.task import TaskConfig, make_dataset, write_dataset
-    from rollout.tiny import init_model, load_tokenizer
-    from rollout.units import chat_prompt_ids
+    from rollout.tiny import init_model, load_tokenizer  # lazy: transformers takes seconds to import
 
     model_dir, data_dir = out / "model", out / "data"
     if not (model_dir / "config.json").exists():

@@ -56,12 +56,19 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 from cluster.command import add_config_arguments, resolve
+from cluster.config import to_dict
 from cluster.report import histogram, main_table, report_markdown
-from cluster.tracking import TrackingConfig
+from cluster.tracking import Tracker, TrackingConfig
+from cluster.viewer import write_page
+from rewards.checker import AnswerChecker
 from rewards.config import RewardConfig
 from rl.evaluation import MODES, BenchmarkReport, evaluate_benchmark
+from rollout.check import json_objects
 from rollout.config import RolloutConfig, check_ranges, set_runtime_defaults
+from rollout.engine import VLLMEngine, make_llm, shutdown_llm
 from rollout.files import atomic_write, check_model_dir, check_name, check_output_dir, write_text
+from rollout.orchestrator import generate
+from rollout.units import chat_prompt_ids
 
 @dataclass
 class BenchEvalConfig:
@@ -144,8 +151,6 @@ def parse_data_arg(item: str) -> tuple[str, Path]:
 def read_benchmark(path: str | Path, problem_fields: Sequence[str] = ("problem", "question", "prompt"),
                    answer_field: str = "answer", limit: int | None = None) -> list[Problem]:
     """The problems of a JSONL file; ValueError naming the line and the fields it has for a bad record."""
-    from rollout.check import json_objects
-
     problems = []
     for i, rec in json_objects(path):
         text = next((rec[k] for k in problem_fields if isinstance(rec.get(k), str)), None)
@@ -173,8 +178,6 @@ def decode(engine, tokenizer, prompts: Sequence[Sequence[int]], rollout_cfg, iso
     A short untimed warm-up request (the first prompt, 8 tokens) goes first, so
     the first problem's time does not include the engine's first steps.
     """
-    from rollout.orchestrator import generate
-
     eos = tokenizer.eos_token_id
     warm = replace(rollout_cfg, n=1, max_tokens=min(8, rollout_cfg.max_tokens))
     generate(engine, tokenizer, [prompts[0]], warm, eos_token_id=eos)
@@ -226,12 +229,7 @@ def run_benchmarks(cfg: BenchEvalConfig, tracker=None, models: tuple[str, str] |
     metrics and files; without one, a run is opened from ``cfg.tracking``.
     ``models`` names the parallel model and the baseline in the tables.
     """
-    from rewards.checker import AnswerChecker
-    from rollout.engine import VLLMEngine, make_llm, shutdown_llm
-    from rollout.tiny import load_tokenizer
-    from rollout.units import chat_prompt_ids
-
-    from cluster.viewer import write_page
+    from rollout.tiny import load_tokenizer  # lazy: transformers takes seconds to import
 
     problems, model_dirs = check_inputs(cfg)
     models = models or (f"{_model_name(model_dirs['parallel'])} (parallel decoding)",
@@ -240,9 +238,6 @@ def run_benchmarks(cfg: BenchEvalConfig, tracker=None, models: tuple[str, str] |
 
     own_tracker = tracker is None
     if own_tracker:
-        from cluster.config import to_dict
-        from cluster.tracking import Tracker
-
         tracker = Tracker(cfg.tracking, out)
         tracker.start(to_dict(cfg, flat=True), tags={"stage": "eval"})
     status = "FAILED"

@@ -44,10 +44,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from cluster.command import add_config_arguments, resolve
-from cluster.ray_setup import RayConfig, Role
-from cluster.tracking import TrackingConfig
-from rollout.config import check_ranges
+from cluster.config import ConfigError, load_config, to_dict, with_values
+from cluster.ray_setup import RayConfig, Role, init_ray
+from cluster.report import save_figure
+from cluster.tracking import Tracker, TrackingConfig, resolve_uri
+from rollout.config import check_ranges, set_runtime_defaults
 from rollout.files import check_model_dir, check_output_dir, write_text
+from rollout.workers import RolloutPool
 
 #: the held-out metrics a point reports (from the RL stage's final evaluation, parallel mode)
 POINT_METRICS = ("accuracy", "L_crit", "L_total", "activation", "eta", "reward")
@@ -134,8 +137,7 @@ def grid(cfg: SweepConfig, tracking_uri: str | None) -> list[Point]:
 
 def base_config(cfg: SweepConfig):
     """The RL config every point starts from: ``rl_config`` files plus ``overrides`` (ConfigError when bad)."""
-    from cluster.cmd_rl import RLRunConfig
-    from cluster.config import load_config
+    from cluster.cmd_rl import RLRunConfig  # lazy: imports torch via rl/ (~1.5 s); --plan and --show-config need none
 
     return load_config(RLRunConfig, cfg.rl_config, cfg.overrides)
 
@@ -143,8 +145,6 @@ def base_config(cfg: SweepConfig):
 def point_config(base, point: Point):
     """The RL config of ``point``: ``base`` (:func:`base_config`) with the point's values, composed in memory
     (every section's checks run again; ValueError for a bad value)."""
-    from cluster.config import with_values
-
     return with_values(base, point.values)
 
 
@@ -160,12 +160,12 @@ def _plan_line(point: Point) -> str:
 
 def _run_point(rl_cfg, rollout_pool=None) -> dict:
     """Body of one point's Ray task: the RL stage on the point's config; returns its summary."""
-    from cluster.cmd_rl import run_rl
-    from rl.services import Services
+    from cluster.cmd_rl import run_rl  # lazy: imports torch via rl/ (~1.5 s); --plan and --show-config need none
+    from rl.services import Services  # lazy: imports torch via rl/ (~1.5 s); --plan and --show-config need none
 
     if rollout_pool is None:
         return run_rl(rl_cfg)
-    from rewards.service import RewardPool
+    from rewards.service import RewardPool  # lazy: imports Ray (~1 s); --plan and --show-config need none of it
 
     rewards = RewardPool(rl_cfg.reward)
     services = Services(rollout_pool, rewards)
@@ -221,7 +221,6 @@ def plot(results: Sequence[PointResult], path: str | Path) -> Path:
     ax.set_ylabel("held-out accuracy (%)")
     ax.set_title(f"reward-weight sweep: {len(done)} of {len(results)} points")
     ax.grid(alpha=0.3)
-    from cluster.report import save_figure
 
     return save_figure(fig, path)
 
@@ -233,12 +232,8 @@ def sweep(cfg: SweepConfig) -> list[PointResult]:
     """Run every point (see module doc); returns the results in grid order."""
     import ray
 
-    from cluster.config import to_dict
-    from cluster.ray_setup import init_ray
-    from cluster.tracking import Tracker, resolve_uri
-    from cluster.cmd_rl import roles
-    from rl.driver import check_inputs
-    from rollout.workers import RolloutPool
+    from cluster.cmd_rl import roles  # lazy: imports torch via rl/ (~1.5 s); --plan and --show-config need none
+    from rl.driver import check_inputs  # lazy: imports torch via rl/ (~1.5 s); --plan and --show-config need none
 
     run_dir = check_output_dir(cfg.run_dir, "run_dir")
     uri = resolve_uri(cfg.tracking, run_dir) if cfg.tracking.enabled else None
@@ -340,12 +335,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cluster.config import ConfigError
-
     cfg, code = resolve(SweepConfig, args, "sweep")
     if cfg is None:
         return code
-    from rollout.config import set_runtime_defaults
 
     set_runtime_defaults()
     try:

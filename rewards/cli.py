@@ -29,6 +29,7 @@ import json
 import math
 import sys
 
+from rewards.checker import AnswerChecker
 from rewards.config import PRESETS, RewardConfig
 from rewards.score import RewardItem, ScoreRecord, score
 from rollout.check import InputError, open_tokenizer, prompt_ids, read_jsonl, record_prompt
@@ -145,7 +146,6 @@ def run(args: argparse.Namespace) -> int:
     except (InputError, ValueError) as e:
         print(f"threadweaver score: {e}", file=sys.stderr)
         return 2
-    from rewards.checker import AnswerChecker
 
     with AnswerChecker(cfg.checker_timeout_s, cfg.memory_limit_mb, eager=False, cache_size=cfg.verdict_cache) as checker:
         records = [score(item, cfg, checker) for item in items]

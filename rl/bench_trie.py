@@ -82,7 +82,7 @@ def noisy_response(response: str, rng: random.Random, noise: float) -> str:
 def synthetic_groups(n_groups: int, k: int, task: TaskConfig, noise: float, seed: int,
                      tokenizer=None) -> list[list[list[Unit]]]:
     """``n_groups`` groups of ``k`` trajectories (lists of units) sharing each group's prompt."""
-    from rollout.tiny import build_tokenizer
+    from rollout.tiny import build_tokenizer  # lazy: transformers takes seconds to import
 
     tok = tokenizer or build_tokenizer()
     rng = random.Random(seed)
@@ -101,7 +101,7 @@ def tiny_model(backend: str, seed: int = 0, hidden_size: int = 128, num_layers: 
     """A randomly initialised fp32 Qwen3 of rollout.tiny's configuration (defaults: the tiny model) for ``backend``."""
     from transformers import Qwen3ForCausalLM
 
-    from rollout.tiny import build_tokenizer, model_config
+    from rollout.tiny import build_tokenizer, model_config  # lazy: transformers takes seconds to import
 
     config = model_config(build_tokenizer(), hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
                           num_kv_heads=num_kv_heads, intermediate_size=3 * hidden_size)

@@ -36,6 +36,7 @@ from typing import Literal, Sequence
 
 import torch
 
+from rl.attention import IMPLEMENTATION, tree_forward
 from rl.logprobs import token_logprobs
 from rl.trie import PackedRow, Trie, group_tries
 from rollout.config import check_ranges
@@ -215,8 +216,6 @@ class ReferenceModel:
                  dtype: str = "fp32"):
         from transformers import AutoModelForCausalLM
 
-        from rl.attention import IMPLEMENTATION
-
         torch.set_num_threads(max(1, threads))
         self.attention = attention
         self.device = torch.device(device)
@@ -228,8 +227,6 @@ class ReferenceModel:
     @torch.no_grad()
     def logprobs(self, rows: list[PackedRow]) -> list[torch.Tensor]:
         """``[L]`` log-probabilities of every row's tokens (0 at roots), on the CPU."""
-        from rl.attention import tree_forward
-
         out = []
         for row in rows:
             logits = tree_forward(self.model, row, self.attention, max_dense_tokens=max(len(row), 1))

@@ -46,7 +46,9 @@ from typing import Any, Iterator, Literal, Sequence
 
 import torch
 
-from rl import durable
+from rl import durable, losses
+from rl.attention import IMPLEMENTATION, tree_attention_mask
+from rl.schedule import make_scheduler
 from rl.trie import PackedRow, build_trie, make_row
 from rollout.config import check_ranges
 from rollout.units import Unit
@@ -205,9 +207,6 @@ class Learner:
         import deepspeed
         from transformers import AutoModelForCausalLM
 
-        from rl.attention import IMPLEMENTATION
-        from rl.schedule import make_scheduler
-
         _seed_all(cfg.seed)
         deepspeed.init_distributed(dist_backend="nccl" if cfg.on_gpu else "gloo", auto_mpi_discovery=False,
                                    verbose=False)
@@ -239,9 +238,6 @@ class Learner:
         Returns metrics summed over all ranks (identical on every rank).
         """
         import deepspeed.comm as dist
-
-        from rl import losses
-        from rl.attention import tree_attention_mask
 
         if len(rows) > n_micro:
             raise ValueError(f"rank {self.rank} got {len(rows)} rows for {n_micro} micro-steps")

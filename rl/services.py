@@ -49,7 +49,7 @@ def start_services(rollout: RolloutConfig, reward: RewardConfig, grpo: GRPOConfi
     """Start the reward pool, the rollout pool on ``model_dir`` and (with a KL term) the reference model."""
     import ray
 
-    from rewards.service import RewardPool
+    from rewards.service import RewardPool  # lazy: imports Ray (~1 s); --show-config needs none of it
 
     rewards = RewardPool(reward)
     pool = RolloutPool(model_dir, rollout)

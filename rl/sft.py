@@ -141,7 +141,7 @@ def prepare_model(cfg: ModelConfig, run_dir: Path) -> Path:
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"model.path {path} holds no config.json")
         return path
-    from rollout.tiny import init_model
+    from rollout.tiny import init_model  # lazy: transformers takes seconds to import
 
     path = run_dir / "init_model"
     if (path / "config.json").exists():
@@ -165,7 +165,7 @@ def check_inputs(cfg: SFTConfig) -> None:
     if cfg.model.path is not None:
         check_model_dir(cfg.model.path, "model.path")
     else:
-        from rollout.tiny import build_tokenizer, model_config
+        from rollout.tiny import build_tokenizer, model_config  # lazy: transformers takes seconds to import
 
         m = cfg.model
         model_config(build_tokenizer(), m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads,

@@ -20,8 +20,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from rewards.checker import AnswerChecker
 from rl.evaluation import EvalRecord, judge, summarize
 from rollout.config import RolloutConfig, check_ranges
+from rollout.orchestrator import generate
+from rollout.units import chat_prompt_ids
+from rollout.workers import RolloutPool
 
 
 @dataclass
@@ -73,8 +77,6 @@ class Evaluator:
 
     def __init__(self, cfg: EvalConfig, model_dir: str | Path, tokenizer, records: Sequence[dict],
                  sequential: bool, prompt_field: str = "prompt", answer_field: str = "answer", engine=None):
-        from rollout.units import chat_prompt_ids
-
         self.cfg = cfg
         self.engine = engine
         self.tokenizer = tokenizer
@@ -94,15 +96,11 @@ class Evaluator:
 
     def __call__(self, weights: dict | None) -> tuple[dict[str, float], list[EvalRecord]]:
         """Evaluate ``weights`` (a full state dict; None: the weights the engines hold)."""
-        from rewards.checker import AnswerChecker
-
         rollout_cfg = self.cfg.rollout_config(self.sequential)
         start = time.perf_counter()
         if self.checker is None:
             self.checker = AnswerChecker(timeout_s=self.cfg.checker_timeout_s, eager=False)
         if self.engine is None and self.pool is None:
-            from rollout.workers import RolloutPool
-
             self.pool = RolloutPool(self.model_dir, rollout_cfg)
         started = time.perf_counter()
         sync_s = 0.0
@@ -115,8 +113,6 @@ class Evaluator:
         if self.pool is not None:
             trajectories = self.pool.generate(self.prompts, config=rollout_cfg)
         else:
-            from rollout.orchestrator import generate
-
             trajectories = generate(self.engine, self.tokenizer, self.prompts, rollout_cfg)
         decode_s = time.perf_counter() - decode_start
         records = [judge(t, self.answers[t.prompt_index], self.checker) for t in trajectories]

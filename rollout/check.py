@@ -112,7 +112,7 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
 def open_tokenizer(path: str | Path):
     """``rollout.tiny.load_tokenizer(path)``; InputError (one line) for a folder that holds no usable tokenizer
     (none at all, or one whose control tags are not single tokens)."""
-    from rollout.tiny import load_tokenizer
+    from rollout.tiny import load_tokenizer  # lazy: transformers takes seconds to import
 
     if not Path(path).is_dir():
         raise InputError(f"tokenizer folder {path} does not exist")

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from rollout.config import RolloutConfig
-from rollout.orchestrator import Trajectory
+from rollout.engine import VLLMEngine, make_llm, shutdown_llm
+from rollout.orchestrator import Trajectory, generate
 
 #: Environment variables copied from the driver into every worker (vLLM, tokenizers, torch threads).
 FORWARDED_ENV_PREFIXES = ("VLLM_", "TOKENIZERS_", "OMP_", "HF_")
@@ -58,8 +59,7 @@ class RolloutWorker:
 
     def __init__(self, model_dir: str, config: RolloutConfig, env: Mapping[str, str] | None = None):
         os.environ.update(env or {})
-        from rollout.engine import VLLMEngine, make_llm
-        from rollout.tiny import load_tokenizer
+        from rollout.tiny import load_tokenizer  # lazy: transformers takes seconds to import; only the actor needs it
 
         self.config = config
         self.tokenizer = load_tokenizer(model_dir)
@@ -75,8 +75,6 @@ class RolloutWorker:
     def generate(self, prompts: list[list[int]], prompt_indices: list[int], config: RolloutConfig,
                  counter=None) -> list[Trajectory]:
         """Run the orchestrator on this worker's prompts; ``counter.add`` is told of each finished trajectory."""
-        from rollout.orchestrator import generate
-
         on_finish = (lambda _t: counter.add.remote(1)) if counter is not None else None
         return generate(self.engine, self.tokenizer, prompts, config, prompt_indices=prompt_indices,
                         on_finish=on_finish)
@@ -85,7 +83,7 @@ class RolloutWorker:
         """Fetch the buckets, write them to a fresh directory, reload in place; returns seconds."""
         import ray
 
-        from rollout.weights import reload_in_place, write_buckets
+        from rollout.weights import reload_in_place, write_buckets  # lazy: torch (~1 s); weight updates only
 
         start = time.perf_counter()
         new_dir = Path(tempfile.mkdtemp(prefix="threadweaver-weights-"))
@@ -97,8 +95,6 @@ class RolloutWorker:
         return time.perf_counter() - start
 
     def shutdown(self) -> None:
-        from rollout.engine import shutdown_llm
-
         shutdown_llm(self.llm)
         if self.weights_dir is not None:
             shutil.rmtree(self.weights_dir, ignore_errors=True)
@@ -163,7 +159,7 @@ class RolloutPool:
         """Load ``state_dict`` (name -> tensor, Hugging Face names) into every worker's engine."""
         import ray
 
-        from rollout.weights import to_buckets
+        from rollout.weights import to_buckets  # lazy: torch (~1 s); weight updates only
 
         start = time.perf_counter()
         buckets = to_buckets(state_dict, int(self.config.weight_bucket_mb * 2**20))

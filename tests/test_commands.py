@@ -34,7 +34,8 @@ def nothing_starts(monkeypatch):
         raise AssertionError("something started before the config was checked")
 
     monkeypatch.setattr(ray, "init", refuse)
-    monkeypatch.setattr("rollout.engine.make_llm", refuse)
+    for module in ("rollout.engine", "rollout.workers", "cluster.demo", "cluster.evaluate"):  # every binding of it
+        monkeypatch.setattr(f"{module}.make_llm", refuse)
     monkeypatch.setattr("cluster.tracking.Tracker.start", refuse)
 
 

@@ -29,7 +29,8 @@ def nothing_starts(monkeypatch):
         return fail
 
     monkeypatch.setattr(ray, "init", refuse("Ray"))
-    monkeypatch.setattr("rollout.engine.make_llm", refuse("a vLLM engine"))
+    for module in ("rollout.engine", "rollout.workers", "cluster.demo", "cluster.evaluate"):  # every binding of it
+        monkeypatch.setattr(f"{module}.make_llm", refuse("a vLLM engine"))
     monkeypatch.setattr("cluster.tracking.Tracker.start", refuse("an MLflow run"))
 
 

@@ -31,7 +31,7 @@ from rollout.units import replay
 
 
 class FakePool:
-    """Stands in for ``rollout.workers.RolloutPool``; logs to the test's ``log``."""
+    """Stands in for ``RolloutPool`` in ``rl.datagen.stage2``; logs to the test's ``log``."""
 
     log: list = []
     fail_init: BaseException | None = None
@@ -62,7 +62,7 @@ def fake_ray(monkeypatch):
     log: list = []
     FakePool.log, FakePool.fail_init, FakePool.fail_shutdown = log, None, None
     state = {"initialized": False}
-    monkeypatch.setattr("rollout.workers.RolloutPool", FakePool)
+    monkeypatch.setattr(stage2, "RolloutPool", FakePool)
     monkeypatch.setattr(stage2, "start_ray", lambda address, **kw: log.append(("start_ray", address, kw)))
     monkeypatch.setattr(ray, "shutdown", lambda: log.append(("ray shutdown",)))
     monkeypatch.setattr(ray, "is_initialized", lambda: state["initialized"])

@@ -45,6 +45,7 @@ from typing import Literal, Protocol
 
 from rewards.answer import extract_answer
 from rewards.checker import Verdict
+from rollout.check import InputError, read_jsonl
 from rollout.config import check_ranges
 from rl.datagen.rewrite import RewriteConfig, TeacherRewriter
 from rl.datagen.rules import RuleRewriter
@@ -154,8 +155,6 @@ def process(index: int, record: dict, cfg: Stage1Config, rewriter: Rewriter, che
 
 
 def read_records(path: str, limit: int | None) -> list[dict]:
-    from rollout.check import InputError, read_jsonl
-
     try:
         records = [rec for _, rec in read_jsonl(path)]
     except InputError as e:

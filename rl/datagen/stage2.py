@@ -46,6 +46,8 @@ from rollout.files import atomic_write, write_text
 from rollout.format import validate
 from rollout.orchestrator import Trajectory
 from rollout.ray_init import start_ray
+from rollout.units import chat_prompt_ids
+from rollout.workers import RolloutPool
 
 #: Sampler: prompt token ids -> trajectories, prompt-major (``rollout.n`` per prompt).
 Sampler = Callable[[list[list[int]]], list[Trajectory]]
@@ -154,8 +156,6 @@ def output_record(d: Decision, record: dict, provenance: dict) -> dict:
 
 def run_stage2(cfg: Stage2Config, sample: Sampler, tokenizer, checker: Checker) -> Stage2Result:
     """Read the prompts, sample with ``sample``, judge every trajectory, write the outputs."""
-    from rollout.units import chat_prompt_ids
-
     if not cfg.prompts or not cfg.out or not cfg.model:
         raise ValueError("stage 2 needs 'model', 'prompts' and 'out'")
     records = read_records(cfg.prompts, cfg.limit)
@@ -216,8 +216,6 @@ def pool_sampler(cfg: Stage2Config, ray_address: str | None = None) -> tuple[Sam
     """
     import ray
     from tqdm import tqdm
-
-    from rollout.workers import RolloutPool
 
     started_ray = not ray.is_initialized()
     if started_ray:  # a local instance unless told: never join a `ray start` cluster found by accident
