@@ -275,7 +275,7 @@ def faked_stages(tmp_path, monkeypatch):
     import cluster.pipeline as pipeline
 
     calls: list[tuple] = []
-    monkeypatch.setattr("cluster.ray_setup.init_ray", lambda *a, **k: False)
+    monkeypatch.setattr(pipeline, "init_ray", lambda *a, **k: False)  # imported by name there
     monkeypatch.setattr(pipeline, "_stage_data", lambda cfg, d, runs: calls.append(("data",)) or {"dir": "D"})
     monkeypatch.setattr(pipeline, "_stage_sft", lambda cfg, d, runs, data_dir, layout, extra: calls.append(
         ("sft", layout, data_dir)) or {"checkpoint": f"sft-{layout}"})
