@@ -21,11 +21,10 @@ from cluster.config import load_config
 from cluster.pipeline import PipelineConfig, Runs, _stage_selftrain, run_pipeline
 from rollout.config import RolloutConfig
 from rl.datagen.stage2 import Stage2Config, pool_sampler
-from rollout.engine import LENGTH, STOP, Completion
+from tests.test_datagen_stage2 import PlayEngine  # a fake engine playing known responses
 from rollout.orchestrator import generate
 from rollout.task import TaskConfig, make_dataset
 from rollout.tiny import build_tokenizer
-from rollout.units import replay
 
 # --------------------------------------------------------------------------- pool_sampler with a fake pool
 
@@ -136,32 +135,6 @@ def test_a_pool_that_cannot_start_leaves_a_running_ray_alone(fake_ray):
 
 
 # --------------------------------------------------------------------------- the self-training stage
-
-
-class PlayEngine:
-    """A fake engine that plays one known response per prompt through the real orchestrator."""
-
-    max_model_len = 100_000
-
-    def __init__(self, tokenizer, plays: list[tuple[list[int], str]]):
-        self.table = {tuple(u.context_ids): list(u.completion_ids)
-                      for prompt_ids, text in plays for u in replay(prompt_ids, text, tokenizer,
-                                                                    tokenizer.eos_token_id)}
-        self.done: list = []
-
-    def submit(self, requests):
-        for r in requests:
-            ids = self.table[tuple(r.prompt_ids)]
-            cut = next((i + 1 for i, t in enumerate(ids) if t in r.stop_token_ids), len(ids))
-            ids, finish = (ids[:cut], STOP) if cut <= r.max_tokens else (ids[:r.max_tokens], LENGTH)
-            self.done.append((r, Completion(ids, [-1.0] * len(ids), finish)))
-
-    def wait(self):
-        done, self.done = self.done, []
-        return done
-
-    def abort(self):
-        self.done = []
 
 
 @pytest.fixture
