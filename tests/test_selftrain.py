@@ -21,10 +21,10 @@ from cluster.config import load_config
 from cluster.pipeline import PipelineConfig, Runs, _stage_selftrain, run_pipeline
 from rollout.config import RolloutConfig
 from rl.datagen.stage2 import Stage2Config, pool_sampler
-from tests.test_datagen_stage2 import PlayEngine  # a fake engine playing known responses
 from rollout.orchestrator import generate
 from rollout.task import TaskConfig, make_dataset
 from rollout.tiny import build_tokenizer
+from tests.test_datagen_stage2 import PlayEngine  # a fake engine playing known responses
 
 # --------------------------------------------------------------------------- pool_sampler with a fake pool
 
