@@ -64,15 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg, code = resolve(RLRunConfig, args, "rl")
+    cfg, code = resolve(RLRunConfig, args, "rl", check=check_inputs)
     if cfg is None:
         return code
     set_runtime_defaults()
-    try:
-        check_inputs(cfg)
-    except (ValueError, OSError) as e:
-        print(f"threadweaver rl: {e}", file=sys.stderr)
-        return 2
     if args.check:
         return check(cfg)
     summary = run_rl(cfg)

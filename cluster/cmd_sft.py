@@ -4,7 +4,6 @@ resource check (``cluster.ray_setup``), then training."""
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -54,15 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg, code = resolve(SFTRunConfig, args, "sft")
+    cfg, code = resolve(SFTRunConfig, args, "sft", check=check_inputs)
     if cfg is None:
         return code
     set_runtime_defaults()
-    try:
-        check_inputs(cfg)
-    except (ValueError, OSError) as e:
-        print(f"threadweaver sft: {e}", file=sys.stderr)
-        return 2
     summary = run_sft(cfg)
     ev = summary["eval"]
     print(f"sft done: {summary['steps']} steps, train {summary['train_s'] / 60:.1f} min, "

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import TypeVar
+from typing import Callable, TypeVar
 
 import yaml
 
@@ -39,9 +39,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, example: str, resume: 
 
 
 def resolve(cls: type[T], args: argparse.Namespace, prog: str, resume_override: str = "resume=auto",
-            extra_overrides: list[str] = ()) -> tuple[T | None, int | None]:
+            extra_overrides: list[str] = (), check: Callable[[T], None] | None = None
+            ) -> tuple[T | None, int | None]:
     """``(config, None)`` to go on, or ``(None, exit code)``: 0 after ``--show-config``/``--print-config``,
-    2 (one line on stderr) for a bad config."""
+    2 (one line on stderr) for a bad config or when ``check(config)`` (the command's input checks, run
+    before anything starts) raises ValueError or OSError."""
     if args.show_config:
         print(describe(cls))
         return None, 0
@@ -56,4 +58,10 @@ def resolve(cls: type[T], args: argparse.Namespace, prog: str, resume_override: 
     if args.print_config:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return None, 0
+    if check is not None:
+        try:
+            check(cfg)
+        except (ValueError, OSError) as e:
+            print(f"threadweaver {prog}: {e}", file=sys.stderr)
+            return None, 2
     return cfg, None
