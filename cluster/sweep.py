@@ -10,8 +10,8 @@ What it really does:
    memory from the resolved base config (``cluster.config.with_values``);
 2. opens one parent MLflow run for the sweep, and runs every point as a Ray
    task (``cluster.cmd_rl.run_rl``), at most ``max_concurrent`` at once; a point's
-   run is an MLflow child run of the sweep's (the tag ``mlflow.parentRunId``
-   is set when the point finishes, since the RL stage opens its own run);
+   run is created as an MLflow child run of the sweep's (``mlflow.parentRunId``)
+   with the command's context tags;
 3. collects each point's final held-out evaluation (``eval.at_end`` must be
    on; parallel decoding): accuracy, ``L_crit``, ``L_total``, activation,
    ``eta``; and ends with ``sweep.md`` (a table), ``sweep.json`` and
@@ -45,6 +45,7 @@ from typing import Any, Sequence
 
 from cluster.command import add_config_arguments, resolve
 from cluster.config import ConfigError, load_config, to_dict, with_values
+from cluster.lineage import run_context
 from cluster.ray_setup import RayConfig, Role, init_ray
 from cluster.report import save_figure
 from cluster.tracking import Tracker, TrackingConfig, resolve_uri
@@ -74,7 +75,7 @@ class SweepConfig:
     max_concurrent: int = field(default=1, metadata={"help": "points running at once (Ray tasks)", "range": ">= 1"})
     share_rollout: bool = field(default=False, metadata={
         "help": "one rollout pool for all points, which then run one at a time (saves an engine start per point)"})
-    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="threadweaver-sweep"),
+    tracking: TrackingConfig = field(default_factory=TrackingConfig,
                                      metadata={"help": "MLflow: the sweep's parent run; points log child runs"})
     ray: RayConfig = field(default_factory=RayConfig, metadata={"help": "Ray"})
 
@@ -158,20 +159,21 @@ def _plan_line(point: Point) -> str:
     return f"{point.name}: " + " ".join(f"{k}={text(v)}" for k, v in point.values.items())
 
 
-def _run_point(rl_cfg, rollout_pool=None) -> dict:
-    """Body of one point's Ray task: the RL stage on the point's config; returns its summary."""
+def _run_point(rl_cfg, rollout_pool=None, tags: dict[str, str] | None = None) -> dict:
+    """Body of one point's Ray task: the RL stage on the point's config (its MLflow run gets ``tags``);
+    returns its summary."""
     from cluster.cmd_rl import run_rl  # lazy: imports torch via rl/ (~1.5 s); --plan and --show-config need none
     from rl.services import Services  # lazy: imports torch via rl/ (~1.5 s); --plan and --show-config need none
 
     if rollout_pool is None:
-        return run_rl(rl_cfg)
+        return run_rl(rl_cfg, tags=tags)
     from rewards.service import RewardPool  # lazy: imports Ray (~1 s); --plan and --show-config need none of it
 
     rewards = RewardPool(rl_cfg.reward)
     services = Services(rollout_pool, rewards)
     try:
         rewards.wait_ready()
-        return run_rl(rl_cfg, services=services)
+        return run_rl(rl_cfg, services=services, tags=tags)
     finally:
         rewards.close()
         if services.rollout is not rollout_pool:  # the driver rebuilt the pool after a worker died
@@ -228,15 +230,16 @@ def plot(results: Sequence[PointResult], path: str | Path) -> Path:
 # --------------------------------------------------------------------------- the sweep
 
 
-def sweep(cfg: SweepConfig) -> list[PointResult]:
-    """Run every point (see module doc); returns the results in grid order."""
+def sweep(cfg: SweepConfig, context: dict[str, str] | None = None) -> list[PointResult]:
+    """Run every point (see module doc); returns the results in grid order. ``context``: the tags of every
+    run (``cluster.lineage.run_context``)."""
     import ray
 
     from cluster.cmd_rl import roles  # lazy: imports torch via rl/ (~1.5 s); --plan and --show-config need none
     from rl.driver import check_inputs  # lazy: imports torch via rl/ (~1.5 s); --plan and --show-config need none
 
     run_dir = check_output_dir(cfg.run_dir, "run_dir")
-    uri = resolve_uri(cfg.tracking, run_dir) if cfg.tracking.enabled else None
+    uri = resolve_uri(cfg.tracking) if cfg.tracking.enabled else None
     base = base_config(cfg)
     check_model_dir(base.model, "the RL config's model")
     if not base.eval.at_end or "parallel" not in base.eval.modes:
@@ -250,8 +253,10 @@ def sweep(cfg: SweepConfig) -> list[PointResult]:
     concurrency = 1 if cfg.share_rollout else min(cfg.max_concurrent, len(points))
     plan = [Role(r.name, r.count * concurrency, r.cpus, r.gpus) for r in per_point]
     started = init_ray(cfg.ray, plan)
-    tracker = Tracker(cfg.tracking, run_dir)
+    context = dict(context or {})
+    tracker = Tracker(cfg.tracking, run_dir, tags=context)
     parent = tracker.start({**to_dict(cfg, flat=True), "points": len(points)}, tags={"stage": "sweep"})
+    point_tags = {**context, "stage": "sweep_point"} | ({"mlflow.parentRunId": parent} if parent else {})
     status = "FAILED"
     shared = None
     results: list[PointResult | None] = [None] * len(points)
@@ -266,13 +271,12 @@ def sweep(cfg: SweepConfig) -> list[PointResult]:
             while queue and len(pending) < concurrency:
                 p = queue.pop(0)
                 print(f"sweep: starting {p.name} ({p.index + 1}/{len(points)})", flush=True)
-                ref = task.remote(configs[p.index], shared)
+                ref = task.remote(configs[p.index], shared, point_tags)
                 pending[ref] = (p, time.perf_counter())
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
                 p, t0 = pending.pop(ref)
-                results[p.index] = _collect(ref, p, time.perf_counter() - t0, configs[p.index].run_dir, uri,
-                                            parent, tracker)
+                results[p.index] = _collect(ref, p, time.perf_counter() - t0, configs[p.index].run_dir, tracker)
         finished = [r for r in results if r is not None]
         _write_outputs(finished, run_dir, tracker)
         status = "FINISHED" if all(r.error is None for r in finished) else "FAILED"
@@ -285,8 +289,7 @@ def sweep(cfg: SweepConfig) -> list[PointResult]:
             ray.shutdown()
 
 
-def _collect(ref, point: Point, wall_s: float, run_dir: str, uri: str | None, parent: str | None,
-             tracker) -> PointResult:
+def _collect(ref, point: Point, wall_s: float, run_dir: str, tracker) -> PointResult:
     import ray
 
     try:
@@ -297,24 +300,12 @@ def _collect(ref, point: Point, wall_s: float, run_dir: str, uri: str | None, pa
         print(f"sweep: {point.name} failed: {msg}", file=sys.stderr, flush=True)
         return PointResult(point, None, None, run_dir, wall_s, msg)
     run_id = summary.get("mlflow_run_id")
-    if run_id and parent and uri:
-        _tag_child(uri, run_id, parent)
     tracker.log_metrics({f"sweep/{k}": v for k, v in metrics.items()}
                         | {"sweep/rho": point.rho, "sweep/clip": point.clip,
                            "sweep/incorrect_reward": point.incorrect_reward}, point.index)
     print(f"sweep: {point.name} done in {wall_s / 60:.1f} min: accuracy {metrics['accuracy']:.3f}, "
           f"L_crit {metrics['L_crit']:.1f}", flush=True)
     return PointResult(point, metrics, run_id, run_dir, wall_s)
-
-
-def _tag_child(uri: str, run_id: str, parent: str) -> None:
-    """Make ``run_id`` a child of ``parent`` in MLflow's UI; a failure only warns (like all tracking)."""
-    try:
-        from mlflow import MlflowClient
-
-        MlflowClient(uri).set_tag(run_id, "mlflow.parentRunId", parent)
-    except Exception as e:  # noqa: BLE001 - tracking never stops the sweep
-        print(f"sweep: could not tag MLflow run {run_id} as a child of {parent}: {e}", file=sys.stderr)
 
 
 def _write_outputs(results: Sequence[PointResult], run_dir: Path, tracker) -> None:
@@ -347,7 +338,7 @@ def run(args: argparse.Namespace) -> int:
                 point_config(base, p)
                 print(_plan_line(p))
             return 0
-        results = sweep(cfg)
+        results = sweep(cfg, run_context("sweep", args.config))
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"threadweaver sweep: {e}", file=sys.stderr)
         return 2

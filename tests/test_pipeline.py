@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from cluster.config import ConfigError, load_config
-from cluster.pipeline import PipelineConfig, check_config, log_metrics_file, run_pipeline, stage_config
+from cluster.pipeline import PipelineConfig, Progress, check_config, planned_stages, run_pipeline, stage_config
 from rl.sft import SFTConfig
 
 
@@ -71,26 +71,6 @@ def test_a_used_run_dir_is_refused_unless_reuse_and_an_unfinished_stage_is_kept_
                                  [f"run_dir={tmp_path}", "reuse=true"]))
     assert not (tmp_path / "sft_parallel").exists()  # kept aside, the stage runs again
     assert (tmp_path / "sft_parallel.incomplete-2" / "kept.txt").read_text() == "x"
-
-
-class _Recorder:
-    def __init__(self):
-        self.logged = []
-
-    def log_metrics(self, metrics, step):
-        self.logged.append((step, dict(metrics)))
-
-
-def test_stage_metrics_file_is_replayed_step_by_step(tmp_path, capsys):
-    path = tmp_path / "metrics.jsonl"
-    path.write_text(json.dumps({"kind": "train", "step": 1, "loss": 2.0}) + "\n"
-                    + json.dumps({"kind": "eval", "step": 2, "accuracy": 0.5}) + "\n"
-                    + '{"kind": "train", "step": 3, "lo')  # a stage killed while writing its last line
-    rec = _Recorder()
-    assert log_metrics_file(rec, path) == 2
-    assert rec.logged == [(1, {"train/loss": 2.0}), (2, {"eval/accuracy": 0.5})]
-    assert "skipped 1 line(s) that are not JSON objects" in capsys.readouterr().err
-    assert log_metrics_file(rec, tmp_path / "missing.jsonl") == 0
 
 
 def test_cli_needs_a_file():

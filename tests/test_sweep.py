@@ -35,7 +35,7 @@ def test_grid_sets_the_weights_turns_the_preset_off_and_keeps_the_accel_form(tmp
     assert point_config(replace(base, reward=replace(base.reward, preset=None, accel_form="clip_then_scale")),
                         points[1]).reward.accel_form == "clip_then_scale"
     assert rl.run_dir == str(tmp_path / points[1].name) and rl.tracking.uri == "sqlite:///x.db"
-    assert rl.tracking.run_name == points[1].name and rl.tracking.experiment == "threadweaver-sweep"
+    assert rl.tracking.run_name == points[1].name and rl.tracking.experiment == cfg.tracking.experiment
 
 
 def test_bad_sweeps_are_refused():

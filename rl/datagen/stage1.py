@@ -41,7 +41,7 @@ from collections import Counter
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Callable, Literal, Protocol
 
 from rewards.answer import extract_answer
 from rewards.checker import Verdict
@@ -184,8 +184,10 @@ def count_rejections(outcomes: list[Outcome]) -> dict[str, dict[str, int]]:
 
 
 def run_stage1(cfg: Stage1Config, rewriter: Rewriter, checker: Checker, *,
-               client: TeacherClient | None = None) -> Stage1Result:
-    """Process every record of ``cfg.input`` and write the outputs (see the module docstring)."""
+               client: TeacherClient | None = None,
+               on_progress: Callable[[int, int, int], None] | None = None) -> Stage1Result:
+    """Process every record of ``cfg.input`` and write the outputs (see the module docstring);
+    ``on_progress(done, kept, total)`` is called after every record."""
     from tqdm import tqdm
 
     if not cfg.input or not cfg.out:
@@ -203,6 +205,8 @@ def run_stage1(cfg: Stage1Config, rewriter: Rewriter, checker: Checker, *,
             kept += o.response is not None
             bar.update(1)
             bar.set_postfix(kept=kept, refresh=False)
+            if on_progress is not None:
+                on_progress(bar.n, kept, len(records))
 
         if workers == 1:
             for i, rec in enumerate(records):
