@@ -177,15 +177,18 @@ def decode(engine, tokenizer, prompts: Sequence[Sequence[int]], rollout_cfg, iso
     """``rollout_cfg.n`` trajectories per prompt; ``isolated``: one problem at a time (own wall clock).
 
     A short untimed warm-up request (the first prompt, 8 tokens) goes first, so
-    the first problem's time does not include the engine's first steps.
+    the first problem's time does not include the engine's first steps. Isolated decoding shows a progress
+    bar of the problems done.
     """
     eos = tokenizer.eos_token_id
     warm = replace(rollout_cfg, n=1, max_tokens=min(8, rollout_cfg.max_tokens))
     generate(engine, tokenizer, [prompts[0]], warm, eos_token_id=eos)
     if not isolated:
         return generate(engine, tokenizer, prompts, rollout_cfg, eos_token_id=eos)
+    from tqdm import tqdm  # lazy: only for isolated decoding
+
     out = []
-    for i, p in enumerate(prompts):
+    for i, p in enumerate(tqdm(prompts, desc="problems", unit="problem", leave=False)):
         out += generate(engine, tokenizer, [p], rollout_cfg, prompt_indices=[i], eos_token_id=eos)
     return out
 

@@ -43,7 +43,8 @@ estimate of the time left (the mean time of the stages finished so far, reused
 ones included, times the stages left).
 
 ``RUN_DIR/pipeline.json`` records every finished stage and its outputs, and
-``RUN_DIR/report.md`` ends the run: the evaluation table and the stage times.
+``RUN_DIR/report.md`` ends the run: the evaluation table, the stage times, the training curves
+(``training_curves.png``) and the speedup histogram; ``report.html`` is its rendering.
 A ``RUN_DIR`` that already holds a stage's folder is refused unless
 ``reuse: true``, which takes the outputs of the stages recorded as finished
 in ``pipeline.json`` as they are (each reuse is printed) and runs the rest;
@@ -75,6 +76,7 @@ from cluster.config import ConfigError, override, to_dict, with_values
 from cluster.evaluate import BenchEvalConfig, parse_data_arg, read_benchmark, run_benchmarks
 from cluster.lineage import run_context
 from cluster.ray_setup import RayConfig, init_ray
+from cluster.report import markdown_html, training_curves
 from cluster.tracking import Tracker, TrackingConfig, resolve_uri
 from cluster.viewer import eval_page
 from rewards.checker import AnswerChecker
@@ -328,7 +330,9 @@ def run_pipeline(cfg: PipelineConfig, config_files: list[str] = ()) -> dict:
         ev = stage("eval", lambda d: _stage_eval(cfg, d, runs, data["dir"], par_model, seq_model))
         total = time.perf_counter() - t_start
         report = _final_report(run_dir, record, ev, total)
-        runs.parent.log_artifact(report)
+        for path in (report, run_dir / "report.html", run_dir / "training_curves.png"):
+            if path.is_file():
+                runs.parent.log_artifact(path)
         runs.parent.log_artifact(record_file)
         runs.parent.log_metrics({k: v for k, v in ev["metrics"].items()} | {"time/total_s": total}, 0)
         record["wall_s"] = total
@@ -439,6 +443,8 @@ def _stage_eval(cfg: PipelineConfig, stage_dir: Path, runs: Runs, data_dir: str,
 
 
 def _final_report(run_dir: Path, record: dict, ev: dict, total_s: float) -> Path:
+    """``report.md`` (the evaluation, the stage times, the training curves and the speedup histogram as PNGs)
+    and its HTML rendering ``report.html`` next to it."""
     lines = [Path(ev["report"]).read_text().replace("# Evaluation", "# Pipeline report", 1), "", "## Stages", "",
              "| stage | minutes | output |", "|---|---:|---|"]
     for name in STAGES:
@@ -447,7 +453,19 @@ def _final_report(run_dir: Path, record: dict, ev: dict, total_s: float) -> Path
             out = s.get("checkpoint") or s.get("dir") or s.get("report") or ""
             lines.append(f"| {name} | {s['wall_s'] / 60:.1f} | {out} |")
     lines += ["", f"Total: {total_s / 60:.1f} minutes."]
-    return write_text(run_dir / "report.md", "\n".join(lines) + "\n")
+    trained = [n for n in ("rl_parallel", "rl_sequential") if n in record["stages"]] or \
+        [n for n in ("sft_parallel", "sft_sequential") if n in record["stages"]]
+    curves = training_curves({n: run_dir / n / "metrics.jsonl" for n in trained}, run_dir / "training_curves.png")
+    if curves is not None:
+        lines += ["", "## Training curves", "", f"Stages {', '.join(trained)}: reward, accuracy, activation and "
+                  "L_crit over the training steps (dashed: held-out evaluations).", "",
+                  f"![training curves]({curves.name})"]
+    hist = Path(ev["report"]).parent / "speedup_hist.png"
+    if hist.is_file():
+        lines += ["", "## Speedup per problem", "", f"![speedup histogram]({hist.relative_to(run_dir).as_posix()})"]
+    text = "\n".join(lines) + "\n"
+    write_text(run_dir / "report.html", markdown_html(text, f"Pipeline report: {run_dir.name}"))
+    return write_text(run_dir / "report.md", text)
 
 
 # --------------------------------------------------------------------------- CLI

@@ -151,6 +151,8 @@ class RLConfig:
     max_rollout_restarts: int = field(default=3, metadata={
         "help": "rebuilds of the rollout pool allowed per call (a rollout, a weight sync, an evaluation) after a "
                 "worker or engine died (count)", "range": ">= 0"})
+    progress: bool = field(default=True, metadata={
+        "help": "show a progress bar of the trajectories done in every rollout and held-out evaluation"})
     data: RLDataConfig = field(default_factory=RLDataConfig, metadata={"help": "prompts"})
     rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={
         "help": "sampling (n = k samples per prompt, at least 2: set it) and rollout workers"})
@@ -409,7 +411,8 @@ def train(cfg: RLConfig, tracker: Tracker, on_step: Callable[[int, dict], None] 
         if services is None:
             services = start_services(cfg.rollout, cfg.reward, cfg.grpo, cfg.learner, cfg.model)
         run = Run(cfg, tracker, group, services,
-                  Rollouts(services, cfg.model, cfg.rollout, cfg.max_rollout_restarts, group.state_dict),
+                  Rollouts(services, cfg.model, cfg.rollout, cfg.max_rollout_restarts, group.state_dict,
+                           progress=cfg.progress),
                   PromptStream(len(train_records), cfg.seed, PromptState(**state["data"])), tokenizer, train_records,
                   [chat_prompt_ids(tokenizer, r[cfg.data.prompt_field]) for r in val_chosen],
                   [str(r[cfg.data.answer_field]) for r in val_chosen], eval_page, Counter(state["totals"]),

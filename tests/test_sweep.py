@@ -85,7 +85,7 @@ def test_two_point_sweep_runs_child_runs_and_plots(tiny_model_dir, tmp_path):
     cfg = load_config(SweepConfig, None, [
         f"rl_config=[{RL_TINY}]", f"overrides={json.dumps(rl_overrides)}", "rho=[0.5,1.0]", "clip=[0.2]",
         "incorrect_reward=[0.0]", f"run_dir={tmp_path / 'sweep'}", "share_rollout=true",
-        "tracking.experiment=sweep-test", "ray.num_cpus=3"])
+        "tracking.experiment=sweep-test", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "ray.num_cpus=3"])
     results = sweep(cfg)
     assert [r.error for r in results] == [None, None]
     assert [r.point.rho for r in results] == [0.5, 1.0]
@@ -104,7 +104,7 @@ def test_two_point_sweep_runs_child_runs_and_plots(tiny_model_dir, tmp_path):
     out = tmp_path / "sweep"
     assert (out / "sweep_plot.png").stat().st_size > 5000
     assert "p01_rho1_clip0.2_inc0" in (out / "sweep.md").read_text()
-    client = MlflowClient(f"sqlite:///{out.resolve()}/mlflow.db")
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("sweep-test").experiment_id])
     parents = [r for r in runs if r.data.tags.get("stage") == "sweep"]
     children = [r for r in runs if r.data.tags.get("stage") == "rl"]

@@ -197,16 +197,17 @@ def run_stage1(cfg: Stage1Config, rewriter: Rewriter, checker: Checker, *,
     workers = cfg.teacher.concurrency if rewriter.name == "teacher" else 1
     outcomes: list[Outcome | None] = [None] * len(records)
     with tqdm(total=len(records), desc="stage 1", unit="trace", disable=not cfg.progress) as bar:
-        kept = 0
+        kept = n_done = 0
 
         def done(o: Outcome) -> None:
-            nonlocal kept
+            nonlocal kept, n_done
             outcomes[o.index] = o
             kept += o.response is not None
+            n_done += 1
             bar.update(1)
             bar.set_postfix(kept=kept, refresh=False)
             if on_progress is not None:
-                on_progress(bar.n, kept, len(records))
+                on_progress(n_done, kept, len(records))
 
         if workers == 1:
             for i, rec in enumerate(records):
