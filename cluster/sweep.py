@@ -3,7 +3,11 @@
 What it really does:
 
 1. resolves the RL stage's config (``rl_config`` files plus ``overrides``,
-   exactly as ``threadweaver rl`` would) and expands the grid
+   exactly as ``threadweaver rl`` would) and the model every point starts
+   from (:func:`start_model`: the sweep's ``model``, else the RL config's
+   ``model`` when that folder exists, else the newest pipeline's parallel SFT
+   checkpoint under ``pipelines``, with that pipeline's data when the RL
+   config's data files are missing), and expands the grid
    ``rho x clip x incorrect_reward`` into points; each point is that config
    with ``reward.preset`` off, the three weights set, the base config's
    ``accel_form`` kept, and its own ``run_dir`` (``RUN_DIR/NAME``), made in
@@ -71,6 +75,11 @@ class SweepConfig:
         "help": "values of reward.clip", "range": ">= 0"})
     incorrect_reward: list[float] = field(default_factory=lambda: [0.0], metadata={
         "help": "values of reward.incorrect_reward (R_correct of a wrong answer)", "range": "finite"})
+    model: str | None = field(default=None, metadata={
+        "help": "checkpoint every point starts from (null: the RL config's model if it exists, else the newest "
+                "pipeline's parallel SFT checkpoint under 'pipelines')"})
+    pipelines: str = field(default="runs", metadata={
+        "help": "folder searched for pipeline runs (*/pipeline.json) when no model is given or found"})
     run_dir: str = field(default="runs/sweep", metadata={"help": "output folder; point runs go in RUN_DIR/NAME"})
     max_concurrent: int = field(default=1, metadata={"help": "points running at once (Ray tasks)", "range": ">= 1"})
     share_rollout: bool = field(default=False, metadata={
@@ -141,6 +150,43 @@ def base_config(cfg: SweepConfig):
     from cluster.cmd_rl import RLRunConfig  # lazy: imports torch via rl/ (~1.5 s); --plan and --show-config need none
 
     return load_config(RLRunConfig, cfg.rl_config, cfg.overrides)
+
+
+def newest_pipeline(folder: str | Path) -> dict | None:
+    """The stages of the newest pipeline run under ``folder`` (``*/pipeline.json``, by modification time) whose
+    parallel SFT checkpoint exists, or None."""
+    found = []
+    for record_file in Path(folder).glob("*/pipeline.json"):
+        try:
+            stages = json.loads(record_file.read_text()).get("stages", {})
+            ckpt = stages["sft_parallel"]["checkpoint"]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+        if Path(ckpt, "config.json").is_file():
+            found.append((record_file.stat().st_mtime, str(record_file), stages))
+    return max(found)[2] if found else None
+
+
+def start_model(cfg: SweepConfig, base) -> tuple[dict[str, Any], str]:
+    """The values that set every point's model (and data, when they come from a pipeline), and a line saying
+    where the model comes from; ValueError naming the keys when there is none (see module doc)."""
+    if cfg.model is not None:
+        check_model_dir(cfg.model, "model")
+        return {"model": cfg.model}, f"model {cfg.model} (the sweep's model)"
+    if Path(base.model, "config.json").is_file():
+        return {}, f"model {base.model} (the RL config's model)"
+    stages = newest_pipeline(cfg.pipelines)
+    if stages is None:
+        raise ValueError(f"no model to start from: the RL config's model ({base.model}) has no config.json and no "
+                         f"pipeline under {cfg.pipelines}/ has a parallel SFT checkpoint; run 'make run' first, or "
+                         "set model=DIR (a Hugging Face checkpoint folder)")
+    values: dict[str, Any] = {"model": stages["sft_parallel"]["checkpoint"]}
+    data_dir = stages.get("data", {}).get("dir")
+    data = base.data
+    if data_dir and not (Path(data.dir) / data.train_file).is_file():
+        values |= {"data.dir": data_dir, "data.generate": False}
+    return values, (f"model {values['model']} (the newest pipeline's parallel SFT checkpoint)"
+                    + (f", data {data_dir}" if "data.dir" in values else ""))
 
 
 def point_config(base, point: Point):
@@ -241,7 +287,9 @@ def sweep(cfg: SweepConfig, context: dict[str, str] | None = None) -> list[Point
     run_dir = check_output_dir(cfg.run_dir, "run_dir")
     uri = resolve_uri(cfg.tracking) if cfg.tracking.enabled else None
     base = base_config(cfg)
-    check_model_dir(base.model, "the RL config's model")
+    values, origin = start_model(cfg, base)
+    base = with_values(base, values)
+    print(f"sweep: every point starts from {origin}", flush=True)
     if not base.eval.at_end or "parallel" not in base.eval.modes:
         raise ValueError("every point needs its final held-out evaluation in parallel mode: set eval.at_end=true "
                          "and keep 'parallel' in eval.modes")

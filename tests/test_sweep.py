@@ -116,3 +116,38 @@ def test_two_point_sweep_runs_child_runs_and_plots(tiny_model_dir, tmp_path):
     assert {"sweep.md", "sweep.json", "sweep_plot.png"} <= artifacts
     history = client.get_metric_history(parents[0].info.run_id, "sweep/L_crit")
     assert sorted(m.step for m in history) == [0, 1]
+
+
+def test_the_model_comes_from_the_sweep_the_rl_config_or_the_newest_pipeline(tmp_path):
+    import os
+
+    from cluster.sweep import start_model
+
+    def pipeline(name, mtime):
+        ckpt = tmp_path / "runs" / name / "sft_parallel" / "final" / "hf"
+        ckpt.mkdir(parents=True)
+        (ckpt / "config.json").write_text("{}")
+        record = tmp_path / "runs" / name / "pipeline.json"
+        record.write_text(json.dumps({"stages": {"data": {"dir": f"/d/{name}"}, "sft_parallel": {"checkpoint": str(ckpt)}}}))
+        os.utime(record, (mtime, mtime))
+        return str(ckpt)
+
+    cfg = load_config(SweepConfig, None, [f"rl_config=[{RL_TINY}]", f"pipelines={tmp_path / 'runs'}",
+                                          f"overrides=[model={tmp_path / 'missing'}, data.dir={tmp_path / 'nodata'}]"])
+    base = base_config(cfg)
+    with pytest.raises(ValueError, match=r"no model to start from.*set model=DIR"):
+        start_model(cfg, base)
+    (tmp_path / "runs" / "broken").mkdir(parents=True)
+    (tmp_path / "runs" / "broken" / "pipeline.json").write_text("{not json")
+    pipeline("old", 1_000_000)
+    newest = pipeline("new", 2_000_000)
+    values, origin = start_model(cfg, base)
+    assert values == {"model": newest, "data.dir": "/d/new", "data.generate": False}
+    assert "newest pipeline's parallel SFT checkpoint" in origin
+
+    given = replace(cfg, model=pipeline("given", 0))
+    assert start_model(given, base)[0] == {"model": given.model}
+    with pytest.raises(ValueError, match="model"):
+        start_model(replace(cfg, model=str(tmp_path / "nope")), base)
+    own = base_config(replace(cfg, overrides=[f"model={newest}"]))
+    assert start_model(cfg, own) == ({}, f"model {newest} (the RL config's model)")
