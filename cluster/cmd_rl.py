@@ -44,15 +44,17 @@ def roles(cfg: RLConfig) -> list[Role]:
 
 
 def run_rl(cfg: RLRunConfig, on_step: Callable[[int, dict], None] | None = None,
-           services: Services | None = None, tags: Mapping[str, str] | None = None) -> dict:
-    """The P-GRPO stage with its MLflow tracker (``tags`` on a new run: its context, a parent run), on Ray:
+           services: Services | None = None, tags: Mapping[str, str] | None = None,
+           run_id: str | None = None) -> dict:
+    """The P-GRPO stage with its MLflow tracker (``tags`` on a new run: its context, a parent run; ``run_id``: a
+    run made for it beforehand, see :class:`cluster.tracking.Tracker`), on Ray:
     started here (and stopped after) unless this process already runs it; ``on_step`` and ``services`` as in
     :func:`rl.driver.train`. The summary's ``model_id`` is the final checkpoint's logged model."""
     import ray  # lazy: Ray takes seconds to import and --show-config needs none of it
 
     check_inputs(cfg)
     started = init_ray(cfg.ray, roles(cfg))
-    tracker = Tracker(cfg.tracking, cfg.run_dir, tags=tags)
+    tracker = Tracker(cfg.tracking, cfg.run_dir, tags=tags, run_id=run_id)
     try:
         log_source(tracker, cfg.model)
         inputs_logged = log_inputs_when_present(tracker, data_files(cfg.data))

@@ -181,9 +181,12 @@ def numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 class Tracker:
-    """One MLflow run whose failures only warn (see module doc); ``tags`` go on the run when it is created."""
+    """One MLflow run whose failures only warn (see module doc); ``tags`` go on the run when it is created.
+    ``run_id`` names a run created for this tracker beforehand (a sweep's point, shown in the UI before it
+    starts): :meth:`start` then opens that run and logs the parameters into it."""
 
-    def __init__(self, cfg: TrackingConfig, run_dir: str | Path, tags: Mapping[str, str] | None = None):
+    def __init__(self, cfg: TrackingConfig, run_dir: str | Path, tags: Mapping[str, str] | None = None,
+                 run_id: str | None = None):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.uri = resolve_uri(cfg)
@@ -192,6 +195,7 @@ class Tracker:
         self._client = None
         self._want_run = False
         self._resume_id: str | None = None
+        self._made_id = run_id
         self._tags: dict[str, str] = {sanitize_key(k): str(v) for k, v in (tags or {}).items()}
         self._params: dict[str, str] = {}
         self._metrics: deque = deque()
@@ -330,6 +334,10 @@ class Tracker:
                         "logged (they are in the run folder %s)", self.uri, len(self._metrics),
                         len(self._artifacts), len(self._params), self.run_dir)
 
+    def client(self):
+        """The ``MlflowClient`` of this tracker's store, for calls it does not wrap (they may raise)."""
+        return self._get_client()
+
     @property
     def pending(self) -> int:
         """Metric values waiting for MLflow."""
@@ -402,9 +410,9 @@ class Tracker:
 
     def _open_run(self) -> None:
         client = self._get_client()
-        if self._resume_id is not None:
-            client.update_run(self._resume_id, status="RUNNING")
-            self.run_id = self._resume_id
+        if self._resume_id is not None or self._made_id is not None:
+            self.run_id = self._resume_id or self._made_id
+            client.update_run(self.run_id, status="RUNNING")
             for k, v in self._tags.items():
                 client.set_tag(self.run_id, k, v)
         else:
