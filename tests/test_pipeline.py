@@ -91,7 +91,8 @@ def test_every_stage_runs_at_toy_size_into_one_mlflow_parent_run(tmp_path):
                  "sft.learner.threads_per_rank=1", "rl.steps=1", "rl.prompts_per_step=2", "rl.rollout.n=2",
                  "rl.rollout.max_tokens=48", "rl.eval.prompts=2", "eval.limit=3", "eval.rollout.max_tokens=48",
                  "eval.pages=2", "tracking.experiment=pipeline-test", f"tracking.uri={uri}"]
-    record = run_pipeline(load_config(PipelineConfig, "experiments/pipeline_tiny.yaml", overrides))
+    record = run_pipeline(load_config(PipelineConfig, "experiments/pipeline_tiny.yaml", overrides),
+                          ["experiments/pipeline_tiny.yaml"])
     assert list(record["stages"]) == ["data", "sft_parallel", "sft_sequential", "rl_parallel", "rl_sequential",
                                       "eval"]
     report = (run_dir / "report.md").read_text()
