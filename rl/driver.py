@@ -85,11 +85,12 @@ from rl.learner import LearnerConfig, LearnerGroup
 from rl.metrics import StepTimes, step_metrics
 from rl.metrics_log import MetricsLog
 from rl.services import Rollouts, Services, start_services, stop_services
-from rl.sft_data import TaskData, check_data_config, ensure_task_data, read_records
+from rl.sft_data import TaskData, check_data_config, ensure_task_data
 from rl.step import rl_step
 from rl.tracker import Tracker
 from rollout.config import RolloutConfig, check_ranges, to_dict
 from rollout.files import check_model_dir, check_output_dir, write_text
+from rollout.records import read_records
 from rollout.units import chat_prompt_ids
 
 @dataclass
@@ -98,7 +99,8 @@ class RLDataConfig(TaskData):
     :class:`rl.sft_data.TaskData`)."""
 
     dir: str = field(default="runs/data/tiny", metadata={"help": "folder holding the train/validation files"})
-    train_file: str = field(default="train.jsonl", metadata={"help": "training records in dir (.jsonl/.parquet)"})
+    train_file: str = field(default="train.jsonl", metadata={
+        "help": "training records in dir (.jsonl/.parquet, this project's layout or verl's)"})
     validation_file: str = field(default="validation.jsonl", metadata={
         "help": "held-out records: a file in dir, or an absolute path"})
     prompt_field: str = field(default="prompt", metadata={"help": "record field holding the prompt text"})
