@@ -30,6 +30,15 @@ deviation unless ``advantage = "std"``), on-policy by default, no KL unless
   (non-negative, unbiased for KL(policy || reference)), counted once per
   occurrence. The reference log-probabilities ride in :class:`RLRow` and are
   computed by :class:`ReferenceModel` from the packed rows themselves.
+
+Against verl 0.9.1's ``core_algos`` (``tests/test_verl_parity.py``, on an
+expanded batch of one row per unit): the loss equals ``compute_policy_loss_vanilla``
+with ``loss_agg_mode="token-mean"`` and the KL term ``kl_penalty(...,
+"low_var_kl")``, except where verl clamps and this code does not: verl clamps
+the log-ratio to +-20 before ``exp``, caps a negative-advantage token's loss at
+``-A * clip_ratio_c`` (dual clip, 3), clamps the KL log-ratio to +-20 and the k3
+estimate to 10. The advantages equal ``compute_grpo_outcome_advantage`` with
+``norm_adv_by_std_in_grpo=False`` (``"mean"``) or ``True`` (``"std_verl"``).
 """
 
 from __future__ import annotations
