@@ -23,16 +23,12 @@ import torch
 
 from rl.grpo import VERL_STD_EPSILON, group_advantages, pgrpo_loss, with_reference
 from rl.trie import build_trie, make_row
+from rl.verl import require
 from rollout.units import Unit
 
-def _verl():
-    """verl's core_algos and actor config; a missing verl fails with the install hint (never a skip)."""
-    from rl.verl import require
-
-    return require("verl.trainer.ppo.core_algos"), require("verl.workers.config")
-
-
-core_algos, verl_config = _verl()
+# a missing verl fails the module with the install hint (rl.verl.require), never a skip
+core_algos = require("verl.trainer.ppo.core_algos")
+verl_config = require("verl.workers.config")
 
 # --------------------------------------------------------------------------- advantages
 
