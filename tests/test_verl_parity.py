@@ -174,7 +174,7 @@ def test_clipped_loss_equals_verls_vanilla_token_mean():
     ours = our_loss(rows, logits, clip_eps=0.2)
     log_prob, old, adv, mask, _ = verl_tensors(rows, logits, advantages)
     theirs, metrics = core_algos.compute_policy_loss_vanilla(old, log_prob, adv, mask, "token-mean", actor_config())
-    assert float(ours) == pytest.approx(float(theirs), abs=1e-6)
+    assert float(ours.detach()) == pytest.approx(float(theirs.detach()), abs=1e-6)
     assert 0 < metrics["actor/pg_clipfrac"] < 1                       # some tokens are clipped, some not
     for g_ours, g_theirs in zip(grads(ours, logits), grads(theirs, logits)):
         assert torch.allclose(g_ours, g_theirs, atol=1e-7)
@@ -197,7 +197,7 @@ def test_verls_dual_clip_caps_what_ours_does_not():
     theirs, m = core_algos.compute_policy_loss_vanilla(old, log_prob, adv, mask, "token-mean", actor_config())
     ours = our_loss(rows, logits, clip_eps=0.2)
     assert m["actor/pg_clipfrac_lower"] > 0
-    assert float(ours) - float(theirs) == pytest.approx(0.5 * (math.exp(1.5) - 3.0) / float(mask.sum()), abs=1e-6)
+    assert float(ours.detach() - theirs.detach()) == pytest.approx(0.5 * (math.exp(1.5) - 3.0) / float(mask.sum()), abs=1e-6)
 
 
 def test_kl_term_equals_verls_low_var_kl_until_its_clamp():
@@ -213,7 +213,7 @@ def test_kl_term_equals_verls_low_var_kl_until_its_clamp():
     theirs = core_algos.agg_loss(kld, mask, "token-mean")  # verl's kl_loss with loss_agg_mode token-mean
     pg_only = our_loss(rows, logits, None)
     with_kl = our_loss(rows, logits, None, kl_coef=1.0, refs=refs)
-    assert float(with_kl - pg_only) == pytest.approx(float(theirs), rel=1e-5)
+    assert float((with_kl - pg_only).detach()) == pytest.approx(float(theirs.detach()), rel=1e-5)
     assert float(kld.max()) < 10                                      # inside verl's clamp
     for g_ours, g_pg, g_kl in zip(grads(with_kl, logits), grads(pg_only, logits), grads(theirs, logits)):
         assert torch.allclose(g_ours - g_pg, g_kl, atol=1e-6)
@@ -224,4 +224,4 @@ def test_kl_term_equals_verls_low_var_kl_until_its_clamp():
     theirs = core_algos.agg_loss(core_algos.kl_penalty(log_prob, ref, "low_var_kl"), mask, "token-mean")
     with_kl = our_loss(rows, logits, None, kl_coef=1.0, refs=refs)
     k3 = math.exp(13.0) - 13.0 - 1.0
-    assert float(with_kl - pg_only - theirs) == pytest.approx((k3 - 10.0) / float(mask.sum()), rel=1e-4)
+    assert float((with_kl - pg_only - theirs).detach()) == pytest.approx((k3 - 10.0) / float(mask.sum()), rel=1e-4)
