@@ -53,7 +53,8 @@ class TagTokens:
                           ("thread_open", THREAD_OPEN), ("thread_close", THREAD_CLOSE)):
             tokens = encode(tokenizer, tag)
             if len(tokens) != 1:
-                raise ValueError(f"the tokenizer splits {tag} into {len(tokens)} tokens; the tags must be single tokens")
+                raise ValueError(f"the tokenizer splits {tag} into {len(tokens)} tokens; "
+                                 "the tags must be single tokens")
             ids[name] = tokens[0]
         return cls(**ids)
 

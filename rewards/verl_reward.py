@@ -1,4 +1,4 @@
-"""This project's reward as a verl reward function: ``compute_score(data_source, solution_str, ground_truth, extra_info)``.
+"""This project's reward as a verl reward function: ``compute_score(data_source, solution_str, ...)``.
 
 verl 0.9.1's reward loop calls it once per trajectory (``reward.custom_reward_function.path=
 pkg://rewards.verl_reward``, ``name=compute_score``) with the ``data_source`` column, the *last* row's
