@@ -21,7 +21,6 @@ Checked, for the same seeds:
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 
 import numpy as np
