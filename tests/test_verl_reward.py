@@ -23,7 +23,8 @@ PRESETS = ("paper", "official-code")
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
-    """Four trajectories with units and the same records for `threadweaver score`."""
+    """Six trajectories (three problems, parallel and sequential) with units, and the same records for
+    `threadweaver score`: problem 1 answered wrong, problem 2's parallel answer cut by the budget."""
     root = tmp_path_factory.mktemp("verl_reward")
     tok = build_tokenizer()
     tok.save_pretrained(root / "tok")
@@ -36,7 +37,9 @@ def records(tmp_path_factory):
             answer = rec["answer"] if i != 1 else str(int(rec["answer"]) + 1)  # record 1 is answered wrong
             units = replay(prompt_ids, response, tok, tok.eos_token_id)
             rows.append({"prompt": rec["prompt"], "response": response, "answer": answer,
-                         "units": [u.to_dict() for u in units]})
+                         "units": [u.to_dict() for u in units],
+                         # record 2's parallel answer was cut by the budget: not rewarded (reward_cut_responses)
+                         "finish_reason": "budget" if (i, kind) == (2, "parallel") else "eos"})
     path = root / "scored.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root, tok, rows, path
@@ -50,6 +53,7 @@ def score_cli(capsys, path, *args) -> list[dict]:
 def trajectory_info(tok, row) -> dict:
     """extra_info as the threadweaver agent loop hands it to the reward (rl.verl.agent_loop)."""
     return {"index": 0, "threadweaver": {"text": row["response"], "units": row["units"],
+                                         "finish_reason": row["finish_reason"],
                                          "tags": TagTokens.from_tokenizer(tok).to_dict()}}
 
 
@@ -70,7 +74,7 @@ def test_same_reward_as_threadweaver_score(capsys, records, preset):
         for key in ("R_correct", "R_accel", "L_total", "L_crit", "eta", "correct", "format_valid"):
             assert got[key] == pytest.approx(float(want[key])), key
         assert got["acc"] == float(want["correct"]) and got["accel_measured"] == 1.0
-    assert {r["correct"] for r in expected} == {True, False}
+    assert [r["correct"] for r in expected] == [True, True, False, False, False, True]  # wrong answer; cut
     assert any(r["R_accel"] > 0 for r in expected)
 
 
