@@ -195,14 +195,9 @@ def rewards_through_verl(runs, tokenizer) -> list[float]:
 
 
 def test_rewards_and_verls_v1_broadcast_give_our_group_advantages(runs, tokenizer):
-    from verl import DataProto
-    from verl.trainer.ppo.core_algos import AdvantageEstimator
-    from verl.trainer.ppo.v1.utils import compute_advantage_for_multi_trajectories
-
-    from rewards.score import RewardItem, score
     from rewards.checker import AnswerChecker
     from rewards.config import RewardConfig
-    from rl.grpo import group_advantages
+    from rewards.score import RewardItem, score
 
     results = rewards_through_verl(runs, tokenizer)
     answers = [a for _, a, _ in TAUGHT for _ in range(SAMPLES)]
@@ -214,11 +209,24 @@ def test_rewards_and_verls_v1_broadcast_give_our_group_advantages(runs, tokenize
     # a latency-penalised reward (the reward minus 1% of L_crit), so every group has distinct rewards
     rewards = [r["reward_score"] - 0.01 * r["reward_extra_info"]["L_crit"] for r in results]
 
+    assert_v1_broadcast_gives_group_advantages(runs["rows"], rewards, SAMPLES)
+
+
+def assert_v1_broadcast_gives_group_advantages(rows: list[list], rewards: list[float], samples: int) -> None:
+    """verl's V1 GRPO broadcast over ``rows`` (one list of AgentLoopOutput per sample, ``samples`` sessions per
+    prompt in order) gives every response token of every row its sample's ``rl.grpo.group_advantages``
+    (mean-centred, and ``std_verl`` against verl's std normalisation), and padding 0."""
+    from verl import DataProto
+    from verl.trainer.ppo.core_algos import AdvantageEstimator
+    from verl.trainer.ppo.v1.utils import compute_advantage_for_multi_trajectories
+
+    from rl.grpo import group_advantages
+
     # the rows as verl's V1 worker stores them (AgentLoopOutput.as_dict, the reward on every row),
     # keyed {uid}_{session}_{index}, padded as the trainer reads them back
     fields, keys, uids = [], [], []
-    for n, (sample_rows, reward) in enumerate(zip(runs["rows"], rewards)):
-        prompt, session = divmod(n, SAMPLES)
+    for n, (sample_rows, reward) in enumerate(zip(rows, rewards)):
+        prompt, session = divmod(n, samples)
         for i, row in enumerate(sample_rows):
             row = row.model_copy(deep=True)
             row.reward_score = reward
@@ -231,12 +239,12 @@ def test_rewards_and_verls_v1_broadcast_give_our_group_advantages(runs, tokenize
                                             pad("rm_scores")}, non_tensors={"uid": np.array(uids, dtype=object)})
         out = compute_advantage_for_multi_trajectories(data, keys, AdvantageEstimator.GRPO,
                                                        norm_adv_by_std_in_grpo=norm)
-        expected = [a for p in range(len(TAUGHT))
-                    for a in group_advantages(rewards[p * SAMPLES:(p + 1) * SAMPLES], mode)]
+        expected = [a for p in range(len(rows) // samples)
+                    for a in group_advantages(rewards[p * samples:(p + 1) * samples], mode)]
         assert any(abs(a) > 1e-3 for a in expected)
         for row, key in enumerate(keys):
             prompt, session, _ = key.split("_")
-            a = expected[int(prompt[1:]) * SAMPLES + int(session)]
+            a = expected[int(prompt[1:]) * samples + int(session)]
             n_tokens = int(fields[row]["response_mask"].sum())
             assert torch.allclose(out.batch["advantages"][row, :n_tokens], torch.full((n_tokens,), a), atol=1e-5)
             assert not out.batch["advantages"][row, n_tokens:].any()

@@ -4,7 +4,7 @@ The same path as ``tests/test_verl_agent_loop.py`` (verl's ``AgentLoopWorker`` r
 YAML, the loop is instantiated from verl's registry with ``hydra.utils.instantiate``, its server
 client is ``rl.verl.local_server.LocalServerClient``), with the scripted engine of the orchestrator's
 tests instead of vLLM: a model that always writes a two-thread block. The integration test checks the
-same on the real vLLM engine.
+same on the real vLLM engine, with real sampling and rewards.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from rollout.config import RolloutConfig
 from rollout.orchestrator import generate
 from rollout.units import chat_prompt_ids
 from tests.test_rollout_orchestrator import ScriptedEngine, good_policy
-from tests.test_verl_agent_loop import verl_config
+from tests.test_verl_agent_loop import assert_v1_broadcast_gives_group_advantages, verl_config
 
 SEED, SAMPLES = 3, 3
 QUESTIONS = ["Q: 1+2?", "Q: 4+5?"]
@@ -79,3 +79,11 @@ def test_one_request_id_per_sample_and_distinct_seeds(runs):
     assert sorted(ids.count(i) for i in set(ids)) == sorted(t.n_requests for t in ours)
     seeds = [r.seed for _, r in client.requests]
     assert None not in seeds and len(set(seeds)) == len(seeds)
+
+
+def test_verls_v1_broadcast_over_the_rows_gives_our_group_advantages(runs):
+    """The scripted samples are alike, so the rewards are given (distinct within each group): what is checked
+    is verl's broadcast from the last row of each sample to all its rows, token by token."""
+    out, _, _ = runs
+    rewards = [1.0, 0.2, -0.5, 0.7, 0.7, 1.2]
+    assert_v1_broadcast_gives_group_advantages(out, rewards, SAMPLES)
