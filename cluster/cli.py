@@ -31,6 +31,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("cluster.sweep", "reward-weight grid (rho, clip, incorrect reward): one RL run per point as Ray tasks, plot"),
     "run": ("cluster.pipeline", "the whole pipeline from one YAML: data, SFT, self-training, P-GRPO, eval (MLflow)"),
     "datagen": ("cluster.cmd_datagen", "parallel training data: stage1 rewrites traces, stage2 self-trains"),
+    "export-verl": ("cluster.cmd_export_verl", "prompts and answers as Parquet in verl's RL dataset layout (agent "
+                                           "loop 'threadweaver')"),
 }
 
 

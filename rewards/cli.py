@@ -9,7 +9,9 @@ chat-templated ``prompt`` field (an empty prompt when the record has none). With
 either, and for a response that is not format-valid (never replayed: it gets no
 ``R_accel`` anyway), the measures print as ``-``. A record whose ``finish_reason``
 says it was cut (anything but ``eos``/``stop``; see ``RewardConfig.reward_cut_responses``)
-is not checked and scores as incorrect.
+is not checked and scores as incorrect. ``--preset official-code`` counts tokens
+on the token sequence by tag (``rewards.tag_count``) and so always needs
+``--tokenizer``.
 
 Answers are checked in this process; a math-verify server starts only if an
 answer needs it (no Ray).
@@ -31,7 +33,7 @@ import sys
 
 from rewards.checker import AnswerChecker
 from rewards.config import PRESETS, RewardConfig
-from rewards.score import RewardItem, ScoreRecord, score
+from rewards.score import RewardItem, ScoreRecord, item_tags, score
 from rollout.check import InputError, open_tokenizer, prompt_ids, read_jsonl, record_prompt
 from rollout.format import validate
 from rollout.units import replay, units_from_json
@@ -62,8 +64,11 @@ def read_records(path: str) -> list[tuple[int, dict]]:
     return records
 
 
-def to_item(line: int, rec: dict, tokenizer) -> RewardItem:
-    """The :class:`RewardItem` of one record; raises InputError naming the field."""
+def to_item(line: int, rec: dict, tokenizer, tags=None) -> RewardItem:
+    """The :class:`RewardItem` of one record; raises InputError naming the field.
+
+    ``tags``: the tokenizer's tag ids, for ``token_count = "tag_stream"`` (``rewards.score.item_tags``).
+    """
     response = rec.get("response")
     if not isinstance(response, str):
         raise InputError(f"line {line}: no string field 'response' (fields: {', '.join(sorted(rec)) or 'none'})")
@@ -83,7 +88,7 @@ def to_item(line: int, rec: dict, tokenizer) -> RewardItem:
         if not validate(response):  # an invalid response is never replayed: no units, no measures
             units = replay(prompt_ids(tokenizer, prompt), response, tokenizer, tokenizer.eos_token_id)
     finish = rec.get("finish_reason")  # generate/eval records carry it: a cut response is not rewarded
-    return RewardItem(response, answer, units, finish if isinstance(finish, str) else None)
+    return RewardItem(response, answer, units, finish if isinstance(finish, str) else None, tags)
 
 
 def summarize(records: list[ScoreRecord]) -> dict:
@@ -142,7 +147,11 @@ def run(args: argparse.Namespace) -> int:
                            answer_region="whole" if args.whole_response else "after_think")
         rows = read_records(args.file)
         tokenizer = open_tokenizer(args.tokenizer) if args.tokenizer is not None else None
-        items = [to_item(line, rec, tokenizer) for line, rec in rows]
+        if tokenizer is None and cfg.token_count == "tag_stream":
+            raise InputError(f"--preset {cfg.preset} counts tokens on the token sequence by tag "
+                             "(token_count=tag_stream): pass --tokenizer DIR")
+        tags = item_tags(cfg, tokenizer) if tokenizer is not None else None
+        items = [to_item(line, rec, tokenizer, tags) for line, rec in rows]
     except (InputError, ValueError) as e:
         print(f"threadweaver score: {e}", file=sys.stderr)
         return 2
