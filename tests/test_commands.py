@@ -125,3 +125,9 @@ def test_sft_eval_nests_the_rollout_config(capsys):
     assert yaml.safe_load(capsys.readouterr().out)["eval"]["rollout"]["max_tokens"] == 99
     assert main(["sft", "eval.rollout.n=2", "--print-config"]) == 2  # one greedy trajectory per prompt
     assert "rollout.n=2" in capsys.readouterr().err
+
+
+def test_overrides_may_come_before_and_after_flags(capsys):
+    assert main(["sft", "steps=3", "--resume", "learner.lr=1", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert (printed["steps"], printed["resume"], printed["learner"]["lr"]) == (3, "auto", 1.0)

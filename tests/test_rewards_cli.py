@@ -59,7 +59,7 @@ def test_json_output_has_every_component(capsys, data):
 
 def test_records_without_units_have_no_measures(capsys, data):
     _, path = data
-    code, rows, summary = run_json(capsys, path, "--preset", "paper")
+    code, rows, summary = run_json(capsys, path, "reward.preset=paper")
     assert code == 0 and rows[1]["reward"] == 0.0
     assert rows[0]["accel_measured"] is False and rows[0]["R_accel"] == 0.0 and rows[0]["eta"] is None
     # units given in the record: R_accel = 0.5 * min(5/53, 0.2) = 5/106
@@ -69,7 +69,7 @@ def test_records_without_units_have_no_measures(capsys, data):
 
 def test_official_code_preset_counts_by_tag_and_needs_the_tokenizer(capsys, data):
     root, path = data
-    code, rows, summary = run_json(capsys, path, "--preset", "official-code", "--tokenizer", root / "tok")
+    code, rows, summary = run_json(capsys, path, "reward.preset=official-code", "--tokenizer", root / "tok")
     assert code == 0 and rows[1]["reward"] == -1.0                      # incorrect scores -1 in this preset
     assert rows[2]["R_accel"] == pytest.approx(0.5 * min(rows[2]["eta"], 0.2))
     units_count = run_json(capsys, path, "--tokenizer", root / "tok")[1][2]
@@ -81,7 +81,7 @@ def test_official_code_preset_counts_by_tag_and_needs_the_tokenizer(capsys, data
     # replayed over the chat-templated prompt: the same count, plus the longer prompt
     extra = len(prompt_ids(build_tokenizer(), "What is 2*3?")) - 3
     assert (rows[0]["L_total"], rows[0]["L_crit"]) == (67 + extra, 60 + extra)
-    assert main(["score", str(path), "--preset", "official-code"]) == 2
+    assert main(["score", str(path), "reward.preset=official-code"]) == 2
     assert "pass --tokenizer" in capsys.readouterr().err
 
 
@@ -109,3 +109,24 @@ def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, content, message):
     assert main(["score", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
+
+
+def test_the_reward_is_configured_like_rl_and_the_old_flags_still_work(capsys, data):
+    root, path = data
+    assert main(["score", "--show-config"]) == 0
+    keys = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:] if line.strip()]
+    assert {"reward.preset", "reward.rho", "reward.checker_timeout_s"} <= set(keys)
+    assert main(["score", str(path), "reward.rho=0.3", "reward.clip=0.05", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert "rho: 0.3" in printed and "clip: 0.05" in printed
+    new = run_json(capsys, path, "reward.preset=paper", "reward.answer_region=whole")[1]
+    code = main(["score", str(path), "--json", "--preset", "paper", "--whole-response"])
+    captured = capsys.readouterr()
+    old = [json.loads(x) for x in captured.out.splitlines()][:-1]
+    timing = {"check_seconds", "check_cached"}
+    assert code == 0 and [{k: v for k, v in r.items() if k not in timing} for r in old] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in new]
+    assert captured.err.count("deprecated flag") == 2 and "reward.preset=..." in captured.err
+    assert main(["score", str(path), "reward.rhoo=1"]) == 2
+    assert "did you mean 'reward.rho'" in capsys.readouterr().err
+    assert main(["score"]) == 2 and "name the JSONL file" in capsys.readouterr().err

@@ -66,7 +66,7 @@ def solution_str(tok, row) -> str:
 @pytest.mark.parametrize("preset", PRESETS)
 def test_same_reward_as_threadweaver_score(capsys, records, preset):
     root, tok, rows, path = records
-    expected = score_cli(capsys, path, "--preset", preset, "--tokenizer", root / "tok")
+    expected = score_cli(capsys, path, f"reward.preset={preset}", "--tokenizer", root / "tok")
     for row, want in zip(rows, expected):
         got = compute_score("threadweaver/tiny", solution_str(tok, row), row["answer"], trajectory_info(tok, row),
                             preset=preset)
@@ -83,7 +83,7 @@ def test_without_the_trajectory_the_text_is_replayed_with_the_tokenizer(capsys, 
     text_only = tmp_path / "text.jsonl"
     text_only.write_text("".join(json.dumps({k: r[k] for k in ("prompt", "response", "answer")}) + "\n"
                                  for r in rows))
-    expected = score_cli(capsys, text_only, "--preset", "official-code", "--tokenizer", root / "tok")
+    expected = score_cli(capsys, text_only, "reward.preset=official-code", "--tokenizer", root / "tok")
     for row, want in zip(rows, expected):
         got = compute_score("d", row["response"], row["answer"], {"prompt": row["prompt"]},
                             preset="official-code", tokenizer=str(root / "tok"))
