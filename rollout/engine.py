@@ -122,6 +122,7 @@ class VLLMEngine:
         self.sampling_overrides = dict(sampling_overrides or {})
         self.max_model_len = int(llm.llm_engine.model_config.max_model_len)
         self._in_flight: dict[str, tuple[str, Request]] = {}  # external id -> (vLLM's id, request)
+        self.trace = None  # a rollout.profile.EngineTrace records submits and steps when set
 
     def _params(self, r: Request):
         from vllm import SamplingParams
@@ -147,10 +148,13 @@ class VLLMEngine:
                                  f"does not fit the engine's max_model_len {self.max_model_len}")
         from vllm.inputs import TokensPrompt
 
+        t0 = time.perf_counter()
         prompts = [TokensPrompt(prompt_token_ids=list(r.prompt_ids)) for r in requests]
         ids = self.llm.enqueue(prompts, [self._params(r) for r in requests], use_tqdm=False)
         for request_id, r in zip(ids, requests, strict=True):
             self._in_flight[_external_id(request_id)] = (request_id, r)
+        if self.trace is not None:
+            self.trace.submitted(t0, time.perf_counter(), [(_external_id(i), r) for i, r in zip(ids, requests)])
 
     def wait(self) -> list[tuple[Request, Completion]]:
         engine = self.llm.llm_engine
@@ -160,14 +164,19 @@ class VLLMEngine:
                 lost = sorted(self._in_flight)
                 self._in_flight.clear()
                 raise RuntimeError(f"vLLM has no unfinished requests but {len(lost)} were never returned: {lost[:5]}")
-            for out in engine.step():
-                if not out.finished:
-                    continue
+            t0 = time.perf_counter()
+            outputs = engine.step()
+            t1 = time.perf_counter()
+            finished = [out for out in outputs if out.finished]
+            for out in finished:
                 entry = self._in_flight.pop(_external_id(out.request_id), None)
                 if entry is None:
                     raise RuntimeError(f"vLLM returned request {out.request_id!r} that this engine did not submit "
                                        "(is the LLM used by another caller at the same time?)")
                 done.append((entry[1], _completion(out.outputs[0])))
+            if self.trace is not None:
+                self.trace.stepped(t0, t1, [(_external_id(o.request_id), o.num_cached_tokens,
+                                             len(o.outputs[0].token_ids)) for o in finished])
         return done
 
     def abort(self) -> None:
