@@ -128,6 +128,7 @@ class Profile:
     wall_s: float  # the runs' wall clock, as measured by the caller
     steps: int
     runs: int = 1
+    decode_steps: list[tuple[int, float]] = field(default_factory=list)  # (requests running, seconds), no prefill
 
     @property
     def step_s(self) -> float:
@@ -182,10 +183,14 @@ def phase_profile(trace: EngineTrace, wall_s: float, runs: int = 1) -> Profile:
         while j < len(starts) and starts[j] < r.submitted:
             j += 1
         r.first_step = j
+    decode_steps: list[tuple[int, float]] = []
     for i, step in enumerate(trace.steps):
         running = [r for r in reqs if r.first_step is not None and r.first_step <= i
                    and (r.finish_step is None or r.finish_step >= i)]
-        p = phases[_step_phase(running, i, first_seq, block_size)]
+        name = _step_phase(running, i, first_seq, block_size)
+        p = phases[name]
+        if name not in PREFILL_PHASES:
+            decode_steps.append((len(running), step.t1 - step.t0))
         p.steps += 1
         p.seconds += step.t1 - step.t0
         p.sequences += len(running)
@@ -200,7 +205,7 @@ def phase_profile(trace: EngineTrace, wall_s: float, runs: int = 1) -> Profile:
     gaps = sum(max(0.0, b.t0 - a.t1) for a, b in zip(trace.steps, trace.steps[1:]))
     phases["orchestrator"].seconds = max(0.0, gaps - sum(
         t1 - t0 for t0, t1, _ in trace.submits if trace.steps and trace.steps[0].t0 < t0 < trace.steps[-1].t1))
-    return Profile(phases, wall_s, len(trace.steps), runs)
+    return Profile(phases, wall_s, len(trace.steps), runs, decode_steps)
 
 
 def merge(profiles: Sequence[Profile]) -> Profile:
@@ -215,7 +220,22 @@ def merge(profiles: Sequence[Profile]) -> Profile:
             m.prefill_computed += s.prefill_computed
             m.prefill_cached += s.prefill_cached
     return Profile(phases, sum(p.wall_s for p in profiles), sum(p.steps for p in profiles),
-                   sum(p.runs for p in profiles))
+                   sum(p.runs for p in profiles), [x for p in profiles for x in p.decode_steps])
+
+
+def step_cost_fit(decode_steps: Sequence[tuple[int, float]]) -> tuple[float, float] | None:
+    """Least-squares ``seconds = a + b * requests`` over decode steps: the fixed cost of an engine step and the
+    cost of each sequence in it; None without two different batch sizes."""
+    n = len(decode_steps)
+    if n < 2:
+        return None
+    mx = sum(x for x, _ in decode_steps) / n
+    my = sum(y for _, y in decode_steps) / n
+    sxx = sum((x - mx) ** 2 for x, _ in decode_steps)
+    if sxx == 0:
+        return None
+    b = sum((x - mx) * (y - my) for x, y in decode_steps) / sxx
+    return my - b * mx, b
 
 
 def now() -> float:

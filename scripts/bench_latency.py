@@ -73,6 +73,8 @@ def parse_args() -> argparse.Namespace:
     g = p.add_argument_group("engine and output")
     g.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
                    help="a rollout.engine.make_llm keyword (int, float, true/false, none or text); repeatable")
+    g.add_argument("--sampling", action="append", default=[], metavar="KEY=VALUE",
+                   help="an extra vllm.SamplingParams field for every request (VLLMEngine sampling_overrides)")
     g.add_argument("--json", type=Path, default=None, help="also write every number to this JSON file")
     return p.parse_args()
 
@@ -135,7 +137,7 @@ def data_prompts(path: Path, limit: int) -> list[str]:
 class Runner:
     """One engine on one model, decoding traced runs."""
 
-    def __init__(self, model_dir: Path, args, kwargs: dict):
+    def __init__(self, model_dir: Path, args, kwargs: dict, sampling: dict | None = None):
         from rollout.engine import VLLMEngine, make_llm
         from rollout.tiny import load_tokenizer
 
@@ -143,7 +145,7 @@ class Runner:
         self.llm = make_llm(model_dir, max_model_len=args.max_context, **kwargs)
         self.start_s = time.perf_counter() - t0
         self.tokenizer = load_tokenizer(model_dir)
-        self.engine = VLLMEngine(self.llm)
+        self.engine = VLLMEngine(self.llm, sampling_overrides=sampling)
 
     def prompt_ids(self, texts: list[str]) -> list[list[int]]:
         from rollout.units import chat_prompt_ids
@@ -217,33 +219,32 @@ def _f(x: float, digits: int = 2) -> str:
 
 
 def profile_table(profiles: dict, per: dict) -> str:
-    """Per-phase table, the modes side by side; every time divided by ``per[mode]`` (trajectories)."""
+    """Per-phase table, the modes side by side; every count and time divided by ``per[mode]`` (trajectories)."""
     from rollout.profile import GAP_PHASES, STEP_PHASES
 
     modes = list(profiles)
-    head = "| phase | " + " | ".join(f"{m} steps | {m} ms/step | {m} ms | {m} seqs/step | {m} prefill computed/cached"
-                                      for m in modes) + " |"
-    lines = [head, "|---|" + "---:|---:|---:|---:|---:|" * len(modes)]
+    cols = ("steps", "ms/step", "ms", "seqs/step", "prefill computed/cached")
+    lines = ["| phase | " + " | ".join(f"{m} {c}" for m in modes for c in cols) + " |",
+             "|---|" + "---:|" * (len(cols) * len(modes))]
     for phase in STEP_PHASES + GAP_PHASES + ("other", "total"):
         cells = []
         for m in modes:
             prof, k = profiles[m], per[m]
             if phase == "other":
-                cells.append(f"| | {_f(1000 * prof.other_s / k, 1)} | | ")
+                cells += ["", "", _f(1000 * prof.other_s / k, 1), "", ""]
             elif phase == "total":
-                cells.append(f"{_f(prof.steps / k, 1)} | {_f(1000 * prof.wall_s / prof.steps)} | "
-                             f"{_f(1000 * prof.wall_s / k, 1)} | | ")
+                cells += [_f(prof.steps / k, 1), _f(1000 * prof.wall_s / prof.steps), _f(1000 * prof.wall_s / k, 1),
+                          "", ""]
+            elif phase in GAP_PHASES:
+                s = prof.phases[phase]
+                cells += [_f(s.steps / k, 1) if phase == "submit" else "", "", _f(1000 * s.seconds / k, 1), "", ""]
             else:
                 s = prof.phases[phase]
-                if phase in GAP_PHASES:
-                    cells.append(f"{_f(s.steps / k, 1) if phase == 'submit' else ''} | | "
-                                 f"{_f(1000 * s.seconds / k, 1)} | | ")
-                    continue
                 pre = (f"{s.prefill_computed / k:.1f} / {s.prefill_cached / k:.1f}"
                        if s.prefill_computed or s.prefill_cached else "")
-                cells.append(f"{_f(s.steps / k, 1)} | {_f(s.ms_per_step)} | {_f(1000 * s.seconds / k, 1)} | "
-                             f"{_f(s.mean_sequences, 1)} | {pre}")
-        lines.append(f"| {phase} | " + " | ".join(c.rstrip(" |") if c.strip(" |") else c.strip() for c in cells) + " |")
+                cells += [_f(s.steps / k, 1), _f(s.ms_per_step), _f(1000 * s.seconds / k, 1), _f(s.mean_sequences, 1),
+                          pre]
+        lines.append(f"| {phase} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -267,7 +268,7 @@ def gap_table(par, seq, per_par: int, per_seq: int) -> tuple[str, dict]:
             rows.append(f"| {phase} | {vals[0]:+.1f} | {vals[1]:+.1f} | {vals[0] - vals[1]:+.1f} |")
     tot = [sum(v[0] for v in excess.values()), sum(v[1] for v in excess.values())]
     rows.append(f"| total | {tot[0]:+.1f} | {tot[1]:+.1f} | {tot[0] - tot[1]:+.1f} |")
-    head = (f"| phase | parallel ms/traj above {ref:.2f} ms/token | sequential ms/traj above it | "
+    head = (f"| phase | parallel ms above {ref:.2f} ms/step | sequential ms above it | "
             "parallel minus sequential |\n|---|---:|---:|---:|")
     return head + "\n" + "\n".join(rows), {"reference_ms_per_token": ref, "excess_ms": excess}
 
@@ -285,6 +286,21 @@ def efficiency(walls: dict, crit: dict) -> dict:
     mean = lambda k: statistics.mean(r[k] for r in rows)  # noqa: E731
     return {"problems": rows, "token_speedup": mean("token_speedup"), "wall_speedup": mean("wall_speedup"),
             "latency_efficiency": mean("latency_efficiency")}
+
+
+def fit_line(profiles: dict) -> tuple[str, dict]:
+    """The decode-step cost fit over both modes' decode steps, as a sentence and as numbers."""
+    from rollout.profile import step_cost_fit
+
+    steps = [x for p in profiles.values() for x in p.decode_steps]
+    fit = step_cost_fit(steps)
+    if fit is None:
+        return "decode-step cost: one batch size only, no fit", {}
+    a, b = fit
+    sizes = sorted({n for n, _ in steps})
+    return (f"decode-step cost (least squares over {len(steps)} decode steps of both modes, {sizes[0]} to "
+            f"{sizes[-1]} sequences): {1000 * a:.2f} ms + {1000 * b:.3f} ms per sequence",
+            {"fixed_ms": 1000 * a, "per_sequence_ms": 1000 * b, "steps": len(steps)})
 
 
 def main() -> None:
@@ -308,13 +324,15 @@ def main() -> None:
     configs = {"parallel": base, "sequential": replace(base, sequential=True)}
 
     load = [open("/proc/loadavg").read().split()[:3]]
-    results: dict = {"source": source, "engine": kwargs}
+    results: dict = {"source": source, "engine": kwargs, "sampling": args.sampling}
     iso: dict = {}
     bat: dict = {}
+    start_s: list[float] = []
     groups = ([("parallel", "sequential")] if models["parallel"] == models["sequential"]
               else [("parallel",), ("sequential",)])  # two models: one engine after the other
     for group in groups:
-        runner = Runner(models[group[0]], args, kwargs)
+        runner = Runner(models[group[0]], args, kwargs, engine_kwargs(args.sampling))
+        start_s.append(runner.start_s)
         try:
             prompts = runner.prompt_ids(texts)
             cfgs = {m: configs[m] for m in group}
@@ -328,7 +346,9 @@ def main() -> None:
     n = len(texts) * args.repeats
     eff = efficiency({m: iso[m]["walls"] for m in iso}, {m: iso[m]["crit"] for m in iso})
     profiles = {m: iso[m]["profile"] for m in ("parallel", "sequential")}
-    print(f"\n{source}; engine {kwargs or 'make_llm defaults'}; load average before {' '.join(load[0])}, "
+    sampling = f"; sampling {args.sampling}" if args.sampling else ""
+    print(f"\n{source}; engine {kwargs or 'make_llm defaults'}{sampling} (started in "
+          f"{', '.join(f'{s:.0f}' for s in start_s)} s); load average before {' '.join(load[0])}, "
           f"after {' '.join(load[1])}\n")
     print(f"## isolated decoding: each problem alone, {args.repeats} repeats, per trajectory "
           f"(finish: parallel {','.join(iso['parallel']['finish'])}, sequential "
@@ -337,23 +357,33 @@ def main() -> None:
     table, gap = gap_table(profiles["parallel"], profiles["sequential"], n, n)
     print("\nwhere the gap goes (time per trajectory above one sequential decode step per generated token):\n")
     print(table)
+    line, fit = fit_line(profiles)
+    print(f"\n{line}")
     print(f"\ntoken-latency speedup {eff['token_speedup']:.3f}x, wall-clock speedup {eff['wall_speedup']:.3f}x, "
           f"latency efficiency {eff['latency_efficiency']:.3f} (means over {len(eff['problems'])} problems of "
           "per-problem ratios; wall: median of the repeats)")
-    results.update(load=load, isolated={"efficiency": eff, "gap": gap,
-                                        "profile": {m: asdict(p) for m, p in profiles.items()}})
+    results.update(load=load, engine_start_s=start_s, isolated={
+        "efficiency": eff, "gap": gap, "step_cost": fit,
+        "profile": {m: {k: v for k, v in asdict(p).items() if k != "decode_steps"} for m, p in profiles.items()}})
     if bat:
-        per = {m: bat[m]["trajectories"] * args.batch_repeats for m in bat}
-        print(f"\n## batch: {len(texts)} problems x {args.batch_n} at once, {args.batch_repeats} runs, per trajectory\n")
-        print(profile_table({m: bat[m]["profile"] for m in bat}, per))
+        per = {m: args.batch_repeats for m in bat}
+        bprof = {m: bat[m]["profile"] for m in bat}
+        print(f"\n## batch: {len(texts)} problems x {args.batch_n} at once, {args.batch_repeats} runs, per run\n")
+        print(profile_table(bprof, per))
+        table, bgap = gap_table(bprof["parallel"], bprof["sequential"], args.batch_repeats, args.batch_repeats)
+        print("\nwhere the gap goes (time per run above one sequential decode step per step):\n")
+        print(table)
+        line, bfit = fit_line(bprof)
+        print(f"\n{line}")
         p, s = bat["parallel"], bat["sequential"]
         token, wall = s["L_crit"] / p["L_crit"], s["latency_s"] / p["latency_s"]
         print(f"\nmean L_crit {p['L_crit']:.1f} vs {s['L_crit']:.1f} (token-latency speedup {token:.3f}x); mean "
               f"trajectory latency {p['latency_s']:.3f} s vs {s['latency_s']:.3f} s (wall-clock speedup {wall:.3f}x); "
               f"efficiency {wall / token:.3f}")
-        results["batch"] = {m: {k: (asdict(v) if k == "profile" else v) for k, v in bat[m].items()} for m in bat}
-        results["batch"]["efficiency"] = {"token_speedup": token, "wall_speedup": wall,
-                                          "latency_efficiency": wall / token}
+        results["batch"] = {m: {k: ({kk: vv for kk, vv in asdict(v).items() if kk != "decode_steps"}
+                                    if k == "profile" else v) for k, v in bat[m].items()} for m in bat}
+        results["batch"].update(gap=bgap, step_cost=bfit, efficiency={
+            "token_speedup": token, "wall_speedup": wall, "latency_efficiency": wall / token})
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1, default=str))

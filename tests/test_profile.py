@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rollout.engine import Request
-from rollout.profile import EngineTrace, merge, phase_profile
+from rollout.profile import EngineTrace, merge, phase_profile, step_cost_fit
 
 
 def _req(prompt_len: int, trajectory: int, thread: int | None) -> Request:
@@ -47,6 +47,15 @@ def test_steps_are_labelled_by_phase():
     assert prof.phases["submit"].seconds == pytest.approx(0.03)
     assert prof.phases["orchestrator"].seconds == pytest.approx(0.05)
     assert prof.other_s == pytest.approx(0.30 - 0.03 - 0.05 - sum(s.t1 - s.t0 for s in one_trajectory().steps))
+    # Decode steps (no prefill in them) with the number of requests running: the data of the step-cost fit.
+    assert sorted(prof.decode_steps) == sorted([(1, pytest.approx(0.01))] * 2 + [(2, pytest.approx(0.02))]
+                                               + [(1, pytest.approx(0.01))] * 2 + [(1, pytest.approx(0.01))])
+
+
+def test_step_cost_fit():
+    a, b = step_cost_fit([(1, 0.003), (4, 0.0045), (16, 0.0105), (64, 0.0345)])
+    assert (a, b) == (pytest.approx(0.0025), pytest.approx(0.0005))
+    assert step_cost_fit([(1, 0.003), (1, 0.004)]) is None
 
 
 def test_merge_adds_runs():
@@ -82,3 +91,12 @@ def test_trace_of_the_real_engine(llm, tokenizer):
     block = llm.llm_engine.vllm_config.cache_config.block_size
     if len(prompt) >= block:  # threads 2 and 3 find the shared context's full blocks in the cache
         assert spawn.prefill_cached >= 2 * (len(prompt) // block) * block
+
+
+@pytest.mark.integration
+def test_cpu_engine_runs_in_process_with_small_blocks(llm):
+    """make_llm's CPU defaults (README, "Latency"): 32-token KV blocks, engine core in the calling process."""
+    from rollout.engine import CPU_BLOCK_SIZE
+
+    assert llm.llm_engine.vllm_config.cache_config.block_size == CPU_BLOCK_SIZE
+    assert type(llm.llm_engine.engine_core).__name__ == "InprocClient"
