@@ -61,7 +61,7 @@ def parse_args() -> argparse.Namespace:
     g.add_argument("--problems", type=int, default=2, help="problems taught by rote (default 2)")
     g.add_argument("--threads", type=int, default=4, help="threads per block of the taught responses (default 4)")
     g.add_argument("--b-digits", type=int, default=2, help="digits of the multi-digit factor (default 2)")
-    g.add_argument("--teach-steps", type=int, default=600, help="most rote-learning steps (default 600)")
+    g.add_argument("--teach-steps", type=int, default=2000, help="most rote-learning steps (default 2000)")
     g = p.add_argument_group("decoding")
     g.add_argument("--repeats", type=int, default=5, help="isolated decodings of every problem per mode (default 5)")
     g.add_argument("--batch-n", type=int, default=8,
@@ -116,8 +116,10 @@ def rote_model(work: Path, args) -> tuple[Path, list[str]]:
         tokenizer = load_tokenizer(base)
         examples = [(chat_prompt_ids(tokenizer, r["prompt"]), r["response_parallel"]) for r in records]
         start = time.perf_counter()
-        loss = teach(base, taught, examples, tokenizer, lr=1e-2, max_steps=args.teach_steps)
-        print(f"taught {len(examples)} responses by rote in {time.perf_counter() - start:.0f}s, final loss {loss:.4f}")
+        result = teach(base, taught, examples, tokenizer, max_steps=args.teach_steps)
+        print(f"taught {len(examples)} responses by rote in {time.perf_counter() - start:.0f}s: {result}")
+        if not result.learned:
+            raise SystemExit("bench_latency: the rote model did not learn its responses; raise --teach-steps")
     return taught, [r["prompt"] for r in records]
 
 
