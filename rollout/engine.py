@@ -33,7 +33,9 @@ Weight updates in place: see ``rollout.weights``.
 
 from __future__ import annotations
 
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Sequence
@@ -134,6 +136,7 @@ class VLLMEngine:
             seed=r.seed,
             stop_token_ids=list(r.stop_token_ids),
             logprobs=0,
+            flat_logprobs=True,  # a few flat lists per request instead of one dict and Logprob per token
             detokenize=False,
             skip_special_tokens=False,
             **self.sampling_overrides,
@@ -200,9 +203,15 @@ def _external_id(request_id: str) -> str:
 
 def _completion(output) -> Completion:
     token_ids = list(output.token_ids)
-    if output.logprobs is None or len(output.logprobs) != len(token_ids):
+    lps = output.logprobs
+    if lps is None or len(lps) != len(token_ids):
         raise RuntimeError("vLLM returned no log-probability for some sampled tokens")
-    logprobs = [float(step[tok].logprob) for tok, step in zip(token_ids, output.logprobs)]
+    if hasattr(lps, "start_indices"):  # FlatLogprobs (``flat_logprobs=True``): with logprobs=0, one per position
+        if lps.token_ids != token_ids:
+            raise RuntimeError("vLLM's flat log-probabilities are not those of the sampled tokens")
+        logprobs = [float(x) for x in lps.logprobs]
+    else:
+        logprobs = [float(step[tok].logprob) for tok, step in zip(token_ids, lps)]
     return Completion(token_ids, logprobs, STOP if output.finish_reason == "stop" else LENGTH)
 
 
@@ -235,8 +244,13 @@ class ReloadExtension:
             method.process_weights_after_loading(head)
 
 
+#: KV-cache block size of CPU engines (vLLM's CPU default is 128; its CPU attention kernel takes multiples of 32).
+CPU_BLOCK_SIZE = 32
+
+
 def make_llm(model_dir: str | Path, *, max_model_len: int, seed: int = 0, dtype: str = "float32",
-             tensor_parallel_size: int = 1, enforce_eager: bool = True, **kwargs):
+             tensor_parallel_size: int = 1, enforce_eager: bool = True, in_process: bool = False,
+             threads: int = 1, **kwargs):
     """A ``vllm.LLM`` for rollouts: prefix caching on, weight reload support.
 
     ``enforce_eager`` skips torch.compile and CUDA graphs (about a minute of
@@ -245,24 +259,69 @@ def make_llm(model_dir: str | Path, *, max_model_len: int, seed: int = 0, dtype:
     then be placed with a placement group holding that many GPUs). Extra
     ``kwargs`` go to ``vllm.LLM``.
 
+    On CPU the KV-cache ``block_size`` is 32 (:data:`CPU_BLOCK_SIZE`) instead
+    of vLLM's 128: the prefix cache shares whole blocks only, so with
+    128-token blocks the short contexts of the tiny task were hardly ever
+    shared (a spawn re-prefilled the context for every thread, a join the
+    whole joined context), and the CPU attention kernel walks whole blocks.
+    README, "Latency", has the profile before and after.
+
+    ``in_process`` (CPU, one shard; off by default) runs the engine core and
+    the model worker in the calling process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``
+    while the engine is built) instead of two processes of their own, with
+    ``threads`` torch threads for the whole calling process. It is there to
+    measure what the inter-process step costs (``scripts/bench_latency.py
+    --engine in_process=true``), not as a default: vLLM then initialises
+    ``torch.distributed``, seeds the global random generators and replaces
+    ``torch.set_num_threads`` in the caller (the original is put back here),
+    so use one such engine per process.
+
     On CPU, chunked prefill is off unless ``kwargs`` say otherwise: vLLM 0.32's
     CPU sampler crashes the engine ("CPU Generator does not use offset") when
     a *seeded* request's prompt is prefilled in chunks, which happens as soon
     as a batch's prompts exceed the per-step token budget. Whole-prompt
     prefill keeps seeded sampling usable (and reproducible) there.
     """
+    import torch
     from vllm import LLM
     from vllm.platforms import current_platform
 
+    cpu = current_platform.is_cpu()
+    if in_process and not (cpu and tensor_parallel_size == 1):
+        raise ValueError("in_process engines are for CPU with tensor_parallel_size 1")
     if tensor_parallel_size > 1:
         kwargs.setdefault("distributed_executor_backend", "ray")
-    if current_platform.is_cpu():
+    if cpu:
+        kwargs.setdefault("block_size", CPU_BLOCK_SIZE)
         kwargs.setdefault("enable_chunked_prefill", False)
         if not kwargs["enable_chunked_prefill"]:  # every prompt must fit one step's token budget
             kwargs.setdefault("max_num_batched_tokens", max(4096, max_model_len))
-    return LLM(model=str(model_dir), dtype=dtype, enable_prefix_caching=True, max_model_len=max_model_len,
-               seed=seed, tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager,
-               worker_extension_cls=WORKER_EXTENSION, **kwargs)
+    if in_process:
+        torch.set_num_threads(threads)
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if in_process else {}
+    set_num_threads = torch.set_num_threads
+    with _environ(env):
+        try:
+            return LLM(model=str(model_dir), dtype=dtype, enable_prefix_caching=True, max_model_len=max_model_len,
+                       seed=seed, tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager,
+                       worker_extension_cls=WORKER_EXTENSION, **kwargs)
+        finally:
+            torch.set_num_threads = set_num_threads
+
+
+@contextmanager
+def _environ(values: dict[str, str]):
+    """``os.environ`` with ``values`` set inside the block, restored after."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def shutdown_llm(llm) -> None:
