@@ -4,7 +4,10 @@
 the engine then records every ``submit`` (its time, the requests, the seconds vLLM's input processing
 took) and every engine step (start, end, the requests that finished in it with their prompt length,
 the prompt tokens vLLM served from its prefix cache and the tokens generated). Recording costs two
-clock reads per step and one small record per request; nothing else changes.
+clock reads per step and one small record per request; nothing else changes. A caller that times
+parts of vLLM's step (scheduler, model, sampler, output processing; ``scripts/bench_latency.py
+--breakdown`` on an in-process engine) reports them with :meth:`EngineTrace.part`, and the profile
+keeps them per decode step with the number of requests in it.
 
 :func:`phase_profile` labels each engine step by what it did for the trajectory in flight:
 
@@ -65,6 +68,7 @@ class StepRecord:
     t0: float
     t1: float
     finished: list[str] = field(default_factory=list)
+    parts: dict[str, float] = field(default_factory=dict)  # seconds of named parts of the step (see EngineTrace.part)
 
 
 @dataclass
@@ -74,6 +78,12 @@ class EngineTrace:
     requests: dict[str, RequestRecord] = field(default_factory=dict)
     steps: list[StepRecord] = field(default_factory=list)
     submits: list[tuple[float, float, list[str]]] = field(default_factory=list)  # (t0, t1, keys)
+    pending_parts: dict[str, float] = field(default_factory=dict)  # parts of the step in progress
+
+    def part(self, name: str, seconds: float) -> None:
+        """``seconds`` spent in part ``name`` of the engine step in progress (a caller that times vLLM's scheduler,
+        model or output processing inside ``engine.step()``); attached to that step when it is recorded."""
+        self.pending_parts[name] = self.pending_parts.get(name, 0.0) + seconds
 
     def submitted(self, t0: float, t1: float, requests: Sequence[tuple[str, Any]]) -> None:
         """``requests`` are ``(key, Request)`` pairs that ``LLM.enqueue`` took between ``t0`` and ``t1``."""
@@ -93,12 +103,14 @@ class EngineTrace:
             rec = self.requests.get(key)
             if rec is not None:
                 rec.finish_step, rec.cached_tokens, rec.completion_len = index, cached, n
-        self.steps.append(StepRecord(t0, t1, [k for k, _, _ in finished]))
+        self.steps.append(StepRecord(t0, t1, [k for k, _, _ in finished], self.pending_parts))
+        self.pending_parts = {}
 
     def clear(self) -> None:
         self.requests.clear()
         self.steps.clear()
         self.submits.clear()
+        self.pending_parts = {}
 
 
 @dataclass
@@ -129,6 +141,8 @@ class Profile:
     steps: int
     runs: int = 1
     decode_steps: list[tuple[int, float]] = field(default_factory=list)  # (requests running, seconds), no prefill
+    #: (requests running, timed parts and "step": the whole step's seconds) of decode steps with timed parts
+    decode_parts: list[tuple[int, dict[str, float]]] = field(default_factory=list)
 
     @property
     def step_s(self) -> float:
@@ -184,6 +198,7 @@ def phase_profile(trace: EngineTrace, wall_s: float, runs: int = 1) -> Profile:
             j += 1
         r.first_step = j
     decode_steps: list[tuple[int, float]] = []
+    decode_parts: list[tuple[int, dict[str, float]]] = []
     for i, step in enumerate(trace.steps):
         running = [r for r in reqs if r.first_step is not None and r.first_step <= i
                    and (r.finish_step is None or r.finish_step >= i)]
@@ -191,6 +206,8 @@ def phase_profile(trace: EngineTrace, wall_s: float, runs: int = 1) -> Profile:
         p = phases[name]
         if name not in PREFILL_PHASES:
             decode_steps.append((len(running), step.t1 - step.t0))
+            if step.parts:
+                decode_parts.append((len(running), {**step.parts, "step": step.t1 - step.t0}))
         p.steps += 1
         p.seconds += step.t1 - step.t0
         p.sequences += len(running)
@@ -205,7 +222,7 @@ def phase_profile(trace: EngineTrace, wall_s: float, runs: int = 1) -> Profile:
     gaps = sum(max(0.0, b.t0 - a.t1) for a, b in zip(trace.steps, trace.steps[1:]))
     phases["orchestrator"].seconds = max(0.0, gaps - sum(
         t1 - t0 for t0, t1, _ in trace.submits if trace.steps and trace.steps[0].t0 < t0 < trace.steps[-1].t1))
-    return Profile(phases, wall_s, len(trace.steps), runs, decode_steps)
+    return Profile(phases, wall_s, len(trace.steps), runs, decode_steps, decode_parts)
 
 
 def merge(profiles: Sequence[Profile]) -> Profile:
@@ -220,7 +237,8 @@ def merge(profiles: Sequence[Profile]) -> Profile:
             m.prefill_computed += s.prefill_computed
             m.prefill_cached += s.prefill_cached
     return Profile(phases, sum(p.wall_s for p in profiles), sum(p.steps for p in profiles),
-                   sum(p.runs for p in profiles), [x for p in profiles for x in p.decode_steps])
+                   sum(p.runs for p in profiles), [x for p in profiles for x in p.decode_steps],
+                   [x for p in profiles for x in p.decode_parts])
 
 
 def step_cost_fit(decode_steps: Sequence[tuple[int, float]]) -> tuple[float, float] | None:

@@ -18,13 +18,19 @@ What it does, in one run (no Ray: one engine in this process's control, as ``thr
 4. prints the profile tables side by side, the per-problem token-latency speedup
    (``L_total`` sequential / ``L_crit`` parallel), wall-clock speedup and **latency efficiency**
    (wall-clock speedup / token-latency speedup per problem, then the mean), and where the gap goes:
-   each phase's time above one sequential decode step per token.
+   each phase's time above one sequential decode step per token;
+5. with ``--breakdown`` (in-process engine only): every decode step split into vLLM's parts (scheduler,
+   model input preparation, forward pass, sampler, scheduler update, output processing), each fitted as a
+   fixed cost plus a cost per sequence in the step, which says what a thread costs on this engine.
 
 Nothing is asserted; timings on a shared CPU machine are noisy, so compare the columns of one run and run
 it under the heavy lock with the load average next to it. Engine settings are ``rollout.engine.make_llm``'s
-defaults unless ``--engine`` overrides them (``--engine block_size=128 --engine in_process=false``).
+defaults unless ``--engine`` overrides them (``--engine block_size=128``: vLLM's CPU default;
+``--engine in_process=true``: no engine-core processes) and ``--sampling`` adds request fields
+(``--sampling flat_logprobs=false``: vLLM's per-token log-probability dicts).
 
     .venv/bin/python scripts/bench_latency.py --work-dir runs/bench
+    .venv/bin/python scripts/bench_latency.py --work-dir runs/bench --engine in_process=true --breakdown
     .venv/bin/python scripts/bench_latency.py --model runs/pipeline_tiny/rl_parallel/final/hf \\
         --baseline-model runs/pipeline_tiny/rl_sequential/final/hf --data runs/pipeline_tiny/data/test.jsonl
 """
@@ -75,6 +81,10 @@ def parse_args() -> argparse.Namespace:
                    help="a rollout.engine.make_llm keyword (int, float, true/false, none or text); repeatable")
     g.add_argument("--sampling", action="append", default=[], metavar="KEY=VALUE",
                    help="an extra vllm.SamplingParams field for every request (VLLMEngine sampling_overrides)")
+    g.add_argument("--breakdown", action="store_true",
+                   help="time the parts of every engine step (vLLM's scheduler, model input preparation, forward, "
+                        "sampler, scheduler update, output processing) and fit each as fixed + per sequence; needs "
+                        "--engine in_process=true (the timing wrappers add a few microseconds per step)")
     g.add_argument("--json", type=Path, default=None, help="also write every number to this JSON file")
     return p.parse_args()
 
@@ -148,6 +158,35 @@ class Runner:
         self.start_s = time.perf_counter() - t0
         self.tokenizer = load_tokenizer(model_dir)
         self.engine = VLLMEngine(self.llm, sampling_overrides=sampling)
+
+    def time_parts(self) -> None:
+        """Time the parts of every engine step (:data:`STEP_PARTS`) into the trace of the run in progress.
+
+        Only an in-process engine (``--engine in_process=true``) runs them in this process. The wrappers
+        replace vLLM's bound methods on this engine's objects; the engine is used for this run only.
+        """
+        engine = self.llm.llm_engine
+        core = getattr(engine.engine_core, "engine_core", None)
+        if core is None:
+            raise SystemExit("bench_latency: --breakdown needs an in-process engine (--engine in_process=true)")
+        runner = core.model_executor.driver_worker.worker.model_runner
+        model = runner.get_model()
+        targets = {"schedule": (core.scheduler, "schedule"), "model": (core.model_executor, "execute_model"),
+                   "prepare inputs": (runner, "_prepare_inputs"), "forward": (model, "forward"),
+                   "sample": (core.model_executor, "sample_tokens"), "update": (core.scheduler, "update_from_output"),
+                   "outputs": (engine.output_processor, "process_outputs")}
+        for name, (obj, attr) in targets.items():
+            setattr(obj, attr, self._timed(getattr(obj, attr), name))
+
+    def _timed(self, fn, name: str):
+        def call(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if self.engine.trace is not None:
+                    self.engine.trace.part(name, time.perf_counter() - t0)
+        return call
 
     def prompt_ids(self, texts: list[str]) -> list[list[int]]:
         from rollout.units import chat_prompt_ids
@@ -290,6 +329,36 @@ def efficiency(walls: dict, crit: dict) -> dict:
             "latency_efficiency": mean("latency_efficiency")}
 
 
+#: per-step series of a Profile left out of --json
+SERIES = ("decode_steps", "decode_parts")
+
+#: parts of an engine step timed by ``--breakdown``; "model" holds "prepare inputs" and "forward"
+STEP_PARTS = ("schedule", "model", "prepare inputs", "forward", "sample", "update", "outputs")
+
+
+def parts_table(profiles: dict) -> tuple[str, dict]:
+    """Per part of a decode step: the least-squares fixed cost and cost per sequence over both modes' decode
+    steps, and the part's mean ms per step in each mode."""
+    from rollout.profile import step_cost_fit
+
+    rows = ["| part of a decode step | fixed ms | ms per sequence | "
+            + " | ".join(f"{m} ms/step" for m in profiles) + " |", "|---|---:|---:|" + "---:|" * len(profiles)]
+    out = {}
+    top = [k for k in STEP_PARTS if k not in ("prepare inputs", "forward")]
+    for name in STEP_PARTS + ("rest of the step",):
+        points, means = [], {}
+        for m, prof in profiles.items():
+            vals = [(n, part["step"] - sum(part.get(k, 0.0) for k in top) if name == "rest of the step"
+                     else part.get(name, 0.0)) for n, part in prof.decode_parts]
+            points += vals
+            means[m] = 1000 * statistics.mean(v for _, v in vals) if vals else float("nan")
+        fit = step_cost_fit(points) or (float("nan"), float("nan"))
+        out[name] = {"fixed_ms": 1000 * fit[0], "per_sequence_ms": 1000 * fit[1], "ms_per_step": means}
+        rows.append(f"| {name} | {_f(1000 * fit[0], 3)} | {_f(1000 * fit[1], 4)} | "
+                    + " | ".join(_f(means[m], 3) for m in profiles) + " |")
+    return "\n".join(rows), out
+
+
 def fit_line(profiles: dict) -> tuple[str, dict]:
     """The decode-step cost fit over both modes' decode steps, as a sentence and as numbers."""
     from rollout.profile import step_cost_fit
@@ -335,6 +404,8 @@ def main() -> None:
     for group in groups:
         runner = Runner(models[group[0]], args, kwargs, engine_kwargs(args.sampling))
         start_s.append(runner.start_s)
+        if args.breakdown:
+            runner.time_parts()
         try:
             prompts = runner.prompt_ids(texts)
             cfgs = {m: configs[m] for m in group}
@@ -361,12 +432,16 @@ def main() -> None:
     print(table)
     line, fit = fit_line(profiles)
     print(f"\n{line}")
+    if args.breakdown:
+        table, results["isolated_parts"] = parts_table(profiles)
+        print("\nparts of a decode step (least squares over both modes' decode steps):\n")
+        print(table)
     print(f"\ntoken-latency speedup {eff['token_speedup']:.3f}x, wall-clock speedup {eff['wall_speedup']:.3f}x, "
           f"latency efficiency {eff['latency_efficiency']:.3f} (means over {len(eff['problems'])} problems of "
           "per-problem ratios; wall: median of the repeats)")
     results.update(load=load, engine_start_s=start_s, isolated={
         "efficiency": eff, "gap": gap, "step_cost": fit,
-        "profile": {m: {k: v for k, v in asdict(p).items() if k != "decode_steps"} for m, p in profiles.items()}})
+        "profile": {m: {k: v for k, v in asdict(p).items() if k not in SERIES} for m, p in profiles.items()}})
     if bat:
         per = {m: args.batch_repeats for m in bat}
         bprof = {m: bat[m]["profile"] for m in bat}
@@ -377,12 +452,16 @@ def main() -> None:
         print(table)
         line, bfit = fit_line(bprof)
         print(f"\n{line}")
+        if args.breakdown:
+            table, results["batch_parts"] = parts_table(bprof)
+            print("\nparts of a decode step (least squares over both modes' decode steps):\n")
+            print(table)
         p, s = bat["parallel"], bat["sequential"]
         token, wall = s["L_crit"] / p["L_crit"], s["latency_s"] / p["latency_s"]
         print(f"\nmean L_crit {p['L_crit']:.1f} vs {s['L_crit']:.1f} (token-latency speedup {token:.3f}x); mean "
               f"trajectory latency {p['latency_s']:.3f} s vs {s['latency_s']:.3f} s (wall-clock speedup {wall:.3f}x); "
               f"efficiency {wall / token:.3f}")
-        results["batch"] = {m: {k: ({kk: vv for kk, vv in asdict(v).items() if kk != "decode_steps"}
+        results["batch"] = {m: {k: ({kk: vv for kk, vv in asdict(v).items() if kk not in SERIES}
                                     if k == "profile" else v) for k, v in bat[m].items()} for m in bat}
         results["batch"].update(gap=bgap, step_cost=bfit, efficiency={
             "token_speedup": token, "wall_speedup": wall, "latency_efficiency": wall / token})

@@ -52,6 +52,22 @@ def test_steps_are_labelled_by_phase():
                                                + [(1, pytest.approx(0.01))] * 2 + [(1, pytest.approx(0.01))])
 
 
+def test_parts_of_a_step_go_with_that_step():
+    tr = EngineTrace()
+    tr.submitted(0.00, 0.01, [("a", _req(10, 0, None))])
+    tr.part("model", 0.01)
+    tr.stepped(0.02, 0.05, [])  # prompt prefill: no decode step
+    tr.part("model", 0.002)
+    tr.part("schedule", 0.001)
+    tr.part("model", 0.003)
+    tr.stepped(0.05, 0.06, [])
+    tr.stepped(0.06, 0.07, [("a", 0, 3)])  # no parts timed
+    prof = phase_profile(tr, wall_s=0.1)
+    assert prof.decode_parts == [(1, {"model": pytest.approx(0.005), "schedule": pytest.approx(0.001),
+                                      "step": pytest.approx(0.01)})]
+    assert merge([prof, prof]).decode_parts == prof.decode_parts * 2
+
+
 def test_step_cost_fit():
     a, b = step_cost_fit([(1, 0.003), (4, 0.0045), (16, 0.0105), (64, 0.0345)])
     assert (a, b) == (pytest.approx(0.0025), pytest.approx(0.0005))
