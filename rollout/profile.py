@@ -24,12 +24,16 @@ keeps them per decode step with the number of requests in it.
 
 and the time between steps: ``submit`` (vLLM's input processing of new requests) and ``orchestrator``
 (the state machine and the engine wrapper's Python). Each step produces one token of every request
-in it (a prefill step samples the request's first token), so a trajectory decoded alone takes
-exactly ``L_crit`` steps in parallel mode and ``L_total`` steps in sequential mode; the gap between
-token-latency and wall-clock speedup is therefore the extra time per step of the parallel run,
-which the profile splits by phase. When several trajectories are in flight a step is labelled by
-the most expensive work in it (a prefill before a decode, threads before sequential decoding), so
-the labels then describe the batch, not one trajectory.
+in it (a prefill step samples the request's first token), so a trajectory takes at least ``L_crit``
+steps in parallel mode and ``L_total`` steps in sequential mode, exactly that many when each new
+request (threads at a spawn, the continuation at a join) enters the step right after the one that
+ended its predecessor. :attr:`Profile.trajectory_steps` counts the steps each trajectory spanned:
+the steps above ``L_crit`` are steps lost between requests (an engine core in another process may
+already be running the next step when the orchestrator submits). The rest of the gap between
+token-latency and wall-clock speedup is the extra time per step of the parallel run, which the
+profile splits by phase. When several trajectories are in flight a step is labelled by the most
+expensive work in it (a prefill before a decode, threads before sequential decoding), so the labels
+then describe the batch, not one trajectory.
 """
 
 from __future__ import annotations
@@ -143,6 +147,9 @@ class Profile:
     decode_steps: list[tuple[int, float]] = field(default_factory=list)  # (requests running, seconds), no prefill
     #: (requests running, timed parts and "step": the whole step's seconds) of decode steps with timed parts
     decode_parts: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    #: per trajectory (the requests' owner), engine steps from its first request's first step to its end
+    #: (one run; :func:`merge` leaves it empty)
+    trajectory_steps: dict[Any, int] = field(default_factory=dict)
 
     @property
     def step_s(self) -> float:
@@ -197,6 +204,11 @@ def phase_profile(trace: EngineTrace, wall_s: float, runs: int = 1) -> Profile:
         while j < len(starts) and starts[j] < r.submitted:
             j += 1
         r.first_step = j
+    span: dict[Any, list[int]] = {}
+    for r in reqs:
+        if r.finish_step is not None:
+            lo_hi = span.setdefault(r.trajectory, [r.first_step, r.finish_step])
+            lo_hi[0], lo_hi[1] = min(lo_hi[0], r.first_step), max(lo_hi[1], r.finish_step)
     decode_steps: list[tuple[int, float]] = []
     decode_parts: list[tuple[int, dict[str, float]]] = []
     for i, step in enumerate(trace.steps):
@@ -222,7 +234,8 @@ def phase_profile(trace: EngineTrace, wall_s: float, runs: int = 1) -> Profile:
     gaps = sum(max(0.0, b.t0 - a.t1) for a, b in zip(trace.steps, trace.steps[1:]))
     phases["orchestrator"].seconds = max(0.0, gaps - sum(
         t1 - t0 for t0, t1, _ in trace.submits if trace.steps and trace.steps[0].t0 < t0 < trace.steps[-1].t1))
-    return Profile(phases, wall_s, len(trace.steps), runs, decode_steps, decode_parts)
+    return Profile(phases, wall_s, len(trace.steps), runs, decode_steps, decode_parts,
+                   {t: hi - lo + 1 for t, (lo, hi) in span.items()})
 
 
 def merge(profiles: Sequence[Profile]) -> Profile:

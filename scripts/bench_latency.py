@@ -219,8 +219,8 @@ def isolated(runner: Runner, prompts: list[list[int]], configs: dict, repeats: i
 
     for cfg in configs.values():  # warm-up (untimed)
         runner.run(prompts[:1], replace(cfg, max_tokens=8), [0])
-    out = {m: {"walls": {i: [] for i in range(len(prompts))}, "crit": {}, "profiles": [], "finish": set()}
-           for m in configs}
+    out = {m: {"walls": {i: [] for i in range(len(prompts))}, "crit": {}, "profiles": [], "finish": set(),
+               "lost": []} for m in configs}
     for _ in range(repeats):
         for i, p in enumerate(prompts):
             for m, cfg in configs.items():
@@ -230,9 +230,11 @@ def isolated(runner: Runner, prompts: list[list[int]], configs: dict, repeats: i
                 o["crit"][i] = t.L_crit
                 o["profiles"].append(prof)
                 o["finish"].add(t.finish_reason)
+                o["lost"] += lost_steps([t], prof)
     for o in out.values():
         o["profile"] = merge(o.pop("profiles"))
         o["finish"] = sorted(o["finish"])
+        o["lost_steps"] = statistics.mean(o.pop("lost"))
     return out
 
 
@@ -240,16 +242,23 @@ def batch(runner: Runner, prompts: list[list[int]], configs: dict, n: int, repea
     """All problems ``n`` times at once, ``repeats`` runs per mode (interleaved)."""
     from rollout.profile import merge
 
-    out = {m: {"profiles": [], "latency": [], "crit": []} for m in configs}
+    out = {m: {"profiles": [], "latency": [], "crit": [], "lost": []} for m in configs}
     for _ in range(repeats):
         for m, cfg in configs.items():
             trajectories, prof = runner.run(prompts, replace(cfg, n=n), list(range(len(prompts))))
             out[m]["profiles"].append(prof)
             out[m]["latency"].append(statistics.mean(t.latency_s for t in trajectories))
             out[m]["crit"] = [t.L_crit for t in trajectories]
+            out[m]["lost"] += lost_steps(trajectories, prof)
     return {m: {"profile": merge(o["profiles"]), "latency_s": statistics.median(o["latency"]),
                 "L_crit": statistics.mean(o["crit"]), "trajectories": len(o["crit"]),
-                "wall_s": statistics.median(p.wall_s for p in o["profiles"])} for m, o in out.items()}
+                "wall_s": statistics.median(p.wall_s for p in o["profiles"]),
+                "lost_steps": statistics.mean(o["lost"])} for m, o in out.items()}
+
+
+def lost_steps(trajectories: list, prof) -> list[int]:
+    """Per trajectory of one run: engine steps it spanned above its L_crit (steps lost between its requests)."""
+    return [prof.trajectory_steps[i] - t.L_crit for i, t in enumerate(trajectories)]
 
 
 # --------------------------------------------------------------------------- tables
@@ -439,8 +448,10 @@ def main() -> None:
     print(f"\ntoken-latency speedup {eff['token_speedup']:.3f}x, wall-clock speedup {eff['wall_speedup']:.3f}x, "
           f"latency efficiency {eff['latency_efficiency']:.3f} (means over {len(eff['problems'])} problems of "
           "per-problem ratios; wall: median of the repeats)")
+    print(f"engine steps lost between requests, per trajectory: parallel {iso['parallel']['lost_steps']:.2f}, "
+          f"sequential {iso['sequential']['lost_steps']:.2f}")
     results.update(load=load, engine_start_s=start_s, isolated={
-        "efficiency": eff, "gap": gap, "step_cost": fit,
+        "efficiency": eff, "gap": gap, "step_cost": fit, "lost_steps": {m: iso[m]["lost_steps"] for m in iso},
         "profile": {m: {k: v for k, v in asdict(p).items() if k not in SERIES} for m, p in profiles.items()}})
     if bat:
         per = {m: args.batch_repeats for m in bat}
@@ -461,6 +472,8 @@ def main() -> None:
         print(f"\nmean L_crit {p['L_crit']:.1f} vs {s['L_crit']:.1f} (token-latency speedup {token:.3f}x); mean "
               f"trajectory latency {p['latency_s']:.3f} s vs {s['latency_s']:.3f} s (wall-clock speedup {wall:.3f}x); "
               f"efficiency {wall / token:.3f}")
+        print(f"engine steps lost between requests, per trajectory: parallel {p['lost_steps']:.2f}, "
+              f"sequential {s['lost_steps']:.2f}")
         results["batch"] = {m: {k: ({kk: vv for kk, vv in asdict(v).items() if kk not in SERIES}
                                     if k == "profile" else v) for k, v in bat[m].items()} for m in bat}
         results["batch"].update(gap=bgap, step_cost=bfit, efficiency={

@@ -36,6 +36,7 @@ def test_steps_are_labelled_by_phase():
     assert steps == {"prompt prefill": 1, "prefix decode": 2, "spawn prefill": 1, "threads": 1,
                      "slowest thread": 2, "join prefill": 1, "continuation": 1, "submit": 3}
     assert prof.steps == 9 == 3 + 4 + 2  # one step per token of the critical path
+    assert prof.trajectory_steps == {0: 9}
     assert prof.phases["spawn prefill"].seconds == pytest.approx(0.04)
     assert prof.phases["spawn prefill"].mean_sequences == 2
     assert prof.phases["slowest thread"].mean_sequences == 1
@@ -66,6 +67,19 @@ def test_parts_of_a_step_go_with_that_step():
     assert prof.decode_parts == [(1, {"model": pytest.approx(0.005), "schedule": pytest.approx(0.001),
                                       "step": pytest.approx(0.01)})]
     assert merge([prof, prof]).decode_parts == prof.decode_parts * 2
+
+
+def test_steps_a_trajectory_spans():
+    """A continuation submitted while the next step already runs enters the one after: one step lost."""
+    tr = EngineTrace()
+    tr.submitted(0.00, 0.01, [("a", _req(10, 0, None)), ("b", _req(10, 1, None))])
+    tr.stepped(0.02, 0.03, [("a", 0, 1)])  # step 0: both prefilled, a ends
+    tr.stepped(0.03, 0.04, [])  # step 1 started before a's continuation came
+    tr.submitted(0.035, 0.036, [("a2", _req(12, 0, None))])
+    tr.stepped(0.04, 0.05, [("b", 0, 3)])  # step 2: a2 prefilled, b's third token
+    tr.stepped(0.05, 0.06, [("a2", 0, 2)])
+    prof = phase_profile(tr, wall_s=0.1)
+    assert prof.trajectory_steps == {0: 4, 1: 3}  # trajectory 0 generated 3 tokens in 4 steps
 
 
 def test_step_cost_fit():
