@@ -110,18 +110,37 @@ class AsyncEngine(Protocol):
     async def complete(self, request: Request) -> Completion: ...
 
 
+#: ``vllm.SamplingParams`` fields every request takes from its :class:`Request`
+REQUEST_SAMPLING = ("max_tokens", "temperature", "top_p", "seed", "stop_token_ids")
+
+#: the engine's own ``vllm.SamplingParams`` fields (``VLLMEngine`` ``sampling_overrides`` may replace them)
+ENGINE_SAMPLING: dict[str, Any] = {
+    "logprobs": 0,  # the sampled token's log-probability only
+    "flat_logprobs": True,  # a few flat lists per request instead of one dict and Logprob object per token
+    "skip_clone": True,  # vLLM deep-copies every request's params unless told; these are that request's own
+    "detokenize": False,
+    "skip_special_tokens": False,
+}
+
+
 class VLLMEngine:
     """An :class:`Engine` over a ``vllm.LLM``, stepping its engine directly.
 
     ``sampling_overrides`` are extra ``vllm.SamplingParams`` fields applied to
     every request (for instance ``allowed_token_ids``; tests use it to keep a
-    random-weight model's output inside a small alphabet). The ``llm`` may be
+    random-weight model's output inside a small alphabet), or replacements of
+    the engine's own settings (:data:`ENGINE_SAMPLING`; ``flat_logprobs=False``
+    measures what vLLM's per-token log-probability objects cost); the fields
+    a :class:`Request` sets cannot be overridden. The ``llm`` may be
     shared, but only by one caller at a time: ``wait`` steps the whole engine.
     """
 
     def __init__(self, llm, sampling_overrides: dict[str, Any] | None = None):
         self.llm = llm
         self.sampling_overrides = dict(sampling_overrides or {})
+        taken = sorted(set(self.sampling_overrides) & set(REQUEST_SAMPLING))
+        if taken:
+            raise ValueError(f"sampling_overrides cannot set {taken}: every request sets them")
         self.max_model_len = int(llm.llm_engine.model_config.max_model_len)
         self._in_flight: dict[str, tuple[str, Request]] = {}  # external id -> (vLLM's id, request)
         self.trace = None  # a rollout.profile.EngineTrace records submits and steps when set
@@ -129,18 +148,9 @@ class VLLMEngine:
     def _params(self, r: Request):
         from vllm import SamplingParams
 
-        return SamplingParams(
-            max_tokens=r.max_tokens,
-            temperature=r.temperature,
-            top_p=r.top_p,
-            seed=r.seed,
-            stop_token_ids=list(r.stop_token_ids),
-            logprobs=0,
-            flat_logprobs=True,  # a few flat lists per request instead of one dict and Logprob per token
-            detokenize=False,
-            skip_special_tokens=False,
-            **self.sampling_overrides,
-        )
+        fields = {**ENGINE_SAMPLING, **self.sampling_overrides}
+        return SamplingParams(max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p, seed=r.seed,
+                              stop_token_ids=list(r.stop_token_ids), **fields)
 
     def submit(self, requests: Sequence[Request]) -> None:
         if not requests:
