@@ -33,7 +33,10 @@ already be running the next step when the orchestrator submits). The rest of the
 token-latency and wall-clock speedup is the extra time per step of the parallel run, which the
 profile splits by phase. When several trajectories are in flight a step is labelled by the most
 expensive work in it (a prefill before a decode, threads before sequential decoding), so the labels
-then describe the batch, not one trajectory.
+then describe the batch, not one trajectory. Steps are seen from the caller: with vLLM's engine core in
+a process of its own (the default) the core may already run the next step while the caller handles
+the last one, so in a batch a new request's prefill can land one step after the step it is labelled
+in; an in-process engine (``make_llm(in_process=True)``) makes the labels exact.
 """
 
 from __future__ import annotations

