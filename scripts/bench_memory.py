@@ -9,7 +9,10 @@ the learner's step on it: tree attention (sdpa), target log-probabilities in
 chunks (``rl.attention.tree_predictions``), the SFT loss, backward, one AdamW
 step. A first step on a short row creates the optimizer states, so the
 measured step is a steady-state one. Measured = the process's peak resident
-memory (``ru_maxrss``) minus its resident memory before the model was built;
+memory (``ru_maxrss``) minus its resident memory before the model was built
+(after one step of a tiny model, which takes the one-time library
+initialisation out of the measurement; the children run with glibc's mmap
+threshold fixed, see ``MALLOC``);
 estimate = the sum of :func:`rl.memory_plan.learner_items` for the same
 config (one rank, ZeRO stage 0, fp32; this is the learner's own step without
 DeepSpeed's engine around it). Prints estimate, measured and their ratio.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -32,6 +36,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 VOCAB = 32768
+#: glibc keeps freed heap memory resident (the peak then depends on the order of frees, ~100 MiB of noise);
+#: with a fixed mmap threshold every buffer over 64 KiB is its own mapping, returned when the tensor is freed,
+#: so the resident peak follows the tensors' peak
+MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
 #: hidden -> (layers, heads, kv heads, head dim, MLP width)
 SIZES = {128: (4, 4, 2, 32, 384), 512: (4, 8, 4, 64, 1536), 1024: (4, 8, 4, 128, 3072)}
 
@@ -89,24 +97,35 @@ def one(hidden: int, tokens: int, checkpointing: bool, chunk: int, threads: int)
     torch.set_num_threads(threads)
     layers, heads, kv, head_dim, mlp = SIZES[hidden]
     row, warm = synthetic_row(tokens, VOCAB), synthetic_row(700, VOCAB, seed=1)
-    base = rss_mib()
-    config = Qwen3Config(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                         num_key_value_heads=kv, head_dim=head_dim, intermediate_size=mlp, tie_word_embeddings=True,
-                         max_position_embeddings=max(tokens, 2048))
-    torch.manual_seed(0)
-    model = Qwen3ForCausalLM(config).to(torch.float32)
-    model.config._attn_implementation = "sdpa"
-    model.config.use_cache = False
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    for r in (warm, row):
+
+    def build(hidden_: int, layers_: int, heads_: int, kv_: int, head_dim_: int, mlp_: int, vocab: int):
+        config = Qwen3Config(vocab_size=vocab, hidden_size=hidden_, num_hidden_layers=layers_,
+                             num_attention_heads=heads_, num_key_value_heads=kv_, head_dim=head_dim_,
+                             intermediate_size=mlp_, tie_word_embeddings=True, max_position_embeddings=max(tokens, 2048))
+        torch.manual_seed(0)
+        model = Qwen3ForCausalLM(config).to(torch.float32)
+        model.config._attn_implementation = "sdpa"
+        model.config.use_cache = False
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model.train(), torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def train_step(model, optimizer, r) -> None:
         optimizer.zero_grad(set_to_none=True)
         pred = tree_predictions(model, r, "sdpa", chunk_tokens=chunk, max_dense_tokens=len(r))
         loss, _ = sft_loss(pred, r, float(r.n_targets.sum()))
         loss.backward()
         optimizer.step()
+
+    # one-time library initialisation (lazy imports and kernel set-up of the first checkpointed, chunked
+    # step, ~150 MiB) is not the step's memory: run it on a tiny model before the baseline is taken
+    tiny = synthetic_row(700, 1024, seed=2)
+    train_step(*build(32, 1, 2, 1, 16, 64, 1024), tiny)
+    base = rss_mib()
+    model, optimizer = build(hidden, layers, heads, kv, head_dim, mlp, VOCAB)
+    config = model.config
+    for r in (warm, row):
+        train_step(model, optimizer, r)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     cfg = LearnerConfig(row_tokens=len(row), gradient_checkpointing=checkpointing, logprob_chunk_tokens=chunk)
     shape = ModelShape.from_config(config.to_dict())
@@ -139,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             for mode in modes:
                 out = subprocess.run([sys.executable, __file__, "--one", str(hidden), str(tokens), mode,
                                       "--chunk", str(args.chunk), "--threads", str(args.threads)],
-                                     capture_output=True, text=True, check=False)
+                                     capture_output=True, text=True, check=False, env=dict(os.environ, **MALLOC))
                 if out.returncode != 0:
                     print(f"child failed ({hidden}, {tokens}, {mode}):\n{out.stderr[-2000:]}", file=sys.stderr)
                     return 1
