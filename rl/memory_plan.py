@@ -152,8 +152,8 @@ def logprob_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, chunk_tokens
     """Peak of the target log-probabilities: one chunk's projection and fp32 gradient, or the full logits."""
     if chunk_tokens > 0:
         n = min(chunk_tokens, tokens)
-        copy = dtype_bytes if dtype_bytes != 4 else 0  # the fp32 upcast, and the gradient cast back
-        return n * shape.vocab * (dtype_bytes + 4 + copy) + 2 * tokens * shape.hidden * 4
+        upcast = 4 if dtype_bytes != 4 else 0  # logits, their fp32 copy (bf16) and logsumexp's fp32 buffer
+        return n * shape.vocab * (dtype_bytes + 4 + upcast) + 2 * tokens * shape.hidden * 4
     return tokens * shape.vocab * (dtype_bytes + 3 * 4)
 
 

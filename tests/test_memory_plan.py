@@ -82,7 +82,7 @@ def test_the_knobs_move_their_lines():
     assert _lines(zero_stage=2, offload_optimizer=True, **base)["optimizer states"] == 0.0  # in host memory
     plain, ckpt = _lines(**base), _lines(gradient_checkpointing=True, **base)
     assert ckpt["activations"] < plain["activations"] / 5
-    assert _lines(logprob_chunk_tokens=0, **base)["log-probs"] > 10 * _lines(**base)["log-probs"]
+    assert _lines(logprob_chunk_tokens=0, **base)["log-probs"] > 5 * _lines(**base)["log-probs"]
     p = KNOWN_SHAPES["qwen3-8b"].parameters  # fp32 at stage 0: weights 4P, gradients 4P, AdamW 8P
     fp32 = _lines(ranks=1, row_tokens=8192)
     assert (fp32["parameters"], fp32["gradients"], fp32["optimizer states"]) == (4 * p, 4 * p, 8 * p)
