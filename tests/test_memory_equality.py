@@ -230,7 +230,9 @@ def test_chunked_backward_keeps_no_full_logits():
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from rollout.ray_init import start_ray
+
+    start_ray(None, num_cpus=2, include_dashboard=False)  # a local instance of this process, as the commands do
     yield ray
     ray.shutdown()
 
