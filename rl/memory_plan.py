@@ -18,10 +18,13 @@ paper's accounting with DeepSpeed's own buffers:
   backend's mask (sdpa keeps a float ``[L, L]`` mask per layer, eager its
   scores and probabilities, flex a block mask); with gradient checkpointing
   only each layer's input is kept and one layer is recomputed at a time;
-  plus one layer's worth of gradients in flight in the backward;
 * the log-probabilities: with ``logprob_chunk_tokens`` one ``[chunk, vocab]``
   projection with its fp32 gradient, else the whole ``[L, vocab]`` logits
-  with their fp32 copies.
+  with their fp32 copies. The backward runs the log-probabilities first, then
+  the layers one by one, so the peak holds the larger of the log-prob buffers
+  and one layer's activations (recomputed, with checkpointing) on top of what
+  every layer keeps; the activation line holds that layer only where it is
+  the larger.
 
 Per rollout worker (vLLM): weights ``P x b / tp`` plus, per token of KV
 cache, ``2 x layers x kv x b / tp``; the engine claims
@@ -180,16 +183,19 @@ def learner_items(shape: ModelShape, cfg: LearnerConfig, role: str = "learner ra
         grads = min(p, BUCKET_ELEMENTS) * b + p * 4 / n
     master = 4 * p if stage >= 1 or cfg.dtype == "bf16" else 0
     states = (8 * p + master) / (n if stage >= 1 else 1)
-    L = cfg.row_tokens
+    L, chunk = cfg.row_tokens, cfg.logprob_chunk_tokens
     layer = layer_activation_bytes(shape, L, b, cfg.attention)
     base = L * (2 * shape.hidden + 2 * shape.head_dim) * 4 + L * L  # embeddings, final norm, rotary, input mask
+    logprobs = logprob_bytes(shape, L, b, chunk)
+    # the log-prob backward and a layer's backward (recomputed with checkpointing) come one after the other: the
+    # peak holds the larger of the two on top of what the layers keep
+    beyond = max(0, layer - logprobs)
     if cfg.gradient_checkpointing:
-        acts = shape.layers * L * shape.hidden * b + 2 * layer + base
+        acts = shape.layers * L * shape.hidden * b + base + beyond
         act_what = f"activations, one {L}-token row, checkpointed ({shape.layers} layer inputs + 1 layer)"
     else:
-        acts = shape.layers * layer + layer + base
+        acts = shape.layers * layer + base + beyond
         act_what = f"activations, one {L}-token row, all {shape.layers} layers"
-    chunk = cfg.logprob_chunk_tokens
     logprob_what = f"log-probs, [{min(chunk, L)}, vocab] chunk" if chunk > 0 else f"log-probs, full [{L}, vocab]"
     return [
         Item(role, f"parameters ({p / 1e6:,.1f} M, {cfg.dtype}, ZeRO-{stage})", weights, "learner.zero_stage"),
@@ -198,7 +204,7 @@ def learner_items(shape: ModelShape, cfg: LearnerConfig, role: str = "learner ra
              "learner.offload_optimizer", host=cfg.offload_optimizer),
         Item(role, act_what, acts, "learner.gradient_checkpointing" if not cfg.gradient_checkpointing
              else "learner.row_tokens"),
-        Item(role, logprob_what, logprob_bytes(shape, L, b, chunk), "learner.logprob_chunk_tokens"),
+        Item(role, logprob_what, logprobs, "learner.logprob_chunk_tokens"),
     ]
 
 
