@@ -183,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
                 if peak.bytes is None:
                     measured_text, ratio_text = f"{'-':>9}", f"{'-':>6}"
                 else:
-                    measured_text, ratio_text = f"{peak.bytes / 2**30:>9.2f}", f"{plan / peak.bytes:>6.2f}"
-                print(f"{label:<11} {loss:<6} {len(row):>6} {measured_text} {plan / 2**30:>9.2f} {ratio_text} "
+                    measured_text, ratio_text = f"{peak.bytes / 2**30:>9.3f}", f"{plan / peak.bytes:>6.2f}"
+                print(f"{label:<11} {loss:<6} {len(row):>6} {measured_text} {plan / 2**30:>9.3f} {ratio_text} "
                       f"{len(row) / peak.seconds:>9.0f} {peak.seconds:>6.2f}", flush=True)
         del model
         if device.type == "cuda":
