@@ -28,7 +28,8 @@ def roles(cfg: SFTConfig) -> list[Role]:
     """The actors this run starts, with their reservations (see ``cluster.ray_setup``)."""
     out = [Role("SFT learner", cfg.learner.ranks, cfg.learner.cpus_per_rank, cfg.learner.gpus_per_rank)]
     if cfg.eval.every > 0 or cfg.eval.at_end:
-        out.append(Role("SFT eval worker", cfg.eval.workers, cfg.eval.cpus_per_worker, cfg.eval.gpus_per_worker))
+        out.append(Role("SFT eval worker", cfg.eval.rollout.workers, cfg.eval.rollout.cpus_per_worker,
+                        cfg.eval.rollout.gpus_per_worker))
     return out
 
 

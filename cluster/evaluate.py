@@ -1,4 +1,4 @@
-"""``threadweaver eval``: accuracy, token latency, speedup and wall-clock latency on JSONL benchmarks.
+"""``threadweaver eval``: accuracy, token latency, speedup and wall-clock latency on JSONL or Parquet benchmarks.
 
 What it really does, per benchmark file (one JSON object a line with a
 problem and an answer field; MATH500's ``problem``/``answer`` and AIME's
@@ -63,11 +63,11 @@ from cluster.viewer import write_page
 from rewards.checker import AnswerChecker
 from rewards.config import RewardConfig
 from rl.evaluation import MODES, BenchmarkReport, evaluate_benchmark
-from rollout.check import json_objects
 from rollout.config import RolloutConfig, check_ranges, set_runtime_defaults
 from rollout.engine import VLLMEngine, make_llm, shutdown_llm
 from rollout.files import atomic_write, check_model_dir, check_name, check_output_dir, write_text
 from rollout.orchestrator import generate
+from rollout.records import iter_records
 from rollout.units import chat_prompt_ids
 
 @dataclass
@@ -78,7 +78,8 @@ class BenchEvalConfig:
     baseline_model: str | None = field(default=None, metadata={
         "help": "sequential baseline model folder, decoded with spawning off (null: the same model)"})
     data: list[str] = field(default_factory=list, metadata={
-        "help": "benchmark JSONL files; 'NAME=PATH' names one (default name: the file's stem)"})
+        "help": "benchmark JSONL or Parquet files (verl's layout too); 'NAME=PATH' names one (default name: "
+                "the file's stem)"})
     problem_fields: list[str] = field(default_factory=lambda: ["problem", "question", "prompt"], metadata={
         "help": "record fields holding the problem text, tried in order (the first string one is used)"})
     answer_field: str = field(default="answer", metadata={"help": "record field holding the reference answer"})
@@ -150,9 +151,12 @@ def parse_data_arg(item: str) -> tuple[str, Path]:
 
 def read_benchmark(path: str | Path, problem_fields: Sequence[str] = ("problem", "question", "prompt"),
                    answer_field: str = "answer", limit: int | None = None) -> list[Problem]:
-    """The problems of a JSONL file; ValueError naming the line and the fields it has for a bad record."""
+    """The problems of a JSONL or Parquet file (this project's layout or verl's, ``rollout.records``).
+
+    ValueError naming the line and the fields it has for a bad record.
+    """
     problems = []
-    for i, rec in json_objects(path):
+    for i, rec in iter_records(path):
         text = next((rec[k] for k in problem_fields if isinstance(rec.get(k), str)), None)
         if text is None:
             raise ValueError(f"{path}:{i}: none of the problem fields {list(problem_fields)} holds text "

@@ -75,7 +75,8 @@ from typing import Any, Callable
 import yaml
 
 from rewards.config import RewardConfig
-from rewards.score import RewardItem
+from rewards.score import RewardItem, item_tags
+from rewards.tag_count import TagTokens
 from rl import checkpoint
 from rl.checkpoint import Stop  # noqa: F401 - part of this module's API: on_step hooks raise it
 from rl.evaluation import MODES, evaluate_heldout
@@ -85,11 +86,12 @@ from rl.memory_plan import Plan, PlanConfig, check_plan, make_plan, model_shape
 from rl.metrics import StepTimes, step_metrics
 from rl.metrics_log import MetricsLog
 from rl.services import Rollouts, Services, start_services, stop_services
-from rl.sft_data import TaskData, check_data_config, ensure_task_data, read_records
+from rl.sft_data import TaskData, check_data_config, ensure_task_data
 from rl.step import rl_step
 from rl.tracker import Tracker
 from rollout.config import RolloutConfig, check_ranges, to_dict
 from rollout.files import check_model_dir, check_output_dir, write_text
+from rollout.records import read_records
 from rollout.units import chat_prompt_ids
 
 @dataclass
@@ -98,7 +100,8 @@ class RLDataConfig(TaskData):
     :class:`rl.sft_data.TaskData`)."""
 
     dir: str = field(default="runs/data/tiny", metadata={"help": "folder holding the train/validation files"})
-    train_file: str = field(default="train.jsonl", metadata={"help": "training records in dir (.jsonl/.parquet)"})
+    train_file: str = field(default="train.jsonl", metadata={
+        "help": "training records in dir (.jsonl/.parquet, this project's layout or verl's)"})
     validation_file: str = field(default="validation.jsonl", metadata={
         "help": "held-out records: a file in dir, or an absolute path"})
     prompt_field: str = field(default="prompt", metadata={"help": "record field holding the prompt text"})
@@ -275,6 +278,10 @@ class Run:
     totals: Counter
     step: int = 0
     log: MetricsLog | None = None
+    reward_tags: TagTokens | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.reward_tags = item_tags(self.cfg.reward, self.tokenizer)  # None unless the reward counts by tag
 
     @property
     def run_dir(self) -> Path:
@@ -292,7 +299,8 @@ class Run:
         """Decode the held-out prompts in each mode; log the metrics, the records and their page."""
         cfg = self.cfg
         metrics, path = evaluate_heldout(cfg.rollout, cfg.eval.modes, self.rollouts, self.services.rewards,
-                                         self.val_prompts, self.val_answers, self.step, self.run_dir)
+                                         self.val_prompts, self.val_answers, self.step, self.run_dir,
+                                         self.reward_tags)
         self.totals["eval_s"] += metrics["eval/seconds"]
         self.tracker.log_metrics(metrics, self.step)
         self.tracker.log_artifact(path, "eval")
@@ -320,8 +328,8 @@ class Run:
             raise RuntimeError(f"{len(trajectories)} trajectories for {len(prompts)} prompts x {cfg.rollout.n}")
         t0 = time.perf_counter()
         scores = self.services.rewards.score_batch([
-            RewardItem(t.text, str(records[t.prompt_index][d.answer_field]), t.units, t.finish_reason)
-            for t in trajectories])
+            RewardItem(t.text, str(records[t.prompt_index][d.answer_field]), t.units, t.finish_reason,
+                       self.reward_tags) for t in trajectories])
         times.reward_s = time.perf_counter() - t0
         reference = self.services.reference_logprobs if self.services.reference is not None else None
         result = rl_step(trajectories, [s.reward for s in scores], cfg.rollout.n, cfg.grpo, cfg.learner.row_tokens,

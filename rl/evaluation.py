@@ -37,6 +37,7 @@ from typing import Any, Sequence
 
 from rewards.config import RewardConfig
 from rewards.score import RewardItem, ScoreRecord, score, score_many
+from rewards.tag_count import TagTokens
 from rl.metrics import finish_shares, mean, trajectory_metrics
 from rollout.config import RolloutConfig
 from rollout.files import atomic_write
@@ -121,8 +122,11 @@ def records_file(run_dir: Path, step: int) -> Path:
 
 def evaluate_heldout(rollout: RolloutConfig, modes: Sequence[str], rollouts, reward_pool,
                      prompts: list[list[int]], answers: list[str], step: int,
-                     run_dir: Path) -> tuple[dict[str, float], Path]:
-    """Greedy decoding of the held-out prompts in each mode; metrics ``eval/<mode>/...`` and the records file."""
+                     run_dir: Path, tags: TagTokens | None = None) -> tuple[dict[str, float], Path]:
+    """Greedy decoding of the held-out prompts in each mode; metrics ``eval/<mode>/...`` and the records file.
+
+    ``tags``: the tokenizer's tag ids when the reward counts tokens by tag (``rewards.score.item_tags``).
+    """
     metrics: dict[str, float] = {}
     start = time.perf_counter()
     out = records_file(run_dir, step)
@@ -132,8 +136,8 @@ def evaluate_heldout(rollout: RolloutConfig, modes: Sequence[str], rollouts, rew
             t0 = time.perf_counter()
             trajectories = rollouts.generate(prompts, rc)
             decode_s = time.perf_counter() - t0
-            scores = reward_pool.score_batch([RewardItem(t.text, answers[t.prompt_index], t.units, t.finish_reason)
-                                              for t in trajectories])
+            scores = reward_pool.score_batch([RewardItem(t.text, answers[t.prompt_index], t.units, t.finish_reason,
+                                                         tags) for t in trajectories])
             m = trajectory_metrics(trajectories, scores, f"eval/{mode}/")  # reward and its parts, too
             del m[f"eval/{mode}/correct"]  # named accuracy, in measures
             m.update({f"eval/{mode}/{k}": v for k, v in measures(trajectories, scores).items()})

@@ -56,12 +56,12 @@ from rl.checkpoint import Stop  # noqa: F401 - part of this module's API: on_ste
 from rl.learner import LearnerConfig, LearnerGroup
 from rl.memory_plan import ModelShape, Plan, PlanConfig, check_plan, make_plan, model_shape
 from rl.metrics_log import MetricsLog
-from rl.sft_data import (StreamState, TaskData, TrieStream, check_data_config, ensure_task_data, read_records,
-                         timed_build)
+from rl.sft_data import StreamState, TaskData, TrieStream, check_data_config, ensure_task_data, timed_build
 from rl.sft_eval import EvalConfig, Evaluator, records_to_dicts
 from rl.trie import pack_tries, tree_stats
 from rollout.config import check_ranges, to_dict
 from rollout.files import atomic_write, check_model_dir, check_output_dir, write_text
+from rollout.records import read_records
 
 
 @dataclass
@@ -89,7 +89,8 @@ class DataConfig(TaskData):
     :class:`rl.sft_data.TaskData`)."""
 
     dir: str = field(default="runs/data/tiny", metadata={"help": "folder holding the train/validation files"})
-    train_file: str = field(default="train.jsonl", metadata={"help": "training records in dir (.jsonl/.parquet)"})
+    train_file: str = field(default="train.jsonl", metadata={
+        "help": "training records in dir (.jsonl/.parquet, this project's layout or verl's)"})
     validation_file: str = field(default="validation.jsonl", metadata={
         "help": "validation records: a file in dir, or an absolute path"})
     prompt_field: str = field(default="prompt", metadata={"help": "record field holding the prompt text"})

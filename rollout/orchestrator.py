@@ -17,6 +17,9 @@ decode-and-re-encode between requests):
 :func:`generate` runs many trajectories at once over one engine: every request
 that becomes ready (a sequential continuation, the threads of a block) is
 submitted together with the others, and the engine batches all of them.
+:func:`agenerate` runs the same state machine for one trajectory over an
+:class:`~rollout.engine.AsyncEngine` (a server client awaited request by
+request, as in verl's agent loop), awaiting a block's threads together.
 Sequential mode (``RolloutConfig.sequential``) is the same code with step 1
 not stopping at ``</Outlines>``, so nothing is ever spawned.
 
@@ -41,6 +44,7 @@ a thread stopped by the budget share or the context ends the trajectory
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
@@ -48,7 +52,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
 from rollout.config import RolloutConfig
-from rollout.engine import STOP, Completion, Engine, Request
+from rollout.engine import STOP, AsyncEngine, Completion, Engine, Request
 from rollout.format import (
     OUTLINES_CLOSE, PARALLEL_CLOSE, PARALLEL_OPEN, THREAD_CLOSE, FormatError, JOIN_SUFFIX, parse, thread_seed,
 )
@@ -398,9 +402,7 @@ def generate(engine: Engine, tokenizer, prompts: Sequence[Sequence[int]], config
     per-request seeds, so a prompt samples the same wherever it runs; default
     ``0..len-1``). ``on_finish`` is called with each trajectory as it ends.
     """
-    if config.max_context > engine.max_model_len:
-        raise ValueError(f"max_context {config.max_context} exceeds the engine's max_model_len "
-                         f"{engine.max_model_len}")
+    _check_fits(config, engine)
     indices = list(range(len(prompts))) if prompt_indices is None else list(prompt_indices)
     if len(indices) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(indices)} prompt indices")
@@ -439,3 +441,38 @@ def generate(engine: Engine, tokenizer, prompts: Sequence[Sequence[int]], config
     if unfinished:
         raise RuntimeError(f"{len(unfinished)} trajectories have no request in flight and no finish reason")
     return [r.record for r in rollouts]
+
+
+async def agenerate(engine: AsyncEngine, tokenizer, prompt_ids: Sequence[int], config: RolloutConfig, *,
+                    prompt_index: int = 0, sample_index: int = 0, eos_token_id: int | None = None) -> Trajectory:
+    """One trajectory of ``prompt_ids`` over ``engine``: the state machine of :func:`generate`, awaited.
+
+    Each request is awaited as it becomes ready; a block's thread requests are
+    awaited together. ``prompt_index`` and ``sample_index`` fix the per-request
+    seeds: sample ``s`` of prompt ``i`` in :func:`generate` draws the same seeds
+    as ``prompt_index=i, sample_index=s`` here. ``config.n`` is not used (run one
+    coroutine per sample). An engine error cancels the trajectory's other
+    requests and propagates.
+    """
+    _check_fits(config, engine)
+    tags = TagIds.from_tokenizer(tokenizer, eos_token_id)
+    rollout = _Rollout(0, prompt_index, sample_index, prompt_ids, config, tags, tokenizer, {})
+    pending = rollout.start()
+    while pending:
+        tasks = [asyncio.ensure_future(engine.complete(r)) for r in pending]
+        try:
+            completions = await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            raise
+        pending = [nxt for r, c in zip(pending, completions) for nxt in rollout.advance(r, c)]
+    if not rollout.finished:
+        raise RuntimeError("the trajectory has no request in flight and no finish reason")
+    return rollout.record
+
+
+def _check_fits(config: RolloutConfig, engine: Engine | AsyncEngine) -> None:
+    if config.max_context > engine.max_model_len:
+        raise ValueError(f"max_context {config.max_context} exceeds the engine's max_model_len "
+                         f"{engine.max_model_len}")

@@ -26,7 +26,7 @@ if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -
 fi
 # --- end Chromium
 
-if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then
+if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt scripts/verl-requirements.txt ]; then
     exit 0
 fi
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
@@ -54,6 +54,17 @@ echo "[setup] installing threadweaver[$EXTRAS] into $VENV (first time: several m
 if [[ ",$EXTRAS," == *",cpu,"* ]]; then
     "$VENV/bin/python" -m pip uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 fi
+# verl (the second training backend, rl/verl/) and the modules its agent loop, trainer utilities and
+# datasets import: --no-deps, because verl 0.9.1 declares transformers<5.11 and vllm needs >=5.16
+# (scripts/verl-requirements.txt says why each pin).
+"$VENV/bin/python" -m pip install "${pip_args[@]}" --no-deps -r scripts/verl-requirements.txt
+
+# The math-verify server (rewards/mv_server.py, its own process) grades with antlr4 4.13.2, whose LaTeX
+# grammar reads percentages (10\% = 0.1); the shared environment holds 4.9.3 for Hydra/OmegaConf
+# (verl). rewards.checker puts this folder first on the server's PYTHONPATH.
+"$VENV/bin/python" -m pip install "${pip_args[@]}" --no-deps --upgrade --target "$VENV/grader-site" \
+    antlr4-python3-runtime==4.13.2 >/dev/null
+
 "$VENV/bin/python" -c 'import transformers, torch; from transformers import Qwen3ForCausalLM' \
     || { echo "[setup] transformers cannot import its models; see the note above" >&2; exit 1; }
 touch "$stamp"
