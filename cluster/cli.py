@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("cluster.cmd_generate", "sample parallel trajectories for a JSONL of prompts with Ray rollout workers"),
     "score": ("cluster.cmd_score", "score responses in a JSONL file: correctness, parallelism measures, reward"),
     "sft": ("cluster.cmd_sft", "SFT warm start on trie-packed units (or the sequential baseline), with held-out eval"),
+    "plan": ("cluster.cmd_plan", "memory plan of an SFT or RL config per device (learner, rollout, reference); "
+                                 "exit 1 naming the knob when it does not fit"),
     "rl": ("cluster.cmd_rl", "P-GRPO training on Ray: rollouts, rewards, group advantages, learner, weight sync, MLflow"),
     "demo": ("cluster.demo", "a one-minute tour: tiny model, data, vLLM decoding, statistics"),
     "bench": ("rl.bench", "benchmarks printed as side-by-side tables (bench trie: trie vs expanded vs padded rows)"),

@@ -257,7 +257,8 @@ def run_benchmarks(cfg: BenchEvalConfig, tracker=None, models: tuple[str, str] |
                 ro = cfg.rollout
                 llm = make_llm(model_dir, max_model_len=ro.max_context, seed=ro.seed if ro.seed is not None else 0,
                                dtype=ro.dtype, tensor_parallel_size=ro.tensor_parallel_size,
-                               enforce_eager=ro.enforce_eager)
+                               enforce_eager=ro.enforce_eager,
+                               gpu_memory_utilization=ro.gpu_memory_utilization)
                 print(f"eval: engine on {model_dir} ready in {time.perf_counter() - t0:.0f} s", flush=True)
             tokenizer = load_tokenizer(model_dir)
             engine = VLLMEngine(llm)

@@ -82,6 +82,7 @@ from rl.checkpoint import Stop  # noqa: F401 - part of this module's API: on_ste
 from rl.evaluation import MODES, evaluate_heldout
 from rl.grpo import GRPOConfig
 from rl.learner import LearnerConfig, LearnerGroup
+from rl.memory_plan import Plan, PlanConfig, check_plan, make_plan, model_shape
 from rl.metrics import StepTimes, step_metrics
 from rl.metrics_log import MetricsLog
 from rl.services import Rollouts, Services, start_services, stop_services
@@ -161,6 +162,7 @@ class RLConfig:
     grpo: GRPOConfig = field(default_factory=GRPOConfig, metadata={"help": "advantages and loss"})
     learner: LearnerConfig = field(default_factory=LearnerConfig, metadata={"help": "DeepSpeed learner ranks"})
     eval: RLEvalConfig = field(default_factory=RLEvalConfig, metadata={"help": "held-out evaluation"})
+    plan: PlanConfig = field(default_factory=PlanConfig, metadata={"help": "memory plan checked before training"})
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -221,9 +223,17 @@ def check_inputs(cfg: RLConfig) -> None:
     unless resuming, ``run_dir`` writable (created), the data files (or ``data.dir`` writable when they are
     generated). ValueError with one line naming the key otherwise."""
     check_model_dir(cfg.model, "model")
+    if cfg.plan.device_memory_gib > 0:
+        check_plan(memory_plan(cfg))
     checkpoint.resume_of_run(cfg.resume, cfg.run_dir)
     check_output_dir(cfg.run_dir, "run_dir")
     check_data_config(cfg.data)
+
+
+def memory_plan(cfg: RLConfig) -> Plan:
+    """Learner ranks, rollout workers and the reference model (KL term) per device (:mod:`rl.memory_plan`)."""
+    return make_plan(model_shape(cfg.model, cfg.plan.architecture), cfg.learner, cfg.plan, cfg.rollout,
+                     reference=cfg.grpo.kl_coef > 0)
 
 
 def load_data(cfg: RLConfig) -> tuple[list[dict], list[dict]]:

@@ -49,8 +49,8 @@ from typing import Literal, Sequence
 
 import torch
 
-from rl.attention import IMPLEMENTATION, tree_forward
-from rl.logprobs import token_logprobs
+from rl.attention import IMPLEMENTATION, tree_predictions
+from rl.logprobs import TokenPredictions, as_predictions
 from rl.trie import PackedRow, Trie, group_tries
 from rollout.config import check_ranges
 from rollout.units import Unit
@@ -169,9 +169,11 @@ class RLRow(PackedRow):
     ref_logprob: torch.Tensor | None = None
 
 
-def pgrpo_loss(logits: torch.Tensor, row: PackedRow, denominator: float, clip_eps: float | None = None,
-               kl_coef: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+def pgrpo_loss(pred: TokenPredictions | torch.Tensor, row: PackedRow, denominator: float,
+               clip_eps: float | None = None, kl_coef: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
     """The P-GRPO loss of one row (see module doc); row losses add up to the batch loss.
+
+    ``pred``: the row's :class:`rl.logprobs.TokenPredictions`, or its ``[L, vocab]`` logits.
 
     ``clip_eps=None``: on-policy, ``-sum(weight * logprob) / denominator``.
     Otherwise the PPO-clipped surrogate against ``row.behavior_logprob``.
@@ -185,8 +187,8 @@ def pgrpo_loss(logits: torch.Tensor, row: PackedRow, denominator: float, clip_ep
     """
     if denominator <= 0:
         raise ValueError(f"loss denominator must be positive, got {denominator}")
-    device = logits.device
-    logprobs = token_logprobs(logits, row)
+    logprobs = as_predictions(pred, row).logprob
+    device = logprobs.device
     n_targets = row.n_targets.to(device)
     target = n_targets > 0
     behavior = row.behavior_logprob.to(device)
@@ -231,15 +233,19 @@ class ReferenceModel:
     """The frozen starting policy, computing per-token log-probabilities of packed rows (for the KL term).
 
     Used as a Ray actor by the driver. ``threads`` sets torch's intra-op
-    threads; ``device`` is ``"cpu"`` or ``"cuda"``.
+    threads; ``device`` is ``"cpu"`` or ``"cuda"``; weights are loaded in
+    ``dtype``. ``chunk_tokens > 0`` computes the log-probabilities from the
+    last hidden states that many positions at a time, as the learner does
+    (:func:`rl.attention.tree_predictions`); 0 from the full logits.
     """
 
     def __init__(self, model_dir: str, attention: str = "sdpa", threads: int = 1, device: str = "cpu",
-                 dtype: str = "fp32"):
+                 dtype: str = "fp32", chunk_tokens: int = 0):
         from transformers import AutoModelForCausalLM
 
         torch.set_num_threads(max(1, threads))
         self.attention = attention
+        self.chunk_tokens = chunk_tokens
         self.device = torch.device(device)
         torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype,
@@ -249,11 +255,8 @@ class ReferenceModel:
     @torch.no_grad()
     def logprobs(self, rows: list[PackedRow]) -> list[torch.Tensor]:
         """``[L]`` log-probabilities of every row's tokens (0 at roots), on the CPU."""
-        out = []
-        for row in rows:
-            logits = tree_forward(self.model, row, self.attention, max_dense_tokens=max(len(row), 1))
-            out.append(token_logprobs(logits, row).float().cpu())
-        return out
+        return [tree_predictions(self.model, row, self.attention, self.chunk_tokens,
+                                 max_dense_tokens=max(len(row), 1)).logprob.float().cpu() for row in rows]
 
 
 def with_reference(rows: Sequence[PackedRow], ref_logprobs: Sequence[torch.Tensor]) -> list[RLRow]:

@@ -58,7 +58,7 @@ def start_services(rollout: RolloutConfig, reward: RewardConfig, grpo: GRPOConfi
         lc = learner
         reference = ray.remote(ReferenceModel).options(num_cpus=lc.cpus_per_rank, num_gpus=lc.gpus_per_rank).remote(
             str(model_dir), lc.attention, lc.threads_per_rank or max(1, int(lc.cpus_per_rank)),
-            "cuda" if lc.on_gpu else "cpu", lc.dtype)
+            "cuda" if lc.on_gpu else "cpu", lc.dtype, lc.logprob_chunk_tokens)
     rewards.wait_ready()
     return Services(pool, rewards, reference)
 

@@ -54,6 +54,7 @@ import yaml
 from rl import checkpoint
 from rl.checkpoint import Stop  # noqa: F401 - part of this module's API: on_step hooks raise it
 from rl.learner import LearnerConfig, LearnerGroup
+from rl.memory_plan import ModelShape, Plan, PlanConfig, check_plan, make_plan, model_shape
 from rl.metrics_log import MetricsLog
 from rl.sft_data import StreamState, TaskData, TrieStream, check_data_config, ensure_task_data, timed_build
 from rl.sft_eval import EvalConfig, Evaluator, records_to_dicts
@@ -131,6 +132,7 @@ class SFTConfig:
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data"})
     learner: LearnerConfig = field(default_factory=LearnerConfig, metadata={"help": "learner"})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "held-out evaluation"})
+    plan: PlanConfig = field(default_factory=PlanConfig, metadata={"help": "memory plan checked before training"})
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -165,17 +167,26 @@ def check_inputs(cfg: SFTConfig) -> None:
     writable when they are generated). ValueError with one line naming the key otherwise."""
     if cfg.model.path is not None:
         check_model_dir(cfg.model.path, "model.path")
-    else:
-        from rollout.tiny import build_tokenizer, model_config  # lazy: transformers takes seconds to import
-
-        m = cfg.model
-        model_config(build_tokenizer(), m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads,
-                     m.intermediate_size)
+    plan = memory_plan(cfg) if cfg.model.path is None or cfg.plan.device_memory_gib > 0 else None
+    if plan is not None:  # (building the tiny model's plan also checks its sizes)
+        check_plan(plan)
     resume = checkpoint.resume_of_run(cfg.resume, cfg.run_dir)
     if cfg.resume not in (None, "auto") and not resume.is_dir():
         raise ValueError(f"resume checkpoint {resume} does not exist")
     check_output_dir(cfg.run_dir, "run_dir")
     check_data_config(cfg.data)
+
+
+def memory_plan(cfg: SFTConfig) -> Plan:
+    """The learner's memory plan (:mod:`rl.memory_plan`); the tiny model's shape when ``model.path`` is null."""
+    if cfg.model.path is not None:
+        return make_plan(model_shape(cfg.model.path, cfg.plan.architecture), cfg.learner, cfg.plan)
+    from rollout.tiny import build_tokenizer, model_config  # lazy: transformers takes seconds to import
+
+    m = cfg.model
+    config = model_config(build_tokenizer(), m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads,
+                          m.intermediate_size)
+    return make_plan(ModelShape.from_config(config.to_dict()), cfg.learner, cfg.plan)
 
 
 def build_training_tries(cfg: SFTConfig, tokenizer, train_records: list[dict]) -> tuple[list, dict]:

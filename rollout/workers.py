@@ -65,7 +65,8 @@ class RolloutWorker:
         self.tokenizer = load_tokenizer(model_dir)
         self.llm = make_llm(model_dir, max_model_len=config.max_context, seed=config.seed or 0,
                             dtype=config.dtype, tensor_parallel_size=config.tensor_parallel_size,
-                            enforce_eager=config.enforce_eager)
+                            enforce_eager=config.enforce_eager,
+                            gpu_memory_utilization=config.gpu_memory_utilization)
         self.engine = VLLMEngine(self.llm)
         self.weights_dir: Path | None = None
 
