@@ -31,6 +31,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("cluster.sweep", "reward-weight grid (rho, clip, incorrect reward): one RL run per point as Ray tasks, plot"),
     "run": ("cluster.pipeline", "the whole pipeline from one YAML: data, SFT, self-training, P-GRPO, eval (MLflow)"),
     "datagen": ("cluster.cmd_datagen", "parallel training data: stage1 rewrites traces, stage2 self-trains"),
+    "prepare-model": ("cluster.cmd_prepare_model", "a Hugging Face causal LM (folder or cached Hub name) with the control "
+                                                   "tags as single tokens, its chat template and every EOS id"),
 }
 
 

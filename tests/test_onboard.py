@@ -1,0 +1,283 @@
+"""``threadweaver prepare-model`` on a model that is not the tiny one, and EOS sets through the orchestrator on vLLM.
+
+The model under test (:func:`write_bpe_model`) is what a real checkpoint looks
+like to this code: a randomly initialised Qwen3-architecture model with an
+ordinary byte-level BPE tokenizer trained here by the ``tokenizers`` library on
+the synthetic task's text (merges, so the tags split into several tokens), a
+Qwen-style chat template, an untied output head whose table is not a multiple
+of 64 rows, and two EOS ids: the tokenizer's ``<|im_end|>`` and, in
+``generation_config.json`` only, ``<|endoftext|>`` (as Qwen3 ships them).
+Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from cluster.cli import main as cli_main
+from rollout.format import ALL_TAGS
+from rollout.onboard import (
+    RECORD_FILE, SAMPLE_RESPONSE, ModelNotFound, PrepareModelConfig, eos_token_ids, prepare_model, resolve_model,
+    tag_problems,
+)
+from rollout.task import TaskConfig, make_dataset
+from rollout.tiny import CHAT_TEMPLATE, IM_END, IM_START, PAD, load_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def train_bpe_tokenizer(vocab_size: int = 700) -> PreTrainedTokenizerFast:
+    """A byte-level BPE (GPT-2 pre-tokenizer regex, merges) trained on the synthetic task's prompts and responses."""
+    records = make_dataset(TaskConfig(), {"train": 150}, seed=1)["train"]
+    corpus = [r[k] for r in records for k in ("prompt", "response_parallel", "response_sequential")]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=[PAD, IM_START, IM_END], show_progress=False)
+    backend.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=IM_END, pad_token=PAD,
+                                        clean_up_tokenization_spaces=False)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def write_bpe_model(out: Path, *, tied: bool = False, chat_template: bool = True, seed: int = 0) -> Path:
+    """The model described in the module docstring, written to ``out`` in Hugging Face format."""
+    tokenizer = train_bpe_tokenizer()
+    if not chat_template:
+        tokenizer.chat_template = None
+    im_end, endoftext = tokenizer.convert_tokens_to_ids([IM_END, PAD])
+    config = Qwen3Config(vocab_size=len(tokenizer) + 3, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=32, intermediate_size=128, max_position_embeddings=2048,
+                         tie_word_embeddings=tied, bos_token_id=None, eos_token_id=im_end, pad_token_id=endoftext)
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config).to(torch.float32)
+    model.generation_config = GenerationConfig(eos_token_id=[im_end, endoftext], pad_token_id=endoftext)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bpe_model(tmp_path_factory) -> Path:
+    return write_bpe_model(tmp_path_factory.mktemp("bpe") / "model")
+
+
+@pytest.fixture(scope="module")
+def prepared(bpe_model, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("prepared") / "model"
+    prepare_model(PrepareModelConfig(src=str(bpe_model), out=str(out)))
+    return out
+
+
+# --------------------------------------------------------------------------- the model under test
+
+
+def test_the_bpe_model_is_not_ready_before_preparation(bpe_model):
+    tokenizer = AutoTokenizer.from_pretrained(bpe_model)
+    assert all(len(tokenizer.encode(t, add_special_tokens=False)) > 1 for t in ALL_TAGS)
+    assert any(len(tokenizer.encode(w, add_special_tokens=False)) == 1 for w in ("Thread", "Outline", "think"))
+    with pytest.raises(ValueError, match="prepare-model"):
+        load_tokenizer(bpe_model)
+    assert eos_token_ids(bpe_model, tokenizer) == tokenizer.convert_tokens_to_ids([IM_END, PAD])
+    assert json.loads((bpe_model / "config.json").read_text())["vocab_size"] % 64 != 0
+
+
+# --------------------------------------------------------------------------- prepare_model
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_prepare_model_adds_tags_with_mean_rows(tmp_path, tied):
+    src = write_bpe_model(tmp_path / "src", tied=tied)
+    before = AutoModelForCausalLM.from_pretrained(src)
+    old_in = before.get_input_embeddings().weight.detach().clone()
+    old_out = before.get_output_embeddings().weight.detach().clone()
+    n_tokens = len(AutoTokenizer.from_pretrained(src))
+
+    record = prepare_model(PrepareModelConfig(src=str(src), out=str(tmp_path / "out")))
+
+    out = tmp_path / "out"
+    tokenizer = load_tokenizer(out)  # raises if any tag is split
+    assert record.added_tags == list(ALL_TAGS)
+    assert list(record.tag_ids.values()) == list(range(n_tokens, n_tokens + len(ALL_TAGS)))
+    assert [tokenizer.encode(t, add_special_tokens=False) for t in ALL_TAGS] == [[i] for i in record.tag_ids.values()]
+    assert tag_problems(tokenizer) == []
+    assert tokenizer.decode(tokenizer.encode(SAMPLE_RESPONSE), skip_special_tokens=True) == SAMPLE_RESPONSE
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    new_in, new_out = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    rows = new_in.shape[0]
+    assert rows == 64 * -(-len(tokenizer) // 64) == model.config.vocab_size == record.vocab_rows_after
+    assert record.vocab_rows_before == old_in.shape[0] and record.tied_head == tied
+    assert (new_in.data_ptr() == new_out.data_ptr()) == tied
+    torch.testing.assert_close(new_in[:n_tokens], old_in[:n_tokens], rtol=0, atol=0)  # the tags take the 3 spare
+    torch.testing.assert_close(new_out[:n_tokens], old_out[:n_tokens], rtol=0, atol=0)  # rows, then new ones
+    mean_in, mean_out = old_in[:n_tokens].mean(0), old_out[:n_tokens].mean(0)
+    for r in [*record.tag_ids.values(), *range(old_in.shape[0], rows)]:  # the tags and every padding row
+        torch.testing.assert_close(new_in[r], mean_in)
+        torch.testing.assert_close(new_out[r], mean_out)
+
+    im_end, endoftext = tokenizer.convert_tokens_to_ids([IM_END, PAD])
+    assert record.eos_token_ids == [im_end, endoftext]
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [im_end, endoftext]
+    assert eos_token_ids(out, tokenizer) == [im_end, endoftext]
+    assert tokenizer.chat_template == CHAT_TEMPLATE
+    assert json.loads((out / RECORD_FILE).read_text())["tag_ids"] == record.tag_ids
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+def test_prepare_model_pieces_init_and_a_tag_already_held(tmp_path):
+    src = write_bpe_model(tmp_path / "src")
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    tokenizer.add_tokens(["<think>", "</think>"])  # as Qwen3 holds them: added tokens with trained rows
+    tokenizer.save_pretrained(src)
+    model = AutoModelForCausalLM.from_pretrained(src)
+    think = tokenizer.convert_tokens_to_ids("<think>")
+    assert think < model.get_input_embeddings().weight.shape[0]  # the spare rows hold it
+    held_row = model.get_input_embeddings().weight[think].detach().clone()
+    pieces = {t: tokenizer.encode(t, add_special_tokens=False) for t in ALL_TAGS}
+
+    record = prepare_model(PrepareModelConfig(src=str(src), out=str(tmp_path / "out"), init="pieces"))
+
+    assert record.added_tags == [t for t in ALL_TAGS if t not in ("<think>", "</think>")]
+    assert record.tag_ids["<think>"] == think
+    new = AutoModelForCausalLM.from_pretrained(tmp_path / "out").get_input_embeddings().weight
+    torch.testing.assert_close(new[think], held_row, rtol=0, atol=0)
+    old = model.get_input_embeddings().weight
+    for tag in record.added_tags:
+        torch.testing.assert_close(new[record.tag_ids[tag]], old[pieces[tag]].mean(0))
+
+
+def test_a_chat_template_file_replaces_a_missing_one(tmp_path):
+    src = write_bpe_model(tmp_path / "src", chat_template=False)
+    with pytest.raises(ValueError, match="has no chat template; give one with chat_template=FILE.jinja"):
+        prepare_model(PrepareModelConfig(src=str(src), out=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()
+    template = tmp_path / "chat.jinja"
+    template.write_text(CHAT_TEMPLATE)
+    prepare_model(PrepareModelConfig(src=str(src), out=str(tmp_path / "out"), chat_template=str(template)))
+    assert load_tokenizer(tmp_path / "out").chat_template == CHAT_TEMPLATE
+
+
+def test_a_tokenizer_that_cannot_hold_the_tags_is_refused_with_the_reason(tmp_path):
+    """A word-level tokenizer (whitespace pre-tokenizer, unknown token) loses the newlines around the tags."""
+    src = write_bpe_model(tmp_path / "src")
+    words = sorted({w for w in SAMPLE_RESPONSE.split()} | {"What", "is", "1", "+", "2?"})
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate([PAD, IM_START, IM_END, "[UNK]", *words])},
+                                         unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece()
+    word_level = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=IM_END, pad_token=PAD,
+                                         unk_token="[UNK]")
+    word_level.chat_template = CHAT_TEMPLATE
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (src / name).unlink()
+    word_level.save_pretrained(src)
+    with pytest.raises(ValueError, match="cannot hold the control tags: a response does not decode back"):
+        prepare_model(PrepareModelConfig(src=str(src), out=str(tmp_path / "out")))
+
+
+def test_hub_names_resolve_from_the_local_cache_only(tmp_path, bpe_model):
+    cache = tmp_path / "hub"
+    with pytest.raises(ModelNotFound, match=f"looked in {cache / 'models--Qwen--Qwen3-8B'}"):
+        resolve_model("Qwen/Qwen3-8B", cache_dir=cache)
+    with pytest.raises(ModelNotFound, match="model folder /no/such/folder does not exist"):
+        resolve_model("/no/such/folder")
+    snapshot = cache / "models--someone--bpe" / "snapshots" / ("a" * 40)
+    snapshot.parent.mkdir(parents=True)
+    (cache / "models--someone--bpe" / "refs").mkdir()
+    (cache / "models--someone--bpe" / "refs" / "main").write_text("a" * 40)
+    snapshot.mkdir()
+    for f in bpe_model.iterdir():
+        (snapshot / f.name).symlink_to(f)
+    assert resolve_model("someone/bpe", cache_dir=cache) == snapshot
+    assert resolve_model("someone/bpe", revision="a" * 40, cache_dir=cache) == snapshot
+    with pytest.raises(ModelNotFound, match="revision 'v2'"):
+        resolve_model("someone/bpe", revision="v2", cache_dir=cache)
+    with pytest.raises(ValueError, match="holds no config.json"):
+        resolve_model(str(tmp_path))
+
+
+def test_eos_token_ids_reads_generation_config_then_config(tmp_path, bpe_model):
+    tokenizer = AutoTokenizer.from_pretrained(bpe_model)
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"eos_token_id": 5}))
+    assert eos_token_ids(folder, tokenizer) == [tokenizer.eos_token_id, 5]
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, tokenizer.eos_token_id, 7]}))
+    assert eos_token_ids(folder, tokenizer) == [tokenizer.eos_token_id, 7]  # config.json not read, duplicates out
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": ["x"]}))
+    with pytest.raises(ValueError, match="must be integers"):
+        eos_token_ids(folder, tokenizer)
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def test_prepare_model_command(tmp_path, bpe_model, capsys):
+    out = tmp_path / "out"
+    assert cli_main(["prepare-model", str(bpe_model), str(out), "init=pieces"]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {out}" in printed and "EOS ids (generation_config.json): [" in printed
+    assert json.loads((out / RECORD_FILE).read_text())["init"] == "pieces"
+    assert cli_main(["prepare-model", "--show-config"]) == 0
+    assert "chat_template" in capsys.readouterr().out
+    assert cli_main(["prepare-model", f"src={bpe_model}", "out=x", "--print-config"]) == 0
+    assert f"src: {bpe_model}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["/no/such/model", "OUT"], "model folder /no/such/model does not exist"),
+    (["no-such-org/no-such-model", "OUT"], "is not in the local Hugging Face cache (looked in"),
+    (["BPE", "OUT"], "has no chat template; give one with chat_template=FILE.jinja"),
+    (["BPE", "NONEMPTY"], "exists and is not an empty folder"),
+    (["BPE", "OUT", "init=zeros"], "init"),
+    (["BPE", "OUT", "bogus=1"], "bogus"),
+    (["BPE", "OUT", "src=x"], "src given twice"),
+    (["BPE", "OUT", "extra"], "3 positional arguments"),
+    (["BPE", "OUT", "chat_template=/no/such.jinja"], "chat_template file /no/such.jinja does not exist"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, argv, message, capsys):
+    src = write_bpe_model(tmp_path / "bpe", chat_template=False) if "BPE" in argv else None
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "f").write_text("x")
+    names = {"BPE": str(src), "OUT": str(tmp_path / "out"), "NONEMPTY": str(tmp_path / "full")}
+    argv = [names.get(a, a) for a in argv]
+    capsys.readouterr()  # writing the model prints progress bars
+    assert cli_main(["prepare-model", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_hub_name_is_found_under_hf_home(tmp_path, bpe_model):
+    """The command in a fresh process with HF_HOME set, offline: Qwen/Qwen3-8B resolves from HF_HOME/hub."""
+    snapshot = tmp_path / "hf" / "hub" / "models--Qwen--Qwen3-8B" / "snapshots" / ("b" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("b" * 40)
+    for f in bpe_model.iterdir():
+        (snapshot / f.name).symlink_to(f)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    run = subprocess.run([sys.executable, "-m", "cluster.cli", "prepare-model", "Qwen/Qwen3-8B",
+                          str(tmp_path / "out")], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert f"from {snapshot}" in run.stdout
+    assert load_tokenizer(tmp_path / "out")
+    env["HF_HOME"] = str(tmp_path / "empty")
+    run = subprocess.run([sys.executable, "-m", "cluster.cli", "prepare-model", "Qwen/Qwen3-8B",
+                          str(tmp_path / "out2")], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert f"looked in {tmp_path / 'empty' / 'hub' / 'models--Qwen--Qwen3-8B'}" in run.stderr
