@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from cluster.cli import main as cli_main
+from rollout.config import RolloutConfig
 from rollout.format import ALL_TAGS
 from rollout.onboard import (
     RECORD_FILE, SAMPLE_RESPONSE, ModelNotFound, PrepareModelConfig, eos_token_ids, prepare_model, resolve_model,
@@ -32,6 +33,7 @@ from rollout.onboard import (
 )
 from rollout.task import TaskConfig, make_dataset
 from rollout.tiny import CHAT_TEMPLATE, IM_END, IM_START, PAD, load_tokenizer
+from rollout.units import encode
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -281,3 +283,123 @@ def test_a_hub_name_is_found_under_hf_home(tmp_path, bpe_model):
                           str(tmp_path / "out2")], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert f"looked in {tmp_path / 'empty' / 'hub' / 'models--Qwen--Qwen3-8B'}" in run.stderr
+
+
+def test_add_tags_keeps_the_row_of_a_tag_that_was_one_vocabulary_token():
+    """A word-level vocabulary that holds "<think>" as an ordinary token: the tag is made an added token with
+    the same id and its trained row is kept, while init="mean" fills the other tags' new rows."""
+    from rollout.tiny import add_tags
+
+    vocab = {w: i for i, w in enumerate([PAD, IM_END, "[UNK]", "<think>", "a", "b"])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=IM_END, pad_token=PAD,
+                                        unk_token="[UNK]")
+    assert tokenizer.encode("<think>", add_special_tokens=False) == [3] and "<think>" not in tokenizer.get_added_vocab()
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=6, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=1, head_dim=32, intermediate_size=64,
+                                         tie_word_embeddings=True))
+    old = model.get_input_embeddings().weight.detach().clone()
+    ids = add_tags(model, tokenizer, init="mean")
+    new = model.get_input_embeddings().weight
+    assert ids[ALL_TAGS.index("<think>")] == 3 and "<think>" in tokenizer.get_added_vocab()
+    torch.testing.assert_close(new[:6], old, rtol=0, atol=0)
+    assert sorted(set(ids) - {3}) == list(range(6, 6 + len(ALL_TAGS) - 1)) and new.shape[0] == 64
+    for row in range(6, 64):
+        torch.testing.assert_close(new[row], old.mean(0))
+    with pytest.raises(ValueError, match="init must be"):
+        add_tags(model, tokenizer, init="zeros")
+
+
+# --------------------------------------------------------------------------- vLLM on the prepared model
+
+
+@pytest.fixture(scope="module")
+def prepared_llm(prepared):
+    from rollout.engine import make_llm, shutdown_llm
+
+    llm = make_llm(prepared, max_model_len=512, seed=0, dtype="float32", enforce_eager=True)
+    try:
+        yield llm
+    finally:
+        shutdown_llm(llm)
+
+
+def forced_engine(llm, choose):
+    """A ``VLLMEngine`` whose every request may sample only the token ``choose(request)`` returns
+    (vLLM's ``allowed_token_ids``): the random weights then write what the test needs, through the real engine."""
+    from rollout.engine import VLLMEngine
+
+    class Forced(VLLMEngine):
+        def _params(self, r):
+            self.sampling_overrides = {"allowed_token_ids": [choose(r)]}
+            return super()._params(r)
+
+    return Forced(llm)
+
+
+@pytest.mark.integration
+def test_the_prepared_model_decodes_spawn_join_on_vllm_with_single_token_tags(prepared, prepared_llm):
+    from rollout.orchestrator import generate
+    from rollout.units import chat_prompt_ids, replay
+
+    tokenizer = load_tokenizer(prepared)
+    vllm_tokenizer = prepared_llm.get_tokenizer()
+    tag_ids = json.loads((prepared / RECORD_FILE).read_text())["tag_ids"]
+    assert {t: vllm_tokenizer.encode(t, add_special_tokens=False) for t in ALL_TAGS} == \
+        {t: [i] for t, i in tag_ids.items()}
+    eos = eos_token_ids(prepared, tokenizer)
+    outlines_close, thread_close = tag_ids["</Outlines>"], tag_ids["</Thread>"]
+    head = "<think>\n<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n<Outline>2: b</Outline>\n"
+    prompt = chat_prompt_ids(tokenizer, "Compute 7*486 + 3*961.") + encode(tokenizer, head)
+
+    def choose(r):  # the head's close, then each thread closes at once, then the second EOS
+        if thread_close in r.stop_token_ids:
+            return thread_close
+        return eos[1] if thread_close in r.prompt_ids else outlines_close
+
+    (t,) = generate(forced_engine(prepared_llm, choose), tokenizer, [prompt], RolloutConfig(max_tokens=64, seed=0),
+                    eos_token_id=eos)
+    assert (t.finish_reason, t.finish_detail) == ("eos", "")
+    assert t.text == "</Outlines>\n<Thread>\n1:</Thread>\n<Thread>\n2:</Thread>\n"
+    assert t.sequence_ids[-1] == eos[1] and (t.n_blocks, t.threads_per_block) == (1, [2])
+    assert [len(u.completion_ids) for u in t.units] == [1, 1, 1, 1]
+    expected = replay(prompt, t.text, tokenizer, eos[1])
+    assert [(u.context_ids, u.completion_ids) for u in t.units] == \
+        [(u.context_ids, u.completion_ids) for u in expected]
+
+    # vLLM runs the prepared weights: the log-probability of the first tag it wrote (a new, mean-initialised
+    # output row) matches transformers' on the same context
+    model = AutoModelForCausalLM.from_pretrained(prepared)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt])).logits[0, -1]
+    expected_lp = torch.log_softmax(logits, -1)[outlines_close].item()
+    assert t.units[0].completion_logprobs[0] == pytest.approx(expected_lp, abs=1e-3)
+
+
+@pytest.mark.integration
+def test_vllm_stops_on_the_generation_config_eos_and_the_orchestrator_names_it(prepared, prepared_llm):
+    from rollout.orchestrator import generate
+    from rollout.units import chat_prompt_ids
+
+    tokenizer = load_tokenizer(prepared)
+    eos = eos_token_ids(prepared, tokenizer)
+    assert len(eos) == 2 and eos[0] == tokenizer.eos_token_id
+    engine = forced_engine(prepared_llm, lambda r: eos[1])  # the model can only write the second EOS
+    prompt = chat_prompt_ids(tokenizer, "Compute 7*486 + 3*961.")
+    cfg = RolloutConfig(max_tokens=16, seed=0)
+
+    (t,) = generate(engine, tokenizer, [prompt], cfg, eos_token_id=eos)
+    assert (t.finish_reason, t.text, t.sequence_ids[-1]) == ("eos", "", eos[1])
+    # told only the tokenizer's EOS, the orchestrator does not ask vLLM to stop on the second one, yet vLLM stops
+    # there (the model's generation_config): the trajectory says so instead of claiming a context overflow
+    (t,) = generate(engine, tokenizer, [prompt], cfg, eos_token_id=eos[0])
+    assert t.finish_reason == "unknown_stop" and f"token {eos[1]}" in t.finish_detail
+    assert t.units[0].completion_ids == [eos[1]]
+
+    threads = prompt + encode(tokenizer, "<think>\n<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n"
+                                         "<Outline>2: b</Outline>\n</Outlines>")
+    (t,) = generate(engine, tokenizer, [threads], cfg, eos_token_id=eos)
+    assert t.finish_reason == "eos_in_thread" and t.closed_threads == []
+    assert [u.completion_ids for u in t.units] == [[eos[1]], [eos[1]]]
