@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cluster.command import add_config_arguments, resolve
+from cluster.command import add_config_arguments, resolve, take_positional
 from rollout.onboard import PrepareModelConfig, prepare_model
 
 
@@ -30,24 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                  "cached Hub name, the folder to write; or src=, out=)")
 
 
-def positional_overrides(args: argparse.Namespace) -> list[str]:
-    """``src=SRC out=OUT`` from the positional items of ``args.overrides`` (which keeps the ``key=value`` ones);
-    ValueError for more than two, or for a key given both ways."""
-    positional = [x for x in args.overrides if "=" not in x]
-    args.overrides = [x for x in args.overrides if "=" in x]
-    if len(positional) > 2:
-        raise ValueError(f"expected SRC OUT and key=value items, got {len(positional)} positional arguments: "
-                         f"{' '.join(positional)}")
-    named = dict(zip(("src", "out"), positional))
-    for key in named:
-        if any(x.startswith(f"{key}=") for x in args.overrides):
-            raise ValueError(f"{key} given twice, as a positional argument and as {key}=")
-    return [f"{k}={v}" for k, v in named.items()]
-
-
 def run(args: argparse.Namespace) -> int:
     try:
-        named = positional_overrides(args)
+        named = take_positional(args, ("src", "out"))
     except ValueError as e:
         print(f"threadweaver prepare-model: {e}", file=sys.stderr)
         return 2
