@@ -33,6 +33,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "datagen": ("cluster.cmd_datagen", "parallel training data: stage1 rewrites traces, stage2 self-trains"),
     "prepare-model": ("cluster.cmd_prepare_model", "a Hugging Face causal LM (folder or cached Hub name) with the control "
                                                    "tags as single tokens, its chat template and every EOS id"),
+    "prepare-data": ("cluster.cmd_prepare_data", "a MATH/GSM8K-style dataset (JSONL, Parquet, verl's layout) as "
+                                                 "prompt/answer files with train/validation/test splits"),
 }
 
 
