@@ -11,6 +11,8 @@ overflow.
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from rollout.config import RolloutConfig
@@ -161,3 +163,93 @@ def test_tag_ids_take_one_id_or_a_list(tok, eos_ids):
         with pytest.raises(ValueError, match="EOS ids must be integers"):
             TagIds.from_tokenizer(tok, bad)
     assert encode(tok, SECOND_EOS) == [eos_ids[1]]
+
+
+# --------------------------------------------------------------------------- random decoding, true finish reasons
+
+
+def true_finish_reasons(t, eos: list[int], outlines_close: int, cfg: RolloutConfig,
+                        unknown: tuple[int, ...] = ()) -> set[str]:
+    """The finish reasons trajectory ``t`` can truly have, read from its units alone (not from the
+    orchestrator's bookkeeping). ``eos``: the EOS ids the orchestrator was told of; ``unknown``: ids the engine
+    also stops on. A sequential request ending with an EOS is ``eos``; in the last block, the first thread (in
+    outline order) that ends with an EOS is ``eos_in_thread``; a stop on an id of ``unknown`` is
+    ``unknown_stop``; a block head that spawned nothing is a block limit or a bad head; a request cut short is
+    the budget or the context. (Also used by ``tests/test_onboard.py`` on vLLM.)"""
+    last = t.units[-1]
+    final = [last] if last.role == SEQ else [u for u in t.units if u.role == THREAD and u.block == last.block]
+    if any(u.completion_ids[-1:] and u.completion_ids[-1] in (*eos, *unknown) for u in t.units if u not in final):
+        return set()  # a request before the final ones ended on an EOS or an unknown stop, yet decoding went on
+    generated = sum(len(u.completion_ids) for u in t.units)
+    cut = {"budget"} if generated >= cfg.max_tokens else {"context"}
+    if last.role == SEQ:
+        end = last.completion_ids[-1] if last.completion_ids else None
+        if end in eos:
+            return {"eos"}
+        if end in unknown:
+            return {"unknown_stop"}
+        if end == outlines_close:
+            return {"bad_outlines", "too_many_threads", "too_many_blocks", "budget", "context"}
+        return cut
+    for u in sorted(final, key=lambda u: u.thread):
+        end = u.completion_ids[-1] if u.completion_ids else None
+        if end in eos:
+            return {"eos_in_thread"}
+        if end in unknown:
+            return {"unknown_stop"}
+    return cut  # every thread closed or cut, and no room left for the join request
+
+
+class RandomTokens:
+    """An engine that writes uniformly random tokens from ``allowed`` (seeded by the request), stopping after a
+    stop id of the request or of ``engine_stops`` (as vLLM adds the generation config's EOS ids)."""
+
+    max_model_len = 100_000
+
+    def __init__(self, allowed, engine_stops=()):
+        self.allowed, self.engine_stops, self.queue = list(allowed), set(engine_stops), []
+
+    def submit(self, requests):
+        for r in requests:
+            rng = random.Random(f"{r.seed}-{len(r.prompt_ids)}-{r.prompt_ids[-3:]}")
+            ids, finish = [], LENGTH
+            while len(ids) < r.max_tokens:
+                ids.append(rng.choice(self.allowed))
+                if ids[-1] in r.stop_token_ids or ids[-1] in self.engine_stops:
+                    finish = STOP
+                    break
+            self.queue.append((r, Completion(ids, [-1.0] * len(ids), finish)))
+
+    def wait(self):
+        done, self.queue = self.queue, []
+        return done
+
+    def abort(self):
+        self.queue = []
+
+
+def test_random_decoding_every_finish_reason_is_the_true_one(tok, eos_ids):
+    """400 trajectories of random tags, both EOS ids and a few text tokens, from a well-formed block head: each
+    finish reason is the one its units show, and the reasons cover both EOS ids, threads and the limits."""
+    close_outlines = tok.convert_tokens_to_ids("</Outlines>")
+    allowed = sorted({*eos_ids, *tok.convert_tokens_to_ids(["</Outlines>", "</Thread>", "<Parallel>",
+                                                              "</Parallel>", "<Outline>", "</Outline>"]),
+                      *encode(tok, "1: 2a\n")})
+    head = "<think>\n<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n<Outline>2: b</Outline>\n"
+    cfg = RolloutConfig(n=400, max_tokens=30, max_thread_tokens=6, max_threads=3, max_blocks=2, seed=0)
+    start = prompt(tok) + encode(tok, head)
+    trajectories = generate(RandomTokens(allowed, eos_ids), tok, [start], cfg, eos_token_id=eos_ids)
+    for t in trajectories:
+        assert t.finish_reason in true_finish_reasons(t, eos_ids, close_outlines, cfg), (t.finish_reason, t.units)
+    reasons = {t.finish_reason for t in trajectories}
+    assert {"eos", "eos_in_thread", "budget", "bad_outlines"} <= reasons, reasons
+    assert {t.sequence_ids[-1] for t in trajectories if t.finish_reason == "eos"} == set(eos_ids)
+
+    # told only the first EOS while the engine stops on both: the second is unknown_stop, the rest unchanged
+    told_one = generate(RandomTokens(allowed, eos_ids), tok, [start], cfg, eos_token_id=eos_ids[0])
+    for t in told_one:
+        truth = true_finish_reasons(t, eos_ids[:1], close_outlines, cfg, unknown=(eos_ids[1],))
+        assert t.finish_reason in truth, (t.finish_reason, t.units)
+        if t.finish_reason == "unknown_stop":
+            assert f"token {eos_ids[1]}" in t.finish_detail
+    assert {"unknown_stop", "eos", "eos_in_thread"} <= {t.finish_reason for t in told_one}
