@@ -34,6 +34,7 @@ from rollout.onboard import (
 from rollout.task import TaskConfig, make_dataset
 from rollout.tiny import CHAT_TEMPLATE, IM_END, IM_START, PAD, load_tokenizer
 from rollout.units import encode
+from tests.test_orchestrator_eos import true_finish_reasons
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -342,7 +343,8 @@ def forced_engine(llm, choose):
 @pytest.mark.integration
 def test_the_prepared_model_decodes_spawn_join_on_vllm_with_single_token_tags(prepared, prepared_llm):
     from rollout.orchestrator import generate
-    from rollout.units import chat_prompt_ids, replay
+    from rollout.format import JOIN_SUFFIX, thread_seed
+    from rollout.units import chat_prompt_ids
 
     tokenizer = load_tokenizer(prepared)
     vllm_tokenizer = prepared_llm.get_tokenizer()
@@ -359,15 +361,19 @@ def test_the_prepared_model_decodes_spawn_join_on_vllm_with_single_token_tags(pr
             return thread_close
         return eos[1] if thread_close in r.prompt_ids else outlines_close
 
-    (t,) = generate(forced_engine(prepared_llm, choose), tokenizer, [prompt], RolloutConfig(max_tokens=64, seed=0),
-                    eos_token_id=eos)
+    cfg = RolloutConfig(max_tokens=64, max_context=512, seed=0)
+    (t,) = generate(forced_engine(prepared_llm, choose), tokenizer, [prompt], cfg, eos_token_id=eos)
     assert (t.finish_reason, t.finish_detail) == ("eos", "")
     assert t.text == "</Outlines>\n<Thread>\n1:</Thread>\n<Thread>\n2:</Thread>\n"
     assert t.sequence_ids[-1] == eos[1] and (t.n_blocks, t.threads_per_block) == (1, [2])
     assert [len(u.completion_ids) for u in t.units] == [1, 1, 1, 1]
-    expected = replay(prompt, t.text, tokenizer, eos[1])
-    assert [(u.context_ids, u.completion_ids) for u in t.units] == \
-        [(u.context_ids, u.completion_ids) for u in expected]
+    # DESIGN section 3 on token ids: each thread's prompt is the context plus its seed (tokenized alone); the join
+    # context is every seed and thread output in order, then the join newline
+    seed1, seed2 = encode(tokenizer, thread_seed(1)), encode(tokenizer, thread_seed(2))
+    base = prompt + [outlines_close]
+    assert [(list(u.context_ids), u.completion_ids) for u in t.units] == [
+        (prompt, [outlines_close]), (base + seed1, [thread_close]), (base + seed2, [thread_close]),
+        (base + seed1 + [thread_close] + seed2 + [thread_close] + encode(tokenizer, JOIN_SUFFIX), [eos[1]])]
 
     # vLLM runs the prepared weights: the log-probability of the first tag it wrote (a new, mean-initialised
     # output row) matches transformers' on the same context
@@ -388,7 +394,7 @@ def test_vllm_stops_on_the_generation_config_eos_and_the_orchestrator_names_it(p
     assert len(eos) == 2 and eos[0] == tokenizer.eos_token_id
     engine = forced_engine(prepared_llm, lambda r: eos[1])  # the model can only write the second EOS
     prompt = chat_prompt_ids(tokenizer, "Compute 7*486 + 3*961.")
-    cfg = RolloutConfig(max_tokens=16, seed=0)
+    cfg = RolloutConfig(max_tokens=16, max_context=512, seed=0)
 
     (t,) = generate(engine, tokenizer, [prompt], cfg, eos_token_id=eos)
     assert (t.finish_reason, t.text, t.sequence_ids[-1]) == ("eos", "", eos[1])
@@ -403,3 +409,38 @@ def test_vllm_stops_on_the_generation_config_eos_and_the_orchestrator_names_it(p
     (t,) = generate(engine, tokenizer, [threads], cfg, eos_token_id=eos)
     assert t.finish_reason == "eos_in_thread" and t.closed_threads == []
     assert [u.completion_ids for u in t.units] == [[eos[1]], [eos[1]]]
+
+
+@pytest.mark.integration
+def test_free_sampling_on_vllm_every_finish_reason_is_the_true_one(prepared, prepared_llm):
+    """The random model samples freely among the tags, both EOS ids and a few text tokens (vLLM's
+    ``allowed_token_ids``), so trajectories end in every way: each one's finish reason must be the one its units
+    show. Told only the tokenizer's EOS, the trajectories that vLLM stops on the generation config's second EOS
+    are ``unknown_stop``, not a context overflow."""
+    from rollout.engine import VLLMEngine
+    from rollout.orchestrator import generate
+    from rollout.units import chat_prompt_ids
+
+    tokenizer = load_tokenizer(prepared)
+    eos = eos_token_ids(prepared, tokenizer)
+    tag_ids = json.loads((prepared / RECORD_FILE).read_text())["tag_ids"]
+    allowed = sorted({*eos, *tag_ids.values(), *encode(tokenizer, "1: 2 a\n")})
+    head = "<think>\n<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n<Outline>2: b</Outline>\n"
+    prompt = chat_prompt_ids(tokenizer, "Compute 7*486 + 3*961.") + encode(tokenizer, head)
+    engine = VLLMEngine(prepared_llm, sampling_overrides={"allowed_token_ids": allowed})
+    cfg = RolloutConfig(n=48, max_tokens=24, max_context=512, max_thread_tokens=6, max_threads=3, max_blocks=2,
+                        seed=0)
+
+    close = tag_ids["</Outlines>"]
+    trajectories = generate(engine, tokenizer, [prompt], cfg, eos_token_id=eos)
+    for t in trajectories:
+        assert t.finish_reason in true_finish_reasons(t, eos, close, cfg), (t.finish_reason, t.units)
+    reasons = {t.finish_reason for t in trajectories}
+    assert {"eos", "eos_in_thread"} <= reasons, reasons
+    ends = {t.sequence_ids[-1] for t in trajectories if t.finish_reason == "eos"}
+    assert ends == set(eos)  # both EOS ids ended trajectories
+
+    told_one = generate(engine, tokenizer, [prompt], cfg, eos_token_id=eos[0])
+    for t in told_one:  # vLLM stops on the second EOS (the model's generation config) though not asked to
+        assert t.finish_reason in true_finish_reasons(t, eos[:1], close, cfg, unknown=(eos[1],)), t.finish_reason
+    assert "unknown_stop" in {t.finish_reason for t in told_one}
