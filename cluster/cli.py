@@ -35,6 +35,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "datagen": ("cluster.cmd_datagen", "parallel training data: stage1 rewrites traces, stage2 self-trains"),
     "export-verl": ("cluster.cmd_export_verl", "prompts and answers as Parquet in verl's RL dataset layout (agent "
                                            "loop 'threadweaver')"),
+    "prepare-model": ("cluster.cmd_prepare_model", "a Hugging Face causal LM (folder or cached Hub name) with the control "
+                                                   "tags as single tokens, its chat template and every EOS id"),
+    "prepare-data": ("cluster.cmd_prepare_data", "a MATH/GSM8K-style dataset (JSONL, Parquet, verl's layout) as "
+                                                 "prompt/answer files with train/validation/test splits"),
 }
 
 

@@ -176,13 +176,16 @@ def read_benchmark(path: str | Path, problem_fields: Sequence[str] = ("problem",
 # --------------------------------------------------------------------------- decoding
 
 
-def decode(engine, tokenizer, prompts: Sequence[Sequence[int]], rollout_cfg, isolated: bool) -> list:
+def decode(engine, tokenizer, prompts: Sequence[Sequence[int]], rollout_cfg, isolated: bool,
+           eos_ids: Sequence[int] | None = None) -> list:
     """``rollout_cfg.n`` trajectories per prompt; ``isolated``: one problem at a time (own wall clock).
+
+    ``eos_ids``: every EOS id of the model (``rollout.onboard.eos_token_ids``; default the tokenizer's).
 
     A short untimed warm-up request (the first prompt, 8 tokens) goes first, so
     the first problem's time does not include the engine's first steps.
     """
-    eos = tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id if eos_ids is None else list(eos_ids)
     warm = replace(rollout_cfg, n=1, max_tokens=min(8, rollout_cfg.max_tokens))
     generate(engine, tokenizer, [prompts[0]], warm, eos_token_id=eos)
     if not isolated:
@@ -233,7 +236,8 @@ def run_benchmarks(cfg: BenchEvalConfig, tracker=None, models: tuple[str, str] |
     metrics and files; without one, a run is opened from ``cfg.tracking``.
     ``models`` names the parallel model and the baseline in the tables.
     """
-    from rollout.tiny import load_tokenizer  # lazy: transformers takes seconds to import
+    from rollout.onboard import eos_token_ids  # lazy: transformers takes seconds to import
+    from rollout.tiny import load_tokenizer
 
     problems, model_dirs = check_inputs(cfg)
     models = models or (f"{_model_name(model_dirs['parallel'])} (parallel decoding)",
@@ -267,7 +271,8 @@ def run_benchmarks(cfg: BenchEvalConfig, tracker=None, models: tuple[str, str] |
                 prompts = [chat_prompt_ids(tokenizer, cfg.prompt_template.replace("{problem}", p.problem))
                            for p in probs]
                 t0 = time.perf_counter()
-                trajectories[name][mode] = decode(engine, tokenizer, prompts, rc, cfg.latency == "isolated")
+                trajectories[name][mode] = decode(engine, tokenizer, prompts, rc, cfg.latency == "isolated",
+                                                  eos_token_ids(model_dir, tokenizer))
                 print(f"eval: {name} {mode}: {len(trajectories[name][mode])} samples in "
                       f"{time.perf_counter() - t0:.1f} s", flush=True)
         shutdown_llm(llm)

@@ -77,8 +77,8 @@ class RewardConfig:
     reward_cut_responses: bool = field(default=False, metadata={
         "help": "check and reward the answer of a response the model did not end itself (finish reason other "
                 "than 'eos'/'stop': budget, context, too_many_threads, too_many_blocks, bad_outlines, "
-                "eos_in_thread, error); false: such a response scores incorrect_reward and is flagged cut "
-                "(a record without a finish reason counts as ended) (true/false)"})
+                "eos_in_thread, unknown_stop, error); false: such a response scores incorrect_reward and is "
+                "flagged cut (a record without a finish reason counts as ended) (true/false)"})
     answer_region: AnswerRegion = field(default="after_think", metadata={
         "help": "where the final \\boxed{} answer is taken from: 'after_think' (text after </think>; "
                 "none without </think>) or 'whole' (the last \\boxed{} anywhere in the response)"})

@@ -104,7 +104,10 @@ class Evaluator:
         if self.pool is not None:
             trajectories = self.pool.generate(self.prompts, config=rollout_cfg)
         else:
-            trajectories = generate(self.engine, self.tokenizer, self.prompts, rollout_cfg)
+            from rollout.onboard import eos_token_ids  # lazy: transformers takes seconds to import
+
+            trajectories = generate(self.engine, self.tokenizer, self.prompts, rollout_cfg,
+                                    eos_token_id=eos_token_ids(self.model_dir, self.tokenizer))
         decode_s = time.perf_counter() - decode_start
         records = [judge(t, self.answers[t.prompt_index], self.checker) for t in trajectories]
         metrics = summarize(records)

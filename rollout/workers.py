@@ -59,10 +59,12 @@ class RolloutWorker:
 
     def __init__(self, model_dir: str, config: RolloutConfig, env: Mapping[str, str] | None = None):
         os.environ.update(env or {})
-        from rollout.tiny import load_tokenizer  # lazy: transformers takes seconds to import; only the actor needs it
+        from rollout.onboard import eos_token_ids  # lazy: transformers takes seconds to import; only the actor
+        from rollout.tiny import load_tokenizer  # needs them
 
         self.config = config
         self.tokenizer = load_tokenizer(model_dir)
+        self.eos_token_ids = eos_token_ids(model_dir, self.tokenizer)
         self.llm = make_llm(model_dir, max_model_len=config.max_context, seed=config.seed or 0,
                             dtype=config.dtype, tensor_parallel_size=config.tensor_parallel_size,
                             enforce_eager=config.enforce_eager,
@@ -78,7 +80,7 @@ class RolloutWorker:
         """Run the orchestrator on this worker's prompts; ``counter.add`` is told of each finished trajectory."""
         on_finish = (lambda _t: counter.add.remote(1)) if counter is not None else None
         return generate(self.engine, self.tokenizer, prompts, config, prompt_indices=prompt_indices,
-                        on_finish=on_finish)
+                        eos_token_id=self.eos_token_ids, on_finish=on_finish)
 
     def load_weights(self, bucket_refs: list) -> float:
         """Fetch the buckets, write them to a fresh directory, reload in place; returns seconds."""
