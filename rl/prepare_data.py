@@ -45,18 +45,16 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 from rewards.answer import extract_answer
-from rollout.check import json_objects
 from rollout.config import check_ranges
 from rollout.files import atomic_write, check_output_dir
+from rollout.records import raw_records
 from rollout.task import FILE_NAMES, SPLITS, hash_split
 
 #: the longest one-line text ``answer_format=auto`` takes as a plain answer
 PLAIN_MAX_CHARS = 100
-#: the input suffixes :func:`read_records` reads
-SUFFIXES = (".jsonl", ".json", ".parquet")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")
 
 
@@ -108,40 +106,6 @@ class Prepared:
     paths: dict[str, Path]
     duplicates: int
     formats: dict[str, int]
-
-
-def read_records(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """``(line or row from 1, record)`` of a ``.jsonl``, ``.json`` or ``.parquet`` file.
-
-    FileNotFoundError for a missing file; ValueError naming the file (and
-    line) for an unknown suffix or a record that is not an object.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist")
-    if path.suffix not in SUFFIXES:
-        raise ValueError(f"{path}: expected a {', '.join(SUFFIXES)} file")
-    if path.suffix == ".jsonl":
-        yield from json_objects(path)
-        return
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq  # pyarrow is large; only Parquet input pays for it
-
-        try:
-            rows = pq.read_table(path).to_pylist()
-        except Exception as e:  # noqa: BLE001 - pyarrow raises its own types for a damaged file
-            raise ValueError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
-    else:
-        try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, RecursionError) as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(rows, list):
-            raise ValueError(f"{path}: a .json file must hold a list of records, got {type(rows).__name__}")
-    for i, rec in enumerate(rows, start=1):
-        if not isinstance(rec, dict):
-            raise ValueError(f"{path}:{i}: expected an object, got {type(rec).__name__}")
-        yield i, rec
 
 
 def _fields(rec: dict) -> str:
@@ -204,7 +168,7 @@ def convert(path: str | Path, cfg: PrepareDataConfig) -> tuple[dict[str, list[di
     out: dict[str, list[dict]] = {s: [] for s in SPLITS}
     seen: set[str] = set()
     duplicates, formats, n = 0, Counter(), 0
-    for line, rec in read_records(path):
+    for line, rec in raw_records(path):
         if cfg.limit is not None and n >= cfg.limit:
             break
         n += 1

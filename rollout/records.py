@@ -23,6 +23,7 @@ output that keeps the reference responses in ``extra_info`` trains SFT too).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -32,24 +33,47 @@ from rollout.check import json_objects
 SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
-def iter_records(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """``(line, record)`` for every record of a ``.jsonl`` or ``.parquet`` file, verl rows converted.
+def raw_records(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """``(line or row from 1, record)`` of a ``.jsonl``, ``.json`` (a list) or ``.parquet`` file, as stored.
 
-    ``line`` is the JSONL line number or the Parquet row number (both from 1). ValueError naming the
-    file and line for a record that cannot be read or converted; FileNotFoundError for a missing file.
+    FileNotFoundError for a missing file; ValueError naming the file (and
+    line) for an unknown suffix or a record that is not an object.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
     if path.suffix not in SUFFIXES:
-        raise ValueError(f"{path}: expected a .jsonl or .parquet file")
+        raise ValueError(f"{path}: expected a {', '.join(SUFFIXES)} file")
+    if path.suffix == ".jsonl":
+        yield from json_objects(path)
+        return
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq  # pyarrow is large; only Parquet readers pay for it
+        import pyarrow.parquet as pq  # pyarrow is large; only Parquet input pays for it
 
-        rows: Iterator[tuple[int, dict]] = enumerate(pq.read_table(path).to_pylist(), start=1)
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as e:  # noqa: BLE001 - pyarrow raises its own types for a damaged file
+            raise ValueError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
     else:
-        rows = json_objects(path)
-    for line, rec in rows:
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError) as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: a .json file must hold a list of records, got {type(rows).__name__}")
+    for i, rec in enumerate(rows, start=1):
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}:{i}: expected an object, got {type(rec).__name__}")
+        yield i, rec
+
+
+def iter_records(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """``(line, record)`` for every record of a data file (:func:`raw_records`), verl rows converted.
+
+    ValueError naming the file and line for a record that cannot be read or converted;
+    FileNotFoundError for a missing file.
+    """
+    for line, rec in raw_records(path):
         if is_verl_row(rec):
             try:
                 rec = from_verl_row(rec)
