@@ -20,14 +20,26 @@ arithmetic, not a measurement). It prints the peak memory of the step
 gradients, activations and log-probabilities, and the tokens per second.
 On one H100/H200 it takes a few minutes (flex attention compiles once).
 
+With vLLM installed (``--decode auto``, the default, or ``on``) it also decodes
+a few spawn/join trajectories through this project's orchestrator on vLLM: a
+random model of the 0.6B body (``--small``: the tiny one) with the tiny
+tokenizer, each request steered by vLLM's ``allowed_token_ids`` so that the
+random weights write one block of two threads (digits, then ``</Thread>``) and
+digits then EOS after the join; it prints the trajectories, their finish
+reasons and the decoding throughput, and fails if one is not a spawn/join
+trajectory ending in EOS.
+
   python scripts/gpu_smoke.py                      # cuda, bf16, flex attention, 0.6B and 1.7B, 8k and 16k rows
   python scripts/gpu_smoke.py --device cpu --small # a tiny model and short rows: the test suite's check
+  python scripts/gpu_smoke.py --decode off         # the learner steps only
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -143,6 +155,59 @@ def step(model, row: PackedRow, loss: str, attention: str, chunk: int) -> None:
     model.zero_grad(set_to_none=True)
 
 
+def decode(device: torch.device, small: bool, prompts: int = 4) -> bool:
+    """Spawn/join trajectories through the orchestrator on vLLM (see the module doc); True when all are."""
+    from rollout.config import RolloutConfig
+    from rollout.engine import VLLMEngine, make_llm, shutdown_llm  # vLLM is imported inside, on first use
+    from rollout.orchestrator import generate
+    from rollout.tiny import init_model, load_tokenizer
+    from rollout.units import chat_prompt_ids, encode
+
+    sizes = {} if small else dict(hidden_size=1024, num_layers=28, num_heads=16, num_kv_heads=8,
+                                  intermediate_size=3072)
+    with tempfile.TemporaryDirectory() as tmp:
+        init_model(tmp, **sizes)
+        tokenizer = load_tokenizer(tmp)
+        ids = tokenizer.convert_tokens_to_ids
+        outlines_close, thread_close, eos = ids("</Outlines>"), ids("</Thread>"), tokenizer.eos_token_id
+        digits = [ids(d) for d in "0123456789"]
+
+        class Steered(VLLMEngine):
+            """Each request may sample only what keeps the trajectory one spawn/join block."""
+
+            def _params(self, r):
+                if thread_close in r.stop_token_ids:  # a thread: digits, then its close
+                    allowed = digits + [thread_close]
+                elif thread_close in r.prompt_ids:  # after the join: digits, then EOS
+                    allowed = digits + [eos]
+                else:  # the prompt's outline: close it, and the threads start
+                    allowed = [outlines_close]
+                self.sampling_overrides = {"allowed_token_ids": allowed}
+                return super()._params(r)
+
+        head = "<think>\n<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n<Outline>2: b</Outline>\n"
+        batch = [chat_prompt_ids(tokenizer, f"Compute {i + 2}*{i + 7} + 3*41.") + encode(tokenizer, head)
+                 for i in range(prompts)]
+        cfg = RolloutConfig(temperature=1.0, seed=0, max_tokens=256, max_context=1024, max_thread_tokens=64)
+        t0 = time.perf_counter()
+        llm = make_llm(tmp, max_model_len=1024, dtype="float32" if device.type == "cpu" else "bfloat16",
+                       enforce_eager=device.type == "cpu")
+        start_s = time.perf_counter() - t0
+        try:
+            t0 = time.perf_counter()
+            trajectories = generate(Steered(llm), tokenizer, batch, cfg, eos_token_id=eos)
+            seconds = time.perf_counter() - t0
+        finally:
+            shutdown_llm(llm)
+    tokens = sum(len(u.completion_ids) for t in trajectories for u in t.units)
+    shapes = [(t.finish_reason, t.n_blocks, list(t.threads_per_block)) for t in trajectories]
+    ok = all(shape == ("eos", 1, [2]) for shape in shapes)
+    print(f"decode: vLLM engine up in {start_s:.0f} s; {len(trajectories)} trajectories in {seconds:.2f} s, "
+          f"{tokens} generated tokens ({tokens / seconds:.0f} tok/s); (finish, blocks, threads): {shapes}; "
+          f"{'ok' if ok else 'NOT all spawn/join trajectories ending in EOS'}", flush=True)
+    return ok
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", help="cuda or cpu")
@@ -154,10 +219,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attention", choices=["flex", "sdpa", "eager"], default=None,
                    help="tree attention backend (default: flex on cuda, sdpa on cpu)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--decode", choices=["auto", "on", "off"], default="auto",
+                   help="spawn/join trajectories on vLLM after the learner steps (auto: when vLLM is installed)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("gpu_smoke: no CUDA device here; use --device cpu --small", file=sys.stderr)
+        return 2
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    if args.decode == "on" and not has_vllm:
+        print("gpu_smoke: --decode on needs vLLM, which is not installed", file=sys.stderr)
         return 2
     attention = args.attention or ("flex" if device.type == "cuda" else "sdpa")
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
@@ -189,8 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    decoded = decode(device, args.small) if args.decode == "on" or (args.decode == "auto" and has_vllm) else True
     print(f"done in {time.perf_counter() - total:.0f} s")
-    return 0
+    return 0 if decoded else 1
 
 
 if __name__ == "__main__":

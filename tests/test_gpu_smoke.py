@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 HIDE = '''import importlib.machinery
@@ -48,3 +50,18 @@ def test_gpu_smoke_runs_on_cpu_without_vllm_ray_or_deepspeed(tmp_path):
 def test_gpu_smoke_without_a_gpu_says_so(tmp_path):
     out = run_hidden(tmp_path, str(ROOT / "scripts" / "gpu_smoke.py"))
     assert out.returncode == 2 and out.stderr.strip() == "gpu_smoke: no CUDA device here; use --device cpu --small"
+
+
+def test_decode_on_needs_vllm(tmp_path):
+    out = run_hidden(tmp_path, str(ROOT / "scripts" / "gpu_smoke.py"), "--device", "cpu", "--small", "--decode", "on")
+    assert out.returncode == 2 and "--decode on needs vLLM" in out.stderr
+
+
+@pytest.mark.integration
+def test_with_vllm_it_also_decodes_spawn_join_trajectories(tmp_path):
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_smoke.py"), "--device", "cpu", "--small",
+                          "--decode", "on"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (line,) = [x for x in out.stdout.splitlines() if x.startswith("decode: ")]
+    assert line.endswith("; ok") and line.count("('eos', 1, [2])") == 4, line
