@@ -10,10 +10,13 @@ Roles and what each actor reserves (all from the config):
 * the reference model (only with a KL term): one actor with a learner rank's
   resources.
 
-Ray's default scheduler places each actor on any node that has its resources
-free (GPU actors only on GPU nodes); nothing is pinned. :func:`check_fits`
-refuses, before any actor starts, a plan that the cluster cannot hold at once
-(Ray would otherwise leave actors pending forever).
+With ``ray.placement`` (the default) the ``rl`` and ``sft`` commands reserve a
+placement group per role (``cluster.placement``: learner ranks packed, reward
+actors spread) and schedule each actor into its bundle; without it Ray's
+default scheduler places each actor on any node that has its resources free.
+:func:`check_fits` refuses, before any actor starts, a plan that the cluster
+cannot hold at once (Ray would otherwise leave actors pending forever), and
+``cluster.placement.check_placeable`` a bundle that no single node can hold.
 
 :func:`init_ray` joins a cluster (``ray.address``, else ``RAY_ADDRESS``, which a
 Ray job's entrypoint has set) or starts a local instance (never attaching to
@@ -33,6 +36,8 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from cluster.placement import LEARNER_STRATEGIES, Reservation, group_plans, reserve
+from cluster.placement import plan_text as placement_text
 from rollout.config import check_ranges
 from rollout.ray_init import start_ray
 
@@ -54,19 +59,31 @@ class RayConfig:
     dashboard_port: int = field(default=8265, metadata={
         "help": "port of a local instance's dashboard", "range": "[1, 65535]"})
     log_to_driver: bool = field(default=False, metadata={"help": "stream the actors' logs to the driver's stdout"})
+    placement: bool = field(default=True, metadata={
+        "help": "reserve a placement group per role (rl, sft) and schedule each actor into its bundle"})
+    learner_strategy: str = field(default="PACK", metadata={
+        "help": "placement of the learner ranks: PACK (one node where they fit, else few) or STRICT_PACK "
+                "(one node, or refuse)"})
+    placement_timeout_s: float = field(default=120.0, metadata={
+        "help": "seconds to wait for Ray to place the groups before giving up (s)", "range": "> 0"})
 
     def __post_init__(self) -> None:
         check_ranges(self)
+        if self.learner_strategy not in LEARNER_STRATEGIES:
+            raise ValueError(f"ray.learner_strategy must be one of {', '.join(LEARNER_STRATEGIES)}, "
+                             f"got {self.learner_strategy!r}")
 
 
 @dataclass
 class Role:
-    """``count`` actors of one role, each reserving ``cpus`` CPUs and ``gpus`` GPUs."""
+    """``count`` actors of one role, each reserving ``cpus`` CPUs and ``gpus`` GPUs; ``key`` names the role's
+    placement group (learner, rollout, reward, reference, eval; see ``cluster.placement``)."""
 
     name: str
     count: int
     cpus: float
     gpus: float = 0.0
+    key: str = ""
 
     @property
     def total_cpus(self) -> float:
@@ -129,3 +146,23 @@ def init_ray(cfg: RayConfig, roles: list[Role]) -> bool:
             ray.shutdown()
         raise
     return started
+
+
+def reserve_roles(cfg: RayConfig, roles: list[Role]) -> Reservation | None:
+    """With ``cfg.placement``: a placement group per role, placed (``cluster.placement.reserve``); else None."""
+    if not cfg.placement:
+        return None
+    return reserve(group_plans(roles, cfg.learner_strategy), cfg.placement_timeout_s)
+
+
+def placement_report(cfg: RayConfig, roles: list[Role]) -> str:
+    """``--check``'s placement lines: each bundle and the node Ray placed it on (the groups are released)."""
+    if not cfg.placement:
+        return "placement: off (ray.placement=false): Ray's default scheduler places each actor"
+    plans = group_plans(roles, cfg.learner_strategy)
+    reservation = reserve(plans, cfg.placement_timeout_s)
+    try:
+        return f"placement (a group per role, learner {cfg.learner_strategy}):\n" \
+               f"{placement_text(plans, reservation.node_of)}"
+    finally:
+        reservation.release()
