@@ -75,3 +75,25 @@ def test_an_unplaceable_bundle_is_refused_before_anything_starts(cluster):
     # a STRICT_PACK learner of 2 x 2 CPUs fits in the cluster's 4 CPUs, but on no single node
     with pytest.raises(RuntimeError, match="STRICT_PACK needs 4 CPU on one node"):
         reserve(group_plans([Role("learner rank", 2, 2.0, 0.0, "learner")], "STRICT_PACK"), timeout_s=10)
+
+
+def test_the_reward_pool_goes_into_its_bundles(cluster):
+    """The real reward actors (math-verify servers), scheduled by ``RewardPool(actor_options=...)``."""
+    from ray._private.state import state
+
+    from cluster.placement import group_plans, reserve
+    from cluster.ray_setup import Role
+    from rewards.config import RewardConfig
+    from rewards.service import RewardPool
+
+    _, node_id = cluster
+    reservation = reserve(group_plans([Role("reward actor", 2, 0.5, 0.0, "reward")]), timeout_s=60)
+    try:
+        with RewardPool(RewardConfig(num_actors=2, actor_cpus=0.5, max_attempts=1),
+                        actor_options=reservation.actor_options["reward"]) as pool:
+            pool.wait_ready()
+            nodes = [state.actor_table(a._actor_id.hex())["Address"]["NodeID"] for a in pool.actors]
+        assert sorted(nodes) == sorted([node_id["a"], node_id["b"]])  # SPREAD: one per node
+        assert [n[:8] for n in nodes] == [x.split("(")[1].rstrip(")") for x in reservation.node_of["reward"]]
+    finally:
+        reservation.release()
