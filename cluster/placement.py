@@ -12,7 +12,9 @@ Ray would otherwise leave the group pending forever. :func:`reserve` creates
 the groups, waits until Ray has placed them (removing them all and raising
 if that does not happen in time) and returns, per role, the ``.options``
 of each actor (``PlacementGroupSchedulingStrategy`` with its bundle index),
-which the pools of the lower floors take as ``actor_options``.
+which the pools of the lower floors take as ``actor_options``. Ray is imported
+inside the functions that need it (it takes seconds; the plan and its checks
+need none of it).
 
 Not covered: an engine with ``tensor_parallel_size > 1`` is a worker actor that
 reserves ``rollout.gpus_per_worker`` (0) in its bundle; vLLM's own Ray executor
