@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from cluster.command import add_config_arguments, resolve
-from cluster.ray_setup import RayConfig, Role, init_ray, plan_text
+from cluster.ray_setup import RayConfig, Role, init_ray, placement_report, plan_text, reserve_roles
 from cluster.tracking import Tracker, TrackingConfig
 from cluster.viewer import eval_page
 from rl import driver
@@ -31,11 +31,12 @@ class RLRunConfig(RLConfig):
 
 def roles(cfg: RLConfig) -> list[Role]:
     """The actors this run starts, with their reservations (see ``cluster.ray_setup``)."""
-    out = [Role("rollout worker", cfg.rollout.workers, cfg.rollout.cpus_per_worker, cfg.rollout.gpus_per_worker),
-           Role("reward actor", cfg.reward.num_actors, cfg.reward.actor_cpus),
-           Role("learner rank", cfg.learner.ranks, cfg.learner.cpus_per_rank, cfg.learner.gpus_per_rank)]
+    out = [Role("rollout worker", cfg.rollout.workers, cfg.rollout.cpus_per_worker, cfg.rollout.gpus_per_worker,
+                "rollout"),
+           Role("reward actor", cfg.reward.num_actors, cfg.reward.actor_cpus, 0.0, "reward"),
+           Role("learner rank", cfg.learner.ranks, cfg.learner.cpus_per_rank, cfg.learner.gpus_per_rank, "learner")]
     if cfg.grpo.kl_coef > 0:
-        out.append(Role("reference model", 1, cfg.learner.cpus_per_rank, cfg.learner.gpus_per_rank))
+        out.append(Role("reference model", 1, cfg.learner.cpus_per_rank, cfg.learner.gpus_per_rank, "reference"))
     return out
 
 
@@ -47,10 +48,14 @@ def run_rl(cfg: RLRunConfig, on_step: Callable[[int, dict], None] | None = None,
 
     check_inputs(cfg)
     started = init_ray(cfg.ray, roles(cfg))
+    reservation = None
     try:
+        reservation = reserve_roles(cfg.ray, roles(cfg)) if services is None else None
         return driver.train(cfg, Tracker(cfg.tracking, cfg.run_dir), on_step=on_step, services=services,
-                            eval_page=eval_page)
+                            eval_page=eval_page, placement=reservation.actor_options if reservation else None)
     finally:
+        if reservation is not None:
+            reservation.release()
         if started:
             ray.shutdown()
 
@@ -92,12 +97,20 @@ def check(cfg: RLRunConfig) -> int:
     except (OSError, ValueError) as e:
         print(f"threadweaver rl: {e}", file=sys.stderr)
         return 2
-    started = init_ray(cfg.ray, roles(cfg))
+    try:
+        started = init_ray(cfg.ray, roles(cfg))
+    except RuntimeError as e:
+        print(f"threadweaver rl: {e}", file=sys.stderr)
+        return 2
     try:
         resources = ray.cluster_resources()
         print(f"rl check: {len(train_records)} training and {len(val_records)} validation records; Ray at "
               f"{ray.get_runtime_context().gcs_address} with {resources.get('CPU', 0):g} CPU, "
               f"{resources.get('GPU', 0):g} GPU; the roles fit:\n{plan_text(roles(cfg))}")
+        print(placement_report(cfg.ray, roles(cfg)))
+    except RuntimeError as e:
+        print(f"threadweaver rl: {e}", file=sys.stderr)
+        return 2
     finally:
         if started:
             ray.shutdown()

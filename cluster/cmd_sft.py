@@ -4,11 +4,12 @@ resource check (``cluster.ray_setup``), then training."""
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
 from cluster.command import add_config_arguments, resolve
-from cluster.ray_setup import RayConfig, Role, init_ray
+from cluster.ray_setup import RayConfig, Role, init_ray, placement_report, plan_text, reserve_roles
 from rl import sft
 from rl.sft import SFTConfig, check_inputs
 from rollout.config import set_runtime_defaults
@@ -26,10 +27,10 @@ class SFTRunConfig(SFTConfig):
 
 def roles(cfg: SFTConfig) -> list[Role]:
     """The actors this run starts, with their reservations (see ``cluster.ray_setup``)."""
-    out = [Role("SFT learner", cfg.learner.ranks, cfg.learner.cpus_per_rank, cfg.learner.gpus_per_rank)]
+    out = [Role("SFT learner", cfg.learner.ranks, cfg.learner.cpus_per_rank, cfg.learner.gpus_per_rank, "learner")]
     if cfg.eval.every > 0 or cfg.eval.at_end:
         out.append(Role("SFT eval worker", cfg.eval.rollout.workers, cfg.eval.rollout.cpus_per_worker,
-                        cfg.eval.rollout.gpus_per_worker))
+                        cfg.eval.rollout.gpus_per_worker, "eval"))
     return out
 
 
@@ -40,10 +41,15 @@ def run_sft(cfg: SFTConfig, on_step: Callable[[int, dict], None] | None = None,
     import ray  # lazy: Ray takes seconds to import and --show-config needs none of it
 
     check_inputs(cfg)
-    started = init_ray(getattr(cfg, "ray", None) or ray_cfg or RayConfig(), roles(cfg))
+    ray_cfg = getattr(cfg, "ray", None) or ray_cfg or RayConfig()
+    started = init_ray(ray_cfg, roles(cfg))
+    reservation = None
     try:
-        return sft.train(cfg, on_step=on_step)
+        reservation = reserve_roles(ray_cfg, roles(cfg))
+        return sft.train(cfg, on_step=on_step, placement=reservation.actor_options if reservation else None)
     finally:
+        if reservation is not None:
+            reservation.release()
         if started:
             ray.shutdown()
 
@@ -51,6 +57,30 @@ def run_sft(cfg: SFTConfig, on_step: Callable[[int, dict], None] | None = None,
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, "steps=200 learner.lr=3e-3",
                          resume="continue from RUN_DIR's newest checkpoint (same as resume=auto)")
+    parser.add_argument("--check", action="store_true",
+                        help="resolve the config, start or join Ray, check that every role fits and can be placed, "
+                             "print the placement plan and exit without training")
+
+
+def check(cfg: SFTRunConfig) -> int:
+    """``--check``: the resource and placement plan, without training."""
+    import ray
+
+    try:
+        started = init_ray(cfg.ray, roles(cfg))
+    except RuntimeError as e:
+        print(f"threadweaver sft: {e}", file=sys.stderr)
+        return 2
+    try:
+        print(f"sft check: Ray at {ray.get_runtime_context().gcs_address}; the roles fit:\n{plan_text(roles(cfg))}")
+        print(placement_report(cfg.ray, roles(cfg)))
+    except RuntimeError as e:
+        print(f"threadweaver sft: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if started:
+            ray.shutdown()
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
     if cfg is None:
         return code
     set_runtime_defaults()
+    if args.check:
+        return check(cfg)
     summary = run_sft(cfg)
     ev = summary["eval"]
     print(f"sft done: {summary['steps']} steps, train {summary['train_s'] / 60:.1f} min, "

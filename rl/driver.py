@@ -85,7 +85,7 @@ from rl.learner import LearnerConfig, LearnerGroup
 from rl.memory_plan import Plan, PlanConfig, check_plan, make_plan, model_shape
 from rl.metrics import StepTimes, step_metrics
 from rl.metrics_log import MetricsLog
-from rl.services import Rollouts, Services, start_services, stop_services
+from rl.services import Placement, Rollouts, Services, start_services, stop_services
 from rl.sft_data import TaskData, check_data_config, ensure_task_data
 from rl.step import rl_step
 from rl.tracker import Tracker
@@ -389,7 +389,8 @@ def _restore(group, resume: Path | None, run_dir: Path, resolved: str) -> tuple[
 
 
 def train(cfg: RLConfig, tracker: Tracker, on_step: Callable[[int, dict], None] | None = None,
-          services: Services | None = None, eval_page: PageWriter | None = None) -> dict:
+          services: Services | None = None, eval_page: PageWriter | None = None,
+          placement: Placement | None = None) -> dict:
     """Run the P-GRPO stage (see module doc) on a started Ray; returns the summary also written to ``summary.json``.
 
     ``tracker`` receives the parameters, metrics and artifacts (:class:`rl.tracker.Tracker`);
@@ -398,7 +399,8 @@ def train(cfg: RLConfig, tracker: Tracker, on_step: Callable[[int, dict], None] 
     spot, as a killed driver would (no final checkpoint, the tracked run left
     open). ``services`` reuses running rollout/reward actors (see
     :class:`rl.services.Services`); ``eval_page`` renders each evaluation's
-    records as a page that is logged under ``pages/``.
+    records as a page that is logged under ``pages/``; ``placement`` puts each role's actors into their
+    placement group bundles (:data:`rl.services.Placement`, reserved by the caller).
     """
     from rollout.tiny import load_tokenizer  # lazy: transformers takes seconds to import; --show-config needs none
 
@@ -416,7 +418,9 @@ def train(cfg: RLConfig, tracker: Tracker, on_step: Callable[[int, dict], None] 
     group = None
     status = "FAILED"
     try:
-        group = LearnerGroup(cfg.learner, Path(cfg.model), total_steps=cfg.steps * cfg.grpo.updates_per_batch)
+        placement = placement or {}
+        group = LearnerGroup(cfg.learner, Path(cfg.model), total_steps=cfg.steps * cfg.grpo.updates_per_batch,
+                             actor_options=placement.get("learner", ()))
         state, config_file = _restore(group, resume, run_dir, resolved)
         run_id = tracker.start(to_dict(cfg, flat=True), run_id=state["mlflow_run_id"],
                                tags={"stage": "rl", "resumed_from_step": str(state["step"])} if resume
@@ -425,9 +429,10 @@ def train(cfg: RLConfig, tracker: Tracker, on_step: Callable[[int, dict], None] 
         if run_id is not None:
             print(f"rl: MLflow run {run_id} at {tracker.uri}", flush=True)
         if services is None:
-            services = start_services(cfg.rollout, cfg.reward, cfg.grpo, cfg.learner, cfg.model)
+            services = start_services(cfg.rollout, cfg.reward, cfg.grpo, cfg.learner, cfg.model, placement)
         run = Run(cfg, tracker, group, services,
-                  Rollouts(services, cfg.model, cfg.rollout, cfg.max_rollout_restarts, group.state_dict),
+                  Rollouts(services, cfg.model, cfg.rollout, cfg.max_rollout_restarts, group.state_dict,
+                           placement.get("rollout", ()) if own_services else ()),
                   PromptStream(len(train_records), cfg.seed, PromptState(**state["data"])), tokenizer, train_records,
                   [chat_prompt_ids(tokenizer, r[cfg.data.prompt_field]) for r in val_chosen],
                   [str(r[cfg.data.answer_field]) for r in val_chosen], eval_page, Counter(state["totals"]),

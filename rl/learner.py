@@ -52,7 +52,7 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
@@ -364,10 +364,12 @@ class Learner:
 class LearnerGroup:
     """Driver-side handle of ``cfg.ranks`` :class:`Learner` actors (Ray must be initialised).
 
-    ``total_steps`` sets the length of the learning-rate schedule.
+    ``total_steps`` sets the length of the learning-rate schedule; ``actor_options[rank]`` (when given) are
+    extra Ray ``.options`` of that rank (its placement group bundle).
     """
 
-    def __init__(self, cfg: LearnerConfig, model_dir: str | Path, total_steps: int):
+    def __init__(self, cfg: LearnerConfig, model_dir: str | Path, total_steps: int,
+                 actor_options: Sequence[Mapping] = ()):
         import ray
 
         if not ray.is_initialized():
@@ -375,9 +377,10 @@ class LearnerGroup:
         self.cfg = cfg
         self.model_dir = str(model_dir)
         actor_cls = ray.remote(Learner)
+        options = list(actor_options) or [{}] * cfg.ranks
         self.actors = [
             actor_cls.options(num_cpus=cfg.cpus_per_rank, num_gpus=cfg.gpus_per_rank,
-                              name=None).remote(cfg, rank, cfg.ranks)
+                              name=None, **options[rank]).remote(cfg, rank, cfg.ranks)
             for rank in range(cfg.ranks)
         ]
         try:

@@ -47,7 +47,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import yaml
 
@@ -311,12 +311,14 @@ def _loop(run: SFTRun, on_step: Callable[[int, dict], None] | None, resumed: boo
         return run.run_eval() if cfg.eval.at_end else {}
 
 
-def train(cfg: SFTConfig, on_step: Callable[[int, dict], None] | None = None) -> dict:
+def train(cfg: SFTConfig, on_step: Callable[[int, dict], None] | None = None,
+          placement: Mapping[str, Sequence[Mapping]] | None = None) -> dict:
     """Run the SFT stage (see module doc) on a started Ray; returns the summary also written to ``summary.json``.
 
     ``on_step(step, metrics)`` is called after every optimizer step (and
     after that step's checkpoint); raising :class:`Stop` in it ends the run
-    on the spot, without a final checkpoint or evaluation.
+    on the spot, without a final checkpoint or evaluation. ``placement`` maps ``learner`` and ``eval`` to
+    their actors' extra Ray ``.options`` (placement group bundles reserved by the caller).
     """
     from rollout.tiny import load_tokenizer  # lazy: transformers takes seconds to import; --show-config needs none
 
@@ -332,7 +334,8 @@ def train(cfg: SFTConfig, on_step: Callable[[int, dict], None] | None = None) ->
     group = None
     evaluator = None
     try:
-        group = LearnerGroup(cfg.learner, model_dir, total_steps=cfg.steps)
+        placement = placement or {}
+        group = LearnerGroup(cfg.learner, model_dir, total_steps=cfg.steps, actor_options=placement.get("learner", ()))
         state = {"step": 0, "train_s": 0.0, "eval_s": 0.0, "tokens_seen": 0.0, "data": vars(StreamState())}
         if resume is not None:
             state = checkpoint.load(group, resume)
@@ -340,7 +343,7 @@ def train(cfg: SFTConfig, on_step: Callable[[int, dict], None] | None = None) ->
         if cfg.eval.every or cfg.eval.at_end:
             evaluator = Evaluator(cfg.eval, model_dir, tokenizer, val_records,
                                   sequential=cfg.data.layout == "sequential", prompt_field=cfg.data.prompt_field,
-                                  answer_field=cfg.data.answer_field)
+                                  answer_field=cfg.data.answer_field, actor_options=placement.get("eval", ()))
         run = SFTRun(cfg, group, TrieStream(tries, cfg.seed, StreamState(**state["data"])), evaluator,
                      step=state["step"], train_s=state["train_s"], eval_s=state["eval_s"],
                      tokens_seen=state["tokens_seen"])

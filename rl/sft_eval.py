@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from rewards.checker import AnswerChecker
 from rl.evaluation import EvalRecord, judge, summarize
@@ -63,12 +63,14 @@ class Evaluator:
     (Ray must be initialised). ``engine`` (a ``rollout.engine.Engine``, e.g. a
     ``VLLMEngine`` over an existing ``vllm.LLM``) decodes in this process
     instead; it then evaluates whatever weights that engine holds. Call
-    :meth:`close` to stop what this object started.
+    :meth:`close` to stop what this object started. ``actor_options`` as in ``RolloutPool``.
     """
 
     def __init__(self, cfg: EvalConfig, model_dir: str | Path, tokenizer, records: Sequence[dict],
-                 sequential: bool, prompt_field: str = "prompt", answer_field: str = "answer", engine=None):
+                 sequential: bool, prompt_field: str = "prompt", answer_field: str = "answer", engine=None,
+                 actor_options: Sequence[Mapping] = ()):
         self.cfg = cfg
+        self.actor_options = actor_options
         self.engine = engine
         self.tokenizer = tokenizer
         self.model_dir = str(model_dir)
@@ -92,7 +94,7 @@ class Evaluator:
         if self.checker is None:
             self.checker = AnswerChecker(timeout_s=self.cfg.checker_timeout_s, eager=False)
         if self.engine is None and self.pool is None:
-            self.pool = RolloutPool(self.model_dir, rollout_cfg)
+            self.pool = RolloutPool(self.model_dir, rollout_cfg, actor_options=self.actor_options)
         started = time.perf_counter()
         sync_s = 0.0
         if weights is not None:

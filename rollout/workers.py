@@ -117,16 +117,23 @@ class _Counter:
 
 
 class RolloutPool:
-    """``config.workers`` rollout workers on the model in ``model_dir`` (Ray must be initialised)."""
+    """``config.workers`` rollout workers on the model in ``model_dir`` (Ray must be initialised).
 
-    def __init__(self, model_dir: str | Path, config: RolloutConfig, env: Mapping[str, str] | None = None):
+    ``actor_options[i]`` (when given) are extra Ray ``.options`` of worker ``i``, e.g. the placement group
+    bundle it is scheduled into (``cluster.placement``).
+    """
+
+    def __init__(self, model_dir: str | Path, config: RolloutConfig, env: Mapping[str, str] | None = None,
+                 actor_options: Sequence[Mapping] = ()):
         import ray
 
         self.config = config
         forwarded = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
         forwarded.update(env or {})
         actor = ray.remote(num_cpus=config.cpus_per_worker, num_gpus=config.gpus_per_worker)(RolloutWorker)
-        self.workers = [actor.remote(str(model_dir), config, forwarded) for _ in range(config.workers)]
+        options = list(actor_options) or [{}] * config.workers
+        self.workers = [actor.options(**options[i]).remote(str(model_dir), config, forwarded)
+                        for i in range(config.workers)]
         ray.get([w.ready.remote() for w in self.workers])
 
     def generate(self, prompts: Sequence[Sequence[int]], *, n: int | None = None, sequential: bool | None = None,
