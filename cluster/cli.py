@@ -3,7 +3,7 @@
 Each subcommand is a module with ``add_arguments(parser)`` and
 ``run(args) -> int`` (and optionally ``DESCRIPTION``, its ``--help`` text,
 else its docstring): the commands of the tools on the lower floors live with
-them (``rollout.check``, ``rewards.cli``, ...), the commands that start Ray
+them (``rollout.check``, ``rollout.tiny``, ...), the commands with a config or that start Ray
 here (``cluster.cmd_generate``, ``cmd_sft``, ``cmd_rl``, ``cmd_datagen``, ...). Only the
 chosen subcommand's module is imported, so ``threadweaver check`` does not pay
 for importing vLLM or Ray.
@@ -21,8 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "make-data": ("rollout.task", "generate the synthetic arithmetic dataset (train/validation/test JSONL)"),
     "check": ("rollout.check", "check the format of responses in a JSONL file and print latency measures"),
     "generate": ("cluster.cmd_generate", "sample parallel trajectories for a JSONL of prompts with Ray rollout workers"),
-    "score": ("rewards.cli", "score responses in a JSONL file: correctness, parallelism measures, reward"),
+    "score": ("cluster.cmd_score", "score responses in a JSONL file: correctness, parallelism measures, reward"),
     "sft": ("cluster.cmd_sft", "SFT warm start on trie-packed units (or the sequential baseline), with held-out eval"),
+    "plan": ("cluster.cmd_plan", "memory plan of an SFT or RL config per device (learner, rollout, reference); "
+                                 "exit 1 naming the knob when it does not fit"),
     "rl": ("cluster.cmd_rl", "P-GRPO training on Ray: rollouts, rewards, group advantages, learner, weight sync, MLflow"),
     "demo": ("cluster.demo", "a one-minute tour: tiny model, data, vLLM decoding, statistics"),
     "bench": ("rl.bench", "benchmarks printed as side-by-side tables (bench trie: trie vs expanded vs padded rows)"),
@@ -31,6 +33,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("cluster.sweep", "reward-weight grid (rho, clip, incorrect reward): one RL run per point as Ray Tune trials, plot"),
     "run": ("cluster.pipeline", "the whole pipeline from one YAML: data, SFT, self-training, P-GRPO, eval (MLflow)"),
     "datagen": ("cluster.cmd_datagen", "parallel training data: stage1 rewrites traces, stage2 self-trains"),
+    "export-verl": ("cluster.cmd_export_verl", "prompts and answers as Parquet in verl's RL dataset layout (agent "
+                                           "loop 'threadweaver')"),
+    "prepare-model": ("cluster.cmd_prepare_model", "a Hugging Face causal LM (folder or cached Hub name) with the control "
+                                                   "tags as single tokens, its chat template and every EOS id"),
+    "prepare-data": ("cluster.cmd_prepare_data", "a MATH/GSM8K-style dataset (JSONL, Parquet, verl's layout) as "
+                                                 "prompt/answer files with train/validation/test splits"),
 }
 
 
@@ -61,7 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"threadweaver {name}", description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(parser)
-    args = parser.parse_args(rest)
+    try:  # key=value overrides may come before and after the flags
+        args = parser.parse_intermixed_args(rest)
+    except TypeError:  # a command with its own subcommands (datagen STAGE) cannot intermix
+        args = parser.parse_args(rest)
     return int(module.run(args) or 0)
 
 

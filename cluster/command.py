@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 import yaml
 
@@ -80,3 +80,19 @@ def recipe_name(config_files: list[str], prog: str) -> str:
     if config_files:
         return Path(config_files[0]).stem
     return "threadweaver-" + prog.replace(" ", "-")
+
+
+def take_positional(args: argparse.Namespace, keys: Sequence[str]) -> list[str]:
+    """``key=VALUE`` overrides for the positional items of ``args.overrides`` (those without ``=``), in the
+    order of ``keys`` (``threadweaver prepare-model SRC OUT`` is ``src=SRC out=OUT``); ``args.overrides``
+    keeps the ``key=value`` items. ValueError for more positional items than keys, or a key given both ways."""
+    positional = [x for x in args.overrides if "=" not in x]
+    args.overrides = [x for x in args.overrides if "=" in x]
+    if len(positional) > len(keys):
+        raise ValueError(f"expected {' '.join(k.upper() for k in keys)} and key=value items, got "
+                         f"{len(positional)} positional arguments: {' '.join(positional)}")
+    named = dict(zip(keys, positional))
+    for key in named:
+        if any(x.startswith(f"{key}=") for x in args.overrides):
+            raise ValueError(f"{key} given twice, as a positional argument and as {key}=")
+    return [f"{k}={v}" for k, v in named.items()]

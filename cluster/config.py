@@ -330,9 +330,17 @@ def _coerce(value: Any, tp: Any, path: tuple[str, ...], ctx: _Context) -> Any:
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_show(value)}")
 
 
+#: keys that were renamed when every knob got one name: old name -> new name at the same level
+RENAMED: dict[str, str] = {"k": "rollout.n", "ray_address": "ray.address", "timeout_s": "checker_timeout_s",
+                           "check_timeout_s": "checker_timeout_s"}
+
+
 def _unknown(key: str, path: tuple[str, ...], hints: dict, root: type) -> str:
-    """'unknown key a.b.x; did you mean a.b.y?' — nearest name at that level, else anywhere."""
+    """'unknown key a.b.x; did you mean a.b.y?' — a renamed key's new name, else the nearest name at that
+    level, else anywhere."""
     full = ".".join(path + (key,))
+    if key in RENAMED and RENAMED[key].split(".")[0] in hints:
+        return f"unknown key '{full}': it is now '{'.'.join(path + (RENAMED[key],))}'"
     close = difflib.get_close_matches(key, list(hints), n=1, cutoff=0.6)
     if close:
         return f"unknown key '{full}'; did you mean '{'.'.join(path + (close[0],))}'?"

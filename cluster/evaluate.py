@@ -1,4 +1,4 @@
-"""``threadweaver eval``: accuracy, token latency, speedup and wall-clock latency on JSONL benchmarks.
+"""``threadweaver eval``: accuracy, token latency, speedup and wall-clock latency on JSONL or Parquet benchmarks.
 
 What it really does, per benchmark file (one JSON object a line with a
 problem and an answer field; MATH500's ``problem``/``answer`` and AIME's
@@ -64,11 +64,11 @@ from cluster.viewer import write_page
 from rewards.checker import AnswerChecker
 from rewards.config import RewardConfig
 from rl.evaluation import MODES, BenchmarkReport, evaluate_benchmark
-from rollout.check import json_objects
 from rollout.config import RolloutConfig, check_ranges, set_runtime_defaults
 from rollout.engine import VLLMEngine, make_llm, shutdown_llm
 from rollout.files import atomic_write, check_model_dir, check_name, check_output_dir, write_text
 from rollout.orchestrator import generate
+from rollout.records import iter_records
 from rollout.units import chat_prompt_ids
 
 @dataclass
@@ -79,7 +79,8 @@ class BenchEvalConfig:
     baseline_model: str | None = field(default=None, metadata={
         "help": "sequential baseline model folder, decoded with spawning off (null: the same model)"})
     data: list[str] = field(default_factory=list, metadata={
-        "help": "benchmark JSONL files; 'NAME=PATH' names one (default name: the file's stem)"})
+        "help": "benchmark JSONL or Parquet files (verl's layout too); 'NAME=PATH' names one (default name: "
+                "the file's stem)"})
     problem_fields: list[str] = field(default_factory=lambda: ["problem", "question", "prompt"], metadata={
         "help": "record fields holding the problem text, tried in order (the first string one is used)"})
     answer_field: str = field(default="answer", metadata={"help": "record field holding the reference answer"})
@@ -151,9 +152,12 @@ def parse_data_arg(item: str) -> tuple[str, Path]:
 
 def read_benchmark(path: str | Path, problem_fields: Sequence[str] = ("problem", "question", "prompt"),
                    answer_field: str = "answer", limit: int | None = None) -> list[Problem]:
-    """The problems of a JSONL file; ValueError naming the line and the fields it has for a bad record."""
+    """The problems of a JSONL or Parquet file (this project's layout or verl's, ``rollout.records``).
+
+    ValueError naming the line and the fields it has for a bad record.
+    """
     problems = []
-    for i, rec in json_objects(path):
+    for i, rec in iter_records(path):
         text = next((rec[k] for k in problem_fields if isinstance(rec.get(k), str)), None)
         if text is None:
             raise ValueError(f"{path}:{i}: none of the problem fields {list(problem_fields)} holds text "
@@ -173,14 +177,17 @@ def read_benchmark(path: str | Path, problem_fields: Sequence[str] = ("problem",
 # --------------------------------------------------------------------------- decoding
 
 
-def decode(engine, tokenizer, prompts: Sequence[Sequence[int]], rollout_cfg, isolated: bool) -> list:
+def decode(engine, tokenizer, prompts: Sequence[Sequence[int]], rollout_cfg, isolated: bool,
+           eos_ids: Sequence[int] | None = None) -> list:
     """``rollout_cfg.n`` trajectories per prompt; ``isolated``: one problem at a time (own wall clock).
+
+    ``eos_ids``: every EOS id of the model (``rollout.onboard.eos_token_ids``; default the tokenizer's).
 
     A short untimed warm-up request (the first prompt, 8 tokens) goes first, so
     the first problem's time does not include the engine's first steps. Isolated decoding shows a progress
     bar of the problems done.
     """
-    eos = tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id if eos_ids is None else list(eos_ids)
     warm = replace(rollout_cfg, n=1, max_tokens=min(8, rollout_cfg.max_tokens))
     generate(engine, tokenizer, [prompts[0]], warm, eos_token_id=eos)
     if not isolated:
@@ -236,7 +243,8 @@ def run_benchmarks(cfg: BenchEvalConfig, tracker=None, models: tuple[str, str] |
     checkpoints (``cluster.lineage``), and the metrics are also attached to the
     evaluated model's logged model when it is in the same store.
     """
-    from rollout.tiny import load_tokenizer  # lazy: transformers takes seconds to import
+    from rollout.onboard import eos_token_ids  # lazy: transformers takes seconds to import
+    from rollout.tiny import load_tokenizer
 
     problems, model_dirs = check_inputs(cfg)
     models = models or (f"{_model_name(model_dirs['parallel'])} (parallel decoding)",
@@ -264,7 +272,8 @@ def run_benchmarks(cfg: BenchEvalConfig, tracker=None, models: tuple[str, str] |
                 ro = cfg.rollout
                 llm = make_llm(model_dir, max_model_len=ro.max_context, seed=ro.seed if ro.seed is not None else 0,
                                dtype=ro.dtype, tensor_parallel_size=ro.tensor_parallel_size,
-                               enforce_eager=ro.enforce_eager)
+                               enforce_eager=ro.enforce_eager,
+                               gpu_memory_utilization=ro.gpu_memory_utilization)
                 print(f"eval: engine on {model_dir} ready in {time.perf_counter() - t0:.0f} s", flush=True)
             tokenizer = load_tokenizer(model_dir)
             engine = VLLMEngine(llm)
@@ -273,7 +282,8 @@ def run_benchmarks(cfg: BenchEvalConfig, tracker=None, models: tuple[str, str] |
                 prompts = [chat_prompt_ids(tokenizer, cfg.prompt_template.replace("{problem}", p.problem))
                            for p in probs]
                 t0 = time.perf_counter()
-                trajectories[name][mode] = decode(engine, tokenizer, prompts, rc, cfg.latency == "isolated")
+                trajectories[name][mode] = decode(engine, tokenizer, prompts, rc, cfg.latency == "isolated",
+                                                  eos_token_ids(model_dir, tokenizer))
                 print(f"eval: {name} {mode}: {len(trajectories[name][mode])} samples in "
                       f"{time.perf_counter() - t0:.1f} s", flush=True)
         shutdown_llm(llm)

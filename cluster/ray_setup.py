@@ -10,10 +10,13 @@ Roles and what each actor reserves (all from the config):
 * the reference model (only with a KL term): one actor with a learner rank's
   resources.
 
-Ray's default scheduler places each actor on any node that has its resources
-free (GPU actors only on GPU nodes); nothing is pinned. :func:`check_fits`
-refuses, before any actor starts, a plan that the cluster cannot hold at once
-(Ray would otherwise leave actors pending forever).
+With ``ray.placement`` (the default) the ``rl`` and ``sft`` commands reserve a
+placement group per role (``cluster.placement``: learner ranks packed, reward
+actors spread) and schedule each actor into its bundle; without it Ray's
+default scheduler places each actor on any node that has its resources free.
+:func:`check_fits` refuses, before any actor starts, a plan that the cluster
+cannot hold at once (Ray would otherwise leave actors pending forever), and
+``cluster.placement.check_placeable`` a bundle that no single node can hold.
 
 :func:`init_ray` joins a cluster (``ray.address``, else ``RAY_ADDRESS``, which a
 Ray job's entrypoint has set) or starts a local instance (never attaching to
@@ -33,8 +36,29 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from cluster.placement import LEARNER_STRATEGIES, Reservation, group_plans, reserve
+from cluster.placement import plan_text as placement_text
 from rollout.config import check_ranges
 from rollout.ray_init import start_ray
+
+
+@dataclass
+class RuntimeEnvConfig:
+    """Ray's ``runtime_env`` for every actor of the run (https://docs.ray.io/en/latest/ray-core/handling-dependencies.html)."""
+
+    pip: list[str] = field(default_factory=list, metadata={
+        "help": "pip requirements each worker installs into its own environment (e.g. ['math-verify==0.8.0']); "
+                "empty: none"})
+    env_vars: dict[str, str] = field(default_factory=dict, metadata={
+        "help": "environment variables of every worker (e.g. {HF_HOME: /mnt/shared/hf})"})
+    working_dir: str | None = field(default=None, metadata={
+        "help": "a local folder or a remote zip URI that Ray ships to every node as the workers' working directory "
+                "(null: none; a Ray job's --working-dir already does this)"})
+
+    def as_dict(self) -> dict:
+        """The keys that are set, as ``ray.init(runtime_env=...)`` takes them."""
+        out = {"pip": list(self.pip), "env_vars": dict(self.env_vars), "working_dir": self.working_dir}
+        return {k: v for k, v in out.items() if v}
 
 
 @dataclass
@@ -53,20 +77,35 @@ class RayConfig:
         "help": "address a local instance's dashboard listens on (0.0.0.0: every interface)"})
     dashboard_port: int = field(default=8265, metadata={
         "help": "port of a local instance's dashboard", "range": "[1, 65535]"})
-    log_to_driver: bool = field(default=False, metadata={"help": "stream the actors' logs to the driver's stdout"})
+    log_to_driver: bool = field(default=True, metadata={
+        "help": "stream the actors' logs (vLLM, DeepSpeed, ...) to the driver's stdout, and so to `ray job logs`"})
+    runtime_env: RuntimeEnvConfig = field(default_factory=RuntimeEnvConfig, metadata={
+        "help": "Ray runtime_env (pip, env_vars, working_dir) of every actor"})
+    placement: bool = field(default=True, metadata={
+        "help": "reserve a placement group per role (rl, sft) and schedule each actor into its bundle"})
+    learner_strategy: str = field(default="PACK", metadata={
+        "help": "placement of the learner ranks: PACK (one node where they fit, else few) or STRICT_PACK "
+                "(one node, or refuse)"})
+    placement_timeout_s: float = field(default=120.0, metadata={
+        "help": "seconds to wait for Ray to place the groups before giving up (s)", "range": "> 0"})
 
     def __post_init__(self) -> None:
         check_ranges(self)
+        if self.learner_strategy not in LEARNER_STRATEGIES:
+            raise ValueError(f"ray.learner_strategy must be one of {', '.join(LEARNER_STRATEGIES)}, "
+                             f"got {self.learner_strategy!r}")
 
 
 @dataclass
 class Role:
-    """``count`` actors of one role, each reserving ``cpus`` CPUs and ``gpus`` GPUs."""
+    """``count`` actors of one role, each reserving ``cpus`` CPUs and ``gpus`` GPUs; ``key`` names the role's
+    placement group (learner, rollout, reward, reference, eval; see ``cluster.placement``)."""
 
     name: str
     count: int
     cpus: float
     gpus: float = 0.0
+    key: str = ""
 
     @property
     def total_cpus(self) -> float:
@@ -88,8 +127,8 @@ def plan_text(roles: list[Role]) -> str:
 def check_fits(roles: list[Role], available: dict[str, float]) -> None:
     """Raise RuntimeError when the roles together need more CPUs or GPUs than ``available`` holds.
 
-    A whole-cluster check: a plan can still be unplaceable when no single node
-    has one actor's share free (Ray then keeps that actor pending).
+    A whole-cluster check: whether each bundle fits on some node is
+    ``cluster.placement.check_placeable``'s.
     """
     need = {"CPU": sum(r.total_cpus for r in roles), "GPU": sum(r.total_gpus for r in roles)}
     short = {k: (v, available.get(k, 0.0)) for k, v in need.items() if v > available.get(k, 0.0) + 1e-9}
@@ -113,13 +152,14 @@ def init_ray(cfg: RayConfig, roles: list[Role]) -> bool:
     if not ray.is_initialized():
         address = cfg.address or os.environ.get("RAY_ADDRESS") or None
         if address is not None:
-            start_ray(address, log_to_driver=cfg.log_to_driver)
+            start_ray(address, log_to_driver=cfg.log_to_driver, runtime_env=cfg.runtime_env.as_dict())
         else:
             need = math.ceil(sum(r.total_cpus for r in roles))
             num_cpus = cfg.num_cpus if cfg.num_cpus is not None else max(os.cpu_count() or 1, need)
             kwargs = {"dashboard_host": cfg.dashboard_host, "dashboard_port": cfg.dashboard_port} \
                 if cfg.dashboard else {}
-            start_ray(None, log_to_driver=cfg.log_to_driver, num_cpus=num_cpus, num_gpus=cfg.num_gpus,
+            start_ray(None, log_to_driver=cfg.log_to_driver, runtime_env=cfg.runtime_env.as_dict(),
+                      num_cpus=num_cpus, num_gpus=cfg.num_gpus,
                       include_dashboard=cfg.dashboard, **kwargs)
         started = True
     try:
@@ -129,3 +169,23 @@ def init_ray(cfg: RayConfig, roles: list[Role]) -> bool:
             ray.shutdown()
         raise
     return started
+
+
+def reserve_roles(cfg: RayConfig, roles: list[Role]) -> Reservation | None:
+    """With ``cfg.placement``: a placement group per role, placed (``cluster.placement.reserve``); else None."""
+    if not cfg.placement:
+        return None
+    return reserve(group_plans(roles, cfg.learner_strategy), cfg.placement_timeout_s)
+
+
+def placement_report(cfg: RayConfig, roles: list[Role]) -> str:
+    """``--check``'s placement lines: each bundle and the node Ray placed it on (the groups are released)."""
+    if not cfg.placement:
+        return "placement: off (ray.placement=false): Ray's default scheduler places each actor"
+    plans = group_plans(roles, cfg.learner_strategy)
+    reservation = reserve(plans, cfg.placement_timeout_s)
+    try:
+        return f"placement (a group per role, learner {cfg.learner_strategy}):\n" \
+               f"{placement_text(plans, reservation.node_of)}"
+    finally:
+        reservation.release()

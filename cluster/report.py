@@ -70,7 +70,8 @@ def report_markdown(reports: Sequence[BenchmarkReport], title: str = "Evaluation
                 "(a throughput figure, not a single-problem latency)."),
              ""]
     for r in reports:
-        lines.append(f"- {r.name}: wall-clock speedup {_num(r.wall_speedup, 2, 'x')}; "
+        lines.append(f"- {r.name}: wall-clock speedup {_num(r.wall_speedup, 2, 'x')}, latency efficiency "
+                     f"{_num(r.latency_efficiency, 2)} (wall-clock / token-latency speedup per problem); "
                      f"{len(r.speedups)} problems in the speedup"
                      + (f", {r.undefined} left out (empty parallel answers)" if r.undefined else ""))
     return "\n".join(lines) + "\n"

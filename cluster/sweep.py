@@ -20,7 +20,8 @@ What it really does:
    once; each trial's placement group holds an empty bundle for the trial
    itself and one bundle with the reservations of every actor of its RL run
    (rollout workers, reward actors, learner ranks; one node), in which Tune
-   places them; the trial runs
+   places them (so a point runs with ``ray.placement`` off: no second group
+   per role inside the trial's); the trial runs
    the RL stage (``cluster.cmd_rl.run_rl``) in the point's MLflow run;
 4. collects each point's final held-out evaluation (``eval.at_end`` must be
    on; parallel decoding): accuracy, ``L_crit``, ``L_total``, activation,
@@ -360,10 +361,14 @@ def sweep(cfg: SweepConfig, context: dict[str, str] | None = None, resume: bool 
 
 
 def absolute(rl_cfg):
-    """``rl_cfg`` with its folders as absolute paths: a Tune trial may run in another working directory."""
+    """``rl_cfg`` as a trial runs it: its folders as absolute paths (a Tune trial may run in another working
+    directory), ``resume=auto``, and ``ray.placement`` off: the trial's own placement group
+    (:func:`trial_resources`) already holds every actor of the run, and Tune schedules what the trial starts
+    into it; a second reservation per role would ask for the same CPUs again outside that group and wait."""
     return with_values(rl_cfg, {"run_dir": str(Path(rl_cfg.run_dir).resolve()),
                                 "model": str(Path(rl_cfg.model).resolve()),
-                                "data.dir": str(Path(rl_cfg.data.dir).resolve()), "resume": "auto"})
+                                "data.dir": str(Path(rl_cfg.data.dir).resolve()), "resume": "auto",
+                                "ray.placement": False})
 
 
 def trial_resources(per_point: Sequence[Role]):

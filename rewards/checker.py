@@ -11,6 +11,13 @@ and math-verify is deterministic. No signal is used in the calling
 process, so the limit holds in any thread, in threaded or async Ray actors, and
 in plain ones. Calls from several threads are serialised by a lock.
 
+The server's Python path starts with :data:`GRADER_SITE` when that folder exists:
+``scripts/setup.sh`` installs antlr4-python3-runtime 4.13.2 there. The shared
+environment holds antlr4 4.9.3, which Hydra and OmegaConf (verl's config stack)
+need; math-verify's LaTeX parser built for 4.9.3 reads ``10\\%`` as 10 instead
+of 0.1, so the grader keeps 4.13.2 in its own process (``rewards.mv_server``
+warns on stderr when it runs with another version).
+
 If the server itself stops answering (``timeout_s`` plus a grace of
 ``SERVER_GRACE_S`` seconds, which only a bug or an overloaded machine can
 cause), it is killed and restarted and the item is reported timed out. If it
@@ -28,8 +35,12 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 from rewards.answer import quick_verdict
+
+#: folder put first on the math-verify server's PYTHONPATH (antlr4 4.13.2, see the module docstring)
+GRADER_SITE = Path(sys.prefix) / "grader-site"
 
 #: extra seconds the server may take beyond ``timeout_s`` (to kill and re-fork its worker) before it is restarted
 SERVER_GRACE_S = 2.0
@@ -52,6 +63,14 @@ class Verdict:
     seconds: float
     error: str | None = None
     cached: bool = False
+
+
+def server_env() -> dict[str, str]:
+    """The math-verify server's environment: ours, unbuffered, :data:`GRADER_SITE` first on the path."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if GRADER_SITE.is_dir():
+        env["PYTHONPATH"] = os.pathsep.join([str(GRADER_SITE)] + [p for p in [env.get("PYTHONPATH")] if p])
+    return env
 
 
 class CheckerError(RuntimeError):
@@ -87,7 +106,7 @@ class AnswerChecker:
 
     def _launch(self) -> None:
         ours, theirs = socket.socketpair()
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = server_env()
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "rewards.mv_server", str(theirs.fileno()), str(self.memory_limit_mb)],
             pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env,

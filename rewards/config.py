@@ -14,15 +14,23 @@ A response the model did not end itself (its finish reason is not ``eos`` or
 ``R_correct`` nor ``R_accel`` unless ``reward_cut_responses``: an answer
 written before the cut is not a finished answer.
 
-A *preset* fixes ``rho``, ``clip``, ``incorrect_reward`` and ``accel_form`` so a
-run compares with published numbers:
+A *preset* fixes ``rho``, ``clip``, ``incorrect_reward``, ``accel_form`` and how
+tokens are counted, so a run compares with published numbers:
 
-* ``paper``: ``min(rho * eta, clip)``, an incorrect answer scores 0;
-* ``official-code``: ``rho * min(eta, clip)``, an incorrect answer scores -1;
+* ``paper``: ``min(rho * eta, clip)``, an incorrect answer scores 0, ``eta`` from
+  the units (model-generated tokens, DESIGN section 3);
+* ``official-code``: ``rho * min(eta, clip)``, an incorrect answer scores -1, and
+  ``eta`` counted the way the published reward code counts it
+  (``token_count = "tag_stream"`` over the prompt and the whole joined response,
+  seeds and every thread's ``<Thread>``/``</Thread>`` included; see
+  :mod:`rewards.tag_count`);
 
-both with rho 0.5 and clip 0.2. Setting one of those four fields to a value other
-than its default *and* other than the preset's is an error (set ``preset: null``
-to choose them yourself).
+both with rho 0.5 and clip 0.2. Setting one of the fields a preset fixes to a value
+other than its default *and* other than the preset's is an error (set
+``preset: null`` to choose them yourself). What ``official-code`` does not
+reproduce: the published code checks answers with its own graders (this project
+uses math-verify) and pays ``R_accel`` to any correct answer, where this project
+pays it only to a format-valid one.
 """
 
 from __future__ import annotations
@@ -34,11 +42,14 @@ from rollout.config import check_ranges
 
 AccelForm = Literal["scale_then_clip", "clip_then_scale"]
 AnswerRegion = Literal["after_think", "whole"]
+TokenCount = Literal["units", "tag_stream"]
 
 #: preset name -> the fields it fixes
 PRESETS: dict[str, dict[str, object]] = {
-    "paper": {"rho": 0.5, "clip": 0.2, "incorrect_reward": 0.0, "accel_form": "scale_then_clip"},
-    "official-code": {"rho": 0.5, "clip": 0.2, "incorrect_reward": -1.0, "accel_form": "clip_then_scale"},
+    "paper": {"rho": 0.5, "clip": 0.2, "incorrect_reward": 0.0, "accel_form": "scale_then_clip",
+              "token_count": "units"},
+    "official-code": {"rho": 0.5, "clip": 0.2, "incorrect_reward": -1.0, "accel_form": "clip_then_scale",
+                      "token_count": "tag_stream", "count_inserted": True, "count_prompt": True},
 }
 
 
@@ -47,8 +58,9 @@ class RewardConfig:
     """Weights of the reward, how answers are checked, and the reward service's shape."""
 
     preset: Literal["paper", "official-code"] | None = field(default=None, metadata={
-        "help": "fix rho, clip, incorrect_reward and accel_form to a published setting "
-                "('paper' or 'official-code'); null: use the fields as given"})
+        "help": "fix rho, clip, incorrect_reward and accel_form to a published setting ('paper' or "
+                "'official-code', which also counts tokens like the published code: token_count=tag_stream, "
+                "count_inserted and count_prompt true); null: use the fields as given"})
     rho: float = field(default=0.5, metadata={
         "help": "weight of the acceleration ratio eta in R_accel (reward/eta)", "range": ">= 0"})
     clip: float = field(default=0.2, metadata={
@@ -65,14 +77,18 @@ class RewardConfig:
     reward_cut_responses: bool = field(default=False, metadata={
         "help": "check and reward the answer of a response the model did not end itself (finish reason other "
                 "than 'eos'/'stop': budget, context, too_many_threads, too_many_blocks, bad_outlines, "
-                "eos_in_thread, error); false: such a response scores incorrect_reward and is flagged cut "
-                "(a record without a finish reason counts as ended) (true/false)"})
+                "eos_in_thread, unknown_stop, error); false: such a response scores incorrect_reward and is "
+                "flagged cut (a record without a finish reason counts as ended) (true/false)"})
     answer_region: AnswerRegion = field(default="after_think", metadata={
         "help": "where the final \\boxed{} answer is taken from: 'after_think' (text after </think>; "
                 "none without </think>) or 'whole' (the last \\boxed{} anywhere in the response)"})
     count_inserted: bool = field(default=False, metadata={
         "help": "count orchestrator-inserted tokens (thread seeds, join newline) in L_total and L_crit"})
     count_prompt: bool = field(default=False, metadata={"help": "count the prompt tokens in L_total and L_crit"})
+    token_count: TokenCount = field(default="units", metadata={
+        "help": "how L_total and L_crit are counted: 'units' (the critical path through the units, DESIGN "
+                "section 3) or 'tag_stream' (the published reward code's one pass over the token sequence, "
+                "rewards.tag_count; needs count_inserted true and the tokenizer's tag ids)"})
     checker_timeout_s: float = field(default=5.0, metadata={
         "help": "hard limit on checking one answer with math-verify (seconds); past it the item is "
                 "incorrect and flagged timed_out", "range": "> 0"})
@@ -107,5 +123,10 @@ class RewardConfig:
                 setattr(self, name, value)
         if self.accel_form not in ("scale_then_clip", "clip_then_scale"):
             raise ValueError(f"accel_form must be 'scale_then_clip' or 'clip_then_scale', got {self.accel_form!r}")
+        if self.token_count not in ("units", "tag_stream"):
+            raise ValueError(f"token_count must be 'units' or 'tag_stream', got {self.token_count!r}")
+        if self.token_count == "tag_stream" and not self.count_inserted:
+            raise ValueError("token_count='tag_stream' counts every token of the sequence, inserted ones too; "
+                             "set count_inserted=true")
         if self.answer_region not in ("after_think", "whole"):
             raise ValueError(f"answer_region must be 'after_think' or 'whole', got {self.answer_region!r}")

@@ -33,6 +33,7 @@ import resource
 import signal
 import sys
 import time
+from importlib.metadata import version
 from multiprocessing.connection import Connection
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
@@ -40,6 +41,9 @@ from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, veri
 _EXTRACTION = (LatexExtractionConfig(), ExprExtractionConfig())
 _GOLD_CACHE_SIZE = 4096
 _BACKSTOP_EXTRA_S = 5
+
+#: the antlr4 runtime whose math-verify grammar reads percentages (rewards.checker.GRADER_SITE holds it)
+GRADER_ANTLR = "4.13.2"
 
 #: pairs that load math-verify's lazily built regexes and LaTeX parser before any fork
 _WARM_UP = [("\\frac{1}{2}", "0.5"), ("[1, 2)", "[1,2)"), ("\\{1,2\\}", "\\{2,1\\}"), ("2\\sqrt{2}", "\\sqrt{8}"),
@@ -144,6 +148,14 @@ def _warm_up() -> None:
         check_pair(pred, gold, cache)
 
 
+def _warn_on_antlr_version() -> None:
+    have = version("antlr4-python3-runtime")
+    if have != GRADER_ANTLR:
+        print(f"rewards.mv_server: math-verify runs with antlr4 {have}, not {GRADER_ANTLR}: percentages such as "
+              "10\\% read as 10, not 0.1; scripts/setup.sh installs the grader's runtime into "
+              "$VENV/grader-site", file=sys.stderr)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print("usage: python -m rewards.mv_server FD MEMORY_LIMIT_MB", file=sys.stderr)
@@ -153,6 +165,7 @@ def main(argv: list[str]) -> int:
     for name in ("math_verify", "math_verify.parser", "math_verify.grader", "latex2sympy2_extended"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     _warm_up()
+    _warn_on_antlr_version()
     worker = _Worker(int(argv[1]))
     try:
         conn.send(("ready", os.getpid()))

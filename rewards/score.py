@@ -16,8 +16,10 @@
 
 ``eta``, ``L_total`` and ``L_crit`` come from the trajectory's units through
 ``rollout.units.latency`` (model-generated tokens unless ``count_inserted`` /
-``count_prompt``). Without units they are None, ``R_accel`` is 0 and the record
-says ``accel_measured=False``.
+``count_prompt``), or with ``token_count = "tag_stream"`` from the units' token
+sequence through ``rewards.tag_count`` (the published reward code's count; the
+item then carries the tokenizer's tag ids, :func:`item_tags`). Without units they
+are None, ``R_accel`` is 0 and the record says ``accel_measured=False``.
 
 Each reward component is a pure function returning ``(value, metrics)``.
 :func:`score_many` never raises for one item: an item whose scoring raises gets
@@ -35,8 +37,9 @@ from typing import Protocol, Sequence
 from rewards.answer import extract_answer
 from rewards.checker import CheckerError, Verdict
 from rewards.config import RewardConfig
+from rewards.tag_count import TagTokens, tag_stream_latency
 from rollout.format import PARALLEL_OPEN, validate
-from rollout.units import Latency, Unit, latency
+from rollout.units import Latency, Unit, full_sequence, latency
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +55,21 @@ class Checker(Protocol):
 @dataclass
 class RewardItem:
     """One trajectory to score: its response text, the reference answer and, optionally, its units and
-    finish reason (None: unknown, counted as a natural end)."""
+    finish reason (None: unknown, counted as a natural end).
+
+    ``tags``: the tokenizer's tag ids, needed only by ``token_count = "tag_stream"`` (:func:`item_tags`).
+    """
 
     response: str
     answer: str
     units: list[Unit] | None = None
     finish_reason: str | None = None
+    tags: TagTokens | None = None
+
+
+def item_tags(cfg: RewardConfig, tokenizer) -> TagTokens | None:
+    """The tag ids :class:`RewardItem` needs under ``cfg`` (None unless ``token_count`` is ``"tag_stream"``)."""
+    return TagTokens.from_tokenizer(tokenizer) if cfg.token_count == "tag_stream" else None
 
 
 @dataclass
@@ -152,11 +164,23 @@ def total_reward(correct: bool, format_valid: bool, eta: float | None, cfg: Rewa
 # ---------------------------------------------------------------------------- one trajectory
 
 
-def measure(units: Sequence[Unit] | None, cfg: RewardConfig) -> Latency | None:
-    """Latency measures of ``units`` with the config's counting switches; None without units."""
+def measure(units: Sequence[Unit] | None, cfg: RewardConfig, tags: TagTokens | None = None) -> Latency | None:
+    """Latency measures of ``units`` with the config's counting switches; None without units.
+
+    ``token_count = "tag_stream"`` counts the units' joined token sequence (the prompt too when
+    ``count_prompt``) with :func:`rewards.tag_count.tag_stream_latency` and needs ``tags``.
+    """
     if units is None:
         return None
-    return latency(units, count_inserted=cfg.count_inserted, count_prompt=cfg.count_prompt)
+    if cfg.token_count == "units":
+        return latency(units, count_inserted=cfg.count_inserted, count_prompt=cfg.count_prompt)
+    if tags is None:
+        raise ValueError("token_count='tag_stream' reads tag tokens: the item needs the tokenizer's tag ids "
+                         "(RewardItem.tags, rewards.score.item_tags)")
+    sequence = full_sequence(units) if units else []
+    if not cfg.count_prompt and units:
+        sequence = sequence[len(units[0].context_ids) - units[0].n_inserted:]
+    return tag_stream_latency(sequence, tags)
 
 
 def is_cut(finish_reason: str | None) -> bool:
@@ -176,7 +200,7 @@ def score(item: RewardItem, cfg: RewardConfig, checker: Checker) -> ScoreRecord:
         verdict = Verdict(False, False, "cut", 0.0)
     else:
         verdict = checker.check(extraction.answer, item.answer)
-    lat = measure(item.units, cfg)
+    lat = measure(item.units, cfg, item.tags)
     eta = lat.eta if lat is not None else None
     reward, parts = total_reward(verdict.correct, format_valid, eta, cfg)
     return ScoreRecord(

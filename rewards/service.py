@@ -23,7 +23,7 @@ import logging
 import os
 import time
 from collections import deque
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import ray
 from ray.exceptions import RayActorError
@@ -69,15 +69,17 @@ class RewardPool:
     the actors replaced and the chunks run again since the pool was created.
     """
 
-    def __init__(self, cfg: RewardConfig, num_actors: int | None = None):
+    def __init__(self, cfg: RewardConfig, num_actors: int | None = None, actor_options: Sequence[Mapping] = ()):
         self.cfg = cfg
         self._actor_cls = ray.remote(RewardWorker)
-        self.actors = [self._new_actor() for _ in range(num_actors or cfg.num_actors)]
+        self._options = list(actor_options)  # per actor: extra Ray .options (a placement group bundle)
+        self.actors = [self._new_actor(i) for i in range(num_actors or cfg.num_actors)]
         self.replaced = 0
         self.retried_chunks = 0
 
-    def _new_actor(self):
-        return self._actor_cls.options(num_cpus=self.cfg.actor_cpus).remote(self.cfg)
+    def _new_actor(self, index: int):
+        extra = self._options[index] if index < len(self._options) else {}
+        return self._actor_cls.options(num_cpus=self.cfg.actor_cpus, **extra).remote(self.cfg)
 
     def wait_ready(self, timeout_s: float = ACTOR_START_S) -> list[int]:
         """Block until every actor's math-verify server is up; their process ids."""
@@ -85,7 +87,7 @@ class RewardPool:
 
     def _replace(self, index: int) -> None:
         ray.kill(self.actors[index], no_restart=True)
-        self.actors[index] = self._new_actor()
+        self.actors[index] = self._new_actor(index)
         self.replaced += 1
 
     def _deadline(self, n_items: int) -> float:

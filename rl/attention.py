@@ -29,6 +29,7 @@ from typing import Literal
 
 import torch
 
+from rl.logprobs import TokenPredictions, chunked_predictions, token_predictions
 from rl.trie import PackedRow
 from rollout.config import check_ranges
 
@@ -130,6 +131,22 @@ def tree_attention_mask(row: PackedRow, backend: str, dtype: torch.dtype = torch
     return torch.where(allowed, zero, torch.finfo(dtype).min)
 
 
+def _tree_inputs(model: torch.nn.Module, row: PackedRow, backend: str, max_dense_tokens: int) -> dict:
+    """Keyword arguments of a transformers forward pass of ``row`` under the tree mask (checks the backend)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend '{backend}'; choose one of {BACKENDS}")
+    have = model.config._attn_implementation
+    if have != IMPLEMENTATION[backend]:
+        raise ValueError(f"backend '{backend}' needs the model's attn_implementation to be "
+                         f"'{IMPLEMENTATION[backend]}', it is '{have}'; load the model with "
+                         f"attn_implementation='{IMPLEMENTATION[backend]}' or call model.set_attn_implementation")
+    param = next(model.parameters())
+    mask = tree_attention_mask(row, backend, dtype=param.dtype, device=param.device,
+                               max_dense_tokens=max_dense_tokens)
+    return {"input_ids": row.input_ids.to(param.device)[None], "position_ids": row.position_ids.to(param.device)[None],
+            "attention_mask": mask, "use_cache": False}
+
+
 def tree_forward(model: torch.nn.Module, row: PackedRow, backend: str,
                  max_dense_tokens: int = DENSE_MAX_TOKENS) -> torch.Tensor:
     """Logits ``[L, vocab]`` of one packed row under the tree mask.
@@ -138,20 +155,22 @@ def tree_forward(model: torch.nn.Module, row: PackedRow, backend: str,
     ``IMPLEMENTATION[backend]``; a mismatch raises ValueError rather than
     switching the model behind the caller's back.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend '{backend}'; choose one of {BACKENDS}")
-    have = model.config._attn_implementation
-    if have != IMPLEMENTATION[backend]:
-        raise ValueError(f"backend '{backend}' needs the model's attn_implementation to be "
-                         f"'{IMPLEMENTATION[backend]}', it is '{have}'; load the model with "
-                         f"attn_implementation='{IMPLEMENTATION[backend]}' or call model.set_attn_implementation")
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    mask = tree_attention_mask(row, backend, dtype=dtype, device=device, max_dense_tokens=max_dense_tokens)
-    out = model(
-        input_ids=row.input_ids.to(device)[None],
-        position_ids=row.position_ids.to(device)[None],
-        attention_mask=mask,
-        use_cache=False,
-    )
-    return out.logits[0]
+    return model(**_tree_inputs(model, row, backend, max_dense_tokens)).logits[0]
+
+
+def tree_predictions(model: torch.nn.Module, row: PackedRow, backend: str, chunk_tokens: int = 0,
+                     max_dense_tokens: int = DENSE_MAX_TOKENS) -> TokenPredictions:
+    """The row's per-token log-probabilities (:class:`rl.logprobs.TokenPredictions`) under the tree mask.
+
+    ``chunk_tokens > 0``: the decoder's last hidden states go through the
+    output projection ``chunk_tokens`` positions at a time
+    (:func:`rl.logprobs.chunked_predictions`); 0: from the full logits of
+    :func:`tree_forward`. ``model`` is a transformers causal LM
+    (``get_decoder()`` and ``get_output_embeddings()``); gradient
+    checkpointing, when enabled on it, applies to the decoder layers.
+    """
+    if chunk_tokens <= 0:
+        return token_predictions(tree_forward(model, row, backend, max_dense_tokens), row)
+    inputs = _tree_inputs(model, row, backend, max_dense_tokens)
+    hidden = model.get_decoder()(**inputs).last_hidden_state[0]
+    return chunked_predictions(hidden, model.get_output_embeddings(), row, chunk_tokens)

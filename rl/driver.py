@@ -75,20 +75,23 @@ from typing import Any, Callable
 import yaml
 
 from rewards.config import RewardConfig
-from rewards.score import RewardItem
+from rewards.score import RewardItem, item_tags
+from rewards.tag_count import TagTokens
 from rl import checkpoint
 from rl.checkpoint import Stop  # noqa: F401 - part of this module's API: on_step hooks raise it
 from rl.evaluation import MODES, evaluate_heldout
 from rl.grpo import GRPOConfig
 from rl.learner import LearnerConfig, LearnerGroup
+from rl.memory_plan import Plan, PlanConfig, check_plan, make_plan, model_shape
 from rl.metrics import StepTimes, step_metrics
 from rl.metrics_log import MetricsLog
-from rl.services import Rollouts, Services, start_services, stop_services
-from rl.sft_data import TaskData, check_data_config, ensure_task_data, read_records
+from rl.services import Placement, Rollouts, Services, start_services, stop_services
+from rl.sft_data import TaskData, check_data_config, ensure_task_data
 from rl.step import rl_step
 from rl.tracker import Tracker
 from rollout.config import RolloutConfig, check_ranges, to_dict
 from rollout.files import check_model_dir, check_output_dir, write_text
+from rollout.records import read_records
 from rollout.units import chat_prompt_ids
 
 @dataclass
@@ -97,7 +100,8 @@ class RLDataConfig(TaskData):
     :class:`rl.sft_data.TaskData`)."""
 
     dir: str = field(default="runs/data/tiny", metadata={"help": "folder holding the train/validation files"})
-    train_file: str = field(default="train.jsonl", metadata={"help": "training records in dir (.jsonl/.parquet)"})
+    train_file: str = field(default="train.jsonl", metadata={
+        "help": "training records in dir (.jsonl/.parquet, this project's layout or verl's)"})
     validation_file: str = field(default="validation.jsonl", metadata={
         "help": "held-out records: a file in dir, or an absolute path"})
     prompt_field: str = field(default="prompt", metadata={"help": "record field holding the prompt text"})
@@ -160,6 +164,7 @@ class RLConfig:
     grpo: GRPOConfig = field(default_factory=GRPOConfig, metadata={"help": "advantages and loss"})
     learner: LearnerConfig = field(default_factory=LearnerConfig, metadata={"help": "DeepSpeed learner ranks"})
     eval: RLEvalConfig = field(default_factory=RLEvalConfig, metadata={"help": "held-out evaluation"})
+    plan: PlanConfig = field(default_factory=PlanConfig, metadata={"help": "memory plan checked before training"})
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -220,9 +225,17 @@ def check_inputs(cfg: RLConfig) -> None:
     unless resuming, ``run_dir`` writable (created), the data files (or ``data.dir`` writable when they are
     generated). ValueError with one line naming the key otherwise."""
     check_model_dir(cfg.model, "model")
+    if cfg.plan.device_memory_gib > 0:
+        check_plan(memory_plan(cfg))
     checkpoint.resume_of_run(cfg.resume, cfg.run_dir)
     check_output_dir(cfg.run_dir, "run_dir")
     check_data_config(cfg.data)
+
+
+def memory_plan(cfg: RLConfig) -> Plan:
+    """Learner ranks, rollout workers and the reference model (KL term) per device (:mod:`rl.memory_plan`)."""
+    return make_plan(model_shape(cfg.model, cfg.plan.architecture), cfg.learner, cfg.plan, cfg.rollout,
+                     reference=cfg.grpo.kl_coef > 0)
 
 
 def load_data(cfg: RLConfig) -> tuple[list[dict], list[dict]]:
@@ -267,6 +280,10 @@ class Run:
     totals: Counter
     step: int = 0
     log: MetricsLog | None = None
+    reward_tags: TagTokens | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.reward_tags = item_tags(self.cfg.reward, self.tokenizer)  # None unless the reward counts by tag
 
     @property
     def run_dir(self) -> Path:
@@ -284,7 +301,8 @@ class Run:
         """Decode the held-out prompts in each mode; log the metrics, the records and their page."""
         cfg = self.cfg
         metrics, path = evaluate_heldout(cfg.rollout, cfg.eval.modes, self.rollouts, self.services.rewards,
-                                         self.val_prompts, self.val_answers, self.step, self.run_dir)
+                                         self.val_prompts, self.val_answers, self.step, self.run_dir,
+                                         self.reward_tags)
         self.totals["eval_s"] += metrics["eval/seconds"]
         self.tracker.log_metrics(metrics, self.step)
         self.tracker.log_artifact(path, "eval")
@@ -312,8 +330,8 @@ class Run:
             raise RuntimeError(f"{len(trajectories)} trajectories for {len(prompts)} prompts x {cfg.rollout.n}")
         t0 = time.perf_counter()
         scores = self.services.rewards.score_batch([
-            RewardItem(t.text, str(records[t.prompt_index][d.answer_field]), t.units, t.finish_reason)
-            for t in trajectories])
+            RewardItem(t.text, str(records[t.prompt_index][d.answer_field]), t.units, t.finish_reason,
+                       self.reward_tags) for t in trajectories])
         times.reward_s = time.perf_counter() - t0
         reference = self.services.reference_logprobs if self.services.reference is not None else None
         result = rl_step(trajectories, [s.reward for s in scores], cfg.rollout.n, cfg.grpo, cfg.learner.row_tokens,
@@ -373,7 +391,8 @@ def _restore(group, resume: Path | None, run_dir: Path, resolved: str) -> tuple[
 
 
 def train(cfg: RLConfig, tracker: Tracker, on_step: Callable[[int, dict], None] | None = None,
-          services: Services | None = None, eval_page: PageWriter | None = None) -> dict:
+          services: Services | None = None, eval_page: PageWriter | None = None,
+          placement: Placement | None = None) -> dict:
     """Run the P-GRPO stage (see module doc) on a started Ray; returns the summary also written to ``summary.json``.
 
     ``tracker`` receives the parameters, metrics and artifacts (:class:`rl.tracker.Tracker`);
@@ -382,7 +401,8 @@ def train(cfg: RLConfig, tracker: Tracker, on_step: Callable[[int, dict], None] 
     spot, as a killed driver would (no final checkpoint, the tracked run left
     open). ``services`` reuses running rollout/reward actors (see
     :class:`rl.services.Services`); ``eval_page`` renders each evaluation's
-    records as a page that is logged under ``pages/``.
+    records as a page that is logged under ``pages/``; ``placement`` puts each role's actors into their
+    placement group bundles (:data:`rl.services.Placement`, reserved by the caller).
     """
     from rollout.tiny import load_tokenizer  # lazy: transformers takes seconds to import; --show-config needs none
 
@@ -400,7 +420,9 @@ def train(cfg: RLConfig, tracker: Tracker, on_step: Callable[[int, dict], None] 
     group = None
     status = "FAILED"
     try:
-        group = LearnerGroup(cfg.learner, Path(cfg.model), total_steps=cfg.steps * cfg.grpo.updates_per_batch)
+        placement = placement or {}
+        group = LearnerGroup(cfg.learner, Path(cfg.model), total_steps=cfg.steps * cfg.grpo.updates_per_batch,
+                             actor_options=placement.get("learner", ()))
         state, config_file = _restore(group, resume, run_dir, resolved)
         run_id = tracker.start(to_dict(cfg, flat=True), run_id=state["mlflow_run_id"],
                                tags={"stage": "rl", "resumed_from_step": str(state["step"])} if resume
@@ -409,10 +431,10 @@ def train(cfg: RLConfig, tracker: Tracker, on_step: Callable[[int, dict], None] 
         if run_id is not None:
             print(f"rl: MLflow run {run_id} at {tracker.uri}", flush=True)
         if services is None:
-            services = start_services(cfg.rollout, cfg.reward, cfg.grpo, cfg.learner, cfg.model)
+            services = start_services(cfg.rollout, cfg.reward, cfg.grpo, cfg.learner, cfg.model, placement)
         run = Run(cfg, tracker, group, services,
                   Rollouts(services, cfg.model, cfg.rollout, cfg.max_rollout_restarts, group.state_dict,
-                           progress=cfg.progress),
+                           placement.get("rollout", ()) if own_services else (), progress=cfg.progress),
                   PromptStream(len(train_records), cfg.seed, PromptState(**state["data"])), tokenizer, train_records,
                   [chat_prompt_ids(tokenizer, r[cfg.data.prompt_field]) for r in val_chosen],
                   [str(r[cfg.data.answer_field]) for r in val_chosen], eval_page, Counter(state["totals"]),

@@ -22,8 +22,11 @@ Definitions (per trajectory, from ``rewards.score.score``):
 each reports them under the same names (``eval/<mode>/<key>`` during RL, ``eval/NAME/<mode>/<key>`` for a
 benchmark, ``<key>`` in the SFT evaluator's metrics); each adds its own keys next to them.
 
-Across modes (benchmarks): the per-problem speedup is ``mean L_crit(sequential
-samples) / mean L_crit(parallel samples)``.
+Across modes (benchmarks, and the RL held-out evaluation when it decodes both modes): the per-problem
+speedup is ``mean L_crit(sequential samples) / mean L_crit(parallel samples)``; the per-problem wall-clock
+speedup is the slowest sequential sample's wall time / the slowest parallel sample's; **latency efficiency**
+is the mean over problems of wall-clock speedup / token-latency speedup (1: the whole critical-path gain
+reaches the clock). The SFT evaluator decodes one mode only and has no cross-mode measures.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from typing import Any, Sequence
 
 from rewards.config import RewardConfig
 from rewards.score import RewardItem, ScoreRecord, score, score_many
+from rewards.tag_count import TagTokens
 from rl.metrics import finish_shares, mean, trajectory_metrics
 from rollout.config import RolloutConfig
 from rollout.files import atomic_write
@@ -121,9 +125,13 @@ def records_file(run_dir: Path, step: int) -> Path:
 
 def evaluate_heldout(rollout: RolloutConfig, modes: Sequence[str], rollouts, reward_pool,
                      prompts: list[list[int]], answers: list[str], step: int,
-                     run_dir: Path) -> tuple[dict[str, float], Path]:
-    """Greedy decoding of the held-out prompts in each mode; metrics ``eval/<mode>/...`` and the records file."""
+                     run_dir: Path, tags: TagTokens | None = None) -> tuple[dict[str, float], Path]:
+    """Greedy decoding of the held-out prompts in each mode; metrics ``eval/<mode>/...`` and the records file.
+
+    ``tags``: the tokenizer's tag ids when the reward counts tokens by tag (``rewards.score.item_tags``).
+    """
     metrics: dict[str, float] = {}
+    samples: dict[str, list[Sample]] = {}
     start = time.perf_counter()
     out = records_file(run_dir, step)
     with atomic_write(out) as f:
@@ -132,13 +140,14 @@ def evaluate_heldout(rollout: RolloutConfig, modes: Sequence[str], rollouts, rew
             t0 = time.perf_counter()
             trajectories = rollouts.generate(prompts, rc)
             decode_s = time.perf_counter() - t0
-            scores = reward_pool.score_batch([RewardItem(t.text, answers[t.prompt_index], t.units, t.finish_reason)
-                                              for t in trajectories])
+            scores = reward_pool.score_batch([RewardItem(t.text, answers[t.prompt_index], t.units, t.finish_reason,
+                                                         tags) for t in trajectories])
             m = trajectory_metrics(trajectories, scores, f"eval/{mode}/")  # reward and its parts, too
             del m[f"eval/{mode}/correct"]  # named accuracy, in measures
             m.update({f"eval/{mode}/{k}": v for k, v in measures(trajectories, scores).items()})
             m[f"eval/{mode}/decode_s"] = decode_s
             metrics.update(m)
+            samples[mode] = to_samples(trajectories, scores)
             for t, s in zip(trajectories, scores):
                 f.write(json.dumps({"step": step, "mode": mode, "index": t.prompt_index,
                                     "answer": answers[t.prompt_index], "text": t.text,
@@ -146,6 +155,8 @@ def evaluate_heldout(rollout: RolloutConfig, modes: Sequence[str], rollouts, rew
                                     "eta": t.eta, "n_blocks": t.n_blocks, **s.to_dict()}) + "\n")
     if "eval/parallel/L_crit" in metrics and "eval/sequential/L_total" in metrics:
         metrics["eval/crit_over_sequential"] = metrics["eval/parallel/L_crit"] / metrics["eval/sequential/L_total"]
+    if len(samples) == 2:  # the prompts were decoded as one batch per mode: a throughput-regime figure
+        metrics.update(cross_mode_latency(samples["parallel"], samples["sequential"], "eval/"))
     metrics["eval/seconds"] = time.perf_counter() - start
     return metrics, out
 
@@ -202,6 +213,7 @@ class BenchmarkReport:
     speedup_correct: float | None
     wall_speedup: float  # mean over problems of sequential wall time / parallel wall time
     undefined: int  # problems left out of the speedups because a mean L_crit was 0
+    latency_efficiency: float | None = None  # mean over problems of wall-clock speedup / token-latency speedup
 
     def metrics(self) -> dict[str, float]:
         """Flat ``eval/NAME/...`` metrics for MLflow (None values left out)."""
@@ -211,7 +223,7 @@ class BenchmarkReport:
                 out[f"eval/{self.name}/{s.mode}/{key}"] = value
             for key in ("accuracy", "L_total", "L_crit", "activation", "format_valid", "wall_s", "self_speedup"):
                 out[f"eval/{self.name}/{s.mode}/{key}"] = getattr(s, key)
-        for key in ("speedup", "speedup_median", "speedup_correct", "wall_speedup"):
+        for key in ("speedup", "speedup_median", "speedup_correct", "wall_speedup", "latency_efficiency"):
             if getattr(self, key) is not None:
                 out[f"eval/{self.name}/{key}"] = getattr(self, key)
         return out
@@ -264,6 +276,36 @@ def problem_speedups(parallel: Sequence[Sample], sequential: Sequence[Sample], c
     return ratios, undefined
 
 
+def wall_speedups(parallel: Sequence[Sample], sequential: Sequence[Sample]) -> dict[int, float]:
+    """Per problem: wall time of its slowest sequential sample / that of its slowest parallel sample."""
+    def slowest(samples: Sequence[Sample]) -> dict[int, float]:
+        out: dict[int, float] = {}
+        for s in samples:
+            out[s.problem] = max(out.get(s.problem, 0.0), s.latency_s)
+        return out
+
+    par, seq = slowest(parallel), slowest(sequential)
+    return {p: seq[p] / par[p] for p in sorted(par) if p in seq and par[p] > 0}
+
+
+def latency_efficiency(wall_speedups: dict[int, float], token_speedups: dict[int, float]) -> float | None:
+    """Mean over problems of wall-clock speedup / token-latency speedup (1: the whole critical-path gain
+    reaches the clock); problems missing from either, or with a zero token speedup, are left out."""
+    ratios = [wall_speedups[p] / token_speedups[p] for p in wall_speedups if token_speedups.get(p)]
+    return mean(ratios) if ratios else None
+
+
+def cross_mode_latency(parallel: Sequence[Sample], sequential: Sequence[Sample], prefix: str) -> dict[str, float]:
+    """``wall_speedup`` and ``latency_efficiency`` (when defined) of the same problems decoded in both modes."""
+    token, _ = problem_speedups(parallel, sequential, correct_only=False)
+    wall = wall_speedups(parallel, sequential)
+    out = {f"{prefix}wall_speedup": mean(list(wall.values()))}
+    efficiency = latency_efficiency(wall, token)
+    if efficiency is not None:
+        out[f"{prefix}latency_efficiency"] = efficiency
+    return out
+
+
 def evaluate_benchmark(parallel: Sequence[Any], sequential: Sequence[Any], answers: Sequence[str], checker,
                        reward_cfg: RewardConfig | None = None, name: str = "benchmark", latency: str = "isolated",
                        models: tuple[str, str] = ("parallel", "sequential baseline")
@@ -289,12 +331,7 @@ def evaluate_benchmark(parallel: Sequence[Any], sequential: Sequence[Any], answe
                           measures=measures(parallel, scores["parallel"]))
     seq_summary = replace(summarize_mode("sequential", models[1], samples["sequential"]),
                           measures=measures(sequential, scores["sequential"]))
-    wall = {}
-    for mode in MODES:
-        for s in samples[mode]:
-            wall.setdefault(mode, {}).setdefault(s.problem, []).append(s.latency_s)
-    wall_ratios = [max(wall["sequential"][p]) / max(wall["parallel"][p]) for p in wall["parallel"]
-                   if p in wall["sequential"] and max(wall["parallel"][p]) > 0]
+    wall_ratios = wall_speedups(samples["parallel"], samples["sequential"])
     report = BenchmarkReport(
         name=name, k=max(ks), latency=latency, parallel=par_summary, sequential=seq_summary,
         speedups=[ratios[p] for p in sorted(ratios)],
@@ -302,6 +339,7 @@ def evaluate_benchmark(parallel: Sequence[Any], sequential: Sequence[Any], answe
         speedup=mean(list(ratios.values())),
         speedup_median=statistics.median(ratios.values()) if ratios else float("nan"),
         speedup_correct=mean(list(correct_ratios.values())) if correct_ratios else None,
-        wall_speedup=mean(wall_ratios), undefined=undefined,
+        wall_speedup=mean(list(wall_ratios.values())), undefined=undefined,
+        latency_efficiency=latency_efficiency(wall_ratios, ratios),
     )
     return report, scores

@@ -6,7 +6,11 @@ deviation unless ``advantage = "std"``), on-policy by default, no KL unless
 
 * Advantage of trajectory ``i`` of a group of ``k`` samples of one prompt:
   ``A_i = r_i - mean(r)`` (:func:`group_advantages`); with ``"std"``,
-  ``A_i = (r_i - mean(r)) / max(std(r), std_floor)`` (population std).
+  ``A_i = (r_i - mean(r)) / max(std(r), std_floor)`` (population std); with
+  ``"std_verl"``, verl's GRPO (``core_algos.compute_grpo_outcome_advantage``):
+  ``(r_i - mean(r)) / (std(r) + 1e-6)`` with the *unbiased* std (divides by
+  ``k - 1``), and a group of one sample gets ``A = r / (1 + 1e-6)`` (verl takes
+  mean 0 and std 1 there; the other modes give 0).
 * ``A_i`` is broadcast to every completion token of every unit of trajectory
   ``i``: it is the unit weight given to the trie (:func:`rl_tries`), which sums
   the weights of every occurrence of a node (``weight``) and keeps the
@@ -26,6 +30,15 @@ deviation unless ``advantage = "std"``), on-policy by default, no KL unless
   (non-negative, unbiased for KL(policy || reference)), counted once per
   occurrence. The reference log-probabilities ride in :class:`RLRow` and are
   computed by :class:`ReferenceModel` from the packed rows themselves.
+
+Against verl 0.9.1's ``core_algos`` (``tests/test_verl_parity.py``, on an
+expanded batch of one row per unit): the loss equals ``compute_policy_loss_vanilla``
+with ``loss_agg_mode="token-mean"`` and the KL term ``kl_penalty(...,
+"low_var_kl")``, except where verl clamps and this code does not: verl clamps
+the log-ratio to +-20 before ``exp``, caps a negative-advantage token's loss at
+``-A * clip_ratio_c`` (dual clip, 3), clamps the KL log-ratio to +-20 and the k3
+estimate to 10. The advantages equal ``compute_grpo_outcome_advantage`` with
+``norm_adv_by_std_in_grpo=False`` (``"mean"``) or ``True`` (``"std_verl"``).
 """
 
 from __future__ import annotations
@@ -36,22 +49,25 @@ from typing import Literal, Sequence
 
 import torch
 
-from rl.attention import IMPLEMENTATION, tree_forward
-from rl.logprobs import token_logprobs
+from rl.attention import IMPLEMENTATION, tree_predictions
+from rl.logprobs import TokenPredictions, as_predictions
 from rl.trie import PackedRow, Trie, group_tries
 from rollout.config import check_ranges
 from rollout.units import Unit
 
-ADVANTAGES = ("mean", "std")
+ADVANTAGES = ("mean", "std", "std_verl")
+#: verl's epsilon added to the group's std (compute_grpo_outcome_advantage)
+VERL_STD_EPSILON = 1e-6
 
 
 @dataclass
 class GRPOConfig:
     """The P-GRPO objective: advantages, reuse of a batch, KL to a reference."""
 
-    advantage: Literal["mean", "std"] = field(default="mean", metadata={
+    advantage: Literal["mean", "std", "std_verl"] = field(default="mean", metadata={
         "help": "'mean': A = r - mean(r) over the group (the default, DESIGN section 6); "
-                "'std': also divided by max(std(r), std_floor)"})
+                "'std': also divided by max(std(r), std_floor); 'std_verl': verl's GRPO, divided by the "
+                "unbiased std + 1e-6 (a one-sample group keeps r)"})
     std_floor: float = field(default=0.01, metadata={
         "help": "floor of the group's reward std when advantage='std' (reward units)", "range": "> 0"})
     updates_per_batch: int = field(default=1, metadata={
@@ -84,7 +100,8 @@ class GRPOConfig:
 def group_advantages(rewards: Sequence[float], advantage: str = "mean", std_floor: float = 0.01) -> list[float]:
     """Advantages of one group: ``r - mean(r)``, divided by ``max(std(r), std_floor)`` for ``"std"``.
 
-    ``std`` is the population standard deviation (divides by ``k``).
+    ``std`` is the population standard deviation (divides by ``k``). ``"std_verl"`` is verl's
+    definition (see the module doc): unbiased std plus ``1e-6``, and ``r`` itself for a group of one.
     """
     if advantage not in ADVANTAGES:
         raise ValueError(f"advantage must be one of {ADVANTAGES}, got {advantage!r}")
@@ -93,10 +110,15 @@ def group_advantages(rewards: Sequence[float], advantage: str = "mean", std_floo
     values = [float(r) for r in rewards]
     if not all(math.isfinite(r) for r in values):
         raise ValueError(f"rewards must be finite, got {values}")
+    if advantage == "std_verl" and len(values) == 1:
+        return [values[0] / (1.0 + VERL_STD_EPSILON)]
     mean = sum(values) / len(values)
     centred = [r - mean for r in values]
     if advantage == "mean":
         return centred
+    if advantage == "std_verl":
+        unbiased = math.sqrt(sum(c * c for c in centred) / (len(centred) - 1))
+        return [c / (unbiased + VERL_STD_EPSILON) for c in centred]
     std = math.sqrt(sum(c * c for c in centred) / len(centred))
     scale = max(std, std_floor)
     return [c / scale for c in centred]
@@ -147,9 +169,11 @@ class RLRow(PackedRow):
     ref_logprob: torch.Tensor | None = None
 
 
-def pgrpo_loss(logits: torch.Tensor, row: PackedRow, denominator: float, clip_eps: float | None = None,
-               kl_coef: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+def pgrpo_loss(pred: TokenPredictions | torch.Tensor, row: PackedRow, denominator: float,
+               clip_eps: float | None = None, kl_coef: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
     """The P-GRPO loss of one row (see module doc); row losses add up to the batch loss.
+
+    ``pred``: the row's :class:`rl.logprobs.TokenPredictions`, or its ``[L, vocab]`` logits.
 
     ``clip_eps=None``: on-policy, ``-sum(weight * logprob) / denominator``.
     Otherwise the PPO-clipped surrogate against ``row.behavior_logprob``.
@@ -163,8 +187,8 @@ def pgrpo_loss(logits: torch.Tensor, row: PackedRow, denominator: float, clip_ep
     """
     if denominator <= 0:
         raise ValueError(f"loss denominator must be positive, got {denominator}")
-    device = logits.device
-    logprobs = token_logprobs(logits, row)
+    logprobs = as_predictions(pred, row).logprob
+    device = logprobs.device
     n_targets = row.n_targets.to(device)
     target = n_targets > 0
     behavior = row.behavior_logprob.to(device)
@@ -209,15 +233,19 @@ class ReferenceModel:
     """The frozen starting policy, computing per-token log-probabilities of packed rows (for the KL term).
 
     Used as a Ray actor by the driver. ``threads`` sets torch's intra-op
-    threads; ``device`` is ``"cpu"`` or ``"cuda"``.
+    threads; ``device`` is ``"cpu"`` or ``"cuda"``; weights are loaded in
+    ``dtype``. ``chunk_tokens > 0`` computes the log-probabilities from the
+    last hidden states that many positions at a time, as the learner does
+    (:func:`rl.attention.tree_predictions`); 0 from the full logits.
     """
 
     def __init__(self, model_dir: str, attention: str = "sdpa", threads: int = 1, device: str = "cpu",
-                 dtype: str = "fp32"):
+                 dtype: str = "fp32", chunk_tokens: int = 0):
         from transformers import AutoModelForCausalLM
 
         torch.set_num_threads(max(1, threads))
         self.attention = attention
+        self.chunk_tokens = chunk_tokens
         self.device = torch.device(device)
         torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype,
@@ -227,11 +255,8 @@ class ReferenceModel:
     @torch.no_grad()
     def logprobs(self, rows: list[PackedRow]) -> list[torch.Tensor]:
         """``[L]`` log-probabilities of every row's tokens (0 at roots), on the CPU."""
-        out = []
-        for row in rows:
-            logits = tree_forward(self.model, row, self.attention, max_dense_tokens=max(len(row), 1))
-            out.append(token_logprobs(logits, row).float().cpu())
-        return out
+        return [tree_predictions(self.model, row, self.attention, self.chunk_tokens,
+                                 max_dense_tokens=max(len(row), 1)).logprob.float().cpu() for row in rows]
 
 
 def with_reference(rows: Sequence[PackedRow], ref_logprobs: Sequence[torch.Tensor]) -> list[RLRow]:

@@ -6,6 +6,17 @@ gloo on CPU and NCCL on GPU, torch's AdamW (DeepSpeed's fused Adam compiles
 for minutes on CPU), fp32 or bf16, gradient clipping, linear warm-up then
 constant or cosine learning rate (:mod:`rl.schedule`).
 
+Memory (what :mod:`rl.memory_plan` plans; the knobs are in :mod:`rl.learner_config`): weights are loaded in the training
+dtype; with ``dtype: bf16`` DeepSpeed keeps its own fp32 master weights (in
+its optimizer wrapper, partitioned from ZeRO stage 1 on);
+``offload_optimizer`` moves the master weights and the AdamW states to host
+memory (ZeRO 1-3; torch's AdamW then steps on the CPU). Optional gradient
+checkpointing recomputes each decoder layer in the backward, and the
+per-token log-probabilities come from the last hidden states a chunk of
+positions at a time (``logprob_chunk_tokens``; :func:`rl.logprobs.chunked_predictions`),
+so neither the activations of every layer nor the ``[L, vocab]`` logits of a
+long row are kept at once.
+
 :class:`LearnerGroup` is the driver-side handle. ``train_step(rows, loss)``
 takes ONE global batch of packed rows (:class:`rl.trie.PackedRow`, each at most
 ``row_tokens`` long: one micro-batch), spreads the rows over the ranks
@@ -40,17 +51,17 @@ import random
 import shutil
 import socket
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
 from rl import durable, losses
-from rl.attention import IMPLEMENTATION, tree_attention_mask
+from rl.attention import IMPLEMENTATION, tree_predictions
+from rl.learner_config import TORCH_DTYPES, LearnerConfig, deepspeed_config
+from rl.logprobs import TokenPredictions
 from rl.schedule import make_scheduler
 from rl.trie import PackedRow, build_trie, make_row
-from rollout.config import check_ranges
 from rollout.units import Unit
 
 Bucket = list[tuple[str, torch.Tensor]]
@@ -58,66 +69,30 @@ Bucket = list[tuple[str, torch.Tensor]]
 CLIENT_KEY = "threadweaver"
 
 
-@dataclass
-class LearnerConfig:
-    """Data-parallel learner: ranks, precision, optimizer and schedule."""
+class PackedCausalLM(torch.nn.Module):
+    """A transformers causal LM as the DeepSpeed engine sees it: ``forward(row)`` gives a packed row's predictions.
 
-    ranks: int = field(default=1, metadata={
-        "help": "data-parallel DeepSpeed ranks, one Ray actor each (count)", "range": ">= 1"})
-    cpus_per_rank: float = field(default=1.0, metadata={
-        "help": "Ray CPUs reserved by each rank (count)", "range": ">= 0"})
-    gpus_per_rank: float = field(default=0.0, metadata={"help": "Ray GPUs per rank; > 0 trains on CUDA with NCCL, "
-                                                                 "0 on CPU with gloo (count)", "range": ">= 0"})
-    threads_per_rank: int = field(default=0, metadata={"help": "torch intra-op threads per rank; 0 = cpus_per_rank "
-                                                               "rounded down, at least 1 (count)", "range": ">= 0"})
-    zero_stage: int = field(default=0, metadata={"help": "DeepSpeed ZeRO stage, 0-3", "range": "[0, 3]"})
-    dtype: Literal["fp32", "bf16"] = field(default="fp32", metadata={"help": "training precision (bf16 keeps fp32 "
-                                                                            "master weights)"})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate of AdamW", "range": "> 0"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay, on matrices only", "range": ">= 0"})
-    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1", "range": "[0, 1)"})
-    beta2: float = field(default=0.95, metadata={"help": "AdamW beta2", "range": "[0, 1)"})
-    eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon", "range": "> 0"})
-    grad_clip: float = field(default=1.0, metadata={
-        "help": "clip the global gradient norm to this (0 = off)", "range": ">= 0"})
-    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up length (optimizer steps)", "range": ">= 0"})
-    schedule: Literal["constant", "cosine"] = field(default="cosine", metadata={"help": "learning rate after "
-                                                                                       "warm-up"})
-    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine floor, as a fraction of lr", "range": "[0, 1]"})
-    row_tokens: int = field(default=1024, metadata={
-        "help": "longest packed row, one micro-batch (tokens)", "range": ">= 2"})
-    attention: Literal["sdpa", "eager", "flex"] = field(default="sdpa", metadata={"help": "tree attention backend "
-                                                                                         "(rl.attention)"})
-    seed: int = field(default=0, metadata={"help": "seed of every rank's random generators", "range": ">= 0"})
-
-    def __post_init__(self) -> None:
-        check_ranges(self)
-
-    @property
-    def on_gpu(self) -> bool:
-        return self.gpus_per_rank > 0
-
-
-def deepspeed_config(cfg: LearnerConfig, world_size: int) -> dict:
-    """The DeepSpeed config dict for ``cfg``.
-
-    One micro-batch per engine step: the learner sets the accumulation
-    boundary itself (a rank's rows vary in number from step to step). With
-    ZeRO stage 0 in fp32 DeepSpeed keeps no gradient norm, so the learner
-    clips itself and clipping is off here.
+    It holds the LM's own child modules under their own names, so its
+    parameters, ``state_dict`` keys and ZeRO-3 hooks are exactly the LM's;
+    the LM object itself stays reachable as :attr:`lm` (for its config and
+    ``save_pretrained``). The forward runs through the engine (ZeRO's
+    backward hooks) and returns ``(logprob, greedy)`` of
+    :func:`rl.attention.tree_predictions`.
     """
-    clip_here = cfg.zero_stage == 0 and cfg.dtype == "fp32"
-    return {
-        "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": 1,
-        "train_batch_size": world_size,
-        "gradient_clipping": 0.0 if clip_here else cfg.grad_clip,
-        "zero_optimization": {"stage": cfg.zero_stage},
-        "bf16": {"enabled": cfg.dtype == "bf16"},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-    }
+
+    def __init__(self, lm: torch.nn.Module, backend: str, chunk_tokens: int, row_tokens: int):
+        super().__init__()
+        for name, child in lm.named_children():
+            self.add_module(name, child)
+        self.__dict__["lm"] = lm  # not a child: its modules are already ours
+        self.backend = backend
+        self.chunk_tokens = chunk_tokens
+        self.row_tokens = row_tokens
+
+    def forward(self, row: PackedRow) -> tuple[torch.Tensor, torch.Tensor]:
+        pred = tree_predictions(self.lm, row, self.backend, self.chunk_tokens,
+                                max_dense_tokens=max(self.row_tokens, len(row)))
+        return pred.logprob, pred.greedy
 
 
 def dummy_row(token_id: int) -> PackedRow:
@@ -211,9 +186,14 @@ class Learner:
         deepspeed.init_distributed(dist_backend="nccl" if cfg.on_gpu else "gloo", auto_mpi_discovery=False,
                                    verbose=False)
         self.model_dir = str(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32,
-                                                     attn_implementation=IMPLEMENTATION[cfg.attention])
-        model.config.use_cache = False
+        lm = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=TORCH_DTYPES[cfg.dtype],
+                                                  attn_implementation=IMPLEMENTATION[cfg.attention])
+        lm.config.use_cache = False
+        if cfg.gradient_checkpointing:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lm.train()  # from_pretrained gives eval mode, where transformers skips gradient checkpointing
+        self.lm = lm
+        model = PackedCausalLM(lm, cfg.attention, cfg.logprob_chunk_tokens, cfg.row_tokens)
         decay = [p for p in model.parameters() if p.ndim >= 2]
         no_decay = [p for p in model.parameters() if p.ndim < 2]
         optimizer = torch.optim.AdamW(
@@ -249,12 +229,7 @@ class Learner:
         micro = list(rows) + [self.dummy] * (n_micro - len(rows))
         for i, row in enumerate(micro):
             engine.set_gradient_accumulation_boundary(i == len(micro) - 1)
-            mask = tree_attention_mask(row, self.cfg.attention, dtype=self.dtype, device=self.device,
-                                       max_dense_tokens=max(self.cfg.row_tokens, len(row)))
-            out = engine(input_ids=row.input_ids.to(self.device)[None],
-                         position_ids=row.position_ids.to(self.device)[None],
-                         attention_mask=mask, use_cache=False)
-            row_loss, metrics = fn(out.logits[0], row, denominator, **options)
+            row_loss, metrics = fn(TokenPredictions(*engine(row)), row, denominator, **options)
             engine.backward(row_loss * self.world_size)
             for k, v in metrics.items():  # 0 for a dummy row, but every rank must reduce the same keys below
                 sums[k] = sums.get(k, 0.0) + float(v)
@@ -342,8 +317,7 @@ class Learner:
             return
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        module = self.engine.module
-        module.save_pretrained(out, state_dict=weights)
+        self.lm.save_pretrained(out, state_dict=weights)
         AutoTokenizer.from_pretrained(self.model_dir).save_pretrained(out)
         for extra in ("generation_config.json",):
             if (Path(self.model_dir) / extra).exists() and not (out / extra).exists():
@@ -390,10 +364,12 @@ class Learner:
 class LearnerGroup:
     """Driver-side handle of ``cfg.ranks`` :class:`Learner` actors (Ray must be initialised).
 
-    ``total_steps`` sets the length of the learning-rate schedule.
+    ``total_steps`` sets the length of the learning-rate schedule; ``actor_options[rank]`` (when given) are
+    extra Ray ``.options`` of that rank (its placement group bundle).
     """
 
-    def __init__(self, cfg: LearnerConfig, model_dir: str | Path, total_steps: int):
+    def __init__(self, cfg: LearnerConfig, model_dir: str | Path, total_steps: int,
+                 actor_options: Sequence[Mapping] = ()):
         import ray
 
         if not ray.is_initialized():
@@ -401,9 +377,10 @@ class LearnerGroup:
         self.cfg = cfg
         self.model_dir = str(model_dir)
         actor_cls = ray.remote(Learner)
+        options = list(actor_options) or [{}] * cfg.ranks
         self.actors = [
             actor_cls.options(num_cpus=cfg.cpus_per_rank, num_gpus=cfg.gpus_per_rank,
-                              name=None).remote(cfg, rank, cfg.ranks)
+                              name=None, **options[rank]).remote(cfg, rank, cfg.ranks)
             for rank in range(cfg.ranks)
         ]
         try:

@@ -1,8 +1,10 @@
 """Named losses the learner can train with, in one registry.
 
-A loss is a function ``loss(logits, row, denominator, **options) -> (loss,
-metrics)`` for ONE packed row: ``logits`` is ``[L, vocab]`` from the tree
-forward pass of ``row`` (:class:`rl.trie.PackedRow`), ``denominator`` the
+A loss is a function ``loss(pred, row, denominator, **options) -> (loss,
+metrics)`` for ONE packed row: ``pred`` is what the tree forward pass of
+``row`` (:class:`rl.trie.PackedRow`) predicted, as
+:class:`rl.logprobs.TokenPredictions` (per-token log-probabilities, computed
+in chunks by the learner) or as the full ``[L, vocab]`` logits, ``denominator`` the
 normaliser of the whole global batch (the learner passes the number of target
 occurrences over every row of every rank), and ``options`` come from the
 caller of ``train_step``. Row losses must *add up* to the batch loss, so the
@@ -18,12 +20,12 @@ from typing import Callable, Protocol
 
 import torch
 
-from rl.logprobs import token_logprobs, weighted_loss
+from rl.logprobs import TokenPredictions, as_predictions, weighted_loss
 from rl.trie import PackedRow
 
 
 class LossFn(Protocol):
-    def __call__(self, logits: torch.Tensor, row: PackedRow, denominator: float,
+    def __call__(self, pred: TokenPredictions | torch.Tensor, row: PackedRow, denominator: float,
                  **options) -> tuple[torch.Tensor, dict[str, float]]: ...
 
 
@@ -47,7 +49,8 @@ def get(name: str) -> LossFn:
 
 
 @register("sft")
-def sft_loss(logits: torch.Tensor, row: PackedRow, denominator: float) -> tuple[torch.Tensor, dict[str, float]]:
+def sft_loss(pred: TokenPredictions | torch.Tensor, row: PackedRow,
+             denominator: float) -> tuple[torch.Tensor, dict[str, float]]:
     """Weighted token NLL: ``-sum(weight * logprob) / denominator``.
 
     With SFT weights (1 per occurrence) and the batch's number of target
@@ -55,15 +58,13 @@ def sft_loss(logits: torch.Tensor, row: PackedRow, denominator: float) -> tuple[
     target token. Metrics: ``nll_sum`` (unnormalised) and ``correct`` (target
     occurrences whose greedy prediction is the target).
     """
-    logprobs = token_logprobs(logits, row)
-    loss = weighted_loss(logprobs, row, denominator)
+    pred = as_predictions(pred, row)
+    loss = weighted_loss(pred.logprob, row, denominator)
     with torch.no_grad():
-        parent = row.parent.clamp(min=0).to(logits.device)
-        greedy = logits.detach().argmax(-1)[parent] == row.input_ids.to(logits.device)
-        n_targets = row.n_targets.to(logits.device)
+        device = pred.logprob.device
         metrics = {
-            "nll_sum": float(-(row.weight.to(logits.device) * logprobs.detach()).sum()),
-            "correct": float((greedy * n_targets).sum()),
+            "nll_sum": float(-(row.weight.to(device) * pred.logprob.detach()).sum()),
+            "correct": float((pred.greedy * row.n_targets.to(device)).sum()),
         }
     return loss, metrics
 

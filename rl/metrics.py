@@ -124,6 +124,7 @@ def step_metrics(trajectories, scores, result, times: StepTimes, restarts: int, 
         "batch/tree_token_ratio": batch.stats.expanded_ratio,
         "batch/trained_tries": float(len(batch.trained)),
         "batch/rows": float(len(batch.rows)),
+        "batch/dropped_oversize": float(len(batch.dropped)),
     })
     out.update(time_metrics(times, generated))
     out.update({"rollout/restarts": float(restarts), "rollout/generated_tokens": generated,

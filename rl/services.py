@@ -5,7 +5,10 @@ the reward pool (``rewards.service.RewardPool``) and, with a KL term, the
 reference-model actor. :class:`Rollouts` wraps the rollout pool: a worker
 that dies (or whose vLLM engine dies) during a rollout or a weight sync makes
 it rebuild the pool, load the learner's current weights into it and redo the
-call, at most ``max_restarts`` times per call. Everything here needs a started
+call, at most ``max_restarts`` times per call. A ``placement`` maps a role
+(``rollout``, ``reward``, ``reference``) to its actors' extra Ray ``.options``
+(their placement group bundles, reserved by the command layer); a rebuilt pool
+goes back into the same bundles. Everything here needs a started
 Ray; Ray itself is imported lazily (it takes seconds to import, and the
 unit tests of the modules that import this one need none of it).
 """
@@ -15,13 +18,16 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from rewards.config import RewardConfig
 from rl.grpo import GRPOConfig, ReferenceModel
 from rl.learner import LearnerConfig
 from rollout.config import RolloutConfig
 from rollout.workers import RolloutPool
+
+#: per role key, the extra Ray ``.options`` of each of its actors (see the module docstring)
+Placement = Mapping[str, Sequence[Mapping]]
 
 
 @dataclass
@@ -45,20 +51,23 @@ class Services:
 
 
 def start_services(rollout: RolloutConfig, reward: RewardConfig, grpo: GRPOConfig, learner: LearnerConfig,
-                   model_dir: str | Path) -> Services:
+                   model_dir: str | Path, placement: Placement | None = None) -> Services:
     """Start the reward pool, the rollout pool on ``model_dir`` and (with a KL term) the reference model."""
     import ray
 
     from rewards.service import RewardPool  # lazy: imports Ray (~1 s); --show-config needs none of it
 
-    rewards = RewardPool(reward)
-    pool = RolloutPool(model_dir, rollout)
+    placement = placement or {}
+    rewards = RewardPool(reward, actor_options=placement.get("reward", ()))
+    pool = RolloutPool(model_dir, rollout, actor_options=placement.get("rollout", ()))
     reference = None
     if grpo.kl_coef > 0:
         lc = learner
-        reference = ray.remote(ReferenceModel).options(num_cpus=lc.cpus_per_rank, num_gpus=lc.gpus_per_rank).remote(
+        extra = (list(placement.get("reference", ())) or [{}])[0]
+        reference = ray.remote(ReferenceModel).options(num_cpus=lc.cpus_per_rank, num_gpus=lc.gpus_per_rank,
+                                                       **extra).remote(
             str(model_dir), lc.attention, lc.threads_per_rank or max(1, int(lc.cpus_per_rank)),
-            "cuda" if lc.on_gpu else "cpu", lc.dtype)
+            "cuda" if lc.on_gpu else "cpu", lc.dtype, lc.logprob_chunk_tokens)
     rewards.wait_ready()
     return Services(pool, rewards, reference)
 
@@ -92,8 +101,9 @@ class Rollouts:
     With ``progress`` every call shows a bar of the trajectories done out of all asked for."""
 
     def __init__(self, services: Services, model_dir: str | Path, cfg: RolloutConfig, max_restarts: int,
-                 weights: Callable[[], dict], progress: bool = False):
+                 weights: Callable[[], dict], actor_options: Sequence[Mapping] = (), progress: bool = False):
         self.services, self.model_dir, self.cfg = services, str(model_dir), cfg
+        self.actor_options = actor_options
         self.max_restarts, self.weights = max_restarts, weights
         self.progress = progress
         self.restarts = 0
@@ -104,7 +114,7 @@ class Rollouts:
         for attempt in range(self.max_restarts + 1):
             try:
                 if self.services.rollout is None:  # the previous rebuild died: build it again
-                    self.services.rollout = RolloutPool(self.model_dir, self.cfg)
+                    self.services.rollout = RolloutPool(self.model_dir, self.cfg, actor_options=self.actor_options)
                     self.services.rollout.update_weights(self.weights())
                 return fn(self.services.rollout)
             except Exception as e:  # noqa: BLE001 - only a dead worker is retried, the rest re-raised

@@ -53,21 +53,22 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import yaml
 
 from rl import checkpoint
 from rl.checkpoint import Stop
 from rl.learner import LearnerConfig, LearnerGroup
+from rl.memory_plan import ModelShape, Plan, PlanConfig, check_plan, make_plan, model_shape
 from rl.metrics_log import MetricsLog
-from rl.sft_data import (StreamState, TaskData, TrieStream, check_data_config, ensure_task_data, read_records,
-                         timed_build)
+from rl.sft_data import StreamState, TaskData, TrieStream, check_data_config, ensure_task_data, timed_build
 from rl.sft_eval import EvalConfig, Evaluator, records_to_dicts
 from rl.tracker import NoTracker, Tracker
 from rl.trie import pack_tries, tree_stats
 from rollout.config import check_ranges, to_dict
 from rollout.files import atomic_write, check_model_dir, check_output_dir, write_text
+from rollout.records import read_records
 
 
 @dataclass
@@ -95,7 +96,8 @@ class DataConfig(TaskData):
     :class:`rl.sft_data.TaskData`)."""
 
     dir: str = field(default="runs/data/tiny", metadata={"help": "folder holding the train/validation files"})
-    train_file: str = field(default="train.jsonl", metadata={"help": "training records in dir (.jsonl/.parquet)"})
+    train_file: str = field(default="train.jsonl", metadata={
+        "help": "training records in dir (.jsonl/.parquet, this project's layout or verl's)"})
     validation_file: str = field(default="validation.jsonl", metadata={
         "help": "validation records: a file in dir, or an absolute path"})
     prompt_field: str = field(default="prompt", metadata={"help": "record field holding the prompt text"})
@@ -137,6 +139,7 @@ class SFTConfig:
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data"})
     learner: LearnerConfig = field(default_factory=LearnerConfig, metadata={"help": "learner"})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "held-out evaluation"})
+    plan: PlanConfig = field(default_factory=PlanConfig, metadata={"help": "memory plan checked before training"})
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -171,17 +174,26 @@ def check_inputs(cfg: SFTConfig) -> None:
     writable when they are generated). ValueError with one line naming the key otherwise."""
     if cfg.model.path is not None:
         check_model_dir(cfg.model.path, "model.path")
-    else:
-        from rollout.tiny import build_tokenizer, model_config  # lazy: transformers takes seconds to import
-
-        m = cfg.model
-        model_config(build_tokenizer(), m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads,
-                     m.intermediate_size)
+    plan = memory_plan(cfg) if cfg.model.path is None or cfg.plan.device_memory_gib > 0 else None
+    if plan is not None:  # (building the tiny model's plan also checks its sizes)
+        check_plan(plan)
     resume = checkpoint.resume_of_run(cfg.resume, cfg.run_dir)
     if cfg.resume not in (None, "auto") and not resume.is_dir():
         raise ValueError(f"resume checkpoint {resume} does not exist")
     check_output_dir(cfg.run_dir, "run_dir")
     check_data_config(cfg.data)
+
+
+def memory_plan(cfg: SFTConfig) -> Plan:
+    """The learner's memory plan (:mod:`rl.memory_plan`); the tiny model's shape when ``model.path`` is null."""
+    if cfg.model.path is not None:
+        return make_plan(model_shape(cfg.model.path, cfg.plan.architecture), cfg.learner, cfg.plan)
+    from rollout.tiny import build_tokenizer, model_config  # lazy: transformers takes seconds to import
+
+    m = cfg.model
+    config = model_config(build_tokenizer(), m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads,
+                          m.intermediate_size)
+    return make_plan(ModelShape.from_config(config.to_dict()), cfg.learner, cfg.plan)
 
 
 def build_training_tries(cfg: SFTConfig, tokenizer, train_records: list[dict]) -> tuple[list, dict]:
@@ -311,14 +323,15 @@ def _loop(run: SFTRun, on_step: Callable[[int, dict], None] | None, resumed: boo
 
 
 def train(cfg: SFTConfig, on_step: Callable[[int, dict], None] | None = None,
-          tracker: Tracker | None = None) -> dict:
+          tracker: Tracker | None = None, placement: Mapping[str, Sequence[Mapping]] | None = None) -> dict:
     """Run the SFT stage (see module doc) on a started Ray; returns the summary also written to ``summary.json``.
 
     ``on_step(step, metrics)`` is called after every optimizer step (and
     after that step's checkpoint); raising :class:`Stop` in it ends the run
     on the spot, without a final checkpoint or evaluation (the tracked run is
     left open, as a killed process would). ``tracker`` (none: no tracking)
-    receives the parameters and metrics and is closed at the end.
+    receives the parameters and metrics and is closed at the end. ``placement`` maps ``learner`` and ``eval``
+    to their actors' extra Ray ``.options`` (placement group bundles reserved by the caller).
     """
     from rollout.tiny import load_tokenizer  # lazy: transformers takes seconds to import; --show-config needs none
 
@@ -336,7 +349,8 @@ def train(cfg: SFTConfig, on_step: Callable[[int, dict], None] | None = None,
     tracker = tracker or NoTracker()
     status = "FAILED"
     try:
-        group = LearnerGroup(cfg.learner, model_dir, total_steps=cfg.steps)
+        placement = placement or {}
+        group = LearnerGroup(cfg.learner, model_dir, total_steps=cfg.steps, actor_options=placement.get("learner", ()))
         state = {"step": 0, "train_s": 0.0, "eval_s": 0.0, "tokens_seen": 0.0, "data": vars(StreamState())}
         if resume is not None:
             state = checkpoint.load(group, resume)
@@ -348,7 +362,7 @@ def train(cfg: SFTConfig, on_step: Callable[[int, dict], None] | None = None,
         if cfg.eval.every or cfg.eval.at_end:
             evaluator = Evaluator(cfg.eval, model_dir, tokenizer, val_records,
                                   sequential=cfg.data.layout == "sequential", prompt_field=cfg.data.prompt_field,
-                                  answer_field=cfg.data.answer_field)
+                                  answer_field=cfg.data.answer_field, actor_options=placement.get("eval", ()))
         run = SFTRun(cfg, group, TrieStream(tries, cfg.seed, StreamState(**state["data"])), evaluator,
                      step=state["step"], train_s=state["train_s"], eval_s=state["eval_s"],
                      tokens_seen=state["tokens_seen"], tracker=tracker)

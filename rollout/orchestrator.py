@@ -3,20 +3,31 @@
 Each trajectory is a small state machine on token ids (never
 decode-and-re-encode between requests):
 
-1. *sequential*: continue the context, stopping at ``</Outlines>`` or EOS;
+1. *sequential*: continue the context, stopping at ``</Outlines>`` or an EOS;
 2. *parse* the block head (from the last ``<Parallel>`` to ``</Outlines>``,
    decoded) into outline numbers, which must be ``1..k``;
 3. *spawn* ``k`` thread requests at once, thread ``n`` with prompt
    ``context + tokens("\\n<Thread>\\nn:")`` (the seed, tokenized on its own),
-   stopping at ``</Thread>`` or EOS;
+   stopping at ``</Thread>`` or an EOS;
 4. *join*: context += every seed and thread output in outline order (a thread
    cut by ``max_thread_tokens`` gets an inserted ``</Thread>``), then the join
    newline, and go back to 1; the model writes ``</Parallel>`` itself;
-5. until EOS or a limit.
+5. until an EOS or a limit.
+
+EOS is a set: every id of :attr:`TagIds.eos_ids`, the tokenizer's EOS and
+those of the model's ``generation_config`` (Qwen3 lists ``<|im_end|>`` and
+``<|endoftext|>``; vLLM stops on both). Callers pass the set
+(``rollout.onboard.eos_token_ids(model_dir)``). A request the engine stops
+on a token that is neither one of them nor the tag it stops at (an engine
+stop id the orchestrator was not told of) ends the trajectory with
+``unknown_stop``, never as a cut thread or a context overflow.
 
 :func:`generate` runs many trajectories at once over one engine: every request
 that becomes ready (a sequential continuation, the threads of a block) is
 submitted together with the others, and the engine batches all of them.
+:func:`agenerate` runs the same state machine for one trajectory over an
+:class:`~rollout.engine.AsyncEngine` (a server client awaited request by
+request, as in verl's agent loop), awaiting a block's threads together.
 Sequential mode (``RolloutConfig.sequential``) is the same code with step 1
 not stopping at ``</Outlines>``, so nothing is ever spawned.
 
@@ -41,6 +52,7 @@ a thread stopped by the budget share or the context ends the trajectory
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
@@ -48,7 +60,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
 from rollout.config import RolloutConfig
-from rollout.engine import STOP, Completion, Engine, Request
+from rollout.engine import STOP, AsyncEngine, Completion, Engine, Request
 from rollout.format import (
     OUTLINES_CLOSE, PARALLEL_CLOSE, PARALLEL_OPEN, THREAD_CLOSE, FormatError, JOIN_SUFFIX, parse, thread_seed,
 )
@@ -58,13 +70,15 @@ log = logging.getLogger(__name__)
 
 #: Every finish reason a trajectory can have, and what it means.
 FINISH_REASONS: dict[str, str] = {
-    "eos": "the model ended its response with EOS in a sequential request",
+    "eos": "the model ended its response with an EOS (any id of TagIds.eos_ids) in a sequential request",
     "budget": "the generated-token budget (max_tokens) ran out",
     "context": "a request would not fit the per-request context limit (max_context)",
     "too_many_threads": "a block has more outlines than max_threads",
     "too_many_blocks": "the model opened more blocks than max_blocks",
     "bad_outlines": "the block head does not parse, or its outlines are not numbered 1..k or are empty",
-    "eos_in_thread": "a thread ended with EOS instead of </Thread>",
+    "eos_in_thread": "a thread ended with an EOS instead of </Thread>",
+    "unknown_stop": "the engine stopped a request on a token that is neither an EOS id, nor the tag the request "
+                    "stops at, nor a length limit (token id in finish_detail)",
     "error": "an unexpected error while advancing this trajectory (message in finish_detail)",
 }
 
@@ -114,7 +128,11 @@ def outline_numbers(head_text: str, max_threads: int) -> list[int]:
 
 @dataclass
 class TagIds:
-    """The token ids the state machine watches, and the join newline's tokens."""
+    """The token ids the state machine watches, and the join newline's tokens.
+
+    ``eos`` is the primary EOS (the tokenizer's); ``eos_ids`` every EOS id,
+    ``eos`` first (defaults to ``(eos,)``).
+    """
 
     eos: int
     parallel_open: int
@@ -122,20 +140,27 @@ class TagIds:
     outlines_close: int
     thread_close: int
     join_suffix: list[int]
+    eos_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.eos_ids = tuple(dict.fromkeys((self.eos, *self.eos_ids)))
 
     @classmethod
-    def from_tokenizer(cls, tokenizer, eos_token_id: int | None = None) -> "TagIds":
+    def from_tokenizer(cls, tokenizer, eos_token_id: int | Sequence[int] | None = None) -> "TagIds":
+        """The ids of ``tokenizer``; ``eos_token_id`` is one EOS id or the list of them (as in a
+        ``generation_config``; its first is the primary), default the tokenizer's EOS."""
         def one(tag: str) -> int:
             ids = encode(tokenizer, tag)
             if len(ids) != 1:
                 raise ValueError(f"the tokenizer splits {tag} into {len(ids)} tokens; the tags must be single tokens")
             return ids[0]
 
-        eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
-        if eos is None:
-            raise ValueError("the tokenizer has no eos_token_id; pass eos_token_id")
-        return cls(eos, one(PARALLEL_OPEN), one(PARALLEL_CLOSE), one(OUTLINES_CLOSE), one(THREAD_CLOSE),
-                   encode(tokenizer, JOIN_SUFFIX))
+        given = eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
+        eos_ids = [tokenizer.eos_token_id] if eos_token_id is None else list(given)
+        if not eos_ids or any(not isinstance(i, int) or isinstance(i, bool) for i in eos_ids):
+            raise ValueError(f"EOS ids must be integers, got {eos_ids} (does the tokenizer have an eos_token_id?)")
+        return cls(eos_ids[0], one(PARALLEL_OPEN), one(PARALLEL_CLOSE), one(OUTLINES_CLOSE), one(THREAD_CLOSE),
+                   encode(tokenizer, JOIN_SUFFIX), tuple(eos_ids))
 
 
 @dataclass
@@ -266,7 +291,7 @@ class _Rollout:
             return self._finish("budget", f"{self.generated} tokens generated, budget {self.cfg.max_tokens}")
         if room < 1:
             return self._finish("context", f"context of {len(self.context)} tokens, limit {self.cfg.max_context}")
-        stops = [self.tags.eos] if self.cfg.sequential else [self.tags.eos, self.tags.outlines_close]
+        stops = list(self.tags.eos_ids) + ([] if self.cfg.sequential else [self.tags.outlines_close])
         return [self._request(list(self.context), min(left, room), stops)]
 
     def _advance(self, request: Request, c: Completion) -> list[Request]:
@@ -286,10 +311,12 @@ class _Rollout:
         self.context += c.token_ids
         self.generated += len(c.token_ids)
         last = c.token_ids[-1] if c.token_ids else None
-        if c.finish == STOP and last == self.tags.eos:
+        if c.finish == STOP and last in self.tags.eos_ids:
             return self._finish("eos")
         if c.finish == STOP and last == self.tags.outlines_close and not self.cfg.sequential:
             return self._on_head()
+        if c.finish == STOP:
+            return self._finish("unknown_stop", _stopped_on(last, "sequential request"))
         if self.generated >= self.cfg.max_tokens:
             return self._finish("budget", f"{self.generated} tokens generated, budget {self.cfg.max_tokens}")
         return self._finish("context", f"context of {len(self.context)} tokens, limit {self.cfg.max_context}")
@@ -337,7 +364,7 @@ class _Rollout:
             limit = "thread" if cap == self.cfg.max_thread_tokens else "context" if cap == room else "budget"
             threads[n] = _Thread(n, seed, cap, limit)
         self.block = _Block(self.blocks, base, threads)
-        stops = [self.tags.thread_close, self.tags.eos]
+        stops = [self.tags.thread_close, *self.tags.eos_ids]
         return [self._request(base + t.seed, t.cap, stops, thread=t.number) for t in threads.values()]
 
     def _join(self) -> list[Request]:
@@ -353,8 +380,10 @@ class _Rollout:
             last = c.token_ids[-1] if c.token_ids else None
             if c.finish == STOP and last == self.tags.thread_close:
                 continue
-            if c.finish == STOP and last == self.tags.eos:
-                end = end or ("eos_in_thread", f"thread {t.number} of block {block.index} ended with EOS")
+            if c.finish == STOP and last in self.tags.eos_ids:
+                end = end or ("eos_in_thread", f"thread {t.number} of block {block.index} ended with EOS {last}")
+            elif c.finish == STOP:
+                end = end or ("unknown_stop", _stopped_on(last, f"thread {t.number} of block {block.index}"))
             elif t.limit == "thread":
                 joined.append(self.tags.thread_close)
                 self.closed.append((block.index, t.number))
@@ -374,7 +403,7 @@ class _Rollout:
 
     def _finish(self, reason: str, detail: str = "") -> list[Request]:
         response = self.context[len(self.prompt_ids):]
-        if reason == "eos" and response and response[-1] == self.tags.eos:
+        if reason == "eos" and response and response[-1] in self.tags.eos_ids:
             response = response[:-1]
         lat = latency(self.units)
         self.record = Trajectory(
@@ -388,19 +417,23 @@ class _Rollout:
         return []
 
 
+def _stopped_on(token: int | None, where: str) -> str:
+    return f"{where} stopped on token {token}, which is neither an EOS id nor the tag it stops at"
+
+
 def generate(engine: Engine, tokenizer, prompts: Sequence[Sequence[int]], config: RolloutConfig, *,
-             prompt_indices: Sequence[int] | None = None, eos_token_id: int | None = None,
+             prompt_indices: Sequence[int] | None = None, eos_token_id: int | Sequence[int] | None = None,
              on_finish: Callable[[Trajectory], None] | None = None) -> list[Trajectory]:
     """Sample ``config.n`` trajectories for each prompt (token ids), all at once over ``engine``.
 
     Returns them prompt-major (all samples of prompt 0, then prompt 1...).
     ``prompt_indices`` are the prompts' global indices (for records and
     per-request seeds, so a prompt samples the same wherever it runs; default
-    ``0..len-1``). ``on_finish`` is called with each trajectory as it ends.
+    ``0..len-1``). ``eos_token_id``: every EOS id of the model (one id or a
+    list, as ``rollout.onboard.eos_token_ids`` gives; default the tokenizer's
+    only). ``on_finish`` is called with each trajectory as it ends.
     """
-    if config.max_context > engine.max_model_len:
-        raise ValueError(f"max_context {config.max_context} exceeds the engine's max_model_len "
-                         f"{engine.max_model_len}")
+    _check_fits(config, engine)
     indices = list(range(len(prompts))) if prompt_indices is None else list(prompt_indices)
     if len(indices) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(indices)} prompt indices")
@@ -439,3 +472,38 @@ def generate(engine: Engine, tokenizer, prompts: Sequence[Sequence[int]], config
     if unfinished:
         raise RuntimeError(f"{len(unfinished)} trajectories have no request in flight and no finish reason")
     return [r.record for r in rollouts]
+
+
+async def agenerate(engine: AsyncEngine, tokenizer, prompt_ids: Sequence[int], config: RolloutConfig, *,
+                    prompt_index: int = 0, sample_index: int = 0, eos_token_id: int | None = None) -> Trajectory:
+    """One trajectory of ``prompt_ids`` over ``engine``: the state machine of :func:`generate`, awaited.
+
+    Each request is awaited as it becomes ready; a block's thread requests are
+    awaited together. ``prompt_index`` and ``sample_index`` fix the per-request
+    seeds: sample ``s`` of prompt ``i`` in :func:`generate` draws the same seeds
+    as ``prompt_index=i, sample_index=s`` here. ``config.n`` is not used (run one
+    coroutine per sample). An engine error cancels the trajectory's other
+    requests and propagates.
+    """
+    _check_fits(config, engine)
+    tags = TagIds.from_tokenizer(tokenizer, eos_token_id)
+    rollout = _Rollout(0, prompt_index, sample_index, prompt_ids, config, tags, tokenizer, {})
+    pending = rollout.start()
+    while pending:
+        tasks = [asyncio.ensure_future(engine.complete(r)) for r in pending]
+        try:
+            completions = await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            raise
+        pending = [nxt for r, c in zip(pending, completions) for nxt in rollout.advance(r, c)]
+    if not rollout.finished:
+        raise RuntimeError("the trajectory has no request in flight and no finish reason")
+    return rollout.record
+
+
+def _check_fits(config: RolloutConfig, engine: Engine | AsyncEngine) -> None:
+    if config.max_context > engine.max_model_len:
+        raise ValueError(f"max_context {config.max_context} exceeds the engine's max_model_len "
+                         f"{engine.max_model_len}")

@@ -19,7 +19,12 @@
   ``rollout``, ``rewards``, ``rl`` or ``cluster`` would otherwise make its
   workers import that directory instead ("cannot import name ... (unknown
   location)"). The worker set-up hook (:func:`project_first`) is a closure, so
-  Ray ships it by value: unpickling it imports nothing from the project.
+  Ray ships it by value: unpickling it imports nothing from the project;
+* a ``runtime_env`` given (``pip``, ``env_vars``, ``working_dir``, ...: the
+  config's ``ray.runtime_env``) is merged with that hook and passed to
+  ``ray.init``, so every actor of the job gets it;
+* the actors' logs reach the driver's stdout (and so ``ray job logs``) unless
+  ``log_to_driver=False``.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 #: the folder holding the ``rollout`` package the driver runs (the repository root, or site-packages)
 PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
@@ -87,11 +92,20 @@ def one_machine_node() -> Iterator[None]:
             os.environ[ONE_MACHINE_ENV] = env
 
 
-def start_ray(address: str | None = None, *, log_to_driver: bool = False, **local_options) -> None:
+def job_runtime_env(extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``extra`` (Ray runtime_env keys) with the project's worker set-up hook; ``extra`` may not set a hook."""
+    extra = dict(extra or {})
+    if "worker_process_setup_hook" in extra:
+        raise ValueError("ray.runtime_env may not set worker_process_setup_hook: the project installs its own")
+    return {**extra, "worker_process_setup_hook": project_first()}
+
+
+def start_ray(address: str | None = None, *, log_to_driver: bool = True,
+              runtime_env: Mapping[str, Any] | None = None, **local_options) -> None:
     """Join ``address`` or start a local instance with ``local_options`` (``num_cpus``, ...); see the module doc."""
     import ray
 
-    runtime_env = {"worker_process_setup_hook": project_first()}
+    runtime_env = job_runtime_env(runtime_env)
     if address:
         ray.init(address=address, log_to_driver=log_to_driver, runtime_env=runtime_env)
     else:

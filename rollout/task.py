@@ -177,10 +177,15 @@ def parallel_response(problem: Problem, cfg: TaskConfig) -> str:
 
 def split_of(prompt: str, cfg: TaskConfig) -> str:
     """The split a problem belongs to, from a hash of its text alone."""
+    return hash_split(prompt, cfg.validation_share, cfg.test_share)
+
+
+def hash_split(prompt: str, validation_share: float, test_share: float) -> str:
+    """``"test"``, ``"validation"`` or ``"train"`` from a hash of ``prompt`` alone (the shares of each)."""
     u = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "big") / 2**64
-    if u < cfg.test_share:
+    if u < test_share:
         return "test"
-    if u < cfg.test_share + cfg.validation_share:
+    if u < test_share + validation_share:
         return "validation"
     return "train"
 

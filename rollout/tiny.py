@@ -17,7 +17,8 @@ are not "special": ``decode(..., skip_special_tokens=True)`` keeps them.
 For a real model (e.g. Qwen3-8B) :func:`add_tags` adds whichever tags its
 tokenizer lacks and initialises each new embedding row (and output row, when
 the head is untied) with the mean embedding of the sub-tokens the tag used to
-be split into.
+be split into, or of all existing tokens (``threadweaver prepare-model``,
+``rollout.onboard``, does the whole onboarding).
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerFast:
     split = [t for t in ALL_TAGS if len(tokenizer.encode(t, add_special_tokens=False)) != 1]
     if split:
         raise ValueError(f"{model_dir}: the tokenizer splits the tags {', '.join(split)} into several tokens; "
-                         "run rollout.tiny.add_tags on the model and tokenizer first")
+                         "run threadweaver prepare-model on the model first")
     return tokenizer
 
 
@@ -152,35 +153,60 @@ def init_model(out_dir: str | Path, seed: int = 0, hidden_size: int = 128, num_l
     return out
 
 
-def add_tags(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast) -> list[int]:
+def add_tag_tokens(tokenizer: PreTrainedTokenizerFast) -> dict[str, list[int]]:
+    """Make every control tag an added token of ``tokenizer`` (non-special, matched whole before any split).
+
+    Returns, for each tag that was not an added token yet, the ids it encoded
+    to before (its pieces; one id when the tag already was a single vocabulary
+    token, which then keeps that id). Changes ``tokenizer`` in place.
+    """
+    held = tokenizer.get_added_vocab()
+    pieces = {t: tokenizer.encode(t, add_special_tokens=False) for t in ALL_TAGS if t not in held}
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in pieces])
+    return pieces
+
+
+def add_tags(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, init: str = "pieces") -> list[int]:
     """Make every control tag one token of ``tokenizer`` and give it an embedding in ``model``.
 
-    Each tag the tokenizer splits is added (as a non-special added token, so
-    decoding keeps it); its new input-embedding row is the mean of the rows of
-    the sub-tokens it was split into, and so is its output row when the output
-    head is not tied to the input embeddings. The embedding tables grow to
-    ``len(tokenizer)`` rounded up to a multiple of 64 only when they are too
-    small (Qwen3's tables already have spare rows). Returns the tag ids in
-    ``rollout.format.ALL_TAGS`` order; changes ``model`` and ``tokenizer`` in place.
+    Each tag the tokenizer does not hold yet is added (:func:`add_tag_tokens`,
+    as a non-special added token, so decoding keeps it). A tag that gets a new
+    id gets new rows, in the input embeddings and, when the output head is not
+    tied to them, in the output head:
+
+    * ``init="pieces"``: the mean of the rows of the sub-tokens the tag used to
+      be split into;
+    * ``init="mean"``: the mean of the rows of every token the tokenizer had
+      before; rows that resizing adds beyond the tags get that mean too.
+
+    The embedding tables grow to ``len(tokenizer)`` rounded up to a multiple
+    of 64 only when they are too small (Qwen3's tables already have spare
+    rows). Returns the tag ids in ``rollout.format.ALL_TAGS`` order; changes
+    ``model`` and ``tokenizer`` in place.
     """
-    pieces = {t: tokenizer.encode(t, add_special_tokens=False) for t in ALL_TAGS}
-    new = [t for t in ALL_TAGS if len(pieces[t]) != 1]
-    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in new])
+    if init not in ("pieces", "mean"):
+        raise ValueError(f"init must be 'pieces' or 'mean', got {init!r}")
+    n_tokens = len(tokenizer)
+    pieces = add_tag_tokens(tokenizer)
     inputs = model.get_input_embeddings()
-    if len(tokenizer) > inputs.weight.shape[0]:
+    old_rows = inputs.weight.shape[0]
+    if len(tokenizer) > old_rows:
         model.resize_token_embeddings(round_up(len(tokenizer)), mean_resizing=False)
         inputs = model.get_input_embeddings()
     outputs = model.get_output_embeddings()
-    untied = outputs is not None and outputs.weight.data_ptr() != inputs.weight.data_ptr()
-    ids = []
+    tables = [inputs.weight]
+    if outputs is not None and outputs.weight.data_ptr() != inputs.weight.data_ptr():
+        tables.append(outputs.weight)
+    ids = [tokenizer.convert_tokens_to_ids(tag) for tag in ALL_TAGS]
+    new = {tag: tag_id for tag, tag_id in zip(ALL_TAGS, ids) if tag in pieces and tag_id >= n_tokens}
     with torch.no_grad():
-        for tag in ALL_TAGS:
-            (tag_id,) = tokenizer.encode(tag, add_special_tokens=False)
-            ids.append(tag_id)
-            if tag in new:
-                inputs.weight[tag_id] = inputs.weight[pieces[tag]].mean(dim=0)
-                if untied:
-                    outputs.weight[tag_id] = outputs.weight[pieces[tag]].mean(dim=0)
+        for table in tables:
+            if init == "mean":
+                mean = table[:n_tokens].float().mean(dim=0).to(table.dtype)
+                table[sorted(set(new.values()) | set(range(old_rows, table.shape[0])))] = mean
+            else:
+                for tag, tag_id in new.items():
+                    table[tag_id] = table[pieces[tag]].float().mean(dim=0).to(table.dtype)
     return ids
 
 

@@ -59,13 +59,16 @@ class RolloutWorker:
 
     def __init__(self, model_dir: str, config: RolloutConfig, env: Mapping[str, str] | None = None):
         os.environ.update(env or {})
-        from rollout.tiny import load_tokenizer  # lazy: transformers takes seconds to import; only the actor needs it
+        from rollout.onboard import eos_token_ids  # lazy: transformers takes seconds to import; only the actor
+        from rollout.tiny import load_tokenizer  # needs them
 
         self.config = config
         self.tokenizer = load_tokenizer(model_dir)
+        self.eos_token_ids = eos_token_ids(model_dir, self.tokenizer)
         self.llm = make_llm(model_dir, max_model_len=config.max_context, seed=config.seed or 0,
                             dtype=config.dtype, tensor_parallel_size=config.tensor_parallel_size,
-                            enforce_eager=config.enforce_eager)
+                            enforce_eager=config.enforce_eager,
+                            gpu_memory_utilization=config.gpu_memory_utilization)
         self.engine = VLLMEngine(self.llm)
         self.weights_dir: Path | None = None
 
@@ -77,7 +80,7 @@ class RolloutWorker:
         """Run the orchestrator on this worker's prompts; ``counter.add`` is told of each finished trajectory."""
         on_finish = (lambda _t: counter.add.remote(1)) if counter is not None else None
         return generate(self.engine, self.tokenizer, prompts, config, prompt_indices=prompt_indices,
-                        on_finish=on_finish)
+                        eos_token_id=self.eos_token_ids, on_finish=on_finish)
 
     def load_weights(self, bucket_refs: list) -> float:
         """Fetch the buckets, write them to a fresh directory, reload in place; returns seconds."""
@@ -114,16 +117,23 @@ class _Counter:
 
 
 class RolloutPool:
-    """``config.workers`` rollout workers on the model in ``model_dir`` (Ray must be initialised)."""
+    """``config.workers`` rollout workers on the model in ``model_dir`` (Ray must be initialised).
 
-    def __init__(self, model_dir: str | Path, config: RolloutConfig, env: Mapping[str, str] | None = None):
+    ``actor_options[i]`` (when given) are extra Ray ``.options`` of worker ``i``, e.g. the placement group
+    bundle it is scheduled into (``cluster.placement``).
+    """
+
+    def __init__(self, model_dir: str | Path, config: RolloutConfig, env: Mapping[str, str] | None = None,
+                 actor_options: Sequence[Mapping] = ()):
         import ray
 
         self.config = config
         forwarded = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
         forwarded.update(env or {})
         actor = ray.remote(num_cpus=config.cpus_per_worker, num_gpus=config.gpus_per_worker)(RolloutWorker)
-        self.workers = [actor.remote(str(model_dir), config, forwarded) for _ in range(config.workers)]
+        options = list(actor_options) or [{}] * config.workers
+        self.workers = [actor.options(**options[i]).remote(str(model_dir), config, forwarded)
+                        for i in range(config.workers)]
         ray.get([w.ready.remote() for w in self.workers])
 
     def generate(self, prompts: Sequence[Sequence[int]], *, n: int | None = None, sequential: bool | None = None,

@@ -105,4 +105,29 @@ def test_the_answer_checker_timeout_has_one_name(capsys):
             printed = printed[part]
         assert printed["checker_timeout_s"] == 7.0
     assert main(["datagen", "stage2", "check_timeout_s=3", "--print-config"]) == 2  # the old name: pointed to the new
-    assert "did you mean 'checker_timeout_s'" in capsys.readouterr().err
+    assert "it is now 'checker_timeout_s'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,old,new", [(["eval"], "k=3", "rollout.n"), (["sft"], "ray_address=auto", "ray.address"),
+                                          (["sft"], "eval.timeout_s=3", "eval.checker_timeout_s"),
+                                          (["sft"], "eval.max_tokens=3", "eval.rollout.max_tokens")])
+def test_an_old_key_names_its_new_name(argv, old, new, capsys, nothing_starts):
+    assert main(argv + [old, "--print-config"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"'{new}'" in err and "\n" not in err, err
+
+
+def test_sft_eval_nests_the_rollout_config(capsys):
+    assert main(["sft", "--show-config"]) == 0
+    keys = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:] if line.strip()]
+    assert "eval.rollout.max_thread_tokens" in keys and "eval.max_thread_tokens" not in keys
+    assert main(["sft", "eval.rollout.max_tokens=99", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["eval"]["rollout"]["max_tokens"] == 99
+    assert main(["sft", "eval.rollout.n=2", "--print-config"]) == 2  # one greedy trajectory per prompt
+    assert "rollout.n=2" in capsys.readouterr().err
+
+
+def test_overrides_may_come_before_and_after_flags(capsys):
+    assert main(["sft", "steps=3", "--resume", "learner.lr=1", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert (printed["steps"], printed["resume"], printed["learner"]["lr"]) == (3, "auto", 1.0)

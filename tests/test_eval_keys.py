@@ -73,3 +73,17 @@ def test_sft_rl_and_benchmark_evaluators_report_the_same_measures(tmp_path):
     assert under(bench, "eval/tiny/parallel/")["finish/budget"] == 1 / 3  # finish/<reason> in the report too
     assert under(rl, "eval/parallel/")["accuracy"] == 1 / 3  # the cut one is incorrect, the wrong one too
     assert under(rl, "eval/parallel/")["parallel_valid"] == 2 / 3
+
+
+def test_rl_heldout_and_benchmark_report_the_same_latency_efficiency(tmp_path):
+    rl, _ = evaluate_heldout(RolloutConfig(), ["parallel", "sequential"], FakeRollouts(), FakeRewardPool(),
+                             [[0]] * 3, ANSWERS, 0, tmp_path)
+    bench = evaluate_benchmark(PARALLEL, SEQUENTIAL, ANSWERS, ExactChecker(), name="tiny")[0].metrics()
+    # every wall time is 1 s, so per problem efficiency = 1 / (L_crit sequential / L_crit parallel)
+    expected = (100 / 30 + 100 / 30 + 40 / 20) / 3
+    assert math.isclose(rl["eval/latency_efficiency"], expected)
+    assert math.isclose(bench["eval/tiny/latency_efficiency"], expected)
+    assert rl["eval/wall_speedup"] == bench["eval/tiny/wall_speedup"] == 1.0
+    one_mode, _ = evaluate_heldout(RolloutConfig(), ["parallel"], FakeRollouts(), FakeRewardPool(),
+                                   [[0]] * 3, ANSWERS, 0, tmp_path)
+    assert "eval/latency_efficiency" not in one_mode

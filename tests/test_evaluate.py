@@ -16,7 +16,7 @@ import pytest
 from cluster.evaluate import BenchEvalConfig, parse_data_arg, read_benchmark
 from cluster.report import histogram, main_table, report_markdown
 from rewards.checker import Verdict
-from rl.evaluation import Sample, problem_speedups
+from rl.evaluation import Sample, latency_efficiency, problem_speedups
 from rl.evaluation import evaluate_benchmark as evaluate
 from rollout.config import RolloutConfig
 from rollout.orchestrator import Trajectory
@@ -120,6 +120,8 @@ def test_evaluate_measures_by_hand(tmp_path):
     expected0, expected1 = 87 / 160, 87 / 93.5
     assert report.speedups == pytest.approx([expected0, expected1])
     assert report.speedup == pytest.approx((expected0 + expected1) / 2)
+    # latency efficiency: per problem wall-clock speedup / token-latency speedup, then the mean
+    assert report.latency_efficiency == pytest.approx((2.0 / 0.7 / expected0 + 0.8 / 0.4 / expected1) / 2)
     # correct only: problem 0 -> both sequential samples (87) vs parallel sample 0 (150);
     # problem 1 -> sequential sample 1 (87) vs both parallel samples (37 and 150)
     c0, c1 = 87 / 150, 87 / 93.5
@@ -129,6 +131,7 @@ def test_evaluate_measures_by_hand(tmp_path):
     metrics = report.metrics()
     assert metrics["eval/tiny/parallel/accuracy"] == pytest.approx(0.75)
     assert metrics["eval/tiny/speedup_correct"] == pytest.approx((c0 + c1) / 2)
+    assert metrics["eval/tiny/latency_efficiency"] == pytest.approx(report.latency_efficiency)
 
     table = main_table([report, report])
     lines = table.splitlines()
@@ -139,6 +142,13 @@ def test_evaluate_measures_by_hand(tmp_path):
     assert "isolated decoding" in md and "| tiny | parallel |" in md
     png = histogram([report], tmp_path / "h.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_latency_efficiency_is_the_mean_of_per_problem_ratios():
+    wall = {0: 1.2, 1: 0.9, 2: 1.0}
+    token = {0: 1.5, 1: 1.0}  # problem 2 has no token speedup (undefined): left out
+    assert latency_efficiency(wall, token) == pytest.approx((1.2 / 1.5 + 0.9 / 1.0) / 2)
+    assert latency_efficiency({}, token) is None
 
 
 def test_evaluate_refuses_an_empty_mode():

@@ -396,7 +396,7 @@ def test_advantage_options_and_errors():
 
 
 def test_config_error_messages():
-    for bad, message in [({"advantage": "median"}, "advantage must be one of ('mean', 'std'), got 'median'"),
+    for bad, message in [({"advantage": "median"}, "advantage must be one of ('mean', 'std', 'std_verl'), got 'median'"),
                          ({"std_floor": 0.0}, "std_floor must be a finite number > 0, got 0.0"),
                          ({"updates_per_batch": 0}, "updates_per_batch must be an integer >= 1, got 0"),
                          ({"clip_eps": 0.0}, "clip_eps must be a finite number in (0, 1), got 0.0"),

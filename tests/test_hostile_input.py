@@ -201,9 +201,9 @@ def test_unusable_tokenizer_is_a_usage_error(capsys, corpus, cmd, tokenizer, mes
 
 @pytest.mark.parametrize("timeout", ["nan", "inf", "-1", "0"])
 def test_score_timeout_must_be_positive_and_finite(capsys, corpus, timeout):
-    code, out, err = _run(capsys, ["score", corpus["ok"], "--timeout", timeout])
-    assert code == 2 and err == f"threadweaver score: --timeout must be a positive number of seconds, got " \
-                                f"{float(timeout)}\n"
+    code, out, err = _run(capsys, ["score", corpus["ok"], f"reward.checker_timeout_s={timeout}"])
+    assert code == 2 and err.startswith("threadweaver score: ") and "reward.checker_timeout_s" in err, err
+    assert len(err.splitlines()) == 1 and "> 0" in err, err
 
 
 # (corpus file, the reason that record gets)

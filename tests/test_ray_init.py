@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from rollout.ray_init import PROJECT_ROOT, project_first
+from cluster.ray_setup import RayConfig, RuntimeEnvConfig
+from rollout.ray_init import PROJECT_ROOT, job_runtime_env, project_first
 
 DRIVER = """
 import sys
@@ -32,7 +33,7 @@ from rollout.ray_init import start_ray
 if sys.argv[1] == "plain":
     ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
 else:
-    start_ray(None, num_cpus=1, include_dashboard=False)
+    start_ray(None, num_cpus=1, include_dashboard=False, runtime_env={"env_vars": {"TW_PROBE": "from-runtime-env"}})
 
 
 @ray.remote
@@ -44,8 +45,15 @@ def where():
         return f"ImportError: {e}"
 
 
+@ray.remote
+def probe():
+    import os
+    return os.environ.get("TW_PROBE")
+
+
 try:
     print("task:", ray.get(where.remote(), timeout=120), flush=True)
+    print("runtime_env:", ray.get(probe.remote(), timeout=120), flush=True)
     if sys.argv[1] != "plain":
         from rewards.config import RewardConfig
         from rewards.score import RewardItem
@@ -80,6 +88,24 @@ def test_the_hook_puts_the_project_first_at_its_first_import(monkeypatch):
     finder.find_spec("rewards")
     assert sys.path.count(PROJECT_ROOT) == 1
     assert (Path(PROJECT_ROOT) / "rollout" / "ray_init.py").is_file()
+
+
+def test_the_runtime_env_of_the_config_is_merged_with_the_hook():
+    env = job_runtime_env(RayConfig(runtime_env=RuntimeEnvConfig(pip=["six"], env_vars={"A": "1"})).runtime_env
+                          .as_dict())
+    assert env["pip"] == ["six"] and env["env_vars"] == {"A": "1"} and "working_dir" not in env
+    assert callable(env["worker_process_setup_hook"])
+    assert set(job_runtime_env(None)) == {"worker_process_setup_hook"}
+    with pytest.raises(ValueError, match="may not set worker_process_setup_hook"):
+        job_runtime_env({"worker_process_setup_hook": "x"})
+
+
+def test_runtime_env_and_log_to_driver_from_the_config():
+    from cluster.config import load_config
+
+    cfg = load_config(RayConfig, None, ["runtime_env.env_vars={HF_HOME: /mnt/hf}", "runtime_env.working_dir=/srv/tw"])
+    assert cfg.runtime_env.as_dict() == {"env_vars": {"HF_HOME": "/mnt/hf"}, "working_dir": "/srv/tw"}
+    assert cfg.log_to_driver  # actors' logs reach `ray job logs` unless turned off
 
 
 def test_the_hook_beats_decoys_inserted_after_it(decoy_dir):
@@ -119,6 +145,7 @@ def test_workers_import_the_project_from_a_folder_with_decoy_packages(decoy_dir)
     fixed = run_driver("fixed", decoy_dir)
     assert fixed.returncode == 0, fixed.stderr[-3000:]
     assert f"task: {PROJECT_ROOT}/rollout/units.py" in fixed.stdout
+    assert "runtime_env: from-runtime-env" in fixed.stdout  # the config's runtime_env next to the hook
     assert "reward actor: correct True" in fixed.stdout
     listening = ast.literal_eval(fixed.stdout.split("listening: ")[1].splitlines()[0])
     names = {name for _, name in listening}

@@ -2,7 +2,7 @@
 
 Cheap forms run as written (``--show-config``, ``--print-config``, ``--plan``); a command that would train or
 decode runs with ``--print-config`` added (its config files exist in a clone and every key is valid) and,
-where a command has no config (``view``), with ``--help``. Every ``runs/pipeline_tiny/...`` path a command
+where a command has no config (``view``, ``init-model``, ...: ``NO_CONFIG``), with ``--help``. Every ``runs/pipeline_tiny/...`` path a command
 names must be one the pipeline of ``experiments/pipeline_tiny.yaml`` writes (``make run``), so the commands
 work as written after it.
 """
@@ -22,6 +22,8 @@ from cluster.pipeline import PipelineConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 CHEAP = ("--show-config", "--print-config", "--plan", "--help")
+#: commands outside the one command style (no config, so no --print-config): they run with --help
+NO_CONFIG = ("init-model", "make-data", "check", "demo", "bench", "view")
 
 
 def readme_commands(text: str) -> list[list[str]]:
@@ -79,7 +81,7 @@ def test_readme_command_in_a_fresh_clone(command, clone, monkeypatch, capsys):
     monkeypatch.chdir(clone)
     args = [w.replace("$PWD", str(clone)) for w in command]
     if not any(flag in args for flag in CHEAP):
-        args.append("--help" if args[0] == "view" else "--print-config")
+        args.append("--help" if args[0] in NO_CONFIG else "--print-config")
     try:
         code = main(args)
     except SystemExit as e:  # argparse's --help

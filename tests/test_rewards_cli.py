@@ -5,6 +5,7 @@ import json
 import pytest
 
 from cluster.cli import main
+from rollout.check import prompt_ids
 from rollout.tiny import build_tokenizer
 from rollout.units import encode, replay
 from tests.test_rewards import PARALLEL, SEQUENTIAL
@@ -56,14 +57,32 @@ def test_json_output_has_every_component(capsys, data):
     assert summary["mean_reward"] == pytest.approx((3 + 10 / 106) / 4, abs=1e-12)
 
 
-def test_preset_and_records_without_units(capsys, data):
+def test_records_without_units_have_no_measures(capsys, data):
     _, path = data
-    code, rows, summary = run_json(capsys, path, "--preset", "official-code")
-    assert code == 0 and rows[1]["reward"] == -1.0                      # incorrect scores -1 in this preset
+    code, rows, summary = run_json(capsys, path, "reward.preset=paper")
+    assert code == 0 and rows[1]["reward"] == 0.0
     assert rows[0]["accel_measured"] is False and rows[0]["R_accel"] == 0.0 and rows[0]["eta"] is None
     # units given in the record: R_accel = 0.5 * min(5/53, 0.2) = 5/106
     assert rows[2]["R_accel"] == pytest.approx(5 / 106, abs=1e-12) and rows[2]["reward"] == pytest.approx(1 + 5 / 106)
     assert summary["measured"] == 1
+
+
+def test_official_code_preset_counts_by_tag_and_needs_the_tokenizer(capsys, data):
+    root, path = data
+    code, rows, summary = run_json(capsys, path, "reward.preset=official-code", "--tokenizer", root / "tok")
+    assert code == 0 and rows[1]["reward"] == -1.0                      # incorrect scores -1 in this preset
+    assert rows[2]["R_accel"] == pytest.approx(0.5 * min(rows[2]["eta"], 0.2))
+    units_count = run_json(capsys, path, "--tokenizer", root / "tok")[1][2]
+    # by hand: L_total = 3 prompt ("Q: ") + 53 generated + 2 seeds x 5 ("\n<Thread>\nN:") + 1 join newline = 67;
+    # L_crit = the units' path with prompt and inserted tokens (3 + 21 + (7 + 5) + (1 + 20) = 57) plus the shorter
+    # thread's "\n", "<Thread>" and "</Thread>", which the published count puts in the block's sequential part = 60
+    assert (units_count["L_total"], units_count["L_crit"]) == (53, 48)
+    assert (rows[2]["L_total"], rows[2]["L_crit"]) == (67, 60) and rows[2]["eta"] == pytest.approx(7 / 67)
+    # replayed over the chat-templated prompt: the same count, plus the longer prompt
+    extra = len(prompt_ids(build_tokenizer(), "What is 2*3?")) - 3
+    assert (rows[0]["L_total"], rows[0]["L_crit"]) == (67 + extra, 60 + extra)
+    assert main(["score", str(path), "reward.preset=official-code"]) == 2
+    assert "pass --tokenizer" in capsys.readouterr().err
 
 
 def test_table_output(capsys, data):
@@ -90,3 +109,24 @@ def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, content, message):
     assert main(["score", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
+
+
+def test_the_reward_is_configured_like_rl_and_the_old_flags_still_work(capsys, data):
+    root, path = data
+    assert main(["score", "--show-config"]) == 0
+    keys = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:] if line.strip()]
+    assert {"reward.preset", "reward.rho", "reward.checker_timeout_s"} <= set(keys)
+    assert main(["score", str(path), "reward.rho=0.3", "reward.clip=0.05", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert "rho: 0.3" in printed and "clip: 0.05" in printed
+    new = run_json(capsys, path, "reward.preset=paper", "reward.answer_region=whole")[1]
+    code = main(["score", str(path), "--json", "--preset", "paper", "--whole-response"])
+    captured = capsys.readouterr()
+    old = [json.loads(x) for x in captured.out.splitlines()][:-1]
+    timing = {"check_seconds", "check_cached"}
+    assert code == 0 and [{k: v for k, v in r.items() if k not in timing} for r in old] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in new]
+    assert captured.err.count("deprecated flag") == 2 and "reward.preset=..." in captured.err
+    assert main(["score", str(path), "reward.rhoo=1"]) == 2
+    assert "did you mean 'reward.rho'" in capsys.readouterr().err
+    assert main(["score"]) == 2 and "name the JSONL file" in capsys.readouterr().err

@@ -89,6 +89,7 @@ def test_a_step_trains_once_per_update_with_the_batch_normaliser_and_logs_by_han
     assert m["adv/mean_abs"] == 0.25 and m["adv/zero_groups"] == 0.5 and m["adv/nonzero_share"] == 0.5
     assert m["batch/completion_tokens"] == 6.0 and m["batch/trained_tries"] == 1.0 and m["batch/rows"] == 1.0
     assert m["batch/trie_tokens"] == 10.0 and m["batch/tree_token_ratio"] == pytest.approx(16 / 10)
+    assert m["batch/dropped_oversize"] == 0.0
     assert m["train/reward"] == 0.75 and m["train/L_total"] == 1.5 and m["train/finish/eos"] == 1.0
     assert m["loss/pg"] == 0.5 and m["loss/clip_frac"] == 0.0 and m["learner/skipped"] == 0.0
     assert m["learner/tokens_per_s"] == 60.0 and m["logprob/rollout_learner_absdiff"] == pytest.approx(0.1)
@@ -107,6 +108,24 @@ def test_a_batch_without_signal_takes_no_step():
     assert learner.calls == [] and result.learn == [] and result.batch.rows == []
     m = step_metrics(trajectories, [score(1.0), score(1.0)], result, StepTimes(), 0, 0, 1)
     assert m["learner/skipped"] == 1.0 and m["adv/zero_groups"] == 1.0 and m["batch/rows"] == 0.0
+
+
+def test_a_trajectory_longer_than_a_row_is_dropped_counted_and_logged(capsys):
+    """Row of 6 tokens: group A's [3 4] (trie 1 2 3 4 = 4) fits, a 5-token completion (trie 7) does not."""
+    trajectories = [trajectory(PROMPT_A, [3, 4]), trajectory(PROMPT_A, [5, 5, 5, 5, 5]),
+                    trajectory(PROMPT_B, [6, 6, 6, 6]), trajectory(PROMPT_B, [6])]
+    learner = FakeLearner()
+    result = rl_step(trajectories, [1.0, 0.0, 0.0, 1.0], 2, GRPOConfig(), 6, learner)
+    batch = result.batch
+    assert batch.dropped == [1, 2] and batch.advantages == [0.5, -0.5, -0.5, 0.5]  # the means saw every reward
+    assert batch.completion_tokens == 2 + 1  # the normaliser counts the trajectories trained
+    assert [t.input_ids for t in batch.trained] == [[1, 2, 3, 4], [7, 8, 9, 6]]
+    assert learner.calls[0][2]["denominator"] == 3.0
+    assert "dropped 2 trajectories (batch index [1, 2])" in capsys.readouterr().err
+    m = step_metrics(trajectories, [score(1.0), score(0.0), score(0.0), score(1.0)], result, StepTimes(), 0, 0, 2)
+    assert m["batch/dropped_oversize"] == 2.0
+    whole = rl_step(trajectories, [1.0, 0.0, 0.0, 1.0], 2, GRPOConfig(), 2, FakeLearner())  # nothing fits
+    assert whole.batch.dropped == [0, 1, 2, 3] and whole.learn == [] and whole.batch.rows == []
 
 
 def test_the_reference_sees_rows_without_their_tries_and_its_logprobs_reach_the_learner():

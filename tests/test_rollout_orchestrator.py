@@ -9,6 +9,7 @@ interleaved as in continuous batching.
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import pytest
@@ -401,3 +402,71 @@ def test_max_context_must_fit_the_engine(tok):
     engine.max_model_len = 100
     with pytest.raises(ValueError, match="max_model_len"):
         generate(engine, tok, [prompt(tok)], RolloutConfig(max_context=200))
+
+
+# ------------------------------------------------------------------------------- the awaited driver
+
+
+class AsyncScripted:
+    """A :class:`rollout.engine.AsyncEngine` over the scripted model; records every request and when."""
+
+    max_model_len = 100_000
+
+    def __init__(self, tok, policy, fail_on: str | None = None):
+        self.scripted = ScriptedEngine(tok, policy)
+        self.tok, self.fail_on = tok, fail_on
+        self.requests: list[Request] = []
+        self.cancelled = 0
+
+    async def complete(self, request):
+        self.requests.append(request)
+        text = self.tok.decode(request.prompt_ids, skip_special_tokens=False)
+        try:
+            await asyncio.sleep(0.01 if self.fail_on and text.endswith("2:") else 0)  # thread 2 finishes last
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        if self.fail_on and text.endswith(self.fail_on):
+            raise ConnectionError("server went away")
+        self.scripted.submit([request])
+        ((r, completion),) = self.scripted.wait()
+        return completion
+
+
+def test_agenerate_is_generate_for_one_sample(tok):
+    """Every sample of two prompts (one already at a block head): the awaited driver gives generate's trajectory."""
+    prompts = [prompt(tok, "Q0"), prompt(tok, "Q1") + encode(tok, HEAD)]
+    cfg = RolloutConfig(n=3, seed=11, max_tokens=400, max_thread_tokens=12)
+    _, batch = run(tok, good_policy, prompts, **{k: getattr(cfg, k) for k in ("n", "seed", "max_tokens",
+                                                                            "max_thread_tokens")})
+    for t in batch:
+        engine = AsyncScripted(tok, good_policy)
+        one = asyncio.run(orchestrator.agenerate(engine, tok, prompts[t.prompt_index], cfg,
+                                                 prompt_index=t.prompt_index, sample_index=t.sample_index))
+        a, b = one.to_dict(), t.to_dict()
+        a.pop("latency_s"), b.pop("latency_s")
+        assert a == b
+        # the seeds are those of generate's requests for that sample
+        assert [r.seed for r in engine.requests] == [
+            orchestrator.request_seed(11, t.prompt_index, t.sample_index, i) for i in range(t.n_requests)]
+
+
+def test_agenerate_awaits_the_threads_of_a_block_together(tok):
+    engine = AsyncScripted(tok, good_policy)
+    t = asyncio.run(orchestrator.agenerate(engine, tok, prompt(tok), RolloutConfig(seed=0)))
+    assert t.finish_reason == "eos" and [u.role for u in t.units] == [SEQ, THREAD, THREAD, SEQ]
+    assert [r.owner[1] for r in engine.requests] == [None, 1, 2, None]
+
+
+def test_an_engine_error_cancels_the_other_threads_and_propagates(tok):
+    engine = AsyncScripted(tok, good_policy, fail_on="1:")
+    with pytest.raises(ConnectionError, match="went away"):
+        asyncio.run(orchestrator.agenerate(engine, tok, prompt(tok), RolloutConfig(seed=0)))
+    assert engine.cancelled == 1  # thread 2 was still waiting
+
+
+def test_agenerate_checks_the_context_limit(tok):
+    engine = AsyncScripted(tok, good_policy)
+    engine.max_model_len = 100
+    with pytest.raises(ValueError, match="max_model_len"):
+        asyncio.run(orchestrator.agenerate(engine, tok, prompt(tok), RolloutConfig(max_context=200)))

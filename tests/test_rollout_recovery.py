@@ -67,9 +67,11 @@ class FakePools:
         self.script, self.shutdown_error = script, shutdown_error
         self.log: list[tuple] = []
         self.pools: list[FakePool] = []
+        self.actor_options: list = []  # what each pool was given (its placement group bundles)
 
-    def __call__(self, model_dir, cfg):  # the RolloutPool constructor
+    def __call__(self, model_dir, cfg, actor_options=()):  # the RolloutPool constructor
         pool = FakePool(self, len(self.pools), list(self.script[len(self.pools)]))
+        self.actor_options.append(actor_options)
         self.pools.append(pool)
         self.log.append(("new", pool.index, model_dir, cfg))
         return pool
@@ -100,6 +102,7 @@ class FakePool:
 
 
 CFG = RolloutConfig(n=2, max_tokens=16, max_context=64)
+BUNDLES = [{"scheduling_strategy": "bundle 0"}]  # stands in for the pool's placement group bundles
 PROMPTS = [[1, 2, 3], [4, 5]]
 
 
@@ -110,7 +113,7 @@ def make_rollouts(monkeypatch, script, max_restarts=3, shutdown_error=None):
     weights a rebuilt pool received.
     """
     pools = FakePools(script, shutdown_error)
-    first = pools("model-dir", CFG)
+    first = pools("model-dir", CFG, BUNDLES)
     pools.log.clear()
     monkeypatch.setattr("rl.services.RolloutPool", pools)
     calls = []
@@ -120,7 +123,7 @@ def make_rollouts(monkeypatch, script, max_restarts=3, shutdown_error=None):
         return {"version": len(calls)}
 
     services = Services(rollout=first, rewards=None)
-    return Rollouts(services, "model-dir", CFG, max_restarts, weights), pools, services, first
+    return Rollouts(services, "model-dir", CFG, max_restarts, weights, BUNDLES), pools, services, first
 
 
 @pytest.mark.parametrize("death", [RayActorError(), task_error(EngineDeadError())], ids=["actor", "engine"])
@@ -138,6 +141,7 @@ def test_a_death_during_a_rollout_rebuilds_the_pool_loads_the_current_weights_th
         ("generate", 1, PROMPTS, gen_cfg),             # the same rollout again
     ]
     assert services.rollout is pools.pools[1] and services.rollout is not first
+    assert pools.actor_options == [BUNDLES, BUNDLES]  # the rebuilt pool goes back into the same bundles
     assert rollouts.restarts == 1
     assert "rebuilding the rollout pool (restart 1 of at most 3" in capsys.readouterr().err
 

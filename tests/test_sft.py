@@ -13,6 +13,7 @@ from rl.sft_data import StreamState, TrieStream, build_tries, response_units
 from rewards.checker import Verdict
 from rl.evaluation import judge, summarize
 from rl.trie import build_trie
+from rollout.config import RolloutConfig
 from rollout.ray_init import start_ray
 from rollout.task import TaskConfig, make_dataset
 from rollout.units import Unit, chat_prompt_ids, latency
@@ -199,7 +200,8 @@ def test_sft_checkpoint_loads_in_vllm_with_the_learner_logprobs(full_run, tiny_m
     prompt = chat_prompt_ids(tokenizer, "Compute 3*41 + 7*12.")
     hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
     records = [json.loads(x) for x in open(full_run[0] / "data" / "validation.jsonl")]
-    evaluator = Evaluator(EvalConfig(prompts=3, max_tokens=64, max_context=512), tiny_model_dir, tokenizer, records,
+    decoding = RolloutConfig(temperature=0.0, max_tokens=64, max_context=512)
+    evaluator = Evaluator(EvalConfig(prompts=3, rollout=decoding), tiny_model_dir, tokenizer, records,
                           sequential=False, engine=VLLMEngine(llm))
     try:
         reload_in_place(llm, ckpt)  # make_llm's reload: refreshes the tied head too

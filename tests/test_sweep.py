@@ -219,3 +219,18 @@ def test_resume_needs_an_earlier_sweep_and_a_fresh_sweep_refuses_one(tmp_path):
     (tmp_path / "sweep" / "tune").mkdir(parents=True)
     with pytest.raises(ValueError, match="holds an earlier sweep: --resume continues it"):
         sweep(cfg)
+
+
+def test_a_trial_runs_its_point_without_a_placement_group_per_role(tmp_path):
+    """A trial's Tune group holds every actor of its run: the point's config turns ``ray.placement`` off, so
+    ``run_rl`` reserves no second group per role (which would ask for the trial's CPUs again and wait)."""
+    from cluster.cmd_rl import roles
+    from cluster.ray_setup import reserve_roles
+    from cluster.sweep import absolute
+
+    cfg = load_config(SweepConfig, None, [f"rl_config=[{RL_TINY}]", f"run_dir={tmp_path}", "rho=[0.5]"])
+    base = base_config(cfg)
+    assert base.ray.placement  # the rl command's default: a group per role
+    rl = absolute(point_config(base, grid(cfg, None)[0]))
+    assert not rl.ray.placement and rl.resume == "auto" and Path(rl.run_dir).is_absolute()
+    assert reserve_roles(rl.ray, roles(rl)) is None  # no Ray needed: nothing is reserved

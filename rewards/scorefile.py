@@ -1,57 +1,24 @@
-"""Score the responses of a JSONL file: correctness, parallelism measures and reward.
+"""Scoring the records of a JSONL file (``threadweaver score``, ``cluster.cmd_score``): records into
+:class:`rewards.score.RewardItem`, the summary of their scores and the printed table.
 
 Each record needs ``response`` (the assistant text) and ``answer`` (the
 reference; a JSON number is read as its text). Token measures (``L_total``,
 ``L_crit``, ``eta``) and so ``R_accel`` need units: either the record carries
 ``units`` (a list of unit dicts, as ``rollout.units.Unit.to_dict`` writes them),
-or ``--tokenizer DIR`` replays a format-valid response into units over the
+or a tokenizer replays a format-valid response into units over the
 chat-templated ``prompt`` field (an empty prompt when the record has none). Without
 either, and for a response that is not format-valid (never replayed: it gets no
 ``R_accel`` anyway), the measures print as ``-``. A record whose ``finish_reason``
 says it was cut (anything but ``eos``/``stop``; see ``RewardConfig.reward_cut_responses``)
 is not checked and scores as incorrect.
-
-Answers are checked in this process; a math-verify server starts only if an
-answer needs it (no Ray).
-Prints one row per record and a line of means, or with ``--json`` one JSON
-object per record and a final ``{"summary": ...}`` object.
-
-Exit status: 0 on success, 2 on bad input or usage (unreadable file, a line that
-is not JSON or nested too deeply, a string that is not Unicode text, a missing or
-mistyped field, a prompt over the size limit, a timeout that is not a positive
-number of seconds, a tokenizer that cannot be used).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
-import sys
-
-from rewards.checker import AnswerChecker
-from rewards.config import PRESETS, RewardConfig
-from rewards.score import RewardItem, ScoreRecord, score
-from rollout.check import InputError, open_tokenizer, prompt_ids, read_jsonl, record_prompt
+from rewards.score import RewardItem, ScoreRecord
+from rollout.check import InputError, prompt_ids, read_jsonl, record_prompt
 from rollout.format import validate
 from rollout.units import replay, units_from_json
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("input")
-    g.add_argument("file", help="JSONL file, one record per line with 'response' and 'answer'")
-    g.add_argument("--tokenizer", default=None,
-                   help="tokenizer folder; replays responses into units for the token measures "
-                        "(records that carry 'units' use those)")
-    g = p.add_argument_group("reward")
-    g.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="published reward setting (default: the RewardConfig defaults, same as 'paper')")
-    g.add_argument("--timeout", type=float, default=RewardConfig.checker_timeout_s,
-                   help="hard limit on checking one answer (seconds, default %(default)s)")
-    g.add_argument("--whole-response", action="store_true",
-                   help="take the last \\boxed{} anywhere, not only after </think>")
-    g = p.add_argument_group("output")
-    g.add_argument("--json", action="store_true", help="one JSON object per record, then a summary object")
 
 
 def read_records(path: str) -> list[tuple[int, dict]]:
@@ -62,8 +29,11 @@ def read_records(path: str) -> list[tuple[int, dict]]:
     return records
 
 
-def to_item(line: int, rec: dict, tokenizer) -> RewardItem:
-    """The :class:`RewardItem` of one record; raises InputError naming the field."""
+def to_item(line: int, rec: dict, tokenizer, tags=None) -> RewardItem:
+    """The :class:`RewardItem` of one record; raises InputError naming the field.
+
+    ``tags``: the tokenizer's tag ids, for ``token_count = "tag_stream"`` (``rewards.score.item_tags``).
+    """
     response = rec.get("response")
     if not isinstance(response, str):
         raise InputError(f"line {line}: no string field 'response' (fields: {', '.join(sorted(rec)) or 'none'})")
@@ -83,7 +53,7 @@ def to_item(line: int, rec: dict, tokenizer) -> RewardItem:
         if not validate(response):  # an invalid response is never replayed: no units, no measures
             units = replay(prompt_ids(tokenizer, prompt), response, tokenizer, tokenizer.eos_token_id)
     finish = rec.get("finish_reason")  # generate/eval records carry it: a cut response is not rewarded
-    return RewardItem(response, answer, units, finish if isinstance(finish, str) else None)
+    return RewardItem(response, answer, units, finish if isinstance(finish, str) else None, tags)
 
 
 def summarize(records: list[ScoreRecord]) -> dict:
@@ -132,29 +102,3 @@ def print_table(lines: list[int], records: list[ScoreRecord], summary: dict) -> 
     if summary["measured"] < summary["records"]:
         print(f"token measures for {summary['measured']}/{summary['records']} records "
               "(others have no units; pass --tokenizer or give 'units')")
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        if not (math.isfinite(args.timeout) and args.timeout > 0):
-            raise InputError(f"--timeout must be a positive number of seconds, got {args.timeout}")
-        cfg = RewardConfig(preset=args.preset, checker_timeout_s=args.timeout,
-                           answer_region="whole" if args.whole_response else "after_think")
-        rows = read_records(args.file)
-        tokenizer = open_tokenizer(args.tokenizer) if args.tokenizer is not None else None
-        items = [to_item(line, rec, tokenizer) for line, rec in rows]
-    except (InputError, ValueError) as e:
-        print(f"threadweaver score: {e}", file=sys.stderr)
-        return 2
-
-    with AnswerChecker(cfg.checker_timeout_s, cfg.memory_limit_mb, eager=False, cache_size=cfg.verdict_cache) as checker:
-        records = [score(item, cfg, checker) for item in items]
-    summary = summarize(records)
-    lines = [line for line, _ in rows]
-    if args.json:
-        for line, r in zip(lines, records):
-            print(json.dumps({"line": line, **r.to_dict()}))
-        print(json.dumps({"summary": summary}))
-    else:
-        print_table(lines, records, summary)
-    return 0

@@ -1,0 +1,99 @@
+"""Placement groups on Ray's simulated multi-node cluster (``ray.cluster_utils.Cluster``, raylets on one machine).
+
+The head offers no CPUs, so every bundle lands on one of two worker "nodes":
+node A with 3 CPUs and ``{"node_a": 1}``, node B with 1 CPU and ``{"node_b": 1}``.
+"""
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    nodes = {"a": c.add_node(num_cpus=3, resources={"node_a": 1}), "b": c.add_node(num_cpus=1, resources={"node_b": 1})}
+    c.wait_for_nodes()
+    ray.init(address=c.address, log_to_driver=False)
+    try:
+        yield c, {name: n.node_id for name, n in nodes.items()}
+    finally:
+        ray.shutdown()
+        c.shutdown()
+
+
+class Where:
+    """Reports the node it runs on."""
+
+    def node(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+
+def test_roles_are_placed_where_the_plan_says(cluster):
+    import ray
+
+    from cluster.placement import group_plans, reserve
+    from cluster.ray_setup import RayConfig, Role, placement_report
+
+    _, node_id = cluster
+    roles = [Role("learner rank", 2, 1.0, 0.0, "learner"), Role("reward actor", 2, 0.5, 0.0, "reward")]
+    plans = group_plans(roles, "STRICT_PACK")
+    reservation = reserve(plans, timeout_s=60)
+    try:
+        actor = ray.remote(num_cpus=0.5)(Where)
+        placed = {key: [ray.get(actor.options(**o).remote().node.remote()) for o in options]
+                  for key, options in reservation.actor_options.items()}
+        # the learner's two 1-CPU ranks (STRICT_PACK) fit only on node A together
+        assert placed["learner"] == [node_id["a"]] * 2
+        # reward actors spread over the two nodes
+        assert sorted(placed["reward"]) == sorted([node_id["a"], node_id["b"]])
+        # and each actor sits where the reservation says its bundle is
+        for key, nodes in reservation.node_of.items():
+            assert [n.split("(")[1].rstrip(")") for n in nodes] == [p[:8] for p in placed[key]]
+    finally:
+        reservation.release()
+    report = placement_report(RayConfig(learner_strategy="STRICT_PACK"), roles)
+    assert f"({node_id['a'][:8]})" in report and "learner rank     bundle 1: 1 CPU (STRICT_PACK) on node" in report
+
+
+def test_an_unplaceable_bundle_is_refused_before_anything_starts(cluster):
+    from ray.util.placement_group import placement_group_table
+
+    from cluster.placement import group_plans, reserve
+    from cluster.ray_setup import Role
+
+    groups_before = len(placement_group_table())
+    plans = group_plans([Role("reward actor", 1, 1.0, 0.0, "reward"), Role("learner rank", 1, 4.0, 0.0, "learner")])
+    with pytest.raises(RuntimeError, match=r"learner rank bundle 0 \(4 CPU\) is larger than every node"):
+        reserve(plans, timeout_s=10)
+    assert len(placement_group_table()) == groups_before  # no group was created, not even the reward's
+    # a STRICT_PACK learner of 2 x 2 CPUs fits in the cluster's 4 CPUs, but on no single node
+    with pytest.raises(RuntimeError, match="STRICT_PACK needs 4 CPU on one node"):
+        reserve(group_plans([Role("learner rank", 2, 2.0, 0.0, "learner")], "STRICT_PACK"), timeout_s=10)
+
+
+def test_the_reward_pool_goes_into_its_bundles(cluster):
+    """The real reward actors (math-verify servers), scheduled by ``RewardPool(actor_options=...)``."""
+    from ray._private.state import state
+
+    from cluster.placement import group_plans, reserve
+    from cluster.ray_setup import Role
+    from rewards.config import RewardConfig
+    from rewards.service import RewardPool
+
+    _, node_id = cluster
+    reservation = reserve(group_plans([Role("reward actor", 2, 0.5, 0.0, "reward")]), timeout_s=60)
+    try:
+        with RewardPool(RewardConfig(num_actors=2, actor_cpus=0.5, max_attempts=1),
+                        actor_options=reservation.actor_options["reward"]) as pool:
+            pool.wait_ready()
+            nodes = [state.actor_table(a._actor_id.hex())["Address"]["NodeID"] for a in pool.actors]
+        assert sorted(nodes) == sorted([node_id["a"], node_id["b"]])  # SPREAD: one per node
+        assert [n[:8] for n in nodes] == [x.split("(")[1].rstrip(")") for x in reservation.node_of["reward"]]
+    finally:
+        reservation.release()
