@@ -30,7 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("rl.bench", "benchmarks printed as side-by-side tables (bench trie: trie vs expanded vs padded rows)"),
     "view": ("cluster.viewer", "render trajectory JSONL as a static HTML page: threads side by side, critical path marked"),
     "eval": ("cluster.evaluate", "benchmark report: accuracy, L_crit, speedup vs the sequential baseline, wall clock"),
-    "sweep": ("cluster.sweep", "reward-weight grid (rho, clip, incorrect reward): one RL run per point as Ray tasks, plot"),
+    "sweep": ("cluster.sweep", "reward-weight grid (rho, clip, incorrect reward): one RL run per point as Ray Tune trials, plot"),
     "run": ("cluster.pipeline", "the whole pipeline from one YAML: data, SFT, self-training, P-GRPO, eval (MLflow)"),
     "datagen": ("cluster.cmd_datagen", "parallel training data: stage1 rewrites traces, stage2 self-trains"),
     "export-verl": ("cluster.cmd_export_verl", "prompts and answers as Parquet in verl's RL dataset layout (agent "

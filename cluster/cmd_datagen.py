@@ -17,6 +17,14 @@ and ``provenance``, readable by ``threadweaver check`` and the SFT stage),
 ``<stem>.rejected.jsonl`` and ``<stem>.stats.json``, and print kept/total and
 the reasons for the rest.
 
+Each stage is one MLflow run (experiment: the recipe's name, see
+``cluster.command``) with the context tags of ``cluster.lineage``, the input
+file as a dataset input, live progress (``datagen/done``, ``datagen/kept``,
+at most every 2 s), the final statistics and the ``.stats.json`` file; the
+output file's path and SHA-256 are tags (``threadweaver.output``,
+``threadweaver.output_sha256``). The teacher's URL is logged without its
+secrets.
+
 Exit status: 0 when the run finished (even if nothing was kept), 2 on a bad
 configuration or input, or a teacher endpoint that refuses the calls.
 """
@@ -26,15 +34,20 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
 
 from cluster.command import add_config_arguments, resolve
+from cluster.config import to_dict
+from cluster.lineage import dataset_inputs, file_hash, log_source, run_context
 from cluster.ray_setup import RayConfig, Role, init_ray
+from cluster.tracking import Throttle, Tracker, TrackingConfig
 from rewards.checker import AnswerChecker
 from rl.datagen.stage1 import Stage1Config, make_rewriter, read_records, run_stage1
 from rl.datagen.stage1 import summary as stage1_summary
 from rl.datagen.stage2 import Stage2Config, check_prompt_records, pool_sampler, run_stage2
 from rl.datagen.stage2 import summary as stage2_summary
-from rl.datagen.teacher import TeacherConfigError
+from rl.datagen.teacher import TeacherConfigError, redact_url
 from rollout.config import set_runtime_defaults
 from rollout.files import check_model_dir, check_output_file
 
@@ -42,9 +55,17 @@ STAGES = ("stage1", "stage2")
 
 
 @dataclass
-class Stage2RunConfig(Stage2Config):
-    """Stage 2 of data generation, with the Ray it runs on."""
+class Stage1RunConfig(Stage1Config):
+    """Stage 1 of data generation, with its tracking."""
 
+    tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata={"help": "MLflow"})
+
+
+@dataclass
+class Stage2RunConfig(Stage2Config):
+    """Stage 2 of data generation, with its tracking and the Ray it runs on."""
+
+    tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata={"help": "MLflow"})
     ray: RayConfig = field(default_factory=RayConfig, metadata={"help": "Ray"})
 
 
@@ -65,7 +86,7 @@ def stage_parser(stage: str) -> argparse.ArgumentParser:
 
 
 def _config_class(stage: str):
-    return Stage1Config if stage == "stage1" else Stage2RunConfig
+    return Stage1RunConfig if stage == "stage1" else Stage2RunConfig
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,10 +97,42 @@ def run(args: argparse.Namespace) -> int:
     cfg, code = resolve(_config_class(args.stage), opts, f"datagen {args.stage}")
     if cfg is None:
         return code
-    return _stage1(cfg) if args.stage == "stage1" else _stage2(cfg)
+    context = run_context(f"datagen {args.stage}", opts.config)
+    return _stage1(cfg, context) if args.stage == "stage1" else _stage2(cfg, context)
 
 
-def _stage1(cfg) -> int:
+def _tracker(cfg, stage: str, context: dict[str, str], source: str) -> tuple[Tracker, Callable]:
+    """The stage's MLflow run, started (input file as a dataset input), and its live progress callback."""
+    params = to_dict(cfg, flat=True)
+    if "teacher.base_url" in params:
+        params["teacher.base_url"] = redact_url(params["teacher.base_url"])  # never store credentials
+    tracker = Tracker(cfg.tracking, Path(cfg.out).with_suffix(""), tags=context)
+    tracker.start(params, tags={"stage": f"datagen_{stage}"})
+    tracker.log_inputs(datasets=dataset_inputs({Path(source).stem: source}, context="source"))
+    throttle = Throttle(2.0)
+
+    def on_progress(done: int, kept: int | None, total: int) -> None:
+        if throttle.ready(force=done == total):
+            metrics = {"datagen/done": done, "datagen/total": total}
+            if kept is not None:
+                metrics |= {"datagen/kept": kept, "datagen/kept_share": kept / max(1, done)}
+            tracker.log_metrics(metrics, done)
+
+    return tracker, on_progress
+
+
+def _finish(tracker: Tracker, result, status: str = "FINISHED") -> None:
+    """Final statistics, the stats file and the output's hash into the run; the run closed."""
+    stats = result.stats
+    tracker.log_metrics({f"datagen/{k}": v for k, v in stats.items() if isinstance(v, (int, float))},
+                        int(stats.get("total", 0)))
+    out = Path(result.paths["out"])
+    tracker.set_tags({"threadweaver.output": str(out.resolve()), "threadweaver.output_sha256": file_hash(out)})
+    tracker.log_artifact(result.paths["stats"])
+    tracker.finish(status)
+
+
+def _stage1(cfg, context: dict[str, str]) -> int:
     try:  # the input and the output before the teacher is called
         if not cfg.input or not cfg.out:
             raise ValueError("stage 1 needs 'input' and 'out'")
@@ -89,20 +142,26 @@ def _stage1(cfg) -> int:
     except (ValueError, TeacherConfigError) as e:
         print(f"threadweaver datagen stage1: {e}", file=sys.stderr)
         return 2
+    tracker, on_progress = _tracker(cfg, "stage1", context, cfg.input)
     try:
         with AnswerChecker(cfg.checker_timeout_s, eager=False) as checker:
-            result = run_stage1(cfg, rewriter, checker, client=client)
+            result = run_stage1(cfg, rewriter, checker, client=client, on_progress=on_progress)
     except (ValueError, TeacherConfigError) as e:
+        tracker.finish("FAILED")
         print(f"threadweaver datagen stage1: {e}", file=sys.stderr)
         return 2
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
     finally:
         if client is not None:
             client.close()
+    _finish(tracker, result)
     print(stage1_summary(result.stats))
     return 0
 
 
-def _stage2(cfg) -> int:
+def _stage2(cfg, context: dict[str, str]) -> int:
     set_runtime_defaults()
     try:  # the model, the prompts and the output before Ray and the engines start
         check_model_dir(cfg.model, "model")
@@ -124,15 +183,21 @@ def _stage2(cfg) -> int:
     except RuntimeError as e:  # the workers do not fit the cluster
         print(f"threadweaver datagen stage2: {e}", file=sys.stderr)
         return 2
+    tracker, on_progress = _tracker(cfg, "stage2", context, cfg.prompts)
+    log_source(tracker, cfg.model)
     try:
-        sample, close = pool_sampler(cfg)
+        sample, close = pool_sampler(cfg, on_progress=lambda done, total: on_progress(done, None, total))
         try:
             with AnswerChecker(cfg.checker_timeout_s, eager=False) as checker:
                 result = run_stage2(cfg, sample, tokenizer, checker)
         finally:
             close()
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
     finally:
         if started:
             ray.shutdown()
+    _finish(tracker, result)
     print(stage2_summary(result.stats))
     return 0

@@ -9,17 +9,22 @@
 * ``--print-config`` prints the resolved config as YAML and exits;
 * ``--resume`` (commands whose runs can resume) is the override ``resume=auto``
   (for ``run``: ``reuse=true``).
+
+A config with a ``tracking`` section whose ``experiment`` is not set gets the
+recipe's name: the first ``--config`` file's stem (``experiments/rl_tiny.yaml``
+-> ``rl_tiny``), else ``threadweaver-COMMAND``: one MLflow experiment per recipe.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Callable, Sequence, TypeVar
 
 import yaml
 
-from cluster.config import ConfigError, describe, load_config, to_dict
+from cluster.config import ConfigError, describe, load_config, to_dict, with_values
 
 T = TypeVar("T")
 
@@ -52,6 +57,9 @@ def resolve(cls: type[T], args: argparse.Namespace, prog: str, resume_override: 
         overrides.append(resume_override)
     try:
         cfg = load_config(cls, args.config, overrides)
+        tracking = getattr(cfg, "tracking", None)
+        if tracking is not None and tracking.experiment is None:
+            cfg = with_values(cfg, {"tracking.experiment": recipe_name(args.config, prog)})
     except (ConfigError, ValueError, OSError) as e:
         print(f"threadweaver {prog}: {e}", file=sys.stderr)
         return None, 2
@@ -65,6 +73,13 @@ def resolve(cls: type[T], args: argparse.Namespace, prog: str, resume_override: 
             print(f"threadweaver {prog}: {e}", file=sys.stderr)
             return None, 2
     return cfg, None
+
+
+def recipe_name(config_files: list[str], prog: str) -> str:
+    """The MLflow experiment of a command's runs when the config names none (see module doc)."""
+    if config_files:
+        return Path(config_files[0]).stem
+    return "threadweaver-" + prog.replace(" ", "-")
 
 
 def take_positional(args: argparse.Namespace, keys: Sequence[str]) -> list[str]:

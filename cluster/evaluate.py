@@ -57,6 +57,7 @@ from typing import Literal, Sequence
 
 from cluster.command import add_config_arguments, resolve
 from cluster.config import to_dict
+from cluster.lineage import log_source, run_context, source_of
 from cluster.report import histogram, main_table, report_markdown
 from cluster.tracking import Tracker, TrackingConfig
 from cluster.viewer import write_page
@@ -102,7 +103,7 @@ class BenchEvalConfig:
     names: list[str] | None = field(default=None, metadata={
         "help": "row names of the model and the baseline in the tables, [MODEL, BASELINE] (null: folder names)"})
     out: str = field(default="runs/eval", metadata={"help": "output folder"})
-    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="threadweaver-eval"),
+    tracking: TrackingConfig = field(default_factory=TrackingConfig,
                                      metadata={"help": "MLflow (the pipeline passes its own run instead)"})
 
     def __post_init__(self) -> None:
@@ -183,15 +184,18 @@ def decode(engine, tokenizer, prompts: Sequence[Sequence[int]], rollout_cfg, iso
     ``eos_ids``: every EOS id of the model (``rollout.onboard.eos_token_ids``; default the tokenizer's).
 
     A short untimed warm-up request (the first prompt, 8 tokens) goes first, so
-    the first problem's time does not include the engine's first steps.
+    the first problem's time does not include the engine's first steps. Isolated decoding shows a progress
+    bar of the problems done.
     """
     eos = tokenizer.eos_token_id if eos_ids is None else list(eos_ids)
     warm = replace(rollout_cfg, n=1, max_tokens=min(8, rollout_cfg.max_tokens))
     generate(engine, tokenizer, [prompts[0]], warm, eos_token_id=eos)
     if not isolated:
         return generate(engine, tokenizer, prompts, rollout_cfg, eos_token_id=eos)
+    from tqdm import tqdm  # lazy: only for isolated decoding
+
     out = []
-    for i, p in enumerate(prompts):
+    for i, p in enumerate(tqdm(prompts, desc="problems", unit="problem", leave=False)):
         out += generate(engine, tokenizer, [p], rollout_cfg, prompt_indices=[i], eos_token_id=eos)
     return out
 
@@ -228,13 +232,16 @@ def check_inputs(cfg: BenchEvalConfig) -> tuple[dict[str, list[Problem]], dict[s
     return problems, model_dirs
 
 
-def run_benchmarks(cfg: BenchEvalConfig, tracker=None, models: tuple[str, str] | None = None
-                   ) -> list[BenchmarkReport]:
+def run_benchmarks(cfg: BenchEvalConfig, tracker=None, models: tuple[str, str] | None = None,
+                   tags: dict[str, str] | None = None) -> list[BenchmarkReport]:
     """Decode, score and report every benchmark of ``cfg`` (see module doc); returns the reports.
 
     ``tracker`` (a ``cluster.tracking.Tracker`` already started) receives the
-    metrics and files; without one, a run is opened from ``cfg.tracking``.
-    ``models`` names the parallel model and the baseline in the tables.
+    metrics and files; without one, a run is opened from ``cfg.tracking``
+    with ``tags``. ``models`` names the parallel model and the baseline in the
+    tables. The run is tagged with the runs and logged models that made both
+    checkpoints (``cluster.lineage``), and the metrics are also attached to the
+    evaluated model's logged model when it is in the same store.
     """
     from rollout.onboard import eos_token_ids  # lazy: transformers takes seconds to import
     from rollout.tiny import load_tokenizer
@@ -246,8 +253,12 @@ def run_benchmarks(cfg: BenchEvalConfig, tracker=None, models: tuple[str, str] |
 
     own_tracker = tracker is None
     if own_tracker:
-        tracker = Tracker(cfg.tracking, out)
+        tracker = Tracker(cfg.tracking, out, tags=tags)
         tracker.start(to_dict(cfg, flat=True), tags={"stage": "eval"})
+    source = log_source(tracker, model_dirs["parallel"])
+    baseline = source_of(model_dirs["sequential"])
+    if baseline.get("run_id"):
+        tracker.set_tags({"threadweaver.baseline_source_run_id": baseline["run_id"]})
     status = "FAILED"
     try:
         trajectories: dict[str, dict[str, list]] = {name: {} for name in problems}
@@ -296,6 +307,8 @@ def run_benchmarks(cfg: BenchEvalConfig, tracker=None, models: tuple[str, str] |
                                           scores[mode][:n], title=title)
                         tracker.log_artifact(page, "pages")
                 tracker.log_metrics(report.metrics(), 0)
+                if source.get("model_id") and source.get("tracking_uri") == tracker.uri:
+                    tracker.log_model_metrics(source["model_id"], report.metrics(), 0)
         write_report(reports, out, tracker)
         status = "FINISHED"
         return reports
@@ -333,7 +346,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if not cfg.data:
             raise ValueError("name at least one benchmark: data=[NAME=FILE.jsonl, ...]")
-        reports = run_benchmarks(cfg, models=tuple(cfg.names) if cfg.names else None)
+        reports = run_benchmarks(cfg, models=tuple(cfg.names) if cfg.names else None,
+                                 tags=run_context("eval", args.config))
     except (OSError, ValueError) as e:
         print(f"threadweaver eval: {e}", file=sys.stderr)
         return 2

@@ -30,14 +30,21 @@ by the pipeline (run folders, model and data paths, tracking), composed in
 memory (``cluster.config.override`` and ``with_values``), so it is checked
 like any command's config; the section as given is written to
 ``RUN_DIR/STAGE/stage_config.yaml``.
-Stages that keep no MLflow run themselves (data, SFT, self-training, eval)
-are logged by the pipeline: parameters, per-step metrics read back from the
-stage's ``metrics.jsonl``, summaries and viewer pages of the stage's last
-held-out decoding. The RL stage opens its own run in the pipeline's store;
-it is made a child run (``mlflow.parentRunId``) when it finishes.
+Every stage's run is created as a child of the parent run (``mlflow.parentRunId``
+from the start), with the command's context tags (``cluster.lineage``). The SFT
+and RL stages log their metrics live into their child runs, their data files
+as dataset inputs, the checkpoint they start from as lineage, and their final
+checkpoint as a logged model; the pipeline adds their summaries and the viewer
+pages of their last held-out decoding. The data, self-training and eval stages
+are logged by the pipeline.
+
+While it runs the pipeline prints ``stage i of N`` with the elapsed time and an
+estimate of the time left (the mean time of the stages finished so far, reused
+ones included, times the stages left).
 
 ``RUN_DIR/pipeline.json`` records every finished stage and its outputs, and
-``RUN_DIR/report.md`` ends the run: the evaluation table and the stage times.
+``RUN_DIR/report.md`` ends the run: the evaluation table, the stage times, the training curves
+(``training_curves.png``) and the speedup histogram; ``report.html`` is its rendering.
 A ``RUN_DIR`` that already holds a stage's folder is refused unless
 ``reuse: true``, which takes the outputs of the stages recorded as finished
 in ``pipeline.json`` as they are (each reuse is printed) and runs the rest;
@@ -67,12 +74,13 @@ from cluster.cmd_sft import roles as sft_roles
 from cluster.command import add_config_arguments, resolve
 from cluster.config import ConfigError, override, to_dict, with_values
 from cluster.evaluate import BenchEvalConfig, parse_data_arg, read_benchmark, run_benchmarks
+from cluster.lineage import run_context
 from cluster.ray_setup import RayConfig, init_ray
+from cluster.report import markdown_html, training_curves
 from cluster.tracking import Tracker, TrackingConfig, resolve_uri
 from cluster.viewer import eval_page
 from rewards.checker import AnswerChecker
 from rl.datagen.stage2 import Stage2Config, pool_sampler, run_stage2
-from rl.metrics_log import read_records
 from rl.sft import SFTConfig
 from rl.sft_data import TaskData, ensure_task_data
 from rollout.config import set_runtime_defaults
@@ -114,7 +122,7 @@ class PipelineConfig:
     eval: BenchEvalConfig = field(default_factory=BenchEvalConfig, metadata={
         "help": "final evaluation; model, baseline_model and out are set by the pipeline, and the task's test "
                 "split is added to data as 'tiny'"})
-    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="threadweaver-pipeline"),
+    tracking: TrackingConfig = field(default_factory=TrackingConfig,
                                      metadata={"help": "MLflow: the parent run; every stage is a child run"})
     ray: RayConfig = field(default_factory=RayConfig, metadata={"help": "Ray, shared by all stages"})
 
@@ -149,55 +157,36 @@ def check_config(cfg: PipelineConfig) -> None:
 
 
 class Runs:
-    """The parent MLflow run and one child tracker per stage, all in one store."""
+    """The parent MLflow run and one child tracker per stage, all in one store, all with the ``context`` tags."""
 
-    def __init__(self, cfg: PipelineConfig, run_dir: Path):
+    def __init__(self, cfg: PipelineConfig, run_dir: Path, context: dict[str, str] | None = None):
         self.cfg = cfg
         self.run_dir = run_dir
-        self.uri = resolve_uri(cfg.tracking, run_dir) if cfg.tracking.enabled else None
-        self.parent = Tracker(self._tracking(cfg.tracking.run_name or run_dir.name), run_dir)
+        self.context = dict(context or {})
+        self.uri = resolve_uri(cfg.tracking) if cfg.tracking.enabled else None
+        self.parent = Tracker(self.tracking_config(cfg.tracking.run_name or run_dir.name), run_dir, tags=context)
         self.parent_id = self.parent.start(to_dict(cfg, flat=True), tags={"stage": "pipeline"})
 
-    def _tracking(self, run_name: str) -> TrackingConfig:
-        t = self.cfg.tracking
-        return TrackingConfig(enabled=t.enabled, uri=self.uri, experiment=t.experiment, run_name=run_name,
-                              request_timeout_s=t.request_timeout_s, request_retries=t.request_retries,
-                              retry_after_s=t.retry_after_s, max_buffered=t.max_buffered)
+    def tracking_config(self, run_name: str) -> TrackingConfig:
+        """The pipeline's tracking settings for a run named ``run_name``, in the pipeline's store."""
+        return replace(self.cfg.tracking, uri=self.uri, run_name=run_name)
 
-    def child(self, stage: str, stage_dir: Path, params: dict):
-        tracker = Tracker(self._tracking(stage), stage_dir)
-        tags = {"stage": stage}
+    def tags(self, stage: str) -> dict[str, str]:
+        """The tags of a stage's run: the context, the stage, and the parent run."""
+        tags = {**self.context, "stage": stage}
         if self.parent_id:
             tags["mlflow.parentRunId"] = self.parent_id
-        tracker.start(params, tags=tags)
+        return tags
+
+    def tracker(self, stage: str, stage_dir: Path) -> Tracker:
+        """A child tracker, not started yet (the stage starts it with its parameters)."""
+        return Tracker(self.tracking_config(stage), stage_dir, tags=self.tags(stage))
+
+    def child(self, stage: str, stage_dir: Path, params: dict) -> Tracker:
+        """A child tracker, started with ``params``."""
+        tracker = self.tracker(stage, stage_dir)
+        tracker.start(params)
         return tracker
-
-    def adopt(self, run_id: str | None) -> None:
-        """Make a run that a stage opened itself a child of the parent run (only warns on failure)."""
-        if not (run_id and self.parent_id and self.uri):
-            return
-        try:
-            from mlflow import MlflowClient
-
-            MlflowClient(self.uri).set_tag(run_id, "mlflow.parentRunId", self.parent_id)
-        except Exception as e:  # noqa: BLE001 - tracking never stops the pipeline
-            print(f"pipeline: could not tag MLflow run {run_id} as a child: {e}", file=sys.stderr)
-
-
-def log_metrics_file(tracker, path: Path, prefix: str = "") -> int:
-    """Send every record of a stage's ``metrics.jsonl`` to ``tracker`` at its ``step``; returns the record count.
-
-    A line that is not a JSON object (cut off by a kill) is skipped with a warning.
-    """
-    if not path.is_file():
-        return 0
-    n = 0
-    for rec in read_records(path):
-        kind = rec.get("kind", "train")
-        metrics = {f"{prefix}{kind}/{k}": v for k, v in rec.items() if k not in ("kind", "step")}
-        tracker.log_metrics(metrics, int(rec.get("step", 0)))
-        n += 1
-    return n
 
 
 def log_last_eval_page(tracker, stage_dir: Path, title: str) -> Path | None:
@@ -228,6 +217,35 @@ def _reference_stats(data_dir: Path, limit: int = 200) -> dict[str, float]:
     return out
 
 
+def planned_stages(cfg: PipelineConfig) -> list[str]:
+    """The stages this config runs, in order."""
+    skipped = set() if cfg.selftrain is not None else {"selftrain"}
+    if cfg.rl is None:
+        skipped |= {"rl_parallel", "rl_sequential"}
+    return [s for s in STAGES if s not in skipped]
+
+
+class Progress:
+    """``stage i of N``, the elapsed time and the time left, estimated as the mean time of the stages finished
+    so far times the stages left (no estimate before the first one)."""
+
+    def __init__(self, stages: list[str], t_start: float):
+        self.stages = stages
+        self.t_start = t_start
+        self.times: dict[str, float] = {}
+
+    def done(self, name: str, seconds: float) -> None:
+        self.times[name] = seconds
+
+    def line(self, name: str, now: float) -> str:
+        i = self.stages.index(name) + 1
+        text = f"stage {i} of {len(self.stages)}: {name}, {(now - self.t_start) / 60:.1f} min elapsed"
+        if self.times:
+            left = len(self.stages) - len(self.times)
+            text += f", about {left * sum(self.times.values()) / len(self.times) / 60:.0f} min left"
+        return text
+
+
 def read_record(record_file: Path) -> dict:
     """``pipeline.json``: the finished stages and their outputs (``{"stages": {}}`` when there is none yet)."""
     if not record_file.exists():
@@ -242,8 +260,9 @@ def read_record(record_file: Path) -> dict:
     return record
 
 
-def run_pipeline(cfg: PipelineConfig) -> dict:
-    """Run every stage (see module doc); returns the record also written to ``pipeline.json``."""
+def run_pipeline(cfg: PipelineConfig, config_files: list[str] = ()) -> dict:
+    """Run every stage (see module doc); returns the record also written to ``pipeline.json``.
+    ``config_files`` (the YAML the config came from) are named in the runs' tags."""
     check_config(cfg)
     run_dir = check_output_dir(cfg.run_dir, "run_dir")
     record_file = run_dir / "pipeline.json"
@@ -271,23 +290,26 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     if cfg.rl is not None:
         plan = max([plan, rl_roles(cfg.rl)], key=lambda roles: sum(r.total_cpus for r in roles))
     started_ray = init_ray(cfg.ray, plan)
-    runs = Runs(cfg, run_dir)
+    runs = Runs(cfg, run_dir, run_context("run", config_files))
     if runs.parent_id:
         print(f"pipeline: MLflow parent run {runs.parent_id} at {runs.uri}", flush=True)
     status = "FAILED"
     t_start = time.perf_counter()
+    progress = Progress(planned_stages(cfg), t_start)
 
     def stage(name: str, body: Callable[[Path], dict]) -> dict:
         if name in record["stages"]:
             print(f"pipeline: reusing stage {name} from {run_dir / name}", flush=True)
+            progress.done(name, record["stages"][name].get("wall_s", 0.0))
             return record["stages"][name]
-        print(f"\n=== pipeline: stage {name} ===", flush=True)
+        print(f"\n=== pipeline: {progress.line(name, time.perf_counter())} ===", flush=True)
         t0 = time.perf_counter()
         out = body(run_dir / name)  # a stage that raises is never recorded: reuse=true runs it again
         out["wall_s"] = time.perf_counter() - t0
         record["stages"][name] = out
         write_text(record_file, json.dumps(record, indent=1))
         runs.parent.log_metrics({f"time/{name}_s": out["wall_s"]}, 0)
+        progress.done(name, out["wall_s"])
         print(f"pipeline: stage {name} done in {out['wall_s'] / 60:.1f} min", flush=True)
         return out
 
@@ -308,7 +330,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         ev = stage("eval", lambda d: _stage_eval(cfg, d, runs, data["dir"], par_model, seq_model))
         total = time.perf_counter() - t_start
         report = _final_report(run_dir, record, ev, total)
-        runs.parent.log_artifact(report)
+        for path in (report, run_dir / "report.html", run_dir / "training_curves.png"):
+            if path.is_file():
+                runs.parent.log_artifact(path)
         runs.parent.log_artifact(record_file)
         runs.parent.log_metrics({k: v for k, v in ev["metrics"].items()} | {"time/total_s": total}, 0)
         record["wall_s"] = total
@@ -350,19 +374,11 @@ def _stage_sft(cfg: PipelineConfig, stage_dir: Path, runs: Runs, data_dir: str, 
         wiring["data.response_field"] = response_field
     sft_cfg = stage_config(SFTConfig, cfg.sft, stage_dir / "stage_config.yaml", extra, wiring)
     name = stage_dir.name
-    tracker = runs.child(name, stage_dir, to_dict(sft_cfg, flat=True))
-    try:
-        summary = run_sft(sft_cfg, ray_cfg=cfg.ray)
-        log_metrics_file(tracker, stage_dir / "metrics.jsonl")
-        tracker.log_metrics({f"final/{k}": v for k, v in summary["eval"].items()}
-                            | {"train_s": summary["train_s"], "tokens_seen": summary["tokens_seen"]}, summary["steps"])
-        tracker.log_artifact(stage_dir / "summary.json")
-        log_last_eval_page(tracker, stage_dir, name)
-        tracker.finish("FINISHED")
-    except BaseException:
-        tracker.finish("FAILED")
-        raise
-    return {"checkpoint": summary["checkpoint"], "eval": summary["eval"], "steps": summary["steps"]}
+    tracker = runs.tracker(name, stage_dir)
+    summary = run_sft(sft_cfg, ray_cfg=cfg.ray, tracker=tracker)  # live metrics; closes the run
+    log_last_eval_page(tracker, stage_dir, name)
+    return {"checkpoint": summary["checkpoint"], "eval": summary["eval"], "steps": summary["steps"],
+            "mlflow_run_id": summary.get("mlflow_run_id"), "model_id": summary.get("model_id")}
 
 
 def _stage_selftrain(cfg: PipelineConfig, stage_dir: Path, runs: Runs, data_dir: str, model: str) -> dict:
@@ -400,15 +416,11 @@ def _stage_rl(cfg: PipelineConfig, stage_dir: Path, runs: Runs, data_dir: str, m
               extra: list[str]) -> dict:
 
     wiring = {"model": model, "run_dir": str(stage_dir), "data.dir": data_dir, "data.generate": False,
-              "tracking.enabled": cfg.tracking.enabled, "tracking.experiment": cfg.tracking.experiment,
-              "tracking.run_name": stage_dir.name}
-    if runs.uri is not None:
-        wiring["tracking.uri"] = runs.uri
+              "tracking": runs.tracking_config(stage_dir.name)}
     rl_cfg = stage_config(RLRunConfig, cfg.rl, stage_dir / "stage_config.yaml", extra, wiring)
-    summary = run_rl(rl_cfg)
-    runs.adopt(summary.get("mlflow_run_id"))  # its evaluation pages are in that run already (cluster.cmd_rl)
+    summary = run_rl(rl_cfg, tags=runs.tags(stage_dir.name))  # its evaluation pages are in its run already
     return {"checkpoint": summary["checkpoint"], "eval": summary["eval"], "steps": summary["steps"],
-            "mlflow_run_id": summary.get("mlflow_run_id")}
+            "mlflow_run_id": summary.get("mlflow_run_id"), "model_id": summary.get("model_id")}
 
 
 def _stage_eval(cfg: PipelineConfig, stage_dir: Path, runs: Runs, data_dir: str, par_model: str,
@@ -431,6 +443,8 @@ def _stage_eval(cfg: PipelineConfig, stage_dir: Path, runs: Runs, data_dir: str,
 
 
 def _final_report(run_dir: Path, record: dict, ev: dict, total_s: float) -> Path:
+    """``report.md`` (the evaluation, the stage times, the training curves and the speedup histogram as PNGs)
+    and its HTML rendering ``report.html`` next to it."""
     lines = [Path(ev["report"]).read_text().replace("# Evaluation", "# Pipeline report", 1), "", "## Stages", "",
              "| stage | minutes | output |", "|---|---:|---|"]
     for name in STAGES:
@@ -439,7 +453,19 @@ def _final_report(run_dir: Path, record: dict, ev: dict, total_s: float) -> Path
             out = s.get("checkpoint") or s.get("dir") or s.get("report") or ""
             lines.append(f"| {name} | {s['wall_s'] / 60:.1f} | {out} |")
     lines += ["", f"Total: {total_s / 60:.1f} minutes."]
-    return write_text(run_dir / "report.md", "\n".join(lines) + "\n")
+    trained = [n for n in ("rl_parallel", "rl_sequential") if n in record["stages"]] or \
+        [n for n in ("sft_parallel", "sft_sequential") if n in record["stages"]]
+    curves = training_curves({n: run_dir / n / "metrics.jsonl" for n in trained}, run_dir / "training_curves.png")
+    if curves is not None:
+        lines += ["", "## Training curves", "", f"Stages {', '.join(trained)}: reward, accuracy, activation and "
+                  "L_crit over the training steps (dashed: held-out evaluations).", "",
+                  f"![training curves]({curves.name})"]
+    hist = Path(ev["report"]).parent / "speedup_hist.png"
+    if hist.is_file():
+        lines += ["", "## Speedup per problem", "", f"![speedup histogram]({hist.relative_to(run_dir).as_posix()})"]
+    text = "\n".join(lines) + "\n"
+    write_text(run_dir / "report.html", markdown_html(text, f"Pipeline report: {run_dir.name}"))
+    return write_text(run_dir / "report.md", text)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -472,7 +498,7 @@ def run(args: argparse.Namespace) -> int:
     set_runtime_defaults()
     try:
         check_config(cfg)
-        record = run_pipeline(cfg)
+        record = run_pipeline(cfg, args.config)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"threadweaver run: {e}", file=sys.stderr)
         return 2

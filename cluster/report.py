@@ -1,16 +1,21 @@
 """The evaluation report: markdown tables in the layout of the paper's main table, a detailed table, and the
-histogram of per-problem speedups (``threadweaver eval``, the pipeline's final stage).
+histogram of per-problem speedups (``threadweaver eval``, the pipeline's final stage); the pipeline's
+training curves (:func:`training_curves`) and the HTML rendering of a report (:func:`markdown_html`).
 
-Rendering only: the numbers come from :mod:`rl.evaluation` (``BenchmarkReport``).
+Rendering only: the numbers come from :mod:`rl.evaluation` (``BenchmarkReport``) and the stages'
+``metrics.jsonl``.
 """
 
 from __future__ import annotations
 
+import html
 import math
+import re
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from rl.evaluation import BenchmarkReport
+from rl.metrics_log import read_records
 from rollout.files import atomic_write
 
 def _pct(x: float) -> str:
@@ -106,3 +111,93 @@ def save_figure(fig, path: str | Path) -> Path:
         fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=100)
     plt.close(fig)
     return path
+
+
+#: the panels of :func:`training_curves`: title, then (record kind, key, label) of every series it may hold
+#: (RL records carry ``train/...`` and ``eval/MODE/...`` keys, SFT evaluation records bare ones)
+CURVES = (
+    ("reward", [("train", "train/reward", "train")]),
+    ("accuracy", [("train", "train/correct", "train"), ("eval", "eval/parallel/accuracy", "held-out parallel"),
+                  ("eval", "eval/sequential/accuracy", "held-out sequential"), ("eval", "accuracy", "held-out")]),
+    ("activation (share with a parallel block)", [("train", "train/activation", "train"),
+                                                  ("eval", "eval/parallel/activation", "held-out parallel"),
+                                                  ("eval", "activation", "held-out")]),
+    ("L_crit (tokens)", [("train", "train/L_crit", "train"), ("eval", "eval/parallel/L_crit", "held-out parallel"),
+                         ("eval", "eval/sequential/L_crit", "held-out sequential"), ("eval", "L_crit", "held-out")]),
+)
+
+
+def training_curves(stages: Mapping[str, str | Path], path: str | Path) -> Path | None:
+    """PNG of reward, accuracy, activation and ``L_crit`` over the training steps of each stage (name ->
+    its ``metrics.jsonl``), one panel each; None when no stage has any of them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = {name: read_records(f) for name, f in stages.items() if Path(f).is_file()}
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    plotted = 0
+    for ax, (title, series) in zip(axes.flat, CURVES):
+        for name, recs in records.items():
+            for kind, key, label in series:
+                points = [(r["step"], r[key]) for r in recs if r.get("kind", "train") == kind
+                          and isinstance(r.get(key), (int, float)) and isinstance(r.get("step"), (int, float))]
+                if points:
+                    xs, ys = zip(*points)
+                    ax.plot(xs, ys, marker="o" if kind == "eval" or len(xs) < 20 else None, markersize=3,
+                            linestyle="--" if kind == "eval" else "-", label=f"{name} {label}")
+                    plotted += 1
+        ax.set_title(title)
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
+    if not plotted:
+        plt.close(fig)
+        return None
+    return save_figure(fig, path)
+
+
+def _inline(text: str) -> str:
+    """Escaped text with markdown images, code spans and bold made HTML."""
+    out = html.escape(text, quote=True)
+    out = re.sub(r"!\[([^\]]*)\]\(([^)\s]+)\)", r'<img alt="\1" src="\2">', out)
+    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", out)
+
+
+def markdown_html(text: str, title: str) -> str:
+    """A self-contained HTML page of a report's markdown (headings, tables, lists, images, paragraphs: what
+    the reports use), every text escaped."""
+    body, table = [], []
+
+    def flush_table() -> None:
+        if table:
+            rows = [r for r in table if not re.fullmatch(r"\|?[\s:|-]+\|?", r)]
+            cells = [[c.strip() for c in r.strip().strip("|").split("|")] for r in rows]
+            head = "".join(f"<th>{_inline(c)}</th>" for c in cells[0])
+            rest = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in cells[1:])
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rest}</tbody></table>")
+            table.clear()
+
+    for line in text.splitlines():
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush_table()
+        heading = re.match(r"(#{1,6}) (.*)", line)
+        if heading:
+            level = len(heading.group(1))
+            body.append(f"<h{level}>{_inline(heading.group(2))}</h{level}>")
+        elif line.startswith("- "):
+            body.append(f"<ul><li>{_inline(line[2:])}</li></ul>")
+        elif line.strip():
+            body.append(f"<p>{_inline(line)}</p>")
+    flush_table()
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}img{max-width:100%}")
+    return (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")

@@ -1,35 +1,50 @@
-"""``threadweaver sweep``: a grid over the reward weights, one P-GRPO run per point, as Ray tasks.
+"""``threadweaver sweep``: a grid over the reward weights, one P-GRPO run per point, as Ray Tune trials.
 
 What it really does:
 
 1. resolves the RL stage's config (``rl_config`` files plus ``overrides``,
-   exactly as ``threadweaver rl`` would) and expands the grid
+   exactly as ``threadweaver rl`` would) and the model every point starts
+   from (:func:`start_model`: the sweep's ``model``, else the RL config's
+   ``model`` when that folder exists, else the newest pipeline's parallel SFT
+   checkpoint under ``pipelines``, with that pipeline's data when the RL
+   config's data files are missing), and expands the grid
    ``rho x clip x incorrect_reward`` into points; each point is that config
    with ``reward.preset`` off, the three weights set, the base config's
    ``accel_form`` kept, and its own ``run_dir`` (``RUN_DIR/NAME``), made in
    memory from the resolved base config (``cluster.config.with_values``);
-2. opens one parent MLflow run for the sweep, and runs every point as a Ray
-   task (``cluster.cmd_rl.run_rl``), at most ``max_concurrent`` at once; a point's
-   run is an MLflow child run of the sweep's (the tag ``mlflow.parentRunId``
-   is set when the point finishes, since the RL stage opens its own run);
-3. collects each point's final held-out evaluation (``eval.at_end`` must be
+2. opens one parent MLflow run for the sweep and, before any trial starts, a
+   child run per point (``mlflow.parentRunId``, status SCHEDULED; ids kept in
+   ``RUN_DIR/sweep_runs.json``), all with the command's context tags;
+3. runs the points as a Ray Tune grid search (``Tuner`` over the point index,
+   ``grid_search``; state in ``RUN_DIR/tune``), at most ``max_concurrent`` at
+   once; each trial's placement group holds an empty bundle for the trial
+   itself and one bundle with the reservations of every actor of its RL run
+   (rollout workers, reward actors, learner ranks; one node), in which Tune
+   places them (so a point runs with ``ray.placement`` off: no second group
+   per role inside the trial's); the trial runs
+   the RL stage (``cluster.cmd_rl.run_rl``) in the point's MLflow run;
+4. collects each point's final held-out evaluation (``eval.at_end`` must be
    on; parallel decoding): accuracy, ``L_crit``, ``L_total``, activation,
    ``eta``; and ends with ``sweep.md`` (a table), ``sweep.json`` and
    ``sweep_plot.png`` (accuracy against ``L_crit``, one labelled point per
    grid point), logged to the parent run.
 
-Each task reserves no CPU itself (it only drives): its rollout workers, reward
-actors and learner ranks reserve what the RL config says. With
-``share_rollout`` the points run one after another and share one rollout
-pool (one vLLM engine start instead of one per point); each point first loads
-its starting weights into that pool (the RL driver does so for any pool it
-did not start), and gets its own reward actors, since the reward weights
-are what the sweep varies. A point that fails is reported (its error in
-``sweep.json``) and the others go on; the command then exits with status 1.
+``--resume`` (``resume=true``) restores the Tune experiment (``Tuner.restore``):
+finished points are kept as they are, interrupted and failed ones run again
+(every point runs with ``resume=auto``, so an interrupted one continues from
+its newest checkpoint), in the same MLflow runs. With ``share_rollout`` the
+points run one after another and share one rollout pool (one vLLM engine
+start instead of one per point; no rollout bundles in the trials' groups);
+each point first loads its starting weights into that pool (the RL driver
+does so for any pool it did not start), and gets its own reward actors, since
+the reward weights are what the sweep varies. A point that fails is reported
+(its error in ``sweep.json``, its MLflow run FAILED with the tag
+``threadweaver.error``) and the others go on; the command then exits with
+status 1.
 
 On a cluster, submit the whole sweep as a Ray job (``ray job submit
 --working-dir . -- threadweaver sweep --config ...``): Ray is joined through
-``RAY_ADDRESS`` and the points spread over the cluster's nodes.
+``RAY_ADDRESS`` and the trials spread over the cluster's nodes.
 """
 
 from __future__ import annotations
@@ -37,6 +52,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -45,6 +61,7 @@ from typing import Any, Sequence
 
 from cluster.command import add_config_arguments, resolve
 from cluster.config import ConfigError, load_config, to_dict, with_values
+from cluster.lineage import run_context
 from cluster.ray_setup import RayConfig, Role, init_ray
 from cluster.report import save_figure
 from cluster.tracking import Tracker, TrackingConfig, resolve_uri
@@ -70,11 +87,19 @@ class SweepConfig:
         "help": "values of reward.clip", "range": ">= 0"})
     incorrect_reward: list[float] = field(default_factory=lambda: [0.0], metadata={
         "help": "values of reward.incorrect_reward (R_correct of a wrong answer)", "range": "finite"})
+    model: str | None = field(default=None, metadata={
+        "help": "checkpoint every point starts from (null: the RL config's model if it exists, else the newest "
+                "pipeline's parallel SFT checkpoint under 'pipelines')"})
+    pipelines: str = field(default="runs", metadata={
+        "help": "folder searched for pipeline runs (*/pipeline.json) when no model is given or found"})
     run_dir: str = field(default="runs/sweep", metadata={"help": "output folder; point runs go in RUN_DIR/NAME"})
-    max_concurrent: int = field(default=1, metadata={"help": "points running at once (Ray tasks)", "range": ">= 1"})
+    max_concurrent: int = field(default=1, metadata={"help": "points running at once (Ray Tune trials)", "range": ">= 1"})
+    resume: bool = field(default=False, metadata={
+        "help": "continue the sweep in run_dir (Tune's state): finished points are kept, interrupted and failed "
+                "ones run again (an interrupted one from its newest checkpoint)"})
     share_rollout: bool = field(default=False, metadata={
         "help": "one rollout pool for all points, which then run one at a time (saves an engine start per point)"})
-    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="threadweaver-sweep"),
+    tracking: TrackingConfig = field(default_factory=TrackingConfig,
                                      metadata={"help": "MLflow: the sweep's parent run; points log child runs"})
     ray: RayConfig = field(default_factory=RayConfig, metadata={"help": "Ray"})
 
@@ -142,6 +167,43 @@ def base_config(cfg: SweepConfig):
     return load_config(RLRunConfig, cfg.rl_config, cfg.overrides)
 
 
+def newest_pipeline(folder: str | Path) -> dict | None:
+    """The stages of the newest pipeline run under ``folder`` (``*/pipeline.json``, by modification time) whose
+    parallel SFT checkpoint exists, or None."""
+    found = []
+    for record_file in Path(folder).glob("*/pipeline.json"):
+        try:
+            stages = json.loads(record_file.read_text()).get("stages", {})
+            ckpt = stages["sft_parallel"]["checkpoint"]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+        if Path(ckpt, "config.json").is_file():
+            found.append((record_file.stat().st_mtime, str(record_file), stages))
+    return max(found)[2] if found else None
+
+
+def start_model(cfg: SweepConfig, base) -> tuple[dict[str, Any], str]:
+    """The values that set every point's model (and data, when they come from a pipeline), and a line saying
+    where the model comes from; ValueError naming the keys when there is none (see module doc)."""
+    if cfg.model is not None:
+        check_model_dir(cfg.model, "model")
+        return {"model": cfg.model}, f"model {cfg.model} (the sweep's model)"
+    if Path(base.model, "config.json").is_file():
+        return {}, f"model {base.model} (the RL config's model)"
+    stages = newest_pipeline(cfg.pipelines)
+    if stages is None:
+        raise ValueError(f"no model to start from: the RL config's model ({base.model}) has no config.json and no "
+                         f"pipeline under {cfg.pipelines}/ has a parallel SFT checkpoint; run 'make run' first, or "
+                         "set model=DIR (a Hugging Face checkpoint folder)")
+    values: dict[str, Any] = {"model": stages["sft_parallel"]["checkpoint"]}
+    data_dir = stages.get("data", {}).get("dir")
+    data = base.data
+    if data_dir and not (Path(data.dir) / data.train_file).is_file():
+        values |= {"data.dir": data_dir, "data.generate": False}
+    return values, (f"model {values['model']} (the newest pipeline's parallel SFT checkpoint)"
+                    + (f", data {data_dir}" if "data.dir" in values else ""))
+
+
 def point_config(base, point: Point):
     """The RL config of ``point``: ``base`` (:func:`base_config`) with the point's values, composed in memory
     (every section's checks run again; ValueError for a bad value)."""
@@ -158,20 +220,21 @@ def _plan_line(point: Point) -> str:
     return f"{point.name}: " + " ".join(f"{k}={text(v)}" for k, v in point.values.items())
 
 
-def _run_point(rl_cfg, rollout_pool=None) -> dict:
-    """Body of one point's Ray task: the RL stage on the point's config; returns its summary."""
+def _run_point(rl_cfg, rollout_pool=None, tags: dict[str, str] | None = None, run_id: str | None = None) -> dict:
+    """One point: the RL stage on the point's config (its MLflow run: ``run_id`` made beforehand, else a new
+    one with ``tags``); returns its summary."""
     from cluster.cmd_rl import run_rl  # lazy: imports torch via rl/ (~1.5 s); --plan and --show-config need none
     from rl.services import Services  # lazy: imports torch via rl/ (~1.5 s); --plan and --show-config need none
 
     if rollout_pool is None:
-        return run_rl(rl_cfg)
+        return run_rl(rl_cfg, tags=tags, run_id=run_id)
     from rewards.service import RewardPool  # lazy: imports Ray (~1 s); --plan and --show-config need none of it
 
     rewards = RewardPool(rl_cfg.reward)
     services = Services(rollout_pool, rewards)
     try:
         rewards.wait_ready()
-        return run_rl(rl_cfg, services=services)
+        return run_rl(rl_cfg, services=services, tags=tags, run_id=run_id)
     finally:
         rewards.close()
         if services.rollout is not rollout_pool:  # the driver rebuilt the pool after a worker died
@@ -228,93 +291,172 @@ def plot(results: Sequence[PointResult], path: str | Path) -> Path:
 # --------------------------------------------------------------------------- the sweep
 
 
-def sweep(cfg: SweepConfig) -> list[PointResult]:
-    """Run every point (see module doc); returns the results in grid order."""
-    import ray
+def sweep(cfg: SweepConfig, context: dict[str, str] | None = None, resume: bool = False) -> list[PointResult]:
+    """Run every point on Ray Tune (see module doc); returns the results in grid order. ``context``: the tags
+    of every run (``cluster.lineage.run_context``); ``resume``: continue the sweep in ``run_dir``."""
+    from ray import tune
 
     from cluster.cmd_rl import roles  # lazy: imports torch via rl/ (~1.5 s); --plan and --show-config need none
     from rl.driver import check_inputs  # lazy: imports torch via rl/ (~1.5 s); --plan and --show-config need none
 
-    run_dir = check_output_dir(cfg.run_dir, "run_dir")
-    uri = resolve_uri(cfg.tracking, run_dir) if cfg.tracking.enabled else None
+    run_dir = check_output_dir(cfg.run_dir, "run_dir").resolve()
+    tune_dir = run_dir / "tune"
+    if resume and not tune.Tuner.can_restore(str(tune_dir)):
+        raise ValueError(f"--resume: {run_dir} holds no sweep to resume")
+    if not resume and tune_dir.exists():
+        raise ValueError(f"{run_dir} holds an earlier sweep: --resume continues it, or choose another run_dir")
+    uri = resolve_uri(cfg.tracking) if cfg.tracking.enabled else None
     base = base_config(cfg)
-    check_model_dir(base.model, "the RL config's model")
+    values, origin = start_model(cfg, base)
+    base = with_values(base, values)
+    print(f"sweep: every point starts from {origin}", flush=True)
     if not base.eval.at_end or "parallel" not in base.eval.modes:
         raise ValueError("every point needs its final held-out evaluation in parallel mode: set eval.at_end=true "
                          "and keep 'parallel' in eval.modes")
     points = grid(cfg, uri)
     configs = [point_config(base, p) for p in points]  # every point's config is checked before anything runs
-    for point_cfg in configs:
-        check_inputs(point_cfg)  # its data, and no earlier run in its run_dir
-    per_point = roles(configs[0])
+    if not resume:
+        for point_cfg in configs:
+            check_inputs(point_cfg)  # its data, and no earlier run in its run_dir
+    configs = [absolute(c) for c in configs]
+    per_point = [r for r in roles(configs[0]) if not (cfg.share_rollout and r.name == "rollout worker")]
     concurrency = 1 if cfg.share_rollout else min(cfg.max_concurrent, len(points))
-    plan = [Role(r.name, r.count * concurrency, r.cpus, r.gpus) for r in per_point]
+    plan = [Role(r.name, r.count * concurrency, r.cpus, r.gpus) for r in roles(configs[0])]
     started = init_ray(cfg.ray, plan)
-    tracker = Tracker(cfg.tracking, run_dir)
-    parent = tracker.start({**to_dict(cfg, flat=True), "points": len(points)}, tags={"stage": "sweep"})
+    # Tune saves its state at every step of its loop (not every few seconds): a sweep killed right after a
+    # point finished keeps that point finished on --resume
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+    runs = SweepRuns(cfg, run_dir, dict(context or {}), points)
     status = "FAILED"
     shared = None
-    results: list[PointResult | None] = [None] * len(points)
     try:
         if cfg.share_rollout:
             # the points differ only in reward weights, so the first point's rollout settings hold for all
             shared = RolloutPool(configs[0].model, configs[0].rollout)
-        task = ray.remote(num_cpus=0, max_retries=0)(_run_point)
-        pending: dict[Any, tuple[Point, float]] = {}
-        queue = list(points)
-        while queue or pending:
-            while queue and len(pending) < concurrency:
-                p = queue.pop(0)
-                print(f"sweep: starting {p.name} ({p.index + 1}/{len(points)})", flush=True)
-                ref = task.remote(configs[p.index], shared)
-                pending[ref] = (p, time.perf_counter())
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            for ref in ready:
-                p, t0 = pending.pop(ref)
-                results[p.index] = _collect(ref, p, time.perf_counter() - t0, configs[p.index].run_dir, uri,
-                                            parent, tracker)
-        finished = [r for r in results if r is not None]
-        _write_outputs(finished, run_dir, tracker)
-        status = "FINISHED" if all(r.error is None for r in finished) else "FAILED"
-        return finished
+        trainable = tune.with_resources(
+            tune.with_parameters(_trial, configs=configs, pool=shared, tags=runs.point_tags, run_ids=runs.point_ids),
+            trial_resources(per_point))
+        if resume:
+            tuner = tune.Tuner.restore(str(tune_dir), trainable, restart_errored=True)
+        else:
+            tuner = tune.Tuner(trainable, param_space={"point": tune.grid_search([p.index for p in points])},
+                               tune_config=tune.TuneConfig(max_concurrent_trials=concurrency),
+                               run_config=tune.RunConfig(name="tune", storage_path=str(run_dir),
+                                                         failure_config=tune.FailureConfig(max_failures=0)))
+        results = [_result(r, points, configs) for r in tuner.fit()]
+        results.sort(key=lambda r: r.point.index)
+        for r in results:
+            runs.record(r)
+        _write_outputs(results, run_dir, runs.parent)
+        status = "FINISHED" if all(r.error is None for r in results) else "FAILED"
+        return results
     finally:
         if shared is not None:
             shared.shutdown()
-        tracker.finish(status)
+        runs.parent.finish(status)
         if started:
+            import ray
+
             ray.shutdown()
 
 
-def _collect(ref, point: Point, wall_s: float, run_dir: str, uri: str | None, parent: str | None,
-             tracker) -> PointResult:
-    import ray
+def absolute(rl_cfg):
+    """``rl_cfg`` as a trial runs it: its folders as absolute paths (a Tune trial may run in another working
+    directory), ``resume=auto``, and ``ray.placement`` off: the trial's own placement group
+    (:func:`trial_resources`) already holds every actor of the run, and Tune schedules what the trial starts
+    into it; a second reservation per role would ask for the same CPUs again outside that group and wait."""
+    return with_values(rl_cfg, {"run_dir": str(Path(rl_cfg.run_dir).resolve()),
+                                "model": str(Path(rl_cfg.model).resolve()),
+                                "data.dir": str(Path(rl_cfg.data.dir).resolve()), "resume": "auto",
+                                "ray.placement": False})
 
-    try:
-        summary = ray.get(ref)
-        metrics = point_metrics(summary)
-    except Exception as e:  # noqa: BLE001 - one failed point is reported; the sweep goes on
-        msg = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}"
+
+def trial_resources(per_point: Sequence[Role]):
+    """A trial's placement group: an empty head bundle for the trial's driver, then one bundle holding every
+    actor of its RL run (Tune places the actors a trial starts in its group). One bundle, not one per actor:
+    Ray puts an actor in any bundle it fits, so a small actor could take a large actor's bundle first."""
+    from ray import tune
+
+    cpus = sum(r.count * r.cpus for r in per_point)
+    gpus = sum(r.count * r.gpus for r in per_point)
+    return tune.PlacementGroupFactory([{"CPU": 0}, {"CPU": cpus, **({"GPU": gpus} if gpus else {})}],
+                                      strategy="PACK")
+
+
+def _trial(config: dict, configs: list, pool, tags: dict[str, str], run_ids: dict[int, str | None]) -> None:
+    """One Tune trial: the RL run of grid point ``config["point"]`` (``resume=auto``: an interrupted point
+    continues from its newest checkpoint) in the MLflow run made for it; reports the point's metrics."""
+    from ray import tune
+
+    index = config["point"]
+    t0 = time.perf_counter()
+    summary = _run_point(configs[index], pool, tags, run_ids.get(index))
+    metrics = point_metrics(summary)
+    tune.report({**metrics, "point": index, "wall_s": time.perf_counter() - t0})
+
+
+def _result(result, points: Sequence[Point], configs: Sequence) -> PointResult:
+    """A Tune result as the point's :class:`PointResult` (its error's last line when it failed)."""
+    point = points[result.config["point"]]
+    run_dir = configs[point.index].run_dir
+    summary_file = Path(run_dir) / "summary.json"
+    run_id = json.loads(summary_file.read_text()).get("mlflow_run_id") if summary_file.is_file() else None
+    if result.error is not None:
+        text = str(result.error).strip()
+        msg = f"{type(result.error).__name__}: {text.splitlines()[-1][:300] if text else ''}"
         print(f"sweep: {point.name} failed: {msg}", file=sys.stderr, flush=True)
-        return PointResult(point, None, None, run_dir, wall_s, msg)
-    run_id = summary.get("mlflow_run_id")
-    if run_id and parent and uri:
-        _tag_child(uri, run_id, parent)
-    tracker.log_metrics({f"sweep/{k}": v for k, v in metrics.items()}
-                        | {"sweep/rho": point.rho, "sweep/clip": point.clip,
-                           "sweep/incorrect_reward": point.incorrect_reward}, point.index)
-    print(f"sweep: {point.name} done in {wall_s / 60:.1f} min: accuracy {metrics['accuracy']:.3f}, "
-          f"L_crit {metrics['L_crit']:.1f}", flush=True)
-    return PointResult(point, metrics, run_id, run_dir, wall_s)
+        return PointResult(point, None, run_id, run_dir, float((result.metrics or {}).get("time_total_s") or 0.0),
+                           msg)
+    m = result.metrics
+    return PointResult(point, {k: float(m[k]) for k in POINT_METRICS}, run_id, run_dir, float(m["wall_s"]))
 
 
-def _tag_child(uri: str, run_id: str, parent: str) -> None:
-    """Make ``run_id`` a child of ``parent`` in MLflow's UI; a failure only warns (like all tracking)."""
-    try:
-        from mlflow import MlflowClient
+class SweepRuns:
+    """The sweep's parent MLflow run and a child run per point, made before any trial starts (points waiting
+    show as SCHEDULED); their ids are kept in ``RUN_DIR/sweep_runs.json`` so ``--resume`` reopens them."""
 
-        MlflowClient(uri).set_tag(run_id, "mlflow.parentRunId", parent)
-    except Exception as e:  # noqa: BLE001 - tracking never stops the sweep
-        print(f"sweep: could not tag MLflow run {run_id} as a child of {parent}: {e}", file=sys.stderr)
+    def __init__(self, cfg: SweepConfig, run_dir: Path, context: dict[str, str], points: Sequence[Point]):
+        self.file = run_dir / "sweep_runs.json"
+        saved = json.loads(self.file.read_text()) if self.file.is_file() else {}
+        self.parent = Tracker(cfg.tracking, run_dir, tags=context)
+        parent = self.parent.start({**to_dict(cfg, flat=True), "points": len(points)}, run_id=saved.get("parent"),
+                                   tags={"stage": "sweep"})
+        self.point_tags = {**context, "stage": "rl"} | ({"mlflow.parentRunId": parent} if parent else {})
+        self.point_ids: dict[int, str | None] = {int(k): v for k, v in saved.get("points", {}).items()}
+        if parent is not None and not self.point_ids:
+            self.point_ids = {p.index: self._schedule(cfg, p) for p in points}
+        if parent is not None:
+            write_text(self.file, json.dumps({"parent": parent, "points": self.point_ids}, indent=1))
+
+    def _schedule(self, cfg: SweepConfig, point: Point) -> str | None:
+        """A child run for ``point`` in the SCHEDULED state (None when MLflow does not answer: a warning)."""
+        try:
+            client = self.parent.client()
+            run = client.create_run(client.get_run(self.parent.run_id).info.experiment_id, run_name=point.name,
+                                    tags=self.point_tags)
+            client.update_run(run.info.run_id, status="SCHEDULED")
+            return run.info.run_id
+        except Exception as e:  # noqa: BLE001 - tracking never stops the sweep; the point then makes its own run
+            print(f"sweep: could not create the MLflow run of {point.name}: {e}", file=sys.stderr)
+            return None
+
+    def record(self, result: PointResult) -> None:
+        """The point's metrics into the parent run; a failed point's run marked FAILED with its error."""
+        p = result.point
+        if result.metrics is not None:
+            self.parent.log_metrics({f"sweep/{k}": v for k, v in result.metrics.items()}
+                                    | {"sweep/rho": p.rho, "sweep/clip": p.clip,
+                                       "sweep/incorrect_reward": p.incorrect_reward}, p.index)
+            return
+        run_id = self.point_ids.get(p.index)
+        if run_id is None:
+            return
+        try:
+            client = self.parent.client()
+            client.set_tag(run_id, "threadweaver.error", result.error[:5000])
+            client.set_terminated(run_id, "FAILED")
+        except Exception as e:  # noqa: BLE001 - tracking never stops the sweep
+            print(f"sweep: could not mark the MLflow run of {p.name} failed: {e}", file=sys.stderr)
 
 
 def _write_outputs(results: Sequence[PointResult], run_dir: Path, tracker) -> None:
@@ -330,12 +472,13 @@ def _write_outputs(results: Sequence[PointResult], run_dir: Path, tracker) -> No
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser, "'rho=[0.25,0.5]' max_concurrent=2")
+    add_config_arguments(parser, "'rho=[0.25,0.5]' max_concurrent=2",
+                         resume="continue the sweep in run_dir: finished points kept, the others run (resume=true)")
     parser.add_argument("--plan", action="store_true", help="print the grid points and the values they set and exit")
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg, code = resolve(SweepConfig, args, "sweep")
+    cfg, code = resolve(SweepConfig, args, "sweep", resume_override="resume=true")
     if cfg is None:
         return code
 
@@ -347,7 +490,7 @@ def run(args: argparse.Namespace) -> int:
                 point_config(base, p)
                 print(_plan_line(p))
             return 0
-        results = sweep(cfg)
+        results = sweep(cfg, run_context("sweep", args.config), resume=cfg.resume)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"threadweaver sweep: {e}", file=sys.stderr)
         return 2

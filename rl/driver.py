@@ -155,6 +155,8 @@ class RLConfig:
     max_rollout_restarts: int = field(default=3, metadata={
         "help": "rebuilds of the rollout pool allowed per call (a rollout, a weight sync, an evaluation) after a "
                 "worker or engine died (count)", "range": ">= 0"})
+    progress: bool = field(default=True, metadata={
+        "help": "show a progress bar of the trajectories done in every rollout and held-out evaluation"})
     data: RLDataConfig = field(default_factory=RLDataConfig, metadata={"help": "prompts"})
     rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={
         "help": "sampling (n = k samples per prompt, at least 2: set it) and rollout workers"})
@@ -432,7 +434,7 @@ def train(cfg: RLConfig, tracker: Tracker, on_step: Callable[[int, dict], None] 
             services = start_services(cfg.rollout, cfg.reward, cfg.grpo, cfg.learner, cfg.model, placement)
         run = Run(cfg, tracker, group, services,
                   Rollouts(services, cfg.model, cfg.rollout, cfg.max_rollout_restarts, group.state_dict,
-                           placement.get("rollout", ()) if own_services else ()),
+                           placement.get("rollout", ()) if own_services else (), progress=cfg.progress),
                   PromptStream(len(train_records), cfg.seed, PromptState(**state["data"])), tokenizer, train_records,
                   [chat_prompt_ids(tokenizer, r[cfg.data.prompt_field]) for r in val_chosen],
                   [str(r[cfg.data.answer_field]) for r in val_chosen], eval_page, Counter(state["totals"]),

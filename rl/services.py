@@ -97,13 +97,15 @@ def rollout_died(e: BaseException) -> bool:
 
 
 class Rollouts:
-    """The rollout pool with recovery: a dead worker rebuilds the pool, loads the current weights, retries."""
+    """The rollout pool with recovery: a dead worker rebuilds the pool, loads the current weights, retries.
+    With ``progress`` every call shows a bar of the trajectories done out of all asked for."""
 
     def __init__(self, services: Services, model_dir: str | Path, cfg: RolloutConfig, max_restarts: int,
-                 weights: Callable[[], dict], actor_options: Sequence[Mapping] = ()):
+                 weights: Callable[[], dict], actor_options: Sequence[Mapping] = (), progress: bool = False):
         self.services, self.model_dir, self.cfg = services, str(model_dir), cfg
         self.actor_options = actor_options
         self.max_restarts, self.weights = max_restarts, weights
+        self.progress = progress
         self.restarts = 0
 
     def _call(self, what: str, fn):
@@ -135,7 +137,14 @@ class Rollouts:
         self.services.rollout = None
 
     def generate(self, prompts: Sequence[Sequence[int]], config: RolloutConfig):
-        return self._call("a rollout", lambda pool: pool.generate(prompts, config=config))
+        if not self.progress:
+            return self._call("a rollout", lambda pool: pool.generate(prompts, config=config))
+        from tqdm import tqdm  # lazy: only with a progress bar
+
+        mode = "sequential" if config.sequential else "parallel"
+        with tqdm(total=len(prompts) * config.n, desc=f"rollouts ({mode})", unit="traj", leave=False) as bar:
+            return self._call("a rollout", lambda pool: pool.generate(
+                prompts, config=config, progress=lambda k: bar.update(k - bar.n)))
 
     def update_weights(self, state_dict: dict):
         return self._call("a weight sync", lambda pool: pool.update_weights(state_dict))

@@ -35,8 +35,14 @@ and per evaluation), ``eval/step_N.jsonl`` (every decoded validation
 response), ``checkpoints/``, ``final`` (a link to the last checkpoint; its
 ``hf/`` folder is what vLLM and the RL stage load), ``summary.json``.
 
-The caller starts Ray (or joins a cluster): ``threadweaver sft`` does
-(``cluster.cmd_sft``); this module never imports the command layer.
+Metrics go to the tracker the caller passes (:mod:`rl.tracker`) as they happen:
+``train/...`` every step, ``eval/...`` at every evaluation, the parameters at
+the start; its run id is saved in each checkpoint, so ``resume=auto`` reopens
+the same run.
+
+The caller starts Ray (or joins a cluster) and builds the tracker:
+``threadweaver sft`` does (``cluster.cmd_sft``); this module never imports the
+command layer.
 
 Usage: ``threadweaver sft --config experiments/sft_tiny.yaml [key.sub=value ...]``.
 """
@@ -52,12 +58,13 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 import yaml
 
 from rl import checkpoint
-from rl.checkpoint import Stop  # noqa: F401 - part of this module's API: on_step hooks raise it
+from rl.checkpoint import Stop
 from rl.learner import LearnerConfig, LearnerGroup
 from rl.memory_plan import ModelShape, Plan, PlanConfig, check_plan, make_plan, model_shape
 from rl.metrics_log import MetricsLog
 from rl.sft_data import StreamState, TaskData, TrieStream, check_data_config, ensure_task_data, timed_build
 from rl.sft_eval import EvalConfig, Evaluator, records_to_dicts
+from rl.tracker import NoTracker, Tracker
 from rl.trie import pack_tries, tree_stats
 from rollout.config import check_ranges, to_dict
 from rollout.files import atomic_write, check_model_dir, check_output_dir, write_text
@@ -222,6 +229,7 @@ class SFTRun:
     tokens_seen: float = 0.0
     last_eval: dict = field(default_factory=dict)
     log: MetricsLog | None = None
+    tracker: Tracker = field(default_factory=NoTracker)
 
     @property
     def run_dir(self) -> Path:
@@ -229,7 +237,8 @@ class SFTRun:
 
     def trainer_state(self) -> dict:
         return {"train_s": self.train_s, "eval_s": self.eval_s, "tokens_seen": self.tokens_seen,
-                "data": vars(self.stream.state).copy(), "layout": self.cfg.data.layout}
+                "data": vars(self.stream.state).copy(), "layout": self.cfg.data.layout,
+                "mlflow_run_id": self.tracker.run_id}
 
     def save(self) -> None:
         self.log.sync()  # the records up to a checkpoint are on disk with it
@@ -244,6 +253,7 @@ class SFTRun:
             for r in records_to_dicts(records):
                 f.write(json.dumps(r) + "\n")
         self.log.write({"kind": "eval", "step": self.step, "train_s": self.train_s, **metrics})
+        self.tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, self.step)
         self.last_eval = metrics
         return metrics
 
@@ -261,6 +271,7 @@ class SFTRun:
                        examples_seen=self.stream.state.served, tokens_seen=self.tokens_seen,
                        token_accuracy=metrics.get("correct", 0.0) / max(1.0, metrics["targets"]))
         self.log.write({"kind": "train", **metrics})
+        self.tracker.log_metrics({f"train/{k}": v for k, v in metrics.items() if k != "step"}, self.step)
         return metrics
 
     def show_progress(self, metrics: dict, bar) -> None:
@@ -312,13 +323,15 @@ def _loop(run: SFTRun, on_step: Callable[[int, dict], None] | None, resumed: boo
 
 
 def train(cfg: SFTConfig, on_step: Callable[[int, dict], None] | None = None,
-          placement: Mapping[str, Sequence[Mapping]] | None = None) -> dict:
+          tracker: Tracker | None = None, placement: Mapping[str, Sequence[Mapping]] | None = None) -> dict:
     """Run the SFT stage (see module doc) on a started Ray; returns the summary also written to ``summary.json``.
 
     ``on_step(step, metrics)`` is called after every optimizer step (and
     after that step's checkpoint); raising :class:`Stop` in it ends the run
-    on the spot, without a final checkpoint or evaluation. ``placement`` maps ``learner`` and ``eval`` to
-    their actors' extra Ray ``.options`` (placement group bundles reserved by the caller).
+    on the spot, without a final checkpoint or evaluation (the tracked run is
+    left open, as a killed process would). ``tracker`` (none: no tracking)
+    receives the parameters and metrics and is closed at the end. ``placement`` maps ``learner`` and ``eval``
+    to their actors' extra Ray ``.options`` (placement group bundles reserved by the caller).
     """
     from rollout.tiny import load_tokenizer  # lazy: transformers takes seconds to import; --show-config needs none
 
@@ -333,6 +346,8 @@ def train(cfg: SFTConfig, on_step: Callable[[int, dict], None] | None = None,
     tries, data_info = build_training_tries(cfg, tokenizer, train_records)
     group = None
     evaluator = None
+    tracker = tracker or NoTracker()
+    status = "FAILED"
     try:
         placement = placement or {}
         group = LearnerGroup(cfg.learner, model_dir, total_steps=cfg.steps, actor_options=placement.get("learner", ()))
@@ -340,24 +355,38 @@ def train(cfg: SFTConfig, on_step: Callable[[int, dict], None] | None = None,
         if resume is not None:
             state = checkpoint.load(group, resume)
             print(f"sft: resumed from {resume} at step {state['step']}", flush=True)
+        run_id = tracker.start(to_dict(cfg, flat=True), run_id=state.get("mlflow_run_id"),
+                               tags={"stage": "sft", "layout": cfg.data.layout})
+        if run_id is not None:
+            print(f"sft: MLflow run {run_id} at {tracker.uri}", flush=True)
         if cfg.eval.every or cfg.eval.at_end:
             evaluator = Evaluator(cfg.eval, model_dir, tokenizer, val_records,
                                   sequential=cfg.data.layout == "sequential", prompt_field=cfg.data.prompt_field,
                                   answer_field=cfg.data.answer_field, actor_options=placement.get("eval", ()))
         run = SFTRun(cfg, group, TrieStream(tries, cfg.seed, StreamState(**state["data"])), evaluator,
                      step=state["step"], train_s=state["train_s"], eval_s=state["eval_s"],
-                     tokens_seen=state["tokens_seen"])
+                     tokens_seen=state["tokens_seen"], tracker=tracker)
         final_eval = _loop(run, on_step, resumed=resume is not None)
         summary = {
             "layout": cfg.data.layout, "steps": run.step, "train_s": run.train_s, "eval_s": run.eval_s,
             "wall_s": time.perf_counter() - wall_start, "tokens_seen": run.tokens_seen,
             "examples_seen": run.stream.state.served, "epochs": run.stream.state.served / len(tries),
             "checkpoint": str(run_dir / "final" / "hf"), "data": data_info,
-            "eval": final_eval,
+            "eval": final_eval, "mlflow_run_id": tracker.run_id, "tracking_uri": tracker.uri,
         }
         write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+        tracker.log_artifact(run_dir / "summary.json")
+        status = "FINISHED"
         return summary
+    except Stop:
+        status = None  # a simulated kill: leave the tracked run open as a killed process would
+        raise
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
+        if status is not None:
+            tracker.finish(status)
         if evaluator is not None:
             evaluator.close()
         if group is not None:

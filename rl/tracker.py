@@ -33,3 +33,23 @@ class Tracker(Protocol):
 
     def finish(self, status: str = "FINISHED") -> None:
         """Close the run with ``status`` (FINISHED, FAILED, KILLED)."""
+
+
+class NoTracker:
+    """A :class:`Tracker` that tracks nothing (a stage run without experiment tracking)."""
+
+    run_id: str | None = None
+    uri: str | None = None
+
+    def start(self, params: Mapping[str, Any], run_id: str | None = None,
+              tags: Mapping[str, str] | None = None) -> str | None:
+        return None
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def finish(self, status: str = "FINISHED") -> None:
+        pass

@@ -7,6 +7,9 @@ accelerator, no MLflow telemetry, no tokenizer thread pools.
 Fixtures (all session-scoped, so the model is written and the engine started
 once per test run):
 
+* (automatic) ``MLFLOW_TRACKING_URI`` names a store of the test session, unless
+  it is set: runs that track by default never land in the repository's
+  ``runs/mlflow.db``.
 * ``tiny_model_dir`` — a freshly written tiny model (``rollout.tiny.init_model``,
   seed 0) in a temporary directory. Treat it as read-only: write checkpoints
   elsewhere.
@@ -33,6 +36,19 @@ for _name, _value in {
     "TOKENIZERS_PARALLELISM": "false",
 }.items():
     os.environ.setdefault(_name, _value)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_tracking_store(tmp_path_factory: pytest.TempPathFactory):
+    if "MLFLOW_TRACKING_URI" in os.environ:
+        yield os.environ["MLFLOW_TRACKING_URI"]
+        return
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        yield uri
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 @pytest.fixture(scope="session")

@@ -153,8 +153,9 @@ def test_stage1_rule_run_writes_records_that_check(tmp_path, tokenizer_dir, caps
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in records[:6] + [wrong, broken] + records[6:]))
     out = tmp_path / "out" / "stage1.jsonl"
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
     rc = main(["datagen", "stage1", "-c", str(ROOT / "experiments/datagen_stage1_rule.yaml"),
-               f"input={src}", f"out={out}", "progress=false"])
+               f"input={src}", f"out={out}", "progress=false", f"tracking.uri={uri}"])
     printed = capsys.readouterr().out
     assert rc == 0
     assert "kept 12 of 14 traces" in printed and "wrong_answer 1" in printed and "no_think 1" in printed
@@ -173,6 +174,20 @@ def test_stage1_rule_run_writes_records_that_check(tmp_path, tokenizer_dir, caps
     assert stats["rejected_by_step"] == {"input": 1, "validate": 1}
     assert main(["check", str(out), "--tokenizer", str(tokenizer_dir)]) == 0
     assert "12/12 valid" in capsys.readouterr().out
+
+    from mlflow import MlflowClient  # the run: live progress, final counts, input and output with their hashes
+
+    from cluster.lineage import file_hash
+
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("datagen_stage1_rule").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["stage"] == "datagen_stage1"
+    done = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "datagen/done")]
+    assert done[0] == (1, 1.0) and done[-1] == (14, 14.0)  # the first record, then at most every 2 s, the last
+    assert run.data.metrics["datagen/kept"] == 12
+    assert run.data.tags["threadweaver.output_sha256"] == file_hash(out)
+    (inp,) = client.get_run(run.info.run_id).inputs.dataset_inputs
+    assert json.loads(inp.dataset.profile)["sha256"] == file_hash(src)
 
 
 def test_cli_config_errors_and_keys(tmp_path, capsys):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from cluster.config import ConfigError, load_config
-from cluster.pipeline import PipelineConfig, check_config, log_metrics_file, run_pipeline, stage_config
+from cluster.pipeline import PipelineConfig, Progress, check_config, planned_stages, run_pipeline, stage_config
 from rl.sft import SFTConfig
 
 
@@ -73,26 +73,6 @@ def test_a_used_run_dir_is_refused_unless_reuse_and_an_unfinished_stage_is_kept_
     assert (tmp_path / "sft_parallel.incomplete-2" / "kept.txt").read_text() == "x"
 
 
-class _Recorder:
-    def __init__(self):
-        self.logged = []
-
-    def log_metrics(self, metrics, step):
-        self.logged.append((step, dict(metrics)))
-
-
-def test_stage_metrics_file_is_replayed_step_by_step(tmp_path, capsys):
-    path = tmp_path / "metrics.jsonl"
-    path.write_text(json.dumps({"kind": "train", "step": 1, "loss": 2.0}) + "\n"
-                    + json.dumps({"kind": "eval", "step": 2, "accuracy": 0.5}) + "\n"
-                    + '{"kind": "train", "step": 3, "lo')  # a stage killed while writing its last line
-    rec = _Recorder()
-    assert log_metrics_file(rec, path) == 2
-    assert rec.logged == [(1, {"train/loss": 2.0}), (2, {"eval/accuracy": 0.5})]
-    assert "skipped 1 line(s) that are not JSON objects" in capsys.readouterr().err
-    assert log_metrics_file(rec, tmp_path / "missing.jsonl") == 0
-
-
 def test_cli_needs_a_file():
     from cluster.cli import main
 
@@ -105,12 +85,14 @@ def test_every_stage_runs_at_toy_size_into_one_mlflow_parent_run(tmp_path):
     from mlflow import MlflowClient
 
     run_dir = tmp_path / "p"
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
     overrides = [f"run_dir={run_dir}", "data.train_size=40", "data.validation_size=4", "data.test_size=4",
                  "data.task.max_threads=3", "sft.steps=2", "sft.tokens_per_step=900", "sft.learner.row_tokens=600",
                  "sft.learner.threads_per_rank=1", "rl.steps=1", "rl.prompts_per_step=2", "rl.rollout.n=2",
                  "rl.rollout.max_tokens=48", "rl.eval.prompts=2", "eval.limit=3", "eval.rollout.max_tokens=48",
-                 "eval.pages=2", "tracking.experiment=pipeline-test"]
-    record = run_pipeline(load_config(PipelineConfig, "experiments/pipeline_tiny.yaml", overrides))
+                 "eval.pages=2", "tracking.experiment=pipeline-test", f"tracking.uri={uri}"]
+    record = run_pipeline(load_config(PipelineConfig, "experiments/pipeline_tiny.yaml", overrides),
+                          ["experiments/pipeline_tiny.yaml"])
     assert list(record["stages"]) == ["data", "sft_parallel", "sft_sequential", "rl_parallel", "rl_sequential",
                                       "eval"]
     report = (run_dir / "report.md").read_text()
@@ -120,15 +102,104 @@ def test_every_stage_runs_at_toy_size_into_one_mlflow_parent_run(tmp_path):
     seq = [json.loads(x) for x in open(run_dir / "eval" / "tiny_sequential.jsonl")]
     assert len(par) == len(seq) == 3
 
-    client = MlflowClient(f"sqlite:///{run_dir.resolve()}/mlflow.db")
-    runs = client.search_runs([client.get_experiment_by_name("pipeline-test").experiment_id])
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("pipeline-test")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    children = sorted(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id)
-    assert children == sorted(record["stages"])  # one child run per stage
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    assert sorted(children) == sorted(record["stages"])  # one child run per stage
+    assert all(r.info.status == "FINISHED" for r in children.values())
+    for r in runs:  # lineage of the code and the command on every run
+        assert len(r.data.tags["mlflow.source.git.commit"]) == 40 and r.data.tags["threadweaver.git_dirty"]
+        assert r.data.tags["threadweaver.config"].endswith("experiments/pipeline_tiny.yaml")
     metrics = set(parents[0].data.metrics)
     assert {"eval/tiny/parallel/accuracy", "eval/tiny/sequential/L_crit", "time/total_s"} <= metrics
+    models = {m.name: m for m in client.search_logged_models(experiment_ids=[experiment.experiment_id])}
+    assert sorted(models) == ["rl_parallel", "rl_sequential", "sft_parallel", "sft_sequential"]
+    for name, m in models.items():  # each training run's final checkpoint, pointed at
+        assert m.source_run_id == children[name].info.run_id
+        assert m.tags["threadweaver.checkpoint"] == str(Path(record["stages"][name]["checkpoint"]).resolve())
+    for layout in ("parallel", "sequential"):  # RL starts from the SFT run's checkpoint
+        tags = children[f"rl_{layout}"].data.tags
+        assert tags["threadweaver.source_run_id"] == children[f"sft_{layout}"].info.run_id
+        assert tags["threadweaver.source_model_id"] == models[f"sft_{layout}"].model_id
+    assert {i.dataset.name for i in client.get_run(children["rl_parallel"].info.run_id).inputs.dataset_inputs} == {
+        "train", "validation"}
+    assert "eval/tiny/speedup" in {m.key for m in models["rl_parallel"].metrics}  # the eval's, on the model
+
+    # an RL ablation from the pipeline's SFT checkpoint lands in the same store, tagged with its source
+    from cluster.cmd_rl import RLRunConfig, run_rl
+    from cluster.lineage import run_context
+
+    ablation = load_config(RLRunConfig, "experiments/rl_tiny.yaml", [
+        f"model={record['stages']['sft_parallel']['checkpoint']}", f"data.dir={record['stages']['data']['dir']}",
+        "data.generate=false", f"run_dir={tmp_path / 'rl_std'}", "grpo.advantage=std", "steps=1",
+        "prompts_per_step=2", "rollout.n=2", "rollout.max_tokens=48", "eval.at_start=false", "eval.prompts=2",
+        "save_every=0", f"tracking.uri={uri}", "tracking.experiment=rl_tiny"])
+    summary = run_rl(ablation, tags=run_context("rl", ["experiments/rl_tiny.yaml"]))
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.data.tags["threadweaver.source_run_id"] == children["sft_parallel"].info.run_id
+    assert run.data.params["grpo.advantage"] == "std"
+    assert client.get_logged_model(summary["model_id"]).source_run_id == run.info.run_id
 
     again = run_pipeline(load_config(PipelineConfig, "experiments/pipeline_tiny.yaml", overrides + ["reuse=true"]))
     same = json.dumps(again["stages"], sort_keys=True) == json.dumps(record["stages"], sort_keys=True)  # NaN-safe
     assert same  # every stage reused, nothing rerun
+
+
+def test_report_embeds_training_curves_and_the_histogram_and_they_load_in_chromium(tmp_path):
+    """The final report from stage outputs (written by hand: no engines), rendered to HTML and opened in headless
+    Chromium, which must load every image (naturalWidth > 0)."""
+    import html
+    import re
+    import subprocess
+
+    from cluster.pipeline import _final_report
+    from cluster.report import CURVES
+
+    chromium = Path("/usr/bin/chromium")
+    if not chromium.exists():
+        pytest.skip(f"{chromium} is missing: install Debian's chromium (apt-get install -y chromium)")
+    run_dir = tmp_path / "run dir"  # a space: links must still resolve
+    for name, base in (("rl_parallel", 1.0), ("rl_sequential", 0.9)):
+        (run_dir / name).mkdir(parents=True)
+        lines = [{"kind": "eval", "step": 0, "eval/parallel/accuracy": 0.5}]
+        lines += [{"kind": "train", "step": s, "train/reward": base + 0.1 * s, "train/correct": 0.5 + 0.1 * s,
+                   "train/activation": 0.2 * s, "train/L_crit": 100.0 - s} for s in range(1, 5)]
+        (run_dir / name / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (run_dir / "eval").mkdir()
+    (run_dir / "eval" / "report.md").write_text("# Evaluation\n\n| model | acc |\n|---|---:|\n| a | 1 |\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure()
+    fig.savefig(run_dir / "eval" / "speedup_hist.png")
+    plt.close(fig)
+    record = {"stages": {n: {"wall_s": 60.0, "checkpoint": f"/x/{n}"} for n in ("rl_parallel", "rl_sequential")}}
+    report = _final_report(run_dir, record, {"report": str(run_dir / "eval" / "report.md")}, 120.0)
+    text = report.read_text()
+    assert "![training curves](training_curves.png)" in text and "![speedup histogram](eval/speedup_hist.png)" in text
+    assert (run_dir / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(CURVES) == 4
+
+    probe = """<pre id="probe"></pre><script>window.addEventListener('load', () => {
+      document.getElementById('probe').textContent = JSON.stringify([...document.images].map(
+        i => ({src: i.getAttribute('src'), ok: i.complete && i.naturalWidth > 0, w: i.naturalWidth})));
+    });</script>"""
+    page = run_dir / "report_probe.html"  # next to report.html, so relative links resolve the same way
+    page.write_text((run_dir / "report.html").read_text().replace("</body>", probe + "</body>"))
+    done = subprocess.run(
+        [str(chromium), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    m = re.search(r'<pre id="probe">(.*?)</pre>', done.stdout, re.S)
+    assert m and m.group(1), "the page did not finish loading in Chromium"
+    images = json.loads(html.unescape(m.group(1)))
+    assert [i["src"] for i in images] == ["training_curves.png", "eval/speedup_hist.png"]
+    assert all(i["ok"] for i in images), images

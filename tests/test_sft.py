@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -118,7 +119,7 @@ def ray_cluster():
     ray.shutdown()
 
 
-def _config(run_dir, data_dir, model_dir, **kw):
+def _config(run_dir, data_dir, model_dir, cls=None, **kw):
     from cluster.config import load_config
     from rl.sft import SFTConfig
 
@@ -128,7 +129,7 @@ def _config(run_dir, data_dir, model_dir, **kw):
                  "eval.at_end=false", "learner.lr=3e-3", "learner.warmup_steps=2", "learner.row_tokens=600",
                  "learner.cpus_per_rank=1", "learner.threads_per_rank=1"]
     overrides += [f"{k}={v}" for k, v in kw.items()]
-    return load_config(SFTConfig, None, overrides)
+    return load_config(cls or SFTConfig, None, overrides)
 
 
 @pytest.fixture(scope="module")
@@ -227,3 +228,39 @@ def test_sft_checkpoint_loads_in_vllm_with_the_learner_logprobs(full_run, tiny_m
     assert [r.index for r in decoded] == [0, 1, 2] and metrics["prompts"] == 3
     assert all(r.L_total > 0 and r.answer == rec["answer"] for r, rec in zip(decoded, records))
     assert sum(v for k, v in metrics.items() if k.startswith("finish/")) == pytest.approx(1.0)
+
+
+@pytest.mark.integration
+def test_sft_command_logs_live_metrics_lineage_and_the_checkpoint_as_a_logged_model(ray_cluster, tiny_model_dir,
+                                                                                     tmp_path):
+    """Metrics are in MLflow while the run goes (read back from MLflow in the step hook), the data files are
+    dataset inputs, the final checkpoint a logged model pointing at it with the final evaluation attached."""
+    from mlflow import MlflowClient
+
+    from cluster.cmd_sft import SFTRunConfig, run_sft
+    from cluster.lineage import run_context, source_of
+    from cluster.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = _config(tmp_path / "run", tmp_path / "data", tiny_model_dir, cls=SFTRunConfig, steps=3, save_every=0,
+                  **{"eval.at_end": "true", "eval.prompts": 2, "eval.max_tokens": 48, "tracking.uri": uri,
+                     "tracking.experiment": "sft_live"})
+    client = MlflowClient(uri)
+    seen = {}
+
+    def read_back(step, metrics):
+        run = client.search_runs([client.get_experiment_by_name("sft_live").experiment_id])[0]
+        seen[step] = (run.info.status, [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")])
+
+    summary = run_sft(cfg, on_step=read_back, tracker=Tracker(cfg.tracking, cfg.run_dir,
+                                                               tags=run_context("sft", [])))
+    assert seen[2] == ("RUNNING", [1, 2])  # live: step 2's loss is in MLflow before step 3 starts
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and len(run.data.tags["mlflow.source.git.commit"]) == 40
+    assert sorted(i.dataset.name for i in run.inputs.dataset_inputs) == ["train", "validation"]
+    assert "eval/accuracy" in run.data.metrics
+    (model,) = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert model.model_id == summary["model_id"] and model.source_run_id == run.info.run_id
+    assert model.tags["threadweaver.checkpoint"] == str(Path(summary["checkpoint"]).resolve())
+    assert {m.key for m in model.metrics} >= {"eval/accuracy", "eval/L_crit"}
+    assert source_of(summary["checkpoint"])["model_id"] == model.model_id

@@ -35,7 +35,7 @@ def test_grid_sets_the_weights_turns_the_preset_off_and_keeps_the_accel_form(tmp
     assert point_config(replace(base, reward=replace(base.reward, preset=None, accel_form="clip_then_scale")),
                         points[1]).reward.accel_form == "clip_then_scale"
     assert rl.run_dir == str(tmp_path / points[1].name) and rl.tracking.uri == "sqlite:///x.db"
-    assert rl.tracking.run_name == points[1].name and rl.tracking.experiment == "threadweaver-sweep"
+    assert rl.tracking.run_name == points[1].name and rl.tracking.experiment == cfg.tracking.experiment
 
 
 def test_bad_sweeps_are_refused():
@@ -85,7 +85,7 @@ def test_two_point_sweep_runs_child_runs_and_plots(tiny_model_dir, tmp_path):
     cfg = load_config(SweepConfig, None, [
         f"rl_config=[{RL_TINY}]", f"overrides={json.dumps(rl_overrides)}", "rho=[0.5,1.0]", "clip=[0.2]",
         "incorrect_reward=[0.0]", f"run_dir={tmp_path / 'sweep'}", "share_rollout=true",
-        "tracking.experiment=sweep-test", "ray.num_cpus=3"])
+        "tracking.experiment=sweep-test", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "ray.num_cpus=3"])
     results = sweep(cfg)
     assert [r.error for r in results] == [None, None]
     assert [r.point.rho for r in results] == [0.5, 1.0]
@@ -104,7 +104,7 @@ def test_two_point_sweep_runs_child_runs_and_plots(tiny_model_dir, tmp_path):
     out = tmp_path / "sweep"
     assert (out / "sweep_plot.png").stat().st_size > 5000
     assert "p01_rho1_clip0.2_inc0" in (out / "sweep.md").read_text()
-    client = MlflowClient(f"sqlite:///{out.resolve()}/mlflow.db")
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("sweep-test").experiment_id])
     parents = [r for r in runs if r.data.tags.get("stage") == "sweep"]
     children = [r for r in runs if r.data.tags.get("stage") == "rl"]
@@ -116,3 +116,121 @@ def test_two_point_sweep_runs_child_runs_and_plots(tiny_model_dir, tmp_path):
     assert {"sweep.md", "sweep.json", "sweep_plot.png"} <= artifacts
     history = client.get_metric_history(parents[0].info.run_id, "sweep/L_crit")
     assert sorted(m.step for m in history) == [0, 1]
+
+
+def test_the_model_comes_from_the_sweep_the_rl_config_or_the_newest_pipeline(tmp_path):
+    import os
+
+    from cluster.sweep import start_model
+
+    def pipeline(name, mtime):
+        ckpt = tmp_path / "runs" / name / "sft_parallel" / "final" / "hf"
+        ckpt.mkdir(parents=True)
+        (ckpt / "config.json").write_text("{}")
+        record = tmp_path / "runs" / name / "pipeline.json"
+        record.write_text(json.dumps({"stages": {"data": {"dir": f"/d/{name}"}, "sft_parallel": {"checkpoint": str(ckpt)}}}))
+        os.utime(record, (mtime, mtime))
+        return str(ckpt)
+
+    cfg = load_config(SweepConfig, None, [f"rl_config=[{RL_TINY}]", f"pipelines={tmp_path / 'runs'}",
+                                          f"overrides=[model={tmp_path / 'missing'}, data.dir={tmp_path / 'nodata'}]"])
+    base = base_config(cfg)
+    with pytest.raises(ValueError, match=r"no model to start from.*set model=DIR"):
+        start_model(cfg, base)
+    (tmp_path / "runs" / "broken").mkdir(parents=True)
+    (tmp_path / "runs" / "broken" / "pipeline.json").write_text("{not json")
+    pipeline("old", 1_000_000)
+    newest = pipeline("new", 2_000_000)
+    values, origin = start_model(cfg, base)
+    assert values == {"model": newest, "data.dir": "/d/new", "data.generate": False}
+    assert "newest pipeline's parallel SFT checkpoint" in origin
+
+    given = replace(cfg, model=pipeline("given", 0))
+    assert start_model(given, base)[0] == {"model": given.model}
+    with pytest.raises(ValueError, match="model"):
+        start_model(replace(cfg, model=str(tmp_path / "nope")), base)
+    own = base_config(replace(cfg, overrides=[f"model={newest}"]))
+    assert start_model(cfg, own) == ({}, f"model {newest} (the RL config's model)")
+
+
+@pytest.mark.integration
+def test_a_killed_sweep_resumed_reruns_only_the_unfinished_point(tiny_model_dir, tmp_path):
+    """Two points on Ray Tune; the command is killed (SIGKILL to its process group) once the second point has
+    started; --resume keeps the first point as it was and runs the second, in the MLflow runs made at the
+    start."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    rl_overrides = [
+        f"model={tiny_model_dir}", f"data.dir={tmp_path / 'data'}", "data.generate=true", "data.train_size=40",
+        "data.validation_size=4", "data.test_size=4", "steps=2", "prompts_per_step=2", "save_every=1",
+        "rollout.n=2", "rollout.max_tokens=32", "rollout.max_context=256", "rollout.max_thread_tokens=16",
+        "rollout.weight_bucket_mb=0.5", "reward.format_penalty=1.0", "reward.num_actors=1", "learner.lr=3e-3",
+        "learner.row_tokens=512", "learner.threads_per_rank=1", "eval.at_start=false", "eval.every=0",
+        "eval.prompts=2", "eval.modes=[parallel]", "progress=false"]
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "cluster.cli", "sweep", f"rl_config=[{RL_TINY}]",
+           f"overrides={json.dumps(rl_overrides)}", "rho=[0.5,1.0]", "clip=[0.2]", "incorrect_reward=[0.0]",
+           f"run_dir={out}", "share_rollout=true", "tracking.experiment=sweep-resume", f"tracking.uri={uri}",
+           "ray.num_cpus=3"]
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    first, second = out / "p00_rho0.5_clip0.2_inc0", out / "p01_rho1_clip0.2_inc0"
+    deadline = time.monotonic() + 900
+    try:
+        while not (second / "config.yaml").exists():  # the first point finished, the second has begun
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the second point did not start within 15 minutes"
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert (first / "summary.json").is_file() and not (second / "summary.json").exists()
+    kept = (first / "summary.json").stat().st_mtime_ns
+    client = MlflowClient(uri)
+    runs_before = {r.info.run_name: r.info.run_id for r in
+                   client.search_runs([client.get_experiment_by_name("sweep-resume").experiment_id])}
+
+    done = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (first / "summary.json").stat().st_mtime_ns == kept  # the finished point was not run again
+    assert json.loads((second / "summary.json").read_text())["steps"] == 2
+    results = json.loads((out / "sweep.json").read_text())
+    assert [r["error"] for r in results] == [None, None]
+    runs = client.search_runs([client.get_experiment_by_name("sweep-resume").experiment_id])
+    assert {r.info.run_name: r.info.run_id for r in runs} == runs_before  # the same runs, none added
+    assert all(r.info.status == "FINISHED" for r in runs)
+    parent = runs_before["sweep"]
+    assert {r.data.tags.get("mlflow.parentRunId") for r in runs if r.info.run_id != parent} == {parent}
+
+
+def test_resume_needs_an_earlier_sweep_and_a_fresh_sweep_refuses_one(tmp_path):
+    from cluster.sweep import sweep
+
+    cfg = load_config(SweepConfig, None, [f"rl_config=[{RL_TINY}]", f"run_dir={tmp_path / 'sweep'}"])
+    with pytest.raises(ValueError, match="holds no sweep to resume"):
+        sweep(cfg, resume=True)
+    (tmp_path / "sweep" / "tune").mkdir(parents=True)
+    with pytest.raises(ValueError, match="holds an earlier sweep: --resume continues it"):
+        sweep(cfg)
+
+
+def test_a_trial_runs_its_point_without_a_placement_group_per_role(tmp_path):
+    """A trial's Tune group holds every actor of its run: the point's config turns ``ray.placement`` off, so
+    ``run_rl`` reserves no second group per role (which would ask for the trial's CPUs again and wait)."""
+    from cluster.cmd_rl import roles
+    from cluster.ray_setup import reserve_roles
+    from cluster.sweep import absolute
+
+    cfg = load_config(SweepConfig, None, [f"rl_config=[{RL_TINY}]", f"run_dir={tmp_path}", "rho=[0.5]"])
+    base = base_config(cfg)
+    assert base.ray.placement  # the rl command's default: a group per role
+    rl = absolute(point_config(base, grid(cfg, None)[0]))
+    assert not rl.ray.placement and rl.resume == "auto" and Path(rl.run_dir).is_absolute()
+    assert reserve_roles(rl.ray, roles(rl)) is None  # no Ray needed: nothing is reserved

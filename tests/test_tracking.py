@@ -59,12 +59,13 @@ def test_params_and_metrics_are_made_loggable(caplog):
                                                                                       "e/f": 2.5}
 
 
-def test_uri_from_config_then_environment_then_local(tmp_path, monkeypatch):
+def test_uri_from_config_then_environment_then_the_project_store(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert resolve_uri(TrackingConfig(), tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    monkeypatch.chdir(tmp_path)
+    assert resolve_uri(TrackingConfig()) == f"sqlite:///{tmp_path.resolve()}/runs/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    assert resolve_uri(TrackingConfig(), tmp_path) == "http://127.0.0.1:5000"
-    assert resolve_uri(TrackingConfig(uri="sqlite:///x.db"), tmp_path) == "sqlite:///x.db"
+    assert resolve_uri(TrackingConfig()) == "http://127.0.0.1:5000"
+    assert resolve_uri(TrackingConfig(uri="sqlite:///x.db")) == "sqlite:///x.db"
     assert local_artifact_root(f"sqlite:///{tmp_path}/m.db") == str(tmp_path.resolve() / "mlartifacts")
     assert local_artifact_root("http://127.0.0.1:5000") is None
 

@@ -41,7 +41,7 @@ from collections import Counter
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Callable, Literal, Protocol
 
 from rewards.answer import extract_answer
 from rewards.checker import Verdict
@@ -184,8 +184,10 @@ def count_rejections(outcomes: list[Outcome]) -> dict[str, dict[str, int]]:
 
 
 def run_stage1(cfg: Stage1Config, rewriter: Rewriter, checker: Checker, *,
-               client: TeacherClient | None = None) -> Stage1Result:
-    """Process every record of ``cfg.input`` and write the outputs (see the module docstring)."""
+               client: TeacherClient | None = None,
+               on_progress: Callable[[int, int, int], None] | None = None) -> Stage1Result:
+    """Process every record of ``cfg.input`` and write the outputs (see the module docstring);
+    ``on_progress(done, kept, total)`` is called after every record."""
     from tqdm import tqdm
 
     if not cfg.input or not cfg.out:
@@ -195,14 +197,17 @@ def run_stage1(cfg: Stage1Config, rewriter: Rewriter, checker: Checker, *,
     workers = cfg.teacher.concurrency if rewriter.name == "teacher" else 1
     outcomes: list[Outcome | None] = [None] * len(records)
     with tqdm(total=len(records), desc="stage 1", unit="trace", disable=not cfg.progress) as bar:
-        kept = 0
+        kept = n_done = 0
 
         def done(o: Outcome) -> None:
-            nonlocal kept
+            nonlocal kept, n_done
             outcomes[o.index] = o
             kept += o.response is not None
+            n_done += 1
             bar.update(1)
             bar.set_postfix(kept=kept, refresh=False)
+            if on_progress is not None:
+                on_progress(n_done, kept, len(records))
 
         if workers == 1:
             for i, rec in enumerate(records):

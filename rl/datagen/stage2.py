@@ -208,8 +208,10 @@ def summary(stats: dict) -> str:
     return "\n".join(lines)
 
 
-def pool_sampler(cfg: Stage2Config, ray_address: str | None = None) -> tuple[Sampler, Callable[[], None]]:
-    """A sampler over the Ray rollout pool, and the function that shuts the pool down.
+def pool_sampler(cfg: Stage2Config, ray_address: str | None = None,
+                 on_progress: Callable[[int, int], None] | None = None) -> tuple[Sampler, Callable[[], None]]:
+    """A sampler over the Ray rollout pool, and the function that shuts the pool down;
+    ``on_progress(done, total)`` is called as trajectories finish.
 
     Ray is started (or joined: ``ray_address``, else ``RAY_ADDRESS``) unless this process already has it
     (the commands start it from their ``ray`` section); only a Ray started here is shut down with the pool.
@@ -230,7 +232,14 @@ def pool_sampler(cfg: Stage2Config, ray_address: str | None = None) -> tuple[Sam
     def sample(prompt_ids: list[list[int]]) -> list[Trajectory]:
         with tqdm(total=len(prompt_ids) * cfg.rollout.n, desc="stage 2", unit="traj",
                   disable=not cfg.progress) as bar:
-            out = pool.generate(prompt_ids, progress=lambda k: bar.update(k - bar.n))
+            total = len(prompt_ids) * cfg.rollout.n
+
+            def progress(k: int) -> None:
+                bar.update(k - bar.n)
+                if on_progress is not None:
+                    on_progress(k, total)
+
+            out = pool.generate(prompt_ids, progress=progress)
             bar.update(len(out) - bar.n)
         return out
 
