@@ -179,18 +179,20 @@ class _KillingPool:
     def __getattr__(self, name):
         return getattr(self.pool, name)
 
-    def generate(self, prompts, **kw):
+    def generate(self, prompts, progress=None, **kw):
         import ray
 
         if self.killed:
-            return self.pool.generate(prompts, **kw)
+            return self.pool.generate(prompts, progress=progress, **kw)
 
-        def progress(done: int) -> None:
+        def kill_then_report(done: int) -> None:  # the driver's own progress bar still gets every count
             if not self.killed:
                 self.killed = True
                 ray.kill(self.pool.workers[0])
+            if progress is not None:
+                progress(done)
 
-        return self.pool.generate(prompts, progress=progress, **kw)
+        return self.pool.generate(prompts, progress=kill_then_report, **kw)
 
 
 @pytest.mark.integration
@@ -223,17 +225,19 @@ def test_faults_worker_killed_tracking_down_driver_killed_and_resumed(services, 
         if step == 3:  # computed, logged and saved
             raise Stop()
 
+    cut_store = {"tracking.uri": f"sqlite:///{(tmp_path / 'cut_mlflow.db').resolve()}"}  # this run's own store
     with pytest.raises(Stop):
-        train(_config(tmp_path, "cut", tiny_model_dir, save_every=1), on_step=kill_after_3, services=services)
+        train(_config(tmp_path, "cut", tiny_model_dir, save_every=1, **cut_store), on_step=kill_after_3,
+              services=services)
     with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:
         f.write('{"kind": "train", "step": 4, "train/rew')  # the kill came in the middle of a line
     with pytest.raises(ValueError, match="--resume"):
-        train(_config(tmp_path, "cut", tiny_model_dir, save_every=1), services=services)
+        train(_config(tmp_path, "cut", tiny_model_dir, save_every=1, **cut_store), services=services)
     state_file = tmp_path / "cut" / "checkpoints" / "step_00000003" / "trainer_state.json"
     state_file.write_text(state_file.read_text()[:40])
     capsys.readouterr()
     resumed = train(_config(tmp_path, "cut", tiny_model_dir, resume="auto", save_every=1,
-                            **{"eval.at_end": "true"}), services=services)
+                            **{"eval.at_end": "true"}, **cut_store), services=services)
     assert resumed["steps"] == 3
     out = capsys.readouterr()
     assert "step_00000002 at step 2" in out.out and "unreadable trainer_state.json" in out.err
@@ -251,7 +255,7 @@ def test_faults_worker_killed_tracking_down_driver_killed_and_resumed(services, 
     state = json.loads((tmp_path / "cut" / "checkpoints" / "step_00000002" / "trainer_state.json").read_text())
     assert resumed["mlflow_run_id"] == state["mlflow_run_id"] is not None
     uri = resumed["tracking_uri"]
-    assert uri == f"sqlite:///{(tmp_path / 'cut').resolve()}/mlflow.db"
+    assert uri == cut_store["tracking.uri"]
     client = MlflowClient(uri)
     assert len(client.search_runs([client.get_experiment_by_name("test").experiment_id])) == 1
     run = client.get_run(resumed["mlflow_run_id"])

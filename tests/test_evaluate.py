@@ -188,7 +188,8 @@ def test_eval_cli_reports_parallel_and_sequential_side_by_side(taught_model, tmp
     bench.write_text("".join(json.dumps({"question": q, "answer": int(a)}) + "\n" for q, a, _ in TAUGHT))
     out = tmp_path / "eval"
     rc = main(["eval", f"model={taught_model}", f"data=[rote={bench}]", "rollout.max_tokens=160",
-               "rollout.max_context=512", "rollout.max_thread_tokens=48", f"out={out}", "pages=2"])
+               "rollout.max_context=512", "rollout.max_thread_tokens=48", f"out={out}", "pages=2",
+               f"tracking.uri=sqlite:///{tmp_path.resolve()}/mlflow.db"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "| rote acc (avg@1) |" in printed
@@ -212,7 +213,7 @@ def test_eval_cli_reports_parallel_and_sequential_side_by_side(taught_model, tmp
     assert summary["speedup_correct"] == pytest.approx(summary["speedup"])
     assert "critical path" in (out / "rote_parallel.html").read_text()
     assert (out / "speedup_hist.png").stat().st_size > 5000
-    client = MlflowClient(f"sqlite:///{out.resolve()}/mlflow.db")
+    client = MlflowClient(f"sqlite:///{tmp_path.resolve()}/mlflow.db")
     run = client.search_runs([client.get_experiment_by_name("threadweaver-eval").experiment_id])[0]
     assert run.data.metrics["eval/rote/parallel/accuracy"] == 1.0
     assert run.data.metrics["eval/rote/speedup"] == pytest.approx(summary["speedup"])

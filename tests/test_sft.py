@@ -243,7 +243,7 @@ def test_sft_command_logs_live_metrics_lineage_and_the_checkpoint_as_a_logged_mo
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = _config(tmp_path / "run", tmp_path / "data", tiny_model_dir, cls=SFTRunConfig, steps=3, save_every=0,
-                  **{"eval.at_end": "true", "eval.prompts": 2, "eval.max_tokens": 48, "tracking.uri": uri,
+                  **{"eval.at_end": "true", "eval.prompts": 2, "eval.rollout.max_tokens": 48, "tracking.uri": uri,
                      "tracking.experiment": "sft_live"})
     client = MlflowClient(uri)
     seen = {}
