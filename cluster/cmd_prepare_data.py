@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cluster.command import add_config_arguments, resolve, take_positional
+from cluster.command import add_config_arguments, resolve
 from rl.prepare_data import PrepareDataConfig, prepare_data
 
 
@@ -32,12 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        named = take_positional(args, ("src", "out"))
-    except ValueError as e:
-        print(f"threadweaver prepare-data: {e}", file=sys.stderr)
-        return 2
-    cfg, code = resolve(PrepareDataConfig, args, "prepare-data", extra_overrides=named)
+    cfg, code = resolve(PrepareDataConfig, args, "prepare-data", positional=("src", "out"))
     if cfg is None:
         return code
     try:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cluster.command import add_config_arguments, resolve, take_positional
+from cluster.command import add_config_arguments, resolve
 from rollout.onboard import PrepareModelConfig, prepare_model
 
 
@@ -31,12 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        named = take_positional(args, ("src", "out"))
-    except ValueError as e:
-        print(f"threadweaver prepare-model: {e}", file=sys.stderr)
-        return 2
-    cfg, code = resolve(PrepareModelConfig, args, "prepare-model", extra_overrides=named)
+    cfg, code = resolve(PrepareModelConfig, args, "prepare-model", positional=("src", "out"))
     if cfg is None:
         return code
     try:

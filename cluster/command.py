@@ -44,15 +44,21 @@ def add_config_arguments(parser: argparse.ArgumentParser, example: str, resume: 
 
 
 def resolve(cls: type[T], args: argparse.Namespace, prog: str, resume_override: str = "resume=auto",
-            extra_overrides: list[str] = (), check: Callable[[T], None] | None = None
-            ) -> tuple[T | None, int | None]:
+            extra_overrides: list[str] = (), check: Callable[[T], None] | None = None,
+            positional: Sequence[str] = ()) -> tuple[T | None, int | None]:
     """``(config, None)`` to go on, or ``(None, exit code)``: 0 after ``--show-config``/``--print-config``,
-    2 (one line on stderr) for a bad config or when ``check(config)`` (the command's input checks, run
-    before anything starts) raises ValueError or OSError."""
+    2 (one line on stderr) for a bad config, bad positional items (``positional``: the keys they stand for,
+    see :func:`take_positional`) or when ``check(config)`` (the command's input checks, run before anything
+    starts) raises ValueError or OSError."""
     if args.show_config:
         print(describe(cls))
         return None, 0
-    overrides = list(extra_overrides) + list(args.overrides)
+    try:
+        named = take_positional(args, positional) if positional else []
+    except ValueError as e:
+        print(f"threadweaver {prog}: {e}", file=sys.stderr)
+        return None, 2
+    overrides = named + list(extra_overrides) + list(args.overrides)
     if getattr(args, "resume", False):
         overrides.append(resume_override)
     try:
