@@ -13,7 +13,7 @@ from typing import Callable, Mapping
 
 from cluster.command import add_config_arguments, resolve
 from cluster.lineage import data_files, log_checkpoint, log_inputs_when_present, log_source, run_context
-from cluster.ray_setup import RayConfig, Role, init_ray, placement_report, plan_text, reserve_roles
+from cluster.ray_setup import RayConfig, Role, check_plan, init_ray, reserve_roles
 from cluster.tracking import Tracker, TrackingConfig
 from cluster.viewer import eval_page
 from rl import driver
@@ -108,28 +108,10 @@ def run(args: argparse.Namespace) -> int:
 
 def check(cfg: RLRunConfig) -> int:
     """``--check``: everything but training (see ``add_arguments``)."""
-    import ray
-
     try:
         train_records, val_records = load_data(cfg)
     except (OSError, ValueError) as e:
         print(f"threadweaver rl: {e}", file=sys.stderr)
         return 2
-    try:
-        started = init_ray(cfg.ray, roles(cfg))
-    except RuntimeError as e:
-        print(f"threadweaver rl: {e}", file=sys.stderr)
-        return 2
-    try:
-        resources = ray.cluster_resources()
-        print(f"rl check: {len(train_records)} training and {len(val_records)} validation records; Ray at "
-              f"{ray.get_runtime_context().gcs_address} with {resources.get('CPU', 0):g} CPU, "
-              f"{resources.get('GPU', 0):g} GPU; the roles fit:\n{plan_text(roles(cfg))}")
-        print(placement_report(cfg.ray, roles(cfg)))
-    except RuntimeError as e:
-        print(f"threadweaver rl: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if started:
-            ray.shutdown()
-    return 0
+    return check_plan("rl", cfg.ray, roles(cfg),
+                      f"{len(train_records)} training and {len(val_records)} validation records; ")

@@ -5,14 +5,13 @@ inputs), training, then the final checkpoint as an MLflow logged model (``cluste
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from cluster.command import add_config_arguments, resolve
 from cluster.lineage import data_files, log_checkpoint, log_inputs_when_present, log_source, run_context
-from cluster.ray_setup import RayConfig, Role, init_ray, placement_report, plan_text, reserve_roles
+from cluster.ray_setup import RayConfig, Role, check_plan, init_ray, reserve_roles
 from cluster.tracking import Tracker, TrackingConfig
 from rl import sft
 from rl.sft import SFTConfig, check_inputs
@@ -87,23 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check(cfg: SFTRunConfig) -> int:
     """``--check``: the resource and placement plan, without training."""
-    import ray
-
-    try:
-        started = init_ray(cfg.ray, roles(cfg))
-    except RuntimeError as e:
-        print(f"threadweaver sft: {e}", file=sys.stderr)
-        return 2
-    try:
-        print(f"sft check: Ray at {ray.get_runtime_context().gcs_address}; the roles fit:\n{plan_text(roles(cfg))}")
-        print(placement_report(cfg.ray, roles(cfg)))
-    except RuntimeError as e:
-        print(f"threadweaver sft: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if started:
-            ray.shutdown()
-    return 0
+    return check_plan("sft", cfg.ray, roles(cfg))
 
 
 def run(args: argparse.Namespace) -> int:

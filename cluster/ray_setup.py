@@ -189,3 +189,32 @@ def placement_report(cfg: RayConfig, roles: list[Role]) -> str:
                f"{placement_text(plans, reservation.node_of)}"
     finally:
         reservation.release()
+
+
+def check_plan(command: str, cfg: RayConfig, roles: list[Role], what: str = "") -> int:
+    """A ``--check``: start or join Ray, print the resource and placement plan; 0, or 2 with one line on stderr.
+
+    ``what`` leads the first line (e.g. the records read); Ray started here is shut down again.
+    """
+    import sys
+
+    import ray
+
+    try:
+        started = init_ray(cfg, roles)
+    except RuntimeError as e:
+        print(f"threadweaver {command}: {e}", file=sys.stderr)
+        return 2
+    try:
+        placement = placement_report(cfg, roles)  # first: an unplaceable bundle prints no plan
+        resources = ray.cluster_resources()
+        print(f"{command} check: {what}Ray at {ray.get_runtime_context().gcs_address} with "
+              f"{resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU; the roles fit:\n{plan_text(roles)}")
+        print(placement)
+    except RuntimeError as e:
+        print(f"threadweaver {command}: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if started:
+            ray.shutdown()
+    return 0

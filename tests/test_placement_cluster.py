@@ -97,3 +97,38 @@ def test_the_reward_pool_goes_into_its_bundles(cluster):
         assert [n[:8] for n in nodes] == [x.split("(")[1].rstrip(")") for x in reservation.node_of["reward"]]
     finally:
         reservation.release()
+
+
+def _sft_check(cluster, tmp_path, *overrides):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    c, _ = cluster
+    cmd = [str(Path(sys.executable).parent / "threadweaver"), "sft", "--config", "experiments/sft_tiny.yaml",
+           "--check", f"ray.address={c.address}", f"run_dir={tmp_path / 'run'}", f"data.dir={tmp_path / 'data'}",
+           "eval.every=0", "eval.at_end=false", *overrides]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+
+
+def test_check_prints_the_plan_and_refuses_an_unplaceable_bundle(cluster, tmp_path):
+    """``threadweaver sft --check`` joined to the cluster: the placement plan with its nodes, or, for a learner that
+    fits in the cluster's CPUs but on no node, one line naming the bundle, exit 2, and no group or actor left."""
+    from ray._private.state import state
+    from ray.util.placement_group import placement_group_table
+
+    _, node_id = cluster
+    groups_before, actors_before = len(placement_group_table()), len(state.actor_table(None))
+    ok = _sft_check(cluster, tmp_path, "learner.ranks=2", "learner.cpus_per_rank=1",
+                    "ray.learner_strategy=STRICT_PACK")
+    assert ok.returncode == 0, ok.stderr
+    assert "roles fit" in ok.stdout and "SFT learner" in ok.stdout
+    assert ok.stdout.count(f"STRICT_PACK) on node") == 2 and ok.stdout.count(f"({node_id['a'][:8]})") == 2
+    bad = _sft_check(cluster, tmp_path, "learner.ranks=2", "learner.cpus_per_rank=2",
+                     "ray.learner_strategy=STRICT_PACK")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "threadweaver sft: " in bad.stderr and "STRICT_PACK needs 4 CPU on one node" in bad.stderr
+    assert "roles fit" not in bad.stdout
+    assert len(placement_group_table()) == groups_before + 1  # the good check's group, removed (state REMOVED)
+    assert all(g["state"] == "REMOVED" for g in placement_group_table().values())
+    assert len(state.actor_table(None)) == actors_before  # nothing was started
