@@ -234,3 +234,91 @@ def test_a_trial_runs_its_point_without_a_placement_group_per_role(tmp_path):
     rl = absolute(point_config(base, grid(cfg, None)[0]))
     assert not rl.ray.placement and rl.resume == "auto" and Path(rl.run_dir).is_absolute()
     assert reserve_roles(rl.ray, roles(rl)) is None  # no Ray needed: nothing is reserved
+
+
+# --------------------------------------------------------------------------- early stopping (scheduler)
+
+
+def _asha_cfg(*extra: str) -> SweepConfig:
+    return load_config(SweepConfig, None, [f"rl_config=[{RL_TINY}]", "scheduler=asha", *extra])
+
+
+def test_no_scheduler_by_default_and_asha_stops_points_with_a_lower_heldout_reward():
+    """ASHA on the held-out reward (higher is better) at the RL step each trial reports: of three points at
+    step 1 (reduction factor 2), the one below the others' rewards stops, the better ones go on."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import ASHAScheduler
+
+    from cluster.sweep import SCHEDULER_METRIC, make_scheduler, tune_config
+
+    cfg = load_config(SweepConfig, None, [f"rl_config=[{RL_TINY}]"])
+    assert cfg.scheduler == "none" and make_scheduler(cfg, 10) is None
+    assert tune_config(cfg, 10, 2).scheduler is None and tune_config(cfg, 10, 2).max_concurrent_trials == 2
+    asha = make_scheduler(_asha_cfg("grace_steps=2", "reduction_factor=3"), 10)
+    assert isinstance(asha, ASHAScheduler)
+    assert (asha.metric, asha._mode, asha._time_attr, asha._max_t) == ("reward", "max", "step", 10)
+    assert SCHEDULER_METRIC == "reward" and asha._reduction_factor == 3
+    assert min(r[0] for b in asha._brackets for r in b._rungs) == 2  # no point stops before grace_steps
+    assert isinstance(tune_config(_asha_cfg(), 10, 1).scheduler, ASHAScheduler)  # what the Tuner gets
+
+    asha = make_scheduler(_asha_cfg(), 4)
+    trials = [SimpleNamespace(trial_id=name) for name in ("good", "bad", "best")]
+    for t in trials:
+        asha.on_trial_add(None, t)
+    decisions = [asha.on_trial_result(None, t, {"step": 1, "reward": r}) for t, r in zip(trials, (1.0, 0.0, 2.0))]
+    assert decisions == ["CONTINUE", "STOP", "CONTINUE"]
+    with pytest.raises(ConfigError, match="scheduler"):
+        load_config(SweepConfig, None, [f"rl_config=[{RL_TINY}]", "scheduler=hyperband"])
+    with pytest.raises(ConfigError, match="reduction_factor"):
+        _asha_cfg("reduction_factor=1")
+
+
+def test_asha_needs_evaluations_during_training_and_says_which_key(tmp_path):
+    from cluster.sweep import sweep
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    cfg = _asha_cfg(f"run_dir={tmp_path / 'sweep'}", f"model={model}", "overrides=[eval.every=0, steps=4]")
+    with pytest.raises(ValueError, match=r"set eval.every >= 1"):
+        sweep(cfg)  # refused before Ray or any engine starts
+    with pytest.raises(ValueError, match=r"grace_steps \(5\) is more than the points' steps \(4\)"):
+        sweep(replace(cfg, grace_steps=5, overrides=["eval.every=1", "steps=4"]))
+
+
+def test_a_trial_reports_every_evaluation_then_its_final_one(monkeypatch):
+    """What the scheduler sees: the point's held-out metrics and RL step at each evaluation during training
+    (not at steps without one), then after the final evaluation, marked final; a point stopped after such a
+    report keeps those metrics and says at which step."""
+    from types import SimpleNamespace
+
+    import ray.tune
+
+    from cluster import sweep as sweep_module
+
+    def evaluation(reward: float) -> dict:
+        return {f"eval/parallel/{k}": v for k, v in {"accuracy": 0.5, "L_crit": 30.0, "L_total": 40.0,
+                                                     "activation": 1.0, "eta": 0.25, "reward": reward}.items()}
+
+    def run_point(rl_cfg, pool, tags, run_id, on_step):
+        on_step(1, {"train/reward": 9.0})  # no evaluation at this step: nothing reported
+        on_step(2, {"train/reward": 9.0, **evaluation(0.25)})
+        return {"steps": 3, "eval": evaluation(0.75)}
+
+    reports = []
+    monkeypatch.setattr(ray.tune, "report", reports.append)
+    monkeypatch.setattr(sweep_module, "_run_point", run_point)
+    sweep_module._trial({"point": 1}, configs=[None, None], pool=None, tags={}, run_ids={})
+    assert [(r["step"], r["reward"], r.get("final", False), r["point"]) for r in reports] == [
+        (2, 0.25, False, 1), (3, 0.75, True, 1)]
+
+    points = [Point(0, "a", 0.5, 0.2, 0.0, {}), Point(1, "b", 1.0, 0.2, 0.0, {})]
+    configs = [SimpleNamespace(run_dir="/nowhere/a"), SimpleNamespace(run_dir="/nowhere/b")]
+    stopped = sweep_module._result(SimpleNamespace(config={"point": 1}, error=None, metrics=reports[0]), points,
+                                   configs, {1: "run-b"})
+    finished = sweep_module._result(SimpleNamespace(config={"point": 1}, error=None, metrics=reports[1]), points,
+                                    configs, {1: "run-b"})
+    assert stopped.stopped_at == 2 and stopped.metrics["reward"] == 0.25 and stopped.mlflow_run_id == "run-b"
+    assert finished.stopped_at is None and finished.metrics["reward"] == 0.75
+    assert "| b (stopped after step 2) |" in table([stopped])
