@@ -559,6 +559,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.plan:
             base = base_config(cfg)
+            check_scheduler(cfg, base)
             for p in grid(cfg, None):
                 point_config(base, p)
                 print(_plan_line(p))
