@@ -1,10 +1,14 @@
-"""Reward-weight sweeps: the grid and its overrides (fast), the plot, and a two-point sweep on Ray.
+"""Reward-weight sweeps: the grid and its overrides, the scheduler, the plot (fast), and a killed sweep resumed on
+Ray Tune.
 
-The two-point sweep runs the real RL stage (vLLM rollout worker, reward actors,
-DeepSpeed learner) for one step per point on the untrained tiny model, which
+The resumed sweep runs the real RL stage (vLLM rollout worker, reward actors,
+DeepSpeed learner) for two steps per point on the untrained tiny model, which
 never answers correctly; like the driver's tests it rewards format validity
 (``format_penalty=1``) so the runs have something to learn. The points share
-one rollout pool (``share_rollout``), so the whole sweep starts one engine.
+one rollout pool (``share_rollout``), so each sweep command starts one engine.
+A two-point sweep from a pipeline's SFT checkpoint, its table, plot, metrics
+and MLflow runs, is part of ``tests/test_pipeline.py``'s integration test
+(one store for the pipeline, an ablation and the sweep).
 """
 
 from __future__ import annotations
@@ -67,55 +71,6 @@ def test_table_and_plot(tmp_path):
     assert "| a | 0.5 | 0.2 | 0 | 50.0% | 120.0 |" in text and "failed: RuntimeError: boom" in text
     png = plot([ok, bad], tmp_path / "p.png")
     assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 5000
-
-
-@pytest.mark.integration
-def test_two_point_sweep_runs_child_runs_and_plots(tiny_model_dir, tmp_path):
-    from mlflow import MlflowClient
-
-    from cluster.sweep import sweep
-
-    rl_overrides = [
-        f"model={tiny_model_dir}", f"data.dir={tmp_path / 'data'}", "data.generate=true", "data.train_size=40",
-        "data.validation_size=4", "data.test_size=4", "steps=1", "prompts_per_step=2", "save_every=0",
-        "rollout.n=2", "rollout.max_tokens=32", "rollout.max_context=256", "rollout.max_thread_tokens=16",
-        "rollout.weight_bucket_mb=0.5", "reward.format_penalty=1.0", "reward.num_actors=1", "learner.lr=3e-3",
-        "learner.row_tokens=512", "learner.threads_per_rank=1", "eval.at_start=false", "eval.every=0",
-        "eval.prompts=2", "eval.modes=[parallel]"]
-    cfg = load_config(SweepConfig, None, [
-        f"rl_config=[{RL_TINY}]", f"overrides={json.dumps(rl_overrides)}", "rho=[0.5,1.0]", "clip=[0.2]",
-        "incorrect_reward=[0.0]", f"run_dir={tmp_path / 'sweep'}", "share_rollout=true",
-        "tracking.experiment=sweep-test", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "ray.num_cpus=3"])
-    results = sweep(cfg)
-    assert [r.error for r in results] == [None, None]
-    assert [r.point.rho for r in results] == [0.5, 1.0]
-    for r in results:
-        # a point's metrics are the means over the held-out records its RL run wrote at the last step
-        # (2 prompts, greedy, parallel decoding)
-        steps = sorted((Path(r.run_dir) / "eval").glob("step_*.jsonl"))
-        records = [json.loads(line) for line in steps[-1].read_text().splitlines()]
-        assert [x["mode"] for x in records] == ["parallel", "parallel"]
-        assert r.metrics["accuracy"] == pytest.approx(sum(x["correct"] for x in records) / 2)
-        assert r.metrics["L_crit"] == pytest.approx(sum(x["L_crit"] for x in records) / 2)
-        assert r.metrics["L_total"] == pytest.approx(sum(x["L_total"] for x in records) / 2)
-        assert 0 < r.metrics["L_crit"] <= r.metrics["L_total"] <= 32  # rollout.max_tokens=32
-        assert (Path(r.run_dir) / "summary.json").is_file()
-
-    out = tmp_path / "sweep"
-    assert (out / "sweep_plot.png").stat().st_size > 5000
-    assert "p01_rho1_clip0.2_inc0" in (out / "sweep.md").read_text()
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    runs = client.search_runs([client.get_experiment_by_name("sweep-test").experiment_id])
-    parents = [r for r in runs if r.data.tags.get("stage") == "sweep"]
-    children = [r for r in runs if r.data.tags.get("stage") == "rl"]
-    assert len(parents) == 1 and len(children) == 2 and parents[0].info.status == "FINISHED"
-    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
-    assert sorted(r.data.params["reward.rho"] for r in children) == ["0.5", "1.0"]
-    assert {r.data.params["reward.preset"] for r in children} == {"null"}
-    artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
-    assert {"sweep.md", "sweep.json", "sweep_plot.png"} <= artifacts
-    history = client.get_metric_history(parents[0].info.run_id, "sweep/L_crit")
-    assert sorted(m.step for m in history) == [0, 1]
 
 
 def test_the_model_comes_from_the_sweep_the_rl_config_or_the_newest_pipeline(tmp_path):
@@ -322,3 +277,39 @@ def test_a_trial_reports_every_evaluation_then_its_final_one(monkeypatch):
     assert stopped.stopped_at == 2 and stopped.metrics["reward"] == 0.25 and stopped.mlflow_run_id == "run-b"
     assert finished.stopped_at is None and finished.metrics["reward"] == 0.75
     assert "| b (stopped after step 2) |" in table([stopped])
+
+
+@pytest.mark.integration
+def test_asha_stops_the_point_whose_heldout_reward_is_lower(tiny_model_dir, tmp_path):
+    """Two points on Ray Tune with ASHA, on the untrained tiny model, which never answers correctly: both
+    points learn the same (mean-centred advantages ignore a reward offset), but the second one's wrong answers
+    earn -1, so its held-out reward at step 1 is lower than the first point's and ASHA stops it there; the
+    first runs both its steps. The stopped point's MLflow run ends KILLED with the step."""
+    from mlflow import MlflowClient
+
+    from cluster.sweep import sweep
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    rl_overrides = [
+        f"model={tiny_model_dir}", f"data.dir={tmp_path / 'data'}", "data.generate=true", "data.train_size=40",
+        "data.validation_size=4", "data.test_size=4", "steps=2", "prompts_per_step=2", "save_every=0",
+        "rollout.n=2", "rollout.max_tokens=32", "rollout.max_context=256", "rollout.max_thread_tokens=16",
+        "rollout.weight_bucket_mb=0.5", "reward.format_penalty=1.0", "reward.num_actors=1", "learner.lr=3e-3",
+        "learner.row_tokens=512", "learner.threads_per_rank=1", "eval.at_start=false", "eval.every=1",
+        "eval.prompts=2", "eval.modes=[parallel]", "progress=false"]
+    cfg = load_config(SweepConfig, None, [
+        f"rl_config=[{RL_TINY}]", f"overrides={json.dumps(rl_overrides)}", "rho=[0.5]", "clip=[0.2]",
+        "incorrect_reward=[0.0,-1.0]", f"run_dir={tmp_path / 'sweep'}", "share_rollout=true", "scheduler=asha",
+        "grace_steps=1", "reduction_factor=2", "tracking.experiment=sweep-asha", f"tracking.uri={uri}",
+        "ray.num_cpus=3"])
+    first, second = sweep(cfg)
+    assert (first.error, first.stopped_at, second.error, second.stopped_at) == (None, None, None, 1)
+    assert second.metrics["reward"] < first.metrics["reward"]
+    assert json.loads((Path(first.run_dir) / "summary.json").read_text())["steps"] == 2
+    assert not (Path(second.run_dir) / "summary.json").exists()  # stopped before its second step ended
+    assert "(stopped after step 1)" in (tmp_path / "sweep" / "sweep.md").read_text()
+    client = MlflowClient(uri)
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("sweep-asha").experiment_id])}
+    assert runs[first.point.name].info.status == "FINISHED" and runs["sweep"].info.status == "FINISHED"
+    assert runs[second.point.name].info.status == "KILLED"
+    assert runs[second.point.name].data.tags["threadweaver.stopped_at_step"] == "1"
