@@ -525,7 +525,7 @@ class SweepRuns:
             if result.error is not None:
                 client.set_tag(run_id, "threadweaver.error", result.error[:5000])
                 client.set_terminated(run_id, "FAILED")
-            elif client.get_run(run_id).info.status == "RUNNING":  # its trial was ended in the middle
+            else:  # ended in the middle of its run (left RUNNING, or FAILED by its interrupted driver)
                 client.set_tag(run_id, "threadweaver.stopped_at_step", str(result.stopped_at))
                 client.set_terminated(run_id, "KILLED")
         except Exception as e:  # noqa: BLE001 - tracking never stops the sweep
