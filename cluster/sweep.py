@@ -22,7 +22,12 @@ What it really does:
    (rollout workers, reward actors, learner ranks; one node), in which Tune
    places them (so a point runs with ``ray.placement`` off: no second group
    per role inside the trial's); the trial runs
-   the RL stage (``cluster.cmd_rl.run_rl``) in the point's MLflow run;
+   the RL stage (``cluster.cmd_rl.run_rl``) in the point's MLflow run and reports the point's held-out
+   metrics to Tune at each of its evaluations (``eval.every``) and after the final one;
+   ``scheduler: asha`` stops points early with Ray Tune's ASHA on those reports' held-out reward
+   (parallel decoding; from ``grace_steps`` RL steps on, about ``1/reduction_factor`` of the points going
+   on at each rung); a stopped point keeps the metrics of its last evaluation, and its MLflow run ends
+   KILLED with the tag ``threadweaver.stopped_at_step``;
 4. collects each point's final held-out evaluation (``eval.at_end`` must be
    on; parallel decoding): accuracy, ``L_crit``, ``L_total``, activation,
    ``eta``; and ends with ``sweep.md`` (a table), ``sweep.json`` and
@@ -57,7 +62,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 from cluster.command import add_config_arguments, resolve
 from cluster.config import ConfigError, load_config, to_dict, with_values
@@ -71,6 +76,8 @@ from rollout.workers import RolloutPool
 
 #: the held-out metrics a point reports (from the RL stage's final evaluation, parallel mode)
 POINT_METRICS = ("accuracy", "L_crit", "L_total", "activation", "eta", "reward")
+#: what an early-stopping scheduler compares: the held-out reward (parallel decoding), reported at every evaluation
+SCHEDULER_METRIC = "reward"
 
 
 @dataclass
@@ -99,6 +106,13 @@ class SweepConfig:
                 "ones run again (an interrupted one from its newest checkpoint)"})
     share_rollout: bool = field(default=False, metadata={
         "help": "one rollout pool for all points, which then run one at a time (saves an engine start per point)"})
+    scheduler: Literal["none", "asha"] = field(default="none", metadata={
+        "help": "early stopping: none (every point runs all its steps) or asha (Ray Tune's ASHA on the held-out "
+                "reward each point reports at its evaluations; needs eval.every >= 1 in the points' config)"})
+    grace_steps: int = field(default=1, metadata={
+        "help": "asha: RL steps every point runs before it may be stopped (steps)", "range": ">= 1"})
+    reduction_factor: float = field(default=2.0, metadata={
+        "help": "asha: about 1/reduction_factor of the points go on at each rung", "range": "> 1"})
     tracking: TrackingConfig = field(default_factory=TrackingConfig,
                                      metadata={"help": "MLflow: the sweep's parent run; points log child runs"})
     ray: RayConfig = field(default_factory=RayConfig, metadata={"help": "Ray"})
@@ -135,6 +149,7 @@ class PointResult:
     run_dir: str
     wall_s: float
     error: str | None = None
+    stopped_at: int | None = None  # the RL step after which the scheduler stopped the point (its metrics: then)
 
 
 def _num(x: float) -> str:
@@ -220,21 +235,22 @@ def _plan_line(point: Point) -> str:
     return f"{point.name}: " + " ".join(f"{k}={text(v)}" for k, v in point.values.items())
 
 
-def _run_point(rl_cfg, rollout_pool=None, tags: dict[str, str] | None = None, run_id: str | None = None) -> dict:
+def _run_point(rl_cfg, rollout_pool=None, tags: dict[str, str] | None = None, run_id: str | None = None,
+               on_step=None) -> dict:
     """One point: the RL stage on the point's config (its MLflow run: ``run_id`` made beforehand, else a new
-    one with ``tags``); returns its summary."""
+    one with ``tags``; ``on_step`` as in ``rl.driver.train``); returns its summary."""
     from cluster.cmd_rl import run_rl  # lazy: imports torch via rl/ (~1.5 s); --plan and --show-config need none
     from rl.services import Services  # lazy: imports torch via rl/ (~1.5 s); --plan and --show-config need none
 
     if rollout_pool is None:
-        return run_rl(rl_cfg, tags=tags, run_id=run_id)
+        return run_rl(rl_cfg, on_step=on_step, tags=tags, run_id=run_id)
     from rewards.service import RewardPool  # lazy: imports Ray (~1 s); --plan and --show-config need none of it
 
     rewards = RewardPool(rl_cfg.reward)
     services = Services(rollout_pool, rewards)
     try:
         rewards.wait_ready()
-        return run_rl(rl_cfg, services=services, tags=tags, run_id=run_id)
+        return run_rl(rl_cfg, on_step=on_step, services=services, tags=tags, run_id=run_id)
     finally:
         rewards.close()
         if services.rollout is not rollout_pool:  # the driver rebuilt the pool after a worker died
@@ -243,8 +259,43 @@ def _run_point(rl_cfg, rollout_pool=None, tags: dict[str, str] | None = None, ru
 
 def point_metrics(summary: dict) -> dict[str, float]:
     """The parallel-mode held-out metrics of a point's summary (KeyError if the final evaluation is missing)."""
-    ev = summary["eval"]
-    return {key: float(ev[f"eval/parallel/{key}"]) for key in POINT_METRICS}
+    return eval_metrics(summary["eval"])
+
+
+def eval_metrics(metrics: dict) -> dict[str, float]:
+    """The parallel-mode held-out metrics (:data:`POINT_METRICS`) among an RL run's ``eval/parallel/...`` values."""
+    return {key: float(metrics[f"eval/parallel/{key}"]) for key in POINT_METRICS}
+
+
+def make_scheduler(cfg: SweepConfig, steps: int):
+    """Ray Tune's trial scheduler of ``cfg.scheduler``: None (every point runs all ``steps``), or ASHA stopping
+    points on their held-out parallel-mode ``reward`` (higher is better), measured in RL steps (``step``):
+    a point may be stopped from ``grace_steps`` on, at the rungs ASHA derives from ``reduction_factor``."""
+    if cfg.scheduler == "none":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr="step", metric=SCHEDULER_METRIC, mode="max", max_t=steps,
+                         grace_period=cfg.grace_steps, reduction_factor=cfg.reduction_factor)
+
+
+def tune_config(cfg: SweepConfig, steps: int, concurrency: int):
+    """The Tuner's ``TuneConfig``: at most ``concurrency`` trials at once, the scheduler of
+    :func:`make_scheduler` (its metric and mode are the scheduler's own)."""
+    from ray import tune
+
+    return tune.TuneConfig(max_concurrent_trials=concurrency, scheduler=make_scheduler(cfg, steps))
+
+
+def check_scheduler(cfg: SweepConfig, base) -> None:
+    """ValueError naming the key when the scheduler cannot work with the points' RL config ``base``."""
+    if cfg.scheduler == "none":
+        return
+    if base.eval.every < 1:
+        raise ValueError("scheduler=asha stops points on the held-out reward of their evaluations during "
+                         "training: set eval.every >= 1 in the points' config (overrides=[eval.every=N, ...])")
+    if cfg.grace_steps > base.steps:
+        raise ValueError(f"grace_steps ({cfg.grace_steps}) is more than the points' steps ({base.steps})")
 
 
 # --------------------------------------------------------------------------- report
@@ -261,7 +312,8 @@ def table(results: Sequence[PointResult]) -> str:
             m = r.metrics
             cells = (f"{100 * m['accuracy']:.1f}% | {m['L_crit']:.1f} | {m['L_total']:.1f} | "
                      f"{100 * m['activation']:.1f}% | {m['eta']:.3f} | ")
-        lines.append(f"| {p.name} | {_num(p.rho)} | {_num(p.clip)} | {_num(p.incorrect_reward)} | {cells}"
+        name = p.name if r.stopped_at is None else f"{p.name} (stopped after step {r.stopped_at})"
+        lines.append(f"| {name} | {_num(p.rho)} | {_num(p.clip)} | {_num(p.incorrect_reward)} | {cells}"
                      f"{r.wall_s / 60:.1f} |")
     return "\n".join(lines)
 
@@ -313,6 +365,7 @@ def sweep(cfg: SweepConfig, context: dict[str, str] | None = None, resume: bool 
     if not base.eval.at_end or "parallel" not in base.eval.modes:
         raise ValueError("every point needs its final held-out evaluation in parallel mode: set eval.at_end=true "
                          "and keep 'parallel' in eval.modes")
+    check_scheduler(cfg, base)
     points = grid(cfg, uri)
     configs = [point_config(base, p) for p in points]  # every point's config is checked before anything runs
     if not resume:
@@ -340,10 +393,10 @@ def sweep(cfg: SweepConfig, context: dict[str, str] | None = None, resume: bool 
             tuner = tune.Tuner.restore(str(tune_dir), trainable, restart_errored=True)
         else:
             tuner = tune.Tuner(trainable, param_space={"point": tune.grid_search([p.index for p in points])},
-                               tune_config=tune.TuneConfig(max_concurrent_trials=concurrency),
+                               tune_config=tune_config(cfg, base.steps, concurrency),
                                run_config=tune.RunConfig(name="tune", storage_path=str(run_dir),
                                                          failure_config=tune.FailureConfig(max_failures=0)))
-        results = [_result(r, points, configs) for r in tuner.fit()]
+        results = [_result(r, points, configs, runs.point_ids) for r in tuner.fit()]
         results.sort(key=lambda r: r.point.index)
         for r in results:
             runs.record(r)
@@ -385,22 +438,32 @@ def trial_resources(per_point: Sequence[Role]):
 
 def _trial(config: dict, configs: list, pool, tags: dict[str, str], run_ids: dict[int, str | None]) -> None:
     """One Tune trial: the RL run of grid point ``config["point"]`` (``resume=auto``: an interrupted point
-    continues from its newest checkpoint) in the MLflow run made for it; reports the point's metrics."""
+    continues from its newest checkpoint) in the MLflow run made for it. Reports the point's held-out metrics
+    at every evaluation during training (``step``: the RL step; what a scheduler stops points on) and after
+    the final one (``final``)."""
     from ray import tune
 
     index = config["point"]
     t0 = time.perf_counter()
-    summary = _run_point(configs[index], pool, tags, run_ids.get(index))
-    metrics = point_metrics(summary)
-    tune.report({**metrics, "point": index, "wall_s": time.perf_counter() - t0})
+
+    def report_eval(step: int, metrics: dict) -> None:
+        if f"eval/parallel/{SCHEDULER_METRIC}" in metrics:
+            tune.report({**eval_metrics(metrics), "point": index, "step": step,
+                         "wall_s": time.perf_counter() - t0})
+
+    summary = _run_point(configs[index], pool, tags, run_ids.get(index), on_step=report_eval)
+    tune.report({**point_metrics(summary), "point": index, "step": summary["steps"], "final": True,
+                 "wall_s": time.perf_counter() - t0})
 
 
-def _result(result, points: Sequence[Point], configs: Sequence) -> PointResult:
-    """A Tune result as the point's :class:`PointResult` (its error's last line when it failed)."""
+def _result(result, points: Sequence[Point], configs: Sequence, run_ids: dict[int, str | None]) -> PointResult:
+    """A Tune result as the point's :class:`PointResult` (its error's last line when it failed; the step and
+    metrics of its last evaluation when the scheduler stopped it)."""
     point = points[result.config["point"]]
     run_dir = configs[point.index].run_dir
     summary_file = Path(run_dir) / "summary.json"
     run_id = json.loads(summary_file.read_text()).get("mlflow_run_id") if summary_file.is_file() else None
+    run_id = run_id or run_ids.get(point.index)
     if result.error is not None:
         text = str(result.error).strip()
         msg = f"{type(result.error).__name__}: {text.splitlines()[-1][:300] if text else ''}"
@@ -408,7 +471,11 @@ def _result(result, points: Sequence[Point], configs: Sequence) -> PointResult:
         return PointResult(point, None, run_id, run_dir, float((result.metrics or {}).get("time_total_s") or 0.0),
                            msg)
     m = result.metrics
-    return PointResult(point, {k: float(m[k]) for k in POINT_METRICS}, run_id, run_dir, float(m["wall_s"]))
+    stopped = None if m.get("final") or "step" not in m else int(m["step"])
+    if stopped is not None:
+        print(f"sweep: {point.name} stopped by the scheduler after step {stopped}", flush=True)
+    return PointResult(point, {k: float(m[k]) for k in POINT_METRICS}, run_id, run_dir, float(m["wall_s"]),
+                       stopped_at=stopped)
 
 
 class SweepRuns:
@@ -441,22 +508,28 @@ class SweepRuns:
             return None
 
     def record(self, result: PointResult) -> None:
-        """The point's metrics into the parent run; a failed point's run marked FAILED with its error."""
+        """The point's metrics into the parent run; a failed point's run marked FAILED with its error, a point
+        the scheduler stopped KILLED with the step (``threadweaver.stopped_at_step``)."""
         p = result.point
         if result.metrics is not None:
             self.parent.log_metrics({f"sweep/{k}": v for k, v in result.metrics.items()}
                                     | {"sweep/rho": p.rho, "sweep/clip": p.clip,
                                        "sweep/incorrect_reward": p.incorrect_reward}, p.index)
-            return
+            if result.stopped_at is None:
+                return
         run_id = self.point_ids.get(p.index)
         if run_id is None:
             return
         try:
             client = self.parent.client()
-            client.set_tag(run_id, "threadweaver.error", result.error[:5000])
-            client.set_terminated(run_id, "FAILED")
+            if result.error is not None:
+                client.set_tag(run_id, "threadweaver.error", result.error[:5000])
+                client.set_terminated(run_id, "FAILED")
+            else:  # ended in the middle of its run (left RUNNING, or FAILED by its interrupted driver)
+                client.set_tag(run_id, "threadweaver.stopped_at_step", str(result.stopped_at))
+                client.set_terminated(run_id, "KILLED")
         except Exception as e:  # noqa: BLE001 - tracking never stops the sweep
-            print(f"sweep: could not mark the MLflow run of {p.name} failed: {e}", file=sys.stderr)
+            print(f"sweep: could not mark the MLflow run of {p.name} ended: {e}", file=sys.stderr)
 
 
 def _write_outputs(results: Sequence[PointResult], run_dir: Path, tracker) -> None:
@@ -486,6 +559,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.plan:
             base = base_config(cfg)
+            check_scheduler(cfg, base)
             for p in grid(cfg, None):
                 point_config(base, p)
                 print(_plan_line(p))

@@ -65,6 +65,8 @@ MAX_PARAM_LENGTH = 6000
 PARAMS_PER_BATCH = 100
 METRICS_PER_BATCH = 1000
 _BAD = re.compile(r"[^A-Za-z0-9_\-./ ]")
+#: characters MLflow refuses in a logged model's name (a sweep point's name has dots: p00_rho0.5_...)
+_BAD_MODEL_NAME = re.compile(r"[/:.%\"']")
 #: the project's store when neither tracking.uri nor MLFLOW_TRACKING_URI names one (relative to the current directory)
 DEFAULT_STORE = Path("runs") / "mlflow.db"
 #: MLflow 3's experiment tag that decides what its UI shows first; "custom_model_development" is "Machine learning"
@@ -154,6 +156,12 @@ def sanitize_key(name: str) -> str:
     if posixpath.normpath(key) != key:  # e.g. a trailing "/." left by the cut
         key = posixpath.normpath(key).lstrip("./") or "_"
     return key
+
+
+def model_name(name: str) -> str:
+    """``name`` as a logged-model name MLflow accepts: a key (:func:`sanitize_key`) with ``/ : . % " '`` made
+    ``_`` (``p00_rho0.5_clip0.2`` -> ``p00_rho0_5_clip0_2``)."""
+    return _BAD_MODEL_NAME.sub("_", sanitize_key(name))
 
 
 def flat_params(params: Mapping[str, Any]) -> dict[str, str]:
@@ -284,7 +292,7 @@ class Tracker:
             client = self._get_client()
             run = client.get_run(self.run_id)
             model = client.create_logged_model(
-                run.info.experiment_id, name=sanitize_key(name).replace("/", "_"), source_run_id=self.run_id,
+                run.info.experiment_id, name=model_name(name), source_run_id=self.run_id,
                 tags={"mlflow.model.isExternal": "true", "threadweaver.checkpoint": str(location)},
                 params=flat_params(params or {}), model_type="hf-checkpoint")
             client.finalize_logged_model(model.model_id, "READY")

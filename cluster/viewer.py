@@ -17,12 +17,13 @@ Content-Security-Policy forbids both) and holds one section per trajectory:
 * a table of the trajectory's units (one engine request each: role, block,
   thread, context and completion tokens, inserted tokens).
 
-Lengths: with units, every thread and sequential request shows its count of
-model-generated tokens (``len(completion_ids)``, the measure of ``L_crit``);
-the sequential request that ends a block's outlines is shown on the text
-before that block, and says so. Without units (e.g. the records of the RL
-driver's ``eval/step_N.jsonl``), threads are compared by characters, and the
-page says "chars". A response cut off inside a block (by a budget or length
+Lengths: with units, or their token counts (``unit_tokens``, which the RL and
+SFT evaluations write into ``eval/step_N.jsonl`` instead of the units' ids:
+``rollout.units.UnitTokens``), every thread and sequential request shows its
+count of model-generated tokens (``len(completion_ids)``, the measure of
+``L_crit``); the sequential request that ends a block's outlines is shown on
+the text before that block, and says so. Without either, threads are compared
+by characters, and the page says "chars". A response cut off inside a block (by a budget or length
 limit) is shown with the missing closing tags added, under a note that says
 which; any other response that does not parse into blocks, or that breaks a
 structural limit of the format (``rollout.format.limit_reasons``: a hostile
@@ -34,7 +35,8 @@ writes them (the input fields, the trajectory of
 writes them (a bare trajectory: ``text``), or as the RL and SFT stages write
 their evaluations (``text`` plus score fields). The response is read from
 ``response``, else ``text``. Every value taken from a record is HTML-escaped,
-and ``units`` are checked (``rollout.units.units_from_json``) before use.
+and ``units`` and ``unit_tokens`` are checked (``rollout.units.units_from_json``,
+``unit_tokens_from_json``) before use.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ from rollout.format import (
     BLOCK_TAGS, OUTLINE_CLOSE, OUTLINE_OPEN, OUTLINES_CLOSE, OUTLINES_OPEN, PARALLEL_CLOSE, PARALLEL_OPEN,
     THREAD_CLOSE, THREAD_OPEN, Block, FormatError, limit_reasons, parse,
 )
-from rollout.units import SEQ, THREAD, Unit, latency, units_from_json
+from rollout.units import SEQ, THREAD, Unit, UnitTokens, latency, units_from_json, unit_tokens_from_json
 
 #: score fields shown in the reward panel, in this order (those present in a record)
 SCORE_KEYS = ("reward", "R_correct", "R_accel", "format_penalty", "correct", "format_valid", "format_error",
@@ -75,6 +77,8 @@ class PageItem:
     units: list[Unit] | None = None
     measures: dict[str, Any] = field(default_factory=dict)
     score: dict[str, Any] = field(default_factory=dict)
+    #: the token counts of each unit: from ``units``, else from the record's ``unit_tokens`` (None: neither)
+    tokens: list[UnitTokens] | None = None
 
 
 def _as_dict(obj: Any) -> dict:
@@ -107,6 +111,12 @@ def to_item(record: Any, score: Any = None, index: int = 0, tokenizer=None) -> P
                 units = units_from_json(units)
             except ValueError as e:
                 raise ValueError(f"record {index}: field 'units': {e}") from None
+    tokens = [UnitTokens.of(u) for u in units] if units is not None else None
+    if tokens is None and rec.get("unit_tokens") is not None:
+        try:
+            tokens = unit_tokens_from_json(rec["unit_tokens"])
+        except ValueError as e:
+            raise ValueError(f"record {index}: field 'unit_tokens': {e}") from None
     measures = {k: rec[k] for k in MEASURE_KEYS if rec.get(k) is not None}
     if units and "L_crit" not in measures:
         lat = latency(units)
@@ -133,7 +143,7 @@ def to_item(record: Any, score: Any = None, index: int = 0, tokenizer=None) -> P
     answer = rec.get("answer")
     return PageItem(title=f"#{index}" + (" · " + " · ".join(place) if place else ""), text=text, prompt=prompt,
                     answer=None if answer is None else str(answer), units=units, measures=measures,
-                    score=score_fields)
+                    score=score_fields, tokens=tokens)
 
 
 # --------------------------------------------------------------------------- HTML
@@ -193,14 +203,14 @@ def _kv_table(pairs: dict[str, Any], cls: str) -> str:
     return f'<table class="kv {cls}"><tr>{head}</tr><tr>{body}</tr></table>'
 
 
-def _unit_lengths(units: list[Unit] | None) -> tuple[list[int], dict[tuple[int, int], int]]:
+def _unit_lengths(tokens: list[UnitTokens] | None) -> tuple[list[int], dict[tuple[int, int], int]]:
     """Completion lengths of the sequential units in order, and of thread units by (block, thread)."""
     seq, threads = [], {}
-    for u in units or []:
+    for u in tokens or []:
         if u.role == THREAD:
-            threads[(u.block, u.thread)] = len(u.completion_ids)
+            threads[(u.block, u.thread)] = u.completion
         elif u.role == SEQ:
-            seq.append(len(u.completion_ids))
+            seq.append(u.completion)
     return seq, threads
 
 
@@ -277,10 +287,10 @@ def _response_html(item: PageItem) -> str:
                     f'<div class="seq raw"><pre>{_e(item.text)}</pre></div>')
         note = (f'<div class="error">the response ends inside a block (cut off); shown with '
                 f'{_e(closers)} added for display</div>')
-    seq_tokens, thread_tokens = _unit_lengths(item.units)
+    seq_tokens, thread_tokens = _unit_lengths(item.tokens)
     n_blocks = len(response.blocks)
     # Sequential request j ends at block j+1's </Outlines> (the last one at the end) when the units match.
-    seq_known = item.units is not None and len(seq_tokens) == n_blocks + 1
+    seq_known = item.tokens is not None and len(seq_tokens) == n_blocks + 1
     out, b, pending = [], 0, []
 
     def flush_seq(label: str) -> None:
@@ -303,14 +313,14 @@ def _response_html(item: PageItem) -> str:
     return note + "".join(out)
 
 
-def _units_html(units: list[Unit] | None) -> str:
-    if not units:
+def _units_html(tokens: list[UnitTokens] | None) -> str:
+    if not tokens:
         return ""
     rows = "".join(
         f"<tr><td>{i}</td><td>{_e(u.role)}</td><td>{'' if u.block is None else _e(u.block)}</td>"
-        f"<td>{'' if u.thread is None else _e(u.thread)}</td><td>{len(u.context_ids)}</td>"
-        f"<td>{len(u.completion_ids)}</td><td>{_e(u.n_inserted)}</td></tr>" for i, u in enumerate(units))
-    return (f'<details class="units"><summary>{len(units)} units (engine requests)</summary><table class="units">'
+        f"<td>{'' if u.thread is None else _e(u.thread)}</td><td>{u.context}</td>"
+        f"<td>{u.completion}</td><td>{_e(u.inserted)}</td></tr>" for i, u in enumerate(tokens))
+    return (f'<details class="units"><summary>{len(tokens)} units (engine requests)</summary><table class="units">'
             "<tr><th>unit</th><th>role</th><th>block</th><th>thread</th><th>context tokens</th>"
             f"<th>completion tokens</th><th>inserted</th></tr>{rows}</table></details>")
 
@@ -331,7 +341,7 @@ def _item_html(item: PageItem, index: int) -> str:
     if item.prompt is not None:
         parts.append(f'<div class="prompt"><pre>{_e(item.prompt)}</pre></div>')
     parts.append(f'<div class="response">{_response_html(item)}</div>')
-    parts.append(_units_html(item.units))
+    parts.append(_units_html(item.tokens))
     parts.append("</section>")
     return "".join(parts)
 

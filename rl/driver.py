@@ -371,7 +371,7 @@ def _loop(run: Run, on_step: Callable[[int, dict], None] | None, resumed: bool) 
                 run.save()
                 last_saved = run.step
             if cfg.eval.every and run.step % cfg.eval.every == 0 and run.step < cfg.steps:
-                run.run_eval()
+                metrics = {**metrics, **run.run_eval()}  # on_step sees the step's held-out evaluation too
             if on_step is not None:
                 on_step(run.step, metrics)
         if last_saved != run.step:
@@ -397,7 +397,8 @@ def train(cfg: RLConfig, tracker: Tracker, on_step: Callable[[int, dict], None] 
 
     ``tracker`` receives the parameters, metrics and artifacts (:class:`rl.tracker.Tracker`);
     ``on_step(step, metrics)`` runs after every step (after its checkpoint and
-    evaluation); raising :class:`rl.checkpoint.Stop` there ends the run on the
+    evaluation; ``metrics`` holds the evaluation's ``eval/...`` values when one ran
+    at that step; the final one, after the last step, is the summary's); raising :class:`rl.checkpoint.Stop` there ends the run on the
     spot, as a killed driver would (no final checkpoint, the tracked run left
     open). ``services`` reuses running rollout/reward actors (see
     :class:`rl.services.Services`); ``eval_page`` renders each evaluation's

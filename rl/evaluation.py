@@ -44,6 +44,7 @@ from rewards.tag_count import TagTokens
 from rl.metrics import finish_shares, mean, trajectory_metrics
 from rollout.config import RolloutConfig
 from rollout.files import atomic_write
+from rollout.units import unit_tokens
 
 MODES = ("parallel", "sequential")
 
@@ -93,6 +94,7 @@ class EvalRecord:
     speedup: float
     n_blocks: int
     text: str
+    unit_tokens: list[dict] | None = None  # per unit: rollout.units.UnitTokens (viewer pages); None: no units
 
 
 def judge(trajectory, answer: str, checker, reward_cfg: RewardConfig | None = None) -> EvalRecord:
@@ -104,6 +106,7 @@ def judge(trajectory, answer: str, checker, reward_cfg: RewardConfig | None = No
         format_valid=rec.format_valid, parallel_valid=rec.format_valid and trajectory.n_blocks > 0,
         finish_reason=trajectory.finish_reason, L_total=trajectory.L_total, L_crit=trajectory.L_crit,
         eta=trajectory.eta, speedup=trajectory.speedup, n_blocks=trajectory.n_blocks, text=trajectory.text,
+        unit_tokens=None if trajectory.units is None else unit_tokens(trajectory.units),
     )
 
 
@@ -152,7 +155,8 @@ def evaluate_heldout(rollout: RolloutConfig, modes: Sequence[str], rollouts, rew
                 f.write(json.dumps({"step": step, "mode": mode, "index": t.prompt_index,
                                     "answer": answers[t.prompt_index], "text": t.text,
                                     "finish_reason": t.finish_reason, "L_total": t.L_total, "L_crit": t.L_crit,
-                                    "eta": t.eta, "n_blocks": t.n_blocks, **s.to_dict()}) + "\n")
+                                    "eta": t.eta, "n_blocks": t.n_blocks, "unit_tokens": unit_tokens(t.units),
+                                    **s.to_dict()}) + "\n")
     if "eval/parallel/L_crit" in metrics and "eval/sequential/L_total" in metrics:
         metrics["eval/crit_over_sequential"] = metrics["eval/parallel/L_crit"] / metrics["eval/sequential/L_total"]
     if len(samples) == 2:  # the prompts were decoded as one batch per mode: a throughput-regime figure

@@ -149,6 +149,63 @@ def units_from_json(value) -> list[Unit]:
     return units
 
 
+@dataclass
+class UnitTokens:
+    """A unit's token counts without its ids: what a viewer page needs to measure threads in tokens, at a
+    fraction of the units' size (evaluations write them as a record's ``unit_tokens``)."""
+
+    role: str
+    block: int | None
+    thread: int | None
+    context: int  # context tokens, the inserted ones included
+    completion: int  # model-generated tokens (what L_total and L_crit count)
+    inserted: int  # orchestrator-inserted tokens at the end of the context
+
+    @classmethod
+    def of(cls, unit: Unit) -> "UnitTokens":
+        return cls(unit.role, unit.block, unit.thread, len(unit.context_ids), len(unit.completion_ids),
+                   unit.n_inserted)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "UnitTokens":
+        """The counts of a dict as ``asdict`` writes them; ValueError naming a missing, unknown or mistyped field."""
+        if not isinstance(d, dict):
+            raise ValueError(f"expected a unit-tokens object, got {type(d).__name__}")
+        names = [f.name for f in fields(cls)]
+        if sorted(d) != sorted(names):
+            wrong = sorted(set(d) ^ set(names))
+            raise ValueError(f"{'unknown' if wrong[0] in d else 'missing'} field {wrong[0]!r}")
+        if d["role"] not in (SEQ, THREAD):
+            raise ValueError(f"field 'role' must be {SEQ!r} or {THREAD!r}")
+        for name in ("block", "thread"):
+            if not (d[name] is None and d["role"] == SEQ or _is_int(d[name])):
+                raise ValueError(f"field {name!r} must be an integer" + (" or null" if d["role"] == SEQ else ""))
+        for name in ("context", "completion", "inserted"):
+            if not (_is_int(d[name]) and d[name] >= 0):
+                raise ValueError(f"field {name!r} must be an integer >= 0")
+        if d["inserted"] > d["context"]:
+            raise ValueError("field 'inserted' must be at most the context length")
+        return cls(**d)
+
+
+def unit_tokens(units: Sequence[Unit]) -> list[dict]:
+    """The :class:`UnitTokens` of ``units`` as JSON-ready dicts."""
+    return [asdict(UnitTokens.of(u)) for u in units]
+
+
+def unit_tokens_from_json(value) -> list[UnitTokens]:
+    """The counts of a record's ``unit_tokens`` field; ValueError naming the unit and field."""
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of unit-tokens objects, got {type(value).__name__}")
+    out = []
+    for i, d in enumerate(value):
+        try:
+            out.append(UnitTokens.from_dict(d))
+        except ValueError as e:
+            raise ValueError(f"unit {i}: {e}") from None
+    return out
+
+
 def encode(tokenizer: Tokenizer, text: str) -> list[int]:
     """Token ids of ``text`` alone, without BOS/EOS or other added tokens."""
     if not text:

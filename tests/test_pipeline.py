@@ -1,7 +1,9 @@
 """The one-command pipeline: its config, the wiring of stage configs, refusals, and the per-stage logging helpers.
 
 The integration test runs every stage on the real engines (DeepSpeed, vLLM,
-Ray, math-verify, MLflow) at toy sizes; the README's main job
+Ray, math-verify, MLflow) at toy sizes, then an RL ablation and a two-point
+reward-weight sweep from the pipeline's SFT checkpoint, all in one MLflow store
+that it reads back through MLflow's API; the README's main job
 (``threadweaver run experiments/pipeline_tiny.yaml``) is the full-size run.
 """
 
@@ -81,8 +83,18 @@ def test_cli_needs_a_file():
 
 
 @pytest.mark.integration
-def test_every_stage_runs_at_toy_size_into_one_mlflow_parent_run(tmp_path):
+def test_pipeline_then_an_ablation_and_a_sweep_all_land_in_one_mlflow_store(tmp_path):
+    """The first acceptance point of issue 17, read back through MLflow's API only: every stage of the
+    pipeline at toy size, then an RL ablation from its parallel SFT checkpoint, then a two-point reward-weight
+    sweep that finds that checkpoint itself (the newest pipeline under ``pipelines``), all tracked in one
+    store: the pipeline parent with a child run per stage, the ablation, the sweep parent with its two point
+    runs; every run with the git commit, its config file and command; every training run with a logged model
+    pointing at its final checkpoint; every RL run naming the SFT run it started from."""
     from mlflow import MlflowClient
+
+    from cluster.cmd_rl import RLRunConfig, run_rl
+    from cluster.lineage import run_context
+    from cluster.sweep import SweepConfig, sweep
 
     run_dir = tmp_path / "p"
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -90,7 +102,7 @@ def test_every_stage_runs_at_toy_size_into_one_mlflow_parent_run(tmp_path):
                  "data.task.max_threads=3", "sft.steps=2", "sft.tokens_per_step=900", "sft.learner.row_tokens=600",
                  "sft.learner.threads_per_rank=1", "rl.steps=1", "rl.prompts_per_step=2", "rl.rollout.n=2",
                  "rl.rollout.max_tokens=48", "rl.eval.prompts=2", "eval.limit=3", "eval.rollout.max_tokens=48",
-                 "eval.pages=2", "tracking.experiment=pipeline-test", f"tracking.uri={uri}"]
+                 "eval.pages=2", "tracking.experiment=pipeline_tiny", f"tracking.uri={uri}"]
     record = run_pipeline(load_config(PipelineConfig, "experiments/pipeline_tiny.yaml", overrides),
                           ["experiments/pipeline_tiny.yaml"])
     assert list(record["stages"]) == ["data", "sft_parallel", "sft_sequential", "rl_parallel", "rl_sequential",
@@ -98,51 +110,104 @@ def test_every_stage_runs_at_toy_size_into_one_mlflow_parent_run(tmp_path):
     report = (run_dir / "report.md").read_text()
     assert "ThreadWeaver" in report and "sequential baseline" in report
     assert all(f"| {stage} |" in report for stage in record["stages"])
-    par = [json.loads(x) for x in open(run_dir / "eval" / "tiny_parallel.jsonl")]
-    seq = [json.loads(x) for x in open(run_dir / "eval" / "tiny_sequential.jsonl")]
-    assert len(par) == len(seq) == 3
+    sft_checkpoint = record["stages"]["sft_parallel"]["checkpoint"]
 
+    # an RL ablation from the pipeline's parallel SFT checkpoint
+    rl_small = ["steps=1", "prompts_per_step=2", "rollout.n=2", "rollout.max_tokens=48", "eval.at_start=false",
+                "eval.every=0", "eval.prompts=2", "save_every=0", "progress=false"]
+    ablation_cfg = load_config(RLRunConfig, "experiments/rl_tiny.yaml", [
+        f"model={sft_checkpoint}", f"data.dir={record['stages']['data']['dir']}", "data.generate=false",
+        f"run_dir={tmp_path / 'rl_std'}", "grpo.advantage=std", *rl_small, f"tracking.uri={uri}",
+        "tracking.experiment=rl_tiny"])
+    ablation = run_rl(ablation_cfg, tags=run_context("rl", ["experiments/rl_tiny.yaml"]))
+
+    # a two-point sweep; its RL config's model and data are missing, so it starts from the newest pipeline's
+    point_overrides = [f"model={tmp_path / 'no_model'}", f"data.dir={tmp_path / 'no_data'}", *rl_small,
+                       "eval.modes=[parallel]"]
+    sweep_cfg = load_config(SweepConfig, "experiments/sweep_tiny.yaml", [
+        f"overrides={json.dumps(point_overrides)}",
+        "rho=[0.5,1.0]", "clip=[0.2]", "incorrect_reward=[0.0]", f"run_dir={tmp_path / 'sweep'}",
+        f"pipelines={tmp_path}", "tracking.experiment=sweep_tiny", f"tracking.uri={uri}", "ray.num_cpus=3"])
+    results = sweep(sweep_cfg, run_context("sweep", ["experiments/sweep_tiny.yaml"]))
+    assert [r.error for r in results] == [None, None] and [r.point.rho for r in results] == [0.5, 1.0]
+    for r in results:
+        # a point's metrics are the means over the held-out records its RL run wrote at its last step
+        # (2 prompts, greedy, parallel decoding)
+        steps = sorted((Path(r.run_dir) / "eval").glob("step_*.jsonl"))
+        records = [json.loads(line) for line in steps[-1].read_text().splitlines()]
+        assert [x["mode"] for x in records] == ["parallel", "parallel"]
+        assert r.metrics["accuracy"] == pytest.approx(sum(x["correct"] for x in records) / 2)
+        assert r.metrics["L_crit"] == pytest.approx(sum(x["L_crit"] for x in records) / 2)
+        assert 0 < r.metrics["L_crit"] <= r.metrics["L_total"] <= 48  # rollout.max_tokens=48
+    assert (tmp_path / "sweep" / "sweep_plot.png").stat().st_size > 5000
+    assert "p01_rho1_clip0.2_inc0" in (tmp_path / "sweep" / "sweep.md").read_text()
+
+    # ---- from here on, only MLflow's API: one store holds all of it
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("pipeline-test")
-    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
-    runs = client.search_runs([experiment.experiment_id])
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
-    assert sorted(children) == sorted(record["stages"])  # one child run per stage
-    assert all(r.info.status == "FINISHED" for r in children.values())
-    for r in runs:  # lineage of the code and the command on every run
-        assert len(r.data.tags["mlflow.source.git.commit"]) == 40 and r.data.tags["threadweaver.git_dirty"]
-        assert r.data.tags["threadweaver.config"].endswith("experiments/pipeline_tiny.yaml")
-    metrics = set(parents[0].data.metrics)
-    assert {"eval/tiny/parallel/accuracy", "eval/tiny/sequential/L_crit", "time/total_s"} <= metrics
-    models = {m.name: m for m in client.search_logged_models(experiment_ids=[experiment.experiment_id])}
-    assert sorted(models) == ["rl_parallel", "rl_sequential", "sft_parallel", "sft_sequential"]
-    for name, m in models.items():  # each training run's final checkpoint, pointed at
-        assert m.source_run_id == children[name].info.run_id
-        assert m.tags["threadweaver.checkpoint"] == str(Path(record["stages"][name]["checkpoint"]).resolve())
-    for layout in ("parallel", "sequential"):  # RL starts from the SFT run's checkpoint
-        tags = children[f"rl_{layout}"].data.tags
-        assert tags["threadweaver.source_run_id"] == children[f"sft_{layout}"].info.run_id
-        assert tags["threadweaver.source_model_id"] == models[f"sft_{layout}"].model_id
-    assert {i.dataset.name for i in client.get_run(children["rl_parallel"].info.run_id).inputs.dataset_inputs} == {
+    experiments = {e.name: e for e in client.search_experiments()}
+    assert {"pipeline_tiny", "rl_tiny", "sweep_tiny"} <= set(experiments)
+    for name in ("pipeline_tiny", "rl_tiny", "sweep_tiny"):
+        assert experiments[name].tags["mlflow.experimentKind"] == "custom_model_development"
+    ids = [experiments[n].experiment_id for n in ("pipeline_tiny", "rl_tiny", "sweep_tiny")]
+    runs = client.search_runs(ids)
+    by_id = {r.info.run_id: r for r in runs}
+    children: dict[str, list] = {}
+    for r in runs:
+        children.setdefault(r.data.tags.get("mlflow.parentRunId"), []).append(r)
+    roots = children[None]
+    assert sorted(r.data.tags["stage"] for r in roots) == ["pipeline", "rl", "sweep"]
+    pipeline, = (r for r in roots if r.data.tags["stage"] == "pipeline")
+    stages = {r.info.run_name: r for r in children[pipeline.info.run_id]}
+    assert sorted(stages) == sorted(record["stages"])  # one child run per stage
+    ablation_run = by_id[ablation["mlflow_run_id"]]
+    assert "mlflow.parentRunId" not in ablation_run.data.tags and ablation_run.data.params["grpo.advantage"] == "std"
+    sweep_parent, = (r for r in roots if r.data.tags["stage"] == "sweep")
+    points = {r.info.run_name: r for r in children[sweep_parent.info.run_id]}
+    assert sorted(points) == [r.point.name for r in results]
+    assert sorted(r.data.params["reward.rho"] for r in points.values()) == ["0.5", "1.0"]
+    assert len(runs) == 1 + 6 + 1 + 1 + 2
+    assert all(r.info.status == "FINISHED" for r in runs)
+    config_of = {pipeline.info.run_id: "pipeline_tiny.yaml", ablation_run.info.run_id: "rl_tiny.yaml",
+                 sweep_parent.info.run_id: "sweep_tiny.yaml"}
+    for r in runs:  # the code, the command and the config of every run
+        root = r.data.tags.get("mlflow.parentRunId", r.info.run_id)
+        assert len(r.data.tags["mlflow.source.git.commit"]) == 40, r.info.run_name
+        assert r.data.tags["threadweaver.git_dirty"] in ("true", "false")
+        assert r.data.tags["threadweaver.config"].endswith("experiments/" + config_of[root]), r.info.run_name
+        assert r.data.tags["threadweaver.command"] and r.data.tags["mlflow.user"] and r.data.tags["threadweaver.host"]
+        assert r.data.params, f"{r.info.run_name} has no parameters"
+
+    models = [m for m in client.search_logged_models(experiment_ids=ids)]
+    model_of = {m.source_run_id: m for m in models}
+    assert len(model_of) == len(models)  # one logged model per run that made one
+    training = {**{n: stages[n] for n in ("sft_parallel", "sft_sequential", "rl_parallel", "rl_sequential")},
+                "ablation": ablation_run, **points}
+    assert set(model_of) == {r.info.run_id for r in training.values()}
+    for name, r in training.items():  # the final checkpoint, pointed at (not copied), as the run's output
+        m = model_of[r.info.run_id]
+        assert m.status == "READY" and m.tags["mlflow.model.isExternal"] == "true"
+        assert Path(m.tags["threadweaver.checkpoint"], "config.json").is_file(), name
+        assert [o.model_id for o in client.get_run(r.info.run_id).outputs.model_outputs] == [m.model_id]
+    for name in ("sft_parallel", "sft_sequential", "rl_parallel", "rl_sequential"):
+        assert model_of[stages[name].info.run_id].tags["threadweaver.checkpoint"] == str(
+            Path(record["stages"][name]["checkpoint"]).resolve())
+    sft_par = stages["sft_parallel"]
+    rl_from = {"rl_parallel": sft_par, "rl_sequential": stages["sft_sequential"], "ablation": sft_par,
+               **{n: sft_par for n in points}}
+    for name, source in rl_from.items():  # RL runs name the SFT run and model they start from
+        r = training[name]
+        assert r.data.tags["threadweaver.source_run_id"] == source.info.run_id, name
+        model_id = model_of[source.info.run_id].model_id
+        assert r.data.tags["threadweaver.source_model_id"] == model_id, name
+        assert [i.model_id for i in client.get_run(r.info.run_id).inputs.model_inputs] == [model_id], name
+    assert {i.dataset.name for i in client.get_run(stages["rl_parallel"].info.run_id).inputs.dataset_inputs} == {
         "train", "validation"}
-    assert "eval/tiny/speedup" in {m.key for m in models["rl_parallel"].metrics}  # the eval's, on the model
-
-    # an RL ablation from the pipeline's SFT checkpoint lands in the same store, tagged with its source
-    from cluster.cmd_rl import RLRunConfig, run_rl
-    from cluster.lineage import run_context
-
-    ablation = load_config(RLRunConfig, "experiments/rl_tiny.yaml", [
-        f"model={record['stages']['sft_parallel']['checkpoint']}", f"data.dir={record['stages']['data']['dir']}",
-        "data.generate=false", f"run_dir={tmp_path / 'rl_std'}", "grpo.advantage=std", "steps=1",
-        "prompts_per_step=2", "rollout.n=2", "rollout.max_tokens=48", "eval.at_start=false", "eval.prompts=2",
-        "save_every=0", f"tracking.uri={uri}", "tracking.experiment=rl_tiny"])
-    summary = run_rl(ablation, tags=run_context("rl", ["experiments/rl_tiny.yaml"]))
-    run = client.get_run(summary["mlflow_run_id"])
-    assert run.data.tags["threadweaver.source_run_id"] == children["sft_parallel"].info.run_id
-    assert run.data.params["grpo.advantage"] == "std"
-    assert client.get_logged_model(summary["model_id"]).source_run_id == run.info.run_id
+    assert "eval/tiny/speedup" in {m.key for m in model_of[stages["rl_parallel"].info.run_id].metrics}
+    assert {"eval/tiny/parallel/accuracy", "eval/tiny/sequential/L_crit", "time/total_s"} <= set(
+        pipeline.data.metrics)
+    assert {"sweep.md", "sweep.json", "sweep_plot.png"} <= {a.path for a in client.list_artifacts(
+        sweep_parent.info.run_id)}
+    assert sorted(m.step for m in client.get_metric_history(sweep_parent.info.run_id, "sweep/L_crit")) == [0, 1]
 
     again = run_pipeline(load_config(PipelineConfig, "experiments/pipeline_tiny.yaml", overrides + ["reuse=true"]))
     same = json.dumps(again["stages"], sort_keys=True) == json.dumps(record["stages"], sort_keys=True)  # NaN-safe

@@ -1,10 +1,14 @@
-"""Reward-weight sweeps: the grid and its overrides (fast), the plot, and a two-point sweep on Ray.
+"""Reward-weight sweeps: the grid and its overrides, the scheduler, the plot (fast), and a killed sweep resumed on
+Ray Tune.
 
-The two-point sweep runs the real RL stage (vLLM rollout worker, reward actors,
-DeepSpeed learner) for one step per point on the untrained tiny model, which
+The resumed sweep runs the real RL stage (vLLM rollout worker, reward actors,
+DeepSpeed learner) for two steps per point on the untrained tiny model, which
 never answers correctly; like the driver's tests it rewards format validity
 (``format_penalty=1``) so the runs have something to learn. The points share
-one rollout pool (``share_rollout``), so the whole sweep starts one engine.
+one rollout pool (``share_rollout``), so each sweep command starts one engine.
+A two-point sweep from a pipeline's SFT checkpoint, its table, plot, metrics
+and MLflow runs, is part of ``tests/test_pipeline.py``'s integration test
+(one store for the pipeline, an ablation and the sweep).
 """
 
 from __future__ import annotations
@@ -67,55 +71,6 @@ def test_table_and_plot(tmp_path):
     assert "| a | 0.5 | 0.2 | 0 | 50.0% | 120.0 |" in text and "failed: RuntimeError: boom" in text
     png = plot([ok, bad], tmp_path / "p.png")
     assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 5000
-
-
-@pytest.mark.integration
-def test_two_point_sweep_runs_child_runs_and_plots(tiny_model_dir, tmp_path):
-    from mlflow import MlflowClient
-
-    from cluster.sweep import sweep
-
-    rl_overrides = [
-        f"model={tiny_model_dir}", f"data.dir={tmp_path / 'data'}", "data.generate=true", "data.train_size=40",
-        "data.validation_size=4", "data.test_size=4", "steps=1", "prompts_per_step=2", "save_every=0",
-        "rollout.n=2", "rollout.max_tokens=32", "rollout.max_context=256", "rollout.max_thread_tokens=16",
-        "rollout.weight_bucket_mb=0.5", "reward.format_penalty=1.0", "reward.num_actors=1", "learner.lr=3e-3",
-        "learner.row_tokens=512", "learner.threads_per_rank=1", "eval.at_start=false", "eval.every=0",
-        "eval.prompts=2", "eval.modes=[parallel]"]
-    cfg = load_config(SweepConfig, None, [
-        f"rl_config=[{RL_TINY}]", f"overrides={json.dumps(rl_overrides)}", "rho=[0.5,1.0]", "clip=[0.2]",
-        "incorrect_reward=[0.0]", f"run_dir={tmp_path / 'sweep'}", "share_rollout=true",
-        "tracking.experiment=sweep-test", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "ray.num_cpus=3"])
-    results = sweep(cfg)
-    assert [r.error for r in results] == [None, None]
-    assert [r.point.rho for r in results] == [0.5, 1.0]
-    for r in results:
-        # a point's metrics are the means over the held-out records its RL run wrote at the last step
-        # (2 prompts, greedy, parallel decoding)
-        steps = sorted((Path(r.run_dir) / "eval").glob("step_*.jsonl"))
-        records = [json.loads(line) for line in steps[-1].read_text().splitlines()]
-        assert [x["mode"] for x in records] == ["parallel", "parallel"]
-        assert r.metrics["accuracy"] == pytest.approx(sum(x["correct"] for x in records) / 2)
-        assert r.metrics["L_crit"] == pytest.approx(sum(x["L_crit"] for x in records) / 2)
-        assert r.metrics["L_total"] == pytest.approx(sum(x["L_total"] for x in records) / 2)
-        assert 0 < r.metrics["L_crit"] <= r.metrics["L_total"] <= 32  # rollout.max_tokens=32
-        assert (Path(r.run_dir) / "summary.json").is_file()
-
-    out = tmp_path / "sweep"
-    assert (out / "sweep_plot.png").stat().st_size > 5000
-    assert "p01_rho1_clip0.2_inc0" in (out / "sweep.md").read_text()
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    runs = client.search_runs([client.get_experiment_by_name("sweep-test").experiment_id])
-    parents = [r for r in runs if r.data.tags.get("stage") == "sweep"]
-    children = [r for r in runs if r.data.tags.get("stage") == "rl"]
-    assert len(parents) == 1 and len(children) == 2 and parents[0].info.status == "FINISHED"
-    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
-    assert sorted(r.data.params["reward.rho"] for r in children) == ["0.5", "1.0"]
-    assert {r.data.params["reward.preset"] for r in children} == {"null"}
-    artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
-    assert {"sweep.md", "sweep.json", "sweep_plot.png"} <= artifacts
-    history = client.get_metric_history(parents[0].info.run_id, "sweep/L_crit")
-    assert sorted(m.step for m in history) == [0, 1]
 
 
 def test_the_model_comes_from_the_sweep_the_rl_config_or_the_newest_pipeline(tmp_path):
@@ -234,3 +189,127 @@ def test_a_trial_runs_its_point_without_a_placement_group_per_role(tmp_path):
     rl = absolute(point_config(base, grid(cfg, None)[0]))
     assert not rl.ray.placement and rl.resume == "auto" and Path(rl.run_dir).is_absolute()
     assert reserve_roles(rl.ray, roles(rl)) is None  # no Ray needed: nothing is reserved
+
+
+# --------------------------------------------------------------------------- early stopping (scheduler)
+
+
+def _asha_cfg(*extra: str) -> SweepConfig:
+    return load_config(SweepConfig, None, [f"rl_config=[{RL_TINY}]", "scheduler=asha", *extra])
+
+
+def test_no_scheduler_by_default_and_asha_stops_points_with_a_lower_heldout_reward():
+    """ASHA on the held-out reward (higher is better) at the RL step each trial reports: of three points at
+    step 1 (reduction factor 2), the one below the others' rewards stops, the better ones go on."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import ASHAScheduler
+
+    from cluster.sweep import SCHEDULER_METRIC, make_scheduler, tune_config
+
+    cfg = load_config(SweepConfig, None, [f"rl_config=[{RL_TINY}]"])
+    assert cfg.scheduler == "none" and make_scheduler(cfg, 10) is None
+    assert tune_config(cfg, 10, 2).scheduler is None and tune_config(cfg, 10, 2).max_concurrent_trials == 2
+    asha = make_scheduler(_asha_cfg("grace_steps=2", "reduction_factor=3"), 10)
+    assert isinstance(asha, ASHAScheduler)
+    assert (asha.metric, asha._mode, asha._time_attr, asha._max_t) == ("reward", "max", "step", 10)
+    assert SCHEDULER_METRIC == "reward" and asha._reduction_factor == 3
+    assert min(r[0] for b in asha._brackets for r in b._rungs) == 2  # no point stops before grace_steps
+    assert isinstance(tune_config(_asha_cfg(), 10, 1).scheduler, ASHAScheduler)  # what the Tuner gets
+
+    asha = make_scheduler(_asha_cfg(), 4)
+    trials = [SimpleNamespace(trial_id=name) for name in ("good", "bad", "best")]
+    for t in trials:
+        asha.on_trial_add(None, t)
+    decisions = [asha.on_trial_result(None, t, {"step": 1, "reward": r}) for t, r in zip(trials, (1.0, 0.0, 2.0))]
+    assert decisions == ["CONTINUE", "STOP", "CONTINUE"]
+    with pytest.raises(ConfigError, match="scheduler"):
+        load_config(SweepConfig, None, [f"rl_config=[{RL_TINY}]", "scheduler=hyperband"])
+    with pytest.raises(ConfigError, match="reduction_factor"):
+        _asha_cfg("reduction_factor=1")
+
+
+def test_asha_needs_evaluations_during_training_and_says_which_key(tmp_path):
+    from cluster.sweep import sweep
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    cfg = _asha_cfg(f"run_dir={tmp_path / 'sweep'}", f"model={model}", "overrides=[eval.every=0, steps=4]")
+    with pytest.raises(ValueError, match=r"set eval.every >= 1"):
+        sweep(cfg)  # refused before Ray or any engine starts
+    with pytest.raises(ValueError, match=r"grace_steps \(5\) is more than the points' steps \(4\)"):
+        sweep(replace(cfg, grace_steps=5, overrides=["eval.every=1", "steps=4"]))
+
+
+def test_a_trial_reports_every_evaluation_then_its_final_one(monkeypatch):
+    """What the scheduler sees: the point's held-out metrics and RL step at each evaluation during training
+    (not at steps without one), then after the final evaluation, marked final; a point stopped after such a
+    report keeps those metrics and says at which step."""
+    from types import SimpleNamespace
+
+    import ray.tune
+
+    from cluster import sweep as sweep_module
+
+    def evaluation(reward: float) -> dict:
+        return {f"eval/parallel/{k}": v for k, v in {"accuracy": 0.5, "L_crit": 30.0, "L_total": 40.0,
+                                                     "activation": 1.0, "eta": 0.25, "reward": reward}.items()}
+
+    def run_point(rl_cfg, pool, tags, run_id, on_step):
+        on_step(1, {"train/reward": 9.0})  # no evaluation at this step: nothing reported
+        on_step(2, {"train/reward": 9.0, **evaluation(0.25)})
+        return {"steps": 3, "eval": evaluation(0.75)}
+
+    reports = []
+    monkeypatch.setattr(ray.tune, "report", reports.append)
+    monkeypatch.setattr(sweep_module, "_run_point", run_point)
+    sweep_module._trial({"point": 1}, configs=[None, None], pool=None, tags={}, run_ids={})
+    assert [(r["step"], r["reward"], r.get("final", False), r["point"]) for r in reports] == [
+        (2, 0.25, False, 1), (3, 0.75, True, 1)]
+
+    points = [Point(0, "a", 0.5, 0.2, 0.0, {}), Point(1, "b", 1.0, 0.2, 0.0, {})]
+    configs = [SimpleNamespace(run_dir="/nowhere/a"), SimpleNamespace(run_dir="/nowhere/b")]
+    stopped = sweep_module._result(SimpleNamespace(config={"point": 1}, error=None, metrics=reports[0]), points,
+                                   configs, {1: "run-b"})
+    finished = sweep_module._result(SimpleNamespace(config={"point": 1}, error=None, metrics=reports[1]), points,
+                                    configs, {1: "run-b"})
+    assert stopped.stopped_at == 2 and stopped.metrics["reward"] == 0.25 and stopped.mlflow_run_id == "run-b"
+    assert finished.stopped_at is None and finished.metrics["reward"] == 0.75
+    assert "| b (stopped after step 2) |" in table([stopped])
+
+
+@pytest.mark.integration
+def test_asha_stops_the_point_whose_heldout_reward_is_lower(tiny_model_dir, tmp_path):
+    """Two points on Ray Tune with ASHA, on the untrained tiny model, which never answers correctly: both
+    points learn the same (mean-centred advantages ignore a reward offset), but the second one's wrong answers
+    earn -1, so its held-out reward at step 1 is lower than the first point's and ASHA stops it there; the
+    first runs both its steps. The stopped point's MLflow run ends KILLED with the step."""
+    from mlflow import MlflowClient
+
+    from cluster.sweep import sweep
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    rl_overrides = [
+        f"model={tiny_model_dir}", f"data.dir={tmp_path / 'data'}", "data.generate=true", "data.train_size=40",
+        "data.validation_size=4", "data.test_size=4", "steps=2", "prompts_per_step=2", "save_every=0",
+        "rollout.n=2", "rollout.max_tokens=32", "rollout.max_context=256", "rollout.max_thread_tokens=16",
+        "rollout.weight_bucket_mb=0.5", "reward.format_penalty=1.0", "reward.num_actors=1", "learner.lr=3e-3",
+        "learner.row_tokens=512", "learner.threads_per_rank=1", "eval.at_start=false", "eval.every=1",
+        "eval.prompts=2", "eval.modes=[parallel]", "progress=false"]
+    cfg = load_config(SweepConfig, None, [
+        f"rl_config=[{RL_TINY}]", f"overrides={json.dumps(rl_overrides)}", "rho=[0.5]", "clip=[0.2]",
+        "incorrect_reward=[0.0,-1.0]", f"run_dir={tmp_path / 'sweep'}", "share_rollout=true", "scheduler=asha",
+        "grace_steps=1", "reduction_factor=2", "tracking.experiment=sweep-asha", f"tracking.uri={uri}",
+        "ray.num_cpus=3"])
+    first, second = sweep(cfg)
+    assert (first.error, first.stopped_at, second.error, second.stopped_at) == (None, None, None, 1)
+    assert second.metrics["reward"] < first.metrics["reward"]
+    assert json.loads((Path(first.run_dir) / "summary.json").read_text())["steps"] == 2
+    assert not (Path(second.run_dir) / "summary.json").exists()  # stopped before its second step ended
+    assert "(stopped after step 1)" in (tmp_path / "sweep" / "sweep.md").read_text()
+    client = MlflowClient(uri)
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("sweep-asha").experiment_id])}
+    assert runs[first.point.name].info.status == "FINISHED" and runs["sweep"].info.status == "FINISHED"
+    assert runs[second.point.name].info.status == "KILLED"
+    assert runs[second.point.name].data.tags["threadweaver.stopped_at_step"] == "1"

@@ -15,8 +15,8 @@ import urllib.request
 import pytest
 
 from cluster.tracking import (
-    TrackingConfig, Tracker, flat_params, local_artifact_root, metric_table, numeric_metrics, resolve_uri,
-    sanitize_key,
+    TrackingConfig, Tracker, flat_params, local_artifact_root, metric_table, model_name, numeric_metrics,
+    resolve_uri, sanitize_key,
 )
 
 
@@ -48,6 +48,15 @@ def test_sanitized_keys_pass_mlflow_validation():
         assert len(key) <= 250
         _validate_metric_name(key)
         _validate_param_name(key)
+
+
+def test_model_names_pass_mlflow_validation():
+    from mlflow.utils.validation import _validate_logged_model_name
+
+    assert model_name("p00_rho0.5_clip0.2_inc-1") == "p00_rho0_5_clip0_2_inc-1"  # a sweep point's run
+    assert model_name("sft_parallel") == "sft_parallel"
+    for name in ["a/b:c", "100%", "it's \"x\"", "", "..", "é"]:
+        _validate_logged_model_name(model_name(name))
 
 
 def test_params_and_metrics_are_made_loggable(caplog):

@@ -106,6 +106,74 @@ def test_records_without_units_compare_threads_by_characters():
     assert "sequential request:" not in page
 
 
+class _ExactChecker:
+    def check(self, pred, gold):
+        from rewards.checker import Verdict
+
+        return Verdict(pred == gold, False, "same_text", 0.0)
+
+
+def test_rl_heldout_records_carry_unit_token_counts_and_their_page_measures_threads_in_tokens(tmp_path):
+    """The RL driver's evaluation records (``eval/step_N.jsonl``) hold each unit's token counts, not its ids:
+    their page marks the same critical threads, by the same token counts, as a page of the full units."""
+    from rewards.config import RewardConfig
+    from rewards.score import score_many
+    from rl.evaluation import evaluate_heldout
+    from rollout.config import RolloutConfig
+    from rollout.orchestrator import Trajectory
+    from rollout.units import Unit
+
+    rec = _record()
+    traj = Trajectory(prompt_index=0, sample_index=0, prompt_ids=[1, 2, 3],
+                      units=[Unit.from_dict(u) for u in rec["units"]], sequence_ids=[], text=RESPONSE,
+                      finish_reason="eos", finish_detail="", L_total=L_TOTAL, L_crit=L_CRIT, eta=rec["eta"],
+                      speedup=L_TOTAL / L_CRIT, n_blocks=2, threads_per_block=[3, 2], latency_s=0.1)
+
+    class Rollouts:
+        def generate(self, prompts, rc):
+            return [traj]
+
+    class Rewards:
+        def score_batch(self, items):
+            return score_many(items, RewardConfig(), _ExactChecker())
+
+    _, path = evaluate_heldout(RolloutConfig(), ["parallel"], Rollouts(), Rewards(), [[1, 2, 3]], ["42"], 4,
+                               tmp_path)
+    (written,) = read_jsonl(path)
+    assert "units" not in written  # counts only: no token ids
+    assert [u["completion"] for u in written["unit_tokens"]] == [169, 13, 61, 46, 112, 35, 13, 38]
+    seed = len("\n<Thread>\n2:".encode())  # the orchestrator's seed of thread 2, inserted after the prompt and head
+    assert written["unit_tokens"][2] == {"role": "thread", "block": 1, "thread": 2, "context": 3 + 169 + seed,
+                                         "completion": 61, "inserted": seed}
+    page = render([written])
+    full = render([rec])
+
+    def threads(html_text):
+        return re.findall(r'<div class="(thread(?: critical)?)" data-block="(\d)" data-thread="(\d)" '
+                          r'data-length="(\d+)" data-unit="(\w+)"', html_text)
+
+    assert threads(page) == threads(full) and {t[-1] for t in threads(page)} == {"tokens"}
+    assert ("thread critical", "1", "2", str(_tokens("b" * 50)), "tokens") in threads(page)
+    assert "sequential request: 169 tokens" in page and "8 units (engine requests)" in page
+    assert not re.search(r"\d chars\b", page) and "data-unit=\"chars\"" not in page
+
+
+def test_bad_unit_token_counts_are_an_error_naming_the_record_unit_and_field():
+    good = {"role": "thread", "block": 1, "thread": 2, "context": 10, "completion": 4, "inserted": 3}
+    rec = {"text": RESPONSE, "unit_tokens": [good]}
+    assert to_item(rec).tokens[0].completion == 4
+    for bad, message in [({**good, "completion": -1}, "unit 0: field 'completion' must be an integer >= 0"),
+                         ({**good, "thread": None}, "unit 0: field 'thread' must be an integer"),
+                         ({**good, "inserted": 11}, "'inserted' must be at most the context length"),
+                         ({**good, "extra": 1}, "unknown field 'extra'"),
+                         ({k: v for k, v in good.items() if k != "role"}, "missing field 'role'"),
+                         ({**good, "role": "x"}, "field 'role' must be")]:
+        with pytest.raises(ValueError, match=f"record 0: field 'unit_tokens': .*{re.escape(message)}"):
+            to_item({**rec, "unit_tokens": [bad]})
+    with pytest.raises(ValueError, match="expected a list"):
+        to_item({**rec, "unit_tokens": "3"})
+
+
 def test_a_cut_response_is_closed_for_display_and_a_broken_one_shown_raw():
     assert missing_closers("<Parallel><Outlines><Outline>1: x") == "</Outline></Outlines></Parallel>"
     assert missing_closers("a</Thread>") is None and missing_closers("plain") == ""
