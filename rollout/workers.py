@@ -31,7 +31,7 @@ from typing import Callable, Mapping, Sequence
 from rollout.config import RolloutConfig
 from rollout.engine import VLLMEngine, make_llm, shutdown_llm
 from rollout.orchestrator import Trajectory, generate
-from rollout.storage import ShippedFolder, fetch_folder, scratch_dir, ship_folder
+from rollout.storage import SCRATCH_ENV, ShippedFolder, fetch_folder, scratch_dir, ship_folder
 
 #: Environment variables copied from the driver into every worker (vLLM, tokenizers, torch threads).
 FORWARDED_ENV_PREFIXES = ("VLLM_", "TOKENIZERS_", "OMP_", "HF_")
@@ -60,6 +60,8 @@ class RolloutWorker:
 
     def __init__(self, model_dir: "str | ShippedFolder", config: RolloutConfig, env: Mapping[str, str] | None = None):
         os.environ.update(env or {})
+        if os.environ.get(SCRATCH_ENV):  # a node with its own scratch folder keeps the engine's files there too
+            os.environ.setdefault("VLLM_CACHE_ROOT", str(scratch_dir("vllm-cache")))
         model_dir = str(fetch_folder(model_dir))  # a path this node sees: shipped and URI models copied to scratch
         from rollout.onboard import eos_token_ids  # lazy: transformers takes seconds to import; only the actor
         from rollout.tiny import load_tokenizer  # needs them
