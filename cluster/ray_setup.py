@@ -95,7 +95,7 @@ class RayConfig:
     role_resources: dict[str, dict[str, float]] = field(default_factory=dict, metadata={
         "help": "custom node resources added to every bundle of a role, by role key (learner, rollout, reward, "
                 "reference, eval), e.g. {rollout: {rollout_node: 1}}: the role's actors then go only to nodes "
-                "started with that resource (ray start --resources); empty: any node"})
+                "started with that resource (ray start --resources); empty: any node", "range": "> 0"})
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -106,10 +106,10 @@ class RayConfig:
         if unknown:
             raise ValueError(f"ray.role_resources: unknown role {unknown[0]!r}; roles are {', '.join(ROLE_KEYS)}")
         for key, resources in self.role_resources.items():
-            bad = [k for k, v in resources.items() if k in ("CPU", "GPU") or not isinstance(v, (int, float)) or v <= 0]
+            bad = [k for k in resources if k in ("CPU", "GPU")]
             if bad:
-                raise ValueError(f"ray.role_resources.{key}.{bad[0]}: a custom resource with an amount > 0 "
-                                 "(CPUs and GPUs come from the role's own settings)")
+                raise ValueError(f"ray.role_resources.{key}.{bad[0]}: custom resources only (a role's CPUs and "
+                                 "GPUs come from its own settings)")
 
 
 @dataclass
