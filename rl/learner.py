@@ -351,7 +351,8 @@ class Learner:
         dest.commit(out)
 
     def _own_file(self, name: str) -> bool:
-        """Whether checkpoint file ``name`` is one this rank reads (not another rank's shard or RNG state)."""
+        """Whether checkpoint file ``name`` is one this rank reads (not another rank's shard or RNG state; DeepSpeed
+        reads only its own ZeRO partition unless ``elastic_checkpoint``, which this project never sets)."""
         shard = re.search(r"zero_pp_rank_(\d+)_", name)
         rng = re.fullmatch(r"rng/rank_(\d+)\.pt", name)
         other = shard if shard is not None else rng
