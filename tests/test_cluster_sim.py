@@ -40,7 +40,8 @@ GUARDED_EVENTS = ("open", "os.listdir", "os.scandir", "os.rename", "os.remove", 
 
 def node_guard(flag: dict | None = None):
     """A set-up hook installing an audit hook: a path under ``$THREADWEAVER_TEST_SCRATCH_ROOT`` but outside this
-    process's own ``$THREADWEAVER_SCRATCH`` raises PermissionError (checked while ``flag["on"]``, when given).
+    process's own ``$THREADWEAVER_SCRATCH`` raises RuntimeError (checked while ``flag["on"]``, when given; each
+    such path is also recorded in ``flag["seen"]``). Not PermissionError: pathlib's ``glob`` swallows that one.
 
     A closure (shipped by value to the workers): running it imports nothing from this test module.
     """
@@ -62,8 +63,10 @@ def node_guard(flag: dict | None = None):
                 if isinstance(a, (str, bytes, os.PathLike)):
                     path = os.path.realpath(os.fsdecode(a)) + os.sep
                     if path.startswith(root) and not path.startswith(own):
-                        raise PermissionError(f"{event} {os.fsdecode(a)}: a file of another node's scratch "
-                                              f"(this process's node scratch is {own})")
+                        if flag is not None:
+                            flag.setdefault("seen", []).append(f"{event} {os.fsdecode(a)}")
+                        raise RuntimeError(f"{event} {os.fsdecode(a)}: a file of another node's scratch "
+                                           f"(this process's node scratch is {own})")
 
         sys.addaudithook(hook)
 
@@ -218,6 +221,7 @@ def test_pgrpo_on_nodes_without_a_shared_filesystem_places_stores_and_resumes(cl
     resumed = run_rl(_config(tmp_path, "resumed", model, resumed_uri, c.address, resume="auto",
                              **{"tracking.enabled": "false"}), on_step=record_placement)
     DRIVER_GUARD["on"] = False
+    assert DRIVER_GUARD.get("seen", []) == []  # nothing swallowed a refused read either
     assert resumed["steps"] == 2 and placed["RolloutWorker"] == [nodes["rollout"].node_id]
     assert any(f.startswith("threadweaver/inputs/model-") for f in _files(scratch["rollout_2"]))
 
