@@ -17,6 +17,7 @@ from cluster.ray_setup import RayConfig, Role, init_ray, placement_report, plan_
 from cluster.tracking import Tracker, TrackingConfig
 from cluster.viewer import eval_page
 from rl import driver
+from rl.checkpoint import checkpoints_of
 from rl.driver import RLConfig, check_inputs, load_data
 from rl.services import Services
 from rollout.config import set_runtime_defaults
@@ -126,6 +127,8 @@ def check(cfg: RLRunConfig) -> int:
               f"{ray.get_runtime_context().gcs_address} with {resources.get('CPU', 0):g} CPU, "
               f"{resources.get('GPU', 0):g} GPU; the roles fit:\n{plan_text(roles(cfg))}")
         print(placement_report(cfg.ray, roles(cfg)))
+        print(f"checkpoints: {checkpoints_of(cfg.run_dir, cfg.storage)}"
+              + ("" if cfg.storage else " (no storage set: on several nodes run_dir must be on a shared filesystem)"))
     except RuntimeError as e:
         print(f"threadweaver rl: {e}", file=sys.stderr)
         return 2
