@@ -103,7 +103,8 @@ class Rollouts:
     With ``progress`` every call shows a bar of the trajectories done out of all asked for."""
 
     def __init__(self, services: Services, model_dir: "str | Path | ShippedFolder", cfg: RolloutConfig,
-                 max_restarts: int, weights: Callable[[], dict], actor_options: Sequence[Mapping] = (), progress: bool = False):
+                 max_restarts: int, weights: Callable[[], dict], actor_options: Sequence[Mapping] = (),
+                 progress: bool = False):
         self.services, self.cfg = services, cfg
         self.model_dir = model_dir if isinstance(model_dir, ShippedFolder) else str(model_dir)
         self.actor_options = actor_options
