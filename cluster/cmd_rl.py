@@ -17,6 +17,7 @@ from cluster.ray_setup import RayConfig, Role, check_plan, init_ray, reserve_rol
 from cluster.tracking import Tracker, TrackingConfig
 from cluster.viewer import eval_page
 from rl import driver
+from rl.checkpoint import checkpoints_of
 from rl.driver import RLConfig, check_inputs, load_data
 from rl.services import Services
 from rollout.config import set_runtime_defaults
@@ -113,5 +114,9 @@ def check(cfg: RLRunConfig) -> int:
     except (OSError, ValueError) as e:
         print(f"threadweaver rl: {e}", file=sys.stderr)
         return 2
-    return check_plan("rl", cfg.ray, roles(cfg),
+    code = check_plan("rl", cfg.ray, roles(cfg),
                       f"{len(train_records)} training and {len(val_records)} validation records; ")
+    if code == 0:
+        print(f"checkpoints: {checkpoints_of(cfg.run_dir, cfg.storage)}"
+              + ("" if cfg.storage else " (no storage set: on several nodes run_dir must be on a shared filesystem)"))
+    return code

@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from rollout.files import write_text
+from rollout.storage import Storage
 
 #: the file next to a checkpoint's weights that names the MLflow run and logged model that made it
 SOURCE_FILE = "mlflow_run.json"
@@ -118,12 +118,17 @@ def log_source(tracker, model: str | Path) -> dict:
 
 def log_checkpoint(tracker, name: str, checkpoint: str | Path, metrics: Mapping[str, float], step: int) -> str | None:
     """The final checkpoint as a logged model of ``tracker``'s run, ``metrics`` attached; ``mlflow_run.json``
-    written into the checkpoint folder. Returns the model id (None without a run or server)."""
-    checkpoint = Path(checkpoint).resolve()
-    model_id = tracker.log_model(name, checkpoint, metrics, step)
+    written into the checkpoint folder. Returns the model id (None without a run or server). A checkpoint in a
+    storage URI is downloaded into the driver's scratch for MLflow, and ``mlflow_run.json`` written there."""
+    storage = Storage.of(checkpoint)
+    local = storage.fetch()
+    try:
+        model_id = tracker.log_model(name, local.resolve(), metrics, step)
+    finally:
+        storage.release(local)
     if tracker.run_id is not None:
-        write_text(checkpoint / SOURCE_FILE, json.dumps({"run_id": tracker.run_id, "model_id": model_id,
-                                                          "tracking_uri": tracker.uri, "name": name}, indent=1))
+        storage.write_text(SOURCE_FILE, json.dumps({"run_id": tracker.run_id, "model_id": model_id,
+                                                     "tracking_uri": tracker.uri, "name": name}, indent=1))
     return model_id
 
 

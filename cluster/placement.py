@@ -47,9 +47,11 @@ def bundle_of(cpus: float, gpus: float) -> dict[str, float]:
     return {k: float(v) for k, v in (("CPU", cpus), ("GPU", gpus)) if v > 0}
 
 
-def group_plans(roles, learner_strategy: str = "PACK") -> list[GroupPlan]:
+def group_plans(roles, learner_strategy: str = "PACK",
+                role_resources: dict[str, dict[str, float]] | None = None) -> list[GroupPlan]:
     """A group per role of ``roles`` (``cluster.ray_setup.Role`` with a ``key``); roles that reserve nothing
-    get none."""
+    get none. ``role_resources[key]`` (custom node resources, e.g. ``{"rollout": 1}``) is added to every bundle
+    of that role, so its actors go only to nodes that offer it."""
     if learner_strategy not in LEARNER_STRATEGIES:
         raise ValueError(f"learner placement strategy must be one of {LEARNER_STRATEGIES}, got {learner_strategy!r}")
     plans = []
@@ -57,6 +59,7 @@ def group_plans(roles, learner_strategy: str = "PACK") -> list[GroupPlan]:
         bundle = bundle_of(r.cpus, r.gpus)
         if r.count < 1 or not bundle:
             continue
+        bundle.update({k: float(v) for k, v in (role_resources or {}).get(r.key, {}).items()})
         strategy = learner_strategy if r.key == "learner" else ROLE_STRATEGIES.get(r.key, "PACK")
         plans.append(GroupPlan(r.key, r.name, [dict(bundle) for _ in range(r.count)], strategy))
     return plans

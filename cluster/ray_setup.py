@@ -36,10 +36,14 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from cluster.placement import LEARNER_STRATEGIES, Reservation, group_plans, reserve
+from cluster.placement import LEARNER_STRATEGIES, ROLE_STRATEGIES, Reservation, group_plans, reserve
 from cluster.placement import plan_text as placement_text
 from rollout.config import check_ranges
 from rollout.ray_init import start_ray
+
+
+#: the role keys a config may name (``cluster.placement``)
+ROLE_KEYS = ("learner", *ROLE_STRATEGIES)
 
 
 @dataclass
@@ -88,12 +92,24 @@ class RayConfig:
                 "(one node, or refuse)"})
     placement_timeout_s: float = field(default=120.0, metadata={
         "help": "seconds to wait for Ray to place the groups before giving up (s)", "range": "> 0"})
+    role_resources: dict[str, dict[str, float]] = field(default_factory=dict, metadata={
+        "help": "custom node resources added to every bundle of a role, by role key (learner, rollout, reward, "
+                "reference, eval), e.g. {rollout: {rollout_node: 1}}: the role's actors then go only to nodes "
+                "started with that resource (ray start --resources); empty: any node", "range": "> 0"})
 
     def __post_init__(self) -> None:
         check_ranges(self)
         if self.learner_strategy not in LEARNER_STRATEGIES:
             raise ValueError(f"ray.learner_strategy must be one of {', '.join(LEARNER_STRATEGIES)}, "
                              f"got {self.learner_strategy!r}")
+        unknown = sorted(set(self.role_resources) - set(ROLE_KEYS))
+        if unknown:
+            raise ValueError(f"ray.role_resources: unknown role {unknown[0]!r}; roles are {', '.join(ROLE_KEYS)}")
+        for key, resources in self.role_resources.items():
+            bad = [k for k in resources if k in ("CPU", "GPU")]
+            if bad:
+                raise ValueError(f"ray.role_resources.{key}.{bad[0]}: custom resources only (a role's CPUs and "
+                                 "GPUs come from its own settings)")
 
 
 @dataclass
@@ -175,14 +191,14 @@ def reserve_roles(cfg: RayConfig, roles: list[Role]) -> Reservation | None:
     """With ``cfg.placement``: a placement group per role, placed (``cluster.placement.reserve``); else None."""
     if not cfg.placement:
         return None
-    return reserve(group_plans(roles, cfg.learner_strategy), cfg.placement_timeout_s)
+    return reserve(group_plans(roles, cfg.learner_strategy, cfg.role_resources), cfg.placement_timeout_s)
 
 
 def placement_report(cfg: RayConfig, roles: list[Role]) -> str:
     """``--check``'s placement lines: each bundle and the node Ray placed it on (the groups are released)."""
     if not cfg.placement:
         return "placement: off (ray.placement=false): Ray's default scheduler places each actor"
-    plans = group_plans(roles, cfg.learner_strategy)
+    plans = group_plans(roles, cfg.learner_strategy, cfg.role_resources)
     reservation = reserve(plans, cfg.placement_timeout_s)
     try:
         return f"placement (a group per role, learner {cfg.learner_strategy}):\n" \

@@ -49,7 +49,12 @@ status 1.
 
 On a cluster, submit the whole sweep as a Ray job (``ray job submit
 --working-dir . -- threadweaver sweep --config ...``): Ray is joined through
-``RAY_ADDRESS`` and the trials spread over the cluster's nodes.
+``RAY_ADDRESS`` and the trials spread over the cluster's nodes. Only driver
+processes talk to MLflow: the sweep itself (the parent run) and each point's
+RL driver (its trial), at the tracking URI the sweep passes on. On a cluster
+of more than one live node that URI must be a server every node reaches: a
+local store (a SQLite file, a folder) is refused before any run opens
+(``cluster.tracking.check_reachable``).
 """
 
 from __future__ import annotations
@@ -69,9 +74,10 @@ from cluster.config import ConfigError, load_config, to_dict, with_values
 from cluster.lineage import run_context
 from cluster.ray_setup import RayConfig, Role, init_ray
 from cluster.report import save_figure
-from cluster.tracking import Tracker, TrackingConfig, resolve_uri
+from cluster.tracking import Tracker, TrackingConfig, check_reachable, resolve_uri
 from rollout.config import check_ranges, set_runtime_defaults
 from rollout.files import check_model_dir, check_output_dir, write_text
+from rollout.storage import is_uri
 from rollout.workers import RolloutPool
 
 #: the held-out metrics a point reports (from the RL stage's final evaluation, parallel mode)
@@ -376,6 +382,14 @@ def sweep(cfg: SweepConfig, context: dict[str, str] | None = None, resume: bool 
     concurrency = 1 if cfg.share_rollout else min(cfg.max_concurrent, len(points))
     plan = [Role(r.name, r.count * concurrency, r.cpus, r.gpus) for r in roles(configs[0])]
     started = init_ray(cfg.ray, plan)
+    try:
+        check_reachable(uri, alive_nodes())
+    except ValueError:
+        if started:
+            import ray
+
+            ray.shutdown()
+        raise
     # Tune saves its state at every step of its loop (not every few seconds): a sweep killed right after a
     # point finished keeps that point finished on --resume
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
@@ -413,13 +427,25 @@ def sweep(cfg: SweepConfig, context: dict[str, str] | None = None, resume: bool 
             ray.shutdown()
 
 
+def alive_nodes() -> int:
+    """Live nodes of the connected Ray cluster."""
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
+
+
+def _absolute(location: str | None) -> str | None:
+    """A local path made absolute; a storage URI (or None) as it is."""
+    return location if location is None or is_uri(location) else str(Path(location).resolve())
+
+
 def absolute(rl_cfg):
     """``rl_cfg`` as a trial runs it: its folders as absolute paths (a Tune trial may run in another working
     directory), ``resume=auto``, and ``ray.placement`` off: the trial's own placement group
     (:func:`trial_resources`) already holds every actor of the run, and Tune schedules what the trial starts
     into it; a second reservation per role would ask for the same CPUs again outside that group and wait."""
     return with_values(rl_cfg, {"run_dir": str(Path(rl_cfg.run_dir).resolve()),
-                                "model": str(Path(rl_cfg.model).resolve()),
+                                "model": _absolute(rl_cfg.model), "storage": _absolute(rl_cfg.storage),
                                 "data.dir": str(Path(rl_cfg.data.dir).resolve()), "resume": "auto",
                                 "ray.placement": False})
 

@@ -118,6 +118,31 @@ def resolve_uri(cfg: TrackingConfig) -> str:
     return f"sqlite:///{DEFAULT_STORE.resolve()}"
 
 
+#: tracking URI schemes that name a file on the machine that opens them (MLflow's own local stores)
+LOCAL_SCHEMES = ("sqlite", "file")
+
+
+def local_store(uri: str) -> bool:
+    """True when ``uri`` names a store on the local disk: a SQLite file, a ``file:`` URI or a plain folder."""
+    scheme = uri.split(":", 1)[0].lower() if "://" in uri or uri.startswith("file:") else ""
+    return scheme in LOCAL_SCHEMES or scheme == ""
+
+
+def check_reachable(uri: str | None, alive_nodes: int) -> None:
+    """Refuse a local tracking store when runs may start on several nodes (ValueError saying why).
+
+    The points of a sweep on a Ray cluster of several nodes run on any of them and talk to MLflow from there: a
+    SQLite file or a folder would be a different (or missing) file on each node, so the runs would be scattered or
+    lost. A tracking server that every node reaches (``http://HOST:5000``) keeps them in one place.
+    """
+    if uri is None or alive_nodes <= 1 or not local_store(uri):
+        return
+    raise ValueError(f"tracking.uri {uri} is a local store, but the Ray cluster has {alive_nodes} nodes: the sweep's "
+                     "points run on any of them and each would write its own node's copy of it. Start an MLflow "
+                     "server every node reaches (mlflow server --backend-store-uri sqlite:///PATH --host 0.0.0.0) "
+                     "and set tracking.uri=http://HOST:5000 (or MLFLOW_TRACKING_URI)")
+
+
 def experiment_id(client, name: str, uri: str, description: str | None = None) -> str:
     """The id of experiment ``name``, created if missing as a model-training experiment with ``description``
     (an existing one without a kind gets the kind; another process creating it at the same time is fine)."""

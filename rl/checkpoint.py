@@ -11,10 +11,16 @@ Layout of one checkpoint, ``ROOT/step_00000100/``:
   metrics, whatever the stage needs to continue; and under ``files`` the size
   of every file above, so a damaged checkpoint is recognised before loading.
 
-Each rank syncs what it wrote to disk (``rl.durable``); ``trainer_state.json``
-is written last, then ``ROOT/latest`` is rewritten (synced, renamed) to name
-the new checkpoint, so a run killed while saving -- or a machine that crashed
--- leaves the previous checkpoint as the newest complete one.
+``ROOT`` is a storage location (``rollout.storage``): a local folder (every
+rank writes its files in place and syncs them to disk, ``rl.durable``) or a
+URI (every rank writes into its node's scratch and uploads its own files:
+rank 0 the ``hf/`` folder and its shard, every other rank its shard and RNG
+file). The driver never reads a rank's files: it lists the sizes in storage,
+writes ``trainer_state.json`` there last, then rewrites ``ROOT/latest``
+(locally synced and renamed) to name the new checkpoint, so a run killed
+while saving -- or a machine that crashed -- leaves the previous checkpoint
+as the newest complete one. Loading, every rank reads the checkpoint from
+storage (a URI: downloads the files it needs into its node's scratch).
 
 Resuming (:func:`latest`) takes the newest step folder that is complete: one
 whose ``trainer_state.json`` is missing or unreadable, or whose files are
@@ -25,12 +31,11 @@ the one before it.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
-from rl import durable
 from rl.learner import LearnerGroup
+from rollout.storage import Storage
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
@@ -43,39 +48,45 @@ class Stop(Exception):
     no final checkpoint, no final evaluation (the RL and SFT stages)."""
 
 
-def step_dir(root: str | Path, step: int) -> Path:
-    return Path(root) / f"step_{step:08d}"
+#: a checkpoint or checkpoint root: a local folder or a storage URI (``rollout.storage``)
+Location = "str | Path | Storage"
 
 
-def save(group: LearnerGroup, root: str | Path, step: int, trainer_state: dict, keep_last: int = 0) -> Path:
-    """Write checkpoint ``step`` under ``root`` and point ``root/latest`` at it.
+def step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def step_dir(root: Location, step: int) -> Path | str:
+    """Checkpoint ``step`` under ``root``: a ``Path`` when local, a URI otherwise."""
+    return Storage.of(root).child(step_name(step)).location
+
+
+def save(group: LearnerGroup, root: Location, step: int, trainer_state: dict, keep_last: int = 0) -> Path | str:
+    """Write checkpoint ``step`` under ``root`` and point ``root/latest`` at it; returns the checkpoint.
 
     ``trainer_state`` must be JSON-serialisable. ``keep_last > 0`` deletes
     all but the newest ``keep_last`` checkpoints afterwards.
     """
-    root = Path(root)
-    path = step_dir(root, step)
-    if path.exists():
-        shutil.rmtree(path)  # a partial checkpoint of a run that died while saving it
-    path.mkdir(parents=True)
-    group.save_hf(path / "hf")  # the ranks sync what they write
-    group.save_state(path, {"step": step})
-    files = {f.relative_to(path).as_posix(): f.stat().st_size for f in sorted(path.rglob("*")) if f.is_file()}
-    durable.write_text(path / STATE_FILE, json.dumps({"step": step, **trainer_state, FILES: files}, indent=2))
-    durable.fsync_path(root)
-    durable.write_text(root / LATEST, path.name)
+    root = Storage.of(root)
+    path = root.child(step_name(step))
+    path.delete()  # a partial checkpoint of a run that died while saving it
+    path.make()
+    group.save_hf(path.child("hf").location)  # every rank stores (and syncs) what it writes
+    group.save_state(path.location, {"step": step})
+    files = path.sizes()  # listed in storage: the driver never opens a file a rank wrote on its own node
+    path.write_text(STATE_FILE, json.dumps({"step": step, **trainer_state, FILES: files}, indent=2))
+    root.write_text(LATEST, path.name)
     if keep_last > 0:
-        for old in sorted(root.glob("step_*"))[:-keep_last]:
-            if old != path:
-                shutil.rmtree(old, ignore_errors=True)
-    return path
+        for old in [d for d in root.dirs() if d.startswith("step_")][:-keep_last]:
+            if old != path.name:
+                root.child(old).delete()
+    return path.location
 
 
-def _saved(path: Path) -> dict:
+def _saved(path: Storage) -> dict:
     """``trainer_state.json`` of ``path`` as written; ValueError saying what is wrong with it."""
-    state_file = path / STATE_FILE
     try:
-        saved = json.loads(state_file.read_text(encoding="utf-8"))
+        saved = json.loads(path.read_text(STATE_FILE))
     except FileNotFoundError:
         raise ValueError(f"no {STATE_FILE}") from None
     except (OSError, ValueError) as e:
@@ -87,44 +98,46 @@ def _saved(path: Path) -> dict:
     return saved
 
 
-def read_state(path: str | Path) -> dict:
+def read_state(path: Location) -> dict:
     """The trainer state saved in checkpoint ``path`` (without the file sizes); ValueError if unreadable."""
-    state = _saved(Path(path))
+    state = _saved(Storage.of(path))
     state.pop(FILES, None)
     return state
 
 
-def problem(path: str | Path) -> str | None:
+def problem(path: Location) -> str | None:
     """Why ``path`` is not a complete checkpoint, or None when it is one."""
-    path = Path(path)
+    path = Storage.of(path)
     try:
         sizes = _saved(path).get(FILES, {})
     except ValueError as e:
         return str(e)
+    stored = path.sizes()
     for name, size in sizes.items():
-        f = path / name
-        if not f.is_file():
+        if name not in stored:
             return f"{name} is missing"
-        if f.stat().st_size != size:
-            return f"{name} holds {f.stat().st_size} bytes, {size} when saved"
+        if stored[name] != size:
+            return f"{name} holds {stored[name]} bytes, {size} when saved"
     return None
 
 
-def latest(root: str | Path) -> Path | None:
+def latest(root: Location) -> Path | str | None:
     """The newest complete checkpoint under ``root``; None when ``root`` holds no step folder.
 
     Newer step folders that are not complete (see :func:`problem`) are passed
     over with a warning on stderr; ValueError when there are step folders but
     none is complete.
     """
+    root = Storage.of(root)
     passed = []
-    for path in sorted((p for p in Path(root).glob("step_*") if p.is_dir()), reverse=True):
+    for name in sorted((d for d in root.dirs() if d.startswith("step_")), reverse=True):
+        path = root.child(name)
         why = problem(path)
         if why is None:
             for damaged in passed:
-                print(f"warning: checkpoint {damaged} is damaged or incomplete; using {path.name}, the newest "
+                print(f"warning: checkpoint {damaged} is damaged or incomplete; using {name}, the newest "
                       "complete one", file=sys.stderr, flush=True)
-            return path
+            return path.location
         passed.append(f"{path} ({why})")
     if passed:
         raise ValueError(f"no usable checkpoint under {root}: " + "; ".join(passed)
@@ -132,12 +145,12 @@ def latest(root: str | Path) -> Path | None:
     return None
 
 
-def resume_point(resume: str | None, root: str | Path, how: str) -> Path | None:
+def resume_point(resume: str | None, root: Location, how: str) -> Path | str | None:
     """The checkpoint a stage continues from (None: a fresh start), from its ``resume`` setting.
 
     ``None``: start fresh, refused when ``root`` already holds checkpoints (``how``
     says how to continue them instead); ``"auto"``: :func:`latest`; a path: that
-    checkpoint, which must be complete.
+    checkpoint (a folder or a URI), which must be complete.
     """
     if resume is None:
         if latest(root) is not None:
@@ -146,28 +159,35 @@ def resume_point(resume: str | None, root: str | Path, how: str) -> Path | None:
         return None
     if resume == "auto":
         return latest(root)
-    path = Path(resume)
+    path = Storage.of(resume)
     if not path.is_dir():
         raise FileNotFoundError(f"resume checkpoint {path} does not exist")
     why = problem(path)
     if why is not None:
         raise ValueError(f"resume checkpoint {path} is not usable: {why}")
-    return path
+    return path.location
 
 
-def resume_of_run(resume: str | None, run_dir: str | Path) -> Path | None:
-    """:func:`resume_point` of a stage's ``resume`` setting over ``RUN_DIR/checkpoints`` (SFT and P-GRPO)."""
-    return resume_point(resume, Path(run_dir) / "checkpoints", "--resume (resume=auto)")
+def checkpoints_of(run_dir: Location, storage: str | None = None) -> Path | str:
+    """Where a stage keeps its checkpoints: ``STORAGE/checkpoints``, or ``RUN_DIR/checkpoints`` without a storage."""
+    base = storage if storage else run_dir
+    return Storage.of(base).child("checkpoints").location
 
 
-def load(group: LearnerGroup, path: str | Path) -> dict:
+def resume_of_run(resume: str | None, run_dir: Location, storage: str | None = None) -> Path | str | None:
+    """:func:`resume_point` of a stage's ``resume`` setting over its checkpoints (:func:`checkpoints_of`; SFT and
+    P-GRPO)."""
+    return resume_point(resume, checkpoints_of(run_dir, storage), "--resume (resume=auto)")
+
+
+def load(group: LearnerGroup, path: Location) -> dict:
     """Restore the learner from checkpoint ``path``; returns its trainer state."""
-    path = Path(path)
+    path = Storage.of(path)
     why = problem(path)
     if why is not None:
         raise ValueError(f"{path} is not a complete checkpoint: {why}")
     state = read_state(path)
-    client = group.load_state(path)
+    client = group.load_state(path.location)
     if client.get("step") != state["step"]:
         raise ValueError(f"{path}: DeepSpeed state is at step {client.get('step')}, "
                          f"{STATE_FILE} at step {state['step']}")

@@ -56,6 +56,16 @@ on resume), ``metrics.jsonl``, ``eval/step_N.jsonl``, ``checkpoints/``
 (``rl.checkpoint``), ``summary.json``, and the local MLflow store
 (``mlflow.db``, ``mlartifacts/``) unless a tracking URI is given.
 
+Several nodes (``rollout.storage``): with ``storage`` set (a folder every node
+sees, or a pyarrow/fsspec URI) the checkpoints go to ``STORAGE/checkpoints``
+(every learner rank uploads its own shard, the driver writes ``latest``
+there, a resume reads from there into each rank's scratch) and the driver
+copies its run outputs there at every checkpoint and at the end; ``RUN_DIR``
+is then the driver's local copy. The driver never opens a file an actor
+wrote. A ``model`` given as a local folder is read by the driver and shipped
+to actors on other nodes (``rollout.storage.ship_folder``); a URI is read by
+every actor from storage.
+
 The caller starts Ray (or joins a cluster) and builds the tracker; this module
 never imports the command layer (``cluster/``).
 
@@ -92,6 +102,7 @@ from rl.tracker import Tracker
 from rollout.config import RolloutConfig, check_ranges, to_dict
 from rollout.files import check_model_dir, check_output_dir, write_text
 from rollout.records import read_records
+from rollout.storage import Storage, fetch_folder, is_uri, ship_folder
 from rollout.units import chat_prompt_ids
 
 @dataclass
@@ -139,9 +150,14 @@ class RLConfig:
     """
 
     model: str | None = field(default=None, metadata={
-        "help": "starting checkpoint (Hugging Face folder, tags as single tokens), e.g. the SFT stage's "
-                "RUN_DIR/checkpoints/step_N/hf (required)"})
+        "help": "starting checkpoint (Hugging Face folder, tags as single tokens, or a storage URI of one), e.g. "
+                "the SFT stage's RUN_DIR/checkpoints/step_N/hf (required; a local folder is read by the driver and "
+                "shipped to actors on other nodes)"})
     run_dir: str = field(default="runs/rl", metadata={"help": "output folder of this run"})
+    storage: str | None = field(default=None, metadata={
+        "help": "where checkpoints and run outputs go so that every node reaches them: a local folder (every "
+                "node must see it at the same path) or a pyarrow/fsspec URI (file://, s3://, gs://, hdfs://, ...); "
+                "null: RUN_DIR itself (checkpoints in RUN_DIR/checkpoints)"})
     steps: int = field(default=100, metadata={"help": "training steps, one rollout batch each", "range": ">= 1"})
     prompts_per_step: int = field(default=8, metadata={
         "help": "prompts per step; each gets rollout.n samples", "range": ">= 1"})
@@ -224,17 +240,32 @@ def check_inputs(cfg: RLConfig) -> None:
     """What ``train`` needs, checked before it starts anything: the model, no checkpoints in ``run_dir``
     unless resuming, ``run_dir`` writable (created), the data files (or ``data.dir`` writable when they are
     generated). ValueError with one line naming the key otherwise."""
-    check_model_dir(cfg.model, "model")
+    check_model(cfg.model)
+    if cfg.storage:
+        Storage.of(cfg.storage).check("storage")
     if cfg.plan.device_memory_gib > 0:
         check_plan(memory_plan(cfg))
-    checkpoint.resume_of_run(cfg.resume, cfg.run_dir)
+    checkpoint.resume_of_run(cfg.resume, cfg.run_dir, cfg.storage)
     check_output_dir(cfg.run_dir, "run_dir")
     check_data_config(cfg.data)
 
 
+def check_model(model: str | None) -> None:
+    """A Hugging Face folder, or a storage URI holding one (its ``config.json``); ValueError saying what is wrong."""
+    if model and is_uri(model):
+        try:
+            found = Storage.of(model).exists("config.json")
+        except ValueError as e:  # the URI's filesystem cannot be opened
+            raise ValueError(f"model {e}") from None
+        if not found:
+            raise ValueError(f"model {model} holds no config.json (not a Hugging Face model folder)")
+        return
+    check_model_dir(model, "model")
+
+
 def memory_plan(cfg: RLConfig) -> Plan:
     """Learner ranks, rollout workers and the reference model (KL term) per device (:mod:`rl.memory_plan`)."""
-    return make_plan(model_shape(cfg.model, cfg.plan.architecture), cfg.learner, cfg.plan, cfg.rollout,
+    return make_plan(model_shape(fetch_folder(cfg.model), cfg.plan.architecture), cfg.learner, cfg.plan, cfg.rollout,
                      reference=cfg.grpo.kl_coef > 0)
 
 
@@ -289,13 +320,19 @@ class Run:
     def run_dir(self) -> Path:
         return Path(self.cfg.run_dir)
 
+    @property
+    def checkpoints(self) -> Path | str:
+        """The checkpoint root: ``RUN_DIR/checkpoints``, or ``STORAGE/checkpoints`` with a storage."""
+        return checkpoint.checkpoints_of(self.cfg.run_dir, self.cfg.storage)
+
     def trainer_state(self) -> dict:
         return {"data": asdict(self.stream.state), "mlflow_run_id": self.tracker.run_id, "totals": dict(self.totals),
                 "rollout_restarts": self.rollouts.restarts, "tracking_uri": self.tracker.uri}
 
     def save(self) -> None:
         self.log.sync()  # the records up to a checkpoint are on disk with it
-        checkpoint.save(self.group, self.run_dir / "checkpoints", self.step, self.trainer_state(), self.cfg.keep_last)
+        checkpoint.save(self.group, self.checkpoints, self.step, self.trainer_state(), self.cfg.keep_last)
+        store_outputs(self.cfg)
 
     def run_eval(self) -> dict:
         """Decode the held-out prompts in each mode; log the metrics, the records and their page."""
@@ -379,7 +416,28 @@ def _loop(run: Run, on_step: Callable[[int, dict], None] | None, resumed: bool) 
         return run.run_eval() if cfg.eval.at_end else {}
 
 
-def _restore(group, resume: Path | None, run_dir: Path, resolved: str) -> tuple[dict, Path]:
+def store_outputs(cfg: RLConfig) -> None:
+    """Copy the driver's run outputs (``config*.yaml``, ``metrics.jsonl``, ``summary.json``, ``eval/``) to
+    ``storage`` when one is set (nothing otherwise: they are already in RUN_DIR)."""
+    if not cfg.storage:
+        return
+    storage, run_dir = Storage.of(cfg.storage), Path(cfg.run_dir)
+    for f in sorted(run_dir.glob("config*.yaml")) + [run_dir / "metrics.jsonl", run_dir / "summary.json"]:
+        if f.is_file():
+            storage.write_bytes(f.name, f.read_bytes())
+    if (run_dir / "eval").is_dir():
+        storage.upload(run_dir / "eval", "eval")
+
+
+def fetch_metrics(cfg: RLConfig) -> None:
+    """On resume with a ``storage``: ``metrics.jsonl`` from there when RUN_DIR lacks it (a new driver machine)."""
+    local = Path(cfg.run_dir) / "metrics.jsonl"
+    if cfg.storage and not local.exists() and Storage.of(cfg.storage).exists("metrics.jsonl"):
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_bytes(Storage.of(cfg.storage).read_bytes("metrics.jsonl"))
+
+
+def _restore(group, resume: Path | str | None, run_dir: Path, resolved: str) -> tuple[dict, Path]:
     """The trainer state (a fresh one, or the checkpoint's) and the resolved config file of this start."""
     if resume is None:
         return {"data": asdict(PromptState()), "mlflow_run_id": None, "totals": {}, "rollout_restarts": 0,
@@ -410,11 +468,14 @@ def train(cfg: RLConfig, tracker: Tracker, on_step: Callable[[int, dict], None] 
     wall_start = time.perf_counter()
     check_inputs(cfg)
     run_dir = Path(cfg.run_dir)
-    resume = checkpoint.resume_of_run(cfg.resume, cfg.run_dir)
+    checkpoints = checkpoint.checkpoints_of(cfg.run_dir, cfg.storage)
+    resume = checkpoint.resume_of_run(cfg.resume, cfg.run_dir, cfg.storage)
     resolved = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     if resume is None:
         write_text(run_dir / "config.yaml", resolved)
-    tokenizer = load_tokenizer(Path(cfg.model))
+    else:
+        fetch_metrics(cfg)
+    tokenizer = load_tokenizer(fetch_folder(cfg.model))  # a URI: downloaded into the driver's scratch once
     train_records, val_records = load_data(cfg)
     val_chosen = val_records[:cfg.eval.prompts]
     own_services = services is None
@@ -422,7 +483,8 @@ def train(cfg: RLConfig, tracker: Tracker, on_step: Callable[[int, dict], None] 
     status = "FAILED"
     try:
         placement = placement or {}
-        group = LearnerGroup(cfg.learner, Path(cfg.model), total_steps=cfg.steps * cfg.grpo.updates_per_batch,
+        model = ship_folder(cfg.model)  # what actors read: a URI, or a local folder shipped to other nodes
+        group = LearnerGroup(cfg.learner, model, total_steps=cfg.steps * cfg.grpo.updates_per_batch,
                              actor_options=placement.get("learner", ()))
         state, config_file = _restore(group, resume, run_dir, resolved)
         run_id = tracker.start(to_dict(cfg, flat=True), run_id=state["mlflow_run_id"],
@@ -432,9 +494,9 @@ def train(cfg: RLConfig, tracker: Tracker, on_step: Callable[[int, dict], None] 
         if run_id is not None:
             print(f"rl: MLflow run {run_id} at {tracker.uri}", flush=True)
         if services is None:
-            services = start_services(cfg.rollout, cfg.reward, cfg.grpo, cfg.learner, cfg.model, placement)
+            services = start_services(cfg.rollout, cfg.reward, cfg.grpo, cfg.learner, model, placement)
         run = Run(cfg, tracker, group, services,
-                  Rollouts(services, cfg.model, cfg.rollout, cfg.max_rollout_restarts, group.state_dict,
+                  Rollouts(services, model, cfg.rollout, cfg.max_rollout_restarts, group.state_dict,
                            placement.get("rollout", ()) if own_services else (), progress=cfg.progress),
                   PromptStream(len(train_records), cfg.seed, PromptState(**state["data"])), tokenizer, train_records,
                   [chat_prompt_ids(tokenizer, r[cfg.data.prompt_field]) for r in val_chosen],
@@ -446,11 +508,12 @@ def train(cfg: RLConfig, tracker: Tracker, on_step: Callable[[int, dict], None] 
         final_eval = _loop(run, on_step, resumed=resume is not None)
         summary = {
             "steps": run.step, "wall_s": time.perf_counter() - wall_start, "totals": dict(run.totals),
-            "checkpoint": str(checkpoint.step_dir(run_dir / "checkpoints", run.step) / "hf"),
+            "checkpoint": str(Storage.of(checkpoint.step_dir(checkpoints, run.step)).child("hf").location),
             "mlflow_run_id": tracker.run_id, "tracking_uri": tracker.uri, "rollout_restarts": run.rollouts.restarts,
             "eval": final_eval,
         }
         write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+        store_outputs(cfg)
         tracker.log_artifact(run_dir / "summary.json")
         status = "FINISHED"
         return summary

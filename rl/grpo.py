@@ -53,6 +53,7 @@ from rl.attention import IMPLEMENTATION, tree_predictions
 from rl.logprobs import TokenPredictions, as_predictions
 from rl.trie import PackedRow, Trie, group_tries
 from rollout.config import check_ranges
+from rollout.storage import ShippedFolder, fetch_folder
 from rollout.units import Unit
 
 ADVANTAGES = ("mean", "std", "std_verl")
@@ -239,7 +240,7 @@ class ReferenceModel:
     (:func:`rl.attention.tree_predictions`); 0 from the full logits.
     """
 
-    def __init__(self, model_dir: str, attention: str = "sdpa", threads: int = 1, device: str = "cpu",
+    def __init__(self, model_dir: "str | ShippedFolder", attention: str = "sdpa", threads: int = 1, device: str = "cpu",
                  dtype: str = "fp32", chunk_tokens: int = 0):
         from transformers import AutoModelForCausalLM
 
@@ -248,7 +249,7 @@ class ReferenceModel:
         self.chunk_tokens = chunk_tokens
         self.device = torch.device(device)
         torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype,
+        self.model = AutoModelForCausalLM.from_pretrained(fetch_folder(model_dir), dtype=torch_dtype,
                                                           attn_implementation=IMPLEMENTATION[attention])
         self.model.to(self.device).eval()
 

@@ -48,6 +48,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import re
 import shutil
 import socket
 import time
@@ -62,6 +63,7 @@ from rl.learner_config import TORCH_DTYPES, LearnerConfig, deepspeed_config
 from rl.logprobs import TokenPredictions
 from rl.schedule import make_scheduler
 from rl.trie import PackedRow, build_trie, make_row
+from rollout.storage import ShippedFolder, Storage, fetch_folder
 from rollout.units import Unit
 
 Bucket = list[tuple[str, torch.Tensor]]
@@ -172,7 +174,9 @@ class Learner:
             port = s.getsockname()[1]
         return ray.util.get_node_ip_address(), port
 
-    def setup(self, model_dir: str, master_addr: str, master_port: int, total_steps: int) -> dict:
+    def setup(self, model_dir: "str | ShippedFolder", master_addr: str, master_port: int, total_steps: int) -> dict:
+        """Join the process group and build the engine on the model ``model_dir`` (a folder this node sees, a
+        storage URI or a folder the driver shipped: ``rollout.storage.fetch_folder``)."""
         cfg = self.cfg
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",
                           MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
@@ -185,7 +189,7 @@ class Learner:
         _seed_all(cfg.seed)
         deepspeed.init_distributed(dist_backend="nccl" if cfg.on_gpu else "gloo", auto_mpi_discovery=False,
                                    verbose=False)
-        self.model_dir = str(model_dir)
+        self.model_dir = str(fetch_folder(model_dir))
         lm = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=TORCH_DTYPES[cfg.dtype],
                                                   attn_implementation=IMPLEMENTATION[cfg.attention])
         lm.config.use_cache = False
@@ -309,41 +313,62 @@ class Learner:
         return {n: t for bucket in self.weight_buckets(256) for n, t in bucket}
 
     def save_hf(self, out_dir: str) -> None:
-        """Write the weights, config and tokenizer in Hugging Face format (rank 0 writes; collective)."""
+        """Write the weights, config and tokenizer in Hugging Face format to ``out_dir`` (a folder or a storage
+        URI; rank 0 writes, locally synced, remotely staged in the node's scratch and uploaded; collective)."""
         from transformers import AutoTokenizer
 
         weights = self.state_dict()
         if self.rank != 0:
             return
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        dest = Storage.of(out_dir)
+        out = dest.stage()
         self.lm.save_pretrained(out, state_dict=weights)
         AutoTokenizer.from_pretrained(self.model_dir).save_pretrained(out)
         for extra in ("generation_config.json",):
             if (Path(self.model_dir) / extra).exists() and not (out / extra).exists():
                 shutil.copy(Path(self.model_dir) / extra, out / extra)
-        durable.fsync_tree(out)
+        if dest.is_local:
+            durable.fsync_tree(out)
+        dest.commit(out)
 
     # ------------------------------------------------------------------ checkpoints
 
     def save_state(self, out_dir: str, client_state: dict) -> None:
-        """DeepSpeed checkpoint (weights, optimizer, scheduler) plus this rank's RNG states (collective).
-
-        Synced to disk before returning.
-        """
-        out = Path(out_dir)
+        """DeepSpeed checkpoint (weights, optimizer, scheduler) plus this rank's RNG states (collective), into
+        ``out_dir``: a folder (synced to disk before returning) or a storage URI (this rank writes into its
+        node's scratch and uploads what it wrote: its own shard)."""
+        dest = Storage.of(out_dir)
+        out = dest.stage()
         self.engine.save_checkpoint(str(out / "deepspeed"), tag="state",
                                     client_state={CLIENT_KEY: client_state}, save_latest=False)
         rng_file = out / "rng" / f"rank_{self.rank}.pt"
         rng_file.parent.mkdir(parents=True, exist_ok=True)
         torch.save(rng_state(), rng_file)
-        durable.fsync_tree(out / "deepspeed")  # every rank's files: DeepSpeed ends the save with a barrier
-        durable.fsync_path(rng_file)
-        durable.fsync_path(rng_file.parent)
+        if dest.is_local:
+            durable.fsync_tree(out / "deepspeed")  # every rank's files: DeepSpeed ends the save with a barrier
+            durable.fsync_path(rng_file)
+            durable.fsync_path(rng_file.parent)
+        dest.commit(out)
+
+    def _own_file(self, name: str) -> bool:
+        """Whether checkpoint file ``name`` is one this rank reads (not another rank's shard or RNG state; DeepSpeed
+        reads only its own ZeRO partition unless ``elastic_checkpoint``, which this project never sets)."""
+        shard = re.search(r"zero_pp_rank_(\d+)_", name)
+        rng = re.fullmatch(r"rng/rank_(\d+)\.pt", name)
+        other = shard if shard is not None else rng
+        return not name.startswith("hf/") and (other is None or int(other.group(1)) == self.rank)
 
     def load_state(self, in_dir: str) -> dict:
-        """Restore what :meth:`save_state` wrote; returns the client state (collective)."""
-        path = Path(in_dir)
+        """Restore what :meth:`save_state` wrote (a folder, or a storage URI: this rank's files are downloaded
+        into its node's scratch first); returns the client state (collective)."""
+        source = Storage.of(in_dir)
+        path = source.fetch(keep=self._own_file)
+        try:
+            return self._load_state(path)
+        finally:
+            source.release(path)
+
+    def _load_state(self, path: Path) -> dict:
         rng_file = path / "rng" / f"rank_{self.rank}.pt"
         if not rng_file.exists():
             raise FileNotFoundError(f"{rng_file} missing: was the checkpoint written with {self.world_size} ranks?")
@@ -368,14 +393,14 @@ class LearnerGroup:
     extra Ray ``.options`` of that rank (its placement group bundle).
     """
 
-    def __init__(self, cfg: LearnerConfig, model_dir: str | Path, total_steps: int,
+    def __init__(self, cfg: LearnerConfig, model_dir: "str | Path | ShippedFolder", total_steps: int,
                  actor_options: Sequence[Mapping] = ()):
         import ray
 
         if not ray.is_initialized():
             raise RuntimeError("LearnerGroup needs Ray: call ray.init(...) first")
         self.cfg = cfg
-        self.model_dir = str(model_dir)
+        self.model_dir = model_dir if isinstance(model_dir, ShippedFolder) else str(model_dir)
         actor_cls = ray.remote(Learner)
         options = list(actor_options) or [{}] * cfg.ranks
         self.actors = [

@@ -24,6 +24,7 @@ from rewards.config import RewardConfig
 from rl.grpo import GRPOConfig, ReferenceModel
 from rl.learner import LearnerConfig
 from rollout.config import RolloutConfig
+from rollout.storage import ShippedFolder
 from rollout.workers import RolloutPool
 
 #: per role key, the extra Ray ``.options`` of each of its actors (see the module docstring)
@@ -51,7 +52,7 @@ class Services:
 
 
 def start_services(rollout: RolloutConfig, reward: RewardConfig, grpo: GRPOConfig, learner: LearnerConfig,
-                   model_dir: str | Path, placement: Placement | None = None) -> Services:
+                   model_dir: "str | Path | ShippedFolder", placement: Placement | None = None) -> Services:
     """Start the reward pool, the rollout pool on ``model_dir`` and (with a KL term) the reference model."""
     import ray
 
@@ -66,7 +67,8 @@ def start_services(rollout: RolloutConfig, reward: RewardConfig, grpo: GRPOConfi
         extra = (list(placement.get("reference", ())) or [{}])[0]
         reference = ray.remote(ReferenceModel).options(num_cpus=lc.cpus_per_rank, num_gpus=lc.gpus_per_rank,
                                                        **extra).remote(
-            str(model_dir), lc.attention, lc.threads_per_rank or max(1, int(lc.cpus_per_rank)),
+            model_dir if isinstance(model_dir, ShippedFolder) else str(model_dir), lc.attention,
+            lc.threads_per_rank or max(1, int(lc.cpus_per_rank)),
             "cuda" if lc.on_gpu else "cpu", lc.dtype, lc.logprob_chunk_tokens)
     rewards.wait_ready()
     return Services(pool, rewards, reference)
@@ -100,9 +102,11 @@ class Rollouts:
     """The rollout pool with recovery: a dead worker rebuilds the pool, loads the current weights, retries.
     With ``progress`` every call shows a bar of the trajectories done out of all asked for."""
 
-    def __init__(self, services: Services, model_dir: str | Path, cfg: RolloutConfig, max_restarts: int,
-                 weights: Callable[[], dict], actor_options: Sequence[Mapping] = (), progress: bool = False):
-        self.services, self.model_dir, self.cfg = services, str(model_dir), cfg
+    def __init__(self, services: Services, model_dir: "str | Path | ShippedFolder", cfg: RolloutConfig,
+                 max_restarts: int, weights: Callable[[], dict], actor_options: Sequence[Mapping] = (),
+                 progress: bool = False):
+        self.services, self.cfg = services, cfg
+        self.model_dir = model_dir if isinstance(model_dir, ShippedFolder) else str(model_dir)
         self.actor_options = actor_options
         self.max_restarts, self.weights = max_restarts, weights
         self.progress = progress

@@ -116,8 +116,9 @@ def check_ranges(cfg: Any, values: Mapping[str, Any] | None = None, prefix: str 
 
     ``cfg`` is a config dataclass instance, or its class with the ``values``
     about to build it (the loader's case). None passes (optional fields);
-    every item of a list is checked (``rho[1]``). ``prefix`` is prepended to
-    the key ("sft.learner.").
+    every item of a list is checked (``rho[1]``), and every value of a mapping,
+    nested ones too (``role_resources.rollout.gpu_node``). ``prefix`` is
+    prepended to the key ("sft.learner.").
     """
     cls = cfg if isinstance(cfg, type) else type(cfg)
     values = vars(cfg) if values is None else values
@@ -128,9 +129,17 @@ def check_ranges(cfg: Any, values: Mapping[str, Any] | None = None, prefix: str 
             continue
         items = list(enumerate(value)) if isinstance(value, (list, tuple)) else [(None, value)]
         for i, item in items:
-            problem = range_problem(item, spec)
-            if problem:
-                raise ValueError(f"{prefix}{f.name}{'' if i is None else f'[{i}]'} {problem}")
+            for key, leaf in _leaves(item):
+                problem = range_problem(leaf, spec)
+                if problem:
+                    raise ValueError(f"{prefix}{f.name}{'' if i is None else f'[{i}]'}{key} {problem}")
+
+
+def _leaves(value: Any, key: str = "") -> list[tuple[str, Any]]:
+    """``(".a.b", leaf)`` of every value in nested mappings; ``("", value)`` for anything else."""
+    if isinstance(value, Mapping):
+        return [leaf for k, v in value.items() for leaf in _leaves(v, f"{key}.{k}")]
+    return [(key, value)]
 
 
 @dataclass

@@ -31,6 +31,7 @@ from typing import Callable, Mapping, Sequence
 from rollout.config import RolloutConfig
 from rollout.engine import VLLMEngine, make_llm, shutdown_llm
 from rollout.orchestrator import Trajectory, generate
+from rollout.storage import SCRATCH_ENV, ShippedFolder, fetch_folder, scratch_dir, ship_folder
 
 #: Environment variables copied from the driver into every worker (vLLM, tokenizers, torch threads).
 FORWARDED_ENV_PREFIXES = ("VLLM_", "TOKENIZERS_", "OMP_", "HF_")
@@ -57,8 +58,11 @@ class WeightUpdate:
 class RolloutWorker:
     """One engine and the orchestrator on it; wrapped by ``ray.remote`` in :class:`RolloutPool`."""
 
-    def __init__(self, model_dir: str, config: RolloutConfig, env: Mapping[str, str] | None = None):
+    def __init__(self, model_dir: "str | ShippedFolder", config: RolloutConfig, env: Mapping[str, str] | None = None):
         os.environ.update(env or {})
+        if os.environ.get(SCRATCH_ENV):  # a node with its own scratch folder keeps the engine's files there too
+            os.environ.setdefault("VLLM_CACHE_ROOT", str(scratch_dir("vllm-cache")))
+        model_dir = str(fetch_folder(model_dir))  # a path this node sees: shipped and URI models copied to scratch
         from rollout.onboard import eos_token_ids  # lazy: transformers takes seconds to import; only the actor
         from rollout.tiny import load_tokenizer  # needs them
 
@@ -89,7 +93,7 @@ class RolloutWorker:
         from rollout.weights import reload_in_place, write_buckets  # lazy: torch (~1 s); weight updates only
 
         start = time.perf_counter()
-        new_dir = Path(tempfile.mkdtemp(prefix="threadweaver-weights-"))
+        new_dir = Path(tempfile.mkdtemp(prefix="weights-", dir=scratch_dir("weights")))
         write_buckets([ray.get(ref) for ref in bucket_refs], new_dir)
         reload_in_place(self.llm, new_dir)
         if self.weights_dir is not None:
@@ -117,14 +121,16 @@ class _Counter:
 
 
 class RolloutPool:
-    """``config.workers`` rollout workers on the model in ``model_dir`` (Ray must be initialised).
+    """``config.workers`` rollout workers on the model in ``model_dir`` (Ray must be initialised): a folder, a
+    storage URI, or a folder the driver shipped (``rollout.storage.ship_folder``; a ``model_dir`` given as a
+    path is shipped here when Ray has several nodes).
 
     ``actor_options[i]`` (when given) are extra Ray ``.options`` of worker ``i``, e.g. the placement group
     bundle it is scheduled into (``cluster.placement``).
     """
 
-    def __init__(self, model_dir: str | Path, config: RolloutConfig, env: Mapping[str, str] | None = None,
-                 actor_options: Sequence[Mapping] = ()):
+    def __init__(self, model_dir: "str | Path | ShippedFolder", config: RolloutConfig,
+                 env: Mapping[str, str] | None = None, actor_options: Sequence[Mapping] = ()):
         import ray
 
         self.config = config
@@ -132,7 +138,8 @@ class RolloutPool:
         forwarded.update(env or {})
         actor = ray.remote(num_cpus=config.cpus_per_worker, num_gpus=config.gpus_per_worker)(RolloutWorker)
         options = list(actor_options) or [{}] * config.workers
-        self.workers = [actor.options(**options[i]).remote(str(model_dir), config, forwarded)
+        model = model_dir if isinstance(model_dir, ShippedFolder) else ship_folder(model_dir)
+        self.workers = [actor.options(**options[i]).remote(model, config, forwarded)
                         for i in range(config.workers)]
         ray.get([w.ready.remote() for w in self.workers])
 
