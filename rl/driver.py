@@ -23,8 +23,13 @@ What one step really does:
    advantages are all 0 are not forwarded (``grpo.skip_zero_advantage``), and
    a batch without any non-zero advantage takes no optimizer step and no
    weight sync (``learner/skipped`` = 1);
-6. sends the new weights to every rollout worker in buckets
-   (``RolloutPool.update_weights``) and times it;
+6. sends the new weights to every rollout worker in buckets and times it:
+   the learner ranks put the buckets in Ray's object store themselves
+   (``LearnerGroup.publish_weights``) and return only their references,
+   which the driver hands to the workers (``RolloutPool.update_weights``);
+   the workers fetch the buckets from the learner's object store, so the
+   weights never pass through the driver's memory (nor at start, on resume,
+   or when a rebuilt rollout pool loads the current weights);
 7. logs the step's metrics (:mod:`rl.metrics`) to ``RUN_DIR/metrics.jsonl``
    and to the tracker it was given (MLflow: ``cluster.tracking``),
    checkpoints every ``save_every`` steps, and evaluates every ``eval.every``
@@ -353,6 +358,10 @@ class Run:
             f"L_crit {metrics[f'eval/{mode}/L_crit']:.1f}" for mode in cfg.eval.modes), flush=True)
         return metrics
 
+    def publish_weights(self):
+        """The learner's current weights in Ray's object store (references only; ``rollout.weights``)."""
+        return self.group.publish_weights(self.cfg.rollout.weight_bucket_mb)
+
     def train_step(self) -> dict:
         """Sample, score, learn, sync the weights, log; returns the step's metrics."""
         cfg, d, times = self.cfg, self.cfg.data, StepTimes()
@@ -375,7 +384,7 @@ class Run:
                          self.group, reference)
         times.learn_s = result.learn_s
         t0 = time.perf_counter()
-        update = self.rollouts.update_weights(self.group.state_dict()) if result.learn else None
+        update = self.rollouts.update_weights(self.publish_weights()) if result.learn else None
         times.sync_s = time.perf_counter() - t0
         self.step += 1
         times.step_s = time.perf_counter() - t_step
@@ -496,7 +505,8 @@ def train(cfg: RLConfig, tracker: Tracker, on_step: Callable[[int, dict], None] 
         if services is None:
             services = start_services(cfg.rollout, cfg.reward, cfg.grpo, cfg.learner, model, placement)
         run = Run(cfg, tracker, group, services,
-                  Rollouts(services, model, cfg.rollout, cfg.max_rollout_restarts, group.state_dict,
+                  Rollouts(services, model, cfg.rollout, cfg.max_rollout_restarts,
+                           lambda: group.publish_weights(cfg.rollout.weight_bucket_mb),
                            placement.get("rollout", ()) if own_services else (), progress=cfg.progress),
                   PromptStream(len(train_records), cfg.seed, PromptState(**state["data"])), tokenizer, train_records,
                   [chat_prompt_ids(tokenizer, r[cfg.data.prompt_field]) for r in val_chosen],
@@ -504,7 +514,7 @@ def train(cfg: RLConfig, tracker: Tracker, on_step: Callable[[int, dict], None] 
                   step=state["step"])
         run.rollouts.restarts = int(state["rollout_restarts"])
         if resume is not None or not own_services:
-            run.rollouts.update_weights(group.state_dict())  # the pool holds other weights than the learner
+            run.rollouts.update_weights(run.publish_weights())  # the pool holds other weights than the learner
         final_eval = _loop(run, on_step, resumed=resume is not None)
         summary = {
             "steps": run.step, "wall_s": time.perf_counter() - wall_start, "totals": dict(run.totals),

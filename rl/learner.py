@@ -33,8 +33,12 @@ without targets adds nothing to any loss term, normaliser or metric.
 Losses are looked up by name in :mod:`rl.losses` (``"sft"`` is built in).
 
 Weights leave the learner in buckets (lists of ``(name, tensor)`` of at most
-``bucket_mb`` MB, gathered from ZeRO-3 partitions where needed) and as
-Hugging Face checkpoints that vLLM loads; :mod:`rl.checkpoint` adds the
+``bucket_mb`` MB, gathered from ZeRO-3 partitions where needed): for the
+rollout engines, ``publish_weights`` has the ranks serialise and put the
+buckets in Ray's object store themselves (bucket ``i`` by rank
+``i % ranks``, :mod:`rollout.weights`) and returns only their references, so
+the weights never pass through the driver; and as Hugging Face checkpoints
+that vLLM loads; :mod:`rl.checkpoint` adds the
 optimizer, scheduler, RNG and data position for exact resumption. Every rank
 syncs the checkpoint files it wrote to disk before returning.
 
@@ -65,6 +69,7 @@ from rl.schedule import make_scheduler
 from rl.trie import PackedRow, build_trie, make_row
 from rollout.storage import ShippedFolder, Storage, fetch_folder
 from rollout.units import Unit
+from rollout.weights import PublishedWeights, interleave, pack_bucket, split_named
 
 Bucket = list[tuple[str, torch.Tensor]]
 #: Key of the caller's state inside DeepSpeed's client state.
@@ -272,41 +277,54 @@ class Learner:
         named += [(n, b) for n, b in module.named_buffers() if n in persistent]
         return named
 
-    def weight_buckets(self, bucket_mb: float) -> Iterator[Bucket]:
-        """Full weights in buckets of at most ``bucket_mb`` MB (a tensor larger than that is a bucket alone).
+    def _buckets(self, bucket_mb: float, mine) -> Iterator[tuple[int, Bucket]]:
+        """``(i, bucket)`` for the buckets ``i`` with ``mine(i)``: CPU copies of at most ``bucket_mb`` MB each.
 
-        Every rank must run this at the same time under ZeRO-3 (parameters are
-        gathered bucket by bucket); only rank 0 yields, CPU copies.
+        Every rank cuts the same buckets (ZeRO-3 sizes count whole tensors) and
+        must run this at the same time under ZeRO-3, where each bucket's
+        parameters are gathered on every rank; ZeRO 0-2 keep full weights on
+        every rank, so nothing is gathered.
         """
         import deepspeed
 
-        limit = bucket_mb * 2**20
         stage3 = self.cfg.zero_stage == 3
-        chunk: list[tuple[str, torch.Tensor]] = []
-        size = 0
 
         def nbytes(t: torch.Tensor) -> int:
             return (t.ds_numel if hasattr(t, "ds_numel") else t.numel()) * t.element_size()
 
-        def emit(items):
+        for i, items in enumerate(split_named(self._named_tensors(), max(1, int(bucket_mb * 2**20)), nbytes)):
             params = [t for _, t in items if isinstance(t, torch.nn.Parameter)]
             with deepspeed.zero.GatheredParameters(params, enabled=stage3 and bool(params)):
-                if self.rank == 0:
-                    return [(n, t.detach().to("cpu", copy=True)) for n, t in items]
-            return None
+                if mine(i):
+                    bucket = [(n, t.detach().to("cpu", copy=True)) for n, t in items]
+            if mine(i):
+                yield i, bucket
 
-        for name, tensor in self._named_tensors():
-            if chunk and size + nbytes(tensor) > limit:
-                bucket = emit(chunk)
-                if bucket is not None:
-                    yield bucket
-                chunk, size = [], 0
-            chunk.append((name, tensor))
-            size += nbytes(tensor)
-        if chunk:
-            bucket = emit(chunk)
-            if bucket is not None:
-                yield bucket
+    def weight_buckets(self, bucket_mb: float) -> Iterator[Bucket]:
+        """Full weights in buckets of at most ``bucket_mb`` MB (a tensor larger than that is a bucket alone).
+
+        Collective under ZeRO-3 (see :meth:`_buckets`); only rank 0 yields, CPU copies.
+        """
+        for _, bucket in self._buckets(bucket_mb, lambda i: self.rank == 0):
+            yield bucket
+
+    def publish_weights(self, bucket_mb: float) -> tuple[list, int, float]:
+        """Put this rank's share of the weight buckets in Ray's object store: bucket ``i`` is this rank's when
+        ``i % world_size == rank``. Returns the references (in bucket order), their bytes and the seconds.
+
+        The objects belong to this actor (it put them) and live while the
+        references do (``rollout.weights``). Collective under ZeRO-3.
+        """
+        import ray
+
+        start = time.perf_counter()
+        refs, n_bytes = [], 0
+        for _, bucket in self._buckets(bucket_mb, lambda i: i % self.world_size == self.rank):
+            data = pack_bucket(bucket)
+            del bucket
+            refs.append(ray.put(data))
+            n_bytes += len(data)
+        return refs, n_bytes, time.perf_counter() - start
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The full weights (rank 0; empty elsewhere). Collective under ZeRO-3."""
@@ -452,7 +470,17 @@ class LearnerGroup:
                 ray.get(ref)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """The full weights in this (the calling) process: for tests and tools, never the training loop's sync."""
         return {n: t for bucket in self.weight_buckets() for n, t in bucket}
+
+    def publish_weights(self, bucket_mb: float) -> PublishedWeights:
+        """The weights in Ray's object store, put by the ranks themselves (bucket ``i`` by rank ``i % ranks``):
+        only the references come back to this process. Keep the result until every reader has loaded it."""
+        import ray
+
+        shares = ray.get([a.publish_weights.remote(bucket_mb) for a in self.actors])
+        return PublishedWeights(interleave([refs for refs, _, _ in shares]), sum(n for _, n, _ in shares),
+                                max(s for _, _, s in shares))
 
     def save_hf(self, out_dir: str | Path) -> Path:
         import ray

@@ -4,8 +4,10 @@
 the reward pool (``rewards.service.RewardPool``) and, with a KL term, the
 reference-model actor. :class:`Rollouts` wraps the rollout pool: a worker
 that dies (or whose vLLM engine dies) during a rollout or a weight sync makes
-it rebuild the pool, load the learner's current weights into it and redo the
-call, at most ``max_restarts`` times per call. A ``placement`` maps a role
+it rebuild the pool, load the learner's current weights into it (published
+afresh by the learner, ``rl.learner.LearnerGroup.publish_weights``: only
+their references pass through here) and redo the call, at most
+``max_restarts`` times per call. A ``placement`` maps a role
 (``rollout``, ``reward``, ``reference``) to its actors' extra Ray ``.options``
 (their placement group bundles, reserved by the command layer); a rebuilt pool
 goes back into the same bundles. Everything here needs a started
@@ -18,7 +20,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 from rewards.config import RewardConfig
 from rl.grpo import GRPOConfig, ReferenceModel
@@ -26,6 +28,9 @@ from rl.learner import LearnerConfig
 from rollout.config import RolloutConfig
 from rollout.storage import ShippedFolder
 from rollout.workers import RolloutPool
+
+if TYPE_CHECKING:
+    from rollout.weights import PublishedWeights
 
 #: per role key, the extra Ray ``.options`` of each of its actors (see the module docstring)
 Placement = Mapping[str, Sequence[Mapping]]
@@ -100,10 +105,12 @@ def rollout_died(e: BaseException) -> bool:
 
 class Rollouts:
     """The rollout pool with recovery: a dead worker rebuilds the pool, loads the current weights, retries.
-    With ``progress`` every call shows a bar of the trajectories done out of all asked for."""
+
+    ``weights()`` publishes the learner's current weights (``rollout.weights.PublishedWeights``). With
+    ``progress`` every call shows a bar of the trajectories done out of all asked for."""
 
     def __init__(self, services: Services, model_dir: "str | Path | ShippedFolder", cfg: RolloutConfig,
-                 max_restarts: int, weights: Callable[[], dict], actor_options: Sequence[Mapping] = (),
+                 max_restarts: int, weights: Callable[[], PublishedWeights], actor_options: Sequence[Mapping] = (),
                  progress: bool = False):
         self.services, self.cfg = services, cfg
         self.model_dir = model_dir if isinstance(model_dir, ShippedFolder) else str(model_dir)
@@ -150,5 +157,6 @@ class Rollouts:
             return self._call("a rollout", lambda pool: pool.generate(
                 prompts, config=config, progress=lambda k: bar.update(k - bar.n)))
 
-    def update_weights(self, state_dict: dict):
-        return self._call("a weight sync", lambda pool: pool.update_weights(state_dict))
+    def update_weights(self, weights: PublishedWeights):
+        """Load published weights into every worker (a retry after a rebuild loads the same references)."""
+        return self._call("a weight sync", lambda pool: pool.update_weights(weights))

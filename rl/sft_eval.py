@@ -4,8 +4,10 @@ The prompts are decoded by the orchestrator (``rollout.orchestrator`` on Ray
 rollout workers, ``rollout.workers.RolloutPool``) at temperature 0: in
 parallel mode for a model trained on the parallel layout, with spawning off
 for the sequential baseline. The learner's current weights reach the engines
-in place, in buckets (``RolloutPool.update_weights``); the engines start on
-the first evaluation.
+in place, in buckets that the learner ranks put in Ray's object store
+themselves (``rl.learner.LearnerGroup.publish_weights``, then
+``RolloutPool.update_weights``: only references pass through the caller);
+the engines start on the first evaluation.
 
 Each trajectory is judged by :func:`rl.evaluation.judge` and the means by
 :func:`rl.evaluation.summarize` (the definitions every evaluation shares:
@@ -25,6 +27,7 @@ from rl.evaluation import EvalRecord, judge, summarize
 from rollout.config import RolloutConfig, check_ranges
 from rollout.orchestrator import generate
 from rollout.units import chat_prompt_ids
+from rollout.weights import PublishedWeights
 from rollout.workers import RolloutPool
 
 
@@ -87,8 +90,9 @@ class Evaluator:
         self.pool = None
         self.checker = None
 
-    def __call__(self, weights: dict | None) -> tuple[dict[str, float], list[EvalRecord]]:
-        """Evaluate ``weights`` (a full state dict; None: the weights the engines hold)."""
+    def __call__(self, weights: PublishedWeights | None) -> tuple[dict[str, float], list[EvalRecord]]:
+        """Evaluate ``weights`` (published in Ray's object store, ``rollout.weights``; None: the weights the
+        engines hold)."""
         rollout_cfg = self.cfg.rollout_config(self.sequential)
         start = time.perf_counter()
         if self.checker is None:

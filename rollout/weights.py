@@ -1,65 +1,151 @@
-"""Weight updates in place: a state dict cut into buckets, loaded into a running vLLM engine.
+"""Weight updates in place: buckets published to Ray's object store by their holder, loaded by the engines.
 
-The sender (:func:`to_buckets`) serialises a ``name -> tensor`` state dict into
-safetensors byte strings of about ``bucket_bytes`` each (a tensor larger than
-that travels alone), so an update is a handful of transfers, never one call
-per tensor. The receiver writes each bucket as one shard of a fresh directory
-(:func:`write_buckets`) and :func:`reload_in_place` has every engine worker
-reload its weights from that directory (vLLM's in-place ``reload_weights``,
-through ``rollout.engine.ReloadExtension`` which also re-prepares a tied
-output head), then resets the prefix cache: cached KV blocks were computed
-with the old weights and must not be reused.
+Sender. Whoever holds the weights cuts them into buckets of about
+``bucket_bytes`` (a tensor larger than that travels alone), serialises each
+bucket with safetensors (:func:`pack_bucket`) and puts it in Ray's object
+store *in its own process*: in training that is the learner
+(``rl.learner.Learner.publish_weights``, each rank putting its share of the
+buckets), so the refs it returns are all the driver ever sees of the weights.
+:class:`PublishedWeights` is that list of object references, in bucket
+order, with the byte count and the seconds the publishing took.
+:func:`publish_state_dict` does the same from a process that holds a state
+dict itself (scripts and tests; the training loop never calls it).
+
+Ownership: an object belongs to the process that put it, and lives while any
+reference to it does. The driver keeps the :class:`PublishedWeights` until
+every worker has loaded it, then drops it, which frees the buckets.
+
+Receiver (:func:`fetch_to_dir`, run inside a rollout worker). The worker
+waits on all the bucket references at once, so Ray fetches them in parallel,
+and writes each bucket as one shard of a fresh directory as soon as it
+arrives (one bucket at a time in the worker's Python heap); then
+:func:`reload_in_place` has every engine worker reload its weights from that
+directory (vLLM's in-place ``reload_weights``, through
+``rollout.engine.ReloadExtension`` which also re-prepares a tied output head)
+and resets the prefix cache: cached KV blocks were computed with the old
+weights and must not be reused. vLLM's reload is one pass over all shards, so
+the loading itself starts when the last bucket is written.
 
 This goes through the worker's local disk (one copy of the weights per
 update, in a fresh temporary directory; the previous one is deleted). On a
-GPU cluster these entry points would be replaced by vLLM's NCCL weight
-transfer (``vllm.distributed.weight_transfer``: the learner's rank 0
-broadcasts packed buckets straight into the engines' GPU memory), which skips
-the disk and the host copies; the bucketing, the prefix cache reset and the
-timing stay the same. That path is not implemented here.
+GPU cluster a collective broadcast (NCCL, e.g. vLLM's
+``vllm.distributed.weight_transfer``) from the learner's rank 0 straight into
+the engines' GPU memory would skip the object store, the disk and the host
+copies; that path is not implemented here (it cannot be exercised on a CPU
+machine).
 """
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 
 
-def to_buckets(state_dict: Mapping[str, torch.Tensor], bucket_bytes: int) -> list[bytes]:
-    """The state dict as safetensors-serialised buckets of at most ``bucket_bytes`` (or one tensor)."""
-    from safetensors.torch import save
+@dataclass
+class PublishedWeights:
+    """Weights in Ray's object store: one reference per safetensors bucket, in bucket order.
 
+    Holding this object keeps the buckets alive (see the module doc); drop it once every engine has loaded them.
+    """
+
+    refs: list = field(repr=False)  # ray.ObjectRef of each bucket's bytes
+    n_bytes: int  # serialised size of all buckets
+    publish_s: float  # cutting, serialising and putting the buckets (slowest publishing rank), s
+
+    @property
+    def n_buckets(self) -> int:
+        return len(self.refs)
+
+
+def split_named(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
+                nbytes=lambda t: t.numel() * t.element_size()) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """``(name, tensor)`` pairs grouped into buckets of at most ``bucket_bytes`` (a larger tensor alone)."""
     if bucket_bytes < 1:
         raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
-    buckets: list[bytes] = []
-    current: dict[str, torch.Tensor] = {}
+    chunk: list[tuple[str, torch.Tensor]] = []
     size = 0
-    for name, tensor in state_dict.items():
+    for name, tensor in named:
+        n = nbytes(tensor)
+        if chunk and size + n > bucket_bytes:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append((name, tensor))
+        size += n
+    if chunk:
+        yield chunk
+
+
+def pack_bucket(named: Iterable[tuple[str, torch.Tensor]]) -> bytes:
+    """One bucket as safetensors bytes (private contiguous CPU copies: safetensors refuses shared storage)."""
+    from safetensors.torch import save
+
+    tensors = {}
+    for name, tensor in named:
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{name}: expected a tensor, got {type(tensor).__name__}")
-        # a private contiguous CPU copy: safetensors refuses tensors that share storage (tied weights)
-        t = tensor.detach().to("cpu").contiguous().clone()
-        n = t.numel() * t.element_size()
-        if current and size + n > bucket_bytes:
-            buckets.append(save(current))
-            current, size = {}, 0
-        current[name] = t
-        size += n
-    if current:
-        buckets.append(save(current))
-    return buckets
+        tensors[name] = tensor.detach().to("cpu").contiguous().clone()
+    return save(tensors)
 
 
-def write_buckets(buckets: list[bytes], directory: str | Path) -> Path:
-    """Write bucket ``i`` as ``directory/bucket-0000i.safetensors``; the directory must be new or empty."""
+def interleave(per_rank: Sequence[Sequence]) -> list:
+    """Bucket order from each rank's share, where bucket ``i`` was published by rank ``i % len(per_rank)``."""
+    world = len(per_rank)
+    total = sum(len(share) for share in per_rank)
+    expected = [len(range(r, total, world)) for r in range(world)]
+    if [len(share) for share in per_rank] != expected:
+        raise ValueError(f"rank shares of {[len(s) for s in per_rank]} buckets do not interleave "
+                         f"(expected {expected}): did the ranks cut different buckets?")
+    return [per_rank[i % world][i // world] for i in range(total)]
+
+
+def publish_state_dict(state_dict: Mapping[str, torch.Tensor], bucket_bytes: int) -> PublishedWeights:
+    """Put ``state_dict`` in Ray's object store from this process, one bucket at a time (Ray must be started)."""
+    import ray
+
+    start = time.perf_counter()
+    refs, n_bytes = [], 0
+    for chunk in split_named(state_dict.items(), bucket_bytes):
+        data = pack_bucket(chunk)
+        refs.append(ray.put(data))
+        n_bytes += len(data)
+    return PublishedWeights(refs, n_bytes, time.perf_counter() - start)
+
+
+def bucket_file(directory: str | Path, index: int) -> Path:
+    """Where bucket ``index`` of an update goes in its directory (one safetensors shard)."""
+    return Path(directory) / f"bucket-{index:05d}.safetensors"
+
+
+def fetch_to_dir(refs: Sequence, directory: str | Path) -> Path:
+    """Fetch the buckets behind ``refs`` and write bucket ``i`` as ``directory/bucket-0000i.safetensors`` as soon
+    as it arrives; ``directory`` must be new or empty.
+
+    All fetches start at once (``ray.wait`` pulls every object it waits on);
+    only the bucket being written is held in this process.
+    """
+    import ray
+
+    d = _fresh_dir(directory)
+    index = {ref: i for i, ref in enumerate(refs)}
+    if len(index) != len(refs):
+        raise ValueError("the same bucket reference appears twice")
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        for ref in ready:
+            bucket_file(d, index[ref]).write_bytes(ray.get(ref))
+    return d
+
+
+def _fresh_dir(directory: str | Path) -> Path:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     if any(d.iterdir()):
         raise FileExistsError(f"{d} is not empty; every weight update needs a fresh directory")
-    for i, data in enumerate(buckets):
-        (d / f"bucket-{i:05d}.safetensors").write_bytes(data)
     return d
 
 

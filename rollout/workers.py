@@ -8,8 +8,11 @@ workers as Ray actors and reserves their GPUs itself, so the worker actor
 holds none - this path is not exercised on the CPU test machine). ``generate`` spreads the prompts over the
 workers round-robin, a prompt's ``n`` samples staying together on one worker
 so they share its prefix cache, and returns every trajectory in prompt-major
-order. ``update_weights`` sends a state dict in buckets (``rollout.weights``),
-each bucket put once in Ray's object store and fetched by every worker, and
+order. ``update_weights`` takes weights already published in Ray's object
+store (``rollout.weights.PublishedWeights``: in training the learner puts the
+buckets itself) and hands the bucket references to every worker, which
+fetches the buckets straight from their owner, writes each as it arrives and
+reloads its engine in place; the pool's process never fetches a bucket. It
 returns the measured times.
 
 The workers catch nothing themselves: model output cannot make the
@@ -26,12 +29,15 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 from rollout.config import RolloutConfig
 from rollout.engine import VLLMEngine, make_llm, shutdown_llm
 from rollout.orchestrator import Trajectory, generate
 from rollout.storage import SCRATCH_ENV, ShippedFolder, fetch_folder, scratch_dir, ship_folder
+
+if TYPE_CHECKING:  # rollout.weights imports torch (~1 s): only the weight updates need it
+    from rollout.weights import PublishedWeights
 
 #: Environment variables copied from the driver into every worker (vLLM, tokenizers, torch threads).
 FORWARDED_ENV_PREFIXES = ("VLLM_", "TOKENIZERS_", "OMP_", "HF_")
@@ -48,8 +54,8 @@ def assign_prompts(num_prompts: int, num_workers: int) -> list[list[int]]:
 class WeightUpdate:
     """Times of one weight update, in seconds, and its size."""
 
-    seconds: float  # wall clock of the whole update, serialisation to the last worker's cache reset
-    serialize_s: float  # cutting the state dict into safetensors buckets
+    seconds: float  # publishing (publish_s) plus the wall clock from hand-over to the last worker's cache reset
+    publish_s: float  # the publisher's cutting, serialising and putting of the buckets
     load_s: float  # slowest worker: fetch buckets, write them, reload in place, reset the prefix cache
     n_buckets: int
     n_bytes: int
@@ -87,15 +93,17 @@ class RolloutWorker:
                         eos_token_id=self.eos_token_ids, on_finish=on_finish)
 
     def load_weights(self, bucket_refs: list) -> float:
-        """Fetch the buckets, write them to a fresh directory, reload in place; returns seconds."""
-        import ray
-
-        from rollout.weights import reload_in_place, write_buckets  # lazy: torch (~1 s); weight updates only
+        """Fetch the buckets (each written to a fresh directory as it arrives), reload in place; returns seconds."""
+        from rollout.weights import fetch_to_dir, reload_in_place  # lazy: torch (~1 s); weight updates only
 
         start = time.perf_counter()
         new_dir = Path(tempfile.mkdtemp(prefix="weights-", dir=scratch_dir("weights")))
-        write_buckets([ray.get(ref) for ref in bucket_refs], new_dir)
-        reload_in_place(self.llm, new_dir)
+        try:
+            fetch_to_dir(bucket_refs, new_dir)
+            reload_in_place(self.llm, new_dir)
+        except BaseException:
+            shutil.rmtree(new_dir, ignore_errors=True)
+            raise
         if self.weights_dir is not None:
             shutil.rmtree(self.weights_dir, ignore_errors=True)
         self.weights_dir = new_dir
@@ -172,19 +180,18 @@ class RolloutPool:
             ray.kill(counter)
         return sorted(trajectories, key=lambda t: (t.prompt_index, t.sample_index))
 
-    def update_weights(self, state_dict: Mapping) -> WeightUpdate:
-        """Load ``state_dict`` (name -> tensor, Hugging Face names) into every worker's engine."""
+    def update_weights(self, weights: "PublishedWeights") -> WeightUpdate:
+        """Load published weights (Hugging Face names, ``rollout.weights.PublishedWeights``) into every engine.
+
+        Only the bucket references pass through here; the caller keeps ``weights`` (and so the buckets)
+        alive until this returns, when every worker has loaded them.
+        """
         import ray
 
-        from rollout.weights import to_buckets  # lazy: torch (~1 s); weight updates only
-
         start = time.perf_counter()
-        buckets = to_buckets(state_dict, int(self.config.weight_bucket_mb * 2**20))
-        serialize_s = time.perf_counter() - start
-        refs = [ray.put(b) for b in buckets]
-        load_s = max(ray.get([w.load_weights.remote(refs) for w in self.workers]))
-        return WeightUpdate(seconds=time.perf_counter() - start, serialize_s=serialize_s, load_s=load_s,
-                            n_buckets=len(buckets), n_bytes=sum(len(b) for b in buckets))
+        load_s = max(ray.get([w.load_weights.remote(weights.refs) for w in self.workers]))
+        return WeightUpdate(seconds=weights.publish_s + time.perf_counter() - start, publish_s=weights.publish_s,
+                            load_s=load_s, n_buckets=weights.n_buckets, n_bytes=weights.n_bytes)
 
     def shutdown(self) -> None:
         import ray

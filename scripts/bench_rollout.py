@@ -11,8 +11,10 @@ What it does, in one run:
 3. runs the same prompts x ``-n`` samples once in each mode (after a short
    warm-up) and measures trajectories/s, generated tokens/s, the mean
    wall-clock latency of one trajectory and the mean critical path;
-4. sends the model's state dict to the pool ``--updates`` times and reports
-   the median weight-update seconds.
+4. publishes the model's state dict to Ray's object store from this process
+   (``rollout.weights.publish_state_dict``) and loads it into the pool
+   ``--updates`` times; reports the median weight-update seconds
+   (``scripts/bench_weight_sync.py`` measures the learner's own publishing).
 
 The table is printed side by side; nothing is asserted. Timings on a shared
 CPU machine are noisy: compare the two columns of one run, not runs.
@@ -94,6 +96,7 @@ def main() -> None:
 
     from rollout.config import RolloutConfig
     from rollout.ray_init import start_ray
+    from rollout.weights import publish_state_dict
     from rollout.workers import RolloutPool
 
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench-rollout-"))
@@ -108,7 +111,8 @@ def main() -> None:
         parallel = measure(pool, prompts, config)
         sequential = measure(pool, prompts, RolloutConfig(**{**config.__dict__, "sequential": True}))
         state = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).state_dict()
-        updates = [pool.update_weights(state) for _ in range(args.updates)]
+        bucket_bytes = int(args.bucket_mb * 2**20)
+        updates = [pool.update_weights(publish_state_dict(state, bucket_bytes)) for _ in range(args.updates)]
     finally:
         pool.shutdown()
         ray.shutdown()
@@ -126,8 +130,8 @@ def main() -> None:
         seconds = statistics.median(x.seconds for x in updates)
         print(f"\nweight update: median {seconds:.3f}s over {len(updates)} "
               f"({u.n_bytes / 2**20:.1f} MiB in {u.n_buckets} buckets; slowest worker load "
-              f"{statistics.median(x.load_s for x in updates):.3f}s, serialisation "
-              f"{statistics.median(x.serialize_s for x in updates):.3f}s)")
+              f"{statistics.median(x.load_s for x in updates):.3f}s, publishing "
+              f"{statistics.median(x.publish_s for x in updates):.3f}s)")
 
 
 if __name__ == "__main__":

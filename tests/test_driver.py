@@ -22,6 +22,10 @@ minute here):
   and ends with the weights and step-3 metrics of "full" (so the rebuilt pool
   also sampled exactly what an undisturbed one would have), in the MLflow run
   the killed driver opened.
+
+Throughout, the driver must not fetch the weights: the learner publishes them
+to the object store and the driver passes on references only (fetching them
+in the driver raises).
 """
 
 from __future__ import annotations
@@ -196,12 +200,21 @@ class _KillingPool:
 
 
 @pytest.mark.integration
-def test_faults_worker_killed_tracking_down_driver_killed_and_resumed(services, tiny_model_dir, tmp_path, capsys):
+def test_faults_worker_killed_tracking_down_driver_killed_and_resumed(services, tiny_model_dir, tmp_path, capsys,
+                                                                      monkeypatch):
     from mlflow import MlflowClient
 
     from cluster.tracking import metric_table
     from cluster.cmd_rl import run_rl as train
     from rl.checkpoint import Stop
+
+    # the weights never come into the driver: not at start, in a step, in the pool's rebuild, nor on resume
+    def held_by_the_driver(*args, **kwargs):
+        raise AssertionError("the driver fetched the weights")
+
+    for name in ("rl.learner.LearnerGroup.state_dict", "rl.learner.LearnerGroup.weight_buckets",
+                 "rollout.weights.publish_state_dict"):
+        monkeypatch.setattr(name, held_by_the_driver)
 
     # --- "full": a rollout worker dies mid-rollout, MLflow is unreachable
     with socket.socket() as s:

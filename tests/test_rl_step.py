@@ -157,8 +157,8 @@ class FakeRollouts:
             t.prompt_index, t.text = (0 if t.units[0].context_ids == PROMPT_A else 1), "text"
         return self.trajectories
 
-    def update_weights(self, state_dict):
-        self.synced.append(state_dict)
+    def update_weights(self, weights):
+        self.synced.append(weights)
         return T(load_s=0.25)
 
 
@@ -182,7 +182,7 @@ def driver_run(tmp_path, rewards: list[float]):
 
     trajectories, _ = batch_of_two_groups()
     learner = FakeLearner()
-    learner.state_dict = lambda: {"w": 1}
+    learner.publish_weights = lambda bucket_mb: {"published with bucket_mb": bucket_mb}
     scored = [score(r) for r in rewards]
     services = T(rewards=T(score_batch=lambda items: scored), reference=None)
     cfg = RLConfig(model="m", run_dir=str(tmp_path), steps=1, prompts_per_step=2, rollout=RolloutConfig(n=2))
@@ -197,7 +197,7 @@ def test_the_driver_step_learns_then_syncs_the_weights_once(tmp_path, monkeypatc
     monkeypatch.setattr("rl.driver.chat_prompt_ids", lambda tok, text: [ord(text)])
     run, learner = driver_run(tmp_path, [1.0, 0.0, 1.0, 1.0])
     m = run.train_step()
-    assert run.step == 1 and len(learner.calls) == 1 and run.rollouts.synced == [{"w": 1}]
+    assert run.step == 1 and len(learner.calls) == 1 and run.rollouts.synced == [{"published with bucket_mb": 16.0}]
     assert m["time/sync_load_s"] == 0.25 and m["learner/skipped"] == 0.0
     assert run.tracker.logged == [(1, m)] and run.totals["generated_tokens"] == 6
 

@@ -17,7 +17,7 @@ import torch
 from rollout.config import RolloutConfig
 from rollout.ray_init import start_ray
 from rollout.units import SEQ, THREAD, chat_prompt_ids
-from rollout.weights import to_buckets, write_buckets
+from rollout.weights import interleave, pack_bucket, split_named
 from rollout.workers import assign_prompts
 from tests.test_rollout_orchestrator import assert_units_equal_replay
 
@@ -34,20 +34,70 @@ def test_assign_prompts_round_robin():
         assign_prompts(3, 0)
 
 
-def test_buckets_hold_every_tensor_once(tmp_path):
-    from safetensors.torch import load_file
+def test_buckets_hold_every_tensor_once():
+    from safetensors.torch import load
 
     emb = torch.randn(64, 32)
     state = {"a": emb, "tied": emb, "b": torch.randn(1000), "c": torch.arange(10)}
-    buckets = to_buckets(state, bucket_bytes=64 * 32 * 4)
+    buckets = [pack_bucket(chunk) for chunk in split_named(state.items(), bucket_bytes=64 * 32 * 4)]
     assert len(buckets) == 3  # a | tied | b + c
-    d = write_buckets(buckets, tmp_path / "w")
     loaded = {}
-    for f in sorted(d.iterdir()):
-        loaded.update(load_file(f))
+    for data in buckets:
+        loaded.update(load(data))
     assert set(loaded) == set(state) and all(torch.equal(loaded[k], state[k]) for k in state)
+
+
+def test_bucket_cuts_and_rank_shares():
+    named = [("a", torch.zeros(4)), ("b", torch.zeros(4)), ("big", torch.zeros(100)), ("c", torch.zeros(2))]
+    cuts = [[n for n, _ in chunk] for chunk in split_named(named, bucket_bytes=32)]
+    assert cuts == [["a", "b"], ["big"], ["c"]]  # 16 + 16 bytes fit; a tensor over the limit travels alone
+    with pytest.raises(ValueError):
+        list(split_named(named, bucket_bytes=0))
+    # bucket i is published by rank i % world: ranks' shares back in bucket order
+    assert interleave([[0, 2, 4], [1, 3]]) == [0, 1, 2, 3, 4]
+    assert interleave([["only"]]) == ["only"] and interleave([[], []]) == []
+    with pytest.raises(ValueError, match="interleave"):
+        interleave([[0], [1, 3]])  # rank 1 cut more buckets than rank 0
+
+
+def test_buckets_are_written_in_their_place_whatever_order_they_arrive(tmp_path, monkeypatch):
+    import ray
+    from safetensors.torch import load_file
+
+    from rollout.weights import fetch_to_dir
+
+    data = {f"ref{i}": pack_bucket([(f"w{i}", torch.full((3,), float(i)))]) for i in range(3)}
+    arrived = []
+
+    def wait(pending, num_returns):  # the last one asked for arrives first
+        arrived.append(pending[-1])
+        return [pending[-1]], pending[:-1]
+
+    monkeypatch.setattr(ray, "wait", wait)
+    monkeypatch.setattr(ray, "get", lambda ref: data[ref])
+    d = fetch_to_dir(list(data), tmp_path / "w")
+    assert arrived == ["ref2", "ref1", "ref0"]
+    assert sorted(f.name for f in d.iterdir()) == [f"bucket-0000{i}.safetensors" for i in range(3)]
+    assert all(torch.equal(load_file(d / f"bucket-0000{i}.safetensors")[f"w{i}"], torch.full((3,), float(i)))
+               for i in range(3))
     with pytest.raises(FileExistsError):
-        write_buckets(buckets, d)
+        fetch_to_dir(list(data), d)  # every update gets a fresh directory
+    with pytest.raises(ValueError, match="twice"):
+        fetch_to_dir(["ref0", "ref0"], tmp_path / "again")
+
+
+def test_a_packed_bucket_holds_private_copies():
+    from safetensors.torch import load
+
+    emb = torch.randn(8, 4)
+    before = emb.clone()
+    data = pack_bucket([("embed", emb), ("head", emb), ("view", emb.t())])  # shared storage, a strided view
+    emb.add_(1.0)  # later changes of the sender's weights do not reach a packed bucket
+    loaded = load(data)
+    assert torch.equal(loaded["embed"], before) and torch.equal(loaded["head"], before)
+    assert torch.equal(loaded["view"], before.t())
+    with pytest.raises(TypeError):
+        pack_bucket([("x", [1.0])])
 
 
 # ------------------------------------------------------------------------------- Ray + vLLM
@@ -119,6 +169,7 @@ def test_weight_updates_equal_fresh_engines(pool, llm, tiny_model_dir, taught_di
 
     from rollout.engine import VLLMEngine
     from rollout.orchestrator import generate
+    from rollout.weights import publish_state_dict
 
     prompts = [chat_prompt_ids(tokenizer, TAUGHT_PROMPT), chat_prompt_ids(tokenizer, "Something else?")]
     config = RolloutConfig(max_context=1024, max_tokens=40, temperature=0.0, sequential=True)
@@ -127,7 +178,7 @@ def test_weight_updates_equal_fresh_engines(pool, llm, tiny_model_dir, taught_di
     # 1. the random model as saved on disk: the tied output head is not in the file
     state = load_file(str(tiny_model_dir / "model.safetensors"))
     assert "lm_head.weight" not in state
-    update = pool.update_weights(state)
+    update = pool.update_weights(publish_state_dict(state, 2**19))
     assert update.n_buckets > 1 and update.seconds >= update.load_s > 0
     updated = pool.generate(prompts, config=config)
     assert [t.units[0].completion_ids for t in updated] == [t.units[0].completion_ids for t in fresh]
@@ -136,6 +187,6 @@ def test_weight_updates_equal_fresh_engines(pool, llm, tiny_model_dir, taught_di
     # 2. the taught model as a learner holds it: every name, the tied head included
     state = AutoModelForCausalLM.from_pretrained(str(taught_dir), dtype=torch.float32).state_dict()
     assert "lm_head.weight" in state
-    pool.update_weights(state)
+    pool.update_weights(publish_state_dict(state, 2**19))
     (back,) = pool.generate(prompts[:1], n=1, sequential=True, config=replace(config, max_tokens=200))
     assert back.text == TAUGHT_RESPONSE
