@@ -87,7 +87,8 @@ from rl.metrics import StepTimes, step_metrics
 from rl.metrics_log import MetricsLog
 from rl.services import Placement, Rollouts, Services, start_services, stop_services
 from rl.sft_data import TaskData, check_data_config, ensure_task_data
-from rl.step import rl_step
+from rl.overlap import Request, RolloutBatch, Scheduler
+from rl.step import StepResult, rl_step
 from rl.tracker import Tracker
 from rollout.config import RolloutConfig, check_ranges, to_dict
 from rollout.files import check_model_dir, check_output_dir, write_text
@@ -155,6 +156,11 @@ class RLConfig:
     max_rollout_restarts: int = field(default=3, metadata={
         "help": "rebuilds of the rollout pool allowed per call (a rollout, a weight sync, an evaluation) after a "
                 "worker or engine died (count)", "range": ">= 0"})
+    max_staleness: int = field(default=0, metadata={
+        "help": "0: strictly on-policy, the rollout of each step waits for the previous step's weights; 1: overlap "
+                "rollout and learning, sampling step t+1's batch with the weights of step t-1 while the learner "
+                "trains on step t (the loss then uses the PPO-clipped ratio to the rollout's log-probabilities; "
+                "rl.overlap) (learner steps)", "range": "[0, 1]"})
     progress: bool = field(default=True, metadata={
         "help": "show a progress bar of the trajectories done in every rollout and held-out evaluation"})
     data: RLDataConfig = field(default_factory=RLDataConfig, metadata={"help": "prompts"})
@@ -281,17 +287,20 @@ class Run:
     step: int = 0
     log: MetricsLog | None = None
     reward_tags: TagTokens | None = field(init=False, default=None)
-
-    def __post_init__(self) -> None:
-        self.reward_tags = item_tags(self.cfg.reward, self.tokenizer)  # None unless the reward counts by tag
+    schedule: Scheduler = field(init=False)
 
     @property
     def run_dir(self) -> Path:
         return Path(self.cfg.run_dir)
 
+    def __post_init__(self) -> None:
+        self.reward_tags = item_tags(self.cfg.reward, self.tokenizer)  # None unless the reward counts by tag
+        self.schedule = Scheduler(self.cfg.max_staleness, self.cfg.steps, self.plan, self.produce)
+
     def trainer_state(self) -> dict:
         return {"data": asdict(self.stream.state), "mlflow_run_id": self.tracker.run_id, "totals": dict(self.totals),
-                "rollout_restarts": self.rollouts.restarts, "tracking_uri": self.tracker.uri}
+                "rollout_restarts": self.rollouts.restarts, "tracking_uri": self.tracker.uri,
+                "overlap": self.schedule.state()}
 
     def save(self) -> None:
         self.log.sync()  # the records up to a checkpoint are on disk with it
@@ -316,45 +325,74 @@ class Run:
             f"L_crit {metrics[f'eval/{mode}/L_crit']:.1f}" for mode in cfg.eval.modes), flush=True)
         return metrics
 
-    def train_step(self) -> dict:
-        """Sample, score, learn, sync the weights, log; returns the step's metrics."""
-        cfg, d, times = self.cfg, self.cfg.data, StepTimes()
-        t_step = time.perf_counter()
-        records = [self.train_records[i] for i in self.stream.take(cfg.prompts_per_step)]
+    def plan(self, step: int) -> Request:
+        """Take the prompts of ``step`` from the prompt order."""
+        indices = self.stream.take(self.cfg.prompts_per_step)
+        return Request(step, indices, self.stream.state.epoch, self.stream.state.served)
+
+    def produce(self, request: Request, version: int) -> RolloutBatch:
+        """Sample ``request``'s prompts on the rollout workers (holding weights ``version``) and score them."""
+        cfg, d = self.cfg, self.cfg.data
+        records = [self.train_records[i] for i in request.indices]
         prompts = [chat_prompt_ids(self.tokenizer, r[d.prompt_field]) for r in records]
+        restarts = self.rollouts.restarts
         t0 = time.perf_counter()
         trajectories = self.rollouts.generate(prompts, replace(cfg.rollout,
-                                                               seed=step_seed(cfg.rollout.seed, self.step + 1)))
-        times.rollout_s = time.perf_counter() - t0
+                                                               seed=step_seed(cfg.rollout.seed, request.step)))
+        rollout_s = time.perf_counter() - t0
         if len(trajectories) != len(prompts) * cfg.rollout.n:
             raise RuntimeError(f"{len(trajectories)} trajectories for {len(prompts)} prompts x {cfg.rollout.n}")
         t0 = time.perf_counter()
         scores = self.services.rewards.score_batch([
             RewardItem(t.text, str(records[t.prompt_index][d.answer_field]), t.units, t.finish_reason,
                        self.reward_tags) for t in trajectories])
-        times.reward_s = time.perf_counter() - t0
+        return RolloutBatch(request, version, trajectories, scores, rollout_s, time.perf_counter() - t0,
+                            rebuilt=self.rollouts.restarts != restarts)
+
+    def learn(self, batch: RolloutBatch) -> StepResult:
+        """Advantages, tries and the learner's updates on ``batch``; clipped ratios when older weights sampled it."""
+        cfg = self.cfg
         reference = self.services.reference_logprobs if self.services.reference is not None else None
-        result = rl_step(trajectories, [s.reward for s in scores], cfg.rollout.n, cfg.grpo, cfg.learner.row_tokens,
-                         self.group, reference)
-        times.learn_s = result.learn_s
-        t0 = time.perf_counter()
-        update = self.rollouts.update_weights(self.group.state_dict()) if result.learn else None
-        times.sync_s = time.perf_counter() - t0
+        return rl_step(batch.trajectories, [s.reward for s in batch.scores], cfg.rollout.n, cfg.grpo,
+                       cfg.learner.row_tokens, self.group, reference,
+                       off_policy=batch.staleness(self.step + 1) > 0)
+
+    def sync(self, result: StepResult):
+        """The learner's new weights to every rollout worker (none when the step took no optimizer step)."""
+        return self.rollouts.update_weights(self.group.state_dict()) if result.learn else None
+
+    def train_step(self) -> dict:
+        """Sample, score, learn, sync the weights, log (in the order of :mod:`rl.overlap`); returns the metrics."""
+        cfg, times = self.cfg, StepTimes()
+        t_step = time.perf_counter()
+        synced = {}
+
+        def timed_sync(result: StepResult):
+            t0 = time.perf_counter()
+            synced["update"] = self.sync(result)
+            times.sync_s = time.perf_counter() - t0
+
+        batch, result = self.schedule.step(self.step + 1, self.learn, timed_sync)
+        staleness = batch.staleness(self.step + 1)
         self.step += 1
+        trajectories, scores, update = batch.trajectories, batch.scores, synced.get("update")
+        times.rollout_s, times.reward_s, times.learn_s = batch.rollout_s, batch.reward_s, result.learn_s
+        times.rollout_wait_s = self.schedule.waited_s
         times.step_s = time.perf_counter() - t_step
         times.sync_load_s = update.load_s if update is not None else 0.0
-        for key in ("rollout_s", "reward_s", "learn_s", "sync_s", "step_s"):
+        for key in ("rollout_s", "reward_s", "learn_s", "sync_s", "step_s", "rollout_wait_s"):
             self.totals[key] += getattr(times, key)
         self.totals["generated_tokens"] += sum(t.L_total for t in trajectories)
         metrics = step_metrics(trajectories, scores, result, times, self.rollouts.restarts,
-                               self.stream.state.epoch, self.stream.state.served)
+                               batch.request.epoch, batch.request.served, staleness)
         self.log.write({"kind": "train", "step": self.step, **metrics})
         self.tracker.log_metrics(metrics, self.step)
         print(f"rl: step {self.step}/{cfg.steps} reward {metrics['train/reward']:.3f} "
               f"correct {metrics['train/correct']:.3f} act {metrics['train/activation']:.2f} "
               f"L_crit {metrics['train/L_crit']:.0f} eta {metrics['train/eta']:.3f} | rollout "
               f"{times.rollout_s:.1f}s reward {times.reward_s:.1f}s learn {times.learn_s:.1f}s "
-              f"sync {times.sync_s:.1f}s", flush=True)
+              f"sync {times.sync_s:.1f}s" + (f" | staleness {staleness}, waited {times.rollout_wait_s:.1f}s"
+                                             if cfg.max_staleness else ""), flush=True)
         return metrics
 
 
@@ -363,17 +401,20 @@ def _loop(run: Run, on_step: Callable[[int, dict], None] | None, resumed: bool) 
     cfg = run.cfg
     last_saved = run.step if resumed else -1
     with MetricsLog(run.run_dir / "metrics.jsonl", run.step if resumed else None) as run.log:
-        if run.step == 0 and cfg.eval.at_start:
-            run.run_eval()
-        while run.step < cfg.steps:
-            metrics = run.train_step()
-            if cfg.save_every and run.step % cfg.save_every == 0:
-                run.save()
-                last_saved = run.step
-            if cfg.eval.every and run.step % cfg.eval.every == 0 and run.step < cfg.steps:
+        try:
+            if run.step == 0 and cfg.eval.at_start:
                 run.run_eval()
-            if on_step is not None:
-                on_step(run.step, metrics)
+            while run.step < cfg.steps:
+                metrics = run.train_step()
+                if cfg.save_every and run.step % cfg.save_every == 0:
+                    run.save()
+                    last_saved = run.step
+                if cfg.eval.every and run.step % cfg.eval.every == 0 and run.step < cfg.steps:
+                    run.run_eval()
+                if on_step is not None:
+                    on_step(run.step, metrics)
+        finally:
+            run.schedule.close()  # between steps no rollout runs ahead: this only ends its thread
         if last_saved != run.step:
             run.save()
         return run.run_eval() if cfg.eval.at_end else {}
@@ -383,7 +424,7 @@ def _restore(group, resume: Path | None, run_dir: Path, resolved: str) -> tuple[
     """The trainer state (a fresh one, or the checkpoint's) and the resolved config file of this start."""
     if resume is None:
         return {"data": asdict(PromptState()), "mlflow_run_id": None, "totals": {}, "rollout_restarts": 0,
-                "step": 0}, run_dir / "config.yaml"
+                "step": 0, "overlap": None}, run_dir / "config.yaml"
     state = checkpoint.load(group, resume)
     config_file = write_text(run_dir / f"config_resume_step_{state['step']}.yaml", resolved)
     print(f"rl: resumed from {resume} at step {state['step']}", flush=True)
@@ -440,6 +481,7 @@ def train(cfg: RLConfig, tracker: Tracker, on_step: Callable[[int, dict], None] 
                   [str(r[cfg.data.answer_field]) for r in val_chosen], eval_page, Counter(state["totals"]),
                   step=state["step"])
         run.rollouts.restarts = int(state["rollout_restarts"])
+        run.schedule.restore(state.get("overlap"))  # the next step's batch, sampled before the checkpoint
         if resume is not None or not own_services:
             run.rollouts.update_weights(group.state_dict())  # the pool holds other weights than the learner
         final_eval = _loop(run, on_step, resumed=resume is not None)

@@ -100,13 +100,19 @@ def test_batch_metrics_by_hand():
     assert m["train/finish/error"] == 0.0
     assert m["train/cut"] == pytest.approx(1 / 3) and m["train/score_error"] == pytest.approx(1 / 3)
     assert learner_metrics([], 10, 0.0)["learner/skipped"] == 1.0
+    # first update: 10 tokens, ratios 1.5 (x4) and 0.75 (x6): deviations sum 4*0.5 - 6*0.25 = 0.5,
+    # |.| sum 2 + 1.5 = 3.5, squares 4*0.25 + 6*0.0625 = 1.375
     two = learner_metrics([{"loss": 1.0, "pg_sum": 5.0, "kl_sum": 0.0, "clipped": 0.0, "targets": 10.0,
-                            "grad_norm": 1.0, "lr": 1e-3, "tokens": 20.0, "lp_absdiff_sum": 0.5, "lp_count": 10.0},
+                            "grad_norm": 1.0, "lr": 1e-3, "tokens": 20.0, "lp_absdiff_sum": 0.5, "lp_count": 10.0,
+                            "ratio_dev_sum": 0.5, "ratio_absdev_sum": 3.5, "ratio_sqdev_sum": 1.375},
                            {"loss": 0.5, "pg_sum": 4.0, "kl_sum": 2.0, "clipped": 5.0, "targets": 10.0,
-                            "grad_norm": 0.5, "lr": 1e-3, "tokens": 20.0, "lp_absdiff_sum": 9.0, "lp_count": 10.0}],
+                            "grad_norm": 0.5, "lr": 1e-3, "tokens": 20.0, "lp_absdiff_sum": 9.0, "lp_count": 10.0,
+                            "ratio_dev_sum": 9.0, "ratio_absdev_sum": 9.0, "ratio_sqdev_sum": 9.0}],
                           n_tokens=10, learn_s=2.0)
     assert (two["loss/total"], two["loss/pg"], two["loss/kl"], two["loss/clip_frac"]) == (0.5, 0.4, 0.2, 0.25)
     assert two["logprob/rollout_learner_absdiff"] == 0.05 and two["learner/tokens_per_s"] == 20.0
+    assert two["ratio/mean"] == pytest.approx(1.05) and two["ratio/absdev_mean"] == pytest.approx(0.35)
+    assert two["ratio/std"] == pytest.approx((0.1375 - 0.05 ** 2) ** 0.5)  # E[(r-1)^2] - E[r-1]^2
 
 
 def test_ray_plan_refuses_what_the_cluster_cannot_hold():
