@@ -25,6 +25,13 @@ What one step really does:
    weight sync (``learner/skipped`` = 1);
 6. sends the new weights to every rollout worker in buckets
    (``RolloutPool.update_weights``) and times it;
+
+   with ``max_staleness = 1`` steps 1-3 of step t+1 run in a background
+   thread during step t's learning, on the rollout workers that still hold
+   step t-1's weights, and step 6 waits for them; the batch is then one step
+   old and learned from with the PPO-clipped ratio against the rollout's
+   log-probabilities, and a checkpoint of step t holds the batch of step t+1
+   already sampled, so ``--resume`` stays exact (:mod:`rl.overlap`);
 7. logs the step's metrics (:mod:`rl.metrics`) to ``RUN_DIR/metrics.jsonl``
    and to the tracker it was given (MLflow: ``cluster.tracking``),
    checkpoints every ``save_every`` steps, and evaluates every ``eval.every``
@@ -66,6 +73,7 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
@@ -286,6 +294,9 @@ class Run:
     totals: Counter
     step: int = 0
     log: MetricsLog | None = None
+    #: held while the learner trains: a pool rebuilt during an overlapped rollout fetches the learner's weights
+    #: only after that (two threads calling into the ranks at once could interleave their collectives)
+    learner_lock: threading.Lock = field(default_factory=threading.Lock)
     reward_tags: TagTokens | None = field(init=False, default=None)
     schedule: Scheduler = field(init=False)
 
@@ -353,9 +364,10 @@ class Run:
         """Advantages, tries and the learner's updates on ``batch``; clipped ratios when older weights sampled it."""
         cfg = self.cfg
         reference = self.services.reference_logprobs if self.services.reference is not None else None
-        return rl_step(batch.trajectories, [s.reward for s in batch.scores], cfg.rollout.n, cfg.grpo,
-                       cfg.learner.row_tokens, self.group, reference,
-                       off_policy=batch.staleness(self.step + 1) > 0)
+        with self.learner_lock:
+            return rl_step(batch.trajectories, [s.reward for s in batch.scores], cfg.rollout.n, cfg.grpo,
+                           cfg.learner.row_tokens, self.group, reference,
+                           off_policy=batch.staleness(self.step + 1) > 0)
 
     def sync(self, result: StepResult):
         """The learner's new weights to every rollout worker (none when the step took no optimizer step)."""
@@ -473,13 +485,19 @@ def train(cfg: RLConfig, tracker: Tracker, on_step: Callable[[int, dict], None] 
             print(f"rl: MLflow run {run_id} at {tracker.uri}", flush=True)
         if services is None:
             services = start_services(cfg.rollout, cfg.reward, cfg.grpo, cfg.learner, cfg.model, placement)
+        learner_lock = threading.Lock()
+
+        def learner_weights() -> dict:  # what a rebuilt rollout pool loads
+            with learner_lock:
+                return group.state_dict()
+
         run = Run(cfg, tracker, group, services,
-                  Rollouts(services, cfg.model, cfg.rollout, cfg.max_rollout_restarts, group.state_dict,
+                  Rollouts(services, cfg.model, cfg.rollout, cfg.max_rollout_restarts, learner_weights,
                            placement.get("rollout", ()) if own_services else (), progress=cfg.progress),
                   PromptStream(len(train_records), cfg.seed, PromptState(**state["data"])), tokenizer, train_records,
                   [chat_prompt_ids(tokenizer, r[cfg.data.prompt_field]) for r in val_chosen],
                   [str(r[cfg.data.answer_field]) for r in val_chosen], eval_page, Counter(state["totals"]),
-                  step=state["step"])
+                  step=state["step"], learner_lock=learner_lock)
         run.rollouts.restarts = int(state["rollout_restarts"])
         run.schedule.restore(state.get("overlap"))  # the next step's batch, sampled before the checkpoint
         if resume is not None or not own_services:

@@ -27,10 +27,12 @@ resume would need version ``t - 1``, a second full copy of the weights in
 every checkpoint; the batch is a few token lists.)
 
 A rollout worker that dies during an overlapped rollout makes the pool
-rebuild (``rl.services.Rollouts``) with whatever weights the learner has at
-that moment, so the batch's version is unknown: it is dropped, and its
-prompts are sampled again at the start of the next step by the synced
-weights (staleness 0 for that batch).
+rebuild (``rl.services.Rollouts``) with the learner's weights of that moment
+(the driver makes the fetch wait for a learning in progress, so that two
+threads never call into the learner ranks at once), which may be version
+``t - 1`` or ``t``: the batch is dropped, and its prompts are sampled again
+at the start of the next step by the synced weights (staleness 0 for that
+batch).
 """
 
 from __future__ import annotations

@@ -278,3 +278,44 @@ def test_faults_worker_killed_tracking_down_driver_killed_and_resumed(services, 
     evals = _lines(tmp_path / "cut" / "eval" / "step_00000003.jsonl")
     assert sorted({(x["mode"], x["index"]) for x in evals}) == [("parallel", 0), ("parallel", 1),
                                                                  ("sequential", 0), ("sequential", 1)]
+
+
+@pytest.mark.integration
+def test_overlapped_run_killed_after_step_2_resumes_to_the_weights_of_the_uninterrupted_one(services, tiny_model_dir,
+                                                                                         tmp_path):
+    """``max_staleness=1`` with one (clipped) update per batch: step 3's batch, sampled by step 1's weights while
+    the learner trained on step 2, is in step 2's checkpoint; the resumed run learns from it and ends where an
+    uninterrupted run ends (sampling it again with step 2's weights would end elsewhere)."""
+    from cluster.cmd_rl import run_rl as train
+    from rl.checkpoint import Stop
+
+    def overlapped(run: str, **kw):
+        return _config(tmp_path, run, tiny_model_dir, max_staleness=1, save_every=1, **{
+            "grpo.updates_per_batch": 1, "tracking.uri": f"sqlite:///{(tmp_path / (run + '.db')).resolve()}"}, **kw)
+
+    full = train(overlapped("full"), services=services)
+    full_steps = [x for x in _lines(tmp_path / "full" / "metrics.jsonl") if x["kind"] == "train"]
+    assert [x["rollout/staleness"] for x in full_steps] == [0, 1, 1]
+    assert full_steps[0]["ratio/absdev_mean"] < 1e-3  # on-policy: vLLM and the learner agree
+    # step t learns from step t-2's weights: the ratio leaves 1 exactly when step t-1 moved the weights (a step
+    # whose advantages are all 0 takes no optimizer step: the untrained model's first batch often has none)
+    moved = [x["learner/skipped"] == 0 for x in full_steps]
+    assert [x["ratio/absdev_mean"] > 1e-3 for x in full_steps[1:]] == moved[:-1]
+    assert any(moved[:-1]), "no step before the last learned: the test checks nothing stale"
+
+    def kill_after_2(step, metrics):
+        if step == 2:
+            raise Stop()
+
+    with pytest.raises(Stop):
+        train(overlapped("cut"), on_step=kill_after_2, services=services)
+    state = json.loads((tmp_path / "cut" / "checkpoints" / "step_00000002" / "trainer_state.json").read_text())
+    pending = state["overlap"]["pending"]
+    assert pending["request"]["step"] == 3 and pending["version"] == 1  # sampled by step 1's weights
+    resumed = train(overlapped("cut", resume="auto"), services=services)
+    assert resumed["steps"] == 3
+    a, b = _weights(full["checkpoint"]), _weights(resumed["checkpoint"])
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    cut_steps = [x for x in _lines(tmp_path / "cut" / "metrics.jsonl") if x["kind"] == "train"]
+    for key in ("train/reward", "train/L_total", "loss/total", "learner/grad_norm", "rollout/staleness"):
+        assert [x[key] for x in cut_steps] == pytest.approx([x[key] for x in full_steps], rel=1e-6), key
