@@ -15,10 +15,15 @@ spread of the stale batches.
 Without ``--model`` the model is a freshly initialised tiny one (no trained
 SFT checkpoint exists in a fresh clone). It never answers correctly, so the
 runs reward format validity (``reward.format_penalty=1``, as the driver's
-integration test does) to give the advantages a signal; the held-out reward
-is then a format score, and its difference between the two runs says little
-over so few steps. Pass ``--model runs/sft_tiny/final/hf`` (the SFT stage's
-checkpoint) and drop the penalty for the real task.
+integration test does), and its random output mostly breaks the format in
+every sample, so most groups have no advantage; ``grpo.skip_zero_advantage=false``
+makes the learner forward, backward and step on every batch anyway, so each
+step costs the learner what a trained model's batch would. The held-out
+reward is then a format score, and its difference between the two runs says
+little over so few steps. Responses are capped at 256 tokens (``rollout.max_tokens``)
+to keep the run short. Pass ``--model runs/sft_tiny/final/hf`` (the SFT stage's
+checkpoint), ``--format-penalty 0`` and ``--override grpo.skip_zero_advantage=true``
+for the real task.
 
 On one machine both "nodes" share its cores: the overlap can only hide what
 the cores can run at the same time (here the rollout engine and the learner
@@ -62,7 +67,9 @@ def config(args, work: Path, model: Path, staleness: int):
     run = work / f"staleness_{staleness}"
     overrides = [
         f"model={model}", f"run_dir={run}", f"data.dir={work / 'data'}", "data.generate=true",
+        "data.train_size=200", "data.validation_size=50", "data.test_size=4",
         f"steps={args.steps}", f"prompts_per_step={args.prompts_per_step}", f"max_staleness={staleness}",
+        "grpo.skip_zero_advantage=false", "rollout.max_tokens=256", "rollout.max_context=512",
         "save_every=0", "keep_last=1", "progress=false", f"reward.format_penalty={args.format_penalty}",
         "reward.num_actors=1", "eval.at_start=false", "eval.every=0", "eval.at_end=true",
         f"eval.prompts={args.eval_prompts}", "eval.modes=[parallel]", "tracking.experiment=bench_overlap",
@@ -76,7 +83,7 @@ def main() -> int:
     g = p.add_argument_group("run")
     g.add_argument("--steps", type=int, default=4, help="training steps of each run (count; step 1 never overlaps)")
     g.add_argument("--prompts-per-step", type=int, default=4, help="prompts per step, rollout.n samples each")
-    g.add_argument("--eval-prompts", type=int, default=16, help="held-out prompts decoded at the end (count)")
+    g.add_argument("--eval-prompts", type=int, default=8, help="held-out prompts decoded at the end (count)")
     g.add_argument("--model", type=Path, default=None,
                    help="starting checkpoint (Hugging Face folder); default: a fresh tiny model (seed 0)")
     g.add_argument("--format-penalty", type=float, default=1.0,

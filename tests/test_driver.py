@@ -283,15 +283,16 @@ def test_faults_worker_killed_tracking_down_driver_killed_and_resumed(services, 
 @pytest.mark.integration
 def test_overlapped_run_killed_after_step_2_resumes_to_the_weights_of_the_uninterrupted_one(services, tiny_model_dir,
                                                                                          tmp_path):
-    """``max_staleness=1`` with one (clipped) update per batch: step 3's batch, sampled by step 1's weights while
-    the learner trained on step 2, is in step 2's checkpoint; the resumed run learns from it and ends where an
-    uninterrupted run ends (sampling it again with step 2's weights would end elsewhere)."""
+    """``max_staleness=1`` with one (clipped) update per batch and no KL term (so a batch without advantages takes
+    no optimizer step and ``learner/skipped`` says whether a step moved the weights): step 3's batch, sampled by
+    step 1's weights while the learner trained on step 2, is in step 2's checkpoint; the resumed run learns from
+    it and ends where an uninterrupted run ends (sampling it again with step 2's weights would end elsewhere)."""
     from cluster.cmd_rl import run_rl as train
     from rl.checkpoint import Stop
 
     def overlapped(run: str, **kw):
         return _config(tmp_path, run, tiny_model_dir, max_staleness=1, save_every=1, **{
-            "grpo.updates_per_batch": 1, "tracking.uri": f"sqlite:///{(tmp_path / (run + '.db')).resolve()}"}, **kw)
+            "grpo.updates_per_batch": 1, "grpo.kl_coef": 0, "tracking.uri": f"sqlite:///{(tmp_path / (run + '.db')).resolve()}"}, **kw)
 
     full = train(overlapped("full"), services=services)
     full_steps = [x for x in _lines(tmp_path / "full" / "metrics.jsonl") if x["kind"] == "train"]
