@@ -30,6 +30,13 @@ What one step really does:
    the workers fetch the buckets from the learner's object store, so the
    weights never pass through the driver's memory (nor at start, on resume,
    or when a rebuilt rollout pool loads the current weights);
+
+   with ``max_staleness = 1`` steps 1-3 of step t+1 run in a background
+   thread during step t's learning, on the rollout workers that still hold
+   step t-1's weights, and step 6 waits for them; the batch is then one step
+   old and learned from with the PPO-clipped ratio against the rollout's
+   log-probabilities, and a checkpoint of step t holds the batch of step t+1
+   already sampled, so ``--resume`` stays exact (:mod:`rl.overlap`);
 7. logs the step's metrics (:mod:`rl.metrics`) to ``RUN_DIR/metrics.jsonl``
    and to the tracker it was given (MLflow: ``cluster.tracking``),
    checkpoints every ``save_every`` steps, and evaluates every ``eval.every``
@@ -81,6 +88,7 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
@@ -102,7 +110,8 @@ from rl.metrics import StepTimes, step_metrics
 from rl.metrics_log import MetricsLog
 from rl.services import Placement, Rollouts, Services, start_services, stop_services
 from rl.sft_data import TaskData, check_data_config, ensure_task_data
-from rl.step import rl_step
+from rl.overlap import Request, RolloutBatch, Scheduler
+from rl.step import StepResult, rl_step
 from rl.tracker import Tracker
 from rollout.config import RolloutConfig, check_ranges, to_dict
 from rollout.files import check_model_dir, check_output_dir, write_text
@@ -176,6 +185,11 @@ class RLConfig:
     max_rollout_restarts: int = field(default=3, metadata={
         "help": "rebuilds of the rollout pool allowed per call (a rollout, a weight sync, an evaluation) after a "
                 "worker or engine died (count)", "range": ">= 0"})
+    max_staleness: int = field(default=0, metadata={
+        "help": "0: strictly on-policy, the rollout of each step waits for the previous step's weights; 1: overlap "
+                "rollout and learning, sampling step t+1's batch with the weights of step t-1 while the learner "
+                "trains on step t (the loss then uses the PPO-clipped ratio to the rollout's log-probabilities; "
+                "rl.overlap) (learner steps)", "range": "[0, 1]"})
     progress: bool = field(default=True, metadata={
         "help": "show a progress bar of the trajectories done in every rollout and held-out evaluation"})
     data: RLDataConfig = field(default_factory=RLDataConfig, metadata={"help": "prompts"})
@@ -316,10 +330,11 @@ class Run:
     totals: Counter
     step: int = 0
     log: MetricsLog | None = None
+    #: held while the learner trains: a pool rebuilt during an overlapped rollout fetches the learner's weights
+    #: only after that (two threads calling into the ranks at once could interleave their collectives)
+    learner_lock: threading.Lock = field(default_factory=threading.Lock)
     reward_tags: TagTokens | None = field(init=False, default=None)
-
-    def __post_init__(self) -> None:
-        self.reward_tags = item_tags(self.cfg.reward, self.tokenizer)  # None unless the reward counts by tag
+    schedule: Scheduler = field(init=False)
 
     @property
     def run_dir(self) -> Path:
@@ -330,9 +345,14 @@ class Run:
         """The checkpoint root: ``RUN_DIR/checkpoints``, or ``STORAGE/checkpoints`` with a storage."""
         return checkpoint.checkpoints_of(self.cfg.run_dir, self.cfg.storage)
 
+    def __post_init__(self) -> None:
+        self.reward_tags = item_tags(self.cfg.reward, self.tokenizer)  # None unless the reward counts by tag
+        self.schedule = Scheduler(self.cfg.max_staleness, self.cfg.steps, self.plan, self.produce)
+
     def trainer_state(self) -> dict:
         return {"data": asdict(self.stream.state), "mlflow_run_id": self.tracker.run_id, "totals": dict(self.totals),
-                "rollout_restarts": self.rollouts.restarts, "tracking_uri": self.tracker.uri}
+                "rollout_restarts": self.rollouts.restarts, "tracking_uri": self.tracker.uri,
+                "overlap": self.schedule.state()}
 
     def save(self) -> None:
         self.log.sync()  # the records up to a checkpoint are on disk with it
@@ -362,45 +382,75 @@ class Run:
         """The learner's current weights in Ray's object store (references only; ``rollout.weights``)."""
         return self.group.publish_weights(self.cfg.rollout.weight_bucket_mb)
 
-    def train_step(self) -> dict:
-        """Sample, score, learn, sync the weights, log; returns the step's metrics."""
-        cfg, d, times = self.cfg, self.cfg.data, StepTimes()
-        t_step = time.perf_counter()
-        records = [self.train_records[i] for i in self.stream.take(cfg.prompts_per_step)]
+    def plan(self, step: int) -> Request:
+        """Take the prompts of ``step`` from the prompt order."""
+        indices = self.stream.take(self.cfg.prompts_per_step)
+        return Request(step, indices, self.stream.state.epoch, self.stream.state.served)
+
+    def produce(self, request: Request, version: int) -> RolloutBatch:
+        """Sample ``request``'s prompts on the rollout workers (holding weights ``version``) and score them."""
+        cfg, d = self.cfg, self.cfg.data
+        records = [self.train_records[i] for i in request.indices]
         prompts = [chat_prompt_ids(self.tokenizer, r[d.prompt_field]) for r in records]
+        restarts = self.rollouts.restarts
         t0 = time.perf_counter()
         trajectories = self.rollouts.generate(prompts, replace(cfg.rollout,
-                                                               seed=step_seed(cfg.rollout.seed, self.step + 1)))
-        times.rollout_s = time.perf_counter() - t0
+                                                               seed=step_seed(cfg.rollout.seed, request.step)))
+        rollout_s = time.perf_counter() - t0
         if len(trajectories) != len(prompts) * cfg.rollout.n:
             raise RuntimeError(f"{len(trajectories)} trajectories for {len(prompts)} prompts x {cfg.rollout.n}")
         t0 = time.perf_counter()
         scores = self.services.rewards.score_batch([
             RewardItem(t.text, str(records[t.prompt_index][d.answer_field]), t.units, t.finish_reason,
                        self.reward_tags) for t in trajectories])
-        times.reward_s = time.perf_counter() - t0
+        return RolloutBatch(request, version, trajectories, scores, rollout_s, time.perf_counter() - t0,
+                            rebuilt=self.rollouts.restarts != restarts)
+
+    def learn(self, batch: RolloutBatch) -> StepResult:
+        """Advantages, tries and the learner's updates on ``batch``; clipped ratios when older weights sampled it."""
+        cfg = self.cfg
         reference = self.services.reference_logprobs if self.services.reference is not None else None
-        result = rl_step(trajectories, [s.reward for s in scores], cfg.rollout.n, cfg.grpo, cfg.learner.row_tokens,
-                         self.group, reference)
-        times.learn_s = result.learn_s
-        t0 = time.perf_counter()
-        update = self.rollouts.update_weights(self.publish_weights()) if result.learn else None
-        times.sync_s = time.perf_counter() - t0
+        with self.learner_lock:
+            return rl_step(batch.trajectories, [s.reward for s in batch.scores], cfg.rollout.n, cfg.grpo,
+                           cfg.learner.row_tokens, self.group, reference,
+                           off_policy=batch.staleness(self.step + 1) > 0)
+
+    def sync(self, result: StepResult):
+        """The learner's new weights to every rollout worker (none when the step took no optimizer step)."""
+        return self.rollouts.update_weights(self.publish_weights()) if result.learn else None
+
+    def train_step(self) -> dict:
+        """Sample, score, learn, sync the weights, log (in the order of :mod:`rl.overlap`); returns the metrics."""
+        cfg, times = self.cfg, StepTimes()
+        t_step = time.perf_counter()
+        synced = {}
+
+        def timed_sync(result: StepResult):
+            t0 = time.perf_counter()
+            synced["update"] = self.sync(result)
+            times.sync_s = time.perf_counter() - t0
+
+        batch, result = self.schedule.step(self.step + 1, self.learn, timed_sync)
+        staleness = batch.staleness(self.step + 1)
         self.step += 1
+        trajectories, scores, update = batch.trajectories, batch.scores, synced.get("update")
+        times.rollout_s, times.reward_s, times.learn_s = batch.rollout_s, batch.reward_s, result.learn_s
+        times.rollout_wait_s = self.schedule.waited_s
         times.step_s = time.perf_counter() - t_step
         times.sync_load_s = update.load_s if update is not None else 0.0
-        for key in ("rollout_s", "reward_s", "learn_s", "sync_s", "step_s"):
+        for key in ("rollout_s", "reward_s", "learn_s", "sync_s", "step_s", "rollout_wait_s"):
             self.totals[key] += getattr(times, key)
         self.totals["generated_tokens"] += sum(t.L_total for t in trajectories)
         metrics = step_metrics(trajectories, scores, result, times, self.rollouts.restarts,
-                               self.stream.state.epoch, self.stream.state.served)
+                               batch.request.epoch, batch.request.served, staleness)
         self.log.write({"kind": "train", "step": self.step, **metrics})
         self.tracker.log_metrics(metrics, self.step)
         print(f"rl: step {self.step}/{cfg.steps} reward {metrics['train/reward']:.3f} "
               f"correct {metrics['train/correct']:.3f} act {metrics['train/activation']:.2f} "
               f"L_crit {metrics['train/L_crit']:.0f} eta {metrics['train/eta']:.3f} | rollout "
               f"{times.rollout_s:.1f}s reward {times.reward_s:.1f}s learn {times.learn_s:.1f}s "
-              f"sync {times.sync_s:.1f}s", flush=True)
+              f"sync {times.sync_s:.1f}s" + (f" | staleness {staleness}, waited {times.rollout_wait_s:.1f}s"
+                                             if cfg.max_staleness else ""), flush=True)
         return metrics
 
 
@@ -409,17 +459,20 @@ def _loop(run: Run, on_step: Callable[[int, dict], None] | None, resumed: bool) 
     cfg = run.cfg
     last_saved = run.step if resumed else -1
     with MetricsLog(run.run_dir / "metrics.jsonl", run.step if resumed else None) as run.log:
-        if run.step == 0 and cfg.eval.at_start:
-            run.run_eval()
-        while run.step < cfg.steps:
-            metrics = run.train_step()
-            if cfg.save_every and run.step % cfg.save_every == 0:
-                run.save()
-                last_saved = run.step
-            if cfg.eval.every and run.step % cfg.eval.every == 0 and run.step < cfg.steps:
-                metrics = {**metrics, **run.run_eval()}  # on_step sees the step's held-out evaluation too
-            if on_step is not None:
-                on_step(run.step, metrics)
+        try:
+            if run.step == 0 and cfg.eval.at_start:
+                run.run_eval()
+            while run.step < cfg.steps:
+                metrics = run.train_step()
+                if cfg.save_every and run.step % cfg.save_every == 0:
+                    run.save()
+                    last_saved = run.step
+                if cfg.eval.every and run.step % cfg.eval.every == 0 and run.step < cfg.steps:
+                    metrics = {**metrics, **run.run_eval()}  # on_step sees the step's held-out evaluation too
+                if on_step is not None:
+                    on_step(run.step, metrics)
+        finally:
+            run.schedule.close()  # between steps no rollout runs ahead: this only ends its thread
         if last_saved != run.step:
             run.save()
         return run.run_eval() if cfg.eval.at_end else {}
@@ -450,7 +503,7 @@ def _restore(group, resume: Path | str | None, run_dir: Path, resolved: str) -> 
     """The trainer state (a fresh one, or the checkpoint's) and the resolved config file of this start."""
     if resume is None:
         return {"data": asdict(PromptState()), "mlflow_run_id": None, "totals": {}, "rollout_restarts": 0,
-                "step": 0}, run_dir / "config.yaml"
+                "step": 0, "overlap": None}, run_dir / "config.yaml"
     state = checkpoint.load(group, resume)
     config_file = write_text(run_dir / f"config_resume_step_{state['step']}.yaml", resolved)
     print(f"rl: resumed from {resume} at step {state['step']}", flush=True)
@@ -504,15 +557,21 @@ def train(cfg: RLConfig, tracker: Tracker, on_step: Callable[[int, dict], None] 
             print(f"rl: MLflow run {run_id} at {tracker.uri}", flush=True)
         if services is None:
             services = start_services(cfg.rollout, cfg.reward, cfg.grpo, cfg.learner, model, placement)
+        learner_lock = threading.Lock()
+
+        def learner_weights():  # what a rebuilt rollout pool loads (references to the learner's buckets)
+            with learner_lock:
+                return group.publish_weights(cfg.rollout.weight_bucket_mb)
+
         run = Run(cfg, tracker, group, services,
-                  Rollouts(services, model, cfg.rollout, cfg.max_rollout_restarts,
-                           lambda: group.publish_weights(cfg.rollout.weight_bucket_mb),
+                  Rollouts(services, model, cfg.rollout, cfg.max_rollout_restarts, learner_weights,
                            placement.get("rollout", ()) if own_services else (), progress=cfg.progress),
                   PromptStream(len(train_records), cfg.seed, PromptState(**state["data"])), tokenizer, train_records,
                   [chat_prompt_ids(tokenizer, r[cfg.data.prompt_field]) for r in val_chosen],
                   [str(r[cfg.data.answer_field]) for r in val_chosen], eval_page, Counter(state["totals"]),
-                  step=state["step"])
+                  step=state["step"], learner_lock=learner_lock)
         run.rollouts.restarts = int(state["rollout_restarts"])
+        run.schedule.restore(state.get("overlap"))  # the next step's batch, sampled before the checkpoint
         if resume is not None or not own_services:
             run.rollouts.update_weights(run.publish_weights())  # the pool holds other weights than the learner
         final_eval = _loop(run, on_step, resumed=resume is not None)

@@ -19,7 +19,9 @@ deviation unless ``advantage = "std"``), on-policy by default, no KL unless
   :mod:`rl.losses`): ``-sum(A * logprob) / N`` with ``N`` the number of
   completion tokens of the whole batch (every unit of every trajectory,
   zero-advantage groups included), so row losses add up to the batch loss.
-* Several optimizer steps on one batch (``updates_per_batch > 1``) use the
+* Several optimizer steps on one batch (``updates_per_batch > 1``), or a
+  batch sampled by older weights than the learner's (``rl.max_staleness = 1``,
+  :mod:`rl.overlap`), use the
   PPO-clipped ratio ``rho = exp(logprob - behavior_logprob)`` against the
   rollout engine's own log-probabilities (the policy that sampled the batch):
   per node ``weight_pos * min(rho, 1 + eps) + weight_neg * max(rho, 1 - eps)``,
@@ -90,9 +92,11 @@ class GRPOConfig:
         if self.advantage not in ADVANTAGES:
             raise ValueError(f"advantage must be one of {ADVANTAGES}, got {self.advantage!r}")
 
-    def loss_options(self) -> dict:
-        """Keyword options of :func:`pgrpo_loss` for this config."""
-        return {"clip_eps": self.clip_eps if self.updates_per_batch > 1 else None, "kl_coef": self.kl_coef}
+    def loss_options(self, off_policy: bool = False) -> dict:
+        """Keyword options of :func:`pgrpo_loss` for this config; ``off_policy``: the batch was sampled by older
+        weights than the learner's (the ratio is then clipped even for one update)."""
+        clipped = self.updates_per_batch > 1 or off_policy
+        return {"clip_eps": self.clip_eps if clipped else None, "kl_coef": self.kl_coef}
 
 
 # --------------------------------------------------------------------------- advantages
@@ -184,7 +188,10 @@ def pgrpo_loss(pred: TokenPredictions | torch.Tensor, row: PackedRow, denominato
     Metrics (sums over the row's target occurrences): ``pg_sum`` and
     ``kl_sum`` (unnormalised terms), ``lp_absdiff_sum`` and ``lp_count``
     (``|learner - rollout|`` log-probability, where the rollout recorded one),
-    ``clipped`` (occurrences at nodes where a clip bound is active).
+    ``clipped`` (occurrences at nodes where a clip bound is active), and the
+    spread of the ratio ``rho`` to the rollout policy over those occurrences
+    (computed with or without clipping): ``ratio_dev_sum`` (``rho - 1``),
+    ``ratio_absdev_sum`` (``|rho - 1|``) and ``ratio_sqdev_sum`` (``(rho - 1)^2``).
     """
     if denominator <= 0:
         raise ValueError(f"loss denominator must be positive, got {denominator}")
@@ -217,12 +224,16 @@ def pgrpo_loss(pred: TokenPredictions | torch.Tensor, row: PackedRow, denominato
         loss = loss + kl_coef * kl / denominator
     with torch.no_grad():
         diff = torch.where(known, (logprobs - old).abs(), torch.zeros_like(logprobs))
+        dev = torch.where(known, torch.exp(logprobs.detach() - old) - 1.0, torch.zeros_like(logprobs))
         metrics = {
             "pg_sum": float(pg.detach()),
             "kl_sum": float(kl.detach()),
             "lp_absdiff_sum": float((diff * n_targets).sum()),
             "lp_count": float((known * n_targets).sum()),
             "clipped": float(clipped),
+            "ratio_dev_sum": float((dev * n_targets).sum()),
+            "ratio_absdev_sum": float((dev.abs() * n_targets).sum()),
+            "ratio_sqdev_sum": float((dev * dev * n_targets).sum()),
         }
     return loss, metrics
 

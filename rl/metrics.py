@@ -57,24 +57,35 @@ def learner_metrics(learn: list[dict], n_tokens: int, learn_s: float) -> dict[st
     """Loss terms, gradient and throughput of a step's optimizer steps (``learn``: one dict per update).
 
     ``learner/skipped`` is 1 when the batch had no non-zero advantage and no
-    optimizer step was taken (the other values are then 0).
+    optimizer step was taken (the other values are then 0). ``loss/clip_frac``
+    is the share of target occurrences at an active clip bound over all updates
+    (0 when the loss is not clipped). ``ratio/*`` describe the ratio
+    ``rho = exp(learner - rollout log-probability)`` at the first update, where
+    the learner still holds the weights it had when the step began: ~1 on-policy,
+    the drift of one step with a stale batch (``rl.max_staleness = 1``):
+    its mean, standard deviation and mean ``|rho - 1|`` over the tokens with a
+    rollout log-probability.
     """
     if not learn:
         return {"learner/skipped": 1.0, "loss/total": 0.0, "loss/pg": 0.0, "loss/kl": 0.0, "loss/clip_frac": 0.0,
                 "learner/grad_norm": 0.0, "learner/tokens_per_s": 0.0}
     first, last = learn[0], learn[-1]
+    count = max(first["lp_count"], 1.0)
+    dev = first["ratio_dev_sum"] / count
     return {
         "learner/skipped": 0.0,
         "loss/total": last["loss"],
         "loss/pg": last["pg_sum"] / n_tokens,
         "loss/kl": last["kl_sum"] / n_tokens,
-        "loss/clip_frac": (sum(m["clipped"] for m in learn) / max(sum(m["targets"] for m in learn), 1.0)
-                           if len(learn) > 1 else 0.0),
+        "loss/clip_frac": sum(m["clipped"] for m in learn) / max(sum(m["targets"] for m in learn), 1.0),
         "learner/grad_norm": last["grad_norm"],
         "learner/lr": last["lr"],
         "learner/tokens_per_s": sum(m["tokens"] for m in learn) / max(learn_s, 1e-9),
         # the first update runs on the weights that sampled the batch
-        "logprob/rollout_learner_absdiff": first["lp_absdiff_sum"] / max(first["lp_count"], 1.0),
+        "logprob/rollout_learner_absdiff": first["lp_absdiff_sum"] / count,
+        "ratio/mean": 1.0 + dev,
+        "ratio/std": max(first["ratio_sqdev_sum"] / count - dev * dev, 0.0) ** 0.5,
+        "ratio/absdev_mean": first["ratio_absdev_sum"] / count,
     }
 
 
@@ -98,6 +109,8 @@ class StepTimes:
     sync_s: float = 0.0
     step_s: float = 0.0
     sync_load_s: float = 0.0
+    #: the step waited for rollouts: all of rollout + reward on-policy, what they took beyond the learning overlapped
+    rollout_wait_s: float = 0.0
 
 
 def time_metrics(times: StepTimes, generated: float) -> dict[str, float]:
@@ -105,14 +118,16 @@ def time_metrics(times: StepTimes, generated: float) -> dict[str, float]:
     return {
         "time/rollout_s": times.rollout_s, "time/reward_s": times.reward_s, "time/learn_s": times.learn_s,
         "time/sync_s": times.sync_s, "time/step_s": times.step_s, "time/sync_load_s": times.sync_load_s,
+        "time/rollout_wait_s": times.rollout_wait_s,
         "throughput/rollout_tokens_per_s": generated / max(times.rollout_s, 1e-9),
         "throughput/step_tokens_per_s": generated / max(times.step_s, 1e-9),
     }
 
 
 def step_metrics(trajectories, scores, result, times: StepTimes, restarts: int, epoch: int,
-                 prompts_seen: int) -> dict[str, float]:
-    """Everything one training step logs; ``result`` is the step's ``rl.step.StepResult``."""
+                 prompts_seen: int, staleness: int = 0) -> dict[str, float]:
+    """Everything one training step logs; ``result`` is the step's ``rl.step.StepResult``; ``staleness``: learner
+    steps between the weights that sampled the batch and those that trained on it (``rl.overlap``)."""
     batch = result.batch
     generated = float(sum(t.L_total for t in trajectories))
     out = trajectory_metrics(trajectories, scores, "train/")
@@ -128,5 +143,6 @@ def step_metrics(trajectories, scores, result, times: StepTimes, restarts: int, 
     })
     out.update(time_metrics(times, generated))
     out.update({"rollout/restarts": float(restarts), "rollout/generated_tokens": generated,
+                "rollout/staleness": float(staleness),
                 "data/epoch": float(epoch), "data/prompts_seen": float(prompts_seen)})
     return out

@@ -89,11 +89,14 @@ def oversize(trajectories: Sequence, row_tokens: int) -> list[int]:
 
 
 def rl_step(trajectories: Sequence, rewards: Sequence[float], group_size: int, grpo: GRPOConfig, row_tokens: int,
-            learner: Learner, reference_logprobs: Callable[[list[PackedRow]], list] | None = None) -> StepResult:
+            learner: Learner, reference_logprobs: Callable[[list[PackedRow]], list] | None = None,
+            off_policy: bool = False) -> StepResult:
     """Build the batch and run ``grpo.updates_per_batch`` optimizer steps of the ``"pgrpo"`` loss on it.
 
     ``reference_logprobs(rows)`` (with a KL term) gives the reference model's
     log-probabilities of the rows stripped of their rollout data.
+    ``off_policy``: older weights than the learner's sampled the batch (:mod:`rl.overlap`), so even one
+    update uses the PPO-clipped ratio against the rollout's log-probabilities.
     """
     t0 = time.perf_counter()
     batch = build_batch(trajectories, rewards, group_size, grpo, row_tokens)
@@ -102,7 +105,7 @@ def rl_step(trajectories: Sequence, rewards: Sequence[float], group_size: int, g
         if reference_logprobs is not None:
             stripped = [strip_row(r) for r in batch.rows]
             batch.rows = with_reference(stripped, reference_logprobs(stripped))
-        options = grpo.loss_options()
+        options = grpo.loss_options(off_policy)
         learn = [learner.train_step(batch.rows, loss="pgrpo", denominator=float(batch.completion_tokens), **options)
                  for _ in range(grpo.updates_per_batch)]
     return StepResult(batch, learn, time.perf_counter() - t0, group_size)

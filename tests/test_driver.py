@@ -104,13 +104,19 @@ def test_batch_metrics_by_hand():
     assert m["train/finish/error"] == 0.0
     assert m["train/cut"] == pytest.approx(1 / 3) and m["train/score_error"] == pytest.approx(1 / 3)
     assert learner_metrics([], 10, 0.0)["learner/skipped"] == 1.0
+    # first update: 10 tokens, ratios 1.5 (x4) and 0.75 (x6): deviations sum 4*0.5 - 6*0.25 = 0.5,
+    # |.| sum 2 + 1.5 = 3.5, squares 4*0.25 + 6*0.0625 = 1.375
     two = learner_metrics([{"loss": 1.0, "pg_sum": 5.0, "kl_sum": 0.0, "clipped": 0.0, "targets": 10.0,
-                            "grad_norm": 1.0, "lr": 1e-3, "tokens": 20.0, "lp_absdiff_sum": 0.5, "lp_count": 10.0},
+                            "grad_norm": 1.0, "lr": 1e-3, "tokens": 20.0, "lp_absdiff_sum": 0.5, "lp_count": 10.0,
+                            "ratio_dev_sum": 0.5, "ratio_absdev_sum": 3.5, "ratio_sqdev_sum": 1.375},
                            {"loss": 0.5, "pg_sum": 4.0, "kl_sum": 2.0, "clipped": 5.0, "targets": 10.0,
-                            "grad_norm": 0.5, "lr": 1e-3, "tokens": 20.0, "lp_absdiff_sum": 9.0, "lp_count": 10.0}],
+                            "grad_norm": 0.5, "lr": 1e-3, "tokens": 20.0, "lp_absdiff_sum": 9.0, "lp_count": 10.0,
+                            "ratio_dev_sum": 9.0, "ratio_absdev_sum": 9.0, "ratio_sqdev_sum": 9.0}],
                           n_tokens=10, learn_s=2.0)
     assert (two["loss/total"], two["loss/pg"], two["loss/kl"], two["loss/clip_frac"]) == (0.5, 0.4, 0.2, 0.25)
     assert two["logprob/rollout_learner_absdiff"] == 0.05 and two["learner/tokens_per_s"] == 20.0
+    assert two["ratio/mean"] == pytest.approx(1.05) and two["ratio/absdev_mean"] == pytest.approx(0.35)
+    assert two["ratio/std"] == pytest.approx((0.1375 - 0.05 ** 2) ** 0.5)  # E[(r-1)^2] - E[r-1]^2
 
 
 def test_ray_plan_refuses_what_the_cluster_cannot_hold():
@@ -285,3 +291,45 @@ def test_faults_worker_killed_tracking_down_driver_killed_and_resumed(services, 
     evals = _lines(tmp_path / "cut" / "eval" / "step_00000003.jsonl")
     assert sorted({(x["mode"], x["index"]) for x in evals}) == [("parallel", 0), ("parallel", 1),
                                                                  ("sequential", 0), ("sequential", 1)]
+
+
+@pytest.mark.integration
+def test_overlapped_run_killed_after_step_2_resumes_to_the_weights_of_the_uninterrupted_one(services, tiny_model_dir,
+                                                                                         tmp_path):
+    """``max_staleness=1`` with one (clipped) update per batch and no KL term (so a batch without advantages takes
+    no optimizer step and ``learner/skipped`` says whether a step moved the weights): step 3's batch, sampled by
+    step 1's weights while the learner trained on step 2, is in step 2's checkpoint; the resumed run learns from
+    it and ends where an uninterrupted run ends (sampling it again with step 2's weights would end elsewhere)."""
+    from cluster.cmd_rl import run_rl as train
+    from rl.checkpoint import Stop
+
+    def overlapped(run: str, **kw):
+        return _config(tmp_path, run, tiny_model_dir, max_staleness=1, save_every=1, **{
+            "grpo.updates_per_batch": 1, "grpo.kl_coef": 0, "tracking.uri": f"sqlite:///{(tmp_path / (run + '.db')).resolve()}"}, **kw)
+
+    full = train(overlapped("full"), services=services)
+    full_steps = [x for x in _lines(tmp_path / "full" / "metrics.jsonl") if x["kind"] == "train"]
+    assert [x["rollout/staleness"] for x in full_steps] == [0, 1, 1]
+    assert full_steps[0]["ratio/absdev_mean"] < 1e-3  # on-policy: vLLM and the learner agree
+    # step t learns from step t-2's weights: the ratio leaves 1 exactly when step t-1 moved the weights (a step
+    # whose advantages are all 0 takes no optimizer step: the untrained model's first batch often has none)
+    moved = [x["learner/skipped"] == 0 for x in full_steps]
+    assert [x["ratio/absdev_mean"] > 1e-3 for x in full_steps[1:]] == moved[:-1]
+    assert any(moved[:-1]), "no step before the last learned: the test checks nothing stale"
+
+    def kill_after_2(step, metrics):
+        if step == 2:
+            raise Stop()
+
+    with pytest.raises(Stop):
+        train(overlapped("cut"), on_step=kill_after_2, services=services)
+    state = json.loads((tmp_path / "cut" / "checkpoints" / "step_00000002" / "trainer_state.json").read_text())
+    pending = state["overlap"]["pending"]
+    assert pending["request"]["step"] == 3 and pending["version"] == 1  # sampled by step 1's weights
+    resumed = train(overlapped("cut", resume="auto"), services=services)
+    assert resumed["steps"] == 3
+    a, b = _weights(full["checkpoint"]), _weights(resumed["checkpoint"])
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    cut_steps = [x for x in _lines(tmp_path / "cut" / "metrics.jsonl") if x["kind"] == "train"]
+    for key in ("train/reward", "train/L_total", "loss/total", "learner/grad_norm", "rollout/staleness"):
+        assert [x[key] for x in cut_steps] == pytest.approx([x[key] for x in full_steps], rel=1e-6), key

@@ -51,6 +51,8 @@ def test_std_normalised_advantages_with_a_floor_by_hand():
 def test_config_checks_and_loss_options():
     assert GRPOConfig().loss_options() == {"clip_eps": None, "kl_coef": 0.0}
     assert GRPOConfig(updates_per_batch=2, clip_eps=0.1).loss_options() == {"clip_eps": 0.1, "kl_coef": 0.0}
+    # a stale batch (rl.max_staleness = 1) is clipped even with one update
+    assert GRPOConfig(clip_eps=0.1).loss_options(off_policy=True) == {"clip_eps": 0.1, "kl_coef": 0.0}
     for bad in ({"advantage": "median"}, {"std_floor": 0.0}, {"updates_per_batch": 0}, {"clip_eps": 1.5},
                 {"kl_coef": -1.0}):
         with pytest.raises(ValueError):
@@ -117,6 +119,12 @@ def test_clipped_loss_by_hand():
     assert float(loss.detach()) == pytest.approx(-0.05, abs=1e-6)
     assert m["clipped"] == 2
     assert m["lp_absdiff_sum"] == pytest.approx(math.log(1.5) + math.log(2.0), abs=1e-6)
+    # the ratio's spread over the targets (1, 1.5, 0.5): deviations 0, +0.5, -0.5, with or without the clip
+    spread = (m["ratio_dev_sum"], m["ratio_absdev_sum"], m["ratio_sqdev_sum"])
+    assert spread == pytest.approx((0.0, 1.0, 0.5), abs=1e-6)
+    m_unclipped = pgrpo_loss(_logits(), row, n)[1]
+    assert (m_unclipped["ratio_dev_sum"], m_unclipped["ratio_absdev_sum"], m_unclipped["ratio_sqdev_sum"]) == \
+        pytest.approx(spread, abs=1e-6) and m_unclipped["clipped"] == 0
     loss.backward()
     assert float(logits.grad.abs().max()) == pytest.approx(0.0, abs=1e-7)  # every non-zero term is clipped
 
@@ -153,7 +161,8 @@ def test_learner_padding_row_adds_nothing_to_any_loss_term():
         logits = torch.randn(2, VOCAB, requires_grad=True)
         loss, m = pgrpo_loss(logits, pad, 4.0, **options)
         assert float(loss.detach()) == 0.0, options
-        assert m == {"pg_sum": 0.0, "kl_sum": 0.0, "lp_absdiff_sum": 0.0, "lp_count": 0.0, "clipped": 0.0}
+        assert m == {"pg_sum": 0.0, "kl_sum": 0.0, "lp_absdiff_sum": 0.0, "lp_count": 0.0, "clipped": 0.0,
+                     "ratio_dev_sum": 0.0, "ratio_absdev_sum": 0.0, "ratio_sqdev_sum": 0.0}
         loss.backward()  # still a backward pass through the model, as the ranks' collectives need
         assert float(logits.grad.abs().max()) == 0.0
     loss, m = losses.get("sft")(torch.randn(2, VOCAB, requires_grad=True), pad, 4.0)

@@ -38,7 +38,8 @@ class FakeLearner:
     def train_step(self, rows, loss, **options):
         self.calls.append((rows, loss, options))
         return {"loss": 0.25, "pg_sum": 3.0, "kl_sum": 0.0, "clipped": 0.0, "targets": 3.0, "grad_norm": 1.5,
-                "lr": 1e-3, "tokens": 30.0, "lp_absdiff_sum": 0.3, "lp_count": 3.0}
+                "lr": 1e-3, "tokens": 30.0, "lp_absdiff_sum": 0.3, "lp_count": 3.0, "ratio_dev_sum": 0.0,
+                "ratio_absdev_sum": 0.0, "ratio_sqdev_sum": 0.0}
 
 
 def batch_of_two_groups():
