@@ -87,7 +87,7 @@ def test_every_stage_runs_at_toy_size_into_one_mlflow_parent_run(tmp_path):
     run_dir = tmp_path / "p"
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     overrides = [f"run_dir={run_dir}", "data.train_size=40", "data.validation_size=4", "data.test_size=4",
-                 "data.task.max_threads=3", "sft.steps=2", "sft.tokens_per_step=900", "sft.learner.row_tokens=600",
+                 "data.task.min_threads=2", "data.task.max_threads=3", "sft.steps=2", "sft.tokens_per_step=900", "sft.learner.row_tokens=600",
                  "sft.learner.threads_per_rank=1", "rl.steps=1", "rl.prompts_per_step=2", "rl.rollout.n=2",
                  "rl.rollout.max_tokens=48", "rl.eval.prompts=2", "eval.limit=3", "eval.rollout.max_tokens=48",
                  "eval.pages=2", "tracking.experiment=pipeline-test", f"tracking.uri={uri}"]
@@ -96,11 +96,16 @@ def test_every_stage_runs_at_toy_size_into_one_mlflow_parent_run(tmp_path):
     assert list(record["stages"]) == ["data", "sft_parallel", "sft_sequential", "rl_parallel", "rl_sequential",
                                       "eval"]
     report = (run_dir / "report.md").read_text()
-    assert "ThreadWeaver" in report and "sequential baseline" in report
+    for row in ("sequential baseline (SFT + RL)", "ThreadWeaver (SFT)", "ThreadWeaver (SFT + P-GRPO)"):
+        assert f"| {row} |" in report  # the paper's rows, the RL stages' starting checkpoints included
+    assert "Task ceiling: " in report and "What RL changed" in report and "| of ceiling |" in report
+    assert "| sequential baseline (SFT) -> sequential baseline (SFT + RL) |" in report
+    ceiling = record["stages"]["data"]["ceiling"]
+    assert f"Task ceiling: {ceiling['ceiling/speedup']:.2f}x" in report
     assert all(f"| {stage} |" in report for stage in record["stages"])
-    par = [json.loads(x) for x in open(run_dir / "eval" / "tiny_parallel.jsonl")]
-    seq = [json.loads(x) for x in open(run_dir / "eval" / "tiny_sequential.jsonl")]
-    assert len(par) == len(seq) == 3
+    assert all(len(s["load"]) == 2 and len(s["load"][0]) == 3 for s in record["stages"].values())
+    for key in ("parallel", "sequential", "parallel_before", "sequential_before"):
+        assert len((run_dir / "eval" / f"tiny_{key}.jsonl").read_text().splitlines()) == 3
 
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("pipeline-test")
@@ -115,7 +120,9 @@ def test_every_stage_runs_at_toy_size_into_one_mlflow_parent_run(tmp_path):
         assert len(r.data.tags["mlflow.source.git.commit"]) == 40 and r.data.tags["threadweaver.git_dirty"]
         assert r.data.tags["threadweaver.config"].endswith("experiments/pipeline_tiny.yaml")
     metrics = set(parents[0].data.metrics)
-    assert {"eval/tiny/parallel/accuracy", "eval/tiny/sequential/L_crit", "time/total_s"} <= metrics
+    assert {"eval/tiny/parallel/accuracy", "eval/tiny/sequential/L_crit", "time/total_s",
+            "eval/tiny/before/parallel/accuracy", "eval/tiny/before/speedup"} <= metrics
+    assert "ceiling/speedup" in children["data"].data.metrics
     models = {m.name: m for m in client.search_logged_models(experiment_ids=[experiment.experiment_id])}
     assert sorted(models) == ["rl_parallel", "rl_sequential", "sft_parallel", "sft_sequential"]
     for name, m in models.items():  # each training run's final checkpoint, pointed at
@@ -180,8 +187,13 @@ def test_report_embeds_training_curves_and_the_histogram_and_they_load_in_chromi
     fig.savefig(run_dir / "eval" / "speedup_hist.png")
     plt.close(fig)
     record = {"stages": {n: {"wall_s": 60.0, "checkpoint": f"/x/{n}"} for n in ("rl_parallel", "rl_sequential")}}
-    report = _final_report(run_dir, record, {"report": str(run_dir / "eval" / "report.md")}, 120.0)
+    record["stages"]["rl_parallel"]["load"] = [[1.5, 1.25, 1.0], [2.0, 1.5, 1.125]]
+    report = _final_report(run_dir, record, {"report": str(run_dir / "eval" / "report.md"), "rows": "ROWS\n"},
+                           120.0)
     text = report.read_text()
+    assert text.startswith("# Pipeline report\n\nROWS\n\n## Evaluation\n")
+    assert "| rl_parallel | 1.0 | 1.50 1.25 1.00 -> 2.00 1.50 1.12 | /x/rl_parallel |" in text
+    assert "| rl_sequential | 1.0 | - | /x/rl_sequential |" in text
     assert "![training curves](training_curves.png)" in text and "![speedup histogram](eval/speedup_hist.png)" in text
     assert (run_dir / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
     assert len(CURVES) == 4
