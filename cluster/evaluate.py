@@ -36,7 +36,10 @@ paper's main table -- accuracy, latency, speedup per benchmark, one row per
 model -- then a detailed table), ``speedup_hist.png``, ``summary.json``,
 ``NAME_{parallel,sequential}.jsonl`` (every sample with its score) and
 ``NAME_{parallel,sequential}.html`` (``threadweaver view`` pages of the first
-``pages`` samples); metrics ``eval/NAME/...`` and these files go to one MLflow
+``pages`` samples), and ``NAME_{parallel,sequential}_before.*`` of the earlier
+checkpoints (``model_before``, ``baseline_before``: e.g. the RL stages' starting
+points, decoded on the same engine with their weights reloaded in place; the
+report then has a table of what the later training changed); metrics ``eval/NAME/...`` and these files go to one MLflow
 run (``cluster.tracking``), or to the tracker the caller passes.
 
 Usage: ``threadweaver eval [--config FILE] model=DIR 'data=[NAME=FILE.jsonl]' [key=value ...]``
@@ -63,13 +66,14 @@ from cluster.tracking import Tracker, TrackingConfig
 from cluster.viewer import write_page
 from rewards.checker import AnswerChecker
 from rewards.config import RewardConfig
-from rl.evaluation import MODES, BenchmarkReport, evaluate_benchmark
+from rl.evaluation import BenchmarkReport, evaluate_benchmark, score_mode
 from rollout.config import RolloutConfig, check_ranges, set_runtime_defaults
 from rollout.engine import VLLMEngine, make_llm, shutdown_llm
 from rollout.files import atomic_write, check_model_dir, check_name, check_output_dir, write_text
 from rollout.orchestrator import generate
 from rollout.records import iter_records
 from rollout.units import chat_prompt_ids
+from rollout.weights import reload_in_place
 
 @dataclass
 class BenchEvalConfig:
@@ -78,6 +82,15 @@ class BenchEvalConfig:
     model: str | None = field(default=None, metadata={"help": "model folder decoded in parallel mode (required)"})
     baseline_model: str | None = field(default=None, metadata={
         "help": "sequential baseline model folder, decoded with spawning off (null: the same model)"})
+    model_before: str | None = field(default=None, metadata={
+        "help": "an earlier checkpoint of model (e.g. before RL), also decoded in parallel mode and compared with "
+                "the same baseline; the report then shows what the later training changed (null: none)"})
+    baseline_before: str | None = field(default=None, metadata={
+        "help": "an earlier checkpoint of baseline_model (e.g. before RL), also decoded with spawning off "
+                "(null: none)"})
+    baseline_before_batched: bool = field(default=True, metadata={
+        "help": "decode baseline_before in one batch whatever latency says: only its accuracy, activation and "
+                "lengths are reported (its wall clock is compared with nothing)"})
     data: list[str] = field(default_factory=list, metadata={
         "help": "benchmark JSONL or Parquet files (verl's layout too); 'NAME=PATH' names one (default name: "
                 "the file's stem)"})
@@ -228,27 +241,97 @@ def check_inputs(cfg: BenchEvalConfig) -> tuple[dict[str, list[Problem]], dict[s
     problems = {name: read_benchmark(path, cfg.problem_fields, cfg.answer_field, cfg.limit) for name, path in benches}
     model_dirs = {"parallel": check_model_dir(cfg.model, "model"),
                   "sequential": check_model_dir(cfg.baseline_model or cfg.model, "baseline model")}
+    for key, value, what in (("parallel_before", cfg.model_before, "model_before"),
+                             ("sequential_before", cfg.baseline_before, "baseline_before")):
+        if value is not None:
+            model_dirs[key] = check_model_dir(value, what)
     check_output_dir(cfg.out)
     return problems, model_dirs
 
 
+class EngineSwitch:
+    """One vLLM engine for several models: a model with the same ``config.json`` as the loaded one has its
+    weights reloaded in place (``rollout.weights.reload_in_place``, seconds) instead of a new engine
+    (30-100 s on CPU)."""
+
+    def __init__(self, rollout: RolloutConfig):
+        self.rollout, self.llm, self.loaded, self.config = rollout, None, None, None
+
+    def load(self, model_dir: Path):
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        t0 = time.perf_counter()
+        if self.llm is not None and Path(model_dir).resolve() == self.loaded:
+            return self.llm
+        if self.llm is not None and config == self.config:
+            reload_in_place(self.llm, model_dir)
+            print(f"eval: weights of {model_dir} loaded in place in {time.perf_counter() - t0:.1f} s", flush=True)
+        else:
+            self.close()
+            ro = self.rollout
+            self.llm = make_llm(model_dir, max_model_len=ro.max_context, seed=ro.seed if ro.seed is not None else 0,
+                                dtype=ro.dtype, tensor_parallel_size=ro.tensor_parallel_size,
+                                enforce_eager=ro.enforce_eager, gpu_memory_utilization=ro.gpu_memory_utilization)
+            print(f"eval: engine on {model_dir} ready in {time.perf_counter() - t0:.0f} s", flush=True)
+        self.loaded, self.config = Path(model_dir).resolve(), config
+        return self.llm
+
+    def close(self) -> None:
+        if self.llm is not None:
+            shutdown_llm(self.llm)
+        self.llm = self.loaded = self.config = None
+
+
+def decode_all(cfg: BenchEvalConfig, problems: dict[str, list[Problem]], model_dirs: dict[str, Path]
+               ) -> dict[str, dict[str, list]]:
+    """Every benchmark decoded by every model of ``model_dirs`` (keys ``parallel``, ``sequential``, and the
+    earlier checkpoints ``parallel_before``, ``sequential_before``), on one engine where the models allow."""
+    from rollout.onboard import eos_token_ids  # lazy: transformers takes seconds to import
+    from rollout.tiny import load_tokenizer
+
+    trajectories: dict[str, dict[str, list]] = {name: {} for name in problems}
+    engines = EngineSwitch(cfg.rollout)
+    try:
+        for key, model_dir in model_dirs.items():
+            engine = VLLMEngine(engines.load(model_dir))
+            tokenizer = load_tokenizer(model_dir)
+            sequential = key.startswith("sequential")
+            isolated = cfg.latency == "isolated" and not (key == "sequential_before" and cfg.baseline_before_batched)
+            for name, probs in problems.items():
+                prompts = [chat_prompt_ids(tokenizer, cfg.prompt_template.replace("{problem}", p.problem))
+                           for p in probs]
+                t0 = time.perf_counter()
+                trajectories[name][key] = decode(engine, tokenizer, prompts, cfg.rollout_config(sequential),
+                                                 isolated, eos_token_ids(model_dir, tokenizer))
+                print(f"eval: {name} {key}: {len(trajectories[name][key])} samples in "
+                      f"{time.perf_counter() - t0:.1f} s", flush=True)
+    finally:
+        engines.close()
+    return trajectories
+
+
 def run_benchmarks(cfg: BenchEvalConfig, tracker=None, models: tuple[str, str] | None = None,
-                   tags: dict[str, str] | None = None) -> list[BenchmarkReport]:
+                   tags: dict[str, str] | None = None, before_models: tuple[str, str] | None = None
+                   ) -> list[BenchmarkReport]:
     """Decode, score and report every benchmark of ``cfg`` (see module doc); returns the reports.
 
     ``tracker`` (a ``cluster.tracking.Tracker`` already started) receives the
     metrics and files; without one, a run is opened from ``cfg.tracking``
     with ``tags``. ``models`` names the parallel model and the baseline in the
-    tables. The run is tagged with the runs and logged models that made both
-    checkpoints (``cluster.lineage``), and the metrics are also attached to the
-    evaluated model's logged model when it is in the same store.
+    tables, ``before_models`` their earlier checkpoints (``model_before``,
+    ``baseline_before``), which are decoded and scored the same way (the
+    earlier parallel model against the final baseline's samples). The run is
+    tagged with the runs and logged models that made both checkpoints
+    (``cluster.lineage``), and the metrics are also attached to the evaluated
+    model's logged model when it is in the same store.
     """
-    from rollout.onboard import eos_token_ids  # lazy: transformers takes seconds to import
-    from rollout.tiny import load_tokenizer
-
     problems, model_dirs = check_inputs(cfg)
     models = models or (f"{_model_name(model_dirs['parallel'])} (parallel decoding)",
                         f"{_model_name(model_dirs['sequential'])} (sequential decoding)")
+    labels = {"parallel": models[0], "sequential": models[1]}
+    for i, key in enumerate(("parallel_before", "sequential_before")):
+        if key in model_dirs:
+            labels[key] = (before_models[i] if before_models else
+                           f"{_model_name(model_dirs[key])} ({key.split('_')[0]} decoding)")
     out = Path(cfg.out)
 
     own_tracker = tracker is None
@@ -261,50 +344,22 @@ def run_benchmarks(cfg: BenchEvalConfig, tracker=None, models: tuple[str, str] |
         tracker.set_tags({"threadweaver.baseline_source_run_id": baseline["run_id"]})
     status = "FAILED"
     try:
-        trajectories: dict[str, dict[str, list]] = {name: {} for name in problems}
-        llm = None
-        for mode in MODES:
-            model_dir = model_dirs[mode]
-            if llm is None or model_dir != model_dirs["parallel"]:
-                if llm is not None:
-                    shutdown_llm(llm)
-                t0 = time.perf_counter()
-                ro = cfg.rollout
-                llm = make_llm(model_dir, max_model_len=ro.max_context, seed=ro.seed if ro.seed is not None else 0,
-                               dtype=ro.dtype, tensor_parallel_size=ro.tensor_parallel_size,
-                               enforce_eager=ro.enforce_eager,
-                               gpu_memory_utilization=ro.gpu_memory_utilization)
-                print(f"eval: engine on {model_dir} ready in {time.perf_counter() - t0:.0f} s", flush=True)
-            tokenizer = load_tokenizer(model_dir)
-            engine = VLLMEngine(llm)
-            rc = cfg.rollout_config(sequential=mode == "sequential")
-            for name, probs in problems.items():
-                prompts = [chat_prompt_ids(tokenizer, cfg.prompt_template.replace("{problem}", p.problem))
-                           for p in probs]
-                t0 = time.perf_counter()
-                trajectories[name][mode] = decode(engine, tokenizer, prompts, rc, cfg.latency == "isolated",
-                                                  eos_token_ids(model_dir, tokenizer))
-                print(f"eval: {name} {mode}: {len(trajectories[name][mode])} samples in "
-                      f"{time.perf_counter() - t0:.1f} s", flush=True)
-        shutdown_llm(llm)
-
+        trajectories = decode_all(cfg, problems, model_dirs)
         reports = []
         reward_cfg = RewardConfig(checker_timeout_s=cfg.checker_timeout_s)
         with AnswerChecker(cfg.checker_timeout_s, eager=False) as checker:
             for name, probs in problems.items():
-                report, scores = evaluate_benchmark(
-                    trajectories[name]["parallel"], trajectories[name]["sequential"], [p.answer for p in probs],
-                    checker, reward_cfg, name, cfg.latency, models)
+                report, scores = _score_benchmark(cfg, name, [p.answer for p in probs], trajectories[name],
+                                                  labels, checker, reward_cfg)
                 reports.append(report)
-                for mode in MODES:
-                    records = out / f"{name}_{mode}.jsonl"
-                    _write_records(records, probs, trajectories[name][mode], scores[mode])
+                for key, runs in trajectories[name].items():
+                    records = out / f"{name}_{key}.jsonl"
+                    _write_records(records, probs, runs, scores[key])
                     tracker.log_artifact(records, "eval")
                     if cfg.pages:
                         n = cfg.pages
-                        title = f"{name}: {mode} decoding ({models[mode == 'sequential']})"
-                        page = write_page(out / f"{name}_{mode}.html", trajectories[name][mode][:n],
-                                          scores[mode][:n], title=title)
+                        title = f"{name}: {key.split('_')[0]} decoding ({labels[key]})"
+                        page = write_page(out / f"{name}_{key}.html", runs[:n], scores[key][:n], title=title)
                         tracker.log_artifact(page, "pages")
                 tracker.log_metrics(report.metrics(), 0)
                 if source.get("model_id") and source.get("tracking_uri") == tracker.uri:
@@ -315,6 +370,26 @@ def run_benchmarks(cfg: BenchEvalConfig, tracker=None, models: tuple[str, str] |
     finally:
         if own_tracker:
             tracker.finish(status)
+
+
+def _score_benchmark(cfg: BenchEvalConfig, name: str, answers: list[str], runs: dict[str, list],
+                     labels: dict[str, str], checker, reward_cfg: RewardConfig
+                     ) -> tuple[BenchmarkReport, dict[str, list]]:
+    """The report of one benchmark (with the earlier checkpoints' when decoded) and every decoding's scores."""
+    models = (labels["parallel"], labels["sequential"])
+    report, scores = evaluate_benchmark(runs["parallel"], runs["sequential"], answers, checker, reward_cfg, name,
+                                        cfg.latency, models)
+    if "parallel_before" in runs:
+        report.before, before = evaluate_benchmark(runs["parallel_before"], runs["sequential"], answers, checker,
+                                                   reward_cfg, name, cfg.latency,
+                                                   (labels["parallel_before"], models[1]))
+        scores["parallel_before"] = before["parallel"]
+    if "sequential_before" in runs:
+        report.sequential_before, scores["sequential_before"] = score_mode(
+            "sequential", labels["sequential_before"], runs["sequential_before"], answers, checker, reward_cfg)
+        if cfg.baseline_before_batched:  # a batch's times are no single-problem latency
+            report.sequential_before.wall_s = float("nan")
+    return report, scores
 
 
 def write_report(reports: Sequence[BenchmarkReport], out: str | Path, tracker=None,

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -76,7 +77,7 @@ from cluster.config import ConfigError, override, to_dict, with_values
 from cluster.evaluate import BenchEvalConfig, parse_data_arg, read_benchmark, run_benchmarks
 from cluster.lineage import run_context
 from cluster.ray_setup import RayConfig, init_ray
-from cluster.report import markdown_html, training_curves
+from cluster.report import change_table, markdown_html, stage_table, training_curves
 from cluster.tracking import Tracker, TrackingConfig, resolve_uri
 from cluster.viewer import eval_page
 from rewards.checker import AnswerChecker
@@ -84,8 +85,10 @@ from rl.datagen.stage2 import Stage2Config, pool_sampler, run_stage2
 from rl.sft import SFTConfig
 from rl.sft_data import TaskData, ensure_task_data
 from rollout.config import set_runtime_defaults
-from rollout.units import latency, replay
 from rollout.files import check_model_dir, check_output_dir, write_text
+from rollout.records import read_records
+from rollout.task import ceiling
+from rollout.units import latency, replay
 
 STAGES = ("data", "sft_parallel", "sft_sequential", "selftrain", "rl_parallel", "rl_sequential", "eval")
 
@@ -122,6 +125,9 @@ class PipelineConfig:
     eval: BenchEvalConfig = field(default_factory=BenchEvalConfig, metadata={
         "help": "final evaluation; model, baseline_model and out are set by the pipeline, and the task's test "
                 "split is added to data as 'tiny'"})
+    eval_rl_start: bool = field(default=True, metadata={
+        "help": "with an rl section, the evaluation also decodes the checkpoints the RL stages started from "
+                "(eval.model_before, eval.baseline_before), so the report shows what RL changed"})
     tracking: TrackingConfig = field(default_factory=TrackingConfig,
                                      metadata={"help": "MLflow: the parent run; every stage is a child run"})
     ray: RayConfig = field(default_factory=RayConfig, metadata={"help": "Ray, shared by all stages"})
@@ -217,6 +223,14 @@ def _reference_stats(data_dir: Path, limit: int = 200) -> dict[str, float]:
     return out
 
 
+def _ceiling(data_dir: Path) -> dict[str, float]:
+    """The task's token-latency ceiling on the test split (``rollout.task.ceiling``), as ``ceiling/...`` metrics."""
+    from rollout.tiny import build_tokenizer  # lazy: transformers takes seconds to import
+
+    c = ceiling(read_records(data_dir / "test.jsonl"), build_tokenizer())
+    return {f"ceiling/{k}": float(v) for k, v in asdict(c).items()}
+
+
 def planned_stages(cfg: PipelineConfig) -> list[str]:
     """The stages this config runs, in order."""
     skipped = set() if cfg.selftrain is not None else {"selftrain"}
@@ -304,8 +318,10 @@ def run_pipeline(cfg: PipelineConfig, config_files: list[str] = ()) -> dict:
             return record["stages"][name]
         print(f"\n=== pipeline: {progress.line(name, time.perf_counter())} ===", flush=True)
         t0 = time.perf_counter()
+        load_start = os.getloadavg()
         out = body(run_dir / name)  # a stage that raises is never recorded: reuse=true runs it again
         out["wall_s"] = time.perf_counter() - t0
+        out["load"] = [list(load_start), list(os.getloadavg())]  # 1, 5, 15-minute load averages: start, end
         record["stages"][name] = out
         write_text(record_file, json.dumps(record, indent=1))
         runs.parent.log_metrics({f"time/{name}_s": out["wall_s"]}, 0)
@@ -319,15 +335,22 @@ def run_pipeline(cfg: PipelineConfig, config_files: list[str] = ()) -> dict:
         sft_seq = stage("sft_sequential", lambda d: _stage_sft(cfg, d, runs, data["dir"], "sequential",
                                                                 cfg.sft_sequential))
         par_model, seq_model = sft_par["checkpoint"], sft_seq["checkpoint"]
+        names = ["ThreadWeaver (SFT)", "sequential baseline (SFT)"]
         if cfg.selftrain is not None:
             st = stage("selftrain", lambda d: _stage_selftrain(cfg, d, runs, data["dir"], par_model))
             par_model = st["checkpoint"]
+            names[0] = "ThreadWeaver (SFT + self-training)"
+        before = None
         if cfg.rl is not None:
             rl_par = stage("rl_parallel", lambda d: _stage_rl(cfg, d, runs, data["dir"], par_model, []))
             rl_seq = stage("rl_sequential", lambda d: _stage_rl(cfg, d, runs, data["dir"], seq_model,
                                                                  cfg.rl_sequential))
+            if cfg.eval_rl_start:
+                before = {"models": (par_model, seq_model), "names": tuple(names)}
             par_model, seq_model = rl_par["checkpoint"], rl_seq["checkpoint"]
-        ev = stage("eval", lambda d: _stage_eval(cfg, d, runs, data["dir"], par_model, seq_model))
+            names = [names[0][:-1] + " + P-GRPO)", "sequential baseline (SFT + RL)"]
+        ev = stage("eval", lambda d: _stage_eval(cfg, d, runs, data["dir"], par_model, seq_model, tuple(names),
+                                                 before, data.get("ceiling")))
         total = time.perf_counter() - t_start
         report = _final_report(run_dir, record, ev, total)
         for path in (report, run_dir / "report.html", run_dir / "training_curves.png"):
@@ -355,13 +378,17 @@ def _stage_data(cfg: PipelineConfig, stage_dir: Path, runs: Runs) -> dict:
     try:
         data_dir = ensure_task_data(stage_dir, d.task, sizes, d.seed)
         stats = _reference_stats(data_dir)
-        tracker.log_metrics(stats, 0)
+        top = _ceiling(data_dir)
+        tracker.log_metrics(stats | top, 0)
         print("pipeline: reference responses " + ", ".join(f"{k} {v:.2f}" for k, v in stats.items()), flush=True)
+        print(f"pipeline: task ceiling on the test split {top['ceiling/speedup']:.2f}x (mean L of the sequential "
+              f"references {top['ceiling/L_sequential']:.1f} / mean L_crit of the parallel ones "
+              f"{top['ceiling/L_crit_parallel']:.1f})", flush=True)
         tracker.finish("FINISHED")
     except BaseException:
         tracker.finish("FAILED")
         raise
-    return {"dir": str(data_dir), "reference": stats}
+    return {"dir": str(data_dir), "reference": stats, "ceiling": top}
 
 
 def _stage_sft(cfg: PipelineConfig, stage_dir: Path, runs: Runs, data_dir: str, layout: str,
@@ -424,14 +451,19 @@ def _stage_rl(cfg: PipelineConfig, stage_dir: Path, runs: Runs, data_dir: str, m
 
 
 def _stage_eval(cfg: PipelineConfig, stage_dir: Path, runs: Runs, data_dir: str, par_model: str,
-                seq_model: str) -> dict:
-
+                seq_model: str, names: tuple[str, str], before: dict | None = None,
+                top: dict[str, float] | None = None) -> dict:
+    """``threadweaver eval`` of the final models on the test split; with ``before`` (the checkpoints the RL
+    stages started from, and their names) those are decoded too, so the report shows what RL changed. Returns
+    the report's file, its metrics and the test split's rows (against the task's ceiling ``top``) as markdown."""
     data = [f"tiny={Path(data_dir) / 'test.jsonl'}"] + list(cfg.eval.data)
-    ev_cfg = replace(cfg.eval, model=par_model, baseline_model=seq_model, data=data, out=str(stage_dir))
+    ev_cfg = replace(cfg.eval, model=par_model, baseline_model=seq_model, data=data, out=str(stage_dir),
+                     model_before=before["models"][0] if before else None,
+                     baseline_before=before["models"][1] if before else None)
     tracker = runs.child("eval", stage_dir, to_dict(ev_cfg, flat=True))
-    names = ("ThreadWeaver", "sequential baseline")
     try:
-        reports = run_benchmarks(ev_cfg, tracker=tracker, models=names)
+        reports = run_benchmarks(ev_cfg, tracker=tracker, models=names,
+                                 before_models=before["names"] if before else None)
         tracker.finish("FINISHED")
     except BaseException:
         tracker.finish("FAILED")
@@ -439,20 +471,35 @@ def _stage_eval(cfg: PipelineConfig, stage_dir: Path, runs: Runs, data_dir: str,
     metrics = {}
     for r in reports:
         metrics.update(r.metrics())
-    return {"report": str(stage_dir / "report.md"), "metrics": metrics}
+    main = reports[0]  # the task's test split
+    lines = [f"Test split: {main.parallel.problems} problems of the synthetic task, k={main.k}, {main.latency} "
+             "decoding.", ""]
+    speedup = top.get("ceiling/speedup") if top else None
+    if speedup:
+        lines += [f"Task ceiling: {speedup:.2f}x (mean L of the sequential reference responses "
+                  f"{top['ceiling/L_sequential']:.1f} / mean L_crit of the parallel ones "
+                  f"{top['ceiling/L_crit_parallel']:.1f}); ThreadWeaver reaches {main.speedup:.2f}x, "
+                  f"{100 * main.speedup / speedup:.0f}% of it.", ""]
+    lines += [stage_table(main, speedup), ""]
+    if main.before is not None or main.sequential_before is not None:
+        lines += ["What RL changed (the checkpoint each RL stage started from -> its last one):", "",
+                  change_table(main), ""]
+    return {"report": str(stage_dir / "report.md"), "metrics": metrics, "rows": "\n".join(lines)}
 
 
 def _final_report(run_dir: Path, record: dict, ev: dict, total_s: float) -> Path:
     """``report.md`` (the evaluation, the stage times, the training curves and the speedup histogram as PNGs)
     and its HTML rendering ``report.html`` next to it."""
-    lines = [Path(ev["report"]).read_text().replace("# Evaluation", "# Pipeline report", 1), "", "## Stages", "",
-             "| stage | minutes | output |", "|---|---:|---|"]
+    lines = ["# Pipeline report", "", ev.get("rows", ""),
+             Path(ev["report"]).read_text().replace("# Evaluation", "## Evaluation", 1), "", "## Stages", "",
+             "| stage | minutes | load average (1, 5, 15 min) at start -> end | output |", "|---|---:|---|---|"]
     for name in STAGES:
         s = record["stages"].get(name)
         if s is not None:
             out = s.get("checkpoint") or s.get("dir") or s.get("report") or ""
-            lines.append(f"| {name} | {s['wall_s'] / 60:.1f} | {out} |")
-    lines += ["", f"Total: {total_s / 60:.1f} minutes."]
+            load = " -> ".join(" ".join(f"{x:.2f}" for x in v) for v in s["load"]) if "load" in s else "-"
+            lines.append(f"| {name} | {s['wall_s'] / 60:.1f} | {load} | {out} |")
+    lines += ["", f"Total: {total_s / 60:.1f} minutes on {os.cpu_count()} CPU cores."]
     trained = [n for n in ("rl_parallel", "rl_sequential") if n in record["stages"]] or \
         [n for n in ("sft_parallel", "sft_sequential") if n in record["stages"]]
     curves = training_curves({n: run_dir / n / "metrics.jsonl" for n in trained}, run_dir / "training_curves.png")

@@ -38,7 +38,12 @@ def main_table(reports: Sequence[BenchmarkReport]) -> str:
         f"{_pct(r.sequential.accuracy)} | {_num(r.sequential.L_crit)} | 1.00x" for r in reports) + " |"
     par = f"| {par_name} | " + " | ".join(
         f"{_pct(r.parallel.accuracy)} | {_num(r.parallel.L_crit)} | {_num(r.speedup, 2, 'x')}" for r in reports) + " |"
-    return "\n".join([head, sep, seq, par])
+    rows = [head, sep, seq, par]
+    if all(r.before is not None for r in reports):  # the earlier parallel checkpoint, above the final one
+        rows.insert(3, f"| {reports[0].before.parallel.model} | " + " | ".join(
+            f"{_pct(r.before.parallel.accuracy)} | {_num(r.before.parallel.L_crit)} | {_num(r.before.speedup, 2, 'x')}"
+            for r in reports) + " |")
+    return "\n".join(rows)
 
 
 def detail_table(reports: Sequence[BenchmarkReport]) -> str:
@@ -47,13 +52,53 @@ def detail_table(reports: Sequence[BenchmarkReport]) -> str:
              "format-valid | wall s / problem | speedup mean (median) | speedup correct-only |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in reports:
-        for s in (r.sequential, r.parallel):
-            par = s.mode == "parallel"
-            speed = f"{_num(r.speedup, 2, 'x')} ({_num(r.speedup_median, 2, 'x')})" if par else "1.00x"
-            correct = (f"{_num(r.speedup_correct, 2, 'x')} ({len(r.speedups_correct)} problems)" if par else "1.00x")
+        rows = [(r.sequential_before, None), (r.sequential, None), (r.before and r.before.parallel, r.before),
+                (r.parallel, r)]
+        for s, pair in rows:
+            if s is None:
+                continue
+            speed = f"{_num(pair.speedup, 2, 'x')} ({_num(pair.speedup_median, 2, 'x')})" if pair else "1.00x"
+            correct = (f"{_num(pair.speedup_correct, 2, 'x')} ({len(pair.speedups_correct)} problems)" if pair
+                       else "1.00x")
             lines.append(f"| {r.name} | {s.mode} | {s.model} | {s.problems} | {s.samples} | {_pct(s.accuracy)} | "
                          f"{_num(s.L_total)} | {_num(s.L_crit)} | {_pct(s.activation)} | {_pct(s.format_valid)} | "
                          f"{_num(s.wall_s, 3)} | {speed} | {correct} |")
+    return "\n".join(lines)
+
+
+def stage_table(r: BenchmarkReport, ceiling: float | None = None) -> str:
+    """One benchmark's models as rows -- the baseline, the earlier parallel checkpoint (if decoded), the
+    parallel model -- with accuracy, L_crit, token-latency speedup (mean and median over problems),
+    wall-clock speedup, latency efficiency, activation ratio, and the share of ``ceiling`` (the task's
+    token-latency speedup ceiling) reached."""
+    lines = ["| model | accuracy | L_crit | speedup mean (median) | wall-clock speedup | latency efficiency | "
+             "activation |" + (" of ceiling |" if ceiling else ""),
+             "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if ceiling else "")]
+
+    def row(s, pair: BenchmarkReport | None) -> str:
+        speed = f"{_num(pair.speedup, 2, 'x')} ({_num(pair.speedup_median, 2, 'x')})" if pair else "1.00x"
+        wall = _num(pair.wall_speedup, 2, "x") if pair else "1.00x"
+        efficiency = _num(pair.latency_efficiency, 2) if pair else "-"
+        share = (f" {_pct(pair.speedup / ceiling)} |" if pair else " |") if ceiling else ""
+        return (f"| {s.model} | {_pct(s.accuracy)} | {_num(s.L_crit)} | {speed} | {wall} | {efficiency} | "
+                f"{_pct(s.activation)} |" + share)
+
+    lines.append(row(r.sequential, None))
+    if r.before is not None:
+        lines.append(row(r.before.parallel, r.before))
+    lines.append(row(r.parallel, r))
+    return "\n".join(lines)
+
+
+def change_table(r: BenchmarkReport) -> str:
+    """What the later training changed, model by model: accuracy, activation, L_crit and L_total of the earlier
+    checkpoint and the final one (only the models whose earlier checkpoint was decoded)."""
+    lines = ["| model | accuracy | activation | L_crit | L_total |", "|---|---:|---:|---:|---:|"]
+    for old, new in ((r.sequential_before, r.sequential), (r.before and r.before.parallel, r.parallel)):
+        if old is not None:
+            lines.append(f"| {old.model} -> {new.model} | {_pct(old.accuracy)} -> {_pct(new.accuracy)} | "
+                         f"{_pct(old.activation)} -> {_pct(new.activation)} | {_num(old.L_crit)} -> "
+                         f"{_num(new.L_crit)} | {_num(old.L_total)} -> {_num(new.L_total)} |")
     return "\n".join(lines)
 
 
@@ -62,8 +107,11 @@ def report_markdown(reports: Sequence[BenchmarkReport], title: str = "Evaluation
     lines = [f"# {title}", "", main_table(reports), "",
              "Accuracy: mean over the k samples of every problem. Latency: mean critical-path length L_crit in "
              "model-generated tokens (a sequential answer's L_crit is its length). Speedup: mean over problems of "
-             "mean L_crit(sequential baseline) / mean L_crit(parallel).", "", "## Details", "",
-             detail_table(reports), "",
+             "mean L_crit(sequential baseline) / mean L_crit(parallel).", ""]
+    for r in reports:
+        if r.before is not None or r.sequential_before is not None:
+            lines += [f"## What the later training changed ({r.name})", "", change_table(r), ""]
+    lines += ["## Details", "", detail_table(reports), "",
              f"Wall-clock latency per problem ({', '.join(sorted(regime))} decoding): "
              + ("each problem's samples decoded alone." if regime == {"isolated"} else
                 "problems decoded in one batch, so a problem's time includes waiting for the others "

@@ -218,19 +218,31 @@ class BenchmarkReport:
     wall_speedup: float  # mean over problems of sequential wall time / parallel wall time
     undefined: int  # problems left out of the speedups because a mean L_crit was 0
     latency_efficiency: float | None = None  # mean over problems of wall-clock speedup / token-latency speedup
+    before: BenchmarkReport | None = None  # an earlier checkpoint of the parallel model against the same baseline
+    sequential_before: ModeSummary | None = None  # an earlier checkpoint of the baseline
 
-    def metrics(self) -> dict[str, float]:
-        """Flat ``eval/NAME/...`` metrics for MLflow (None values left out)."""
+    def metrics(self, prefix: str = "") -> dict[str, float]:
+        """Flat ``eval/NAME/...`` metrics for MLflow (None and NaN values left out); the earlier checkpoints'
+        under ``eval/NAME/before/...``."""
         out: dict[str, float] = {}
+        base = f"eval/{self.name}/{prefix}"
         for s in (self.parallel, self.sequential):
-            for key, value in s.measures.items():
-                out[f"eval/{self.name}/{s.mode}/{key}"] = value
-            for key in ("accuracy", "L_total", "L_crit", "activation", "format_valid", "wall_s", "self_speedup"):
-                out[f"eval/{self.name}/{s.mode}/{key}"] = getattr(s, key)
+            out.update({f"{base}{s.mode}/{k}": v for k, v in _mode_metrics(s).items()})
         for key in ("speedup", "speedup_median", "speedup_correct", "wall_speedup", "latency_efficiency"):
             if getattr(self, key) is not None:
-                out[f"eval/{self.name}/{key}"] = getattr(self, key)
+                out[f"{base}{key}"] = getattr(self, key)
+        if self.before is not None:  # its sequential samples are this report's: logged once, above
+            out.update({k: v for k, v in self.before.metrics("before/").items() if "/before/sequential/" not in k})
+        if self.sequential_before is not None:
+            out.update({f"{base}before/sequential/{k}": v for k, v in _mode_metrics(self.sequential_before).items()})
         return out
+
+
+def _mode_metrics(s: ModeSummary) -> dict[str, float]:
+    out = dict(s.measures)
+    for key in ("accuracy", "L_total", "L_crit", "activation", "format_valid", "wall_s", "self_speedup"):
+        out[key] = getattr(s, key)
+    return {k: v for k, v in out.items() if not (isinstance(v, float) and v != v)}  # NaN: not measured
 
 
 def to_samples(trajectories: Sequence[Any], scores: Sequence[Any]) -> list[Sample]:
@@ -308,6 +320,18 @@ def cross_mode_latency(parallel: Sequence[Sample], sequential: Sequence[Sample],
     if efficiency is not None:
         out[f"{prefix}latency_efficiency"] = efficiency
     return out
+
+
+def score_mode(mode: str, model: str, trajectories: Sequence[Any], answers: Sequence[str], checker,
+               reward_cfg: RewardConfig | None = None) -> tuple[ModeSummary, list[ScoreRecord]]:
+    """One decoding mode's trajectories scored against ``answers`` (by ``prompt_index``) and summarised."""
+    if not trajectories:
+        raise ValueError(f"no {mode} trajectories")
+    scores = score_many([RewardItem(t.text, answers[t.prompt_index], t.units, t.finish_reason)
+                         for t in trajectories], reward_cfg or RewardConfig(), checker)  # unscorable: incorrect
+    summary = replace(summarize_mode(mode, model, to_samples(trajectories, scores)),
+                      measures=measures(trajectories, scores))
+    return summary, scores
 
 
 def evaluate_benchmark(parallel: Sequence[Any], sequential: Sequence[Any], answers: Sequence[str], checker,

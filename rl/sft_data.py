@@ -95,7 +95,8 @@ def task_data_ready(data_dir: Path, task: TaskConfig, sizes: dict[str, int], see
     ValueError if it holds data made otherwise (or files without ``task.json``)."""
     marker = data_dir / TASK_FILE
     if marker.exists():
-        have = json.loads(marker.read_text())
+        # a knob missing from an older task.json counts as its default (which reproduces the data made before it)
+        have = {**asdict(TaskConfig()), **json.loads(marker.read_text())}
         wanted = _task_settings(task, sizes, seed)
         if have != wanted:
             diff = {k: (have.get(k), v) for k, v in wanted.items() if have.get(k) != v}

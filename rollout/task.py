@@ -32,6 +32,7 @@ import random
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from rollout.config import check_range, check_ranges
 from rollout.files import atomic_write, check_output_dir, write_text
@@ -39,9 +40,13 @@ from rollout.format import (
     OUTLINE_CLOSE, OUTLINE_OPEN, OUTLINES_CLOSE, OUTLINES_OPEN, PARALLEL_CLOSE, PARALLEL_OPEN,
     THINK_CLOSE, THINK_OPEN, THREAD_CLOSE, THREAD_OPEN,
 )
+from rollout.units import latency, replay
 
 SPLITS = ("train", "validation", "test")
 NUMBER_ORDERS = ("normal", "reversed")
+SUM_STYLES = ("restate", "chain")
+OUTLINE_STYLES = ("spaced", "tight")
+PAD_WIDTHS = ("product", "answer")
 FILE_NAMES = {"train": "train.jsonl", "validation": "validation.jsonl", "test": "test.jsonl"}
 
 
@@ -61,6 +66,15 @@ class TaskConfig:
         "help": "share of the problem space hashed to test", "range": "(0, 1)"})
     number_order: str = field(default="normal", metadata={
         "help": "digit order of the worked numbers: normal, or reversed (least-significant digit first)"})
+    sum_style: str = field(default="restate", metadata={
+        "help": "sum lines after a join: restate (every line 'total+term=new'), or chain (a block's first line "
+                "'total+term=new', each next line '+term=new' on the total that ends the line above)"})
+    thread_width: str = field(default="product", metadata={
+        "help": "digits of every number in a thread: product (the widest product), or answer (the widest "
+                "answer, as in the sums after the join: a thread's result is then copied digit for digit)"})
+    outline_style: str = field(default="spaced", metadata={
+        "help": "outlines: spaced ('<Outline>1: 7*486</Outline>' one a line), or tight "
+                "('<Outline>1:7*486</Outline>' back to back, 2 tokens fewer each)"})
 
     def __post_init__(self) -> None:
         self.check()
@@ -73,6 +87,10 @@ class TaskConfig:
             raise ValueError("validation_share and test_share must sum to less than 1")
         if self.number_order not in NUMBER_ORDERS:
             raise ValueError(f"number_order must be one of {NUMBER_ORDERS}, got {self.number_order!r}")
+        for name, allowed in (("sum_style", SUM_STYLES), ("thread_width", PAD_WIDTHS),
+                              ("outline_style", OUTLINE_STYLES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -125,19 +143,27 @@ def product_steps(a: int, b: int, width: int, reverse: bool = False) -> str:
 
 
 def _widths(problem: Problem, cfg: TaskConfig) -> tuple[int, int]:
-    product_width = cfg.a_digits + cfg.b_digits
+    """Digits of the numbers in a thread and in the sums after a join."""
     max_terms = cfg.max_threads * cfg.blocks
-    return product_width, len(str(max_terms * (10**cfg.a_digits - 1) * (10**cfg.b_digits - 1)))
+    answer_width = len(str(max_terms * (10**cfg.a_digits - 1) * (10**cfg.b_digits - 1)))
+    return (answer_width if cfg.thread_width == "answer" else cfg.a_digits + cfg.b_digits), answer_width
 
 
-def _sum_lines(values: list[int], start: int | None, width: int, reverse: bool = False) -> tuple[list[str], int]:
+def _sum_lines(values: list[int], start: int | None, width: int, reverse: bool = False,
+               chain: bool = False) -> tuple[list[str], int]:
+    """The running sum of ``values`` onto ``start``: one line per addition, and the new total.
+
+    With ``chain`` only a block's first line restates the total; each next line
+    adds its term to the total that ends the line above (``+term=new``).
+    """
     lines = []
     total = start
     for v in values:
         if total is None:
             total = v
             continue
-        lines.append(f"{_pad(total, width, reverse)}+{_pad(v, width, reverse)}={_pad(total + v, width, reverse)}")
+        left = "" if chain and lines else _pad(total, width, reverse)
+        lines.append(f"{left}+{_pad(v, width, reverse)}={_pad(total + v, width, reverse)}")
         total += v
     return lines, total
 
@@ -153,9 +179,16 @@ def sequential_response(problem: Problem, cfg: TaskConfig) -> str:
     total = None
     for group in problem.groups:
         lines += [product_steps(a, b, pw, rev) for a, b in group]
-        sums, total = _sum_lines([a * b for a, b in group], total, sw, rev)
+        sums, total = _sum_lines([a * b for a, b in group], total, sw, rev, cfg.sum_style == "chain")
         lines += sums
     return "\n".join(lines) + "\n" + _answer_text(problem.answer)
+
+
+def outline(number: int, a: int, b: int, style: str = "spaced") -> str:
+    """The outline of the thread that multiplies ``a`` by ``b``: names the product, not its result."""
+    if style == "tight":
+        return f"{OUTLINE_OPEN}{number}:{a}*{b}{OUTLINE_CLOSE}"
+    return f"{OUTLINE_OPEN}{number}: {a}*{b}{OUTLINE_CLOSE}\n"
 
 
 def parallel_response(problem: Problem, cfg: TaskConfig) -> str:
@@ -165,12 +198,12 @@ def parallel_response(problem: Problem, cfg: TaskConfig) -> str:
     total = None
     for group in problem.groups:
         out.append(f"{PARALLEL_OPEN}\n{OUTLINES_OPEN}\n")
-        out += [f"{OUTLINE_OPEN}{i}: {a}*{b}{OUTLINE_CLOSE}\n" for i, (a, b) in enumerate(group, start=1)]
+        out += [outline(i, a, b, cfg.outline_style) for i, (a, b) in enumerate(group, start=1)]
         out.append(OUTLINES_CLOSE)
         out += [f"\n{THREAD_OPEN}\n{i}: {product_steps(a, b, pw, rev)}\n{THREAD_CLOSE}" for i, (a, b) in
                 enumerate(group, start=1)]
         out.append(f"\n{PARALLEL_CLOSE}\n")
-        sums, total = _sum_lines([a * b for a, b in group], total, sw, rev)
+        sums, total = _sum_lines([a * b for a, b in group], total, sw, rev, cfg.sum_style == "chain")
         out += [line + "\n" for line in sums]
     return "".join(out) + _answer_text(problem.answer)
 
@@ -245,6 +278,34 @@ def write_dataset(data: dict[str, list[dict]], out_dir: str | Path) -> dict[str,
     return paths
 
 
+@dataclass
+class Ceiling:
+    """The token-latency speedup a model reaches by writing the reference responses exactly."""
+
+    problems: int
+    L_sequential: float  # mean L_total of the sequential references (model-generated tokens)
+    L_crit_parallel: float  # mean L_crit of the parallel references
+    L_total_parallel: float  # mean L_total of the parallel references (outlines and tags included)
+    speedup: float  # L_sequential / L_crit_parallel: the task's ceiling
+    speedup_per_problem: float  # mean over problems of L_sequential / L_crit_parallel (the eval's speedup)
+
+
+def ceiling(records: Sequence[dict], tokenizer) -> Ceiling:
+    """The task's ceiling on ``records``: mean ``L`` of ``response_sequential`` over mean ``L_crit`` of
+    ``response_parallel``, both counted as the orchestrator would (``rollout.units.replay``: generated tokens
+    only, the end-of-sequence token included, seeds and the prompt not)."""
+    if not records:
+        raise ValueError("no records to measure the ceiling on")
+    eos = tokenizer.eos_token_id
+    seq = [latency(replay([], r["response_sequential"], tokenizer, eos)).L_total for r in records]
+    par = [latency(replay([], r["response_parallel"], tokenizer, eos)) for r in records]
+    n = len(records)
+    return Ceiling(problems=n, L_sequential=sum(seq) / n, L_crit_parallel=sum(p.L_crit for p in par) / n,
+                   L_total_parallel=sum(p.L_total for p in par) / n,
+                   speedup=sum(seq) / sum(p.L_crit for p in par),
+                   speedup_per_problem=sum(s / p.L_crit for s, p in zip(seq, par)) / n)
+
+
 # ---------------------------------------------------------------- CLI: make-data
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -273,4 +334,11 @@ def run(args: argparse.Namespace) -> int:
     write_text(Path(args.out_dir) / "task.json", json.dumps({"seed": args.seed, **asdict(cfg)}, indent=2))
     for split, path in paths.items():
         print(f"{split:<10} {len(data[split]):>6} problems -> {path}")
+    measured = next((s for s in ("test", "validation", "train") if data[s]), None)
+    if measured:
+        from rollout.tiny import build_tokenizer  # lazy: transformers takes seconds to import
+
+        c = ceiling(data[measured][:1000], build_tokenizer())
+        print(f"ceiling: {c.speedup:.2f}x (mean L of the sequential references {c.L_sequential:.1f} / mean L_crit "
+              f"of the parallel ones {c.L_crit_parallel:.1f}, {c.problems} problems of the {measured} split)")
     return 0

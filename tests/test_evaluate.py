@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from cluster.evaluate import BenchEvalConfig, parse_data_arg, read_benchmark
-from cluster.report import histogram, main_table, report_markdown
+from cluster.report import change_table, histogram, main_table, report_markdown, stage_table
 from rewards.checker import Verdict
-from rl.evaluation import Sample, latency_efficiency, problem_speedups
+from rl.evaluation import Sample, latency_efficiency, problem_speedups, score_mode
 from rl.evaluation import evaluate_benchmark as evaluate
 from rollout.config import RolloutConfig
 from rollout.orchestrator import Trajectory
@@ -144,6 +144,37 @@ def test_evaluate_measures_by_hand(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
 
+def test_earlier_checkpoints_rows_changes_and_metrics():
+    answers = ["5", "7"]
+    final = [traj(0, 0, par("5"), 0.5), traj(1, 0, par("7"), 0.4)]
+    earlier = [traj(0, 0, seq("5"), 2.0), traj(1, 0, par("4", "x" * 40), 0.7)]  # one sequential, one wrong
+    base = [traj(0, 0, seq("5"), 2.0), traj(1, 0, seq("7"), 0.8)]
+    base_earlier = [traj(0, 0, seq("1"), 2.0), traj(1, 0, seq("7"), 0.8)]
+    names = ("TW (SFT + P-GRPO)", "seq (SFT + RL)")
+    report, _ = evaluate(final, base, answers, ExactChecker(), name="tiny", models=names)
+    report.before, _ = evaluate(earlier, base, answers, ExactChecker(), name="tiny", models=("TW (SFT)", names[1]))
+    report.sequential_before, scores = score_mode("sequential", "seq (SFT)", base_earlier, answers, ExactChecker())
+    assert [x.correct for x in scores] == [False, True] and report.sequential_before.accuracy == 0.5
+    assert report.before.speedup == pytest.approx((87 / 87 + 87 / 170) / 2)
+    rows = stage_table(report, ceiling=2.0).splitlines()
+    assert [r.split(" | ")[0] for r in rows[2:]] == ["| seq (SFT + RL)", "| TW (SFT)", "| TW (SFT + P-GRPO)"]
+    assert rows[3].split(" | ")[1:3] == ["50.0%", "128.5"] and rows[3].endswith(f"| 50.0% | {100 * report.before.speedup / 2:.1f}% |")
+    assert f"{report.speedup:.2f}x ({report.speedup_median:.2f}x)" in rows[4]
+    assert f"{report.wall_speedup:.2f}x | {report.latency_efficiency:.2f} | 100.0% |" in rows[4]
+    changes = change_table(report).splitlines()
+    assert changes[2] == "| seq (SFT) -> seq (SFT + RL) | 50.0% -> 100.0% | 0.0% -> 0.0% | 87.0 -> 87.0 | 87.0 -> 87.0 |"
+    assert changes[3].startswith("| TW (SFT) -> TW (SFT + P-GRPO) | 50.0% -> 100.0% | 50.0% -> 100.0% | 128.5 -> 150.0 |")
+    metrics = report.metrics()
+    assert metrics["eval/tiny/before/parallel/activation"] == 0.5
+    assert metrics["eval/tiny/before/speedup"] == pytest.approx(report.before.speedup)
+    assert metrics["eval/tiny/before/sequential/accuracy"] == 0.5  # the earlier baseline, not the final one
+    assert metrics["eval/tiny/sequential/accuracy"] == 1.0
+    report.sequential_before.wall_s = float("nan")  # decoded in a batch: no latency logged
+    assert "eval/tiny/before/sequential/wall_s" not in report.metrics()
+    assert main_table([report]).splitlines()[3].startswith("| TW (SFT) | 50.0% | 128.5 |")
+    assert "## What the later training changed (tiny)" in report_markdown([report])
+
+
 def test_latency_efficiency_is_the_mean_of_per_problem_ratios():
     wall = {0: 1.2, 1: 0.9, 2: 1.0}
     token = {0: 1.5, 1: 1.0}  # problem 2 has no token speedup (undefined): left out
@@ -179,7 +210,7 @@ def taught_model(tiny_model_dir, tokenizer, tmp_path_factory):
 
 
 @pytest.mark.integration
-def test_eval_cli_reports_parallel_and_sequential_side_by_side(taught_model, tmp_path, capsys):
+def test_eval_cli_reports_parallel_and_sequential_side_by_side(taught_model, tiny_model_dir, tmp_path, capsys):
     from mlflow import MlflowClient
 
     from cluster.cli import main
@@ -189,6 +220,7 @@ def test_eval_cli_reports_parallel_and_sequential_side_by_side(taught_model, tmp
     out = tmp_path / "eval"
     rc = main(["eval", f"model={taught_model}", f"data=[rote={bench}]", "rollout.max_tokens=160",
                "rollout.max_context=512", "rollout.max_thread_tokens=48", f"out={out}", "pages=2",
+               f"model_before={tiny_model_dir}", f"baseline_before={tiny_model_dir}",
                f"tracking.uri=sqlite:///{tmp_path.resolve()}/mlflow.db"])
     assert rc == 0
     printed = capsys.readouterr().out
@@ -212,6 +244,11 @@ def test_eval_cli_reports_parallel_and_sequential_side_by_side(taught_model, tmp
     assert all(p["L_crit"] < p["L_total"] for p in records) and summary["speedup"] > 1.1
     assert summary["speedup_correct"] == pytest.approx(summary["speedup"])
     assert "critical path" in (out / "rote_parallel.html").read_text()
+    # the earlier checkpoints (here the untaught model) decoded on the same engine, weights reloaded in place
+    before = summary["before"]["parallel"]
+    assert before["accuracy"] == 0.0 and summary["sequential_before"]["accuracy"] == 0.0
+    assert len((out / "rote_parallel_before.jsonl").read_text().splitlines()) == 2
+    assert "## What the later training changed (rote)" in (out / "report.md").read_text()
     assert (out / "speedup_hist.png").stat().st_size > 5000
     client = MlflowClient(f"sqlite:///{tmp_path.resolve()}/mlflow.db")
     run = client.search_runs([client.get_experiment_by_name("threadweaver-eval").experiment_id])[0]

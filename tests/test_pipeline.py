@@ -99,7 +99,8 @@ def test_pipeline_then_an_ablation_and_a_sweep_all_land_in_one_mlflow_store(tmp_
     run_dir = tmp_path / "p"
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     overrides = [f"run_dir={run_dir}", "data.train_size=40", "data.validation_size=4", "data.test_size=4",
-                 "data.task.max_threads=3", "sft.steps=2", "sft.tokens_per_step=900", "sft.learner.row_tokens=600",
+                 "data.task.min_threads=2", "data.task.max_threads=3", "sft.steps=2", "sft.tokens_per_step=900",
+                 "sft.learner.row_tokens=600",
                  "sft.learner.threads_per_rank=1", "rl.steps=1", "rl.prompts_per_step=2", "rl.rollout.n=2",
                  "rl.rollout.max_tokens=48", "rl.eval.prompts=2", "eval.limit=3", "eval.rollout.max_tokens=48",
                  "eval.pages=2", "tracking.experiment=pipeline_tiny", f"tracking.uri={uri}"]
@@ -108,9 +109,17 @@ def test_pipeline_then_an_ablation_and_a_sweep_all_land_in_one_mlflow_store(tmp_
     assert list(record["stages"]) == ["data", "sft_parallel", "sft_sequential", "rl_parallel", "rl_sequential",
                                       "eval"]
     report = (run_dir / "report.md").read_text()
-    assert "ThreadWeaver" in report and "sequential baseline" in report
+    for row in ("sequential baseline (SFT + RL)", "ThreadWeaver (SFT)", "ThreadWeaver (SFT + P-GRPO)"):
+        assert f"| {row} |" in report  # the paper's rows, the RL stages' starting checkpoints included
+    assert "Task ceiling: " in report and "What RL changed" in report and "| of ceiling |" in report
+    assert "| sequential baseline (SFT) -> sequential baseline (SFT + RL) |" in report
+    ceiling = record["stages"]["data"]["ceiling"]
+    assert f"Task ceiling: {ceiling['ceiling/speedup']:.2f}x" in report
     assert all(f"| {stage} |" in report for stage in record["stages"])
     sft_checkpoint = record["stages"]["sft_parallel"]["checkpoint"]
+    assert all(len(s["load"]) == 2 and len(s["load"][0]) == 3 for s in record["stages"].values())
+    for key in ("parallel", "sequential", "parallel_before", "sequential_before"):
+        assert len((run_dir / "eval" / f"tiny_{key}.jsonl").read_text().splitlines()) == 3
 
     # an RL ablation from the pipeline's parallel SFT checkpoint
     rl_small = ["steps=1", "prompts_per_step=2", "rollout.n=2", "rollout.max_tokens=48", "eval.at_start=false",
@@ -203,8 +212,9 @@ def test_pipeline_then_an_ablation_and_a_sweep_all_land_in_one_mlflow_store(tmp_
     assert {i.dataset.name for i in client.get_run(stages["rl_parallel"].info.run_id).inputs.dataset_inputs} == {
         "train", "validation"}
     assert "eval/tiny/speedup" in {m.key for m in model_of[stages["rl_parallel"].info.run_id].metrics}
-    assert {"eval/tiny/parallel/accuracy", "eval/tiny/sequential/L_crit", "time/total_s"} <= set(
-        pipeline.data.metrics)
+    assert {"eval/tiny/parallel/accuracy", "eval/tiny/sequential/L_crit", "time/total_s",
+            "eval/tiny/before/parallel/accuracy", "eval/tiny/before/speedup"} <= set(pipeline.data.metrics)
+    assert "ceiling/speedup" in stages["data"].data.metrics
     assert {"sweep.md", "sweep.json", "sweep_plot.png"} <= {a.path for a in client.list_artifacts(
         sweep_parent.info.run_id)}
     assert sorted(m.step for m in client.get_metric_history(sweep_parent.info.run_id, "sweep/L_crit")) == [0, 1]
@@ -245,8 +255,13 @@ def test_report_embeds_training_curves_and_the_histogram_and_they_load_in_chromi
     fig.savefig(run_dir / "eval" / "speedup_hist.png")
     plt.close(fig)
     record = {"stages": {n: {"wall_s": 60.0, "checkpoint": f"/x/{n}"} for n in ("rl_parallel", "rl_sequential")}}
-    report = _final_report(run_dir, record, {"report": str(run_dir / "eval" / "report.md")}, 120.0)
+    record["stages"]["rl_parallel"]["load"] = [[1.5, 1.25, 1.0], [2.0, 1.5, 1.125]]
+    report = _final_report(run_dir, record, {"report": str(run_dir / "eval" / "report.md"), "rows": "ROWS\n"},
+                           120.0)
     text = report.read_text()
+    assert text.startswith("# Pipeline report\n\nROWS\n\n## Evaluation\n")
+    assert "| rl_parallel | 1.0 | 1.50 1.25 1.00 -> 2.00 1.50 1.12 | /x/rl_parallel |" in text
+    assert "| rl_sequential | 1.0 | - | /x/rl_sequential |" in text
     assert "![training curves](training_curves.png)" in text and "![speedup histogram](eval/speedup_hist.png)" in text
     assert (run_dir / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
     assert len(CURVES) == 4

@@ -257,8 +257,9 @@ def faked_stages(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "_stage_rl", lambda cfg, d, runs, data_dir, model, extra: calls.append(
         ("rl", d.name, model)) or {"checkpoint": f"rl-{model}"})
 
-    def fake_eval(cfg, d, runs, data_dir, par, seq):
+    def fake_eval(cfg, d, runs, data_dir, par, seq, names, before=None, top=None):
         calls.append(("eval", par, seq))
+        calls.append(("eval names", names, before))
         d.mkdir(parents=True)
         (d / "report.md").write_text("# Evaluation\n")
         return {"report": str(d / "report.md"), "metrics": {}}
@@ -286,12 +287,19 @@ def test_the_selftrained_model_replaces_the_parallel_sft_model_only(faked_stages
     assert ("selftrain", "D", "sft-parallel", "selftrain") in faked_stages  # the parallel SFT model, the task data
     assert ("rl", "rl_parallel", "selftrained") in faked_stages
     assert ("rl", "rl_sequential", "sft-sequential") in faked_stages  # the baseline does not self-train
-    assert faked_stages[-1] == ("eval", "rl-selftrained", "rl-sft-sequential")
+    assert faked_stages[-2] == ("eval", "rl-selftrained", "rl-sft-sequential")
+    # the RL stages' starting checkpoints are decoded too, under the paper's row names
+    assert faked_stages[-1] == ("eval names", ("ThreadWeaver (SFT + self-training + P-GRPO)",
+                                               "sequential baseline (SFT + RL)"),
+                                {"models": ("selftrained", "sft-sequential"),
+                                 "names": ("ThreadWeaver (SFT + self-training)", "sequential baseline (SFT)")})
 
     no_rl = [f"run_dir={tmp_path / 'run2'}", "tracking.enabled=false", "selftrain={limit: 3}", "rl=null"]
     faked_stages.clear()
     run_pipeline(load_config(PipelineConfig, "experiments/pipeline_tiny.yaml", no_rl))
-    assert faked_stages[-1] == ("eval", "selftrained", "sft-sequential")
+    assert faked_stages[-2] == ("eval", "selftrained", "sft-sequential")
+    assert faked_stages[-1] == ("eval names", ("ThreadWeaver (SFT + self-training)", "sequential baseline (SFT)"),
+                                None)  # no RL: nothing earlier to decode
 
 
 # --------------------------------------------------------------------------- integration

@@ -1,4 +1,4 @@
-"""The synthetic task's ``number_order="reversed"`` knob, used by the SFT experiments."""
+"""The synthetic task's layout knobs (number order, sum and outline styles, thread width) and its ceiling."""
 
 import re
 
@@ -39,3 +39,81 @@ def test_reversed_responses_hold_and_keep_prompt_split_and_answer():
 def test_number_order_is_checked():
     with pytest.raises(ValueError, match="number_order"):
         make_dataset(TaskConfig(number_order="backwards"), {"train": 1})
+
+
+def test_chain_sums_and_tight_outlines():
+    cfg = TaskConfig(min_threads=4, max_threads=4, blocks=2, b_digits=3, number_order="reversed",
+                     sum_style="chain", outline_style="tight")
+    data = make_dataset(cfg, {"train": 50}, seed=4)
+    for r in data["train"]:
+        text = r["response_parallel"]
+        assert not validate(text)
+        assert flatten(parse(text)) == r["response_sequential"]
+        assert re.findall(r"<Outline>\d+:\d+\*\d+</Outline><Outline>", text)  # back to back, no space
+        values = [a * b for g in r["terms"] for a, b in g]
+        after = text.split("</Parallel>\n")[1:]  # the sums after each join
+        for i, part in enumerate(after):
+            lines = part.split("<")[0].strip().splitlines()
+            assert len(lines) == (4 if i else 3)  # a block's first line also takes the total of the blocks before
+            prev = None
+            for j, line in enumerate(lines):
+                left, term, new = re.fullmatch(r"(\d*)\+(\d+)=(\d+)", line).groups()
+                assert bool(left) == (j == 0)  # only the first line after a join restates the total
+                if j:
+                    assert int(new[::-1]) == int(prev[::-1]) + int(term[::-1])
+                prev = new
+            assert int(prev[::-1]) == sum(values[: 4 * (i + 1)])
+        assert int(prev[::-1]) == int(r["answer"])
+
+
+def test_sum_outline_and_width_styles_are_checked():
+    for knob in ("sum_style", "outline_style", "thread_width"):
+        with pytest.raises(ValueError, match=knob):
+            make_dataset(TaskConfig(**{knob: "other"}), {"train": 1})
+
+
+def test_ceiling_of_the_references():
+    from rollout.task import ceiling
+    from rollout.tiny import build_tokenizer
+
+    tok = build_tokenizer()
+    base = TaskConfig(min_threads=4, max_threads=4, b_digits=3, number_order="reversed")
+    terse = TaskConfig(min_threads=4, max_threads=4, b_digits=3, number_order="reversed", sum_style="chain",
+                       outline_style="tight")
+    records = make_dataset(base, {"test": 40}, seed=1)["test"]
+    c = ceiling(records, tok)
+    seq_len = len(tok.encode(records[0]["response_sequential"])) + 1  # every byte one token, plus the end of sequence
+    assert ceiling(records[:1], tok).L_sequential == seq_len
+    assert c.L_crit_parallel < c.L_sequential < c.L_total_parallel
+    assert c.speedup == pytest.approx(c.L_sequential / c.L_crit_parallel)
+    # the terse layout writes the same threads with fewer tokens on the critical path
+    assert ceiling(make_dataset(terse, {"test": 40}, seed=1)["test"], tok).speedup > c.speedup + 0.05
+    with pytest.raises(ValueError):
+        ceiling([], tok)
+
+
+def test_thread_width_answer_pads_every_number_like_the_sums():
+    cfg = TaskConfig(min_threads=3, max_threads=3, b_digits=4, number_order="reversed", sum_style="chain",
+                     outline_style="tight", thread_width="answer")
+    for r in make_dataset(cfg, {"train": 30}, seed=2)["train"]:
+        widths = {len(n) for n in re.findall(r"=(\d+)", r["response_parallel"])}
+        assert widths == {len(str(3 * 9 * 9999))}  # products, thread sums and the sums after the join alike
+        for x, y, z in re.findall(r"(\d*)\+(\d+)=(\d+)", r["response_parallel"]):
+            assert int(y[::-1]) + (int(x[::-1]) if x else 0) <= int(z[::-1])
+
+
+def test_task_data_folder_settings_are_checked_and_old_folders_read_with_defaults(tmp_path):
+    import json
+
+    from rl.sft_data import ensure_task_data
+
+    sizes = {"train": 4, "validation": 2}
+    cfg = TaskConfig(b_digits=2)
+    ensure_task_data(tmp_path, cfg, sizes, 0)
+    marker = json.loads((tmp_path / "task.json").read_text())
+    for knob in ("sum_style", "outline_style", "thread_width"):  # a folder written before these knobs existed
+        del marker[knob]
+    (tmp_path / "task.json").write_text(json.dumps(marker))
+    assert ensure_task_data(tmp_path, cfg, sizes, 0) == tmp_path
+    with pytest.raises(ValueError, match=r"'sum_style': \('restate', 'chain'\)"):
+        ensure_task_data(tmp_path, TaskConfig(b_digits=2, sum_style="chain"), sizes, 0)

@@ -74,6 +74,8 @@ def test_make_data_cli(tmp_path, capsys):
     rec = json.loads(lines[0])
     assert {"prompt", "answer", "response_parallel", "response_sequential"} <= rec.keys()
     assert json.loads((tmp_path / "task.json").read_text())["max_threads"] == 3
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith("ceiling: ") and last.endswith("5 problems of the test split)")
 
 
 def _write(path, records):
