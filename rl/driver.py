@@ -112,7 +112,7 @@ from rl.services import Placement, Rollouts, Services, start_services, stop_serv
 from rl.sft_data import TaskData, check_data_config, ensure_task_data
 from rl.overlap import Request, RolloutBatch, Scheduler
 from rl.step import StepResult, rl_step
-from rl.tracker import Tracker
+from rl.tracker import Tracker, finish_on_error
 from rollout.config import RolloutConfig, check_ranges, to_dict
 from rollout.files import check_model_dir, check_output_dir, write_text
 from rollout.records import read_records
@@ -517,9 +517,10 @@ def train(cfg: RLConfig, tracker: Tracker, on_step: Callable[[int, dict], None] 
 
     ``tracker`` receives the parameters, metrics and artifacts (:class:`rl.tracker.Tracker`);
     ``on_step(step, metrics)`` runs after every step (after its checkpoint and
-    evaluation; ``metrics`` holds the evaluation's ``eval/...`` values when one ran
-    at that step; the final one, after the last step, is the summary's); raising :class:`rl.checkpoint.Stop` there ends the run on the
-    spot, as a killed driver would (no final checkpoint, the tracked run left
+    evaluation; ``metrics`` holds the evaluation's ``eval/...`` values when one
+    ran at that step; the final one, after the last step, is the summary's);
+    raising :class:`rl.checkpoint.Stop` there ends the run on the spot, as a
+    killed driver would (no final checkpoint, the tracked run left
     open). ``services`` reuses running rollout/reward actors (see
     :class:`rl.services.Services`); ``eval_page`` renders each evaluation's
     records as a page that is logged under ``pages/``; ``placement`` puts each role's actors into their
@@ -542,7 +543,6 @@ def train(cfg: RLConfig, tracker: Tracker, on_step: Callable[[int, dict], None] 
     val_chosen = val_records[:cfg.eval.prompts]
     own_services = services is None
     group = None
-    status = "FAILED"
     try:
         placement = placement or {}
         model = ship_folder(cfg.model)  # what actors read: a URI, or a local folder shipped to other nodes
@@ -584,17 +584,12 @@ def train(cfg: RLConfig, tracker: Tracker, on_step: Callable[[int, dict], None] 
         write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
         store_outputs(cfg)
         tracker.log_artifact(run_dir / "summary.json")
-        status = "FINISHED"
+        tracker.finish("FINISHED")
         return summary
-    except Stop:
-        status = None  # a simulated kill: leave the tracked run open as a killed driver would
-        raise
-    except KeyboardInterrupt:
-        status = "KILLED"
+    except BaseException as e:
+        finish_on_error(tracker, e)
         raise
     finally:
-        if status is not None:
-            tracker.finish(status)
         if own_services and services is not None:
             stop_services(services)
         if group is not None:

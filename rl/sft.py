@@ -58,13 +58,13 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 import yaml
 
 from rl import checkpoint
-from rl.checkpoint import Stop
+from rl.checkpoint import Stop  # noqa: F401 - part of this module's API: on_step hooks raise it
 from rl.learner import LearnerConfig, LearnerGroup
 from rl.memory_plan import ModelShape, Plan, PlanConfig, check_plan, make_plan, model_shape
 from rl.metrics_log import MetricsLog
 from rl.sft_data import StreamState, TaskData, TrieStream, check_data_config, ensure_task_data, timed_build
 from rl.sft_eval import EvalConfig, Evaluator, records_to_dicts
-from rl.tracker import NoTracker, Tracker
+from rl.tracker import NoTracker, Tracker, finish_on_error
 from rl.trie import pack_tries, tree_stats
 from rollout.config import check_ranges, to_dict
 from rollout.files import atomic_write, check_model_dir, check_output_dir, write_text
@@ -347,7 +347,6 @@ def train(cfg: SFTConfig, on_step: Callable[[int, dict], None] | None = None,
     group = None
     evaluator = None
     tracker = tracker or NoTracker()
-    status = "FAILED"
     try:
         placement = placement or {}
         group = LearnerGroup(cfg.learner, model_dir, total_steps=cfg.steps, actor_options=placement.get("learner", ()))
@@ -376,17 +375,12 @@ def train(cfg: SFTConfig, on_step: Callable[[int, dict], None] | None = None,
         }
         write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
         tracker.log_artifact(run_dir / "summary.json")
-        status = "FINISHED"
+        tracker.finish("FINISHED")
         return summary
-    except Stop:
-        status = None  # a simulated kill: leave the tracked run open as a killed process would
-        raise
-    except KeyboardInterrupt:
-        status = "KILLED"
+    except BaseException as e:
+        finish_on_error(tracker, e)
         raise
     finally:
-        if status is not None:
-            tracker.finish(status)
         if evaluator is not None:
             evaluator.close()
         if group is not None:

@@ -53,3 +53,12 @@ class NoTracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         pass
+
+
+def finish_on_error(tracker: Tracker, error: BaseException) -> None:
+    """Close ``tracker``'s run after ``error`` ended a training function: KILLED on Ctrl-C, FAILED otherwise;
+    a simulated kill (``rl.checkpoint.Stop``, the fault tests) leaves it open, as a killed process would."""
+    from rl.checkpoint import Stop  # lazy: rl.checkpoint imports the learner (torch)
+
+    if not isinstance(error, Stop):
+        tracker.finish("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
