@@ -35,8 +35,12 @@ Losses are looked up by name in :mod:`rl.losses` (``"sft"`` is built in).
 Weights leave the learner in buckets (lists of ``(name, tensor)`` of at most
 ``bucket_mb`` MB, gathered from ZeRO-3 partitions where needed) and as
 Hugging Face checkpoints that vLLM loads; :mod:`rl.checkpoint` adds the
-optimizer, scheduler, RNG and data position for exact resumption. Every rank
-syncs the checkpoint files it wrote to disk before returning.
+optimizer, scheduler, RNG and data position for exact resumption. Checkpoint
+targets are storage locations (``rollout.storage``): into a local folder every
+rank writes in place and syncs its files to disk before returning; into a URI
+every rank writes into its node's scratch and uploads its own files, and reads
+back (on resume) only the files it needs. The model comes as a folder, a URI or
+a folder the driver shipped (``rollout.storage.fetch_folder``).
 
 Limits: ZeRO-3 first loads the full model on every rank, then partitions it
 (fine up to a model that fits a rank's memory); pipeline and tensor
