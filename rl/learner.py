@@ -38,9 +38,13 @@ rollout engines, ``publish_weights`` has the ranks serialise and put the
 buckets in Ray's object store themselves (bucket ``i`` by rank
 ``i % ranks``, :mod:`rollout.weights`) and returns only their references, so
 the weights never pass through the driver; and as Hugging Face checkpoints
-that vLLM loads; :mod:`rl.checkpoint` adds the
-optimizer, scheduler, RNG and data position for exact resumption. Every rank
-syncs the checkpoint files it wrote to disk before returning.
+that vLLM loads; :mod:`rl.checkpoint` adds the optimizer, scheduler, RNG and
+data position for exact resumption. Checkpoint targets are storage locations
+(``rollout.storage``): into a local folder every rank writes in place and
+syncs its files to disk before returning; into a URI every rank writes into
+its node's scratch and uploads its own files, and reads back (on resume) only
+the files it needs. The model comes as a folder, a URI or a folder the driver
+shipped (``rollout.storage.fetch_folder``).
 
 Limits: ZeRO-3 first loads the full model on every rank, then partitions it
 (fine up to a model that fits a rank's memory); pipeline and tensor
