@@ -170,7 +170,7 @@ class VersionLearner:
                 "lr": 1e-3, "tokens": 8.0, "lp_absdiff_sum": 0.0, "lp_count": 4.0, "ratio_dev_sum": 0.0,
                 "ratio_absdev_sum": 0.0, "ratio_sqdev_sum": 0.0}
 
-    def state_dict(self):
+    def publish_weights(self, bucket_mb):  # the real one returns references to buckets; here the version
         return {"version": self.version}
 
 
@@ -190,8 +190,8 @@ class VersionRollouts:
                                       [], 0.1))
         return out
 
-    def update_weights(self, state_dict):
-        self.version = state_dict["version"]
+    def update_weights(self, published):
+        self.version = published["version"]
         return T(load_s=0.0)
 
 
