@@ -135,6 +135,7 @@ def _config(tmp_path, run: str, model, storage: str, address: str, **kw):
         "rollout.max_context=192", "rollout.max_thread_tokens=12", "rollout.weight_bucket_mb=0.5",
         "reward.format_penalty=1.0", "reward.num_actors=1", "reward.actor_cpus=1", "learner.ranks=2",
         "learner.zero_stage=1", "learner.lr=3e-3", "learner.row_tokens=512", "learner.threads_per_rank=1",
+        "grpo.skip_zero_advantage=false",  # every step learns and syncs, whatever the untrained model samples
         "eval.at_start=false", "eval.every=0", "eval.at_end=false", "progress=false",
         "tracking.experiment=cluster-sim", f"ray.address={address}",
         "ray.role_resources={rollout: {rollout: 1}, learner: {learner: 1}, reward: {reward: 1}}",
@@ -163,8 +164,12 @@ def _actor_nodes() -> dict[str, list[str]]:
     return out
 
 
-def test_pgrpo_on_nodes_without_a_shared_filesystem_places_stores_and_resumes(cluster, tiny_model_dir, tmp_path):
+def test_pgrpo_on_nodes_without_a_shared_filesystem_places_stores_and_resumes(cluster, tiny_model_dir, tmp_path,
+                                                                              monkeypatch):
+    from ray.core.generated.common_pb2 import Address
     from safetensors.torch import load_file
+
+    from rollout.workers import RolloutPool
 
     from cluster.cmd_rl import run_rl
     from rollout.storage import Storage
@@ -179,6 +184,23 @@ def test_pgrpo_on_nodes_without_a_shared_filesystem_places_stores_and_resumes(cl
     def record_placement(step, metrics):
         placed.update(_actor_nodes())
 
+    # every weight sync hands the workers references to buckets that the learner put: record their owners' nodes
+    owners: list[set[str]] = []
+    update_weights = RolloutPool.update_weights
+
+    def recording_update(pool, weights):
+        owners.append({Address.FromString(ref.owner_address()).node_id.hex() for ref in weights.refs})
+        return update_weights(pool, weights)
+
+    monkeypatch.setattr(RolloutPool, "update_weights", recording_update)
+
+    def held_by_the_driver(*args, **kwargs):
+        raise AssertionError("the driver fetched the weights")
+
+    for name in ("rl.learner.LearnerGroup.state_dict", "rl.learner.LearnerGroup.weight_buckets",
+                 "rollout.weights.publish_state_dict"):
+        monkeypatch.setattr(name, held_by_the_driver)
+
     # --- the uninterrupted run: 2 steps, a checkpoint after each
     DRIVER_GUARD["on"] = True
     full = run_rl(_config(tmp_path, "full", model, full_uri, c.address), on_step=record_placement)
@@ -187,9 +209,9 @@ def test_pgrpo_on_nodes_without_a_shared_filesystem_places_stores_and_resumes(cl
     # roles sit where their placement groups put them
     assert placed["RolloutWorker"] == [nodes["rollout"].node_id]
     assert placed["Learner"] == [nodes["learner"].node_id] * 2
-    # (after the merge of direct weight transfer, issue 16 item 2: assert here that the step's weight sync went
-    # from the learner to the rollout worker without the driver holding the weights, e.g. from the sync's own
-    # record of where its buckets were put; this test does not fake it)
+    # each step's weights went from the learner's node to the rollout worker: the buckets are the learner's
+    # objects (not the driver's, whose node is the head), and the driver never fetched a state dict
+    assert len(owners) == 2 and all(o == {nodes["learner"].node_id} for o in owners), owners
 
     # the checkpoints are in storage, every rank's shard and RNG state with them; latest names step 2
     stored = Storage.of(full_uri).child("checkpoints")
@@ -224,6 +246,9 @@ def test_pgrpo_on_nodes_without_a_shared_filesystem_places_stores_and_resumes(cl
     assert DRIVER_GUARD.get("seen", []) == []  # nothing swallowed a refused read either
     assert resumed["steps"] == 2 and placed["RolloutWorker"] == [nodes["rollout"].node_id]
     assert any(f.startswith("threadweaver/inputs/model-") for f in _files(scratch["rollout_2"]))
+    # the resumed run loaded the restored weights into the new rollout node, then synced step 2, both from the
+    # learner's node
+    assert len(owners) == 4 and all(o == {nodes["learner"].node_id} for o in owners), owners
 
     a = _weights(Storage.of(full_uri), "checkpoints/step_00000002")
     b = _weights(resumed_store, "checkpoints/step_00000002")
