@@ -24,7 +24,7 @@ What it does, in one run (no Ray: one engine in this process's control, as ``thr
    fixed cost plus a cost per sequence in the step, which says what a thread costs on this engine.
 
 Nothing is asserted; timings on a shared CPU machine are noisy, so compare the columns of one run and run
-it under the heavy lock with the load average next to it. Engine settings are ``rollout.engine.make_llm``'s
+it alone on the machine, with the load average next to it. Engine settings are ``rollout.engine.make_llm``'s
 defaults unless ``--engine`` overrides them (``--engine block_size=128``: vLLM's CPU default;
 ``--engine in_process=true``: no engine-core processes) and ``--sampling`` adds request fields
 (``--sampling flat_logprobs=false``: vLLM's per-token log-probability dicts).

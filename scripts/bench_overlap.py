@@ -27,8 +27,8 @@ for the real task.
 
 On one machine both "nodes" share its cores: the overlap can only hide what
 the cores can run at the same time (here the rollout engine and the learner
-each want a core). Run it alone (under ``flock /work/heavy.lock`` on a
-shared machine) and read ``/proc/loadavg``, printed before and after.
+each want a core). Run it alone on the machine and read ``/proc/loadavg``,
+printed before and after.
 
   python scripts/bench_overlap.py                     # 4 steps of 4 prompts x 8 samples, each setting
   python scripts/bench_overlap.py --steps 6 --model runs/sft_tiny/final/hf --format-penalty 0

@@ -36,9 +36,9 @@ Two models:
    step of this model takes minutes).
 
 Nothing is asserted; timings on a shared machine are noisy, so compare the
-rows of one run. Run it under the heavy lock:
+rows of one run, and run it alone on the machine (nothing else using the cores):
 
-    flock /work/heavy.lock .venv/bin/python scripts/bench_weight_sync.py
+    .venv/bin/python scripts/bench_weight_sync.py
 """
 
 from __future__ import annotations
