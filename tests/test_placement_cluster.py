@@ -99,16 +99,20 @@ def test_the_reward_pool_goes_into_its_bundles(cluster):
         reservation.release()
 
 
-def _sft_check(cluster, tmp_path, *overrides):
+def _check(command, cluster, tmp_path, *overrides):
     import subprocess
     import sys
     from pathlib import Path
 
     c, _ = cluster
-    cmd = [str(Path(sys.executable).parent / "threadweaver"), "sft", "--config", "experiments/sft_tiny.yaml",
-           "--check", f"ray.address={c.address}", f"run_dir={tmp_path / 'run'}", f"data.dir={tmp_path / 'data'}",
-           "eval.every=0", "eval.at_end=false", *overrides]
+    cmd = [str(Path(sys.executable).parent / "threadweaver"), command, "--config", f"experiments/{command}_tiny.yaml",
+           "--check", f"ray.address={c.address}", f"run_dir={tmp_path / command}", f"data.dir={tmp_path / 'data'}",
+           *overrides]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+
+
+def _sft_check(cluster, tmp_path, *overrides):
+    return _check("sft", cluster, tmp_path, "eval.every=0", "eval.at_end=false", *overrides)
 
 
 def test_check_prints_the_plan_and_refuses_an_unplaceable_bundle(cluster, tmp_path):
@@ -131,4 +135,26 @@ def test_check_prints_the_plan_and_refuses_an_unplaceable_bundle(cluster, tmp_pa
     assert "roles fit" not in bad.stdout
     assert len(placement_group_table()) == groups_before + 1  # the good check's group, removed (state REMOVED)
     assert all(g["state"] == "REMOVED" for g in placement_group_table().values())
+    assert len(state.actor_table(None)) == actors_before  # nothing was started
+
+
+def test_rl_check_prints_every_role_and_refuses_a_rollout_bundle_larger_than_every_node(cluster, tmp_path,
+                                                                                      tiny_model_dir):
+    """``threadweaver rl --check``: the data read, every role's bundles with their nodes; a rollout engine's bundle
+    of 3.5 CPU (the roles need 4 CPU, the cluster has 4, the largest node 3) is refused by name, exit 2."""
+    from ray._private.state import state
+
+    actors_before = len(state.actor_table(None))
+    common = [f"model={tiny_model_dir}", "data.generate=true", "data.train_size=20", "data.validation_size=4",
+              "data.test_size=4", "reward.actor_cpus=0.25", "learner.cpus_per_rank=0.25"]
+    ok = _check("rl", cluster, tmp_path, *common)
+    assert ok.returncode == 0, ok.stderr
+    assert "rl check: 20 training and 4 validation records; Ray at" in ok.stdout
+    assert all(role in ok.stdout for role in ("rollout worker", "reward actor", "learner rank"))
+    assert ok.stdout.count(" on node ") == 3  # one bundle per role, each placed
+    bad = _check("rl", cluster, tmp_path, *common, "rollout.cpus_per_worker=3.5")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
+    assert "threadweaver rl: " in bad.stderr and "rollout worker bundle 0 (3.5 CPU) is larger than every node" \
+        in bad.stderr
+    assert "roles fit" not in bad.stdout
     assert len(state.actor_table(None)) == actors_before  # nothing was started
