@@ -136,17 +136,22 @@ def _is_id_list(x) -> bool:
     return isinstance(x, list) and all(type(t) is int and t >= 0 for t in x)
 
 
-def units_from_json(value) -> list[Unit]:
-    """The units of a record's ``units`` field (a list of unit objects); ValueError naming the unit and field."""
+def _list_from_json(value, parse, what: str) -> list:
+    """``parse`` of every item of the JSON list ``value``; ValueError naming the unit (item) and field."""
     if not isinstance(value, list):
-        raise ValueError(f"expected a list of unit objects, got {type(value).__name__}")
-    units = []
+        raise ValueError(f"expected a list of {what} objects, got {type(value).__name__}")
+    out = []
     for i, d in enumerate(value):
         try:
-            units.append(Unit.from_dict(d))
+            out.append(parse(d))
         except ValueError as e:
             raise ValueError(f"unit {i}: {e}") from None
-    return units
+    return out
+
+
+def units_from_json(value) -> list[Unit]:
+    """The units of a record's ``units`` field (a list of unit objects); ValueError naming the unit and field."""
+    return _list_from_json(value, Unit.from_dict, "unit")
 
 
 @dataclass
@@ -195,15 +200,7 @@ def unit_tokens(units: Sequence[Unit]) -> list[dict]:
 
 def unit_tokens_from_json(value) -> list[UnitTokens]:
     """The counts of a record's ``unit_tokens`` field; ValueError naming the unit and field."""
-    if not isinstance(value, list):
-        raise ValueError(f"expected a list of unit-tokens objects, got {type(value).__name__}")
-    out = []
-    for i, d in enumerate(value):
-        try:
-            out.append(UnitTokens.from_dict(d))
-        except ValueError as e:
-            raise ValueError(f"unit {i}: {e}") from None
-    return out
+    return _list_from_json(value, UnitTokens.from_dict, "unit-tokens")
 
 
 def encode(tokenizer: Tokenizer, text: str) -> list[int]:
