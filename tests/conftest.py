@@ -88,3 +88,17 @@ def llm(tiny_model_dir: Path):
         engine.llm_engine.engine_core.shutdown()
         del engine
         gc.collect()
+
+
+@pytest.fixture
+def bare_rl_inputs(tmp_path: Path) -> tuple[Path, Path]:
+    """A model folder holding only an empty ``config.json`` and a data folder of one-line train/validation files:
+    enough for the input checks of ``rl``/``sweep``, which refuse before anything loads them."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("train.jsonl", "validation.jsonl"):
+        (data / name).write_text('{"prompt": "Compute 2*3.", "answer": "6"}\n')
+    return model, data

@@ -74,17 +74,11 @@ def test_bad_uris_and_missing_packages_are_one_line_errors(tmp_path):
         Storage.of(f"file://{blocked}/sub").check()
 
 
-def test_rl_refuses_a_bad_storage_before_starting_anything(tmp_path, capsys, monkeypatch):
+def test_rl_refuses_a_bad_storage_before_starting_anything(tmp_path, capsys, monkeypatch, bare_rl_inputs):
     import ray
 
     monkeypatch.setattr(ray, "init", lambda *a, **k: (_ for _ in ()).throw(AssertionError("Ray started")))
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text("{}")
-    data = tmp_path / "data"
-    data.mkdir()
-    for name in ("train.jsonl", "validation.jsonl"):
-        (data / name).write_text('{"prompt": "Compute 2*3.", "answer": "6"}\n')
+    model, data = bare_rl_inputs
     ok = ["rollout.n=2", f"data.dir={data}", f"run_dir={tmp_path / 'run'}", f"model={model}"]
     assert main(["rl", *ok, "storage=nosuch://bucket/run"]) == 2
     err = capsys.readouterr().err.strip()

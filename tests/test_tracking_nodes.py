@@ -30,14 +30,9 @@ def test_a_local_store_is_refused_only_for_several_nodes():
         check_reachable("sqlite:////tmp/x.db", 2)
 
 
-def test_the_sweep_command_refuses_a_local_store_on_a_multi_node_cluster(tmp_path, capsys, monkeypatch):
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text("{}")
-    data = tmp_path / "data"
-    data.mkdir()
-    for name in ("train.jsonl", "validation.jsonl"):
-        (data / name).write_text('{"prompt": "Compute 2*3.", "answer": "6"}\n')
+def test_the_sweep_command_refuses_a_local_store_on_a_multi_node_cluster(tmp_path, capsys, monkeypatch,
+                                                                        bare_rl_inputs):
+    model, data = bare_rl_inputs
 
     def no_tracker(*args, **kwargs):
         raise AssertionError("an MLflow run was opened before the tracking URI was checked")
