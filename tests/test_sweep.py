@@ -108,6 +108,17 @@ def test_the_model_comes_from_the_sweep_the_rl_config_or_the_newest_pipeline(tmp
     assert start_model(cfg, own) == ({}, f"model {newest} (the RL config's model)")
 
 
+def _point_overrides(tiny_model_dir, tmp_path, save_every: int, eval_every: int) -> list[str]:
+    """Two-step RL points on the tiny model with their own small synthetic task (format-scored rewards)."""
+    return [
+        f"model={tiny_model_dir}", f"data.dir={tmp_path / 'data'}", "data.generate=true", "data.train_size=40",
+        "data.validation_size=4", "data.test_size=4", "steps=2", "prompts_per_step=2", f"save_every={save_every}",
+        "rollout.n=2", "rollout.max_tokens=32", "rollout.max_context=256", "rollout.max_thread_tokens=16",
+        "rollout.weight_bucket_mb=0.5", "reward.format_penalty=1.0", "reward.num_actors=1", "learner.lr=3e-3",
+        "learner.row_tokens=512", "learner.threads_per_rank=1", "eval.at_start=false", f"eval.every={eval_every}",
+        "eval.prompts=2", "eval.modes=[parallel]", "progress=false"]
+
+
 @pytest.mark.integration
 def test_a_killed_sweep_resumed_reruns_only_the_unfinished_point(tiny_model_dir, tmp_path):
     """Two points on Ray Tune; the command is killed (SIGKILL to its process group) once the second point has
@@ -122,13 +133,7 @@ def test_a_killed_sweep_resumed_reruns_only_the_unfinished_point(tiny_model_dir,
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    rl_overrides = [
-        f"model={tiny_model_dir}", f"data.dir={tmp_path / 'data'}", "data.generate=true", "data.train_size=40",
-        "data.validation_size=4", "data.test_size=4", "steps=2", "prompts_per_step=2", "save_every=1",
-        "rollout.n=2", "rollout.max_tokens=32", "rollout.max_context=256", "rollout.max_thread_tokens=16",
-        "rollout.weight_bucket_mb=0.5", "reward.format_penalty=1.0", "reward.num_actors=1", "learner.lr=3e-3",
-        "learner.row_tokens=512", "learner.threads_per_rank=1", "eval.at_start=false", "eval.every=0",
-        "eval.prompts=2", "eval.modes=[parallel]", "progress=false"]
+    rl_overrides = _point_overrides(tiny_model_dir, tmp_path, save_every=1, eval_every=0)
     out = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "cluster.cli", "sweep", f"rl_config=[{RL_TINY}]",
            f"overrides={json.dumps(rl_overrides)}", "rho=[0.5,1.0]", "clip=[0.2]", "incorrect_reward=[0.0]",
@@ -290,13 +295,7 @@ def test_asha_stops_the_point_whose_heldout_reward_is_lower(tiny_model_dir, tmp_
     from cluster.sweep import sweep
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    rl_overrides = [
-        f"model={tiny_model_dir}", f"data.dir={tmp_path / 'data'}", "data.generate=true", "data.train_size=40",
-        "data.validation_size=4", "data.test_size=4", "steps=2", "prompts_per_step=2", "save_every=0",
-        "rollout.n=2", "rollout.max_tokens=32", "rollout.max_context=256", "rollout.max_thread_tokens=16",
-        "rollout.weight_bucket_mb=0.5", "reward.format_penalty=1.0", "reward.num_actors=1", "learner.lr=3e-3",
-        "learner.row_tokens=512", "learner.threads_per_rank=1", "eval.at_start=false", "eval.every=1",
-        "eval.prompts=2", "eval.modes=[parallel]", "progress=false"]
+    rl_overrides = _point_overrides(tiny_model_dir, tmp_path, save_every=0, eval_every=1)
     cfg = load_config(SweepConfig, None, [
         f"rl_config=[{RL_TINY}]", f"overrides={json.dumps(rl_overrides)}", "rho=[0.5]", "clip=[0.2]",
         "incorrect_reward=[0.0,-1.0]", f"run_dir={tmp_path / 'sweep'}", "share_rollout=true", "scheduler=asha",
