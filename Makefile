@@ -16,7 +16,7 @@ run: setup
 	$(VENV)/bin/threadweaver run --config experiments/pipeline_tiny.yaml reuse=true
 
 test: setup
-	$(VENV)/bin/python -m pytest -q -ra
+	$(VENV)/bin/python -m pytest -q -ra --durations=25
 
 clean:
 	rm -rf runs .pytest_cache .hypothesis
