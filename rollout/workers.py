@@ -12,8 +12,11 @@ order. ``update_weights`` takes weights already published in Ray's object
 store (``rollout.weights.PublishedWeights``: in training the learner puts the
 buckets itself) and hands the bucket references to every worker, which
 fetches the buckets straight from their owner, writes each as it arrives and
-reloads its engine in place; the pool's process never fetches a bucket. It
-returns the measured times.
+reloads its engine in place; the pool's process never fetches a bucket. Or
+it takes a broadcast (``rollout.collective.Broadcast``): it names a group of
+the sender and every engine worker process, starts the sender and the
+workers' receives together and waits for both. It returns the measured
+times.
 
 The workers catch nothing themselves: model output cannot make the
 orchestrator raise (a trajectory ends with a finish reason instead), so an
