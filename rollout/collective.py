@@ -22,7 +22,8 @@ bytes into one buffer and yields views of it as ``(name, tensor)`` to vLLM's
 in-place ``reload_weights(weights_iterator=...)`` (Hugging Face names, the
 model's own ``load_weights`` with vLLM's layer-wise post-processing), so the
 buckets are loaded as they arrive, never written to disk, never through
-Ray's object store.
+Ray's object store. Each receiver confirms the end mark in the store
+(``done/<rank>``), and rank 0 keeps the store up until all have.
 
 Both sides must be in the group at the same time: the driver starts the
 learner's send and the workers' receive as concurrent Ray calls and waits
@@ -118,6 +119,18 @@ class Group:
             raise CollectiveError(f"weight broadcast: {self._where()} waited {self.rendezvous.timeout_s:g} s for "
                                   f"'{key}' from learner rank 0: {type(e).__name__}: {_first_line(e)}") from e
 
+    def wait_done(self) -> None:
+        """Rank 0: wait until every other rank has read the end mark (the store lives in this process: closing
+        it earlier would fail a rank still loading the last bucket)."""
+        ranks = range(1, self.rendezvous.world_size)
+        try:
+            self.store.wait([f"done/{r}" for r in ranks], timedelta(seconds=self.rendezvous.timeout_s))
+        except Exception as e:  # noqa: BLE001
+            missing = [r for r in ranks if not self.store.check([f"done/{r}"])]
+            raise CollectiveError(f"weight broadcast: learner rank 0 at {self.rendezvous.host}:{self.rendezvous.port} "
+                                  f"waited {self.rendezvous.timeout_s:g} s for ranks {missing} to read the end of the "
+                                  f"update: {type(e).__name__}: {_first_line(e)}") from e
+
     def close(self) -> None:
         shutdown = getattr(self.backend, "shutdown", None)
         if shutdown is not None:
@@ -204,6 +217,7 @@ def send_buckets(group: Group, buckets: Iterable[list[tuple[str, torch.Tensor]]]
         n += 1
         n_bytes += flat.numel()
     group.store.set(f"bucket/{n}", json.dumps(END))
+    group.wait_done()
     return n, n_bytes
 
 
@@ -216,6 +230,7 @@ def receive_buckets(group: Group, device: torch.device | str, stats: dict | None
     while True:
         header = json.loads(group.get(f"bucket/{i}"))
         if header == END:
+            group.store.set(f"done/{group.rank}", "1")  # rank 0 keeps the store up until every rank got here
             break
         flat = torch.empty(header["bytes"], dtype=torch.uint8, device=device)
         group.broadcast(flat, f"bucket {i}")

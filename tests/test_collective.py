@@ -109,8 +109,12 @@ def test_buckets_broadcast_over_gloo_arrive_whole_and_in_order():
     def receive(port):
         group = open_group(Rendezvous("127.0.0.1", port, 2, "gloo", 20.0), 1)
         stats: dict = {}
+        received = []
         try:
-            return [(n, t.clone()) for n, t in receive_buckets(group, "cpu", stats)], stats
+            for name, tensor in receive_buckets(group, "cpu", stats):
+                received.append((name, tensor.clone()))
+                time.sleep(0.3 if name == "d.weight" else 0)  # slow on the last one: the sender must wait for us
+            return received, stats
         finally:
             group.close()
 
@@ -152,3 +156,23 @@ def test_a_receiver_whose_sender_stops_sending_fails_instead_of_waiting_forever(
     _, received = run_pair(send, receive)
     assert isinstance(received, CollectiveError)
     assert "rank 1 of 2" in str(received) and "waited 2 s for 'bucket/0' from learner rank 0" in str(received)
+
+
+def test_a_sender_whose_receiver_never_reads_the_end_fails_clearly():
+    def send(port):
+        group = open_group(Rendezvous("127.0.0.1", port, 2, "gloo", 2.0), 0)
+        try:
+            return send_buckets(group, [[("w", torch.ones(4))]], "cpu")
+        finally:
+            group.close()
+
+    def receive(port):  # takes the one bucket, never asks for the end mark
+        group = open_group(Rendezvous("127.0.0.1", port, 2, "gloo", 2.0), 1)
+        first = next(receive_buckets(group, "cpu"))
+        time.sleep(4)
+        group.close()
+        return first
+
+    sent, received = run_pair(send, receive)
+    assert received[0] == "w"
+    assert isinstance(sent, CollectiveError) and "waited 2 s for ranks [1] to read the end" in str(sent)
