@@ -76,10 +76,10 @@ from rl.learner_config import TORCH_DTYPES, LearnerConfig, deepspeed_config
 from rl.logprobs import TokenPredictions
 from rl.schedule import make_scheduler
 from rl.trie import PackedRow, build_trie, make_row
-from rollout.storage import ShippedFolder, Storage, fetch_folder
-from rollout.units import Unit
 from rollout.collective import Broadcast, CollectiveError, Rendezvous, open_group, send_buckets
 from rollout.config import RolloutConfig
+from rollout.storage import ShippedFolder, Storage, fetch_folder
+from rollout.units import Unit
 from rollout.weights import PublishedWeights, interleave, pack_bucket, split_named
 
 Bucket = list[tuple[str, torch.Tensor]]
