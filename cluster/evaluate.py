@@ -105,7 +105,7 @@ class BenchEvalConfig:
                                                                            max_context=2048), metadata={
         "help": "decoding of both modes: rollout.n samples per problem (accuracy is avg@n; n > 1 needs a "
                 "temperature > 0), sampling, limits, engine dtype and tensor parallelism; rollout.sequential is "
-                "set per mode, and the pool fields (workers, cpus/gpus_per_worker, weight_bucket_mb) are unused: "
+                "set per mode, and the pool fields (workers, cpus/gpus_per_worker, weight_bucket_mb, weight_transfer) are unused: "
                 "one engine runs in this process"})
     latency: Literal["isolated", "batched"] = field(default="isolated", metadata={
         "help": "isolated: decode each problem alone (true per-problem wall clock); batched: all at once (fast)"})

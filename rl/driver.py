@@ -29,7 +29,10 @@ What one step really does:
    which the driver hands to the workers (``RolloutPool.update_weights``);
    the workers fetch the buckets from the learner's object store, so the
    weights never pass through the driver's memory (nor at start, on resume,
-   or when a rebuilt rollout pool loads the current weights);
+   or when a rebuilt rollout pool loads the current weights); with
+   ``rollout.weight_transfer: collective`` learner rank 0 broadcasts the
+   buckets over a process group that every engine worker joins instead
+   (gloo on CPU, NCCL on GPUs; :mod:`rollout.collective`);
 
    with ``max_staleness = 1`` steps 1-3 of step t+1 run in a background
    thread during step t's learning, on the rollout workers that still hold
@@ -379,8 +382,9 @@ class Run:
         return metrics
 
     def publish_weights(self):
-        """The learner's current weights in Ray's object store (references only; ``rollout.weights``)."""
-        return self.group.publish_weights(self.cfg.rollout.weight_bucket_mb)
+        """The learner's current weights as the pool takes them: references to buckets in Ray's object store
+        (``rollout.weights``) or a broadcast from rank 0 (``rollout.collective``), per ``rollout.weight_transfer``."""
+        return self.group.weights(self.cfg.rollout)
 
     def plan(self, step: int) -> Request:
         """Take the prompts of ``step`` from the prompt order."""
@@ -559,9 +563,8 @@ def train(cfg: RLConfig, tracker: Tracker, on_step: Callable[[int, dict], None] 
             services = start_services(cfg.rollout, cfg.reward, cfg.grpo, cfg.learner, model, placement)
         learner_lock = threading.Lock()
 
-        def learner_weights():  # what a rebuilt rollout pool loads (references to the learner's buckets)
-            with learner_lock:
-                return group.publish_weights(cfg.rollout.weight_bucket_mb)
+        def learner_weights():  # what a rebuilt rollout pool loads (the learner's current weights)
+            return group.weights(cfg.rollout, learner_lock)
 
         run = Run(cfg, tracker, group, services,
                   Rollouts(services, model, cfg.rollout, cfg.max_rollout_restarts, learner_weights,

@@ -37,7 +37,10 @@ Weights leave the learner in buckets (lists of ``(name, tensor)`` of at most
 rollout engines, ``publish_weights`` has the ranks serialise and put the
 buckets in Ray's object store themselves (bucket ``i`` by rank
 ``i % ranks``, :mod:`rollout.weights`) and returns only their references, so
-the weights never pass through the driver; and as Hugging Face checkpoints
+the weights never pass through the driver, or (``rollout.weight_transfer:
+collective``) ``broadcast`` has rank 0 broadcast the buckets over a process
+group that the engine workers join (:mod:`rollout.collective`; ``weights``
+picks the way from the rollout config); and as Hugging Face checkpoints
 that vLLM loads; :mod:`rl.checkpoint` adds the optimizer, scheduler, RNG and
 data position for exact resumption. Checkpoint targets are storage locations
 (``rollout.storage``): into a local folder every rank writes in place and
@@ -53,12 +56,14 @@ parallelism are not used.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import random
 import re
 import shutil
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -71,6 +76,8 @@ from rl.learner_config import TORCH_DTYPES, LearnerConfig, deepspeed_config
 from rl.logprobs import TokenPredictions
 from rl.schedule import make_scheduler
 from rl.trie import PackedRow, build_trie, make_row
+from rollout.collective import Broadcast, CollectiveError, Rendezvous, open_group, send_buckets
+from rollout.config import RolloutConfig
 from rollout.storage import ShippedFolder, Storage, fetch_folder
 from rollout.units import Unit
 from rollout.weights import PublishedWeights, interleave, pack_bucket, split_named
@@ -281,8 +288,9 @@ class Learner:
         named += [(n, b) for n, b in module.named_buffers() if n in persistent]
         return named
 
-    def _buckets(self, bucket_mb: float, mine) -> Iterator[tuple[int, Bucket]]:
-        """``(i, bucket)`` for the buckets ``i`` with ``mine(i)``: CPU copies of at most ``bucket_mb`` MB each.
+    def _buckets(self, bucket_mb: float, mine, device: torch.device | str = "cpu") -> Iterator[tuple[int, Bucket]]:
+        """``(i, bucket)`` for the buckets ``i`` with ``mine(i)``: copies on ``device`` of at most ``bucket_mb`` MB
+        each.
 
         Every rank cuts the same buckets (ZeRO-3 sizes count whole tensors) and
         must run this at the same time under ZeRO-3, where each bucket's
@@ -300,7 +308,7 @@ class Learner:
             params = [t for _, t in items if isinstance(t, torch.nn.Parameter)]
             with deepspeed.zero.GatheredParameters(params, enabled=stage3 and bool(params)):
                 if mine(i):
-                    bucket = [(n, t.detach().to("cpu", copy=True)) for n, t in items]
+                    bucket = [(n, t.detach().to(device, copy=True)) for n, t in items]
             if mine(i):
                 yield i, bucket
 
@@ -329,6 +337,30 @@ class Learner:
             refs.append(ray.put(data))
             n_bytes += len(data)
         return refs, n_bytes, time.perf_counter() - start
+
+    def broadcast_weights(self, rendezvous: Rendezvous, bucket_mb: float) -> tuple[int, int, float]:
+        """Rank 0: broadcast the full weights, bucket by bucket, to the engine workers of ``rendezvous``
+        (``rollout.collective``); the other ranks only take part in the ZeRO-3 gathers. Returns the buckets and
+        bytes sent (0 on other ranks) and the seconds."""
+        start = time.perf_counter()
+        if self.rank != 0:
+            for _ in self._buckets(bucket_mb, lambda i: False):
+                pass
+            return 0, 0, time.perf_counter() - start
+        device = self.device if rendezvous.backend == "nccl" else "cpu"
+        buckets = (b for _, b in self._buckets(bucket_mb, lambda i: True, device))
+        try:
+            group = open_group(rendezvous, 0)
+            try:
+                sent = send_buckets(group, buckets, device)
+            finally:
+                group.close()
+        except CollectiveError:
+            if self.cfg.zero_stage == 3:  # the other ranks wait in the gathers of the buckets not sent yet
+                for _ in buckets:
+                    pass
+            raise
+        return (*sent, time.perf_counter() - start)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The full weights (rank 0; empty elsewhere). Collective under ZeRO-3."""
@@ -485,6 +517,29 @@ class LearnerGroup:
         shares = ray.get([a.publish_weights.remote(bucket_mb) for a in self.actors])
         return PublishedWeights(interleave([refs for refs, _, _ in shares]), sum(n for _, n, _ in shares),
                                 max(s for _, _, s in shares))
+
+    def broadcast(self, bucket_mb: float, timeout_s: float, lock: "threading.Lock | None" = None) -> Broadcast:
+        """The weights as rank 0 will broadcast them to the rollout engines when the pool joins
+        (``rollout.collective``): gloo from CPU ranks, NCCL from GPU ranks. ``lock`` (when given) is held while
+        the send is handed to the ranks, so that it queues on every rank in the same order against the driver's
+        other learner calls."""
+        import ray
+
+        def send(rendezvous: Rendezvous) -> list:
+            with lock if lock is not None else contextlib.nullcontext():
+                return [a.broadcast_weights.remote(rendezvous, bucket_mb) for a in self.actors]
+
+        return Broadcast(lambda: tuple(ray.get(self.actors[0].address.remote())), send,
+                         "nccl" if self.cfg.on_gpu else "gloo", timeout_s)
+
+    def weights(self, cfg: RolloutConfig, lock: "threading.Lock | None" = None) -> "PublishedWeights | Broadcast":
+        """The current weights as ``cfg.weight_transfer`` has the rollout pool take them (``update_weights``):
+        published objects (:meth:`publish_weights`, done now) or a broadcast (:meth:`broadcast`, done when the
+        pool joins). ``lock`` as for :meth:`broadcast`, held while publishing."""
+        if cfg.weight_transfer == "collective":
+            return self.broadcast(cfg.weight_bucket_mb, cfg.weight_transfer_timeout_s, lock)
+        with lock if lock is not None else contextlib.nullcontext():
+            return self.publish_weights(cfg.weight_bucket_mb)
 
     def save_hf(self, out_dir: str | Path) -> Path:
         import ray

@@ -246,7 +246,7 @@ class SFTRun:
 
     def run_eval(self) -> dict:
         """Decode the validation prompts with the current weights; write and log the records and metrics."""
-        metrics, records = self.evaluator(self.group.publish_weights(self.cfg.eval.rollout.weight_bucket_mb))
+        metrics, records = self.evaluator(self.group.weights(self.cfg.eval.rollout))
         self.eval_s += metrics["seconds"]
         (self.run_dir / "eval").mkdir(exist_ok=True)
         with atomic_write(self.run_dir / "eval" / f"step_{self.step:08d}.jsonl") as f:

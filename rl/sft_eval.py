@@ -6,7 +6,9 @@ parallel mode for a model trained on the parallel layout, with spawning off
 for the sequential baseline. The learner's current weights reach the engines
 in place, in buckets that the learner ranks put in Ray's object store
 themselves (``rl.learner.LearnerGroup.publish_weights``, then
-``RolloutPool.update_weights``: only references pass through the caller);
+``RolloutPool.update_weights``: only references pass through the caller),
+or broadcast by learner rank 0 with ``rollout.weight_transfer: collective``
+(``rollout.collective``);
 the engines start on the first evaluation.
 
 Each trajectory is judged by :func:`rl.evaluation.judge` and the means by
@@ -24,6 +26,7 @@ from typing import Mapping, Sequence
 
 from rewards.checker import AnswerChecker
 from rl.evaluation import EvalRecord, judge, summarize
+from rollout.collective import Broadcast
 from rollout.config import RolloutConfig, check_ranges
 from rollout.orchestrator import generate
 from rollout.units import chat_prompt_ids
@@ -90,9 +93,9 @@ class Evaluator:
         self.pool = None
         self.checker = None
 
-    def __call__(self, weights: PublishedWeights | None) -> tuple[dict[str, float], list[EvalRecord]]:
-        """Evaluate ``weights`` (published in Ray's object store, ``rollout.weights``; None: the weights the
-        engines hold)."""
+    def __call__(self, weights: PublishedWeights | Broadcast | None) -> tuple[dict[str, float], list[EvalRecord]]:
+        """Evaluate ``weights`` (published in Ray's object store, ``rollout.weights``, or a broadcast,
+        ``rollout.collective``; None: the weights the engines hold)."""
         rollout_cfg = self.cfg.rollout_config(self.sequential)
         start = time.perf_counter()
         if self.checker is None:

@@ -29,6 +29,10 @@ RUNTIME_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNIN
                     "MLFLOW_DISABLE_TELEMETRY": "true"}
 
 
+#: the ways weights go from the learner to the engines (``RolloutConfig.weight_transfer``)
+WEIGHT_TRANSFERS = ("objects", "collective")
+
+
 def set_runtime_defaults() -> None:
     """Put :data:`RUNTIME_DEFAULTS` into ``os.environ`` where the variable is not set yet."""
     for name, value in RUNTIME_DEFAULTS.items():
@@ -180,6 +184,16 @@ class RolloutConfig:
         "help": "skip torch.compile and CUDA graphs (fast start on CPU; set false on GPUs)"})
     weight_bucket_mb: float = field(default=16.0, metadata={
         "help": "size of one weight-update bucket (MiB)", "range": "> 0"})
+    weight_transfer: str = field(default="objects", metadata={
+        "help": "how the learner's new weights reach the engines: 'objects' (the learner ranks put the buckets in "
+                "Ray's object store, every worker fetches them, writes them to its node's scratch and reloads; "
+                "rollout.weights) or 'collective' (learner rank 0 broadcasts the buckets over a process group that "
+                "every engine worker joins, gloo on CPU, NCCL on GPUs, loaded as they arrive; rollout.collective)"})
+    weight_transfer_timeout_s: float = field(default=300.0, metadata={
+        "help": "collective: longest wait for the group to form, for each bucket and for the other side; a "
+                "missing, unreachable or dead rank fails the sync after this long (s)", "range": "> 0"})
 
     def __post_init__(self) -> None:
         check_ranges(self)
+        if self.weight_transfer not in WEIGHT_TRANSFERS:
+            raise ValueError(f"weight_transfer must be one of {list(WEIGHT_TRANSFERS)}, got {self.weight_transfer!r}")

@@ -225,13 +225,15 @@ def _completion(output) -> Completion:
     return Completion(token_ids, logprobs, STOP if output.finish_reason == "stop" else LENGTH)
 
 
-#: vLLM worker extension that gives every engine worker ``threadweaver_reload``.
+#: vLLM worker extension that gives every engine worker ``threadweaver_reload`` and ``threadweaver_receive``.
 WORKER_EXTENSION = "rollout.engine.ReloadExtension"
 
 
 class ReloadExtension:
     """Mixed into vLLM's worker class by :func:`make_llm` (``worker_extension_cls``).
 
+    ``threadweaver_receive(rendezvous, first_rank)`` loads weights broadcast
+    by the learner over a collective group (``rollout.collective``).
     ``threadweaver_reload(path)`` reloads the weights in place from the
     safetensors files in ``path`` (vLLM's ``reload_weights``) and then
     re-prepares the output head when it is tied to the input embeddings.
@@ -244,6 +246,18 @@ class ReloadExtension:
 
     def threadweaver_reload(self, weights_path: str) -> None:
         self.reload_weights(weights_path=weights_path)
+        self._threadweaver_retie()
+
+    def threadweaver_receive(self, rendezvous: dict, first_rank: int) -> dict:
+        """Receive the weights broadcast by learner rank 0 (``rollout.collective``) as group rank ``first_rank``
+        plus this worker's rank in its engine; returns what :func:`rollout.collective.receive_into` counted."""
+        from rollout.collective import receive_into  # lazy: torch.distributed, in the engine's worker only
+
+        stats = receive_into(self, rendezvous, first_rank + int(getattr(self, "rank", 0)))
+        self._threadweaver_retie()
+        return stats
+
+    def _threadweaver_retie(self) -> None:
         model = self.model_runner.get_model()
         config = getattr(model, "config", None)
         head = getattr(model, "lm_head", None)

@@ -27,12 +27,11 @@ weights and must not be reused. vLLM's reload is one pass over all shards, so
 the loading itself starts when the last bucket is written.
 
 This goes through the worker's local disk (one copy of the weights per
-update, in a fresh temporary directory; the previous one is deleted). On a
-GPU cluster a collective broadcast (NCCL, e.g. vLLM's
-``vllm.distributed.weight_transfer``) from the learner's rank 0 straight into
-the engines' GPU memory would skip the object store, the disk and the host
-copies; that path is not implemented here (it cannot be exercised on a CPU
-machine).
+update, in a fresh temporary directory; the previous one is deleted). The
+other way, ``rollout.weight_transfer: collective`` (:mod:`rollout.collective`),
+broadcasts the buckets from the learner's rank 0 over a process group that
+the engine workers join (gloo on CPU, NCCL on GPUs), skipping the object
+store and the disk.
 """
 
 from __future__ import annotations

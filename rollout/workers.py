@@ -12,8 +12,11 @@ order. ``update_weights`` takes weights already published in Ray's object
 store (``rollout.weights.PublishedWeights``: in training the learner puts the
 buckets itself) and hands the bucket references to every worker, which
 fetches the buckets straight from their owner, writes each as it arrives and
-reloads its engine in place; the pool's process never fetches a bucket. It
-returns the measured times.
+reloads its engine in place; the pool's process never fetches a bucket. Or
+it takes a broadcast (``rollout.collective.Broadcast``): it names a group of
+the sender and every engine worker process, starts the sender and the
+workers' receives together and waits for both. It returns the measured
+times.
 
 The workers catch nothing themselves: model output cannot make the
 orchestrator raise (a trajectory ends with a finish reason instead), so an
@@ -36,7 +39,8 @@ from rollout.engine import VLLMEngine, make_llm, shutdown_llm
 from rollout.orchestrator import Trajectory, generate
 from rollout.storage import SCRATCH_ENV, ShippedFolder, fetch_folder, scratch_dir, ship_folder
 
-if TYPE_CHECKING:  # rollout.weights imports torch (~1 s): only the weight updates need it
+if TYPE_CHECKING:  # rollout.weights and rollout.collective import torch (~1 s): only the weight updates need it
+    from rollout.collective import Broadcast
     from rollout.weights import PublishedWeights
 
 #: Environment variables copied from the driver into every worker (vLLM, tokenizers, torch threads).
@@ -109,10 +113,36 @@ class RolloutWorker:
         self.weights_dir = new_dir
         return time.perf_counter() - start
 
+    def receive_weights(self, rendezvous: dict, first_rank: int) -> dict:
+        """Join learner rank 0's broadcast group (``rollout.collective``) with this engine's workers as ranks
+        ``first_rank`` and up, load the weights as they arrive, reset the prefix cache; returns the seconds and
+        what the first engine worker received."""
+        start = time.perf_counter()
+        stats = self.llm.collective_rpc("threadweaver_receive", args=(rendezvous, first_rank))
+        if self.llm.reset_prefix_cache() is False:
+            raise RuntimeError("vLLM refused to reset the prefix cache after a weight update")
+        if self.weights_dir is not None:  # the files of an earlier objects update are no longer the weights
+            shutil.rmtree(self.weights_dir, ignore_errors=True)
+            self.weights_dir = None
+        return {**stats[0], "seconds": time.perf_counter() - start}
+
     def shutdown(self) -> None:
         shutdown_llm(self.llm)
         if self.weights_dir is not None:
             shutil.rmtree(self.weights_dir, ignore_errors=True)
+
+
+def _wait_all(refs: Sequence) -> list:
+    """Every result of ``refs``, an exception in place of each failed one (waits for all of them)."""
+    import ray
+
+    out = []
+    for ref in refs:
+        try:
+            out.append(ray.get(ref))
+        except Exception as e:  # noqa: BLE001 - returned to the caller, which raises the most telling one
+            out.append(e)
+    return out
 
 
 class _Counter:
@@ -180,18 +210,46 @@ class RolloutPool:
             ray.kill(counter)
         return sorted(trajectories, key=lambda t: (t.prompt_index, t.sample_index))
 
-    def update_weights(self, weights: "PublishedWeights") -> WeightUpdate:
-        """Load published weights (Hugging Face names, ``rollout.weights.PublishedWeights``) into every engine.
+    def update_weights(self, weights: "PublishedWeights | Broadcast") -> WeightUpdate:
+        """Load new weights (Hugging Face names) into every engine: published ones
+        (``rollout.weights.PublishedWeights``) or a broadcast from their holder (``rollout.collective.Broadcast``).
 
-        Only the bucket references pass through here; the caller keeps ``weights`` (and so the buckets)
-        alive until this returns, when every worker has loaded them.
+        Published: only the bucket references pass through here; the caller keeps ``weights`` (and so the
+        buckets) alive until this returns, when every worker has loaded them. Broadcast: see
+        :meth:`_receive`.
         """
         import ray
 
+        from rollout.collective import Broadcast  # lazy: torch (~1 s); weight updates only
+
+        if isinstance(weights, Broadcast):
+            return self._receive(weights)
         start = time.perf_counter()
         load_s = max(ray.get([w.load_weights.remote(weights.refs) for w in self.workers]))
         return WeightUpdate(seconds=weights.publish_s + time.perf_counter() - start, publish_s=weights.publish_s,
                             load_s=load_s, n_buckets=weights.n_buckets, n_bytes=weights.n_bytes)
+
+    def _receive(self, source: "Broadcast") -> WeightUpdate:
+        """One broadcast group of the sender (rank 0) and every engine worker (``tensor_parallel_size`` ranks per
+        engine, from 1 up), the send and the receives started together and both waited for. ``publish_s`` is
+        the sender's time (it overlaps the loading), ``seconds`` the wall clock of the whole update."""
+        import ray
+
+        from rollout.collective import Rendezvous
+
+        start = time.perf_counter()
+        host, port = source.address()
+        tp = self.config.tensor_parallel_size
+        rendezvous = Rendezvous(host, port, 1 + tp * len(self.workers), source.backend, source.timeout_s)
+        sends = source.send(rendezvous)
+        receives = [w.receive_weights.remote(rendezvous.as_dict(), 1 + i * tp) for i, w in enumerate(self.workers)]
+        sent, received = _wait_all(sends), _wait_all(receives)
+        failures = [r for r in received + sent if isinstance(r, BaseException)]
+        if failures:  # a dead worker first (the caller may rebuild the pool), then the others in order
+            raise next((f for f in failures if isinstance(f, ray.exceptions.RayActorError)), failures[0])
+        n_buckets, n_bytes, send_s = max(sent, key=lambda s: s[0])
+        return WeightUpdate(seconds=time.perf_counter() - start, publish_s=send_s,
+                            load_s=max(r["seconds"] for r in received), n_buckets=n_buckets, n_bytes=n_bytes)
 
     def shutdown(self) -> None:
         import ray

@@ -1,18 +1,26 @@
-"""Benchmark the weight sync: direct from the learner (what training does) against through the driver (before).
+"""Benchmark the weight sync: direct from the learner, by collective broadcast, and through the driver (before).
 
-Two ways of moving the learner's weights into the rollout engines, measured
+Three ways of moving the learner's weights into the rollout engines, measured
 side by side in one run:
 
 * ``direct``: the learner ranks serialise the buckets and put them in Ray's
   object store themselves (``LearnerGroup.publish_weights``); the driver only
   hands the references to the workers (``RolloutPool.update_weights``).
+  Training's default (``rollout.weight_transfer: objects``).
+* ``collective``: learner rank 0 broadcasts the buckets over a process group
+  that every engine worker joins for the update (``rollout.collective``;
+  gloo here, on CPU); the workers load them as they arrive, no object store,
+  no disk (``rollout.weight_transfer: collective``; in the tiny RL run the
+  driver's own sync with that config).
 * ``driver``: the way before issue 16, rebuilt here from the kept parts: the
   driver fetches the full state dict (``LearnerGroup.state_dict``), cuts and
   puts the buckets itself (``rollout.weights.publish_state_dict``), then the
   workers load them the same way.
 
 For each way it reports the sync seconds (median; the learner's or driver's
-publishing, and the slowest worker's fetch + write + reload), and the
+publishing, or for ``collective`` rank 0's sending, which overlaps the
+loading, and the slowest worker's fetch + write + reload, or receive +
+load), and the
 driver process's peak resident memory during a sync (the kernel's VmHWM,
 reset before every sync through ``/proc/self/clear_refs``) with its growth
 over the resident memory just before the sync.
@@ -56,7 +64,9 @@ for _name, _value in {"VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "
                       "MLFLOW_DISABLE_TELEMETRY": "true"}.items():
     os.environ.setdefault(_name, _value)
 
-WAYS = ("direct", "driver")
+WAYS = ("direct", "collective", "driver")
+#: longest wait of a collective sync here (s): the defaults' 300 s, but a benchmark should fail sooner
+COLLECTIVE_TIMEOUT_S = 120.0
 LARGE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4, head_dim=64,
              intermediate_size=2048, vocab_size=32768, tie_word_embeddings=True)
 
@@ -102,11 +112,14 @@ class PeakRSS:
 
 
 def publish(way: str, group, bucket_mb: float):
-    """The learner's weights in the object store, put by the learner (``direct``) or by this process."""
+    """The learner's weights in the object store, put by the learner (``direct``) or by this process
+    (``driver``), or a broadcast from learner rank 0 that the pool's ``update_weights`` joins (``collective``)."""
     from rollout.weights import publish_state_dict
 
     if way == "direct":
         return group.publish_weights(bucket_mb)
+    if way == "collective":
+        return group.broadcast(bucket_mb, COLLECTIVE_TIMEOUT_S)
     return publish_state_dict(group.state_dict(), int(bucket_mb * 2**20))
 
 
@@ -122,11 +135,13 @@ class Recorder:
         from rl.driver import Run
         from rl.services import Rollouts
 
-        recorder, update = self, Rollouts.update_weights
+        recorder, update, driver_publish = self, Rollouts.update_weights, Run.publish_weights
 
         def run_publish(run):
             recorder.peak = PeakRSS().__enter__()
             recorder.start = time.perf_counter()
+            if recorder.way == "collective":  # the driver's own sync with rollout.weight_transfer=collective
+                return driver_publish(run)
             return publish(recorder.way, run.group, run.cfg.rollout.weight_bucket_mb)
 
         def rollouts_update(rollouts, weights):
@@ -161,7 +176,9 @@ def tiny_rl(args, work: Path) -> list[dict]:
         return load_config(RLConfig, args.config, [
             f"model={model}", f"run_dir={run_dir}", f"data.dir={work / 'data'}", "data.generate=true",
             f"steps={args.steps}", "save_every=0", "keep_last=1", "eval.at_start=false", "eval.every=0",
-            "eval.at_end=false", "progress=false", "reward.format_penalty=1.0", *args.override])
+            "eval.at_end=false", "progress=false", "reward.format_penalty=1.0",
+            f"rollout.weight_transfer={'collective' if way == 'collective' else 'objects'}",
+            f"rollout.weight_transfer_timeout_s={COLLECTIVE_TIMEOUT_S}", *args.override])
 
     recorder = Recorder()
     recorder.install()
@@ -275,13 +292,13 @@ def main() -> None:
             "step s", "sync share"]
     print(f"\nweight sync, learner -> rollout workers (work dir {work}; loadavg "
           f"{Path('/proc/loadavg').read_text().split()[:3]})\n")
-    print(f"{cols[0]:<22}{cols[1]:<8}" + "".join(f"{c:>18}" for c in cols[2:]))
+    print(f"{cols[0]:<22}{cols[1]:<12}" + "".join(f"{c:>18}" for c in cols[2:]))
     for r in rows:
         cells = "".join(f"{r[c]:>18.3f}" if isinstance(r[c], float) else f"{r[c]:>18}" for c in cols[2:])
-        print(f"{r['model']:<22}{r['way']:<8}{cells}")
+        print(f"{r['model']:<22}{r['way']:<12}{cells}")
     print("\nsync s: the driver's wall clock of one sync (median); publish s: the learner's (direct) or the "
-          "driver's (driver) cutting, serialising and putting; load s: the slowest worker's fetch, write and "
-          "reload; driver peak / growth: the driver's resident-memory high-water mark during a sync, and its "
+          "driver's (driver) cutting, serialising and putting, or learner rank 0's sending (collective, while the "
+          "workers load); load s: the slowest worker's fetch, write and reload (or receive and load); driver peak / growth: the driver's resident-memory high-water mark during a sync, and its "
           "rise over the memory just before (the largest of the syncs); sync share: time/sync_s over "
           "time/step_s (median over the steps).")
 

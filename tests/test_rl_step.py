@@ -183,7 +183,7 @@ def driver_run(tmp_path, rewards: list[float]):
 
     trajectories, _ = batch_of_two_groups()
     learner = FakeLearner()
-    learner.publish_weights = lambda bucket_mb: {"published with bucket_mb": bucket_mb}
+    learner.weights = lambda cfg, lock=None: {"published with bucket_mb": cfg.weight_bucket_mb}
     scored = [score(r) for r in rewards]
     services = T(rewards=T(score_batch=lambda items: scored), reference=None)
     cfg = RLConfig(model="m", run_dir=str(tmp_path), steps=1, prompts_per_step=2, rollout=RolloutConfig(n=2))

@@ -101,3 +101,65 @@ def test_learner_weights_reach_the_workers_without_the_driver(tiny_model_dir, to
         if pool is not None:
             pool.shutdown()
         ray.shutdown()
+
+
+@pytest.mark.integration
+def test_collective_broadcast_loads_what_the_objects_way_loads(tiny_model_dir, tokenizer, tmp_path):
+    """A real rollout pool (tiny model, seed 0) and a real two-rank ZeRO-3 learner on another model (seed 1):
+    after the learner's rank 0 broadcasts its weights over a gloo group (``rollout.weight_transfer:
+    collective``), the engine decodes exactly (tokens and log-probabilities) what it decodes after the same
+    weights arrive through the object store; a rendezvous that nobody (or no receiver) reaches fails within its
+    timeout with a clear error, and leaves the engine working."""
+    import socket
+    from dataclasses import replace
+
+    import ray
+
+    from rl.learner import LearnerConfig, LearnerGroup
+    from rollout.collective import Broadcast, Rendezvous
+    from rollout.tiny import init_model
+    from rollout.workers import RolloutPool
+
+    other = init_model(tmp_path / "seed1", seed=1)
+    prompts = [chat_prompt_ids(tokenizer, p) for p in PROMPTS]
+    decoding = RolloutConfig(max_context=1024, max_tokens=40, temperature=0.0, sequential=True)
+    sync = RolloutConfig(weight_bucket_mb=0.1, weight_transfer="collective", weight_transfer_timeout_s=60)
+    decoded = lambda pool: [(t.units[0].completion_ids, t.units[0].completion_logprobs)  # noqa: E731
+                            for t in pool.generate(prompts, config=decoding)]
+
+    start_ray(None, num_cpus=2, include_dashboard=False)
+    pool = group = None
+    try:
+        pool = RolloutPool(tiny_model_dir, RolloutConfig(workers=1, cpus_per_worker=1, max_context=1024))
+        before = decoded(pool)
+        group = LearnerGroup(LearnerConfig(ranks=2, cpus_per_rank=0.5, threads_per_rank=1, zero_stage=3), other,
+                             total_steps=1)
+        weights = group.weights(sync)
+        assert isinstance(weights, Broadcast) and weights.backend == "gloo"
+        update = pool.update_weights(weights)
+        assert update.n_buckets > 2 and update.n_bytes > 0 and update.load_s > 0 and update.seconds > 0
+        collective = decoded(pool)
+        assert [ids for ids, _ in collective] != [ids for ids, _ in before]  # the new weights decode differently
+
+        pool.update_weights(group.weights(replace(sync, weight_transfer="objects")))
+        objects = decoded(pool)
+        assert collective == objects
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            nobody = s.getsockname()[1]
+        with pytest.raises(ray.exceptions.RayTaskError, match=f"could not reach learner rank 0's store at "
+                                                              f"127.0.0.1:{nobody}"):
+            ray.get(pool.workers[0].receive_weights.remote(Rendezvous("127.0.0.1", nobody, 2, "gloo", 2.0).as_dict(),
+                                                           1))
+        lonely = Broadcast(weights.address, weights.send, "gloo", 2.0)
+        with pytest.raises(ray.exceptions.RayTaskError, match="learner rank 0 hosting the store waited for all"):
+            host, port = lonely.address()
+            ray.get(lonely.send(Rendezvous(host, port, 2, "gloo", 2.0)))
+        assert decoded(pool) == objects  # the engine survived both and still holds the learner's weights
+    finally:
+        if group is not None:
+            group.shutdown()
+        if pool is not None:
+            pool.shutdown()
+        ray.shutdown()
