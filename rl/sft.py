@@ -317,8 +317,8 @@ def _loop(run: SFTRun, on_step: Callable[[int, dict], None] | None, resumed: boo
         final = run.run_dir / "final"
         if final.is_symlink() or final.exists():
             final.unlink()
-        final.symlink_to(checkpoint.step_dir(run.run_dir / "checkpoints", run.step).relative_to(run.run_dir),
-                         target_is_directory=True)
+        # a link relative to the run folder, whether run_dir is relative or absolute
+        final.symlink_to(Path("checkpoints") / checkpoint.step_name(run.step), target_is_directory=True)
         return run.run_eval() if cfg.eval.at_end else {}
 
 

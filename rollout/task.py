@@ -47,6 +47,7 @@ NUMBER_ORDERS = ("normal", "reversed")
 SUM_STYLES = ("restate", "chain")
 OUTLINE_STYLES = ("spaced", "tight")
 PAD_WIDTHS = ("product", "answer")
+RESULT_KEYS = ("none", "hash")
 FILE_NAMES = {"train": "train.jsonl", "validation": "validation.jsonl", "test": "test.jsonl"}
 
 
@@ -75,6 +76,11 @@ class TaskConfig:
     outline_style: str = field(default="spaced", metadata={
         "help": "outlines: spaced ('<Outline>1: 7*486</Outline>' one a line), or tight "
                 "('<Outline>1:7*486</Outline>' back to back, 2 tokens fewer each)"})
+    result_key: str = field(default="none", metadata={
+        "help": "how a sum after the join finds the products it adds: none (it copies each thread's last "
+                "number), or hash (each product ends with ' #k:RESULT', k its number in the block, and each "
+                "sum line names the key of every term it adds, '#1:..+#2:..=..': a copy that follows a key "
+                "found nowhere else instead of a position)"})
 
     def __post_init__(self) -> None:
         self.check()
@@ -88,7 +94,7 @@ class TaskConfig:
         if self.number_order not in NUMBER_ORDERS:
             raise ValueError(f"number_order must be one of {NUMBER_ORDERS}, got {self.number_order!r}")
         for name, allowed in (("sum_style", SUM_STYLES), ("thread_width", PAD_WIDTHS),
-                              ("outline_style", OUTLINE_STYLES)):
+                              ("outline_style", OUTLINE_STYLES), ("result_key", RESULT_KEYS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
 
@@ -128,8 +134,9 @@ def _pad(n: int, width: int, reverse: bool = False) -> str:
     return text[::-1] if reverse else text
 
 
-def product_steps(a: int, b: int, width: int, reverse: bool = False) -> str:
-    """``a*b: a*d0=.., a*d1 0=.., p0+p1=.., ..`` with every result padded to ``width`` (reversed if ``reverse``)."""
+def product_steps(a: int, b: int, width: int, reverse: bool = False, key: int | None = None) -> str:
+    """``a*b: a*d0=.., a*d1 0=.., p0+p1=.., ..`` with every result padded to ``width`` (reversed if ``reverse``),
+    then `` #key:RESULT`` when ``key`` is given."""
     partials = []
     for power, digit in enumerate(reversed(str(b))):
         if digit != "0":
@@ -139,7 +146,8 @@ def product_steps(a: int, b: int, width: int, reverse: bool = False) -> str:
     for _, p in partials[1:]:
         steps.append(f"{_pad(running, width, reverse)}+{_pad(p, width, reverse)}={_pad(running + p, width, reverse)}")
         running += p
-    return f"{a}*{b}: " + ", ".join(steps)
+    tail = f" #{key}:{_pad(a * b, width, reverse)}" if key is not None else ""
+    return f"{a}*{b}: " + ", ".join(steps) + tail
 
 
 def _widths(problem: Problem, cfg: TaskConfig) -> tuple[int, int]:
@@ -150,22 +158,34 @@ def _widths(problem: Problem, cfg: TaskConfig) -> tuple[int, int]:
 
 
 def _sum_lines(values: list[int], start: int | None, width: int, reverse: bool = False,
-               chain: bool = False) -> tuple[list[str], int]:
+               chain: bool = False, keyed: bool = False) -> tuple[list[str], int]:
     """The running sum of ``values`` onto ``start``: one line per addition, and the new total.
 
     With ``chain`` only a block's first line restates the total; each next line
-    adds its term to the total that ends the line above (``+term=new``).
+    adds its term to the total that ends the line above (``+term=new``). With
+    ``keyed`` every term is written after its key (``#k:term``, k counting
+    ``values`` from 1), and so is the first term when it opens the sum.
     """
+    def term(k: int, v: int) -> str:
+        return (f"#{k}:" if keyed else "") + _pad(v, width, reverse)
+
     lines = []
-    total = start
-    for v in values:
+    total, left = start, None if start is None else _pad(start, width, reverse)
+    for k, v in enumerate(values, start=1):
         if total is None:
-            total = v
+            total, left = v, term(k, v)
             continue
-        left = "" if chain and lines else _pad(total, width, reverse)
-        lines.append(f"{left}+{_pad(v, width, reverse)}={_pad(total + v, width, reverse)}")
+        if chain and lines:
+            left = ""
+        lines.append(f"{left}+{term(k, v)}={_pad(total + v, width, reverse)}")
         total += v
+        left = _pad(total, width, reverse)
     return lines, total
+
+
+def _key(number: int, cfg: TaskConfig) -> int | None:
+    """The key a product's result is written under (its number in the block), or None without keys."""
+    return number if cfg.result_key == "hash" else None
 
 
 def _answer_text(answer: int) -> str:
@@ -178,8 +198,9 @@ def sequential_response(problem: Problem, cfg: TaskConfig) -> str:
     lines = [THINK_OPEN]
     total = None
     for group in problem.groups:
-        lines += [product_steps(a, b, pw, rev) for a, b in group]
-        sums, total = _sum_lines([a * b for a, b in group], total, sw, rev, cfg.sum_style == "chain")
+        lines += [product_steps(a, b, pw, rev, _key(i, cfg)) for i, (a, b) in enumerate(group, start=1)]
+        sums, total = _sum_lines([a * b for a, b in group], total, sw, rev, cfg.sum_style == "chain",
+                                 cfg.result_key == "hash")
         lines += sums
     return "\n".join(lines) + "\n" + _answer_text(problem.answer)
 
@@ -200,10 +221,11 @@ def parallel_response(problem: Problem, cfg: TaskConfig) -> str:
         out.append(f"{PARALLEL_OPEN}\n{OUTLINES_OPEN}\n")
         out += [outline(i, a, b, cfg.outline_style) for i, (a, b) in enumerate(group, start=1)]
         out.append(OUTLINES_CLOSE)
-        out += [f"\n{THREAD_OPEN}\n{i}: {product_steps(a, b, pw, rev)}\n{THREAD_CLOSE}" for i, (a, b) in
-                enumerate(group, start=1)]
+        out += [f"\n{THREAD_OPEN}\n{i}: {product_steps(a, b, pw, rev, _key(i, cfg))}\n{THREAD_CLOSE}"
+                for i, (a, b) in enumerate(group, start=1)]
         out.append(f"\n{PARALLEL_CLOSE}\n")
-        sums, total = _sum_lines([a * b for a, b in group], total, sw, rev, cfg.sum_style == "chain")
+        sums, total = _sum_lines([a * b for a, b in group], total, sw, rev, cfg.sum_style == "chain",
+                                 cfg.result_key == "hash")
         out += [line + "\n" for line in sums]
     return "".join(out) + _answer_text(problem.answer)
 

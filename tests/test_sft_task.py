@@ -67,7 +67,7 @@ def test_chain_sums_and_tight_outlines():
 
 
 def test_sum_outline_and_width_styles_are_checked():
-    for knob in ("sum_style", "outline_style", "thread_width"):
+    for knob in ("sum_style", "outline_style", "thread_width", "result_key"):
         with pytest.raises(ValueError, match=knob):
             make_dataset(TaskConfig(**{knob: "other"}), {"train": 1})
 
@@ -102,6 +102,34 @@ def test_thread_width_answer_pads_every_number_like_the_sums():
             assert int(y[::-1]) + (int(x[::-1]) if x else 0) <= int(z[::-1])
 
 
+def test_keyed_results_every_sum_term_follows_its_product_key():
+    cfg = TaskConfig(min_threads=3, max_threads=4, blocks=2, b_digits=3, number_order="reversed",
+                     sum_style="chain", outline_style="tight", thread_width="answer", result_key="hash")
+    plain = TaskConfig(**{**cfg.__dict__, "result_key": "none"})
+    data, old = make_dataset(cfg, {"train": 40}, seed=5), make_dataset(plain, {"train": 40}, seed=5)
+    for r, o in zip(data["train"], old["train"]):
+        assert r["prompt"] == o["prompt"] and r["answer"] == o["answer"]
+        text = r["response_parallel"]
+        assert not validate(text)
+        assert flatten(parse(text)) == r["response_sequential"]
+        # without keys the same text: drop every ' #k:' tail and every 'k#:' before a term
+        assert re.sub(r"#\d+:", "", re.sub(r" #\d+:\d+\n", "\n", text)) == o["response_parallel"]
+        for block, part in zip(r["terms"], text.split("<Parallel>")[1:]):
+            threads, after = part.split("</Parallel>\n")
+            products = re.findall(r"<Thread>\n(\d+): (\d+)\*(\d+): .*? #(\d+):(\d+)\n</Thread>", threads)
+            assert [(int(a), int(b)) for _, a, b, _, _ in products] == [tuple(t) for t in block]
+            keyed = {}
+            for n, a, b, key, result in products:
+                assert key == n and int(result[::-1]) == int(a) * int(b)  # the thread's number, its product
+                keyed[key] = result
+            sums = after.split("<")[0].strip().splitlines()
+            terms = [t for line in sums for t in re.findall(r"#(\d+):(\d+)", line)]
+            assert terms == sorted(keyed.items())  # every product added once, in order, copied after its key
+        assert text.count("#1:") == 4  # a key is written in its thread and in one sum line, per block
+        seq = r["response_sequential"].splitlines()
+        assert re.fullmatch(r"\d+\*\d+: .* #1:\d+", seq[1])  # the sequential lines end the same way
+
+
 def test_task_data_folder_settings_are_checked_and_old_folders_read_with_defaults(tmp_path):
     import json
 
@@ -111,7 +139,7 @@ def test_task_data_folder_settings_are_checked_and_old_folders_read_with_default
     cfg = TaskConfig(b_digits=2)
     ensure_task_data(tmp_path, cfg, sizes, 0)
     marker = json.loads((tmp_path / "task.json").read_text())
-    for knob in ("sum_style", "outline_style", "thread_width"):  # a folder written before these knobs existed
+    for knob in ("sum_style", "outline_style", "thread_width", "result_key"):  # a folder from before these knobs
         del marker[knob]
     (tmp_path / "task.json").write_text(json.dumps(marker))
     assert ensure_task_data(tmp_path, cfg, sizes, 0) == tmp_path
