@@ -179,7 +179,8 @@ def _stage2(cfg, context: dict[str, str]) -> int:
 
     rc = cfg.rollout
     try:
-        started = init_ray(cfg.ray, [Role("rollout worker", rc.workers, rc.cpus_per_worker, rc.gpus_per_worker)])
+        started = init_ray(cfg.ray, [Role("rollout worker", rc.workers, rc.cpus_per_worker, rc.gpus_per_worker,
+                                          tp=rc.tensor_parallel_size)])
     except RuntimeError as e:  # the workers do not fit the cluster
         print(f"threadweaver datagen stage2: {e}", file=sys.stderr)
         return 2

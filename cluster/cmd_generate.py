@@ -105,7 +105,8 @@ def _sample(cfg: GenerateConfig, prompts: list[list[int]]) -> list:
     from tqdm import tqdm
 
     rc = cfg.rollout
-    started = init_ray(cfg.ray, [Role("rollout worker", rc.workers, rc.cpus_per_worker, rc.gpus_per_worker)])
+    started = init_ray(cfg.ray, [Role("rollout worker", rc.workers, rc.cpus_per_worker, rc.gpus_per_worker,
+                                      tp=rc.tensor_parallel_size)])
     try:
         pool = RolloutPool(cfg.model, rc)
         try:

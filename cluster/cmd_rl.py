@@ -37,7 +37,7 @@ class RLRunConfig(RLConfig):
 def roles(cfg: RLConfig) -> list[Role]:
     """The actors this run starts, with their reservations (see ``cluster.ray_setup``)."""
     out = [Role("rollout worker", cfg.rollout.workers, cfg.rollout.cpus_per_worker, cfg.rollout.gpus_per_worker,
-                "rollout"),
+                "rollout", cfg.rollout.tensor_parallel_size),
            Role("reward actor", cfg.reward.num_actors, cfg.reward.actor_cpus, 0.0, "reward"),
            Role("learner rank", cfg.learner.ranks, cfg.learner.cpus_per_rank, cfg.learner.gpus_per_rank, "learner")]
     if cfg.grpo.kl_coef > 0:

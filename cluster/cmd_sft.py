@@ -34,7 +34,7 @@ def roles(cfg: SFTConfig) -> list[Role]:
     out = [Role("SFT learner", cfg.learner.ranks, cfg.learner.cpus_per_rank, cfg.learner.gpus_per_rank, "learner")]
     if cfg.eval.every > 0 or cfg.eval.at_end:
         out.append(Role("SFT eval worker", cfg.eval.rollout.workers, cfg.eval.rollout.cpus_per_worker,
-                        cfg.eval.rollout.gpus_per_worker, "eval"))
+                        cfg.eval.rollout.gpus_per_worker, "eval", cfg.eval.rollout.tensor_parallel_size))
     return out
 
 

@@ -3,7 +3,9 @@
 Roles and what each actor reserves (all from the config):
 
 * rollout workers: ``rollout.workers`` actors of ``rollout.cpus_per_worker``
-  CPUs and ``rollout.gpus_per_worker`` GPUs, one vLLM engine each;
+  CPUs and ``rollout.gpus_per_worker`` GPUs, one vLLM engine each (with
+  ``rollout.tensor_parallel_size`` = tp > 1, each engine's tp GPUs, one per
+  shard worker, in a group of its own on one node: ``cluster.placement``);
 * reward actors: ``reward.num_actors`` actors of ``reward.actor_cpus`` CPUs;
 * learner ranks: ``learner.ranks`` actors of ``learner.cpus_per_rank`` CPUs
   and ``learner.gpus_per_rank`` GPUs;
@@ -122,19 +124,26 @@ class Role:
     cpus: float
     gpus: float = 0.0
     key: str = ""
+    tp: int = 1  # GPUs of each actor's tensor-parallel engine (> 1: held by the engine's shard workers, not the actor)
 
     @property
     def total_cpus(self) -> float:
         return self.count * self.cpus
 
     @property
+    def gpus_each(self) -> float:
+        """GPUs one actor's share of the plan holds: its engine's tp GPUs, else its own."""
+        return float(self.tp) if self.tp > 1 else self.gpus
+
+    @property
     def total_gpus(self) -> float:
-        return self.count * self.gpus
+        return self.count * self.gpus_each
 
 
 def plan_text(roles: list[Role]) -> str:
     """One line per role, then the totals."""
-    lines = [f"  {r.name:<16} {r.count} x ({r.cpus:g} CPU, {r.gpus:g} GPU)" for r in roles]
+    lines = [f"  {r.name:<16} {r.count} x ({r.cpus:g} CPU, {r.gpus_each:g} GPU"
+             + (f": a tensor-parallel engine, one GPU per shard, on one node)" if r.tp > 1 else ")") for r in roles]
     cpus, gpus = sum(r.total_cpus for r in roles), sum(r.total_gpus for r in roles)
     lines.append(f"  {'total':<16} {cpus:g} CPU, {gpus:g} GPU")
     return "\n".join(lines)
@@ -152,8 +161,8 @@ def check_fits(roles: list[Role], available: dict[str, float]) -> None:
         what = ", ".join(f"{v:g} {k} needed, {have:g} in the cluster" for k, (v, have) in short.items())
         raise RuntimeError(f"the Ray cluster cannot hold every role at once ({what}):\n{plan_text(roles)}")
     for r in roles:
-        if r.gpus > 0 and available.get("GPU", 0.0) < r.gpus:
-            raise RuntimeError(f"role {r.name} needs {r.gpus:g} GPU per actor; the cluster has "
+        if r.gpus_each > 0 and available.get("GPU", 0.0) < r.gpus_each:
+            raise RuntimeError(f"role {r.name} needs {r.gpus_each:g} GPU per actor; the cluster has "
                                f"{available.get('GPU', 0.0):g}")
 
 

@@ -380,7 +380,7 @@ def sweep(cfg: SweepConfig, context: dict[str, str] | None = None, resume: bool 
     configs = [absolute(c) for c in configs]
     per_point = [r for r in roles(configs[0]) if not (cfg.share_rollout and r.name == "rollout worker")]
     concurrency = 1 if cfg.share_rollout else min(cfg.max_concurrent, len(points))
-    plan = [Role(r.name, r.count * concurrency, r.cpus, r.gpus) for r in roles(configs[0])]
+    plan = [Role(r.name, r.count * concurrency, r.cpus, r.gpus, tp=r.tp) for r in roles(configs[0])]
     started = init_ray(cfg.ray, plan)
     try:
         check_reachable(uri, alive_nodes())

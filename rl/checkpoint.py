@@ -192,3 +192,24 @@ def load(group: LearnerGroup, path: Location) -> dict:
         raise ValueError(f"{path}: DeepSpeed state is at step {client.get('step')}, "
                          f"{STATE_FILE} at step {state['step']}")
     return state
+
+
+def store_outputs(run_dir: Location, storage: str | None) -> None:
+    """Copy a stage's run outputs (``config*.yaml``, ``metrics.jsonl``, ``summary.json``, ``eval/``) from
+    ``run_dir`` to ``storage`` when one is set (nothing otherwise: they are already in RUN_DIR)."""
+    if not storage:
+        return
+    store, run_dir = Storage.of(storage), Path(run_dir)
+    for f in sorted(run_dir.glob("config*.yaml")) + [run_dir / "metrics.jsonl", run_dir / "summary.json"]:
+        if f.is_file():
+            store.write_bytes(f.name, f.read_bytes())
+    if (run_dir / "eval").is_dir():
+        store.upload(run_dir / "eval", "eval")
+
+
+def fetch_metrics(run_dir: Location, storage: str | None) -> None:
+    """On resume with a ``storage``: ``metrics.jsonl`` from there when RUN_DIR lacks it (a new driver machine)."""
+    local = Path(run_dir) / "metrics.jsonl"
+    if storage and not local.exists() and Storage.of(storage).exists("metrics.jsonl"):
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_bytes(Storage.of(storage).read_bytes("metrics.jsonl"))

@@ -360,7 +360,7 @@ class Run:
     def save(self) -> None:
         self.log.sync()  # the records up to a checkpoint are on disk with it
         checkpoint.save(self.group, self.checkpoints, self.step, self.trainer_state(), self.cfg.keep_last)
-        store_outputs(self.cfg)
+        checkpoint.store_outputs(self.cfg.run_dir, self.cfg.storage)
 
     def run_eval(self) -> dict:
         """Decode the held-out prompts in each mode; log the metrics, the records and their page."""
@@ -482,27 +482,6 @@ def _loop(run: Run, on_step: Callable[[int, dict], None] | None, resumed: bool) 
         return run.run_eval() if cfg.eval.at_end else {}
 
 
-def store_outputs(cfg: RLConfig) -> None:
-    """Copy the driver's run outputs (``config*.yaml``, ``metrics.jsonl``, ``summary.json``, ``eval/``) to
-    ``storage`` when one is set (nothing otherwise: they are already in RUN_DIR)."""
-    if not cfg.storage:
-        return
-    storage, run_dir = Storage.of(cfg.storage), Path(cfg.run_dir)
-    for f in sorted(run_dir.glob("config*.yaml")) + [run_dir / "metrics.jsonl", run_dir / "summary.json"]:
-        if f.is_file():
-            storage.write_bytes(f.name, f.read_bytes())
-    if (run_dir / "eval").is_dir():
-        storage.upload(run_dir / "eval", "eval")
-
-
-def fetch_metrics(cfg: RLConfig) -> None:
-    """On resume with a ``storage``: ``metrics.jsonl`` from there when RUN_DIR lacks it (a new driver machine)."""
-    local = Path(cfg.run_dir) / "metrics.jsonl"
-    if cfg.storage and not local.exists() and Storage.of(cfg.storage).exists("metrics.jsonl"):
-        local.parent.mkdir(parents=True, exist_ok=True)
-        local.write_bytes(Storage.of(cfg.storage).read_bytes("metrics.jsonl"))
-
-
 def _restore(group, resume: Path | str | None, run_dir: Path, resolved: str) -> tuple[dict, Path]:
     """The trainer state (a fresh one, or the checkpoint's) and the resolved config file of this start."""
     if resume is None:
@@ -541,7 +520,7 @@ def train(cfg: RLConfig, tracker: Tracker, on_step: Callable[[int, dict], None] 
     if resume is None:
         write_text(run_dir / "config.yaml", resolved)
     else:
-        fetch_metrics(cfg)
+        checkpoint.fetch_metrics(cfg.run_dir, cfg.storage)
     tokenizer = load_tokenizer(fetch_folder(cfg.model))  # a URI: downloaded into the driver's scratch once
     train_records, val_records = load_data(cfg)
     val_chosen = val_records[:cfg.eval.prompts]
@@ -585,7 +564,7 @@ def train(cfg: RLConfig, tracker: Tracker, on_step: Callable[[int, dict], None] 
             "eval": final_eval,
         }
         write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
-        store_outputs(cfg)
+        checkpoint.store_outputs(cfg.run_dir, cfg.storage)
         tracker.log_artifact(run_dir / "summary.json")
         tracker.finish("FINISHED")
         return summary

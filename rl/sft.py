@@ -35,6 +35,16 @@ and per evaluation), ``eval/step_N.jsonl`` (every decoded validation
 response), ``checkpoints/``, ``final`` (a link to the last checkpoint; its
 ``hf/`` folder is what vLLM and the RL stage load), ``summary.json``.
 
+With ``storage`` set (a folder every node sees, or a pyarrow/fsspec URI;
+``rollout.storage``), the checkpoints go to ``STORAGE/checkpoints`` instead
+(every learner rank uploads its own files, ``rl.checkpoint``), there is no
+``final`` link (the summary's ``checkpoint`` names the last one's ``hf/`` in
+storage), the run outputs above are copied there after every checkpoint and
+at the end, and ``resume=auto`` continues from storage, taking
+``metrics.jsonl`` from there when RUN_DIR lacks it (a new driver machine).
+The model, a local folder, is read by the driver and shipped to actors on
+other nodes (``rollout.storage.ship_folder``).
+
 Metrics go to the tracker the caller passes (:mod:`rl.tracker`) as they happen:
 ``train/...`` every step, ``eval/...`` at every evaluation, the parameters at
 the start; its run id is saved in each checkpoint, so ``resume=auto`` reopens
@@ -69,6 +79,7 @@ from rl.trie import pack_tries, tree_stats
 from rollout.config import check_ranges, to_dict
 from rollout.files import atomic_write, check_model_dir, check_output_dir, write_text
 from rollout.records import read_records
+from rollout.storage import Storage, ship_folder
 
 
 @dataclass
@@ -122,6 +133,10 @@ class SFTConfig:
     """
 
     run_dir: str = field(default="runs/sft", metadata={"help": "output folder of this run"})
+    storage: str | None = field(default=None, metadata={
+        "help": "where checkpoints and run outputs go so that every node reaches them: a local folder (every "
+                "node must see it at the same path) or a pyarrow/fsspec URI (file://, s3://, gs://, hdfs://, ...); "
+                "null: RUN_DIR itself (checkpoints in RUN_DIR/checkpoints)"})
     steps: int = field(default=1000, metadata={
         "help": "optimizer steps (also the learning-rate schedule length)", "range": ">= 1"})
     tokens_per_step: int = field(default=8192, metadata={"help": "trie tokens per optimizer step, the global "
@@ -177,9 +192,9 @@ def check_inputs(cfg: SFTConfig) -> None:
     plan = memory_plan(cfg) if cfg.model.path is None or cfg.plan.device_memory_gib > 0 else None
     if plan is not None:  # (building the tiny model's plan also checks its sizes)
         check_plan(plan)
-    resume = checkpoint.resume_of_run(cfg.resume, cfg.run_dir)
-    if cfg.resume not in (None, "auto") and not resume.is_dir():
-        raise ValueError(f"resume checkpoint {resume} does not exist")
+    if cfg.storage:
+        Storage.of(cfg.storage).check("storage")
+    checkpoint.resume_of_run(cfg.resume, cfg.run_dir, cfg.storage)
     check_output_dir(cfg.run_dir, "run_dir")
     check_data_config(cfg.data)
 
@@ -235,6 +250,11 @@ class SFTRun:
     def run_dir(self) -> Path:
         return Path(self.cfg.run_dir)
 
+    @property
+    def checkpoints(self) -> Path | str:
+        """The checkpoint root: ``RUN_DIR/checkpoints``, or ``STORAGE/checkpoints`` with a storage."""
+        return checkpoint.checkpoints_of(self.cfg.run_dir, self.cfg.storage)
+
     def trainer_state(self) -> dict:
         return {"train_s": self.train_s, "eval_s": self.eval_s, "tokens_seen": self.tokens_seen,
                 "data": vars(self.stream.state).copy(), "layout": self.cfg.data.layout,
@@ -242,7 +262,8 @@ class SFTRun:
 
     def save(self) -> None:
         self.log.sync()  # the records up to a checkpoint are on disk with it
-        checkpoint.save(self.group, self.run_dir / "checkpoints", self.step, self.trainer_state(), self.cfg.keep_last)
+        checkpoint.save(self.group, self.checkpoints, self.step, self.trainer_state(), self.cfg.keep_last)
+        checkpoint.store_outputs(self.run_dir, self.cfg.storage)
 
     def run_eval(self) -> dict:
         """Decode the validation prompts with the current weights; write and log the records and metrics."""
@@ -291,7 +312,7 @@ class SFTRun:
 
 def _loop(run: SFTRun, on_step: Callable[[int, dict], None] | None, resumed: bool) -> dict:
     """Steps until ``cfg.steps`` with their checkpoints and evaluations; the final checkpoint, the ``final``
-    link and the final evaluation. Returns the final evaluation's metrics."""
+    link (without a storage) and the final evaluation. Returns the final evaluation's metrics."""
     cfg = run.cfg
     last_saved = run.step if resumed else -1
     bar = None
@@ -314,11 +335,12 @@ def _loop(run: SFTRun, on_step: Callable[[int, dict], None] | None, resumed: boo
             bar.close()
         if last_saved != run.step:
             run.save()
-        final = run.run_dir / "final"
-        if final.is_symlink() or final.exists():
-            final.unlink()
-        # a link relative to the run folder, whether run_dir is relative or absolute
-        final.symlink_to(Path("checkpoints") / checkpoint.step_name(run.step), target_is_directory=True)
+        if not cfg.storage:
+            final = run.run_dir / "final"
+            if final.is_symlink() or final.exists():
+                final.unlink()
+            # a link relative to the run folder, whether run_dir is relative or absolute
+            final.symlink_to(Path("checkpoints") / checkpoint.step_name(run.step), target_is_directory=True)
         return run.run_eval() if cfg.eval.at_end else {}
 
 
@@ -338,8 +360,10 @@ def train(cfg: SFTConfig, on_step: Callable[[int, dict], None] | None = None,
     wall_start = time.perf_counter()
     check_inputs(cfg)
     run_dir = Path(cfg.run_dir)
-    resume = checkpoint.resume_of_run(cfg.resume, run_dir)
+    resume = checkpoint.resume_of_run(cfg.resume, run_dir, cfg.storage)
     write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    if resume is not None:
+        checkpoint.fetch_metrics(run_dir, cfg.storage)
     model_dir = prepare_model(cfg.model, run_dir)
     tokenizer = load_tokenizer(model_dir)
     train_records, val_records = prepare_data(cfg.data)
@@ -349,7 +373,8 @@ def train(cfg: SFTConfig, on_step: Callable[[int, dict], None] | None = None,
     tracker = tracker or NoTracker()
     try:
         placement = placement or {}
-        group = LearnerGroup(cfg.learner, model_dir, total_steps=cfg.steps, actor_options=placement.get("learner", ()))
+        shipped = ship_folder(model_dir)  # what actors read: the folder, or its files shipped to other nodes
+        group = LearnerGroup(cfg.learner, shipped, total_steps=cfg.steps, actor_options=placement.get("learner", ()))
         state = {"step": 0, "train_s": 0.0, "eval_s": 0.0, "tokens_seen": 0.0, "data": vars(StreamState())}
         if resume is not None:
             state = checkpoint.load(group, resume)
@@ -370,10 +395,12 @@ def train(cfg: SFTConfig, on_step: Callable[[int, dict], None] | None = None,
             "layout": cfg.data.layout, "steps": run.step, "train_s": run.train_s, "eval_s": run.eval_s,
             "wall_s": time.perf_counter() - wall_start, "tokens_seen": run.tokens_seen,
             "examples_seen": run.stream.state.served, "epochs": run.stream.state.served / len(tries),
-            "checkpoint": str(run_dir / "final" / "hf"), "data": data_info,
+            "checkpoint": str(Storage.of(checkpoint.step_dir(run.checkpoints, run.step)).child("hf").location)
+            if cfg.storage else str(run_dir / "final" / "hf"), "data": data_info,
             "eval": final_eval, "mlflow_run_id": tracker.run_id, "tracking_uri": tracker.uri,
         }
         write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+        checkpoint.store_outputs(run_dir, cfg.storage)
         tracker.log_artifact(run_dir / "summary.json")
         tracker.finish("FINISHED")
         return summary

@@ -172,8 +172,9 @@ class RolloutConfig:
     workers: int = field(default=1, metadata={"help": "Ray rollout workers, each owning one engine", "range": ">= 1"})
     cpus_per_worker: float = field(default=1.0, metadata={"help": "Ray CPUs reserved by one worker", "range": ">= 0"})
     gpus_per_worker: float = field(default=0.0, metadata={
-        "help": "Ray GPUs reserved by one worker actor: 1 on a GPU cluster with tensor_parallel_size 1; 0 with "
-                "tensor_parallel_size > 1, whose shard workers vLLM places as Ray actors itself", "range": ">= 0"})
+        "help": "Ray GPUs reserved by one worker actor: 1 on a GPU cluster with tensor_parallel_size 1; must be 0 "
+                "with tensor_parallel_size > 1, whose shard workers vLLM starts as Ray actors of 1 GPU each in the "
+                "engine's placement group", "range": ">= 0"})
     tensor_parallel_size: int = field(default=1, metadata={"help": "GPUs one engine is sharded over", "range": ">= 1"})
     dtype: str = field(default="float32", metadata={"help": "engine weight dtype (float32 on CPU, bfloat16 on GPU)"})
     gpu_memory_utilization: float = field(default=0.9, metadata={
@@ -197,3 +198,7 @@ class RolloutConfig:
         check_ranges(self)
         if self.weight_transfer not in WEIGHT_TRANSFERS:
             raise ValueError(f"weight_transfer must be one of {list(WEIGHT_TRANSFERS)}, got {self.weight_transfer!r}")
+        if self.tensor_parallel_size > 1 and self.gpus_per_worker > 0:
+            raise ValueError(f"rollout.gpus_per_worker must be 0 with tensor_parallel_size "
+                             f"{self.tensor_parallel_size} (the engine's shard workers reserve its GPUs), got "
+                             f"{self.gpus_per_worker:g}")

@@ -4,8 +4,9 @@
 each reserving ``cpus_per_worker`` CPUs and ``gpus_per_worker`` GPUs (on a GPU
 cluster: 1 GPU per worker with ``tensor_parallel_size`` 1; with
 ``tensor_parallel_size > 1`` vLLM's Ray executor starts the engine's shard
-workers as Ray actors and reserves their GPUs itself, so the worker actor
-holds none - this path is not exercised on the CPU test machine). ``generate`` spreads the prompts over the
+workers as Ray actors of 1 GPU each in the worker's placement group, which
+``cluster.placement`` gives every such engine, so the worker actor holds none;
+a real tensor-parallel engine has not run on the CPU test machine). ``generate`` spreads the prompts over the
 workers round-robin, a prompt's ``n`` samples staying together on one worker
 so they share its prefix cache, and returns every trajectory in prompt-major
 order. ``update_weights`` takes weights already published in Ray's object

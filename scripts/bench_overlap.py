@@ -21,9 +21,26 @@ makes the learner forward, backward and step on every batch anyway, so each
 step costs the learner what a trained model's batch would. The held-out
 reward is then a format score, and its difference between the two runs says
 little over so few steps. Responses are capped at 256 tokens (``rollout.max_tokens``)
-to keep the run short. Pass ``--model runs/sft_tiny/final/hf`` (the SFT stage's
-checkpoint), ``--format-penalty 0`` and ``--override grpo.skip_zero_advantage=true``
-for the real task.
+to keep the run short.
+
+For a held-out reward that means something, start from a briefly SFT-trained
+tiny model, on the task it was trained on (``sft_tiny.yaml``'s task: 2-digit
+second factors, numbers written least-significant digit first), and reward
+correctness only (``--format-penalty 0``; ``--eval-prompts`` up to the 50
+validation records); each command is one line:
+
+  threadweaver sft --config experiments/sft_tiny.yaml steps=450 save_every=0 run_dir=runs/sft_brief
+      data.dir=runs/data/sft_brief data.train_size=4000 eval.every=0 eval.prompts=50
+  python scripts/bench_overlap.py --model runs/sft_brief/final/hf --format-penalty 0 --eval-prompts 50
+      --override data.task.b_digits=2 data.task.number_order=reversed
+
+(the full ``sft_tiny.yaml`` run, 1100 steps in 8.2 min, gives ``runs/sft_tiny/final/hf``;
+the 450-step one above was not timed). A model trained on another task needs
+that task's data: ``--override data.dir=ITS_DATA data.generate=false``, and
+the RL limits it needs (e.g. ``rollout.max_tokens=512 rollout.max_context=768
+learner.row_tokens=4096`` for 4-thread problems).
+``grpo.skip_zero_advantage`` stays false, so every step costs the learner the
+same whether or not a group's answers all agree.
 
 On one machine both "nodes" share its cores: the overlap can only hide what
 the cores can run at the same time (here the rollout engine and the learner

@@ -21,9 +21,20 @@ For each way it reports the sync seconds (median; the learner's or driver's
 publishing, or for ``collective`` rank 0's sending, which overlaps the
 loading, and the slowest worker's fetch + write + reload, or receive +
 load), and the
-driver process's peak resident memory during a sync (the kernel's VmHWM,
-reset before every sync through ``/proc/self/clear_refs``) with its growth
-over the resident memory just before the sync.
+driver process's resident memory: just before the way's first sync (its
+base: what the driver holds without any weights), its peak during a sync
+(the kernel's VmHWM, reset before every sync through
+``/proc/self/clear_refs``) and its growth over the resident memory just
+before the sync.
+
+Each model runs in a fresh driver process of its own (a spawned child; this
+process only starts them and prints the table), and in that process every
+``direct`` and ``collective`` sync runs before any ``driver`` sync: a ``driver`` sync leaves
+about 2.5 times the weights resident in the process after it returns (the
+object-store pages it wrote and read stay mapped, counted as shared
+resident memory, and the heap keeps what it freed), so a direct sync
+measured after one would report those leftovers as its own peak. The large
+model is written by a third child, so no driver process ever holds it.
 
 Two models:
 
@@ -40,8 +51,16 @@ Two models:
    parameters (hidden 768, 12 layers, 12 heads, 4 KV heads, MLP 2048,
    vocabulary 32768, tied head; fp32, made with transformers from a config
    in a child process, no download), one learner rank and one rollout worker;
-   ``--repeats`` syncs per way, alternating (no RL step: on two CPU cores a
-   step of this model takes minutes).
+   ``--repeats`` syncs per way (no RL step: on two CPU cores a step of this
+   model takes minutes). The same syncs of the tiny model (``tiny ..., syncs
+   only``) give the like-for-like comparison: the same driver code, with a
+   model 160 times smaller.
+
+The worker's load writes every bucket to its node's local disk before vLLM
+reloads from there; on this machine's disk, writing the 384 MiB of the
+large model sometimes took ~0.9 s instead of ~0.1 s (measured apart, without
+vLLM, with either process owning the buckets), so the load column of the
+large model varies between syncs.
 
 Nothing is asserted; timings on a shared machine are noisy, so compare the
 rows of one run, and run it alone on the machine (nothing else using the cores):
@@ -58,13 +77,14 @@ import re
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 for _name, _value in {"VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu",
                       "MLFLOW_DISABLE_TELEMETRY": "true"}.items():
     os.environ.setdefault(_name, _value)
 
-WAYS = ("direct", "collective", "driver")
+WAYS = ("direct", "collective", "driver")  # every driver sync last (see above)
 #: longest wait of a collective sync here (s): the defaults' 300 s, but a benchmark should fail sooner
 COLLECTIVE_TIMEOUT_S = 120.0
 LARGE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4, head_dim=64,
@@ -76,7 +96,8 @@ def parse_args() -> argparse.Namespace:
     g = p.add_argument_group("what to run")
     g.add_argument("--work-dir", type=Path, default=None, help="models, data and runs (default: a temporary dir)")
     g.add_argument("--skip-tiny", action="store_true", help="skip the tiny RL config")
-    g.add_argument("--skip-large", action="store_true", help="skip the ~100M-parameter model")
+    g.add_argument("--skip-large", action="store_true",
+                   help="skip the syncs-only rows (the ~100M-parameter model and the tiny one)")
     g = p.add_argument_group("tiny RL config")
     g.add_argument("--config", default="experiments/rl_tiny.yaml", help="RL config file (default: the tiny one)")
     g.add_argument("--steps", type=int, default=3, help="P-GRPO steps per way (count, default 3)")
@@ -149,7 +170,8 @@ class Recorder:
             del weights
             recorder.peak.__exit__()
             recorder.syncs.append({"way": recorder.way, "seconds": time.perf_counter() - recorder.start,
-                                   "update": result, "peak": recorder.peak.peak, "growth": recorder.peak.growth})
+                                   "update": result, "before": recorder.peak.before, "peak": recorder.peak.peak,
+                                   "growth": recorder.peak.growth})
             return result
 
         Run.publish_weights = run_publish
@@ -227,16 +249,20 @@ def make_large(out: str) -> None:
         shutil.copy(tiny / "generation_config.json", Path(out) / "generation_config.json")
 
 
-def large(args, work: Path) -> list[dict]:
-    """``--repeats`` syncs per way of the ~100M model from one learner rank to one rollout worker."""
+def syncs_only(args, work: Path, name: str) -> list[dict]:
+    """``--repeats`` syncs per way of model ``work/name`` (``tiny`` or ``large``) from one learner rank to one
+    rollout worker, every direct sync first (see the module doc)."""
     import ray
 
     from rl.learner import LearnerConfig, LearnerGroup
     from rollout.config import RolloutConfig
     from rollout.ray_init import start_ray
+    from rollout.tiny import init_model
     from rollout.workers import RolloutPool
 
-    model = work / "large"
+    model = work / name
+    if not (model / "config.json").exists():
+        init_model(model, seed=0)  # the tiny model (the large one is written beforehand, in another process)
     syncs: list[dict] = []
     start_ray(None, num_cpus=2, include_dashboard=False)
     pool = group = None
@@ -244,21 +270,21 @@ def large(args, work: Path) -> list[dict]:
         pool = RolloutPool(model, RolloutConfig(workers=1, cpus_per_worker=1, max_context=512))
         group = LearnerGroup(LearnerConfig(ranks=1, cpus_per_rank=1, threads_per_rank=1), model, total_steps=1)
         params = group.info[0]["parameters"]
-        for _ in range(args.repeats):
-            for way in WAYS:
+        for way in WAYS:
+            for _ in range(args.repeats):
                 with PeakRSS() as peak:
                     start = time.perf_counter()
                     update = pool.update_weights(publish(way, group, args.bucket_mb))
                 syncs.append({"way": way, "seconds": time.perf_counter() - start, "update": update,
-                              "peak": peak.peak, "growth": peak.growth})
+                              "before": peak.before, "peak": peak.peak, "growth": peak.growth})
     finally:
         if group is not None:
             group.shutdown()
         if pool is not None:
             pool.shutdown()
         ray.shutdown()
-    return [row(f"large ({params / 1e6:.0f}M params)", way, [s for s in syncs if s["way"] == way])
-            for way in WAYS]
+    size = f"{params / 1e6:.0f}M" if params >= 1e7 else f"{params / 1e6:.2f}M"
+    return [row(f"{name} ({size}), syncs only", way, [s for s in syncs if s["way"] == way]) for way in WAYS]
 
 
 def row(model: str, way: str, syncs: list[dict], shares: list[float] | None = None,
@@ -268,38 +294,44 @@ def row(model: str, way: str, syncs: list[dict], shares: list[float] | None = No
             "sync s": med([s["seconds"] for s in syncs]),
             "publish s": med([s["update"].publish_s for s in syncs]),
             "load s": med([s["update"].load_s for s in syncs]),
+            "driver base MiB": syncs[0]["before"] if syncs else float("nan"),
             "driver peak MiB": max((s["peak"] for s in syncs), default=float("nan")),
             "driver growth MiB": max((s["growth"] for s in syncs), default=float("nan")),
             "step s": step_s if step_s is not None else float("nan"),
             "sync share": med(shares) if shares else float("nan")}
 
 
+def in_child(fn, *args):
+    """``fn(*args)`` in a fresh spawned process (its own driver: nothing of this one's memory), its result."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
 def main() -> None:
     args = parse_args()
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench-weight-sync-"))
+    load_before = Path("/proc/loadavg").read_text().split()[:3]
     rows = []
     if not args.skip_large and not (work / "large" / "config.json").exists():  # first: a failure costs no engine
-        child = multiprocessing.get_context("spawn").Process(target=make_large, args=(str(work / "large"),))
-        child.start()
-        child.join()
-        if child.exitcode != 0:
-            raise RuntimeError(f"making the large model failed (exit code {child.exitcode})")
+        in_child(make_large, str(work / "large"))
     if not args.skip_tiny:
-        rows += tiny_rl(args, work)
-    if not args.skip_large:
-        rows += large(args, work)
-    cols = ["model", "way", "syncs", "MiB", "sync s", "publish s", "load s", "driver peak MiB", "driver growth MiB",
-            "step s", "sync share"]
-    print(f"\nweight sync, learner -> rollout workers (work dir {work}; loadavg "
-          f"{Path('/proc/loadavg').read_text().split()[:3]})\n")
-    print(f"{cols[0]:<22}{cols[1]:<12}" + "".join(f"{c:>18}" for c in cols[2:]))
+        rows += in_child(tiny_rl, args, work)
+    if not args.skip_large:  # the same syncs of both models, each in a driver process of its own
+        rows += in_child(syncs_only, args, work, "tiny")
+        rows += in_child(syncs_only, args, work, "large")
+    cols = ["model", "way", "syncs", "MiB", "sync s", "publish s", "load s", "driver base MiB", "driver peak MiB",
+            "driver growth MiB", "step s", "sync share"]
+    print(f"\nweight sync, learner -> rollout workers (work dir {work}; loadavg before "
+          f"{load_before}, after {Path('/proc/loadavg').read_text().split()[:3]})\n")
+    print(f"{cols[0]:<30}{cols[1]:<12}" + "".join(f"{c:>18}" for c in cols[2:]))
     for r in rows:
         cells = "".join(f"{r[c]:>18.3f}" if isinstance(r[c], float) else f"{r[c]:>18}" for c in cols[2:])
-        print(f"{r['model']:<22}{r['way']:<12}{cells}")
+        print(f"{r['model']:<30}{r['way']:<12}{cells}")
     print("\nsync s: the driver's wall clock of one sync (median); publish s: the learner's (direct) or the "
           "driver's (driver) cutting, serialising and putting, or learner rank 0's sending (collective, while the "
-          "workers load); load s: the slowest worker's fetch, write and reload (or receive and load); driver peak / growth: the driver's resident-memory high-water mark during a sync, and its "
-          "rise over the memory just before (the largest of the syncs); sync share: time/sync_s over "
+          "workers load); load s: the slowest worker's fetch, write and reload (or receive and load); driver base: the driver process's resident memory just before the way's first sync; driver peak / "
+          "growth: its resident-memory high-water mark during a sync, and its rise over the memory just before "
+          "(the largest of the syncs); each model in a fresh driver process, direct syncs first; sync share: time/sync_s over "
           "time/step_s (median over the steps).")
 
 

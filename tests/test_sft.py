@@ -188,6 +188,41 @@ def test_killed_run_resumes_to_the_same_weights_past_a_damaged_checkpoint(full_r
 
 
 @pytest.mark.integration
+def test_a_run_with_storage_checkpoints_there_and_resumes_from_it_on_a_new_driver(full_run, tiny_model_dir,
+                                                                                   tmp_path):
+    """``storage=file://...``: the checkpoints and run outputs go to storage, none to RUN_DIR; killed after step
+    4 (checkpoint at 3), the run resumes from storage into an empty RUN_DIR (a new driver machine), takes the
+    metrics of steps 1-3 from there, and ends with the weights of the uninterrupted run without storage."""
+    from safetensors.torch import load_file
+
+    from rl.sft import Stop, train
+    from rollout.storage import Storage
+
+    base, full = full_run
+    store = f"file://{tmp_path / 'store'}"
+
+    def kill_after_4(step, metrics):
+        if step == 4:
+            raise Stop()
+
+    with pytest.raises(Stop):
+        train(_config(tmp_path / "cut", base / "data", tiny_model_dir, storage=store), on_step=kill_after_4)
+    storage = Storage.of(store)
+    assert storage.read_text("checkpoints/latest") == "step_00000003"
+    assert not (tmp_path / "cut" / "checkpoints").exists() and not (tmp_path / "cut" / "final").exists()
+    resumed = train(_config(tmp_path / "new_driver", base / "data", tiny_model_dir, storage=store, resume="auto"))
+    assert resumed["steps"] == 6
+    assert resumed["checkpoint"] == f"{store}/checkpoints/step_00000006/hf"
+    assert not (tmp_path / "new_driver" / "checkpoints").exists()
+    a = load_file(f"{full['checkpoint']}/model.safetensors")
+    b = load_file(tmp_path / "store" / "checkpoints" / "step_00000006" / "hf" / "model.safetensors")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    assert [json.loads(x)["step"] for x in open(tmp_path / "new_driver" / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+    assert {"config.yaml", "metrics.jsonl", "summary.json"} <= set(storage.sizes())
+    assert json.loads(storage.read_text("summary.json"))["checkpoint"] == resumed["checkpoint"]
+
+
+@pytest.mark.integration
 def test_sft_checkpoint_loads_in_vllm_with_the_learner_logprobs(full_run, tiny_model_dir, tokenizer, llm):
     from transformers import AutoModelForCausalLM
     from vllm import SamplingParams, TokensPrompt

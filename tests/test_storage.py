@@ -87,6 +87,18 @@ def test_rl_refuses_a_bad_storage_before_starting_anything(tmp_path, capsys, mon
     assert f"model file://{tmp_path / 'none'} holds no config.json" in capsys.readouterr().err
 
 
+
+def test_sft_refuses_a_bad_storage_before_starting_anything(tmp_path, capsys, monkeypatch, bare_rl_inputs):
+    import ray
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: (_ for _ in ()).throw(AssertionError("Ray started")))
+    _, data = bare_rl_inputs
+    ok = [f"data.dir={data}", "data.generate=false", f"run_dir={tmp_path / 'run'}"]
+    assert main(["sft", *ok, "storage=nosuch://bucket/run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "storage nosuch://bucket/run: cannot open it" in err and "\n" not in err and "Traceback" not in err
+
+
 # --------------------------------------------------------------------------- checkpoints in storage
 
 
