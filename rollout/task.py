@@ -48,6 +48,7 @@ SUM_STYLES = ("restate", "chain")
 OUTLINE_STYLES = ("spaced", "tight")
 PAD_WIDTHS = ("product", "answer")
 RESULT_KEYS = ("none", "hash")
+SEQUENTIAL_KEYS = ("none", "prefix", "plan")
 FILE_NAMES = {"train": "train.jsonl", "validation": "validation.jsonl", "test": "test.jsonl"}
 
 
@@ -81,6 +82,13 @@ class TaskConfig:
                 "number), or hash (each product ends with ' #k:RESULT', k its number in the block, and each "
                 "sum line names the key of every term it adds, '#1:..+#2:..=..': a copy that follows a key "
                 "found nowhere else instead of a position)"})
+    sequential_keys: str = field(default="none", metadata={
+        "help": "how the sequential reference finds each product in the prompt: none (each line starts with "
+                "the bare product, found by its position among the prompt's terms), prefix (each line starts "
+                "'k: ' like a thread), or plan (prefix, and a line after each block's start that lists the "
+                "block's products with their keys, '1:6*22 2:3*97', as the outlines do: each line then copies "
+                "what follows its key). The parallel reference is unchanged; train the sequential baseline on "
+                "response_sequential (data.response_field), which no longer equals the flattened parallel one"})
 
     def __post_init__(self) -> None:
         self.check()
@@ -94,7 +102,8 @@ class TaskConfig:
         if self.number_order not in NUMBER_ORDERS:
             raise ValueError(f"number_order must be one of {NUMBER_ORDERS}, got {self.number_order!r}")
         for name, allowed in (("sum_style", SUM_STYLES), ("thread_width", PAD_WIDTHS),
-                              ("outline_style", OUTLINE_STYLES), ("result_key", RESULT_KEYS)):
+                              ("outline_style", OUTLINE_STYLES), ("result_key", RESULT_KEYS),
+                              ("sequential_keys", SEQUENTIAL_KEYS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
 
@@ -198,7 +207,11 @@ def sequential_response(problem: Problem, cfg: TaskConfig) -> str:
     lines = [THINK_OPEN]
     total = None
     for group in problem.groups:
-        lines += [product_steps(a, b, pw, rev, _key(i, cfg)) for i, (a, b) in enumerate(group, start=1)]
+        if cfg.sequential_keys == "plan":
+            lines.append(" ".join(f"{i}:{a}*{b}" for i, (a, b) in enumerate(group, start=1)))
+        prefix = "{}: " if cfg.sequential_keys != "none" else ""
+        lines += [prefix.format(i) + product_steps(a, b, pw, rev, _key(i, cfg))
+                  for i, (a, b) in enumerate(group, start=1)]
         sums, total = _sum_lines([a * b for a, b in group], total, sw, rev, cfg.sum_style == "chain",
                                  cfg.result_key == "hash")
         lines += sums

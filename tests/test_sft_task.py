@@ -1,4 +1,4 @@
-"""The synthetic task's layout knobs (number order, sum and outline styles, thread width) and its ceiling."""
+"""The synthetic task's layout knobs (number order, sum and outline styles, thread width, keys) and its ceiling."""
 
 import re
 
@@ -67,7 +67,7 @@ def test_chain_sums_and_tight_outlines():
 
 
 def test_sum_outline_and_width_styles_are_checked():
-    for knob in ("sum_style", "outline_style", "thread_width", "result_key"):
+    for knob in ("sum_style", "outline_style", "thread_width", "result_key", "sequential_keys"):
         with pytest.raises(ValueError, match=knob):
             make_dataset(TaskConfig(**{knob: "other"}), {"train": 1})
 
@@ -130,6 +130,49 @@ def test_keyed_results_every_sum_term_follows_its_product_key():
         assert re.fullmatch(r"\d+\*\d+: .* #1:\d+", seq[1])  # the sequential lines end the same way
 
 
+def test_sequential_keys_give_each_sequential_line_its_key_and_a_plan_to_copy_from():
+    from rl.sft_data import response_units
+    from rollout.task import ceiling
+    from rollout.tiny import build_tokenizer
+
+    cfg = TaskConfig(min_threads=3, max_threads=4, blocks=2, b_digits=2, number_order="reversed",
+                     sum_style="chain", outline_style="tight", thread_width="answer", result_key="hash")
+    variants = {k: make_dataset(TaskConfig(**{**cfg.__dict__, "sequential_keys": k}), {"test": 30}, seed=4)["test"]
+                for k in ("none", "prefix", "plan")}
+    for none, prefix, plan in zip(*variants.values()):
+        assert none["prompt"] == plan["prompt"] and none["answer"] == plan["answer"]
+        assert none["response_parallel"] == prefix["response_parallel"] == plan["response_parallel"]
+        assert flatten(parse(none["response_parallel"])) == none["response_sequential"]
+        for r in (prefix, plan):
+            assert not validate(r["response_sequential"])
+            assert r["response_sequential"].endswith(f"\\boxed{{{r['answer']}}}")
+        # prefix: the lines of 'none', each product line after its key 'k: ', k its number in the block
+        lines = prefix["response_sequential"].splitlines()
+        assert re.sub(r"(?m)^\d+: ", "", prefix["response_sequential"]) == none["response_sequential"]
+        products = [re.fullmatch(r"(\d+): (\d+)\*(\d+): .* #(\d+):\d+", x) for x in lines]
+        products = [m.groups() for m in products if m]
+        assert [(int(a), int(b)) for _, a, b, _ in products] == [tuple(t) for g in plan["terms"] for t in g]
+        assert all(k == key for k, _, _, key in products)
+        assert [int(k) for k, _, _, _ in products] == [i for g in plan["terms"] for i in range(1, len(g) + 1)]
+        # plan: the lines of 'prefix', and before each block's products one line listing them with their keys
+        seq = plan["response_sequential"].splitlines()
+        plans = [x for x in seq if re.fullmatch(r"\d+:\d+\*\d+( \d+:\d+\*\d+)*", x)]
+        assert plans == [" ".join(f"{i}:{a}*{b}" for i, (a, b) in enumerate(g, start=1)) for g in plan["terms"]]
+        assert seq[1] == plans[0]  # right after '<think>', as the outlines follow the prompt
+        assert [x for x in seq if x not in plans] == lines
+    # the sequential baseline trains on the task's sequential reference as written (data.response_field)
+    tok = build_tokenizer()
+    r = variants["plan"][0]
+    unit, = response_units([1, 2], r["response_sequential"], tok, tok.eos_token_id, "sequential")
+    assert unit.completion_ids[-1] == tok.eos_token_id
+    assert tok.decode(unit.completion_ids[:-1]) == r["response_sequential"]
+    # the sequential references get longer, the parallel ones do not: the ceiling rises with them
+    c = {k: ceiling(v, tok) for k, v in variants.items()}
+    assert c["none"].L_crit_parallel == c["plan"].L_crit_parallel
+    assert c["none"].L_sequential < c["prefix"].L_sequential < c["plan"].L_sequential
+    assert c["none"].speedup < c["prefix"].speedup < c["plan"].speedup
+
+
 def test_task_data_folder_settings_are_checked_and_old_folders_read_with_defaults(tmp_path):
     import json
 
@@ -139,7 +182,8 @@ def test_task_data_folder_settings_are_checked_and_old_folders_read_with_default
     cfg = TaskConfig(b_digits=2)
     ensure_task_data(tmp_path, cfg, sizes, 0)
     marker = json.loads((tmp_path / "task.json").read_text())
-    for knob in ("sum_style", "outline_style", "thread_width", "result_key"):  # a folder from before these knobs
+    # a folder from before these knobs
+    for knob in ("sum_style", "outline_style", "thread_width", "result_key", "sequential_keys"):
         del marker[knob]
     (tmp_path / "task.json").write_text(json.dumps(marker))
     assert ensure_task_data(tmp_path, cfg, sizes, 0) == tmp_path
