@@ -4,25 +4,36 @@ The head offers no CPUs, so every bundle lands on one of two worker "nodes":
 node A with 3 CPUs and ``{"node_a": 1}``, node B with 1 CPU and ``{"node_b": 1}``.
 """
 
+import contextlib
+
 import pytest
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def cluster():
+@contextlib.contextmanager
+def simulated_cluster(head: dict, nodes: dict[str, dict]):
+    """A head with no CPUs (plus ``head``'s node arguments) and one raylet per ``nodes`` entry (its ``add_node``
+    arguments), Ray connected to it; yields the cluster and each node's id by name."""
     import ray
     from ray.cluster_utils import Cluster
 
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-    nodes = {"a": c.add_node(num_cpus=3, resources={"node_a": 1}), "b": c.add_node(num_cpus=1, resources={"node_b": 1})}
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False, **head})
+    added = {name: c.add_node(**args) for name, args in nodes.items()}
     c.wait_for_nodes()
     ray.init(address=c.address, log_to_driver=False)
     try:
-        yield c, {name: n.node_id for name, n in nodes.items()}
+        yield c, {name: n.node_id for name, n in added.items()}
     finally:
         ray.shutdown()
         c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with simulated_cluster({}, {"a": dict(num_cpus=3, resources={"node_a": 1}),
+                                "b": dict(num_cpus=1, resources={"node_b": 1})}) as c:
+        yield c
 
 
 class Where:

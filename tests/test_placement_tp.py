@@ -9,23 +9,16 @@ tensor-parallel engine (this project has never run one: no GPU machine).
 
 import pytest
 
+from tests.test_placement_cluster import simulated_cluster
+
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def gpu_cluster():
-    import ray
-    from ray.cluster_utils import Cluster
-
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "num_gpus": 0, "include_dashboard": False})
-    nodes = {name: c.add_node(num_cpus=2, num_gpus=gpus) for name, gpus in (("a", 2), ("b", 1), ("c", 2))}
-    c.wait_for_nodes()
-    ray.init(address=c.address, log_to_driver=False)
-    try:
-        yield c, {name: n.node_id for name, n in nodes.items()}
-    finally:
-        ray.shutdown()
-        c.shutdown()
+    with simulated_cluster({"num_gpus": 0}, {name: dict(num_cpus=2, num_gpus=gpus)
+                                             for name, gpus in (("a", 2), ("b", 1), ("c", 2))}) as c:
+        yield c
 
 
 class EngineProbe:
