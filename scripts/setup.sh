@@ -87,6 +87,14 @@ fi
 
 "$VENV/bin/python" -c 'import transformers, torch; from transformers import Qwen3ForCausalLM' \
     || { echo "[setup] transformers cannot import its models; see the note above" >&2; exit 1; }
+# DeepSpeed's CPU accelerator compiles its shared-memory collective op (a C++ extension, cached under
+# ~/.cache/torch_extensions) the first time a learner starts: about a minute. Build it here, with the
+# install, so that the first training run does not pay for it.
+if has_extra cpu; then
+    echo "[setup] building DeepSpeed's CPU communication op (once)"
+    DS_ACCELERATOR=cpu "$VENV/bin/python" -c 'from deepspeed.comm.torch import build_shm_op; build_shm_op()' \
+        >/dev/null 2>&1 || echo "[setup] could not build DeepSpeed's CPU communication op now; the first training run will" >&2
+fi
 # A GPU install must have a CUDA build of torch (no GPU is needed to check that).
 if has_extra gpu; then
     "$VENV/bin/python" -c 'import sys, torch; sys.exit(0 if torch.version.cuda else 1)' \
