@@ -158,6 +158,7 @@ class Runner:
         self.start_s = time.perf_counter() - t0
         self.tokenizer = load_tokenizer(model_dir)
         self.engine = VLLMEngine(self.llm, sampling_overrides=sampling)
+        self.processes = engine_processes()
 
     def time_parts(self) -> None:
         """Time the parts of every engine step (:data:`STEP_PARTS`) into the trace of the run in progress.
@@ -210,6 +211,32 @@ class Runner:
         from rollout.engine import shutdown_llm
 
         shutdown_llm(self.llm)
+
+
+def engine_processes() -> list[str]:
+    """This process and its descendants (vLLM's engine core and worker): name, the CPUs it may run on, its
+    thread count and the OpenMP thread count it was started with, from ``/proc``."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    mine, frontier = [os.getpid()], [os.getpid()]
+    while frontier:
+        frontier = [pid for pid, ppid in parents.items() if ppid in frontier]
+        mine += frontier
+    out = []
+    for pid in mine:
+        try:
+            status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+            env = dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in kv)
+        except OSError:
+            continue
+        out.append(f"{status['Name'].strip()} (cpus {status['Cpus_allowed_list'].strip()}, "
+                   f"{status['Threads'].strip()} threads, OMP_NUM_THREADS {env.get('OMP_NUM_THREADS', '-')})")
+    return out
 
 
 def isolated(runner: Runner, prompts: list[list[int]], configs: dict, repeats: int) -> dict:
@@ -408,11 +435,13 @@ def main() -> None:
     iso: dict = {}
     bat: dict = {}
     start_s: list[float] = []
+    processes: list[str] = []
     groups = ([("parallel", "sequential")] if models["parallel"] == models["sequential"]
               else [("parallel",), ("sequential",)])  # two models: one engine after the other
     for group in groups:
         runner = Runner(models[group[0]], args, kwargs, engine_kwargs(args.sampling))
         start_s.append(runner.start_s)
+        processes += runner.processes
         if args.breakdown:
             runner.time_parts()
         try:
@@ -431,7 +460,7 @@ def main() -> None:
     sampling = f"; sampling {args.sampling}" if args.sampling else ""
     print(f"\n{source}; engine {kwargs or 'make_llm defaults'}{sampling} (started in "
           f"{', '.join(f'{s:.0f}' for s in start_s)} s); load average before {' '.join(load[0])}, "
-          f"after {' '.join(load[1])}\n")
+          f"after {' '.join(load[1])}; processes: {'; '.join(processes)}\n")
     print(f"## isolated decoding: each problem alone, {args.repeats} repeats, per trajectory "
           f"(finish: parallel {','.join(iso['parallel']['finish'])}, sequential "
           f"{','.join(iso['sequential']['finish'])})\n")
@@ -450,7 +479,7 @@ def main() -> None:
           "per-problem ratios; wall: median of the repeats)")
     print(f"engine steps lost between requests, per trajectory: parallel {iso['parallel']['lost_steps']:.2f}, "
           f"sequential {iso['sequential']['lost_steps']:.2f}")
-    results.update(load=load, engine_start_s=start_s, isolated={
+    results.update(load=load, engine_start_s=start_s, processes=processes, isolated={
         "efficiency": eff, "gap": gap, "step_cost": fit, "lost_steps": {m: iso[m]["lost_steps"] for m in iso},
         "profile": {m: {k: v for k, v in asdict(p).items() if k not in SERIES} for m, p in profiles.items()}})
     if bat:
