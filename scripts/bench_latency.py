@@ -23,6 +23,10 @@ What it does, in one run (no Ray: one engine in this process's control, as ``thr
    model input preparation, forward pass, sampler, scheduler update, output processing), each fitted as a
    fixed cost plus a cost per sequence in the step, which says what a thread costs on this engine.
 
+In the batch it also prints the latency efficiency that the decode-step cost fit alone predicts (every step
+costs ``fixed + per sequence * sequences``; prefill, submit and orchestrator overheads left out), which separates
+what k threads per trajectory cost on this engine from the overheads around the steps.
+
 Nothing is asserted; timings on a shared CPU machine are noisy, so compare the columns of one run and run
 it alone on the machine, with the load average next to it. Engine settings are ``rollout.engine.make_llm``'s
 defaults unless ``--engine`` overrides them (``--engine block_size=128``: vLLM's CPU default;
@@ -410,6 +414,25 @@ def fit_line(profiles: dict) -> tuple[str, dict]:
             {"fixed_ms": 1000 * a, "per_sequence_ms": 1000 * b, "steps": len(steps)})
 
 
+def step_cost_bound(profiles: dict, fit: dict, token: float) -> tuple[str, float]:
+    """The latency efficiency the decode-step cost alone predicts: every engine step of both modes costs the fitted
+    ``fixed + per sequence * sequences in it`` (prefill steps cost what a decode step of as many sequences costs;
+    submit, the orchestrator and the time between steps cost nothing; steps lost between requests still count).
+    The rest of the gap to the measured efficiency is those overheads, plus noise: the fit is a least-squares line
+    over both modes' steps, and load from other processes that varies between the runs moves it."""
+    from rollout.profile import STEP_PHASES
+
+    if not fit:
+        return "", float("nan")
+    a, b = fit["fixed_ms"], fit["per_sequence_ms"]
+    cost = {m: sum(a * p.phases[ph].steps + b * p.phases[ph].sequences for ph in STEP_PHASES) / p.runs
+            for m, p in profiles.items()}
+    bound = cost["sequential"] / cost["parallel"] / token
+    return (f"decode-step cost alone ({a:.2f} ms + {b:.3f} ms per sequence for every step): parallel "
+            f"{cost['parallel']:.0f} ms, sequential {cost['sequential']:.0f} ms per run, latency efficiency it predicts "
+            f"{bound:.3f}"), bound
+
+
 def main() -> None:
     args = parse_args()
     from rollout.config import RolloutConfig
@@ -492,6 +515,10 @@ def main() -> None:
         print(table)
         line, bfit = fit_line(bprof)
         print(f"\n{line}")
+        p, s = bat["parallel"], bat["sequential"]
+        bound_line, bound = step_cost_bound(bprof, bfit, s["L_crit"] / p["L_crit"])
+        if bound_line:
+            print(bound_line)
         if args.breakdown:
             table, results["batch_parts"] = parts_table(bprof)
             print("\nparts of a decode step (least squares over both modes' decode steps):\n")
@@ -505,7 +532,7 @@ def main() -> None:
               f"sequential {s['lost_steps']:.2f}")
         results["batch"] = {m: {k: ({kk: vv for kk, vv in asdict(v).items() if kk not in SERIES}
                                     if k == "profile" else v) for k, v in bat[m].items()} for m in bat}
-        results["batch"].update(gap=bgap, step_cost=bfit, efficiency={
+        results["batch"].update(gap=bgap, step_cost=bfit, step_cost_bound=bound, efficiency={
             "token_speedup": token, "wall_speedup": wall, "latency_efficiency": wall / token})
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
