@@ -306,6 +306,8 @@ def make_llm(model_dir: str | Path, *, max_model_len: int, seed: int = 0, dtype:
     or ``"nobind"``; ``None`` keeps vLLM's ``auto``, which binds one thread
     per physical core of the first NUMA node minus one core it reserves for
     the engine core process (so one forward-pass thread on two cores).
+    Measured on this repository's two shared cores, ``"0-1"`` made decoding
+    about twice as slow (README, "Latency"); it is there to measure.
 
     On CPU, chunked prefill is off unless ``kwargs`` say otherwise: vLLM 0.32's
     CPU sampler crashes the engine ("CPU Generator does not use offset") when
