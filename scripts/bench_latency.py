@@ -429,8 +429,8 @@ def step_cost_bound(profiles: dict, fit: dict, token: float) -> tuple[str, float
             for m, p in profiles.items()}
     bound = cost["sequential"] / cost["parallel"] / token
     return (f"decode-step cost alone ({a:.2f} ms + {b:.3f} ms per sequence for every step): parallel "
-            f"{cost['parallel']:.0f} ms, sequential {cost['sequential']:.0f} ms per run, latency efficiency it predicts "
-            f"{bound:.3f}"), bound
+            f"{cost['parallel']:.0f} ms, sequential {cost['sequential']:.0f} ms per run, latency efficiency it "
+            f"predicts {bound:.3f}"), bound
 
 
 def main() -> None:
