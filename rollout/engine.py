@@ -274,7 +274,7 @@ CPU_BLOCK_SIZE = 32
 
 def make_llm(model_dir: str | Path, *, max_model_len: int, seed: int = 0, dtype: str = "float32",
              tensor_parallel_size: int = 1, enforce_eager: bool = True, in_process: bool = False,
-             threads: int = 1, **kwargs):
+             threads: int = 1, cpu_threads_bind: str | None = None, **kwargs):
     """A ``vllm.LLM`` for rollouts: prefix caching on, weight reload support.
 
     ``enforce_eager`` skips torch.compile and CUDA graphs (about a minute of
@@ -300,6 +300,15 @@ def make_llm(model_dir: str | Path, *, max_model_len: int, seed: int = 0, dtype:
     ``torch.set_num_threads`` in the caller (the original is put back here),
     so use one such engine per process.
 
+    ``cpu_threads_bind`` (CPU, engine core in its own process) is vLLM's
+    ``VLLM_CPU_OMP_THREADS_BIND`` for the engine's worker process while the
+    engine is built: the CPU ids its OpenMP threads are bound to (``"0-1"``),
+    or ``"nobind"``; ``None`` keeps vLLM's ``auto``, which binds one thread
+    per physical core of the first NUMA node minus one core it reserves for
+    the engine core process (so one forward-pass thread on two cores).
+    Measured on this repository's two shared cores, ``"0-1"`` made decoding
+    about twice as slow (README, "Latency"); it is there to measure.
+
     On CPU, chunked prefill is off unless ``kwargs`` say otherwise: vLLM 0.32's
     CPU sampler crashes the engine ("CPU Generator does not use offset") when
     a *seeded* request's prompt is prefilled in chunks, which happens as soon
@@ -313,6 +322,8 @@ def make_llm(model_dir: str | Path, *, max_model_len: int, seed: int = 0, dtype:
     cpu = current_platform.is_cpu()
     if in_process and not (cpu and tensor_parallel_size == 1):
         raise ValueError("in_process engines are for CPU with tensor_parallel_size 1")
+    if cpu_threads_bind is not None and not (cpu and not in_process):
+        raise ValueError("cpu_threads_bind is for CPU engines with the engine core in its own process")
     if tensor_parallel_size > 1:
         kwargs.setdefault("distributed_executor_backend", "ray")
     if cpu:
@@ -323,6 +334,8 @@ def make_llm(model_dir: str | Path, *, max_model_len: int, seed: int = 0, dtype:
     if in_process:
         torch.set_num_threads(threads)
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if in_process else {}
+    if cpu_threads_bind is not None:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_threads_bind
     set_num_threads = torch.set_num_threads
     with _environ(env):
         try:

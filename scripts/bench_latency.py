@@ -23,6 +23,10 @@ What it does, in one run (no Ray: one engine in this process's control, as ``thr
    model input preparation, forward pass, sampler, scheduler update, output processing), each fitted as a
    fixed cost plus a cost per sequence in the step, which says what a thread costs on this engine.
 
+In the batch it also prints the latency efficiency that the decode-step cost fit alone predicts (every step
+costs ``fixed + per sequence * sequences``; prefill, submit and orchestrator overheads left out), which separates
+what k threads per trajectory cost on this engine from the overheads around the steps.
+
 Nothing is asserted; timings on a shared CPU machine are noisy, so compare the columns of one run and run
 it alone on the machine, with the load average next to it. Engine settings are ``rollout.engine.make_llm``'s
 defaults unless ``--engine`` overrides them (``--engine block_size=128``: vLLM's CPU default;
@@ -158,6 +162,7 @@ class Runner:
         self.start_s = time.perf_counter() - t0
         self.tokenizer = load_tokenizer(model_dir)
         self.engine = VLLMEngine(self.llm, sampling_overrides=sampling)
+        self.processes = engine_processes()
 
     def time_parts(self) -> None:
         """Time the parts of every engine step (:data:`STEP_PARTS`) into the trace of the run in progress.
@@ -210,6 +215,32 @@ class Runner:
         from rollout.engine import shutdown_llm
 
         shutdown_llm(self.llm)
+
+
+def engine_processes() -> list[str]:
+    """This process and its descendants (vLLM's engine core and worker): name, the CPUs it may run on, its
+    thread count and the OpenMP thread count it was started with, from ``/proc``."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    mine, frontier = [os.getpid()], [os.getpid()]
+    while frontier:
+        frontier = [pid for pid, ppid in parents.items() if ppid in frontier]
+        mine += frontier
+    out = []
+    for pid in mine:
+        try:
+            status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+            env = dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in kv)
+        except OSError:
+            continue
+        out.append(f"{status['Name'].strip()} (cpus {status['Cpus_allowed_list'].strip()}, "
+                   f"{status['Threads'].strip()} threads, OMP_NUM_THREADS {env.get('OMP_NUM_THREADS', '-')})")
+    return out
 
 
 def isolated(runner: Runner, prompts: list[list[int]], configs: dict, repeats: int) -> dict:
@@ -383,6 +414,25 @@ def fit_line(profiles: dict) -> tuple[str, dict]:
             {"fixed_ms": 1000 * a, "per_sequence_ms": 1000 * b, "steps": len(steps)})
 
 
+def step_cost_bound(profiles: dict, fit: dict, token: float) -> tuple[str, float]:
+    """The latency efficiency the decode-step cost alone predicts: every engine step of both modes costs the fitted
+    ``fixed + per sequence * sequences in it`` (prefill steps cost what a decode step of as many sequences costs;
+    submit, the orchestrator and the time between steps cost nothing; steps lost between requests still count).
+    The rest of the gap to the measured efficiency is those overheads, plus noise: the fit is a least-squares line
+    over both modes' steps, and load from other processes that varies between the runs moves it."""
+    from rollout.profile import STEP_PHASES
+
+    if not fit:
+        return "", float("nan")
+    a, b = fit["fixed_ms"], fit["per_sequence_ms"]
+    cost = {m: sum(a * p.phases[ph].steps + b * p.phases[ph].sequences for ph in STEP_PHASES) / p.runs
+            for m, p in profiles.items()}
+    bound = cost["sequential"] / cost["parallel"] / token
+    return (f"decode-step cost alone ({a:.2f} ms + {b:.3f} ms per sequence for every step): parallel "
+            f"{cost['parallel']:.0f} ms, sequential {cost['sequential']:.0f} ms per run, latency efficiency it "
+            f"predicts {bound:.3f}"), bound
+
+
 def main() -> None:
     args = parse_args()
     from rollout.config import RolloutConfig
@@ -408,11 +458,13 @@ def main() -> None:
     iso: dict = {}
     bat: dict = {}
     start_s: list[float] = []
+    processes: list[str] = []
     groups = ([("parallel", "sequential")] if models["parallel"] == models["sequential"]
               else [("parallel",), ("sequential",)])  # two models: one engine after the other
     for group in groups:
         runner = Runner(models[group[0]], args, kwargs, engine_kwargs(args.sampling))
         start_s.append(runner.start_s)
+        processes += runner.processes
         if args.breakdown:
             runner.time_parts()
         try:
@@ -431,7 +483,7 @@ def main() -> None:
     sampling = f"; sampling {args.sampling}" if args.sampling else ""
     print(f"\n{source}; engine {kwargs or 'make_llm defaults'}{sampling} (started in "
           f"{', '.join(f'{s:.0f}' for s in start_s)} s); load average before {' '.join(load[0])}, "
-          f"after {' '.join(load[1])}\n")
+          f"after {' '.join(load[1])}; processes: {'; '.join(processes)}\n")
     print(f"## isolated decoding: each problem alone, {args.repeats} repeats, per trajectory "
           f"(finish: parallel {','.join(iso['parallel']['finish'])}, sequential "
           f"{','.join(iso['sequential']['finish'])})\n")
@@ -450,7 +502,7 @@ def main() -> None:
           "per-problem ratios; wall: median of the repeats)")
     print(f"engine steps lost between requests, per trajectory: parallel {iso['parallel']['lost_steps']:.2f}, "
           f"sequential {iso['sequential']['lost_steps']:.2f}")
-    results.update(load=load, engine_start_s=start_s, isolated={
+    results.update(load=load, engine_start_s=start_s, processes=processes, isolated={
         "efficiency": eff, "gap": gap, "step_cost": fit, "lost_steps": {m: iso[m]["lost_steps"] for m in iso},
         "profile": {m: {k: v for k, v in asdict(p).items() if k not in SERIES} for m, p in profiles.items()}})
     if bat:
@@ -463,6 +515,10 @@ def main() -> None:
         print(table)
         line, bfit = fit_line(bprof)
         print(f"\n{line}")
+        p, s = bat["parallel"], bat["sequential"]
+        bound_line, bound = step_cost_bound(bprof, bfit, s["L_crit"] / p["L_crit"])
+        if bound_line:
+            print(bound_line)
         if args.breakdown:
             table, results["batch_parts"] = parts_table(bprof)
             print("\nparts of a decode step (least squares over both modes' decode steps):\n")
@@ -476,7 +532,7 @@ def main() -> None:
               f"sequential {s['lost_steps']:.2f}")
         results["batch"] = {m: {k: ({kk: vv for kk, vv in asdict(v).items() if kk not in SERIES}
                                     if k == "profile" else v) for k, v in bat[m].items()} for m in bat}
-        results["batch"].update(gap=bgap, step_cost=bfit, efficiency={
+        results["batch"].update(gap=bgap, step_cost=bfit, step_cost_bound=bound, efficiency={
             "token_speedup": token, "wall_speedup": wall, "latency_efficiency": wall / token})
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
