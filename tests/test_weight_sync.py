@@ -7,7 +7,6 @@ process, in the driver's place, hands the references to a real rollout pool.
 ``ray.get`` and ``ray.put`` in this process are watched: neither may move a
 bucket (bytes) or a tensor. The worker's greedy outputs must then equal
 those of the session's engine loaded with the seed-1 model from disk.
-Both tests share Ray and one rollout pool (a module fixture), each starting from the tiny model's weights.
 """
 
 from __future__ import annotations
@@ -33,42 +32,13 @@ def carries_weights(value) -> bool:
     return False
 
 
-@pytest.fixture(scope="module")
-def pool(tiny_model_dir):
-    """Ray and one real rollout pool (one worker, the tiny model) for both tests: an engine start is most of a
-    test's time. Each test starts it from the tiny model's weights (:func:`tiny_weights`)."""
-    import ray
-
-    from rollout.workers import RolloutPool
-
-    start_ray(None, num_cpus=2, include_dashboard=False)
-    pool = None
-    try:
-        pool = RolloutPool(tiny_model_dir, RolloutConfig(workers=1, cpus_per_worker=1, max_context=1024))
-        yield pool
-    finally:
-        if pool is not None:
-            pool.shutdown()
-        ray.shutdown()
-
-
-def tiny_weights(pool, tiny_model_dir) -> None:
-    """Load the tiny model's own weights (seed 0) into ``pool``, in case an earlier test left others there."""
-    from safetensors.torch import load_file
-
-    from rollout.weights import publish_state_dict
-
-    pool.update_weights(publish_state_dict(load_file(str(tiny_model_dir / "model.safetensors")), 1 << 20))
-
-
 def test_carries_weights_sees_nested_buckets_and_tensors():
     assert carries_weights([("refs", [b"bucket"])]) and carries_weights({"w": torch.zeros(1)})
     assert not carries_weights([["ref-like", 3, 1.5], {"n_bytes": 10}])
 
 
 @pytest.mark.integration
-def test_learner_weights_reach_the_workers_without_the_driver(tiny_model_dir, tokenizer, llm, pool, tmp_path,
-                                                              monkeypatch):
+def test_learner_weights_reach_the_workers_without_the_driver(tiny_model_dir, tokenizer, llm, tmp_path, monkeypatch):
     import ray
 
     from rl.learner import LearnerConfig, LearnerGroup
@@ -76,6 +46,7 @@ def test_learner_weights_reach_the_workers_without_the_driver(tiny_model_dir, to
     from rollout.orchestrator import generate
     from rollout.tiny import init_model
     from rollout.weights import PublishedWeights, reload_in_place
+    from rollout.workers import RolloutPool
 
     other = init_model(tmp_path / "seed1", seed=1)
     prompts = [chat_prompt_ids(tokenizer, p) for p in PROMPTS]
@@ -89,9 +60,10 @@ def test_learner_weights_reach_the_workers_without_the_driver(tiny_model_dir, to
     first = lambda trajectories: [t.units[0].completion_ids for t in trajectories]  # noqa: E731
     assert first(expected) != first(before)  # the two models decode differently
 
-    tiny_weights(pool, tiny_model_dir)
-    group = None
+    start_ray(None, num_cpus=2, include_dashboard=False)
+    pool = group = None
     try:
+        pool = RolloutPool(tiny_model_dir, RolloutConfig(workers=1, cpus_per_worker=1, max_context=1024))
         assert first(pool.generate(prompts, config=decoding)) == first(before)
         group = LearnerGroup(LearnerConfig(ranks=2, cpus_per_rank=0.5, threads_per_rank=1), other, total_steps=1)
 
@@ -126,10 +98,13 @@ def test_learner_weights_reach_the_workers_without_the_driver(tiny_model_dir, to
         monkeypatch.undo()
         if group is not None:
             group.shutdown()
+        if pool is not None:
+            pool.shutdown()
+        ray.shutdown()
 
 
 @pytest.mark.integration
-def test_collective_broadcast_loads_what_the_objects_way_loads(tiny_model_dir, tokenizer, pool, tmp_path):
+def test_collective_broadcast_loads_what_the_objects_way_loads(tiny_model_dir, tokenizer, tmp_path):
     """A real rollout pool (tiny model, seed 0) and a real two-rank ZeRO-3 learner on another model (seed 1):
     after the learner's rank 0 broadcasts its weights over a gloo group (``rollout.weight_transfer:
     collective``), the engine decodes exactly (tokens and log-probabilities) what it decodes after the same
@@ -143,6 +118,7 @@ def test_collective_broadcast_loads_what_the_objects_way_loads(tiny_model_dir, t
     from rl.learner import LearnerConfig, LearnerGroup
     from rollout.collective import Broadcast, Rendezvous
     from rollout.tiny import init_model
+    from rollout.workers import RolloutPool
 
     other = init_model(tmp_path / "seed1", seed=1)
     prompts = [chat_prompt_ids(tokenizer, p) for p in PROMPTS]
@@ -151,9 +127,10 @@ def test_collective_broadcast_loads_what_the_objects_way_loads(tiny_model_dir, t
     decoded = lambda pool: [(t.units[0].completion_ids, t.units[0].completion_logprobs)  # noqa: E731
                             for t in pool.generate(prompts, config=decoding)]
 
-    tiny_weights(pool, tiny_model_dir)
-    group = None
+    start_ray(None, num_cpus=2, include_dashboard=False)
+    pool = group = None
     try:
+        pool = RolloutPool(tiny_model_dir, RolloutConfig(workers=1, cpus_per_worker=1, max_context=1024))
         before = decoded(pool)
         group = LearnerGroup(LearnerConfig(ranks=2, cpus_per_rank=0.5, threads_per_rank=1, zero_stage=3), other,
                              total_steps=1)
@@ -183,3 +160,6 @@ def test_collective_broadcast_loads_what_the_objects_way_loads(tiny_model_dir, t
     finally:
         if group is not None:
             group.shutdown()
+        if pool is not None:
+            pool.shutdown()
+        ray.shutdown()
