@@ -104,6 +104,10 @@ def test_pipeline_then_an_ablation_and_a_sweep_all_land_in_one_mlflow_store(tmp_
                  "sft.learner.threads_per_rank=1", "rl.steps=1", "rl.prompts_per_step=2", "rl.rollout.n=2",
                  "rl.rollout.max_tokens=48", "rl.eval.prompts=2", "eval.limit=3", "eval.rollout.max_tokens=48",
                  "eval.pages=2", "tracking.experiment=pipeline_tiny", f"tracking.uri={uri}"]
+    recipe = load_config(PipelineConfig, "experiments/pipeline_tiny.yaml")
+    for stage, steps in (("sft_sequential", 2), ("rl_sequential", 1)):  # the recipe's own overrides, toy steps
+        kept = [o for o in getattr(recipe, stage) if not o.startswith("steps=")]
+        overrides.append(f"{stage}={json.dumps(kept + [f'steps={steps}'])}")
     record = run_pipeline(load_config(PipelineConfig, "experiments/pipeline_tiny.yaml", overrides),
                           ["experiments/pipeline_tiny.yaml"])
     assert list(record["stages"]) == ["data", "sft_parallel", "sft_sequential", "rl_parallel", "rl_sequential",

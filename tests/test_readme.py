@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from cluster.cli import main
-from cluster.config import load_config
+from cluster.cmd_rl import RLRunConfig
+from cluster.config import load_config, override
 from cluster.pipeline import PipelineConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,9 +46,10 @@ def pipeline_outputs() -> set[str]:
     run = cfg.run_dir
     outs = {f"{run}/data", f"{run}/data/test.jsonl", f"{run}/data/train.jsonl", f"{run}/data/validation.jsonl",
             f"{run}/report.md", f"{run}/report.html"}
+    rl = {"parallel": cfg.rl, "sequential": override(RLRunConfig, cfg.rl, cfg.rl_sequential)}  # its own steps
     for layout in ("parallel", "sequential"):
         outs.add(f"{run}/sft_{layout}/final/hf")
-        step = cfg.rl.steps  # save_every=0: the last step's checkpoint only
+        step = rl[layout].steps  # save_every=0: the last step's checkpoint only
         outs.add(f"{run}/rl_{layout}/checkpoints/step_{step:08d}/hf")
     return outs
 

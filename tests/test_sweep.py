@@ -108,11 +108,11 @@ def test_the_model_comes_from_the_sweep_the_rl_config_or_the_newest_pipeline(tmp
     assert start_model(cfg, own) == ({}, f"model {newest} (the RL config's model)")
 
 
-def _point_overrides(tiny_model_dir, tmp_path, save_every: int, eval_every: int) -> list[str]:
-    """Two-step RL points on the tiny model with their own small synthetic task (format-scored rewards)."""
+def _point_overrides(tiny_model_dir, tmp_path, save_every: int, eval_every: int, steps: int = 2) -> list[str]:
+    """``steps``-step RL points on the tiny model with their own small synthetic task (format-scored rewards)."""
     return [
         f"model={tiny_model_dir}", f"data.dir={tmp_path / 'data'}", "data.generate=true", "data.train_size=40",
-        "data.validation_size=4", "data.test_size=4", "steps=2", "prompts_per_step=2", f"save_every={save_every}",
+        "data.validation_size=4", "data.test_size=4", f"steps={steps}", "prompts_per_step=2", f"save_every={save_every}",
         "rollout.n=2", "rollout.max_tokens=32", "rollout.max_context=256", "rollout.max_thread_tokens=16",
         "rollout.weight_bucket_mb=0.5", "reward.format_penalty=1.0", "reward.num_actors=1", "learner.lr=3e-3",
         "learner.row_tokens=512", "learner.threads_per_rank=1", "eval.at_start=false", f"eval.every={eval_every}",
@@ -133,7 +133,9 @@ def test_a_killed_sweep_resumed_reruns_only_the_unfinished_point(tiny_model_dir,
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    rl_overrides = _point_overrides(tiny_model_dir, tmp_path, save_every=1, eval_every=0)
+    # one step a point: the kill falls between the points (the first finished, the second begun), so a second
+    # step would only add a rollout and an update to each run
+    rl_overrides = _point_overrides(tiny_model_dir, tmp_path, save_every=1, eval_every=0, steps=1)
     out = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "cluster.cli", "sweep", f"rl_config=[{RL_TINY}]",
            f"overrides={json.dumps(rl_overrides)}", "rho=[0.5,1.0]", "clip=[0.2]", "incorrect_reward=[0.0]",
@@ -160,7 +162,7 @@ def test_a_killed_sweep_resumed_reruns_only_the_unfinished_point(tiny_model_dir,
     done = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert (first / "summary.json").stat().st_mtime_ns == kept  # the finished point was not run again
-    assert json.loads((second / "summary.json").read_text())["steps"] == 2
+    assert json.loads((second / "summary.json").read_text())["steps"] == 1
     results = json.loads((out / "sweep.json").read_text())
     assert [r["error"] for r in results] == [None, None]
     runs = client.search_runs([client.get_experiment_by_name("sweep-resume").experiment_id])
