@@ -26,7 +26,12 @@ problem and an answer field; MATH500's ``problem``/``answer`` and AIME's
 
 Wall-clock latency: with ``latency: isolated`` (the default) each problem's
 k samples are decoded alone, one problem after another, so a problem's time
-is its own; with ``batched`` every problem of a mode is decoded in one batch
+is its own. The models measured that way take turns (``interleave`` problems
+each, 1 by default): problem i is decoded by every model before problem i+1,
+their weights reloaded in place between turns, so a change of the machine's
+load during the evaluation hits every model alike instead of whichever model
+was decoding then (``interleave: 0``: each model decodes all its problems in
+one pass). With ``batched`` every problem of a mode is decoded in one batch
 (fast) and a problem's time is the time from the batch start to its last
 sample's end, which includes waiting for the others: a throughput figure,
 labelled as such in the report.
@@ -109,6 +114,11 @@ class BenchEvalConfig:
                 "one engine runs in this process"})
     latency: Literal["isolated", "batched"] = field(default="isolated", metadata={
         "help": "isolated: decode each problem alone (true per-problem wall clock); batched: all at once (fast)"})
+    interleave: int = field(default=1, metadata={
+        "help": "isolated latency: problems each model decodes per turn, the models taking turns with their weights "
+                "reloaded in place, so that load changes hit all alike (1: problem by problem; a reload costs "
+                "nothing for a tiny model, seconds for a large one: raise it there; 0: each model decodes all its "
+                "problems in one pass)", "range": ">= 0"})
     checker_timeout_s: float = field(default=5.0, metadata={
         "help": "math-verify time limit per answer (s)", "range": "> 0"})
     pages: int = field(default=20, metadata={
@@ -190,6 +200,12 @@ def read_benchmark(path: str | Path, problem_fields: Sequence[str] = ("problem",
 # --------------------------------------------------------------------------- decoding
 
 
+def warm_up(engine, tokenizer, prompt: Sequence[int], rollout_cfg, eos) -> None:
+    """A short untimed request (8 tokens of ``prompt``), so that no timed problem pays the engine's first steps."""
+    warm = replace(rollout_cfg, n=1, max_tokens=min(8, rollout_cfg.max_tokens))
+    generate(engine, tokenizer, [prompt], warm, eos_token_id=eos)
+
+
 def decode(engine, tokenizer, prompts: Sequence[Sequence[int]], rollout_cfg, isolated: bool,
            eos_ids: Sequence[int] | None = None) -> list:
     """``rollout_cfg.n`` trajectories per prompt; ``isolated``: one problem at a time (own wall clock).
@@ -201,8 +217,7 @@ def decode(engine, tokenizer, prompts: Sequence[Sequence[int]], rollout_cfg, iso
     bar of the problems done.
     """
     eos = tokenizer.eos_token_id if eos_ids is None else list(eos_ids)
-    warm = replace(rollout_cfg, n=1, max_tokens=min(8, rollout_cfg.max_tokens))
-    generate(engine, tokenizer, [prompts[0]], warm, eos_token_id=eos)
+    warm_up(engine, tokenizer, prompts[0], rollout_cfg, eos)
     if not isolated:
         return generate(engine, tokenizer, prompts, rollout_cfg, eos_token_id=eos)
     from tqdm import tqdm  # lazy: only for isolated decoding
@@ -252,19 +267,29 @@ def check_inputs(cfg: BenchEvalConfig) -> tuple[dict[str, list[Problem]], dict[s
 class EngineSwitch:
     """One vLLM engine for several models: a model with the same ``config.json`` as the loaded one has its
     weights reloaded in place (``rollout.weights.reload_in_place``, seconds) instead of a new engine
-    (30-100 s on CPU)."""
+    (30-100 s on CPU). ``reloads`` and ``reload_s`` count the in-place reloads and their time."""
 
     def __init__(self, rollout: RolloutConfig):
         self.rollout, self.llm, self.loaded, self.config = rollout, None, None, None
+        self.reloads, self.reload_s = 0, 0.0
 
-    def load(self, model_dir: Path):
+    @staticmethod
+    def same_architecture(model_dirs: Sequence[Path]) -> bool:
+        """Whether every model has the same ``config.json`` (one engine serves them all by reloading weights)."""
+        configs = [json.loads((Path(d) / "config.json").read_text()) for d in model_dirs]
+        return all(c == configs[0] for c in configs)
+
+    def load(self, model_dir: Path, verbose: bool = True):
         config = json.loads((Path(model_dir) / "config.json").read_text())
         t0 = time.perf_counter()
         if self.llm is not None and Path(model_dir).resolve() == self.loaded:
             return self.llm
         if self.llm is not None and config == self.config:
             reload_in_place(self.llm, model_dir)
-            print(f"eval: weights of {model_dir} loaded in place in {time.perf_counter() - t0:.1f} s", flush=True)
+            self.reloads += 1
+            self.reload_s += time.perf_counter() - t0
+            if verbose:
+                print(f"eval: weights of {model_dir} loaded in place in {time.perf_counter() - t0:.1f} s", flush=True)
         else:
             self.close()
             ro = self.rollout
@@ -281,32 +306,111 @@ class EngineSwitch:
         self.llm = self.loaded = self.config = None
 
 
+@dataclass
+class _Decoder:
+    """What one model needs to decode a benchmark: its folder, tokenizer, prompts, EOS ids and decoding."""
+
+    model_dir: Path
+    tokenizer: object
+    prompts: list
+    eos: list
+    rollout: RolloutConfig
+
+    @classmethod
+    def of(cls, cfg: BenchEvalConfig, key: str, model_dir: Path, probs: Sequence[Problem]) -> _Decoder:
+        from rollout.onboard import eos_token_ids  # lazy: transformers takes seconds to import
+        from rollout.tiny import load_tokenizer
+
+        tokenizer = load_tokenizer(model_dir)
+        prompts = [chat_prompt_ids(tokenizer, cfg.prompt_template.replace("{problem}", p.problem)) for p in probs]
+        return cls(model_dir, tokenizer, prompts, list(eos_token_ids(model_dir, tokenizer)),
+                   cfg.rollout_config(key.startswith("sequential")))
+
+
+def turns(n_problems: int, keys: Sequence[str], per_turn: int) -> list[tuple[str, range]]:
+    """The order of interleaved decoding: ``per_turn`` problems for each model in turn, the models' order
+    reversed every round (the model that ends a round starts the next, saving a weight reload; and no model
+    is always first)."""
+    order, out = list(keys), []
+    for start in range(0, n_problems, per_turn):
+        out += [(key, range(start, min(start + per_turn, n_problems))) for key in order]
+        order.reverse()
+    return out
+
+
+def decode_interleaved(engines: EngineSwitch, decoders: dict[str, _Decoder], per_turn: int) -> dict[str, list]:
+    """Isolated decoding of one benchmark by several models taking turns (see :func:`turns`); returns every
+    model's trajectories in problem order."""
+    from tqdm import tqdm  # lazy: only for isolated decoding
+
+    for key, d in decoders.items():
+        warm_up(VLLMEngine(engines.load(d.model_dir, verbose=False)), d.tokenizer, d.prompts[0], d.rollout, d.eos)
+    n = len(next(iter(decoders.values())).prompts)
+    out: dict[str, list] = {key: [] for key in decoders}
+    reloads, reload_s = engines.reloads, engines.reload_s
+    with tqdm(total=n * len(decoders), desc="problems x models", unit="problem", leave=False) as bar:
+        for key, problems in turns(n, list(decoders), per_turn):
+            d = decoders[key]
+            engine = VLLMEngine(engines.load(d.model_dir, verbose=False))
+            for i in problems:
+                out[key] += generate(engine, d.tokenizer, [d.prompts[i]], d.rollout, prompt_indices=[i],
+                                     eos_token_id=d.eos)
+                bar.update()
+    print(f"eval: {len(decoders)} models took turns, {per_turn} problem(s) each; {engines.reloads - reloads} "
+          f"weight reloads took {engines.reload_s - reload_s:.1f} s (untimed)", flush=True)
+    return out
+
+
+def isolated_keys(cfg: BenchEvalConfig, model_dirs: dict[str, Path]) -> list[str]:
+    """The models whose wall clock is measured problem by problem (all but a batched ``baseline_before``)."""
+    return [k for k in model_dirs if cfg.latency == "isolated"
+            and not (k == "sequential_before" and cfg.baseline_before_batched)]
+
+
+def interleaved_keys(cfg: BenchEvalConfig, model_dirs: dict[str, Path]) -> list[str]:
+    """The models that take turns (``cfg.interleave``): the isolated ones, when there are several and one
+    engine can serve them all; else none."""
+    keys = isolated_keys(cfg, model_dirs)
+    if not cfg.interleave or len(keys) < 2 or not EngineSwitch.same_architecture([model_dirs[k] for k in keys]):
+        return []
+    return keys
+
+
 def decode_all(cfg: BenchEvalConfig, problems: dict[str, list[Problem]], model_dirs: dict[str, Path]
                ) -> dict[str, dict[str, list]]:
     """Every benchmark decoded by every model of ``model_dirs`` (keys ``parallel``, ``sequential``, and the
-    earlier checkpoints ``parallel_before``, ``sequential_before``), on one engine where the models allow."""
-    from rollout.onboard import eos_token_ids  # lazy: transformers takes seconds to import
-    from rollout.tiny import load_tokenizer
+    earlier checkpoints ``parallel_before``, ``sequential_before``), on one engine where the models allow.
 
+    With isolated latency, the models measured that way take turns (``cfg.interleave``) when one engine can
+    serve them all; the others (a batched ``baseline_before``) decode in one pass afterwards."""
+    isolated = isolated_keys(cfg, model_dirs)
+    interleaved = interleaved_keys(cfg, model_dirs)
+    if cfg.interleave and len(isolated) > 1 and not interleaved:
+        print("eval: the models' config.json differ, so one engine cannot serve them all: each decodes in one "
+              "pass (interleave needs one architecture)", flush=True)
     trajectories: dict[str, dict[str, list]] = {name: {} for name in problems}
     engines = EngineSwitch(cfg.rollout)
     try:
-        for key, model_dir in model_dirs.items():
-            engine = VLLMEngine(engines.load(model_dir))
-            tokenizer = load_tokenizer(model_dir)
-            sequential = key.startswith("sequential")
-            isolated = cfg.latency == "isolated" and not (key == "sequential_before" and cfg.baseline_before_batched)
-            for name, probs in problems.items():
-                prompts = [chat_prompt_ids(tokenizer, cfg.prompt_template.replace("{problem}", p.problem))
-                           for p in probs]
+        for name, probs in problems.items():
+            if interleaved:
                 t0 = time.perf_counter()
-                trajectories[name][key] = decode(engine, tokenizer, prompts, cfg.rollout_config(sequential),
-                                                 isolated, eos_token_ids(model_dir, tokenizer))
+                decoders = {k: _Decoder.of(cfg, k, model_dirs[k], probs) for k in interleaved}
+                trajectories[name].update(decode_interleaved(engines, decoders, cfg.interleave))
+                print(f"eval: {name} {', '.join(interleaved)}: {len(probs)} problems each in "
+                      f"{time.perf_counter() - t0:.1f} s", flush=True)
+        for key, model_dir in model_dirs.items():
+            if key in interleaved:
+                continue
+            engine = VLLMEngine(engines.load(model_dir))
+            for name, probs in problems.items():
+                d = _Decoder.of(cfg, key, model_dir, probs)
+                t0 = time.perf_counter()
+                trajectories[name][key] = decode(engine, d.tokenizer, d.prompts, d.rollout, key in isolated, d.eos)
                 print(f"eval: {name} {key}: {len(trajectories[name][key])} samples in "
                       f"{time.perf_counter() - t0:.1f} s", flush=True)
     finally:
         engines.close()
-    return trajectories
+    return {name: {k: runs[k] for k in model_dirs} for name, runs in trajectories.items()}
 
 
 def run_benchmarks(cfg: BenchEvalConfig, tracker=None, models: tuple[str, str] | None = None,
@@ -345,12 +449,14 @@ def run_benchmarks(cfg: BenchEvalConfig, tracker=None, models: tuple[str, str] |
     status = "FAILED"
     try:
         trajectories = decode_all(cfg, problems, model_dirs)
+        turns_of = cfg.interleave if {"parallel", "sequential"} <= set(interleaved_keys(cfg, model_dirs)) else 0
         reports = []
         reward_cfg = RewardConfig(checker_timeout_s=cfg.checker_timeout_s)
         with AnswerChecker(cfg.checker_timeout_s, eager=False) as checker:
             for name, probs in problems.items():
                 report, scores = _score_benchmark(cfg, name, [p.answer for p in probs], trajectories[name],
                                                   labels, checker, reward_cfg)
+                report.interleave = turns_of
                 reports.append(report)
                 for key, runs in trajectories[name].items():
                     records = out / f"{name}_{key}.jsonl"

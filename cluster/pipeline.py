@@ -472,8 +472,10 @@ def _stage_eval(cfg: PipelineConfig, stage_dir: Path, runs: Runs, data_dir: str,
     for r in reports:
         metrics.update(r.metrics())
     main = reports[0]  # the task's test split
+    turns = {0: "", 1: ", the models taking turns problem by problem"}.get(
+        main.interleave, f", the models taking turns {main.interleave} problems at a time")
     lines = [f"Test split: {main.parallel.problems} problems of the synthetic task, k={main.k}, {main.latency} "
-             "decoding.", ""]
+             f"decoding{turns}.", ""]
     speedup = top.get("ceiling/speedup") if top else None
     if speedup:
         lines += [f"Task ceiling: {speedup:.2f}x (mean L of the sequential reference responses "

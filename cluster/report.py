@@ -102,6 +102,16 @@ def change_table(r: BenchmarkReport) -> str:
     return "\n".join(lines)
 
 
+def _turns(reports: Sequence[BenchmarkReport]) -> str:
+    """How the models shared the machine during isolated decoding, for the report's wall-clock sentence."""
+    per_turn = {r.interleave for r in reports}
+    if per_turn == {1}:
+        return "; the models took turns problem by problem, so that load changes hit them alike"
+    if len(per_turn) == 1 and 0 not in per_turn:
+        return f"; the models took turns, {per_turn.pop()} problems each, so that load changes hit them alike"
+    return "; each model decoded its problems in one pass"
+
+
 def report_markdown(reports: Sequence[BenchmarkReport], title: str = "Evaluation") -> str:
     regime = {r.latency for r in reports}
     lines = [f"# {title}", "", main_table(reports), "",
@@ -113,7 +123,7 @@ def report_markdown(reports: Sequence[BenchmarkReport], title: str = "Evaluation
             lines += [f"## What the later training changed ({r.name})", "", change_table(r), ""]
     lines += ["## Details", "", detail_table(reports), "",
              f"Wall-clock latency per problem ({', '.join(sorted(regime))} decoding): "
-             + ("each problem's samples decoded alone." if regime == {"isolated"} else
+             + ("each problem's samples decoded alone" + _turns(reports) + "." if regime == {"isolated"} else
                 "problems decoded in one batch, so a problem's time includes waiting for the others "
                 "(a throughput figure, not a single-problem latency)."),
              ""]

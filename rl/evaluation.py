@@ -218,6 +218,7 @@ class BenchmarkReport:
     wall_speedup: float  # mean over problems of sequential wall time / parallel wall time
     undefined: int  # problems left out of the speedups because a mean L_crit was 0
     latency_efficiency: float | None = None  # mean over problems of wall-clock speedup / token-latency speedup
+    interleave: int = 0  # isolated latency: problems per turn of the models taking turns (0: one pass each)
     before: BenchmarkReport | None = None  # an earlier checkpoint of the parallel model against the same baseline
     sequential_before: ModeSummary | None = None  # an earlier checkpoint of the baseline
 

@@ -182,6 +182,60 @@ def test_latency_efficiency_is_the_mean_of_per_problem_ratios():
     assert latency_efficiency({}, token) is None
 
 
+def test_isolated_decoding_takes_turns_with_each_models_weights(monkeypatch, tmp_path):
+    """Every model decodes every problem with its own weights loaded, two problems a turn, the models' order
+    reversed each round; the results come back per model in problem order."""
+    import cluster.evaluate as ev
+
+    class Switch:  # EngineSwitch's bookkeeping: the "engine" is the folder loaded
+        reloads, reload_s, loaded = 0, 0.0, None
+
+        def load(self, model_dir, verbose=True):
+            self.reloads += model_dir != self.loaded
+            self.loaded = model_dir
+            return model_dir
+
+    calls = []
+    monkeypatch.setattr(ev, "VLLMEngine", lambda llm: llm)
+    monkeypatch.setattr(ev, "warm_up", lambda engine, *args: calls.append(("warm", engine.name)))
+
+    def generate(engine, tokenizer, prompts, rollout, prompt_indices, eos_token_id):
+        assert prompts == [[prompt_indices[0]]]
+        calls.append((engine.name, prompt_indices[0]))
+        return [(engine.name, prompt_indices[0])]
+
+    monkeypatch.setattr(ev, "generate", generate)
+    decoders = {k: ev._Decoder(tmp_path / k, None, [[i] for i in range(5)], [0], RolloutConfig()) for k in "abc"}
+    switch = Switch()
+    out = ev.decode_interleaved(switch, decoders, 2)
+    assert out == {k: [(k, i) for i in range(5)] for k in "abc"}
+    assert calls == [("warm", "a"), ("warm", "b"), ("warm", "c"),
+                     ("a", 0), ("a", 1), ("b", 0), ("b", 1), ("c", 0), ("c", 1),
+                     ("c", 2), ("c", 3), ("b", 2), ("b", 3), ("a", 2), ("a", 3),
+                     ("a", 4), ("b", 4), ("c", 4)]
+    assert switch.reloads == 3 + 7  # the warm-ups, then a b c | b a | b c: a round's last model starts the next
+
+
+def test_only_models_of_one_architecture_take_turns(tmp_path):
+    from cluster.evaluate import interleaved_keys
+
+    dirs = {}
+    for key, layers in (("parallel", 2), ("sequential", 2), ("parallel_before", 2), ("sequential_before", 3)):
+        dirs[key] = tmp_path / key
+        dirs[key].mkdir()
+        (dirs[key] / "config.json").write_text(json.dumps({"num_hidden_layers": layers}))
+    cfg = BenchEvalConfig(model="m", data=["d.jsonl"])
+    # the batched baseline_before is not timed, so its other architecture does not matter
+    assert interleaved_keys(cfg, dirs) == ["parallel", "sequential", "parallel_before"]
+    assert interleaved_keys(BenchEvalConfig(model="m", data=["d.jsonl"], interleave=0), dirs) == []
+    assert interleaved_keys(BenchEvalConfig(model="m", data=["d.jsonl"], latency="batched"), dirs) == []
+    (dirs["sequential"] / "config.json").write_text(json.dumps({"num_hidden_layers": 3}))
+    assert interleaved_keys(cfg, dirs) == []  # one engine cannot serve both: each decodes in one pass
+    both = BenchEvalConfig(model="m", data=["d.jsonl"], baseline_before_batched=False)
+    assert interleaved_keys(both, {k: dirs[k] for k in ("sequential", "sequential_before")}) == [
+        "sequential", "sequential_before"]
+
+
 def test_evaluate_refuses_an_empty_mode():
     with pytest.raises(ValueError, match="no sequential trajectories"):
         evaluate([traj(0, 0, par("1"))], [], ["1"], ExactChecker())
