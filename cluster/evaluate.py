@@ -78,7 +78,7 @@ from rollout.files import atomic_write, check_model_dir, check_name, check_outpu
 from rollout.orchestrator import generate
 from rollout.records import iter_records
 from rollout.units import chat_prompt_ids
-from rollout.weights import reload_in_place
+from rollout.weights import reload_in_place, same_architecture
 
 @dataclass
 class BenchEvalConfig:
@@ -273,12 +273,6 @@ class EngineSwitch:
         self.rollout, self.llm, self.loaded, self.config = rollout, None, None, None
         self.reloads, self.reload_s = 0, 0.0
 
-    @staticmethod
-    def same_architecture(model_dirs: Sequence[Path]) -> bool:
-        """Whether every model has the same ``config.json`` (one engine serves them all by reloading weights)."""
-        configs = [json.loads((Path(d) / "config.json").read_text()) for d in model_dirs]
-        return all(c == configs[0] for c in configs)
-
     def load(self, model_dir: Path, verbose: bool = True):
         config = json.loads((Path(model_dir) / "config.json").read_text())
         t0 = time.perf_counter()
@@ -371,7 +365,7 @@ def interleaved_keys(cfg: BenchEvalConfig, model_dirs: dict[str, Path]) -> list[
     """The models that take turns (``cfg.interleave``): the isolated ones, when there are several and one
     engine can serve them all; else none."""
     keys = isolated_keys(cfg, model_dirs)
-    if not cfg.interleave or len(keys) < 2 or not EngineSwitch.same_architecture([model_dirs[k] for k in keys]):
+    if not cfg.interleave or len(keys) < 2 or not same_architecture(*[model_dirs[k] for k in keys]):
         return []
     return keys
 

@@ -36,6 +36,7 @@ store and the disk.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,6 +147,12 @@ def _fresh_dir(directory: str | Path) -> Path:
     if any(d.iterdir()):
         raise FileExistsError(f"{d} is not empty; every weight update needs a fresh directory")
     return d
+
+
+def same_architecture(*model_dirs: str | Path) -> bool:
+    """Whether the models have the same ``config.json`` (one engine serves them all, weights reloaded in place)."""
+    configs = [json.loads((Path(d) / "config.json").read_text()) for d in model_dirs]
+    return all(c == configs[0] for c in configs)
 
 
 def reload_in_place(llm, directory: str | Path) -> None:

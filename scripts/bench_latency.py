@@ -6,7 +6,9 @@ What it does, in one run (no Ray: one engine in this process's control, as ``thr
    rote the parallel responses of a few synthetic-task problems, as units and as whole sequences, so that
    parallel and sequential decoding do *the same work* and differ only in scheduling); or, with ``--model``,
    a trained parallel model and ``--baseline-model`` (default: the same) on the first ``--limit`` prompts of
-   ``--data`` (for instance the main job's two models on its test split);
+   ``--data`` (for instance the main job's two models on its test split); two models of one architecture
+   share one engine and take turns run by run (weights reloaded in place between them, untimed), so that load
+   changes on a shared machine hit both alike;
 2. *isolated*: decodes every problem alone (one trajectory in flight, greedy), ``--repeats`` times, in
    parallel mode with the model and in sequential mode with the baseline, with an engine trace
    (``rollout.profile``): every engine step labelled by phase (prompt prefill, prefix decode, spawn
@@ -151,7 +153,8 @@ def data_prompts(path: Path, limit: int) -> list[str]:
 
 
 class Runner:
-    """One engine on one model, decoding traced runs."""
+    """One engine, decoding traced runs; :meth:`use` switches it to another model of the same architecture
+    (weights reloaded in place, untimed)."""
 
     def __init__(self, model_dir: Path, args, kwargs: dict, sampling: dict | None = None):
         from rollout.engine import VLLMEngine, make_llm
@@ -160,9 +163,24 @@ class Runner:
         t0 = time.perf_counter()
         self.llm = make_llm(model_dir, max_model_len=args.max_context, **kwargs)
         self.start_s = time.perf_counter() - t0
+        self.model_dir = Path(model_dir).resolve()
         self.tokenizer = load_tokenizer(model_dir)
         self.engine = VLLMEngine(self.llm, sampling_overrides=sampling)
         self.processes = engine_processes()
+        self.reloads, self.reload_s = 0, 0.0
+
+    def use(self, model_dir: Path) -> None:
+        """Decode with ``model_dir`` from now on (its weights loaded in place when another model is loaded)."""
+        from rollout.tiny import load_tokenizer
+        from rollout.weights import reload_in_place
+
+        if Path(model_dir).resolve() == self.model_dir:
+            return
+        t0 = time.perf_counter()
+        reload_in_place(self.llm, model_dir)
+        self.reload_s += time.perf_counter() - t0
+        self.reloads += 1
+        self.model_dir, self.tokenizer = Path(model_dir).resolve(), load_tokenizer(model_dir)
 
     def time_parts(self) -> None:
         """Time the parts of every engine step (:data:`STEP_PARTS`) into the trace of the run in progress.
@@ -193,16 +211,20 @@ class Runner:
                     self.engine.trace.part(name, time.perf_counter() - t0)
         return call
 
-    def prompt_ids(self, texts: list[str]) -> list[list[int]]:
+    def prompt_ids(self, texts: list[str], model_dir: Path) -> list[list[int]]:
+        """``texts`` in ``model_dir``'s chat template."""
+        from rollout.tiny import load_tokenizer
         from rollout.units import chat_prompt_ids
 
-        return [chat_prompt_ids(self.tokenizer, t) for t in texts]
+        tokenizer = load_tokenizer(model_dir)
+        return [chat_prompt_ids(tokenizer, t) for t in texts]
 
-    def run(self, prompts: list[list[int]], config, indices: list[int]):
-        """Decode ``prompts`` at once; returns (trajectories, profile)."""
+    def run(self, prompts: list[list[int]], config, indices: list[int], model_dir: Path):
+        """Decode ``prompts`` at once with ``model_dir``; returns (trajectories, profile)."""
         from rollout.orchestrator import generate
         from rollout.profile import EngineTrace, phase_profile
 
+        self.use(model_dir)
         trace = EngineTrace()
         self.engine.trace = trace
         t0 = time.perf_counter()
@@ -243,19 +265,21 @@ def engine_processes() -> list[str]:
     return out
 
 
-def isolated(runner: Runner, prompts: list[list[int]], configs: dict, repeats: int) -> dict:
-    """Every problem alone, ``repeats`` times in each mode of ``configs`` (interleaved); per mode: the wall
-    clocks per problem, each problem's L_crit, the merged profile and the finish reasons."""
+def isolated(runner: Runner, prompts: dict, configs: dict, repeats: int, models: dict) -> dict:
+    """Every problem alone, ``repeats`` times in each mode of ``configs`` (interleaved: problem i in every mode,
+    each with its model of ``models``, before problem i+1); per mode: the wall clocks per problem, each
+    problem's L_crit, the merged profile and the finish reasons. ``prompts``: per mode, in its model's template."""
     from rollout.profile import merge
 
-    for cfg in configs.values():  # warm-up (untimed)
-        runner.run(prompts[:1], replace(cfg, max_tokens=8), [0])
-    out = {m: {"walls": {i: [] for i in range(len(prompts))}, "crit": {}, "profiles": [], "finish": set(),
+    for m, cfg in configs.items():  # warm-up (untimed)
+        runner.run(prompts[m][:1], replace(cfg, max_tokens=8), [0], models[m])
+    n = len(next(iter(prompts.values())))
+    out = {m: {"walls": {i: [] for i in range(n)}, "crit": {}, "profiles": [], "finish": set(),
                "lost": []} for m in configs}
     for _ in range(repeats):
-        for i, p in enumerate(prompts):
+        for i in range(n):
             for m, cfg in configs.items():
-                [t], prof = runner.run([p], cfg, [i])
+                [t], prof = runner.run([prompts[m][i]], cfg, [i], models[m])
                 o = out[m]
                 o["walls"][i].append(prof.wall_s)
                 o["crit"][i] = t.L_crit
@@ -269,14 +293,14 @@ def isolated(runner: Runner, prompts: list[list[int]], configs: dict, repeats: i
     return out
 
 
-def batch(runner: Runner, prompts: list[list[int]], configs: dict, n: int, repeats: int) -> dict:
-    """All problems ``n`` times at once, ``repeats`` runs per mode (interleaved)."""
+def batch(runner: Runner, prompts: dict, configs: dict, n: int, repeats: int, models: dict) -> dict:
+    """All problems ``n`` times at once, ``repeats`` runs per mode (interleaved), each mode with its model."""
     from rollout.profile import merge
 
     out = {m: {"profiles": [], "latency": [], "crit": [], "lost": []} for m in configs}
     for _ in range(repeats):
         for m, cfg in configs.items():
-            trajectories, prof = runner.run(prompts, replace(cfg, n=n), list(range(len(prompts))))
+            trajectories, prof = runner.run(prompts[m], replace(cfg, n=n), list(range(len(prompts[m]))), models[m])
             out[m]["profiles"].append(prof)
             out[m]["latency"].append(statistics.mean(t.latency_s for t in trajectories))
             out[m]["crit"] = [t.L_crit for t in trajectories]
@@ -459,8 +483,11 @@ def main() -> None:
     bat: dict = {}
     start_s: list[float] = []
     processes: list[str] = []
-    groups = ([("parallel", "sequential")] if models["parallel"] == models["sequential"]
-              else [("parallel",), ("sequential",)])  # two models: one engine after the other
+    reloads: list[tuple[int, float]] = []
+    from rollout.weights import same_architecture
+
+    groups = ([("parallel", "sequential")] if same_architecture(models["parallel"], models["sequential"])
+              else [("parallel",), ("sequential",)])  # one engine takes turns between models of one architecture
     for group in groups:
         runner = Runner(models[group[0]], args, kwargs, engine_kwargs(args.sampling))
         start_s.append(runner.start_s)
@@ -468,11 +495,12 @@ def main() -> None:
         if args.breakdown:
             runner.time_parts()
         try:
-            prompts = runner.prompt_ids(texts)
+            prompts = {m: runner.prompt_ids(texts, models[m]) for m in group}
             cfgs = {m: configs[m] for m in group}
-            iso.update(isolated(runner, prompts, cfgs, args.repeats))
+            iso.update(isolated(runner, prompts, cfgs, args.repeats, models))
             if args.batch_n:
-                bat.update(batch(runner, prompts, cfgs, args.batch_n, args.batch_repeats))
+                bat.update(batch(runner, prompts, cfgs, args.batch_n, args.batch_repeats, models))
+            reloads.append((runner.reloads, runner.reload_s))
         finally:
             runner.close()
     load.append(open("/proc/loadavg").read().split()[:3])
@@ -483,7 +511,9 @@ def main() -> None:
     sampling = f"; sampling {args.sampling}" if args.sampling else ""
     print(f"\n{source}; engine {kwargs or 'make_llm defaults'}{sampling} (started in "
           f"{', '.join(f'{s:.0f}' for s in start_s)} s); load average before {' '.join(load[0])}, "
-          f"after {' '.join(load[1])}; processes: {'; '.join(processes)}\n")
+          f"after {' '.join(load[1])}; processes: {'; '.join(processes)}"
+          + (f"; the two models took turns on one engine ({sum(r for r, _ in reloads)} weight reloads, "
+             f"{sum(t for _, t in reloads):.1f} s, untimed)" if sum(r for r, _ in reloads) else "") + "\n")
     print(f"## isolated decoding: each problem alone, {args.repeats} repeats, per trajectory "
           f"(finish: parallel {','.join(iso['parallel']['finish'])}, sequential "
           f"{','.join(iso['sequential']['finish'])})\n")
