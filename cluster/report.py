@@ -69,16 +69,20 @@ def detail_table(reports: Sequence[BenchmarkReport]) -> str:
 def stage_table(r: BenchmarkReport, ceiling: float | None = None) -> str:
     """One benchmark's models as rows -- the baseline, the earlier parallel checkpoint (if decoded), the
     parallel model -- with accuracy, L_crit, token-latency speedup (mean and median over problems),
-    wall-clock speedup, latency efficiency, activation ratio, and the share of ``ceiling`` (the task's
+    wall-clock speedup and latency efficiency (both mean and median over problems: a burst of load that
+    changed a few problems' times moves the median little), activation ratio, and the share of ``ceiling`` (the task's
     token-latency speedup ceiling) reached."""
-    lines = ["| model | accuracy | L_crit | speedup mean (median) | wall-clock speedup | latency efficiency | "
+    lines = ["| model | accuracy | L_crit | speedup mean (median) | wall-clock speedup mean (median) | "
+             "latency efficiency mean (median) | "
              "activation |" + (" of ceiling |" if ceiling else ""),
              "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if ceiling else "")]
 
     def row(s, pair: BenchmarkReport | None) -> str:
         speed = f"{_num(pair.speedup, 2, 'x')} ({_num(pair.speedup_median, 2, 'x')})" if pair else "1.00x"
-        wall = _num(pair.wall_speedup, 2, "x") if pair else "1.00x"
-        efficiency = _num(pair.latency_efficiency, 2) if pair else "-"
+        wall = (f"{_num(pair.wall_speedup, 2, 'x')} ({_num(pair.wall_speedup_median, 2, 'x')})" if pair
+                else "1.00x")
+        efficiency = (f"{_num(pair.latency_efficiency, 2)} ({_num(pair.latency_efficiency_median, 2)})" if pair
+                      else "-")
         share = (f" {_pct(pair.speedup / ceiling)} |" if pair else " |") if ceiling else ""
         return (f"| {s.model} | {_pct(s.accuracy)} | {_num(s.L_crit)} | {speed} | {wall} | {efficiency} | "
                 f"{_pct(s.activation)} |" + share)
@@ -128,8 +132,10 @@ def report_markdown(reports: Sequence[BenchmarkReport], title: str = "Evaluation
                 "(a throughput figure, not a single-problem latency)."),
              ""]
     for r in reports:
-        lines.append(f"- {r.name}: wall-clock speedup {_num(r.wall_speedup, 2, 'x')}, latency efficiency "
-                     f"{_num(r.latency_efficiency, 2)} (wall-clock / token-latency speedup per problem); "
+        lines.append(f"- {r.name}: wall-clock speedup {_num(r.wall_speedup, 2, 'x')} (median "
+                     f"{_num(r.wall_speedup_median, 2, 'x')}), latency efficiency {_num(r.latency_efficiency, 2)} "
+                     f"(median {_num(r.latency_efficiency_median, 2)}; wall-clock / token-latency speedup per "
+                     "problem, mean and median over problems); "
                      f"{len(r.speedups)} problems in the speedup"
                      + (f", {r.undefined} left out (empty parallel answers)" if r.undefined else ""))
     return "\n".join(lines) + "\n"

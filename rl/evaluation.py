@@ -26,7 +26,7 @@ Across modes (benchmarks, and the RL held-out evaluation when it decodes both mo
 speedup is ``mean L_crit(sequential samples) / mean L_crit(parallel samples)``; the per-problem wall-clock
 speedup is the slowest sequential sample's wall time / the slowest parallel sample's; **latency efficiency**
 is the mean over problems of wall-clock speedup / token-latency speedup (1: the whole critical-path gain
-reaches the clock). The SFT evaluator decodes one mode only and has no cross-mode measures.
+reaches the clock); benchmark reports also give the medians over problems of both ratios. The SFT evaluator decodes one mode only and has no cross-mode measures.
 """
 
 from __future__ import annotations
@@ -218,6 +218,8 @@ class BenchmarkReport:
     wall_speedup: float  # mean over problems of sequential wall time / parallel wall time
     undefined: int  # problems left out of the speedups because a mean L_crit was 0
     latency_efficiency: float | None = None  # mean over problems of wall-clock speedup / token-latency speedup
+    wall_speedup_median: float | None = None  # medians over problems of the same ratios: a problem whose times a
+    latency_efficiency_median: float | None = None  # burst of load changed moves them little
     interleave: int = 0  # isolated latency: problems per turn of the models taking turns (0: one pass each)
     before: BenchmarkReport | None = None  # an earlier checkpoint of the parallel model against the same baseline
     sequential_before: ModeSummary | None = None  # an earlier checkpoint of the baseline
@@ -229,7 +231,8 @@ class BenchmarkReport:
         base = f"eval/{self.name}/{prefix}"
         for s in (self.parallel, self.sequential):
             out.update({f"{base}{s.mode}/{k}": v for k, v in _mode_metrics(s).items()})
-        for key in ("speedup", "speedup_median", "speedup_correct", "wall_speedup", "latency_efficiency"):
+        for key in ("speedup", "speedup_median", "speedup_correct", "wall_speedup", "wall_speedup_median",
+                    "latency_efficiency", "latency_efficiency_median"):
             if getattr(self, key) is not None:
                 out[f"{base}{key}"] = getattr(self, key)
         if self.before is not None:  # its sequential samples are this report's: logged once, above
@@ -305,10 +308,16 @@ def wall_speedups(parallel: Sequence[Sample], sequential: Sequence[Sample]) -> d
     return {p: seq[p] / par[p] for p in sorted(par) if p in seq and par[p] > 0}
 
 
+def efficiencies(wall_speedups: dict[int, float], token_speedups: dict[int, float]) -> list[float]:
+    """Per problem, wall-clock speedup / token-latency speedup; problems missing from either, or with a zero
+    token speedup, are left out."""
+    return [wall_speedups[p] / token_speedups[p] for p in wall_speedups if token_speedups.get(p)]
+
+
 def latency_efficiency(wall_speedups: dict[int, float], token_speedups: dict[int, float]) -> float | None:
     """Mean over problems of wall-clock speedup / token-latency speedup (1: the whole critical-path gain
-    reaches the clock); problems missing from either, or with a zero token speedup, are left out."""
-    ratios = [wall_speedups[p] / token_speedups[p] for p in wall_speedups if token_speedups.get(p)]
+    reaches the clock); see :func:`efficiencies`."""
+    ratios = efficiencies(wall_speedups, token_speedups)
     return mean(ratios) if ratios else None
 
 
@@ -370,5 +379,8 @@ def evaluate_benchmark(parallel: Sequence[Any], sequential: Sequence[Any], answe
         speedup_correct=mean(list(correct_ratios.values())) if correct_ratios else None,
         wall_speedup=mean(list(wall_ratios.values())), undefined=undefined,
         latency_efficiency=latency_efficiency(wall_ratios, ratios),
+        wall_speedup_median=statistics.median(wall_ratios.values()) if wall_ratios else None,
+        latency_efficiency_median=(statistics.median(efficiencies(wall_ratios, ratios))
+                                   if efficiencies(wall_ratios, ratios) else None),
     )
     return report, scores

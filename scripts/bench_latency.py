@@ -390,7 +390,8 @@ def efficiency(walls: dict, crit: dict) -> dict:
                      "latency_efficiency": wall / token})
     mean = lambda k: statistics.mean(r[k] for r in rows)  # noqa: E731
     return {"problems": rows, "token_speedup": mean("token_speedup"), "wall_speedup": mean("wall_speedup"),
-            "latency_efficiency": mean("latency_efficiency")}
+            "latency_efficiency": mean("latency_efficiency"),
+            "latency_efficiency_median": statistics.median(r["latency_efficiency"] for r in rows)}
 
 
 #: per-step series of a Profile left out of --json
@@ -528,8 +529,8 @@ def main() -> None:
         print("\nparts of a decode step (least squares over both modes' decode steps):\n")
         print(table)
     print(f"\ntoken-latency speedup {eff['token_speedup']:.3f}x, wall-clock speedup {eff['wall_speedup']:.3f}x, "
-          f"latency efficiency {eff['latency_efficiency']:.3f} (means over {len(eff['problems'])} problems of "
-          "per-problem ratios; wall: median of the repeats)")
+          f"latency efficiency {eff['latency_efficiency']:.3f}, median {eff['latency_efficiency_median']:.3f} (means "
+          f"over {len(eff['problems'])} problems of per-problem ratios; wall: median of the repeats)")
     print(f"engine steps lost between requests, per trajectory: parallel {iso['parallel']['lost_steps']:.2f}, "
           f"sequential {iso['sequential']['lost_steps']:.2f}")
     results.update(load=load, engine_start_s=start_s, processes=processes, isolated={

@@ -160,7 +160,8 @@ def test_earlier_checkpoints_rows_changes_and_metrics():
     assert [r.split(" | ")[0] for r in rows[2:]] == ["| seq (SFT + RL)", "| TW (SFT)", "| TW (SFT + P-GRPO)"]
     assert rows[3].split(" | ")[1:3] == ["50.0%", "128.5"] and rows[3].endswith(f"| 50.0% | {100 * report.before.speedup / 2:.1f}% |")
     assert f"{report.speedup:.2f}x ({report.speedup_median:.2f}x)" in rows[4]
-    assert f"{report.wall_speedup:.2f}x | {report.latency_efficiency:.2f} | 100.0% |" in rows[4]
+    assert (f"{report.wall_speedup:.2f}x ({report.wall_speedup_median:.2f}x) | {report.latency_efficiency:.2f} "
+            f"({report.latency_efficiency_median:.2f}) | 100.0% |") in rows[4]
     changes = change_table(report).splitlines()
     assert changes[2] == "| seq (SFT) -> seq (SFT + RL) | 50.0% -> 100.0% | 0.0% -> 0.0% | 87.0 -> 87.0 | 87.0 -> 87.0 |"
     assert changes[3].startswith("| TW (SFT) -> TW (SFT + P-GRPO) | 50.0% -> 100.0% | 50.0% -> 100.0% | 128.5 -> 150.0 |")
@@ -234,6 +235,24 @@ def test_only_models_of_one_architecture_take_turns(tmp_path):
     both = BenchEvalConfig(model="m", data=["d.jsonl"], baseline_before_batched=False)
     assert interleaved_keys(both, {k: dirs[k] for k in ("sequential", "sequential_before")}) == [
         "sequential", "sequential_before"]
+
+
+def test_medians_over_problems_shrug_off_one_problem_a_burst_of_load_slowed():
+    """Three problems of equal work; the third one's sequential decode ran under a burst of load (6 s, not 0.6):
+    the means follow it, the medians do not."""
+    answers = ["5", "5", "5"]
+    p = [traj(i, 0, par("5"), 1.0) for i in range(3)]
+    s = [traj(0, 0, seq("5"), 0.6), traj(1, 0, seq("5"), 0.6), traj(2, 0, seq("5"), 6.0)]
+    report, _ = evaluate(p, s, answers, ExactChecker(), name="tiny")
+    token = 87 / 150
+    assert report.wall_speedup == pytest.approx((0.6 + 0.6 + 6.0) / 3)
+    assert report.wall_speedup_median == pytest.approx(0.6)
+    assert report.latency_efficiency == pytest.approx((0.6 + 0.6 + 6.0) / 3 / token)
+    assert report.latency_efficiency_median == pytest.approx(0.6 / token)
+    metrics = report.metrics()
+    assert metrics["eval/tiny/latency_efficiency_median"] == pytest.approx(0.6 / token)
+    assert metrics["eval/tiny/wall_speedup_median"] == pytest.approx(0.6)
+    assert f"{0.6 / token:.2f}" in report_markdown([report])
 
 
 def test_evaluate_refuses_an_empty_mode():
