@@ -337,7 +337,7 @@ def decode_interleaved(engines: EngineSwitch, decoders: dict[str, _Decoder], per
     model's trajectories in problem order."""
     from tqdm import tqdm  # lazy: only for isolated decoding
 
-    for key, d in decoders.items():
+    for d in decoders.values():
         warm_up(VLLMEngine(engines.load(d.model_dir, verbose=False)), d.tokenizer, d.prompts[0], d.rollout, d.eos)
     n = len(next(iter(decoders.values())).prompts)
     out: dict[str, list] = {key: [] for key in decoders}
