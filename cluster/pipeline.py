@@ -51,7 +51,8 @@ in ``pipeline.json`` as they are (each reuse is printed) and runs the rest;
 the folder of a stage that did not finish (an interrupted run) is renamed
 ``STAGE.incomplete-N`` and the stage runs again.
 Ray is started once for all stages (or joined: ``ray.address`` /
-``RAY_ADDRESS``).
+``RAY_ADDRESS``; a Ray this process already runs is used as it is), and not
+at all when every stage is reused.
 """
 
 from __future__ import annotations
@@ -303,7 +304,9 @@ def run_pipeline(cfg: PipelineConfig, config_files: list[str] = ()) -> dict:
     plan = sft_roles(cfg.sft)
     if cfg.rl is not None:
         plan = max([plan, rl_roles(cfg.rl)], key=lambda roles: sum(r.total_cpus for r in roles))
-    started_ray = init_ray(cfg.ray, plan)
+    # a pipeline whose every stage is recorded (reuse=true) only writes its report again: no Ray to start
+    pending = [name for name in planned_stages(cfg) if name not in record["stages"]]
+    started_ray = init_ray(cfg.ray, plan) if pending else False
     runs = Runs(cfg, run_dir, run_context("run", config_files))
     if runs.parent_id:
         print(f"pipeline: MLflow parent run {runs.parent_id} at {runs.uri}", flush=True)

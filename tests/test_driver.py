@@ -222,56 +222,59 @@ def test_faults_worker_killed_tracking_down_driver_killed_and_resumed(services, 
                  "rollout.weights.publish_state_dict"):
         monkeypatch.setattr(name, held_by_the_driver)
 
+    # two steps a run: the cut run dies after its last step, with a checkpoint before it to fall back on, and a
+    # resumed step must still land on the weights, metrics and MLflow run of the uninterrupted one (a third step
+    # would only repeat step 2's rollout, update and sync in both runs)
     # --- "full": a rollout worker dies mid-rollout, MLflow is unreachable
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         closed = s.getsockname()[1]
     killing = _KillingPool(services.rollout)
     services.rollout = killing
-    full = train(_config(tmp_path, "full", tiny_model_dir, **{
+    full = train(_config(tmp_path, "full", tiny_model_dir, steps=2, **{
         "tracking.uri": f"http://127.0.0.1:{closed}", "tracking.request_timeout_s": 2}), services=services)
     assert killing.killed and full["rollout_restarts"] == 1
     assert services.rollout is not killing  # a rebuilt pool, which the fixture shuts down
-    assert full["steps"] == 3 and full["mlflow_run_id"] is None
+    assert full["steps"] == 2 and full["mlflow_run_id"] is None
     full_steps = [x for x in _lines(tmp_path / "full" / "metrics.jsonl") if x["kind"] == "train"]
-    assert [x["rollout/restarts"] for x in full_steps] == [1, 1, 1]
+    assert [x["rollout/restarts"] for x in full_steps] == [1, 1]
     assert any(x["adv/nonzero_share"] > 0 for x in full_steps)
     assert all(x["logprob/rollout_learner_absdiff"] < 1e-3 for x in full_steps)  # vLLM and the learner agree
     assert any(x["loss/kl"] > 0 for x in full_steps)  # a second update leaves the reference (given a gradient)
 
-    # --- "cut": the driver dies after step 3, its checkpoint of step 3 is damaged, then it resumes
-    def kill_after_3(step, metrics):
-        if step == 3:  # computed, logged and saved
+    # --- "cut": the driver dies after step 2, its checkpoint of step 2 is damaged, then it resumes
+    def kill_after_2(step, metrics):
+        if step == 2:  # computed, logged and saved
             raise Stop()
 
     cut_store = {"tracking.uri": f"sqlite:///{(tmp_path / 'cut_mlflow.db').resolve()}"}  # this run's own store
     with pytest.raises(Stop):
-        train(_config(tmp_path, "cut", tiny_model_dir, save_every=1, **cut_store), on_step=kill_after_3,
+        train(_config(tmp_path, "cut", tiny_model_dir, steps=2, save_every=1, **cut_store), on_step=kill_after_2,
               services=services)
     with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:
-        f.write('{"kind": "train", "step": 4, "train/rew')  # the kill came in the middle of a line
+        f.write('{"kind": "train", "step": 3, "train/rew')  # the kill came in the middle of a line
     with pytest.raises(ValueError, match="--resume"):
-        train(_config(tmp_path, "cut", tiny_model_dir, save_every=1, **cut_store), services=services)
-    state_file = tmp_path / "cut" / "checkpoints" / "step_00000003" / "trainer_state.json"
+        train(_config(tmp_path, "cut", tiny_model_dir, steps=2, save_every=1, **cut_store), services=services)
+    state_file = tmp_path / "cut" / "checkpoints" / "step_00000002" / "trainer_state.json"
     state_file.write_text(state_file.read_text()[:40])
     capsys.readouterr()
-    resumed = train(_config(tmp_path, "cut", tiny_model_dir, resume="auto", save_every=1,
+    resumed = train(_config(tmp_path, "cut", tiny_model_dir, steps=2, resume="auto", save_every=1,
                             **{"eval.at_end": "true"}, **cut_store), services=services)
-    assert resumed["steps"] == 3
+    assert resumed["steps"] == 2
     out = capsys.readouterr()
-    assert "step_00000002 at step 2" in out.out and "unreadable trainer_state.json" in out.err
+    assert "step_00000001 at step 1" in out.out and "unreadable trainer_state.json" in out.err
 
     a, b = _weights(full["checkpoint"]), _weights(resumed["checkpoint"])
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
     init = _weights(tiny_model_dir)
     assert max(float((a[k] - init[k]).abs().max()) for k in a) > 1e-4  # it trained
     cut_steps = [x for x in _lines(tmp_path / "cut" / "metrics.jsonl") if x["kind"] == "train"]
-    assert [x["step"] for x in cut_steps] == [1, 2, 3]  # step 3 was redone and logged once
+    assert [x["step"] for x in cut_steps] == [1, 2]  # step 2 was redone and logged once
     for key in ("train/reward", "train/L_total", "loss/total", "learner/grad_norm", "data/prompts_seen"):
         assert [x[key] for x in cut_steps] == pytest.approx([x[key] for x in full_steps], rel=1e-6), key
 
     # --- MLflow: one run, reopened by the resumed driver, with params, per-step metrics and artifacts
-    state = json.loads((tmp_path / "cut" / "checkpoints" / "step_00000002" / "trainer_state.json").read_text())
+    state = json.loads((tmp_path / "cut" / "checkpoints" / "step_00000001" / "trainer_state.json").read_text())
     assert resumed["mlflow_run_id"] == state["mlflow_run_id"] is not None
     uri = resumed["tracking_uri"]
     assert uri == cut_store["tracking.uri"]
@@ -282,13 +285,13 @@ def test_faults_worker_killed_tracking_down_driver_killed_and_resumed(services, 
     assert run.data.params["reward.format_penalty"] == "1.0" and run.data.params["grpo.advantage"] == "mean"
     table = metric_table(uri, run.info.run_id, ["train/reward", "time/rollout_s", "eval/parallel/accuracy",
                                                 "eval/sequential/L_total"])
-    assert [r["step"] for r in table] == [1, 2, 3] and all("time/rollout_s" in r for r in table)
+    assert [r["step"] for r in table] == [1, 2] and all("time/rollout_s" in r for r in table)
     assert "eval/parallel/accuracy" in table[-1] and "eval/sequential/L_total" in table[-1]
     artifacts = {x.path for x in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "config_resume_step_2.yaml", "eval", "pages", "summary.json"} <= artifacts
+    assert {"config.yaml", "config_resume_step_1.yaml", "eval", "pages", "summary.json"} <= artifacts
     pages = {x.path for x in client.list_artifacts(run.info.run_id, "pages")}
-    assert "pages/step_00000003.html" in pages  # the viewer page of the last evaluation
-    evals = _lines(tmp_path / "cut" / "eval" / "step_00000003.jsonl")
+    assert "pages/step_00000002.html" in pages  # the viewer page of the last evaluation
+    evals = _lines(tmp_path / "cut" / "eval" / "step_00000002.jsonl")
     assert sorted({(x["mode"], x["index"]) for x in evals}) == [("parallel", 0), ("parallel", 1),
                                                                  ("sequential", 0), ("sequential", 1)]
 

@@ -83,7 +83,7 @@ def test_cli_needs_a_file():
 
 
 @pytest.mark.integration
-def test_pipeline_then_an_ablation_and_a_sweep_all_land_in_one_mlflow_store(tmp_path):
+def test_pipeline_then_an_ablation_and_a_sweep_all_land_in_one_mlflow_store(tmp_path, monkeypatch):
     """The first acceptance point of issue 17, read back through MLflow's API only: every stage of the
     pipeline at toy size, then an RL ablation from its parallel SFT checkpoint, then a two-point reward-weight
     sweep that finds that checkpoint itself (the newest pipeline under ``pipelines``), all tracked in one
@@ -223,6 +223,10 @@ def test_pipeline_then_an_ablation_and_a_sweep_all_land_in_one_mlflow_store(tmp_
         sweep_parent.info.run_id)}
     assert sorted(m.step for m in client.get_metric_history(sweep_parent.info.run_id, "sweep/L_crit")) == [0, 1]
 
+    def no_ray(*args, **kwargs):
+        raise AssertionError("a pipeline whose every stage is reused started Ray")
+
+    monkeypatch.setattr("cluster.pipeline.init_ray", no_ray)
     again = run_pipeline(load_config(PipelineConfig, "experiments/pipeline_tiny.yaml", overrides + ["reuse=true"]))
     same = json.dumps(again["stages"], sort_keys=True) == json.dumps(record["stages"], sort_keys=True)  # NaN-safe
     assert same  # every stage reused, nothing rerun

@@ -1,8 +1,8 @@
 """Reward-weight sweeps: the grid and its overrides, the scheduler, the plot (fast), and a killed sweep resumed on
-Ray Tune.
+Ray Tune, in which ASHA stops a point early (one sweep proves both: two engine starts, not three).
 
 The resumed sweep runs the real RL stage (vLLM rollout worker, reward actors,
-DeepSpeed learner) for two steps per point on the untrained tiny model, which
+DeepSpeed learner) for up to two steps per point on the untrained tiny model, which
 never answers correctly; like the driver's tests it rewards format validity
 (``format_penalty=1``) so the runs have something to learn. The points share
 one rollout pool (``share_rollout``), so each sweep command starts one engine.
@@ -120,10 +120,18 @@ def _point_overrides(tiny_model_dir, tmp_path, save_every: int, eval_every: int,
 
 
 @pytest.mark.integration
-def test_a_killed_sweep_resumed_reruns_only_the_unfinished_point(tiny_model_dir, tmp_path):
-    """Two points on Ray Tune; the command is killed (SIGKILL to its process group) once the second point has
-    started; --resume keeps the first point as it was and runs the second, in the MLflow runs made at the
-    start."""
+def test_a_killed_asha_sweep_resumed_reruns_only_the_unfinished_point(tiny_model_dir, tmp_path):
+    """Three points on Ray Tune with ASHA; the command is killed (SIGKILL to its process group) once the third
+    point has started; --resume keeps the first two points as they were and runs the third, in the MLflow runs
+    made at the start.
+
+    ASHA, on the untrained tiny model, which never answers correctly: the points learn the same (mean-centred
+    advantages ignore a reward offset), but the second point's wrong answers earn -1, so its held-out reward at
+    step 1 is lower than the first point's and ASHA stops it there; the first runs both its steps. The stopped
+    point's MLflow run ends KILLED with the step. (One sweep proves both: an early-stopped point is a finished
+    trial that --resume must keep too. The third point, -0.5, sits between the two, so ASHA lets it go on
+    whether or not the resumed Tune still holds the first run's step-1 rewards; it does not: Ray Tune 2.60
+    restores the scheduler pickled when the Tuner was made, before any result.)"""
     import os
     import signal
     import subprocess
@@ -133,28 +141,29 @@ def test_a_killed_sweep_resumed_reruns_only_the_unfinished_point(tiny_model_dir,
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    # one step a point: the kill falls between the points (the first finished, the second begun), so a second
-    # step would only add a rollout and an update to each run
-    rl_overrides = _point_overrides(tiny_model_dir, tmp_path, save_every=1, eval_every=0, steps=1)
+    rl_overrides = _point_overrides(tiny_model_dir, tmp_path, save_every=1, eval_every=1)
     out = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "cluster.cli", "sweep", f"rl_config=[{RL_TINY}]",
-           f"overrides={json.dumps(rl_overrides)}", "rho=[0.5,1.0]", "clip=[0.2]", "incorrect_reward=[0.0]",
-           f"run_dir={out}", "share_rollout=true", "tracking.experiment=sweep-resume", f"tracking.uri={uri}",
-           "ray.num_cpus=3"]
+           f"overrides={json.dumps(rl_overrides)}", "rho=[0.5]", "clip=[0.2]", "incorrect_reward=[0.0,-1.0,-0.5]",
+           f"run_dir={out}", "share_rollout=true", "scheduler=asha", "grace_steps=1", "reduction_factor=2",
+           "tracking.experiment=sweep-resume", f"tracking.uri={uri}", "ray.num_cpus=3"]
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    first, second = out / "p00_rho0.5_clip0.2_inc0", out / "p01_rho1_clip0.2_inc0"
+    first, second, third = (out / name for name in ("p00_rho0.5_clip0.2_inc0", "p01_rho0.5_clip0.2_inc-1",
+                                                     "p02_rho0.5_clip0.2_inc-0.5"))
     deadline = time.monotonic() + 900
     try:
-        while not (second / "config.yaml").exists():  # the first point finished, the second has begun
+        while not (third / "config.yaml").exists():  # the first two points ended, the third has begun
             assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the second point did not start within 15 minutes"
+            assert time.monotonic() < deadline, "the third point did not start within 15 minutes"
             time.sleep(0.5)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert (first / "summary.json").is_file() and not (second / "summary.json").exists()
+    assert (first / "summary.json").is_file() and not (third / "summary.json").exists()
+    assert not (second / "summary.json").exists()  # stopped before its second step ended
     kept = (first / "summary.json").stat().st_mtime_ns
+    stopped_files = sorted(p.relative_to(second).as_posix() for p in second.rglob("*"))
     client = MlflowClient(uri)
     runs_before = {r.info.run_name: r.info.run_id for r in
                    client.search_runs([client.get_experiment_by_name("sweep-resume").experiment_id])}
@@ -162,14 +171,22 @@ def test_a_killed_sweep_resumed_reruns_only_the_unfinished_point(tiny_model_dir,
     done = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert (first / "summary.json").stat().st_mtime_ns == kept  # the finished point was not run again
-    assert json.loads((second / "summary.json").read_text())["steps"] == 1
+    assert sorted(p.relative_to(second).as_posix() for p in second.rglob("*")) == stopped_files  # nor the stopped
+    assert json.loads((first / "summary.json").read_text())["steps"] == 2
+    assert json.loads((third / "summary.json").read_text())["steps"] == 2
     results = json.loads((out / "sweep.json").read_text())
-    assert [r["error"] for r in results] == [None, None]
-    runs = client.search_runs([client.get_experiment_by_name("sweep-resume").experiment_id])
-    assert {r.info.run_name: r.info.run_id for r in runs} == runs_before  # the same runs, none added
-    assert all(r.info.status == "FINISHED" for r in runs)
+    assert [r["error"] for r in results] == [None, None, None]
+    assert [r["stopped_at"] for r in results] == [None, 1, None]
+    assert results[1]["metrics"]["reward"] < results[0]["metrics"]["reward"]
+    assert "(stopped after step 1)" in (out / "sweep.md").read_text()
+    experiment = client.get_experiment_by_name("sweep-resume").experiment_id
+    runs = {r.info.run_name: r for r in client.search_runs([experiment])}
+    assert {name: r.info.run_id for name, r in runs.items()} == runs_before  # the same runs, none added
+    assert {name: r.info.status for name, r in runs.items()} == {
+        "sweep": "FINISHED", first.name: "FINISHED", second.name: "KILLED", third.name: "FINISHED"}
+    assert runs[second.name].data.tags["threadweaver.stopped_at_step"] == "1"
     parent = runs_before["sweep"]
-    assert {r.data.tags.get("mlflow.parentRunId") for r in runs if r.info.run_id != parent} == {parent}
+    assert {r.data.tags.get("mlflow.parentRunId") for r in runs.values() if r.info.run_id != parent} == {parent}
 
 
 def test_resume_needs_an_earlier_sweep_and_a_fresh_sweep_refuses_one(tmp_path):
@@ -284,33 +301,3 @@ def test_a_trial_reports_every_evaluation_then_its_final_one(monkeypatch):
     assert stopped.stopped_at == 2 and stopped.metrics["reward"] == 0.25 and stopped.mlflow_run_id == "run-b"
     assert finished.stopped_at is None and finished.metrics["reward"] == 0.75
     assert "| b (stopped after step 2) |" in table([stopped])
-
-
-@pytest.mark.integration
-def test_asha_stops_the_point_whose_heldout_reward_is_lower(tiny_model_dir, tmp_path):
-    """Two points on Ray Tune with ASHA, on the untrained tiny model, which never answers correctly: both
-    points learn the same (mean-centred advantages ignore a reward offset), but the second one's wrong answers
-    earn -1, so its held-out reward at step 1 is lower than the first point's and ASHA stops it there; the
-    first runs both its steps. The stopped point's MLflow run ends KILLED with the step."""
-    from mlflow import MlflowClient
-
-    from cluster.sweep import sweep
-
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    rl_overrides = _point_overrides(tiny_model_dir, tmp_path, save_every=0, eval_every=1)
-    cfg = load_config(SweepConfig, None, [
-        f"rl_config=[{RL_TINY}]", f"overrides={json.dumps(rl_overrides)}", "rho=[0.5]", "clip=[0.2]",
-        "incorrect_reward=[0.0,-1.0]", f"run_dir={tmp_path / 'sweep'}", "share_rollout=true", "scheduler=asha",
-        "grace_steps=1", "reduction_factor=2", "tracking.experiment=sweep-asha", f"tracking.uri={uri}",
-        "ray.num_cpus=3"])
-    first, second = sweep(cfg)
-    assert (first.error, first.stopped_at, second.error, second.stopped_at) == (None, None, None, 1)
-    assert second.metrics["reward"] < first.metrics["reward"]
-    assert json.loads((Path(first.run_dir) / "summary.json").read_text())["steps"] == 2
-    assert not (Path(second.run_dir) / "summary.json").exists()  # stopped before its second step ended
-    assert "(stopped after step 1)" in (tmp_path / "sweep" / "sweep.md").read_text()
-    client = MlflowClient(uri)
-    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("sweep-asha").experiment_id])}
-    assert runs[first.point.name].info.status == "FINISHED" and runs["sweep"].info.status == "FINISHED"
-    assert runs[second.point.name].info.status == "KILLED"
-    assert runs[second.point.name].data.tags["threadweaver.stopped_at_step"] == "1"
