@@ -370,6 +370,7 @@ def evaluate_benchmark(parallel: Sequence[Any], sequential: Sequence[Any], answe
     seq_summary = replace(summarize_mode("sequential", models[1], samples["sequential"]),
                           measures=measures(sequential, scores["sequential"]))
     wall_ratios = wall_speedups(samples["parallel"], samples["sequential"])
+    effs = efficiencies(wall_ratios, ratios)
     report = BenchmarkReport(
         name=name, k=max(ks), latency=latency, parallel=par_summary, sequential=seq_summary,
         speedups=[ratios[p] for p in sorted(ratios)],
@@ -378,9 +379,8 @@ def evaluate_benchmark(parallel: Sequence[Any], sequential: Sequence[Any], answe
         speedup_median=statistics.median(ratios.values()) if ratios else float("nan"),
         speedup_correct=mean(list(correct_ratios.values())) if correct_ratios else None,
         wall_speedup=mean(list(wall_ratios.values())), undefined=undefined,
-        latency_efficiency=latency_efficiency(wall_ratios, ratios),
+        latency_efficiency=mean(effs) if effs else None,
         wall_speedup_median=statistics.median(wall_ratios.values()) if wall_ratios else None,
-        latency_efficiency_median=(statistics.median(efficiencies(wall_ratios, ratios))
-                                   if efficiencies(wall_ratios, ratios) else None),
+        latency_efficiency_median=statistics.median(effs) if effs else None,
     )
     return report, scores
