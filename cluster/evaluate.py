@@ -274,10 +274,10 @@ class EngineSwitch:
         self.reloads, self.reload_s = 0, 0.0
 
     def load(self, model_dir: Path, verbose: bool = True):
-        config = json.loads((Path(model_dir) / "config.json").read_text())
-        t0 = time.perf_counter()
         if self.llm is not None and Path(model_dir).resolve() == self.loaded:
             return self.llm
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        t0 = time.perf_counter()
         if self.llm is not None and config == self.config:
             reload_in_place(self.llm, model_dir)
             self.reloads += 1
@@ -311,14 +311,18 @@ class _Decoder:
     rollout: RolloutConfig
 
     @classmethod
-    def of(cls, cfg: BenchEvalConfig, key: str, model_dir: Path, probs: Sequence[Problem]) -> _Decoder:
+    def of(cls, cfg: BenchEvalConfig, key: str, model_dir: Path, probs: Sequence[Problem],
+           tokenizers: dict[Path, tuple]) -> _Decoder:
+        """``tokenizers`` caches each model folder's (tokenizer, EOS ids) across benchmarks."""
         from rollout.onboard import eos_token_ids  # lazy: transformers takes seconds to import
         from rollout.tiny import load_tokenizer
 
-        tokenizer = load_tokenizer(model_dir)
+        if model_dir not in tokenizers:
+            tokenizer = load_tokenizer(model_dir)
+            tokenizers[model_dir] = tokenizer, list(eos_token_ids(model_dir, tokenizer))
+        tokenizer, eos = tokenizers[model_dir]
         prompts = [chat_prompt_ids(tokenizer, cfg.prompt_template.replace("{problem}", p.problem)) for p in probs]
-        return cls(model_dir, tokenizer, prompts, list(eos_token_ids(model_dir, tokenizer)),
-                   cfg.rollout_config(key.startswith("sequential")))
+        return cls(model_dir, tokenizer, prompts, eos, cfg.rollout_config(key.startswith("sequential")))
 
 
 def turns(n_problems: int, keys: Sequence[str], per_turn: int) -> list[tuple[str, range]]:
@@ -370,25 +374,25 @@ def interleaved_keys(cfg: BenchEvalConfig, model_dirs: dict[str, Path]) -> list[
     return keys
 
 
-def decode_all(cfg: BenchEvalConfig, problems: dict[str, list[Problem]], model_dirs: dict[str, Path]
-               ) -> dict[str, dict[str, list]]:
+def decode_all(cfg: BenchEvalConfig, problems: dict[str, list[Problem]], model_dirs: dict[str, Path],
+               interleaved: Sequence[str] = ()) -> dict[str, dict[str, list]]:
     """Every benchmark decoded by every model of ``model_dirs`` (keys ``parallel``, ``sequential``, and the
     earlier checkpoints ``parallel_before``, ``sequential_before``), on one engine where the models allow.
 
-    With isolated latency, the models measured that way take turns (``cfg.interleave``) when one engine can
-    serve them all; the others (a batched ``baseline_before``) decode in one pass afterwards."""
+    The models of ``interleaved`` (:func:`interleaved_keys`) take turns (``cfg.interleave``); the others
+    decode in one pass afterwards, each problem alone if it is measured so (:func:`isolated_keys`)."""
     isolated = isolated_keys(cfg, model_dirs)
-    interleaved = interleaved_keys(cfg, model_dirs)
     if cfg.interleave and len(isolated) > 1 and not interleaved:
         print("eval: the models' config.json differ, so one engine cannot serve them all: each decodes in one "
               "pass (interleave needs one architecture)", flush=True)
     trajectories: dict[str, dict[str, list]] = {name: {} for name in problems}
+    tokenizers: dict[Path, tuple] = {}
     engines = EngineSwitch(cfg.rollout)
     try:
         for name, probs in problems.items():
             if interleaved:
                 t0 = time.perf_counter()
-                decoders = {k: _Decoder.of(cfg, k, model_dirs[k], probs) for k in interleaved}
+                decoders = {k: _Decoder.of(cfg, k, model_dirs[k], probs, tokenizers) for k in interleaved}
                 trajectories[name].update(decode_interleaved(engines, decoders, cfg.interleave))
                 print(f"eval: {name} {', '.join(interleaved)}: {len(probs)} problems each in "
                       f"{time.perf_counter() - t0:.1f} s", flush=True)
@@ -397,7 +401,7 @@ def decode_all(cfg: BenchEvalConfig, problems: dict[str, list[Problem]], model_d
                 continue
             engine = VLLMEngine(engines.load(model_dir))
             for name, probs in problems.items():
-                d = _Decoder.of(cfg, key, model_dir, probs)
+                d = _Decoder.of(cfg, key, model_dir, probs, tokenizers)
                 t0 = time.perf_counter()
                 trajectories[name][key] = decode(engine, d.tokenizer, d.prompts, d.rollout, key in isolated, d.eos)
                 print(f"eval: {name} {key}: {len(trajectories[name][key])} samples in "
@@ -442,8 +446,9 @@ def run_benchmarks(cfg: BenchEvalConfig, tracker=None, models: tuple[str, str] |
         tracker.set_tags({"threadweaver.baseline_source_run_id": baseline["run_id"]})
     status = "FAILED"
     try:
-        trajectories = decode_all(cfg, problems, model_dirs)
-        turns_of = cfg.interleave if {"parallel", "sequential"} <= set(interleaved_keys(cfg, model_dirs)) else 0
+        interleaved = interleaved_keys(cfg, model_dirs)
+        trajectories = decode_all(cfg, problems, model_dirs, interleaved)
+        turns_of = cfg.interleave if {"parallel", "sequential"} <= set(interleaved) else 0
         reports = []
         reward_cfg = RewardConfig(checker_timeout_s=cfg.checker_timeout_s)
         with AnswerChecker(cfg.checker_timeout_s, eager=False) as checker:

@@ -78,7 +78,7 @@ from cluster.config import ConfigError, override, to_dict, with_values
 from cluster.evaluate import BenchEvalConfig, parse_data_arg, read_benchmark, run_benchmarks
 from cluster.lineage import run_context
 from cluster.ray_setup import RayConfig, init_ray
-from cluster.report import change_table, markdown_html, stage_table, training_curves
+from cluster.report import change_table, markdown_html, stage_table, training_curves, turns_phrase
 from cluster.tracking import Tracker, TrackingConfig, resolve_uri
 from cluster.viewer import eval_page
 from rewards.checker import AnswerChecker
@@ -475,10 +475,8 @@ def _stage_eval(cfg: PipelineConfig, stage_dir: Path, runs: Runs, data_dir: str,
     for r in reports:
         metrics.update(r.metrics())
     main = reports[0]  # the task's test split
-    turns = {0: "", 1: ", the models taking turns problem by problem"}.get(
-        main.interleave, f", the models taking turns {main.interleave} problems at a time")
     lines = [f"Test split: {main.parallel.problems} problems of the synthetic task, k={main.k}, {main.latency} "
-             f"decoding{turns}.", ""]
+             f"decoding" + (f", {turns_phrase(main.interleave)}." if main.latency == "isolated" else "."), ""]
     speedup = top.get("ceiling/speedup") if top else None
     if speedup:
         lines += [f"Task ceiling: {speedup:.2f}x (mean L of the sequential reference responses "

@@ -106,14 +106,13 @@ def change_table(r: BenchmarkReport) -> str:
     return "\n".join(lines)
 
 
-def _turns(reports: Sequence[BenchmarkReport]) -> str:
-    """How the models shared the machine during isolated decoding, for the report's wall-clock sentence."""
-    per_turn = {r.interleave for r in reports}
-    if per_turn == {1}:
-        return "; the models took turns problem by problem, so that load changes hit them alike"
-    if len(per_turn) == 1 and 0 not in per_turn:
-        return f"; the models took turns, {per_turn.pop()} problems each, so that load changes hit them alike"
-    return "; each model decoded its problems in one pass"
+def turns_phrase(interleave: int) -> str:
+    """How the models shared the machine during isolated decoding (``BenchmarkReport.interleave``)."""
+    if interleave == 1:
+        return "the models taking turns problem by problem, so that load changes hit them alike"
+    if interleave > 1:
+        return f"the models taking turns, {interleave} problems each, so that load changes hit them alike"
+    return "each model decoding its problems in one pass"
 
 
 def report_markdown(reports: Sequence[BenchmarkReport], title: str = "Evaluation") -> str:
@@ -127,7 +126,8 @@ def report_markdown(reports: Sequence[BenchmarkReport], title: str = "Evaluation
             lines += [f"## What the later training changed ({r.name})", "", change_table(r), ""]
     lines += ["## Details", "", detail_table(reports), "",
              f"Wall-clock latency per problem ({', '.join(sorted(regime))} decoding): "
-             + ("each problem's samples decoded alone" + _turns(reports) + "." if regime == {"isolated"} else
+             + (f"each problem's samples decoded alone, {turns_phrase(reports[0].interleave)}."
+                if regime == {"isolated"} else
                 "problems decoded in one batch, so a problem's time includes waiting for the others "
                 "(a throughput figure, not a single-problem latency)."),
              ""]
